@@ -1,0 +1,40 @@
+// The op schemas of the plm_engine:: namespace and their CPU / CUDA kernels. Fake (meta) impls and
+// autograd are registered from Python (plm_engine/ops/extension.py), next to the public functions.
+#include <torch/extension.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY(plm_engine, m) {
+  m.def("norm_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, float eps, bool is_rms)"
+        " -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("norm_bwd(Tensor dy, Tensor? dh, Tensor h, Tensor weight, Tensor mean, Tensor rstd,"
+        " bool has_bias, bool is_rms) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(plm_engine, CPU, m) {
+  m.impl("norm_fwd", &plm_engine::norm_fwd_cpu);
+  m.impl("norm_bwd", &plm_engine::norm_bwd_cpu);
+}
+
+#ifdef PLM_ENGINE_WITH_CUDA
+TORCH_LIBRARY_IMPL(plm_engine, CUDA, m) {
+  m.impl("norm_fwd", &plm_engine::norm_fwd_cuda);
+  m.impl("norm_bwd", &plm_engine::norm_bwd_cuda);
+}
+#endif
+
+namespace {
+bool cuda_built() {
+#ifdef PLM_ENGINE_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "plm_engine compiled kernels; the ops live in torch.ops.plm_engine";
+  m.def("cuda_built", &cuda_built, "whether the CUDA kernels were compiled into this build");
+  m.def("openmp_threads", []() { return at::get_num_threads(); }, "threads the CPU kernels use");
+}

@@ -1,0 +1,12 @@
+"""The kernel layer: the public functional API, and the only place a backend is chosen.
+
+    from plm_engine import ops
+    y = ops.rms_norm(x, weight)                      # automatic backend
+    y, h = ops.layer_norm(x, w, b, residual=r)       # fused residual add + norm
+    y = ops.layer_norm(x, w, backend="torch")        # the PyTorch reference
+"""
+
+from plm_engine.ops.backends import BACKENDS, BackendUnavailable, usable_backends
+from plm_engine.ops.norms import layer_norm, rms_norm
+
+__all__ = ["BACKENDS", "BackendUnavailable", "layer_norm", "rms_norm", "usable_backends"]

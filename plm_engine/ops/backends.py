@@ -1,0 +1,106 @@
+"""Backend choice for every op: the only place that decides which implementation runs.
+
+Backends:
+  triton  Triton kernels: CUDA tensors natively; CPU tensors only under TRITON_INTERPRET=1 (tests).
+  cuda    CUDA C++ kernels of plm_engine._C, when it was compiled with nvcc.
+  cpu     C++ (OpenMP) kernels of plm_engine._C on CPU tensors.
+  torch   the pure-PyTorch reference (plm_engine/ops/reference.py); runs everywhere.
+
+A request comes from the call's `backend=` argument, else from the PLM_ENGINE_BACKEND environment
+variable, else it is automatic: CUDA tensors try triton, cuda, torch; CPU tensors try cpu, torch. An
+automatic choice skips what is unavailable quietly; an explicit request that cannot run raises
+BackendUnavailable saying why.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+from plm_engine.ops import extension
+
+BACKENDS = ("triton", "cuda", "cpu", "torch")
+AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run this call."""
+
+
+@functools.cache
+def triton_installed() -> tuple[bool, str]:
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed (pip install 'triton>=3.6')"
+    return True, ""
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def availability(backend: str, device: torch.device, op: str) -> tuple[bool, str]:
+    """(usable, reason if not) for running `op` on `device` with `backend`.
+
+    `op` names the _C kernel family (e.g. "norm_fwd") whose registration is checked for cpu/cuda.
+    """
+    if backend == "torch":
+        return True, ""
+    if backend == "triton":
+        ok, why = triton_installed()
+        if not ok:
+            return False, why
+        if device.type == "cuda" or (device.type == "cpu" and triton_interpreted()):
+            return True, ""
+        return False, (f"Triton kernels need CUDA tensors (got {device.type}); "
+                       "set TRITON_INTERPRET=1 before importing to run them on the CPU (slow, for tests)")
+    if backend in ("cpu", "cuda"):
+        if device.type != backend:
+            return False, f"the {backend} backend runs on {backend} tensors, got {device.type} tensors"
+        mod, why = extension.load()
+        if mod is None:
+            return False, why
+        key = "CPU" if backend == "cpu" else "CUDA"
+        if not extension.has_kernel(op, key):
+            extra = " (plm_engine._C was built without nvcc; see README: backends)" if backend == "cuda" else ""
+            return False, f"plm_engine._C has no {key} kernel for {op}{extra}"
+        return True, ""
+    raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def requested(backend: str | None) -> str | None:
+    """The explicit request of a call, else of PLM_ENGINE_BACKEND, else None (automatic)."""
+    name = backend if backend is not None else os.environ.get("PLM_ENGINE_BACKEND") or None
+    if name is not None and name not in BACKENDS:
+        src = "backend=" if backend is not None else "PLM_ENGINE_BACKEND="
+        raise ValueError(f"unknown backend {src}{name!r}; choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+def choose(device: torch.device, op: str, backend: str | None = None,
+           unsupported: dict[str, str] | None = None) -> str:
+    """Picks the backend that runs `op` on `device`.
+
+    unsupported: backends that cannot take this particular call (e.g. a row too long for one Triton
+    block), with the reason; automatic choice skips them, an explicit request raises.
+    """
+    unsupported = unsupported or {}
+    name = requested(backend)
+    if name is not None:
+        ok, why = availability(name, device, op)
+        if ok and name in unsupported:
+            ok, why = False, unsupported[name]
+        if not ok:
+            raise BackendUnavailable(f"backend {name!r} cannot run {op} here: {why}")
+        return name
+    for name in AUTO_ORDER.get(device.type, ("torch",)):
+        if name not in unsupported and availability(name, device, op)[0]:
+            return name
+    return "torch"
+
+
+def usable_backends(device: torch.device, op: str) -> list[str]:
+    """Every backend that can run `op` on `device` now, in automatic order first."""
+    return [b for b in BACKENDS if availability(b, device, op)[0]]

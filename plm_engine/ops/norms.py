@@ -1,0 +1,154 @@
+"""LayerNorm and RMSNorm, with the pre-norm block's fused residual add, on every backend.
+
+Every fused backend implements the same pair of ops (one family for both norms, `is_rms` picks):
+  norm_fwd(x, weight, bias?, residual?, eps, is_rms) -> (y, h, mean, rstd)
+  norm_bwd(dy, dh?, h, weight, mean, rstd, has_bias, is_rms) -> (dx, dweight, dbias)
+on 2-D contiguous (rows, n) inputs; see csrc/ops.h for the exact contract. The C++ kernels register
+them as torch.ops.plm_engine.norm_fwd / norm_bwd (CPU and CUDA keys), the Triton kernels as
+plm_engine::triton_norm_fwd / triton_norm_bwd. This module gives both the same fake impls and
+autograd, validates arguments, and picks the backend.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from plm_engine.ops import backends, extension
+from plm_engine.ops.reference import layer_norm_ref, rms_norm_ref
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# One Triton program holds a whole row in registers; longer rows go to the other backends.
+TRITON_MAX_N = 65536
+
+
+# ---- registration helpers shared by the C++ and Triton op pairs ------------------------------------
+
+def norm_fwd_fake(x, weight, bias, residual, eps, is_rms):
+    rows = x.shape[0]
+    h = torch.empty_like(x) if residual is not None else x.new_empty((0,))
+    mean = x.new_empty((0 if is_rms else rows,), dtype=torch.float32)
+    rstd = x.new_empty((rows,), dtype=torch.float32)
+    return torch.empty_like(x), h, mean, rstd
+
+
+def norm_bwd_fake(dy, dh, h, weight, mean, rstd, has_bias, is_rms):
+    db = torch.empty_like(weight) if has_bias else weight.new_empty((0,))
+    return torch.empty_like(h), torch.empty_like(weight), db
+
+
+def register_autograd(fwd_op, bwd_op) -> None:
+    """Wires bwd_op as the backward of fwd_op (both with the norm_fwd / norm_bwd schemas)."""
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, residual, eps, is_rms = inputs
+        _, h, mean, rstd = output
+        ctx.save_for_backward(h if residual is not None else x, weight, mean, rstd)
+        ctx.has_bias, ctx.has_residual, ctx.is_rms = bias is not None, residual is not None, is_rms
+
+    def backward(ctx, dy, dh, _dmean, _drstd):
+        h, weight, mean, rstd = ctx.saved_tensors
+        dy = torch.zeros_like(h) if dy is None else dy.contiguous()
+        dh = dh.contiguous() if (ctx.has_residual and dh is not None) else None
+        dx, dw, db = bwd_op(dy, dh, h, weight, mean, rstd, ctx.has_bias, ctx.is_rms)
+        return dx, dw, (db if ctx.has_bias else None), (dx if ctx.has_residual else None), None, None
+
+    torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
+
+
+@functools.cache
+def _cpp_ops():
+    """torch.ops.plm_engine.norm_fwd / norm_bwd with fake impls and autograd registered (once)."""
+    extension.load()
+    torch.library.register_fake("plm_engine::norm_fwd")(norm_fwd_fake)
+    torch.library.register_fake("plm_engine::norm_bwd")(norm_bwd_fake)
+    register_autograd("plm_engine::norm_fwd", torch.ops.plm_engine.norm_bwd.default)
+    return torch.ops.plm_engine.norm_fwd.default, torch.ops.plm_engine.norm_bwd.default
+
+
+def _triton_ops():
+    from plm_engine.ops.triton import norms as triton_norms
+
+    return triton_norms.norm_fwd, triton_norms.norm_bwd
+
+
+def fused_ops(backend: str):
+    """(fwd, bwd) ops of a fused backend: 'triton', or 'cpu'/'cuda' (the same _C ops, by device)."""
+    return _triton_ops() if backend == "triton" else _cpp_ops()
+
+
+# ---- public functions -----------------------------------------------------------------------------
+
+def _check_args(name, x, weight, bias, residual, eps):
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{name}: x and weight must be tensors")
+    if not x.is_floating_point():
+        raise ValueError(f"{name}: x must be a floating-point tensor, got {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError(f"{name}: x must have at least one dimension")
+    n = x.shape[-1]
+    for label, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if t.shape != (n,):
+            raise ValueError(f"{name}: {label} must have shape ({n},) to match x's last dim, got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{name}: {label} is on {t.device} but x is on {x.device}")
+        if t.dtype not in (x.dtype, torch.float32):
+            raise ValueError(f"{name}: {label} must be float32 or x's dtype {x.dtype}, got {t.dtype}")
+    if bias is not None and bias.dtype != weight.dtype:
+        raise ValueError(f"{name}: bias dtype {bias.dtype} differs from weight dtype {weight.dtype}")
+    if residual is not None:
+        if residual.shape != x.shape:
+            raise ValueError(f"{name}: residual shape {tuple(residual.shape)} differs from x shape {tuple(x.shape)}")
+        if residual.dtype != x.dtype:
+            raise ValueError(f"{name}: residual dtype {residual.dtype} differs from x dtype {x.dtype}")
+        if residual.device != x.device:
+            raise ValueError(f"{name}: residual is on {residual.device} but x is on {x.device}")
+    if not eps >= 0:
+        raise ValueError(f"{name}: eps must be >= 0, got {eps}")
+
+
+def _unsupported(x: torch.Tensor) -> dict[str, str]:
+    out = {}
+    if x.dtype not in KERNEL_DTYPES:
+        why = f"the fused kernels take float32/float16/bfloat16, got {x.dtype}"
+        out = dict.fromkeys(("triton", "cuda", "cpu"), why)
+    elif x.shape[-1] > TRITON_MAX_N:
+        out["triton"] = f"rows longer than {TRITON_MAX_N} do not fit one Triton program (got {x.shape[-1]})"
+    return out
+
+
+def _norm(name, is_rms, x, weight, bias, eps, residual, backend):
+    _check_args(name, x, weight, bias, residual, eps)
+    chosen = backends.choose(x.device, "norm_fwd", backend, _unsupported(x))
+    if chosen == "torch":
+        if is_rms:
+            return rms_norm_ref(x, weight, eps=eps, residual=residual)
+        return layer_norm_ref(x, weight, bias, eps=eps, residual=residual)
+    fwd, _ = fused_ops(chosen)
+    shape, n = x.shape, x.shape[-1]
+    x2 = x.reshape(-1, n).contiguous()  # (rows, n)
+    r2 = residual.reshape(-1, n).contiguous() if residual is not None else None
+    y, h, _, _ = fwd(x2, weight.contiguous(), bias.contiguous() if bias is not None else None, r2, float(eps), is_rms)
+    y = y.view(shape)
+    return y if residual is None else (y, h.view(shape))
+
+
+def layer_norm(x, weight, bias=None, eps=1e-5, residual=None, *, backend=None):
+    """LayerNorm over the last dim of x: (..., n) -> (..., n), fp32 statistics.
+
+    With residual (same shape and dtype as x) computes h = x + residual first and returns (norm(h), h),
+    the pre-norm transformer block's fused add + norm. weight/bias: (n,), x's dtype or float32.
+    backend: "triton" | "cuda" | "cpu" | "torch" | None (automatic; see plm_engine.ops.backends).
+    """
+    return _norm("layer_norm", False, x, weight, bias, eps, residual, backend)
+
+
+def rms_norm(x, weight, eps=1e-6, residual=None, *, backend=None):
+    """RMSNorm over the last dim of x: (..., n) -> (..., n), fp32 statistics.
+
+    With residual returns (norm(x + residual), x + residual). weight: (n,), x's dtype or float32.
+    """
+    return _norm("rms_norm", True, x, weight, None, eps, residual, backend)
