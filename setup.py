@@ -59,8 +59,9 @@ def gencode_flags():
     flags = []
     for a in archs:
         flags += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
-    # PTX of the newest arch so newer GPUs can JIT it.
-    newest = max(archs, key=lambda a: int(a.rstrip("af")))
+    # PTX of the newest arch so newer GPUs can JIT it; without the "a" suffix, since arch-specific
+    # PTX (compute_90a) does not run on later architectures.
+    newest = max((a.rstrip("af") for a in archs), key=int)
     flags += ["-gencode", f"arch=compute_{newest},code=compute_{newest}"]
     return flags, archs
 
@@ -99,7 +100,7 @@ def extensions():
                 "--expt-relaxed-constexpr", *flags]
         ext = CUDAExtension("plm_engine._C", sources + cu_sources,
                             include_dirs=include_dirs + nvidia_wheel_includes(),
-                            define_macros=[("PLM_ENGINE_WITH_CUDA", "1")],
+                            define_macros=[("PLM_ENGINE_WITH_CUDA", "1"), ("PLM_ENGINE_CUDA_ARCHS", ",".join(archs))],
                             extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
 

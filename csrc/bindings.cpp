@@ -31,10 +31,23 @@ bool cuda_built() {
   return false;
 #endif
 }
+
+// The architectures nvcc compiled for, as setup.py passed them ("" in a CPU-only build). The macro
+// holds a bare comma list (e.g. 80,90a): quoting it through the build's shell is fragile.
+#define PLM_STRINGIFY(...) #__VA_ARGS__
+#define PLM_EXPAND_STRINGIFY(...) PLM_STRINGIFY(__VA_ARGS__)
+std::string cuda_archs() {
+#ifdef PLM_ENGINE_CUDA_ARCHS
+  return PLM_EXPAND_STRINGIFY(PLM_ENGINE_CUDA_ARCHS);
+#else
+  return "";
+#endif
+}
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "plm_engine compiled kernels; the ops live in torch.ops.plm_engine";
   m.def("cuda_built", &cuda_built, "whether the CUDA kernels were compiled into this build");
+  m.def("cuda_archs", &cuda_archs, "CUDA architectures compiled into this build, comma-separated");
   m.def("openmp_threads", []() { return at::get_num_threads(); }, "threads the CPU kernels use");
 }

@@ -70,6 +70,27 @@ def availability(backend: str, device: torch.device, op: str) -> tuple[bool, str
     raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
+# Per (op, backend): a function that makes the backend's ops callable (imports a Triton module, registers
+# fake impls and autograd for _C ops). Op families register them; prepare() runs each at most once.
+_PREPARERS: dict[tuple[str, str], object] = {}
+_PREPARED: set[tuple[str, str]] = set()
+
+
+def register_preparer(op: str, backend_names: tuple[str, ...], fn) -> None:
+    for b in backend_names:
+        _PREPARERS[(op, b)] = fn
+
+
+@torch.compiler.assume_constant_result
+def prepare(op: str, backend: str) -> bool:
+    """Runs the preparer of (op, backend) once. Under torch.compile it runs eagerly at trace time."""
+    key = (op, backend)
+    if key not in _PREPARED and key in _PREPARERS:
+        _PREPARERS[key]()
+        _PREPARED.add(key)
+    return True
+
+
 def requested(backend: str | None) -> str | None:
     """The explicit request of a call, else of PLM_ENGINE_BACKEND, else None (automatic)."""
     name = backend if backend is not None else os.environ.get("PLM_ENGINE_BACKEND") or None
@@ -79,6 +100,9 @@ def requested(backend: str | None) -> str | None:
     return name
 
 
+# Under torch.compile the choice is made once, while tracing, and baked into the graph as a constant:
+# Dynamo need not (and cannot) trace the import machinery behind it.
+@torch.compiler.assume_constant_result
 def choose(device: torch.device, op: str, backend: str | None = None,
            unsupported: dict[str, str] | None = None) -> str:
     """Picks the backend that runs `op` on `device`.
@@ -94,11 +118,11 @@ def choose(device: torch.device, op: str, backend: str | None = None,
             ok, why = False, unsupported[name]
         if not ok:
             raise BackendUnavailable(f"backend {name!r} cannot run {op} here: {why}")
-        return name
-    for name in AUTO_ORDER.get(device.type, ("torch",)):
-        if name not in unsupported and availability(name, device, op)[0]:
-            return name
-    return "torch"
+    else:
+        name = next((b for b in AUTO_ORDER.get(device.type, ("torch",))
+                     if b not in unsupported and availability(b, device, op)[0]), "torch")
+    prepare(op, name)
+    return name
 
 
 def usable_backends(device: torch.device, op: str) -> list[str]:

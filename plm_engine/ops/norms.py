@@ -11,7 +11,7 @@ autograd, validates arguments, and picks the backend.
 
 from __future__ import annotations
 
-import functools
+import importlib
 
 import torch
 
@@ -57,25 +57,28 @@ def register_autograd(fwd_op, bwd_op) -> None:
     torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
 
 
-@functools.cache
-def _cpp_ops():
-    """torch.ops.plm_engine.norm_fwd / norm_bwd with fake impls and autograd registered (once)."""
+def _register_cpp_ops() -> None:
+    """Fake impls and autograd for torch.ops.plm_engine.norm_fwd / norm_bwd (defined by _C)."""
     extension.load()
     torch.library.register_fake("plm_engine::norm_fwd")(norm_fwd_fake)
     torch.library.register_fake("plm_engine::norm_bwd")(norm_bwd_fake)
     register_autograd("plm_engine::norm_fwd", torch.ops.plm_engine.norm_bwd.default)
-    return torch.ops.plm_engine.norm_fwd.default, torch.ops.plm_engine.norm_bwd.default
 
 
-def _triton_ops():
-    from plm_engine.ops.triton import norms as triton_norms
-
-    return triton_norms.norm_fwd, triton_norms.norm_bwd
+backends.register_preparer("norm_fwd", ("cpu", "cuda"), _register_cpp_ops)
+backends.register_preparer("norm_fwd", ("triton",), lambda: importlib.import_module("plm_engine.ops.triton.norms"))
 
 
 def fused_ops(backend: str):
-    """(fwd, bwd) ops of a fused backend: 'triton', or 'cpu'/'cuda' (the same _C ops, by device)."""
-    return _triton_ops() if backend == "triton" else _cpp_ops()
+    """(fwd, bwd) ops of a fused backend: 'triton', or 'cpu'/'cuda' (the same _C ops, by device).
+
+    Plain attribute lookups, so torch.compile traces straight through; backends.prepare has made
+    them exist (it runs when the backend is chosen).
+    """
+    backends.prepare("norm_fwd", backend)
+    if backend == "triton":
+        return torch.ops.plm_engine.triton_norm_fwd.default, torch.ops.plm_engine.triton_norm_bwd.default
+    return torch.ops.plm_engine.norm_fwd.default, torch.ops.plm_engine.norm_bwd.default
 
 
 # ---- public functions -----------------------------------------------------------------------------

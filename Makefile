@@ -1,0 +1,38 @@
+# The README's commands. Each creates (or reuses) the virtual environment in $(VENV) first.
+#   make demo   set up, then `plm-engine info` and the self-check of every op on every backend
+#   make test   set up, then the whole test suite
+#   make bench  set up, then the kernel benchmarks on this machine
+PYTHON ?= python3
+VENV ?= .venv
+# torch 2.14.1 is the CUDA 13.0 build: with it (and nvcc) the CUDA kernels of _C compile, GPU or not.
+TORCH_SPEC ?= torch==2.14.1
+MAX_JOBS ?= 2
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.plm_engine-installed
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh csrc/*/*.h)
+
+.PHONY: setup demo test bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): $(SOURCES)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" setuptools wheel ninja
+	MAX_JOBS=$(MAX_JOBS) $(BIN)/python -m pip install -q --no-build-isolation -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(BIN)/plm-engine info
+	$(BIN)/plm-engine selfcheck
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/bench_norms.py
+
+lint: setup
+	$(BIN)/python -m ruff check plm_engine tests benchmarks
+
+clean:
+	rm -rf build dist *.egg-info plm_engine/_C*.so
