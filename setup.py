@@ -98,10 +98,13 @@ def extensions():
         print(f"plm_engine: building CUDA kernels with {cuda_home} for sm_{', sm_'.join(archs)}")
         nvcc = ["-O3", "--use_fast_math", "-lineinfo", "-Xptxas", "-v",
                 "--expt-relaxed-constexpr", *flags]
+        # The arch list goes to the C++ compiler only (bindings.cpp reports it): nvcc splits option
+        # values at commas, so -DPLM_ENGINE_CUDA_ARCHS=80,90a would reach it as a bogus "-D90a".
+        cxx_cuda = cxx + [f"-DPLM_ENGINE_CUDA_ARCHS={','.join(archs)}"]
         ext = CUDAExtension("plm_engine._C", sources + cu_sources,
                             include_dirs=include_dirs + nvidia_wheel_includes(),
-                            define_macros=[("PLM_ENGINE_WITH_CUDA", "1"), ("PLM_ENGINE_CUDA_ARCHS", ",".join(archs))],
-                            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link)
+                            define_macros=[("PLM_ENGINE_WITH_CUDA", "1")],
+                            extra_compile_args={"cxx": cxx_cuda, "nvcc": nvcc}, extra_link_args=link)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
 
 

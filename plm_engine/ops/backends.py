@@ -26,6 +26,18 @@ BACKENDS = ("triton", "cuda", "cpu", "torch")
 AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 
 
+def _traced_as_constant(fn):
+    """torch.compiler.assume_constant_result without importing torch._dynamo at our import time.
+
+    Dynamo calls such a function eagerly while tracing and bakes its result into the graph. Backend
+    choice is static per call site, so that is exactly right, and Dynamo cannot trace the import
+    machinery behind it anyway. (torch.compiler.assume_constant_result sets this same attribute; using
+    it here would import torch._dynamo, and with it triton, on `import plm_engine`.)
+    """
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 class BackendUnavailable(RuntimeError):
     """An explicitly requested backend cannot run this call."""
 
@@ -81,7 +93,7 @@ def register_preparer(op: str, backend_names: tuple[str, ...], fn) -> None:
         _PREPARERS[(op, b)] = fn
 
 
-@torch.compiler.assume_constant_result
+@_traced_as_constant
 def prepare(op: str, backend: str) -> bool:
     """Runs the preparer of (op, backend) once. Under torch.compile it runs eagerly at trace time."""
     key = (op, backend)
@@ -100,9 +112,7 @@ def requested(backend: str | None) -> str | None:
     return name
 
 
-# Under torch.compile the choice is made once, while tracing, and baked into the graph as a constant:
-# Dynamo need not (and cannot) trace the import machinery behind it.
-@torch.compiler.assume_constant_result
+@_traced_as_constant
 def choose(device: torch.device, op: str, backend: str | None = None,
            unsupported: dict[str, str] | None = None) -> str:
     """Picks the backend that runs `op` on `device`.
