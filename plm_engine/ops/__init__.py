@@ -7,6 +7,17 @@
 """
 
 from plm_engine.ops.backends import BACKENDS, BackendUnavailable, usable_backends
+from plm_engine.ops.attention import attention, attention_varlen, paged_attention, write_kv_cache
 from plm_engine.ops.norms import layer_norm, rms_norm
 
-__all__ = ["BACKENDS", "BackendUnavailable", "layer_norm", "rms_norm", "usable_backends"]
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailable",
+    "attention",
+    "attention_varlen",
+    "layer_norm",
+    "paged_attention",
+    "rms_norm",
+    "usable_backends",
+    "write_kv_cache",
+]

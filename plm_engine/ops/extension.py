@@ -27,7 +27,10 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether torch.ops.plm_engine.<op> has a kernel for dispatch_key ("CPU" or "CUDA")."""
     if load()[0] is None:
         return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"plm_engine::{op}", dispatch_key)
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"plm_engine::{op}", dispatch_key)
+    except RuntimeError:  # the op is not defined at all: a _C built before it existed
+        return False
 
 
 def cuda_built() -> bool:

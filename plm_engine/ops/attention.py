@@ -1,0 +1,360 @@
+"""Attention: dense and variable-length (packed) flash attention, and decode over a paged KV cache.
+
+Layouts (FlashAttention's):
+  attention         q (batch, seqlen_q, n_heads, head_dim), k/v (batch, seqlen_k, n_kv_heads, head_dim)
+  attention_varlen  q (total_q, n_heads, head_dim), k/v (total_k, n_kv_heads, head_dim) + cu_seqlens
+  paged_attention   q (batch, seqlen_q, n_heads, head_dim) over k/v caches
+                    (num_blocks, block_size, n_kv_heads, head_dim) addressed by a block table
+GQA/MQA: query head h reads kv head h // (n_heads // n_kv_heads); K/V are never repeated in memory.
+Causal masks are aligned bottom-right (key j is visible to query i iff j <= i + seqlen_k - seqlen_q).
+
+Backend ops (the contract every backend implements; csrc/attention.h for the C++ side):
+  attn_fwd(q, k, v, causal, scale) -> (out, lse)                         lse (batch, n_heads, seqlen_q) fp32
+  attn_bwd(dout, q, k, v, out, lse, causal, scale) -> (dq, dk, dv)
+  attn_varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale) -> (out, lse)   lse (n_heads, total_q)
+  attn_varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale) -> (dq, dk, dv)
+  paged_attn(q, k_cache, v_cache, block_table, cache_seqlens, scale) -> out
+  write_kv_cache(k, v, k_cache!, v_cache!, slot_mapping) -> ()
+Triton registers them as plm_engine::triton_<name> (plm_engine/ops/triton/attention.py and
+paged_attention.py); _C as plm_engine::<name>: attn_fwd / attn_varlen_fwd on CPU (their backward
+recomputes through the reference), paged_attn and write_kv_cache on CPU and CUDA.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from plm_engine.ops import backends, extension
+from plm_engine.ops.reference import (
+    attention_ref,
+    attention_varlen_ref,
+    paged_attention_ref,
+    write_kv_cache_ref,
+)
+
+MAX_HEAD_DIM = 256
+GPU_DTYPES = (torch.float16, torch.bfloat16)
+CPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ---- fake impls and autograd, shared by the C++ and Triton ops ---------------------------------------
+
+def attn_fwd_fake(q, k, v, causal, scale):
+    b, sq, h, _ = q.shape
+    return torch.empty_like(q), q.new_empty((b, h, sq), dtype=torch.float32)
+
+
+def attn_bwd_fake(dout, q, k, v, out, lse, causal, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def attn_varlen_fwd_fake(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+def attn_varlen_bwd_fake(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def paged_attn_fake(q, k_cache, v_cache, block_table, cache_seqlens, scale):
+    return torch.empty_like(q)
+
+
+def write_kv_cache_fake(k, v, k_cache, v_cache, slot_mapping):
+    return None
+
+
+def register_attn_autograd(fwd_op, bwd_op, varlen: bool) -> None:
+    """Wires bwd_op (flash-attention backward from the saved out and lse) as the backward of fwd_op."""
+    n_meta = 5 if varlen else 2  # non-tensor-gradient inputs after q, k, v
+
+    def setup_context(ctx, inputs, output):
+        q, k, v = inputs[:3]
+        out, lse = output
+        ctx.meta = inputs[3:]
+        ctx.save_for_backward(q, k, v, out, lse)
+
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = bwd_op(dout.contiguous(), q, k, v, out, lse, *ctx.meta)
+        return (dq, dk, dv) + (None,) * (n_meta + 1) if varlen else (dq, dk, dv, None, None)
+
+    torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
+
+
+def register_reference_backward(fwd_op, varlen: bool) -> None:
+    """Autograd for a forward-only kernel (the C++ CPU attention): the backward recomputes the
+    attention through the reference and differentiates it — it materialises the scores, fine on CPU."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.meta = inputs[3:]
+        ctx.save_for_backward(*inputs[:3])
+
+    def backward(ctx, dout, _dlse):
+        q, k, v = ctx.saved_tensors
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+            if varlen:
+                cu_q, cu_k, max_q, max_k, causal, scale = ctx.meta
+                out = attention_varlen_ref(*leaves, cu_q, cu_k, max_q, max_k, causal, scale)
+            else:
+                causal, scale = ctx.meta
+                out = attention_ref(*leaves, causal=causal, softmax_scale=scale)
+            grads = torch.autograd.grad(out, leaves, dout)
+        return tuple(grads) + (None,) * len(ctx.meta)
+
+    torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
+
+
+def _register_cpp_ops() -> None:
+    extension.load()
+    lib = "plm_engine::"
+    for name, fake in (("attn_fwd", attn_fwd_fake), ("attn_varlen_fwd", attn_varlen_fwd_fake),
+                       ("paged_attn", paged_attn_fake), ("write_kv_cache", write_kv_cache_fake)):
+        torch.library.register_fake(lib + name)(fake)
+    register_reference_backward(lib + "attn_fwd", varlen=False)
+    register_reference_backward(lib + "attn_varlen_fwd", varlen=True)
+
+
+def _import(module):
+    return lambda: importlib.import_module(module)
+
+
+for _op in ("attn_fwd", "attn_varlen_fwd", "paged_attn", "write_kv_cache"):
+    backends.register_preparer(_op, ("cpu", "cuda"), _register_cpp_ops)
+backends.register_preparer("attn_fwd", ("triton",), _import("plm_engine.ops.triton.attention"))
+backends.register_preparer("attn_varlen_fwd", ("triton",), _import("plm_engine.ops.triton.attention"))
+backends.register_preparer("paged_attn", ("triton",), _import("plm_engine.ops.triton.paged_attention"))
+backends.register_preparer("write_kv_cache", ("triton",), _import("plm_engine.ops.triton.paged_attention"))
+
+
+def backend_op(name: str, backend: str):
+    """The op `name` of a fused backend (prepared on first use): plm_engine::triton_<name> or ::<name>."""
+    backends.prepare(name, backend)
+    return getattr(torch.ops.plm_engine, f"triton_{name}" if backend == "triton" else name).default
+
+
+# ---- validation ---------------------------------------------------------------------------------
+
+def _check_qkv(fn, q, k, v, n_lead):
+    """Shared checks of q, k, v with n_lead leading dims before (heads, head_dim)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be a tensor")
+        if t.dim() != n_lead + 2:
+            raise ValueError(f"{fn}: {name} must have {n_lead + 2} dims, got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{fn}: {name} must be floating point, got {t.dtype}")
+        if t.dtype != q.dtype:
+            raise ValueError(f"{fn}: {name} is {t.dtype} but q is {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{fn}: {name} is on {t.device} but q is on {q.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"{fn}: k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    h, d = q.shape[-2], q.shape[-1]
+    hkv = k.shape[-2]
+    if k.shape[-1] != d:
+        raise ValueError(f"{fn}: q head_dim {d} != k head_dim {k.shape[-1]}")
+    if hkv == 0 or h % hkv != 0:
+        raise ValueError(f"{fn}: n_heads ({h}) must be a multiple of n_kv_heads ({hkv})")
+    if d % 8 != 0 or not 8 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"{fn}: head_dim must be a multiple of 8 in [8, {MAX_HEAD_DIM}], got {d}")
+
+
+def _host_checks_allowed(t: torch.Tensor) -> bool:
+    """Value checks (cu_seqlens order, block ids) read the tensor on the host: always on CPU, on GPU
+    only outside CUDA-graph capture, where a device-to-host copy is not allowed."""
+    return t.device.type != "cuda" or not torch.cuda.is_current_stream_capturing()
+
+
+def _check_cu_seqlens(fn, name, cu, total):
+    if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
+        raise ValueError(f"{fn}: {name} must be a 1-d int32 tensor of batch + 1 offsets, got "
+                         f"{getattr(cu, 'dtype', type(cu))} {tuple(getattr(cu, 'shape', ()))}")
+    if _host_checks_allowed(cu):
+        c = cu.tolist()
+        if c[0] != 0 or c[-1] != total or any(b < a for a, b in zip(c, c[1:])):
+            raise ValueError(f"{fn}: {name} must start at 0, never decrease, and end at {total} "
+                             f"(the packed length); got {c if len(c) <= 16 else c[:8] + ['...'] + c[-8:]}")
+        return max((b - a for a, b in zip(c, c[1:])), default=0)
+    return None
+
+
+def _scale(softmax_scale, d):
+    if softmax_scale is None:
+        return d**-0.5
+    s = float(softmax_scale)
+    if not s > 0 or s == float("inf"):
+        raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale}")
+    return s
+
+
+def _unsupported(q: torch.Tensor, head_dim_limit_triton: int = 256) -> dict[str, str]:
+    out = {}
+    if q.dtype not in CPU_DTYPES:
+        why = f"the fused kernels take float16/bfloat16 (float32 on the CPU), got {q.dtype}"
+        return dict.fromkeys(("triton", "cuda", "cpu"), why)
+    if q.device.type == "cuda" and q.dtype not in GPU_DTYPES:
+        out["triton"] = out["cuda"] = f"the GPU kernels take float16/bfloat16, got {q.dtype}"
+    if q.shape[-1] > head_dim_limit_triton:
+        out["triton"] = f"head_dim {q.shape[-1]} > {head_dim_limit_triton}"
+    return out
+
+
+# ---- public functions -----------------------------------------------------------------------------
+
+def attention(q, k, v, causal=False, softmax_scale=None, return_lse=False, *, backend=None):
+    """Flash attention. q: (batch, seqlen_q, n_heads, head_dim); k, v: (batch, seqlen_k, n_kv_heads,
+    head_dim). Returns out (like q), and with return_lse also lse (batch, n_heads, seqlen_q) fp32.
+
+    softmax_scale defaults to head_dim ** -0.5. Differentiable in q, k, v. A query whose keys are all
+    masked (causal with seqlen_q > seqlen_k) gets zeros and lse = -inf.
+    backend: "triton" | "cuda" | "cpu" | "torch" | None (automatic; see plm_engine.ops.backends).
+    """
+    _check_qkv("attention", q, k, v, n_lead=2)
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"attention: batch of k ({k.shape[0]}) != batch of q ({q.shape[0]})")
+    scale = _scale(softmax_scale, q.shape[-1])
+    unsupported = _unsupported(q)
+    unsupported.setdefault("cuda", "no CUDA C++ kernel for dense attention (use triton)")
+    chosen = backends.choose(q.device, "attn_fwd", backend, unsupported)
+    if chosen == "torch" or q.numel() == 0 or k.shape[1] == 0:
+        out, lse = attention_ref(q, k, v, causal, scale, return_lse=True)
+        return (out, lse.float()) if return_lse else out
+    out, lse = backend_op("attn_fwd", chosen)(q, k, v, bool(causal), scale)
+    return (out, lse) if return_lse else out
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
+                     causal=False, softmax_scale=None, return_lse=False, *, backend=None):
+    """Flash attention over packed variable-length sequences, with no padding.
+
+    q: (total_q, n_heads, head_dim); k, v: (total_k, n_kv_heads, head_dim); cu_seqlens_q/_k: int32
+    (batch + 1,) offsets of each sequence (0, len0, len0 + len1, ...); max_seqlen_q/_k: the longest
+    sequence (computed from cu_seqlens when omitted, which reads them on the host). Returns out (like q)
+    and with return_lse also lse (n_heads, total_q) fp32.
+    """
+    _check_qkv("attention_varlen", q, k, v, n_lead=1)
+    mq = _check_cu_seqlens("attention_varlen", "cu_seqlens_q", cu_seqlens_q, q.shape[0])
+    mk = _check_cu_seqlens("attention_varlen", "cu_seqlens_k", cu_seqlens_k, k.shape[0])
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"attention_varlen: cu_seqlens_q has {cu_seqlens_q.numel()} entries but cu_seqlens_k "
+                         f"has {cu_seqlens_k.numel()}: both must describe the same batch")
+    for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if t.device != q.device:
+            raise ValueError(f"attention_varlen: {name} is on {t.device} but q is on {q.device}")
+    max_seqlen_q = int(max_seqlen_q) if max_seqlen_q is not None else mq
+    max_seqlen_k = int(max_seqlen_k) if max_seqlen_k is not None else mk
+    if max_seqlen_q is None or max_seqlen_k is None:
+        raise ValueError("attention_varlen: pass max_seqlen_q and max_seqlen_k during CUDA-graph capture")
+    if mq is not None and (max_seqlen_q < mq or max_seqlen_k < mk):
+        raise ValueError(f"attention_varlen: max_seqlen_q/k ({max_seqlen_q}, {max_seqlen_k}) are smaller than "
+                         f"the longest sequences ({mq}, {mk})")
+    scale = _scale(softmax_scale, q.shape[-1])
+    unsupported = _unsupported(q)
+    unsupported.setdefault("cuda", "no CUDA C++ kernel for varlen attention (use triton)")
+    chosen = backends.choose(q.device, "attn_varlen_fwd", backend, unsupported)
+    if chosen == "torch" or q.numel() == 0:
+        out, lse = attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                        causal, scale, return_lse=True)
+        return (out, lse.float()) if return_lse else out
+    out, lse = backend_op("attn_varlen_fwd", chosen)(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                     max_seqlen_k, bool(causal), scale)
+    return (out, lse) if return_lse else out
+
+
+def _check_paged(fn, k_cache, v_cache, block_table, q_like):
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{fn}: {name} must be (num_blocks, block_size, n_kv_heads, head_dim), got "
+                             f"{tuple(getattr(t, 'shape', ()))}")
+        if t.device != q_like.device:
+            raise ValueError(f"{fn}: {name} is on {t.device} but the inputs are on {q_like.device}")
+        if not t.is_contiguous():
+            raise ValueError(f"{fn}: {name} must be contiguous")
+    if k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"{fn}: k_cache {k_cache.dtype} {tuple(k_cache.shape)} and v_cache {v_cache.dtype} "
+                         f"{tuple(v_cache.shape)} must match")
+    bs = k_cache.shape[1]
+    if bs < 1 or bs & (bs - 1) or bs > 256:
+        raise ValueError(f"{fn}: block_size must be a power of two up to 256, got {bs}")
+    if block_table is not None:
+        if block_table.dtype != torch.int32 or block_table.dim() != 2:
+            raise ValueError(f"{fn}: block_table must be (batch, max_blocks) int32, got {block_table.dtype} "
+                             f"{tuple(block_table.shape)}")
+        if block_table.device != q_like.device:
+            raise ValueError(f"{fn}: block_table is on {block_table.device} but q is on {q_like.device}")
+
+
+def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, softmax_scale=None, *, backend=None):
+    """Attention of the newest tokens of each sequence over a paged KV cache (decode and chunked prefill).
+
+    q: (batch, seqlen_q, n_heads, head_dim) — the last seqlen_q tokens of each sequence, whose K/V are
+    already written (write_kv_cache); k_cache, v_cache: (num_blocks, block_size, n_kv_heads, head_dim),
+    block_size a power of two <= 256; block_table: (batch, max_blocks) int32, logical -> physical block;
+    cache_seqlens: (batch,) int32, tokens cached per sequence including the new ones (>= seqlen_q).
+    Causal, bottom-right aligned. Returns (batch, seqlen_q, n_heads, head_dim) like q. Forward only.
+    """
+    fn = "paged_attention"
+    _check_paged(fn, k_cache, v_cache, block_table, q)
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        raise ValueError(f"{fn}: q must be (batch, seqlen_q, n_heads, head_dim), got {tuple(getattr(q, 'shape', ()))}")
+    if k_cache.dtype != q.dtype:
+        raise ValueError(f"{fn}: k_cache is {k_cache.dtype} but q is {q.dtype}")
+    # Same head checks as dense attention, on one token's (n_kv_heads, head_dim) slice of the cache.
+    _check_qkv(fn, q[:, 0], k_cache[:, 0], v_cache[:, 0], n_lead=1)
+    b = q.shape[0]
+    if block_table.shape[0] != b:
+        raise ValueError(f"{fn}: block_table has {block_table.shape[0]} rows for a batch of {b}")
+    if cache_seqlens.dtype != torch.int32 or cache_seqlens.shape != (b,) or cache_seqlens.device != q.device:
+        raise ValueError(f"{fn}: cache_seqlens must be int32 ({b},) on {q.device}, got {cache_seqlens.dtype} "
+                         f"{tuple(cache_seqlens.shape)} on {cache_seqlens.device}")
+    if _host_checks_allowed(cache_seqlens) and b > 0:
+        lens = cache_seqlens.tolist()
+        bs, nb, cap = k_cache.shape[1], k_cache.shape[0], block_table.shape[1] * k_cache.shape[1]
+        if min(lens) < q.shape[1] or max(lens) > cap:
+            raise ValueError(f"{fn}: cache_seqlens must lie in [seqlen_q={q.shape[1]}, max_blocks * block_size="
+                             f"{cap}], got min {min(lens)} max {max(lens)}")
+        used = torch.arange(block_table.shape[1], device=block_table.device)[None, :] * bs < cache_seqlens[:, None]
+        ids = block_table[used]
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= nb):
+            raise ValueError(f"{fn}: block_table holds block ids outside [0, {nb}) in the used blocks "
+                             f"(min {int(ids.min())}, max {int(ids.max())})")
+    scale = _scale(softmax_scale, q.shape[-1])
+    chosen = backends.choose(q.device, "paged_attn", backend, _unsupported(q))
+    if chosen == "torch" or q.numel() == 0:
+        return paged_attention_ref(q, k_cache, v_cache, block_table, cache_seqlens, scale)
+    return backend_op("paged_attn", chosen)(q, k_cache, v_cache, block_table, cache_seqlens, scale)
+
+
+def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, backend=None):
+    """Stores new keys/values into the paged caches, in place.
+
+    k, v: (num_tokens, n_kv_heads, head_dim); slot_mapping: (num_tokens,) int32/int64, token t goes to
+    flat slot block * block_size + offset; a negative slot (padding) is skipped. k/v are cast to the
+    cache dtype.
+    """
+    fn = "write_kv_cache"
+    _check_paged(fn, k_cache, v_cache, None, k)
+    for name, t in (("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3 or tuple(t.shape[1:]) != tuple(k_cache.shape[2:]):
+            raise ValueError(f"{fn}: {name} must be (num_tokens, {k_cache.shape[2]}, {k_cache.shape[3]}) to match "
+                             f"the cache, got {tuple(getattr(t, 'shape', ()))}")
+        if not t.is_floating_point():
+            raise ValueError(f"{fn}: {name} must be floating point, got {t.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"{fn}: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
+    if (slot_mapping.dtype not in (torch.int32, torch.int64) or slot_mapping.shape != (k.shape[0],)
+            or slot_mapping.device != k.device):
+        raise ValueError(f"{fn}: slot_mapping must be int32/int64 ({k.shape[0]},) on {k.device}, got "
+                         f"{slot_mapping.dtype} {tuple(slot_mapping.shape)} on {slot_mapping.device}")
+    n_slots = k_cache.shape[0] * k_cache.shape[1]
+    if _host_checks_allowed(slot_mapping) and slot_mapping.numel() and int(slot_mapping.max()) >= n_slots:
+        raise ValueError(f"{fn}: slot {int(slot_mapping.max())} is out of range for a cache of {n_slots} slots")
+    chosen = backends.choose(k.device, "write_kv_cache", backend, _unsupported(k_cache[:, 0]))
+    if chosen == "torch" or k.shape[0] == 0:
+        write_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping)
+        return
+    backend_op("write_kv_cache", chosen)(k, v, k_cache, v_cache, slot_mapping)
