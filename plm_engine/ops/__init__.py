@@ -6,8 +6,8 @@
     y = ops.layer_norm(x, w, backend="torch")        # the PyTorch reference
 """
 
-from plm_engine.ops.backends import BACKENDS, BackendUnavailable, usable_backends
 from plm_engine.ops.attention import attention, attention_varlen, paged_attention, write_kv_cache
+from plm_engine.ops.backends import BACKENDS, BackendUnavailable, usable_backends
 from plm_engine.ops.norms import layer_norm, rms_norm
 
 __all__ = [

@@ -19,7 +19,8 @@ def load() -> tuple[object | None, str]:
     try:
         mod = importlib.import_module("plm_engine._C")
     except ImportError as e:  # not built, or built against another torch
-        return None, f"plm_engine._C could not be imported ({e}); reinstall with `pip install --no-build-isolation -e .`"
+        hint = "reinstall with `pip install --no-build-isolation -e .`"
+        return None, f"plm_engine._C could not be imported ({e}); {hint}"
     return mod, ""
 
 
