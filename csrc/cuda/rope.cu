@@ -1,0 +1,225 @@
+// RoPE on CUDA, out of place and in place (contract in csrc/rope.h).
+//
+// One block per token: its threads walk the (head, pair group) items of all q and k heads, so a
+// decode step (one token, many heads) is still one well-filled block. When every address is 16-byte
+// aligned, a thread moves 16 bytes per load: a rotate_half item is VEC pairs (x[i..i+VEC) and
+// x[half+i..half+i+VEC)), an interleaved item is VEC/2 adjacent pairs in one vector. cos/sin are small
+// and shared by all heads of a token, so they are read as scalars through the read-only cache. Math
+// is fp32; in place is safe because every thread reads exactly the elements it writes.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <initializer_list>
+
+#include "rope.h"
+
+namespace plm_engine {
+namespace {
+
+// fp32, fp16, bf16: the argument checks refuse other dtypes, so no kernels are built for them.
+#define PLM_DISPATCH_KERNEL_TYPES(TYPE, NAME, ...)                                                    \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                           \
+                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)                        \
+                                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+constexpr int kThreads = 128;
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+struct RopeArgs {
+  int64_t q_b, q_s, q_h, k_b, k_s, k_h;      // input strides (elements)
+  int64_t qo_b, qo_s, qo_h, ko_b, ko_s, ko_h;  // output strides
+  int64_t cos_row, cos_col;                   // cos/sin strides
+  int64_t seqlen, n_pos;                      // sequence length, rows of cos/sin
+  int hq, hk, half, head_dim;
+  float sin_sign;
+  bool copy_pass;
+};
+
+// Loads N consecutive elements as fp32: one vector load when ALIGNED, else element by element.
+template <typename T, int N, bool ALIGNED>
+__device__ __forceinline__ void load_f32(const T* p, float (&out)[N]) {
+  if constexpr (ALIGNED) {
+    const Pack<T, N> pk = *reinterpret_cast<const Pack<T, N>*>(p);
+#pragma unroll
+    for (int j = 0; j < N; ++j) out[j] = static_cast<float>(pk.v[j]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < N; ++j) out[j] = static_cast<float>(p[j]);
+  }
+}
+
+template <typename T, int N, bool ALIGNED>
+__device__ __forceinline__ void store_f32(T* p, const float (&in)[N]) {
+  if constexpr (ALIGNED) {
+    Pack<T, N> pk;
+#pragma unroll
+    for (int j = 0; j < N; ++j) pk.v[j] = static_cast<T>(in[j]);
+    *reinterpret_cast<Pack<T, N>*>(p) = pk;
+  } else {
+#pragma unroll
+    for (int j = 0; j < N; ++j) p[j] = static_cast<T>(in[j]);
+  }
+}
+
+// PAIRS: pairs per item (VEC or VEC/2 on the aligned path, 1 otherwise).
+template <typename T, typename C, bool INTERLEAVED, int PAIRS, bool ALIGNED>
+__global__ void __launch_bounds__(kThreads) rope_kernel(const T* __restrict__ q, const T* __restrict__ k,
+                                                        T* qo, T* ko, const C* __restrict__ cos,
+                                                        const C* __restrict__ sin, const int64_t* __restrict__ pos,
+                                                        RopeArgs a) {
+  const int64_t tok = blockIdx.x;
+  const int64_t b = tok / a.seqlen, s = tok % a.seqlen;
+  const int64_t p = pos != nullptr ? pos[tok] : s;
+  // plm_engine/ops/rope.py refuses out-of-range positions; a direct call gets NaN, not a wild read.
+  const bool valid = p >= 0 && p < a.n_pos;
+  const C* crow = cos + (valid ? p : 0) * a.cos_row;
+  const C* srow = sin + (valid ? p : 0) * a.cos_row;
+  const int items_per_head = a.half / PAIRS;
+  const int items = (a.hq + a.hk) * items_per_head;
+  for (int it = threadIdx.x; it < items; it += blockDim.x) {
+    const int h = it / items_per_head, i0 = (it % items_per_head) * PAIRS;
+    const bool is_q = h < a.hq;
+    const T* x = is_q ? q + b * a.q_b + s * a.q_s + h * a.q_h
+                      : k + b * a.k_b + s * a.k_s + (h - a.hq) * a.k_h;
+    T* y = is_q ? qo + b * a.qo_b + s * a.qo_s + h * a.qo_h
+                : ko + b * a.ko_b + s * a.ko_s + (h - a.hq) * a.ko_h;
+    float c[PAIRS], sn[PAIRS];
+#pragma unroll
+    for (int j = 0; j < PAIRS; ++j) {
+      c[j] = valid ? static_cast<float>(crow[(i0 + j) * a.cos_col]) : NAN;
+      sn[j] = valid ? a.sin_sign * static_cast<float>(srow[(i0 + j) * a.cos_col]) : NAN;
+    }
+    if constexpr (INTERLEAVED) {
+      float v[2 * PAIRS];
+      load_f32<T, 2 * PAIRS, ALIGNED>(x + 2 * i0, v);
+#pragma unroll
+      for (int j = 0; j < PAIRS; ++j) {
+        const float x1 = v[2 * j], x2 = v[2 * j + 1];
+        v[2 * j] = x1 * c[j] - x2 * sn[j];
+        v[2 * j + 1] = x2 * c[j] + x1 * sn[j];
+      }
+      store_f32<T, 2 * PAIRS, ALIGNED>(y + 2 * i0, v);
+    } else {
+      float x1[PAIRS], x2[PAIRS], o1[PAIRS], o2[PAIRS];
+      load_f32<T, PAIRS, ALIGNED>(x + i0, x1);
+      load_f32<T, PAIRS, ALIGNED>(x + a.half + i0, x2);
+#pragma unroll
+      for (int j = 0; j < PAIRS; ++j) {
+        o1[j] = x1[j] * c[j] - x2[j] * sn[j];
+        o2[j] = x2[j] * c[j] + x1[j] * sn[j];
+      }
+      store_f32<T, PAIRS, ALIGNED>(y + i0, o1);
+      store_f32<T, PAIRS, ALIGNED>(y + a.half + i0, o2);
+    }
+  }
+  if (a.copy_pass) {
+    // Partial rotary, out of place: features [2 * half, head_dim) are copied unchanged.
+    const int rest = a.head_dim - 2 * a.half;
+    for (int it = threadIdx.x; it < (a.hq + a.hk) * rest; it += blockDim.x) {
+      const int h = it / rest, j = 2 * a.half + it % rest;
+      if (h < a.hq) {
+        qo[b * a.qo_b + s * a.qo_s + h * a.qo_h + j] = q[b * a.q_b + s * a.q_s + h * a.q_h + j];
+      } else {
+        const int hh = h - a.hq;
+        ko[b * a.ko_b + s * a.ko_s + hh * a.ko_h + j] = k[b * a.k_b + s * a.k_s + hh * a.k_h + j];
+      }
+    }
+  }
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+template <typename T, typename C, bool INTERLEAVED>
+void launch(const Tensor& q, const Tensor& k, Tensor& q_out, Tensor& k_out, const Tensor& cos, const Tensor& sin,
+            const int64_t* pos, const RopeArgs& a, cudaStream_t stream) {
+  constexpr int VEC = 16 / sizeof(T);
+  constexpr int PAIRS = INTERLEAVED ? VEC / 2 : VEC;
+  bool vec_ok = a.half % PAIRS == 0;
+  for (const Tensor* t : std::initializer_list<const Tensor*>{&q, &k, &q_out, &k_out}) {
+    vec_ok = vec_ok && aligned16(t->const_data_ptr()) && t->stride(0) % VEC == 0 && t->stride(1) % VEC == 0 &&
+             t->stride(2) % VEC == 0;
+  }
+  const dim3 grid(static_cast<unsigned>(q.size(0) * q.size(1)));
+  const T* qp = q.const_data_ptr<T>();
+  const T* kp = k.const_data_ptr<T>();
+  T* qop = q_out.mutable_data_ptr<T>();
+  T* kop = k_out.mutable_data_ptr<T>();
+  const C* cp = cos.const_data_ptr<C>();
+  const C* sp = sin.const_data_ptr<C>();
+  if (vec_ok) {
+    rope_kernel<T, C, INTERLEAVED, PAIRS, true><<<grid, kThreads, 0, stream>>>(qp, kp, qop, kop, cp, sp, pos, a);
+  } else {
+    rope_kernel<T, C, INTERLEAVED, 1, false><<<grid, kThreads, 0, stream>>>(qp, kp, qop, kop, cp, sp, pos, a);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void rope_cuda_kernel(const Tensor& q, const Tensor& k, Tensor& q_out, Tensor& k_out, const Tensor& cos,
+                      const Tensor& sin, const std::optional<Tensor>& positions, bool interleaved, bool conjugate) {
+  const int64_t tokens = q.size(0) * q.size(1);
+  if (tokens == 0 || q.size(2) + k.size(2) == 0) return;
+  TORCH_CHECK(tokens <= INT32_MAX, "rope: at most 2^31 - 1 tokens per call, got ", tokens);
+  TORCH_CHECK((q.size(2) + k.size(2)) * q.size(3) <= INT32_MAX, "rope: too many heads x head_dim per token");
+  const c10::cuda::CUDAGuard guard(q.device());
+  RopeArgs a;
+  a.q_b = q.stride(0), a.q_s = q.stride(1), a.q_h = q.stride(2);
+  a.k_b = k.stride(0), a.k_s = k.stride(1), a.k_h = k.stride(2);
+  a.qo_b = q_out.stride(0), a.qo_s = q_out.stride(1), a.qo_h = q_out.stride(2);
+  a.ko_b = k_out.stride(0), a.ko_s = k_out.stride(1), a.ko_h = k_out.stride(2);
+  a.cos_row = cos.stride(0), a.cos_col = cos.stride(1);
+  a.seqlen = q.size(1), a.n_pos = cos.size(0);
+  a.hq = static_cast<int>(q.size(2)), a.hk = static_cast<int>(k.size(2));
+  a.half = static_cast<int>(cos.size(1)), a.head_dim = static_cast<int>(q.size(3));
+  a.sin_sign = conjugate ? -1.f : 1.f;
+  a.copy_pass = !q_out.is_same(q) && a.head_dim > 2 * a.half;
+  const int64_t* pos = positions.has_value() ? positions->const_data_ptr<int64_t>() : nullptr;
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  PLM_DISPATCH_KERNEL_TYPES(q.scalar_type(), "rope_cuda", [&] {
+    using T = scalar_t;
+    auto run = [&](auto cos_tag) {
+      using C = decltype(cos_tag);
+      if (interleaved) {
+        launch<T, C, true>(q, k, q_out, k_out, cos, sin, pos, a, stream);
+      } else {
+        launch<T, C, false>(q, k, q_out, k_out, cos, sin, pos, a, stream);
+      }
+    };
+    if (cos.scalar_type() == at::kFloat) {
+      run(float{});
+    } else {
+      run(T{});
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor> rope_cuda(const Tensor& q, const Tensor& k, const Tensor& cos, const Tensor& sin,
+                                     const std::optional<Tensor>& positions, bool interleaved, bool conjugate) {
+  check_rope_args(q, k, cos, sin, positions);
+  Tensor q_out = at::empty(q.sizes(), q.options());
+  Tensor k_out = at::empty(k.sizes(), k.options());
+  rope_cuda_kernel(q, k, q_out, k_out, cos, sin, positions, interleaved, conjugate);
+  return {q_out, k_out};
+}
+
+void rope_inplace_cuda(Tensor& q, Tensor& k, const Tensor& cos, const Tensor& sin,
+                       const std::optional<Tensor>& positions, bool interleaved, bool conjugate) {
+  check_rope_args(q, k, cos, sin, positions);
+  rope_cuda_kernel(q, k, q, k, cos, sin, positions, interleaved, conjugate);
+}
+
+}  // namespace
+}  // namespace plm_engine
+
+TORCH_LIBRARY_IMPL(plm_engine, CUDA, m) {
+  m.impl("rope", &plm_engine::rope_cuda);
+  m.impl("rope_", &plm_engine::rope_inplace_cuda);
+}

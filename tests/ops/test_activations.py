@@ -1,0 +1,172 @@
+"""SwiGLU and GELU on every backend against the reference: forward, gradients, views, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from plm_engine.ops import backends
+from plm_engine.ops.activations import fused_ops, gelu, swiglu
+from plm_engine.ops.reference import gelu_ref, swiglu_ref
+from tests.utils import DTYPES, assert_2x_rule, device_backends
+
+DEV_BACKENDS = device_backends("swiglu_fwd")
+# Leading shape and n: a single element, odd and non-power-of-two rows, a row longer than one Triton
+# tile (2048), and many short rows.
+SHAPES = [((1,), 1), ((2, 3), 123), ((3,), 2051), ((37,), 40)]
+OPS = ["swiglu", "gelu", "gelu_tanh"]
+
+
+def make(device, dtype, shape, seed=0, scale=3.0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    # Wide enough (|x| up to ~12) to reach the saturated tails of sigmoid and the normal CDF.
+    t = (torch.randn(shape, generator=g) * scale + 0.1).to(device, dtype)
+    return t.requires_grad_(requires_grad)
+
+
+def run(op, inputs, backend):
+    if op == "swiglu":
+        return swiglu(*inputs, backend=backend)
+    return gelu(inputs[0], "tanh" if op == "gelu_tanh" else "none", backend=backend)
+
+
+def run_ref(op, inputs):
+    if op == "swiglu":
+        return swiglu_ref(*inputs)
+    return gelu_ref(inputs[0], "tanh" if op == "gelu_tanh" else "none")
+
+
+def run_eager(op, inputs):
+    """PyTorch eager in the inputs' own precision: the 2x rule's baseline."""
+    if op == "swiglu":
+        return F.silu(inputs[0]) * inputs[1]
+    return F.gelu(inputs[0], approximate="tanh" if op == "gelu_tanh" else "none")
+
+
+def inputs_for(op, device, dtype, shape, requires_grad=False):
+    n_in = 2 if op == "swiglu" else 1
+    return [make(device, dtype, shape, seed=i, requires_grad=requires_grad) for i in range(n_in)]
+
+
+@pytest.mark.parametrize("device,backend", DEV_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead,n", SHAPES, ids=str)
+@pytest.mark.parametrize("op", OPS)
+def test_forward(device, backend, dtype, lead, n, op):
+    inputs = inputs_for(op, device, dtype, (*lead, n))
+    out = run(op, inputs, backend)
+    assert out.dtype == dtype and out.shape == inputs[0].shape
+    ref = run_ref(op, [t.double() for t in inputs])
+    assert_2x_rule(out, ref, run_eager(op, inputs), dtype, what=f"{op} forward")
+
+
+@pytest.mark.parametrize("device,backend", DEV_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead,n", [((1,), 1), ((2, 3), 123), ((3,), 2051)], ids=str)
+@pytest.mark.parametrize("op", OPS)
+def test_backward(device, backend, dtype, lead, n, op):
+    inputs = inputs_for(op, device, dtype, (*lead, n), requires_grad=True)
+    dy = make(device, dtype, (*lead, n), seed=7, scale=1.0)
+    loss = lambda out: (out.float() * dy.float()).sum()
+    grads = torch.autograd.grad(loss(run(op, inputs, backend)), inputs)
+    inputs64 = [t.detach().double().requires_grad_() for t in inputs]
+    ref_grads = torch.autograd.grad((run_ref(op, inputs64) * dy.double()).sum(), inputs64)
+    low_grads = torch.autograd.grad(loss(run_eager(op, inputs)), inputs)
+    for i, (ours, ref, low) in enumerate(zip(grads, ref_grads, low_grads, strict=True)):
+        assert ours.dtype == dtype and ours.shape == inputs[i].shape
+        assert_2x_rule(ours, ref, low, dtype, what=f"{op} grad {i}")
+
+
+@pytest.mark.parametrize("device,backend", DEV_BACKENDS)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_tails(device, backend, approximate):
+    """Far tails, where 1 + erf(x) cancels and sigmoid saturates; also the exact zero."""
+    x = torch.cat([torch.linspace(-40, 40, 801), torch.tensor([0.0, -1e-30, 1e-30, -88.0, 88.0])]).to(device)
+    x.requires_grad_()
+    out = gelu(x, approximate, backend=backend)
+    ref = gelu_ref(x.detach().double(), approximate)
+    assert_2x_rule(out, ref, F.gelu(x.detach(), approximate=approximate), what="gelu tails")
+    (dx,) = torch.autograd.grad(out.sum(), x)
+    x64 = x.detach().double().requires_grad_()
+    (dx64,) = torch.autograd.grad(gelu_ref(x64, approximate).sum(), x64)
+    assert torch.isfinite(dx).all()
+    assert (dx.double() - dx64).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("device,backend", DEV_BACKENDS)
+def test_fused_gate_up_views_and_noncontiguous(device, backend):
+    """gate and up as row-strided halves of one projection; transposed inputs; 0-d and empty inputs."""
+    gate_up = make(device, torch.bfloat16, (4, 5, 2 * 96), requires_grad=True)
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert not gate.is_contiguous()
+    out = swiglu(gate, up, backend=backend)
+    torch.testing.assert_close(out, swiglu(gate.contiguous(), up.contiguous(), backend=backend), rtol=0, atol=0)
+    out.float().sum().backward()
+    assert gate_up.grad.shape == gate_up.shape
+    g64, u64 = gate.detach().double().requires_grad_(), up.detach().double().requires_grad_()
+    swiglu_ref(g64, u64).sum().backward()
+    torch.testing.assert_close(gate_up.grad.double(), torch.cat((g64.grad, u64.grad), -1), rtol=2e-2, atol=2e-2)
+    xt = make(device, torch.float32, (64, 10)).t()
+    torch.testing.assert_close(gelu(xt, backend=backend), gelu_ref(xt.contiguous()), rtol=1e-5, atol=1e-5)
+    scalar = torch.tensor(0.7, device=device)
+    torch.testing.assert_close(gelu(scalar, backend=backend), F.gelu(scalar))
+    empty = torch.randn(0, 16, device=device, requires_grad=True)
+    assert swiglu(empty, empty, backend=backend).shape == (0, 16)
+    assert gelu(empty, "tanh", backend=backend).shape == (0, 16)
+
+
+@pytest.mark.parametrize("device,backend", [p for p in DEV_BACKENDS if p.values[1] != "torch"])
+def test_opcheck(device, backend):
+    swiglu_fwd, swiglu_bwd, gelu_fwd, gelu_bwd = fused_ops(backend)
+    g = make(device, torch.float32, (3, 40), requires_grad=True)
+    u = make(device, torch.float32, (3, 40), seed=1, requires_grad=True)
+    dy = make(device, torch.float32, (3, 40), seed=2)
+    torch.library.opcheck(swiglu_fwd, (g, u))
+    torch.library.opcheck(swiglu_bwd, (dy, g.detach(), u.detach()))
+    for approximate in ("none", "tanh"):
+        torch.library.opcheck(gelu_fwd, (g, approximate))
+        torch.library.opcheck(gelu_bwd, (dy, g.detach(), approximate))
+
+
+@pytest.mark.parametrize("device,backend", DEV_BACKENDS)
+def test_bad_input_errors(device, backend):
+    x = torch.randn(4, 32, device=device)
+    with pytest.raises(ValueError, match="shape"):
+        swiglu(x, torch.randn(4, 31, device=device), backend=backend)
+    with pytest.raises(ValueError, match="dtype"):
+        swiglu(x, x.half(), backend=backend)
+    with pytest.raises(ValueError, match="is on meta"):
+        swiglu(x, x.to("meta"), backend=backend)
+    with pytest.raises(ValueError, match="floating-point"):
+        gelu(torch.ones(3, dtype=torch.int32, device=device), backend=backend)
+    with pytest.raises(ValueError, match="approximate must be 'none' or 'tanh'"):
+        gelu(x, "erf", backend=backend)
+
+
+def test_cpp_ops_reject_bad_arguments_without_crashing():
+    """The _C entry points validate on their own too: direct calls get RuntimeError, not a segfault."""
+    if not backends.availability("cpu", torch.device("cpu"), "swiglu_fwd")[0]:
+        pytest.skip("plm_engine._C not built")
+    swiglu_fwd, swiglu_bwd, gelu_fwd, gelu_bwd = fused_ops("cpu")
+    x = torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match="2 dims"):
+        swiglu_fwd(torch.randn(2, 4, 8), torch.randn(2, 4, 8))
+    with pytest.raises(RuntimeError, match="shape"):
+        swiglu_bwd(x, x, torch.randn(4, 9))
+    with pytest.raises(RuntimeError, match="last dim"):
+        gelu_fwd(torch.randn(8, 4).t(), "none")
+    with pytest.raises(RuntimeError, match="approximate must be"):
+        gelu_bwd(x, x, "sigmoid")
+    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
+        gelu_fwd(x.double(), "none")
+
+
+def test_automatic_choice_falls_back_quietly():
+    x = torch.randn(3, 16, dtype=torch.float64)
+    torch.testing.assert_close(gelu(x), F.gelu(x))
+    torch.testing.assert_close(swiglu(x, x), F.silu(x) * x)
+    with pytest.raises(backends.BackendUnavailable, match="float32/float16/bfloat16"):
+        swiglu(x, x, backend="cpu")
+    with pytest.raises(backends.BackendUnavailable, match="cuda tensors"):
+        gelu(x.float(), backend="cuda")
