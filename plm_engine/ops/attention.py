@@ -22,8 +22,6 @@ recomputes through the reference), paged_attn and write_kv_cache on CPU and CUDA
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
 from plm_engine.ops import backends, extension
@@ -118,22 +116,13 @@ def _register_cpp_ops() -> None:
     register_reference_backward(lib + "attn_varlen_fwd", varlen=True)
 
 
-def _import(module):
-    return lambda: importlib.import_module(module)
-
-
-for _op in ("attn_fwd", "attn_varlen_fwd", "paged_attn", "write_kv_cache"):
-    backends.register_preparer(_op, ("cpu", "cuda"), _register_cpp_ops)
-backends.register_preparer("attn_fwd", ("triton",), _import("plm_engine.ops.triton.attention"))
-backends.register_preparer("attn_varlen_fwd", ("triton",), _import("plm_engine.ops.triton.attention"))
-backends.register_preparer("paged_attn", ("triton",), _import("plm_engine.ops.triton.paged_attention"))
-backends.register_preparer("write_kv_cache", ("triton",), _import("plm_engine.ops.triton.paged_attention"))
+backends.register_family(("attn_fwd", "attn_varlen_fwd"), _register_cpp_ops, "plm_engine.ops.triton.attention")
+backends.register_family(("paged_attn", "write_kv_cache"), _register_cpp_ops, "plm_engine.ops.triton.paged_attention")
 
 
 def backend_op(name: str, backend: str):
-    """The op `name` of a fused backend (prepared on first use): plm_engine::triton_<name> or ::<name>."""
-    backends.prepare(name, backend)
-    return getattr(torch.ops.plm_engine, f"triton_{name}" if backend == "triton" else name).default
+    """The op `name` of a fused backend: plm_engine::triton_<name> or the _C op plm_engine::<name>."""
+    return backends.family_ops(name, backend, (name,))[0]
 
 
 # ---- validation ---------------------------------------------------------------------------------

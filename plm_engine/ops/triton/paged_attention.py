@@ -1,0 +1,475 @@
+"""Triton decode attention over a paged KV cache (flash-decoding), and the KV-cache write.
+
+Contract: plm_engine/ops/attention.py's module docstring (paged_attn, write_kv_cache).
+
+paged_attn. Program (b, kv head [x row tile], split) computes the attention of every query row of its kv
+head's group against one contiguous range of the sequence's keys:
+  - Rows. A tile row m is (query token i = m // group, head kvh * group + m % group): all the query heads
+    that share a kv head, for all seqlen_q queries, are one (BLOCK_M, head_dim) operand of tl.dot, so each
+    K/V tile is read once per group instead of once per head. A group larger than BLOCK_M (e.g. MQA with
+    16 queries) gets several row tiles, each re-reading the keys.
+  - Keys. The program walks its key range in BLOCK_N-token tiles. Token t lives in logical block
+    t >> log2(block_size), physical block block_table[b, t >> log2(block_size)], slot t & (block_size - 1):
+    every row of a tile is gathered through the block table, so a tile may straddle pages of any size
+    (block_size is a runtime value, a power of two) and the tables may be shuffled.
+  - Splits (flash-decoding). The keys of sequence b are cut into num_splits ranges of equal length
+    (rounded up to whole tiles); each program keeps an online softmax in base 2 (scores pre-scaled by
+    scale * log2(e)) and writes its normalised partial output and log2-sum-exp in fp32. A second kernel
+    merges the splits with the log-sum-exp trick. A split with no visible key (short sequence, or keys
+    all after its queries) has lse = -inf and zero output; its weight is exactly 0, so no NaN reaches the
+    result. With one split the first kernel writes the output directly and the merge is skipped.
+    num_splits comes from the grid size vs the SM count, so one long sequence still fills the GPU.
+  - Causal, bottom-right: query i of a sequence of L cached tokens sees keys t <= L - seqlen_q + i. The
+    key range stops after the last key the tile's last query sees.
+
+write_kv_cache: one program per token copies its (n_kv_heads, head_dim) rows to flat slot
+slot_mapping[t] (block * block_size + offset), cast to the cache dtype; negative slots are padding.
+
+Under TRITON_INTERPRET=1 (tests on CPU) bf16 arithmetic and bf16 tl.dot are wrong and fp32 -> bf16 casts
+truncate: the kernels upcast after loading and round bf16 stores to nearest-even by hand (INTERPRET).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from plm_engine.ops.attention import MAX_HEAD_DIM, paged_attn_fake, write_kv_cache_fake
+from plm_engine.ops.triton.spec import KernelSpec
+
+LOG2E = 1.4426950408889634
+# Test-only: forces the number of KV splits (e.g. to compare many splits with one).
+SPLITS_ENV = "PLM_ENGINE_PAGED_ATTN_SPLITS"
+
+# ---- jit kernels -----------------------------------------------------------------------------------
+
+
+@triton.jit
+def _cast(v, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+    """v -> dtype with round-to-nearest-even, also under the interpreter (which truncates to bf16)."""
+    if INTERPRET and dtype == tl.bfloat16 and v.dtype != tl.bfloat16:
+        bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return v.to(dtype)
+
+
+@triton.jit
+def _paged_attn_split_kernel(
+    Q_ptr, K_ptr, V_ptr, BT_ptr, Lens_ptr, O_ptr, PO_ptr, PLSE_ptr,
+    stride_qb, stride_qs, stride_qh,
+    stride_ob, stride_os, stride_oh,
+    stride_kblock, stride_kslot, stride_khead,
+    stride_bt,
+    seqlen_q, group, n_rows, m_tiles, n_heads, head_dim, page_shift, num_splits,
+    qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Program (b, kvh * m_tiles + row tile, split). n_rows = group * seqlen_q query rows per kv head."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1) // m_tiles
+    row0 = (tl.program_id(1) % m_tiles) * BLOCK_M
+    split = tl.program_id(2)
+    seqlen = tl.load(Lens_ptr + b)
+
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    qi = rows // group  # query token within the seqlen_q new ones
+    head = kvh * group + rows % group
+    dims = tl.arange(0, BLOCK_D)
+    d_ok = dims < head_dim
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    # Last key each row may see (bottom-right causal).
+    last_key = seqlen - seqlen_q + qi
+
+    # This split's keys: equal shares of the sequence, whole tiles, cut after the tile's last visible key.
+    per_split = (((seqlen + num_splits - 1) // num_splits + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+    start = split * per_split
+    last_row = tl.minimum(row0 + BLOCK_M, n_rows) - 1
+    end = tl.minimum(start + per_split, seqlen - seqlen_q + last_row // group + 1)
+
+    b64 = b.to(tl.int64)
+    q = tl.load(Q_ptr + b64 * stride_qb + qi[:, None] * stride_qs + head[:, None] * stride_qh + dims[None, :],
+                mask=q_mask, other=0.0)
+    if INTERPRET:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    page_mask = (1 << page_shift) - 1
+    bt_row = BT_ptr + b64 * stride_bt
+    kv_off = kvh.to(tl.int64) * stride_khead
+    for t0 in range(start, end, BLOCK_N):
+        t = t0 + offs_n
+        t_ok = t < end
+        block = tl.load(bt_row + (t >> page_shift), mask=t_ok, other=0)
+        # int64: block * stride_kblock passes 2**31 on caches over 4 GiB. Every cache stride is a
+        # multiple of head_dim, itself a multiple of 8: telling the compiler lets it load 16 bytes per
+        # access whatever the runtime values' divisibility by 16.
+        row_off = block.to(tl.int64) * stride_kblock + (t & page_mask) * stride_kslot + kv_off
+        row_off = tl.multiple_of(row_off, 8)
+        kv_mask = t_ok[:, None] & d_ok[None, :]
+        k = tl.load(K_ptr + row_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V_ptr + row_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        if INTERPRET:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # log2 units
+        s = tl.where((t[None, :] <= last_key[:, None]) & t_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # A row with no visible key yet keeps m = -inf: subtract 0 so exp2 gives 0, not NaN.
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(s - m_ref[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    has_keys = l_i > 0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    if num_splits == 1:
+        o_ptrs = O_ptr + b64 * stride_ob + qi[:, None] * stride_os + head[:, None] * stride_oh + dims[None, :]
+        tl.store(o_ptrs, _cast(out, O_ptr.dtype.element_ty, INTERPRET), mask=q_mask)
+    else:
+        # Partials: (batch, seqlen_q, n_heads, num_splits[, head_dim]) fp32, lse in log2 units.
+        part = ((b64 * seqlen_q + qi) * n_heads + head) * num_splits + split
+        lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+        tl.store(PO_ptr + part[:, None] * head_dim + dims[None, :], out, mask=q_mask)
+        tl.store(PLSE_ptr + part, lse, mask=row_ok)
+
+
+@triton.jit
+def _paged_attn_combine_kernel(
+    PO_ptr, PLSE_ptr, O_ptr,
+    stride_ob, stride_os, stride_oh,
+    seqlen_q, n_heads, head_dim, num_splits,
+    BLOCK_D: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Program r = (b * seqlen_q + i) * n_heads + h merges the num_splits partials of one query row."""
+    r = tl.program_id(0).to(tl.int64)
+    h = r % n_heads
+    i = (r // n_heads) % seqlen_q
+    b = r // (n_heads * seqlen_q)
+    dims = tl.arange(0, BLOCK_D)
+    d_ok = dims < head_dim
+    m = float("-inf")
+    den = 0.0
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s in range(0, num_splits):
+        lse = tl.load(PLSE_ptr + r * num_splits + s)
+        m_new = tl.maximum(m, lse)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_ref)
+        w = tl.exp2(lse - m_ref)  # exactly 0 for an empty split
+        o = tl.load(PO_ptr + (r * num_splits + s) * head_dim + dims, mask=d_ok, other=0.0)
+        acc = acc * alpha + w * o
+        den = den * alpha + w
+        m = m_new
+    out = acc / tl.where(den > 0, den, 1.0)
+    tl.store(O_ptr + b * stride_ob + i * stride_os + h * stride_oh + dims,
+             _cast(out, O_ptr.dtype.element_ty, INTERPRET), mask=d_ok)
+
+
+@triton.jit
+def _write_kv_cache_kernel(
+    K_ptr, V_ptr, KC_ptr, VC_ptr, Slot_ptr,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    n_kv_heads, head_dim,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Program t copies token t's (n_kv_heads, head_dim) K and V rows into cache slot slot_mapping[t]."""
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(Slot_ptr + t).to(tl.int64)
+    if slot >= 0:
+        heads = tl.arange(0, BLOCK_H)
+        dims = tl.arange(0, BLOCK_D)
+        # A cache slot holds n_kv_heads * head_dim contiguous elements.
+        dst = slot * (n_kv_heads * head_dim)
+        for h0 in range(0, n_kv_heads, BLOCK_H):
+            h = h0 + heads
+            mask = (h < n_kv_heads)[:, None] & (dims < head_dim)[None, :]
+            k = tl.load(K_ptr + t * stride_kt + h[:, None] * stride_kh + dims[None, :], mask=mask)
+            v = tl.load(V_ptr + t * stride_vt + h[:, None] * stride_vh + dims[None, :], mask=mask)
+            offs = dst + h[:, None] * head_dim + dims[None, :]
+            tl.store(KC_ptr + offs, _cast(k, KC_ptr.dtype.element_ty, INTERPRET), mask=mask)
+            tl.store(VC_ptr + offs, _cast(v, VC_ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+
+# ---- launch configuration (shared by the launchers and kernel_specs) -------------------------------
+
+# Query-row tiles: decode with GQA groups up to 16 needs one tile; 4 speculative tokens x group 16 fits 64
+# (32 for head_dim 256). Larger groups take several tiles.
+ROW_TILES = (16, 32, 64)
+# On a GPU, aim for this many split programs per SM (4 warps each), and give each split at least
+# _MIN_SPLIT_TOKENS keys so that the partial writes and the merge stay small next to the K/V reads.
+_PROGRAMS_PER_SM = 4
+_MIN_SPLIT_TOKENS = 256
+MAX_SPLITS = 64
+# Under the interpreter: two splits, so the tests run the merge, and small tiles (about 1 ms per program).
+_INTERPRET_SPLITS = 2
+_INTERPRET_BLOCK_N = 16
+# Tokens per program of write_kv_cache: BLOCK_H * BLOCK_D elements, 8 per thread of 4 warps.
+_WRITE_TILE = 1024
+
+
+@dataclass(frozen=True)
+class PagedConfig:
+    block_m: int
+    block_n: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+
+
+def paged_config(n_rows: int, head_dim: int, interpret: bool = False) -> PagedConfig:
+    """The one place that maps (query rows per kv head = group * seqlen_q, head_dim) to a launch layout.
+
+    BLOCK_D is head_dim's next power of two (>= 16, tl.dot's minimum). A thread holds its share of the
+    q tile, the fp32 accumulator (BLOCK_M x BLOCK_D) and a K/V tile; the sizes below are the largest
+    that report-kernels compiles without spills on sm_80 and sm_90 in both specialisations, including
+    the one with no 16-byte alignment (scalar loads, one 64-bit address per element): 8 warps from
+    head_dim 128 (or 64 rows), fewer keys per tile as BLOCK_M x BLOCK_D grows, and at most 32 rows
+    of head_dim 256 per tile. Two pipeline stages keep the next tile's gathered K/V loads in flight
+    while the current one is multiplied (the kernel is bound by those reads).
+    """
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    tiles = ROW_TILES if block_d < 256 else tuple(m for m in ROW_TILES if m <= 32)
+    block_m = next((m for m in tiles if m >= n_rows), tiles[-1])
+    if interpret:
+        return PagedConfig(block_m, _INTERPRET_BLOCK_N, block_d, 4, 1)
+    if block_d <= 32 or (block_d == 64 and block_m <= 32):
+        return PagedConfig(block_m, 64, block_d, 4, 2)
+    if block_d == 64:
+        return PagedConfig(block_m, 32, block_d, 8, 2)
+    if block_d == 128:
+        return PagedConfig(block_m, 16 if block_m >= 64 else 32, block_d, 8, 2)
+    return PagedConfig(block_m, 16, block_d, 8, 2)
+
+
+def write_config(n_kv_heads: int, head_dim: int) -> tuple[int, int, int]:
+    """(BLOCK_H, BLOCK_D, num_warps) of write_kv_cache."""
+    block_d = triton.next_power_of_2(head_dim)
+    block_h = min(triton.next_power_of_2(n_kv_heads), max(1, _WRITE_TILE // block_d))
+    return block_h, block_d, 4
+
+
+# ---- launchers -------------------------------------------------------------------------------------
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_num_splits(device: torch.device, programs: int, capacity_tokens: int) -> int:
+    """KV splits per sequence for a grid of `programs` (batch x kv heads x row tiles) programs per split.
+
+    On a GPU: enough splits for about _PROGRAMS_PER_SM programs per SM, but none shorter than
+    _MIN_SPLIT_TOKENS of the block table's capacity (read without a device sync; shorter sequences just
+    leave their last splits empty). Under the interpreter a fixed two.
+    """
+    env = os.environ.get(SPLITS_ENV)
+    if env:
+        return max(1, min(MAX_SPLITS, int(env)))
+    if device.type != "cuda":
+        return _INTERPRET_SPLITS
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    want = triton.cdiv(sms * _PROGRAMS_PER_SM, max(1, programs))
+    return max(1, min(want, MAX_SPLITS, triton.cdiv(capacity_tokens, _MIN_SPLIT_TOKENS)))
+
+
+def _check_device(t: Tensor, what: str) -> None:
+    if t.device.type != "cuda" and not (t.device.type == "cpu" and _interpreted()):
+        raise RuntimeError(f"{what}: Triton kernels need CUDA tensors, got {t.device} "
+                           "(CPU tensors only run with TRITON_INTERPRET=1, for tests)")
+
+
+def _check_cache(k_cache: Tensor, v_cache: Tensor, ref: Tensor, what: str) -> None:
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dim() != 4 or not t.is_contiguous() or t.device != ref.device:
+            raise ValueError(f"{what}: {name} must be a contiguous (num_blocks, block_size, n_kv_heads, head_dim) "
+                             f"tensor on {ref.device}, got {tuple(t.shape)} on {t.device}")
+    if k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"{what}: k_cache {k_cache.dtype} {tuple(k_cache.shape)} and v_cache {v_cache.dtype} "
+                         f"{tuple(v_cache.shape)} must match")
+    if k_cache.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"{what}: the caches must be float32/float16/bfloat16, got {k_cache.dtype}")
+    bs = k_cache.shape[1]
+    if bs < 1 or bs & (bs - 1) or bs > 256:
+        raise ValueError(f"{what}: block_size must be a power of two up to 256, got {bs}")
+    if k_cache.shape[3] % 8 or not 8 <= k_cache.shape[3] <= MAX_HEAD_DIM:
+        raise ValueError(f"{what}: head_dim must be a multiple of 8 in [8, {MAX_HEAD_DIM}], got {k_cache.shape[3]}")
+
+
+def launch_paged_attn(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, cache_seqlens: Tensor,
+                      scale: float, num_splits: int | None = None) -> Tensor:
+    """paged_attn's launcher; num_splits (tests only) overrides choose_num_splits."""
+    what = "triton_paged_attn"
+    _check_device(q, what)
+    _check_cache(k_cache, v_cache, q, what)
+    if q.dim() != 4 or q.stride(-1) != 1:
+        raise ValueError(f"{what}: q must be (batch, seqlen_q, n_heads, head_dim), contiguous in head_dim, got "
+                         f"shape {tuple(q.shape)} strides {q.stride()}")
+    if q.dtype != k_cache.dtype:
+        raise ValueError(f"{what}: q is {q.dtype} but the caches are {k_cache.dtype}")
+    batch, seqlen_q, n_heads, head_dim = q.shape
+    _, block_size, n_kv_heads, cache_head_dim = k_cache.shape
+    if cache_head_dim != head_dim or n_kv_heads == 0 or n_heads % n_kv_heads:
+        raise ValueError(f"{what}: q has {n_heads} heads of {head_dim}; the caches have {n_kv_heads} kv heads of "
+                         f"{cache_head_dim} (n_heads must be a multiple of n_kv_heads)")
+    for name, t, shape in (("block_table", block_table, (batch, block_table.shape[-1])),
+                           ("cache_seqlens", cache_seqlens, (batch,))):
+        if (t.dtype != torch.int32 or tuple(t.shape) != shape or t.device != q.device
+                or not t.is_contiguous()):
+            raise ValueError(f"{what}: {name} must be contiguous int32 {shape} on {q.device}, got {t.dtype} "
+                             f"{tuple(t.shape)} on {t.device}")
+    if block_table.dim() != 2:
+        raise ValueError(f"{what}: block_table must be 2-D (batch, max_blocks), got {tuple(block_table.shape)}")
+
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if q.numel() == 0:
+        return out
+    group = n_heads // n_kv_heads
+    n_rows = group * seqlen_q
+    interpret = q.device.type != "cuda"
+    cfg = paged_config(n_rows, head_dim, interpret)
+    m_tiles = triton.cdiv(n_rows, cfg.block_m)
+    programs = batch * n_kv_heads * m_tiles
+    if num_splits is None:
+        num_splits = choose_num_splits(q.device, programs, block_table.shape[1] * block_size)
+    if not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"{what}: num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
+    if num_splits > 1:
+        part_out = torch.empty((batch, seqlen_q, n_heads, num_splits, head_dim), dtype=torch.float32,
+                               device=q.device)
+        part_lse = torch.empty((batch, seqlen_q, n_heads, num_splits), dtype=torch.float32, device=q.device)
+    else:
+        # Not touched; one element rather than none, so the launcher always gets a real device pointer.
+        part_out = part_lse = torch.empty((1,), dtype=torch.float32, device=q.device)
+    _paged_attn_split_kernel[(batch, n_kv_heads * m_tiles, num_splits)](
+        q, k_cache, v_cache, block_table, cache_seqlens, out, part_out, part_lse,
+        q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
+        seqlen_q, group, n_rows, m_tiles, n_heads, head_dim, block_size.bit_length() - 1, num_splits,
+        scale * LOG2E,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, INTERPRET=_interpreted(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if num_splits > 1:
+        _paged_attn_combine_kernel[(batch * seqlen_q * n_heads,)](
+            part_out, part_lse, out, out.stride(0), out.stride(1), out.stride(2),
+            seqlen_q, n_heads, head_dim, num_splits,
+            BLOCK_D=cfg.block_d, INTERPRET=_interpreted(), num_warps=_combine_warps(cfg.block_d))
+    return out
+
+
+def _combine_warps(block_d: int) -> int:
+    return 1 if block_d <= 64 else 2
+
+
+def launch_write_kv_cache(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
+    what = "triton_write_kv_cache"
+    _check_device(k_cache, what)
+    _check_cache(k_cache, v_cache, k_cache, what)
+    _, _, n_kv_heads, head_dim = k_cache.shape
+    for name, t in (("k", k), ("v", v)):
+        if (t.dim() != 3 or tuple(t.shape[1:]) != (n_kv_heads, head_dim) or t.stride(-1) != 1
+                or t.device != k_cache.device or t.dtype not in (torch.float32, torch.float16, torch.bfloat16)):
+            raise ValueError(f"{what}: {name} must be a float (num_tokens, {n_kv_heads}, {head_dim}) tensor on "
+                             f"{k_cache.device}, contiguous in head_dim, got {t.dtype} {tuple(t.shape)} on {t.device}")
+    if v.shape != k.shape:
+        raise ValueError(f"{what}: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
+    if (slot_mapping.dtype not in (torch.int32, torch.int64) or tuple(slot_mapping.shape) != (k.shape[0],)
+            or slot_mapping.device != k_cache.device or not slot_mapping.is_contiguous()):
+        raise ValueError(f"{what}: slot_mapping must be contiguous int32/int64 ({k.shape[0]},) on {k_cache.device}, "
+                         f"got {slot_mapping.dtype} {tuple(slot_mapping.shape)} on {slot_mapping.device}")
+    if k.shape[0] == 0:
+        return
+    block_h, block_d, num_warps = write_config(n_kv_heads, head_dim)
+    _write_kv_cache_kernel[(k.shape[0],)](
+        k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        n_kv_heads, head_dim, BLOCK_H=block_h, BLOCK_D=block_d, INTERPRET=_interpreted(), num_warps=num_warps)
+
+
+# ---- custom ops ------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("plm_engine::triton_paged_attn", mutates_args=())
+def paged_attn(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, cache_seqlens: Tensor,
+               scale: float) -> Tensor:
+    """q (batch, seqlen_q, n_heads, head_dim) over k/v caches (num_blocks, block_size, n_kv_heads, head_dim),
+    block_table (batch, max_blocks) int32, cache_seqlens (batch,) int32 -> out like q (contiguous)."""
+    return launch_paged_attn(q, k_cache, v_cache, block_table, cache_seqlens, scale)
+
+
+@torch.library.custom_op("plm_engine::triton_write_kv_cache", mutates_args=("k_cache", "v_cache"))
+def write_kv_cache(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
+    """k, v (num_tokens, n_kv_heads, head_dim) -> cache slots slot_mapping (num_tokens,); negative = skip."""
+    launch_write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+
+
+paged_attn.register_fake(paged_attn_fake)
+write_kv_cache.register_fake(write_kv_cache_fake)
+
+
+# ---- shipped configurations, for report-kernels ----------------------------------------------------
+
+
+def _signature(fn, types: dict[str, str]) -> dict[str, str]:
+    """Every argument of fn in order: pointers/scalars from `types`, the rest constexpr."""
+    return {name: types.get(name, "constexpr") for name in fn.arg_names}
+
+
+def kernel_specs() -> list[KernelSpec]:
+    """Every configuration paged_config / write_config can pick on a GPU, in bf16 (fp16 compiles alike).
+
+    The row tiles cover seqlen_q groups (decode: group * 1; speculative: group * up to 16 in tiles of
+    64); block_size is a runtime argument, so one compiled kernel serves every page size.
+    """
+    dt = "*bf16"
+    i32, f32 = "i32", "fp32"
+    split_types = {"Q_ptr": dt, "K_ptr": dt, "V_ptr": dt, "BT_ptr": "*i32", "Lens_ptr": "*i32", "O_ptr": dt,
+                   "PO_ptr": "*fp32", "PLSE_ptr": "*fp32", "qk_scale": f32}
+    for name in ("stride_qb", "stride_qs", "stride_qh", "stride_ob", "stride_os", "stride_oh", "stride_kblock",
+                 "stride_kslot", "stride_khead", "stride_bt", "seqlen_q", "group", "n_rows", "m_tiles", "n_heads",
+                 "head_dim", "page_shift", "num_splits"):
+        split_types[name] = i32
+    combine_types = {"PO_ptr": "*fp32", "PLSE_ptr": "*fp32", "O_ptr": dt, "stride_ob": i32, "stride_os": i32,
+                     "stride_oh": i32, "seqlen_q": i32, "n_heads": i32, "head_dim": i32, "num_splits": i32}
+    write_types = {"K_ptr": dt, "V_ptr": dt, "KC_ptr": dt, "VC_ptr": dt, "Slot_ptr": "*i32", "stride_kt": i32,
+                   "stride_kh": i32, "stride_vt": i32, "stride_vh": i32, "n_kv_heads": i32, "head_dim": i32}
+    specs = []
+    for head_dim in (16, 32, 64, 128, 256):
+        for block_m in sorted({paged_config(m, head_dim).block_m for m in ROW_TILES}):
+            cfg = paged_config(block_m, head_dim)
+            specs.append(KernelSpec(
+                f"paged_attn_split[BLOCK_M={cfg.block_m},BLOCK_N={cfg.block_n},BLOCK_D={cfg.block_d},bf16]",
+                _paged_attn_split_kernel, _signature(_paged_attn_split_kernel, split_types),
+                dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, INTERPRET=False),
+                cfg.num_warps, cfg.num_stages))
+        block_d = paged_config(1, head_dim).block_d
+        specs.append(KernelSpec(
+            f"paged_attn_combine[BLOCK_D={block_d},bf16]", _paged_attn_combine_kernel,
+            _signature(_paged_attn_combine_kernel, combine_types), dict(BLOCK_D=block_d, INTERPRET=False),
+            _combine_warps(block_d), 1))
+        # The largest tile per head_dim (8 kv heads or more); fewer heads give smaller BLOCK_H.
+        block_h, wd, warps = write_config(8, head_dim)
+        specs.append(KernelSpec(
+            f"write_kv_cache[BLOCK_H={block_h},BLOCK_D={wd},bf16]", _write_kv_cache_kernel,
+            _signature(_write_kv_cache_kernel, write_types), dict(BLOCK_H=block_h, BLOCK_D=wd, INTERPRET=False),
+            warps, 1))
+    return specs
