@@ -6,18 +6,30 @@
     y = ops.layer_norm(x, w, backend="torch")        # the PyTorch reference
 """
 
+from plm_engine.ops.activations import gelu, swiglu
 from plm_engine.ops.attention import attention, attention_varlen, paged_attention, write_kv_cache
 from plm_engine.ops.backends import BACKENDS, BackendUnavailable, usable_backends
+from plm_engine.ops.cross_entropy import cross_entropy, linear_cross_entropy
 from plm_engine.ops.norms import layer_norm, rms_norm
+from plm_engine.ops.rope import rope, rope_cos_sin, rope_inv_freq
+from plm_engine.ops.softmax import softmax
 
 __all__ = [
     "BACKENDS",
     "BackendUnavailable",
     "attention",
     "attention_varlen",
+    "cross_entropy",
+    "gelu",
     "layer_norm",
+    "linear_cross_entropy",
     "paged_attention",
     "rms_norm",
+    "rope",
+    "rope_cos_sin",
+    "rope_inv_freq",
+    "softmax",
+    "swiglu",
     "usable_backends",
     "write_kv_cache",
 ]

@@ -15,6 +15,7 @@ BackendUnavailable saying why.
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 import os
 
@@ -91,6 +92,23 @@ _PREPARED: set[tuple[str, str]] = set()
 def register_preparer(op: str, backend_names: tuple[str, ...], fn) -> None:
     for b in backend_names:
         _PREPARERS[(op, b)] = fn
+
+
+def register_family(ops: tuple[str, ...], register_cpp, triton_module: str) -> None:
+    """An op family's preparers: `register_cpp` adds fake impls and autograd to its _C ops (cpu and cuda
+    share them); the triton backend imports `triton_module`, which registers plm_engine::triton_<op>."""
+    for op in ops:
+        register_preparer(op, ("cpu", "cuda"), register_cpp)
+        register_preparer(op, ("triton",), lambda: importlib.import_module(triton_module))
+
+
+def family_ops(op: str, backend: str, names: tuple[str, ...]):
+    """The ops `names` as `backend` implements them: plm_engine::triton_<name> for triton, plm_engine::<name>
+    (the _C op, dispatched by device) for cpu and cuda. Prepared on first use; otherwise plain attribute
+    lookups, so torch.compile traces straight through to the op."""
+    prepare(op, backend)
+    prefix = "triton_" if backend == "triton" else ""
+    return tuple(getattr(torch.ops.plm_engine, prefix + name).default for name in names)
 
 
 @_traced_as_constant

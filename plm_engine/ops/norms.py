@@ -11,8 +11,6 @@ autograd, validates arguments, and picks the backend.
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
 from plm_engine.ops import backends, extension
@@ -65,20 +63,12 @@ def _register_cpp_ops() -> None:
     register_autograd("plm_engine::norm_fwd", torch.ops.plm_engine.norm_bwd.default)
 
 
-backends.register_preparer("norm_fwd", ("cpu", "cuda"), _register_cpp_ops)
-backends.register_preparer("norm_fwd", ("triton",), lambda: importlib.import_module("plm_engine.ops.triton.norms"))
+backends.register_family(("norm_fwd",), _register_cpp_ops, "plm_engine.ops.triton.norms")
 
 
 def fused_ops(backend: str):
-    """(fwd, bwd) ops of a fused backend: 'triton', or 'cpu'/'cuda' (the same _C ops, by device).
-
-    Plain attribute lookups, so torch.compile traces straight through; backends.prepare has made
-    them exist (it runs when the backend is chosen).
-    """
-    backends.prepare("norm_fwd", backend)
-    if backend == "triton":
-        return torch.ops.plm_engine.triton_norm_fwd.default, torch.ops.plm_engine.triton_norm_bwd.default
-    return torch.ops.plm_engine.norm_fwd.default, torch.ops.plm_engine.norm_bwd.default
+    """(fwd, bwd) ops of a fused backend: 'triton', or 'cpu'/'cuda' (the same _C ops, by device)."""
+    return backends.family_ops("norm_fwd", backend, ("norm_fwd", "norm_bwd"))
 
 
 # ---- public functions -----------------------------------------------------------------------------

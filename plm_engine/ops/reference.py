@@ -48,3 +48,185 @@ def rms_norm_ref(x, weight, eps=1e-6, residual=None):
     y = hf * torch.rsqrt(hf.square().mean(dim=-1, keepdim=True) + eps) * weight.to(acc)
     y = y.to(x.dtype)
     return y if residual is None else (y, h)
+
+
+def softmax_ref(x, dim=-1, scale=1.0, causal=False):
+    """softmax(scale * x) along `dim`, computed in fp32 (fp64 for fp64 input), cast to x's dtype.
+
+    A row whose entries are all -inf gives zeros (PyTorch gives NaN). causal=True treats the last two
+    dims as (query i, key j) scores and masks j > i + (sk - sq): the bottom-right-aligned causal mask of
+    attention with a KV prefix; a row with every key masked gives zeros. causal requires dim = -1.
+    """
+    acc = _acc_dtype(x)
+    xf = x.to(acc) * scale
+    if causal:
+        sq, sk = x.shape[-2], x.shape[-1]
+        i = torch.arange(sq, device=x.device).unsqueeze(1)
+        j = torch.arange(sk, device=x.device).unsqueeze(0)
+        xf = xf.masked_fill(j > i + (sk - sq), float("-inf"))
+    m = xf.amax(dim=dim, keepdim=True)
+    # An all -inf row has max -inf; subtracting 0 instead keeps exp() at 0 rather than NaN.
+    m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
+    e = torch.exp(xf - m)
+    s = e.sum(dim=dim, keepdim=True)
+    return (e / torch.where(s == 0, torch.ones_like(s), s)).to(x.dtype)
+
+
+def cross_entropy_ref(logits, target, ignore_index=-100, label_smoothing=0.0, reduction="mean"):
+    """Cross-entropy of logits (..., V) against class indices target (...), math in fp32 (fp64 for fp64).
+
+    Per token: loss = logsumexp(x) - (1 - eps) * x[target] - eps * mean(x), eps = label_smoothing (the
+    same smoothing as F.cross_entropy). Tokens whose target is ignore_index get loss 0. reduction:
+    "none" (per-token, target's shape), "sum", or "mean" over the non-ignored tokens; a batch with every
+    token ignored gives mean 0 (PyTorch gives NaN). The result has logits' dtype, like F.cross_entropy.
+    """
+    acc = _acc_dtype(logits)
+    v = logits.shape[-1]
+    x = logits.reshape(-1, v).to(acc)
+    t = target.reshape(-1)
+    valid = t != ignore_index
+    t_safe = torch.where(valid, t, torch.zeros_like(t))
+    x_t = x.gather(1, t_safe.unsqueeze(1)).squeeze(1)
+    loss = torch.logsumexp(x, dim=-1) - (1.0 - label_smoothing) * x_t - label_smoothing * x.mean(dim=-1)
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    if reduction == "none":
+        return loss.reshape(target.shape).to(logits.dtype)
+    if reduction == "sum":
+        return loss.sum().to(logits.dtype)
+    return (loss.sum() / valid.sum().clamp(min=1)).to(logits.dtype)
+
+
+def linear_cross_entropy_ref(hidden, weight, target, bias=None, ignore_index=-100, label_smoothing=0.0,
+                             reduction="mean"):
+    """cross_entropy_ref(hidden @ weight.T + bias, target): the LM head and its loss, unfused.
+
+    hidden: (..., d), weight: (V, d), bias: (V,) or None, target: (...). The logits are rounded to
+    hidden's dtype, as the matmul of a low-precision model produces them.
+    """
+    import torch.nn.functional as F
+
+    return cross_entropy_ref(F.linear(hidden, weight, bias), target, ignore_index, label_smoothing, reduction)
+
+
+def rope_ref(q, k, cos, sin, interleaved=False, position_ids=None):
+    """Rotary position embedding of q and k; returns (q_out, k_out) in their dtypes.
+
+    q: (batch, seqlen, q_heads, head_dim) or packed (total_tokens, q_heads, head_dim); k: the same with
+    its own head count. cos, sin: (max_seqlen, rotary_dim / 2), rotary_dim <= head_dim; the first
+    rotary_dim features of every head are rotated, the rest pass through. position_ids: token positions,
+    (seqlen,) or (batch, seqlen) for 4-D inputs (default arange(seqlen)), (total_tokens,) for packed.
+    Pairs are (x[i], x[i + rotary_dim/2]) (GPT-NeoX / Llama rotate_half) or, interleaved,
+    (x[2i], x[2i+1]) (GPT-J); each pair (x1, x2) becomes (x1 cos - x2 sin, x2 cos + x1 sin).
+    """
+    half = cos.shape[-1]
+
+    def rotate(x):
+        acc = _acc_dtype(x)
+        c = cos[: x.shape[-3]] if position_ids is None else cos[position_ids]
+        s = sin[: x.shape[-3]] if position_ids is None else sin[position_ids]
+        c, s = c.to(acc).unsqueeze(-2), s.to(acc).unsqueeze(-2)  # broadcast over heads
+        xr = x[..., : 2 * half].to(acc)
+        x1, x2 = (xr[..., 0::2], xr[..., 1::2]) if interleaved else (xr[..., :half], xr[..., half:])
+        o1, o2 = x1 * c - x2 * s, x2 * c + x1 * s
+        out = torch.stack((o1, o2), dim=-1).flatten(-2) if interleaved else torch.cat((o1, o2), dim=-1)
+        return torch.cat((out.to(x.dtype), x[..., 2 * half :]), dim=-1)
+
+    return rotate(q), rotate(k)
+
+
+def swiglu_ref(gate, up):
+    """silu(gate) * up = gate * sigmoid(gate) * up, elementwise (same shapes), math in fp32."""
+    import torch.nn.functional as F
+
+    acc = _acc_dtype(gate)
+    return (F.silu(gate.to(acc)) * up.to(acc)).to(gate.dtype)
+
+
+def gelu_ref(x, approximate="none"):
+    """GELU: x * Phi(x) with the exact normal CDF (erf), or the tanh approximation; math in fp32."""
+    import torch.nn.functional as F
+
+    return F.gelu(x.to(_acc_dtype(x)), approximate=approximate).to(x.dtype)
+
+
+def attention_ref(q, k, v, causal=False, softmax_scale=None, return_lse=False):
+    """Scaled dot-product attention with GQA and bottom-right causal alignment; math in fp32 (fp64).
+
+    q: (batch, seqlen_q, n_heads, head_dim); k, v: (batch, seqlen_k, n_kv_heads, head_dim), n_heads a
+    multiple of n_kv_heads (query head h reads kv head h // (n_heads // n_kv_heads)). Causal masks key j
+    for query i when j > i + seqlen_k - seqlen_q (FlashAttention >= 2.1). A query with every key masked
+    gets a zero output and lse = -inf. Returns out (q's shape and dtype), and with return_lse the
+    log-sum-exp of the scaled scores, (batch, n_heads, seqlen_q) fp32 (fp64 for fp64 inputs).
+    Materialises the (seqlen_q x seqlen_k) scores: an oracle, not a kernel.
+    """
+    acc = _acc_dtype(q)
+    b, sq, h, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    scale = d**-0.5 if softmax_scale is None else softmax_scale
+    group = h // hkv
+    kf = k.to(acc).repeat_interleave(group, dim=2)
+    vf = v.to(acc).repeat_interleave(group, dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q.to(acc), kf) * scale
+    if causal:
+        i = torch.arange(sq, device=q.device).unsqueeze(1)
+        j = torch.arange(sk, device=q.device).unsqueeze(0)
+        s = s.masked_fill(j > i + (sk - sq), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # (b, h, sq); -inf where every key is masked
+    p = torch.exp(s - lse.unsqueeze(-1).clamp_min(torch.finfo(acc).min))
+    p = torch.where(torch.isneginf(lse).unsqueeze(-1), torch.zeros_like(p), p)
+    out = torch.einsum("bhqk,bkhd->bqhd", p, vf).to(q.dtype)
+    return (out, lse) if return_lse else out
+
+
+def attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
+                         causal=False, softmax_scale=None, return_lse=False):
+    """attention_ref over a packed batch: q (total_q, n_heads, head_dim), k/v (total_k, n_kv_heads,
+    head_dim); sequence i is rows cu_seqlens_q[i]:cu_seqlens_q[i+1] of q (likewise k/v). lse, if
+    returned: (n_heads, total_q). max_seqlen_* are accepted for API symmetry and not needed here."""
+    outs, lses = [], []
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for i in range(len(cq) - 1):
+        qi, ki, vi = q[cq[i]:cq[i + 1]], k[ck[i]:ck[i + 1]], v[ck[i]:ck[i + 1]]
+        o, l = attention_ref(qi[None], ki[None], vi[None], causal, softmax_scale, return_lse=True)
+        outs.append(o[0])
+        lses.append(l[0])
+    out = torch.cat(outs) if outs else q.new_empty(q.shape)
+    lse = torch.cat(lses, dim=-1) if lses else q.new_empty((q.shape[1], 0), dtype=_acc_dtype(q))
+    return (out, lse) if return_lse else out
+
+
+def gather_paged_kv(cache, block_table, seqlen, batch_index):
+    """The first seqlen (key or value) rows of sequence batch_index from a paged cache
+    (num_blocks, block_size, n_kv_heads, head_dim) -> (seqlen, n_kv_heads, head_dim)."""
+    bs = cache.shape[1]
+    n_blocks = (seqlen + bs - 1) // bs
+    blocks = block_table[batch_index, :n_blocks].long()
+    return cache[blocks].reshape(-1, *cache.shape[2:])[:seqlen]
+
+
+def paged_attention_ref(q, k_cache, v_cache, block_table, cache_seqlens, softmax_scale=None):
+    """Attention of a few new query tokens per sequence over a paged KV cache.
+
+    q: (batch, seqlen_q, n_heads, head_dim), the newest seqlen_q tokens of each sequence, whose K/V are
+    already in the cache; k_cache, v_cache: (num_blocks, block_size, n_kv_heads, head_dim);
+    block_table: (batch, max_blocks) int32, logical block -> physical block; cache_seqlens: (batch,)
+    int32, tokens in the cache per sequence (including the new ones). Query i of sequence b sits at
+    position cache_seqlens[b] - seqlen_q + i and attends to keys up to and including it (causal,
+    bottom-right aligned). Returns (batch, seqlen_q, n_heads, head_dim) in q's dtype.
+    """
+    outs = []
+    for b in range(q.shape[0]):
+        n = int(cache_seqlens[b])
+        kb = gather_paged_kv(k_cache, block_table, n, b)
+        vb = gather_paged_kv(v_cache, block_table, n, b)
+        outs.append(attention_ref(q[b:b + 1], kb[None], vb[None], causal=True, softmax_scale=softmax_scale))
+    return torch.cat(outs) if outs else q.clone()
+
+
+def write_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping):
+    """Stores k, v (num_tokens, n_kv_heads, head_dim) into the paged caches in place: token t goes to
+    slot slot_mapping[t] = block * block_size + offset; a negative slot (padding) is skipped."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
