@@ -1,6 +1,7 @@
 # The README's commands. Each creates (or reuses) the virtual environment in $(VENV) first.
 #   make demo   set up, then `plm-engine info` and the self-check of every op on every backend
-#   make test   set up, then the whole test suite
+#   make test   set up, then the test suite (all but the slow full kernel-resource report)
+#   make test-all   the test suite including tests marked slow
 #   make bench  set up, then the kernel benchmarks on this machine
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +12,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.plm_engine-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh csrc/*/*.h)
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test test-all bench lint clean
 
 setup: $(STAMP)
 
@@ -26,6 +27,9 @@ demo: setup
 	$(BIN)/plm-engine selfcheck
 
 test: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-all: setup
 	$(BIN)/python -m pytest -q
 
 bench: setup

@@ -17,7 +17,12 @@ import torch
 import triton
 import triton.language as tl
 
-from plm_engine.ops import cross_entropy as family
+from plm_engine.ops.cross_entropy import (
+    KERNEL_DTYPES,
+    cross_entropy_fwd_fake,
+    cross_entropy_fwd_inplace_fake,
+    register_autograd,
+)
 from plm_engine.ops.triton.spec import KernelSpec
 
 MAX_BLOCK_N = 8192
@@ -81,7 +86,7 @@ def _cross_entropy_kernel(X_ptr, DX_ptr, T_ptr, LOSS_ptr, n_cols, ignore_index, 
 # ---- launcher ---------------------------------------------------------------------------------------
 
 def _launch(logits, target, dlogits, ignore_index: int, label_smoothing: float) -> torch.Tensor:
-    if logits.dim() != 2 or not logits.is_contiguous() or logits.dtype not in family.KERNEL_DTYPES:
+    if logits.dim() != 2 or not logits.is_contiguous() or logits.dtype not in KERNEL_DTYPES:
         raise ValueError(f"logits must be a contiguous (N, V) float32/float16/bfloat16 tensor, "
                          f"got {tuple(logits.shape)} {logits.dtype}")
     if target.shape != logits.shape[:1] or target.dtype != torch.int64 or not target.is_contiguous():
@@ -111,9 +116,9 @@ def cross_entropy_fwd_inplace(logits: torch.Tensor, target: torch.Tensor, ignore
     return _launch(logits, target, logits, ignore_index, label_smoothing)
 
 
-cross_entropy_fwd.register_fake(family.cross_entropy_fwd_fake)
-cross_entropy_fwd_inplace.register_fake(family.cross_entropy_fwd_inplace_fake)
-family.register_autograd(cross_entropy_fwd)
+cross_entropy_fwd.register_fake(cross_entropy_fwd_fake)
+cross_entropy_fwd_inplace.register_fake(cross_entropy_fwd_inplace_fake)
+register_autograd(cross_entropy_fwd)
 
 
 # ---- shipped configurations for the static report ---------------------------------------------------

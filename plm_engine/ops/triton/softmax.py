@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from plm_engine.ops import softmax as family
+from plm_engine.ops.softmax import KERNEL_DTYPES, register_autograd, softmax_bwd_fake, softmax_fwd_fake
 from plm_engine.ops.triton.spec import KernelSpec
 
 # Longest row one program holds in registers; 16384 fp32 over 16 warps is 32 values per thread.
@@ -105,7 +105,7 @@ def _softmax_bwd_kernel(DY_ptr, Y_ptr, DX_ptr, n_cols, scale, BLOCK_N: tl.conste
 def _check_3d(name: str, t: torch.Tensor) -> None:
     if t.dim() != 3 or not t.is_contiguous():
         raise ValueError(f"{name} must be a contiguous (batch, sq, sk) tensor, got shape {tuple(t.shape)}")
-    if t.dtype not in family.KERNEL_DTYPES:
+    if t.dtype not in KERNEL_DTYPES:
         raise ValueError(f"{name} must be float32/float16/bfloat16, got {t.dtype}")
 
 
@@ -145,9 +145,9 @@ def softmax_bwd(dy: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor
     return dx
 
 
-softmax_fwd.register_fake(family.softmax_fwd_fake)
-softmax_bwd.register_fake(family.softmax_bwd_fake)
-family.register_autograd(softmax_fwd, softmax_bwd)
+softmax_fwd.register_fake(softmax_fwd_fake)
+softmax_bwd.register_fake(softmax_bwd_fake)
+register_autograd(softmax_fwd, softmax_bwd)
 
 
 # ---- shipped configurations for the static report ---------------------------------------------------
