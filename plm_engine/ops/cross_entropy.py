@@ -197,7 +197,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             loss_rows = _linear_ce_chunks(hidden, weight, target, bias, ignore_index, label_smoothing, chunk_size,
                                           ce_op, None, (False, False, False))[0]
             ctx.save_for_backward(hidden, weight, target, bias)
-            return loss_rows.to(hidden.dtype)
+            # With no gradient wanted (eval) "mean"/"sum" still reduce; only "none" keeps the rows.
+            return (loss_rows if reduction == "none" else loss_rows.sum() * row_scale).to(hidden.dtype)
         loss_rows, gh, gw, gb = _linear_ce_chunks(hidden, weight, target, bias, ignore_index, label_smoothing,
                                                   chunk_size, ce_op, row_scale, need)
         ctx.save_for_backward(gh, gw, gb)

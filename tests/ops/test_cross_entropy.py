@@ -219,3 +219,17 @@ def test_dispatch():
     torch.testing.assert_close(cross_entropy(logits, target), F.cross_entropy(logits, target))
     with pytest.raises(backends.BackendUnavailable, match="float32/float16/bfloat16"):
         cross_entropy(logits, target, backend="cpu")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_linear_cross_entropy_without_gradients_reduces(reduction):
+    """Evaluation (no tensor requires grad) returns the same reduced loss as training does."""
+    g = torch.Generator().manual_seed(11)
+    hidden, weight = torch.randn(37, 24, generator=g), torch.randn(101, 24, generator=g)
+    target = torch.randint(0, 101, (37,), generator=g)
+    target[5] = -100
+    with torch.no_grad():
+        loss = linear_cross_entropy(hidden, weight, target, reduction=reduction, chunk_size=16)
+    ref = F.cross_entropy(hidden @ weight.t(), target, reduction=reduction)
+    assert loss.shape == ref.shape
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
