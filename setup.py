@@ -30,7 +30,11 @@ def find_cuda_home():
         candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
     candidates += sorted(glob.glob("/usr/local/cuda-*"), reverse=True) + ["/usr/local/cuda"]
     for c in candidates:
-        if c and os.path.isfile(os.path.join(c, "bin", "nvcc")) and os.path.isdir(os.path.join(c, "include")):
+        # A real toolkit has the runtime header and library, not just an nvcc on its bin/ (/usr/local/bin/nvcc
+        # here is a wrapper script, and /usr/local has neither).
+        if (c and os.path.isfile(os.path.join(c, "bin", "nvcc"))
+                and os.path.isfile(os.path.join(c, "include", "cuda_runtime.h"))
+                and (glob.glob(os.path.join(c, "lib64", "libcudart*")) or glob.glob(os.path.join(c, "lib", "libcudart*")))):
             return c
     return None
 
