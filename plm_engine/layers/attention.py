@@ -1,0 +1,86 @@
+"""Multi-head self-attention (MHA / GQA / MQA) over the fused attention ops.
+
+Tokens come either dense, x: (batch, seqlen, dim), or packed, x: (total_tokens, dim) with cu_seqlens
+marking the sequences (padding is removed before the model runs, never masked). With a paged KV cache
+the new keys/values are written to the cache and the queries attend through it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from plm_engine import ops
+from plm_engine.layers.kv_cache import KVCache, PagedBatch
+
+
+@dataclass
+class AttentionContext:
+    """How one forward's tokens are laid out, shared by every layer.
+
+    causal: decoder (bottom-right causal mask) or encoder (bidirectional).
+    cu_seqlens / max_seqlen: packed tokens, (batch + 1,) int32 offsets; None for dense (batch, seqlen).
+    positions: each token's position for RoPE: (seqlen,) or (batch, seqlen) dense, (total,) packed.
+    cos, sin: RoPE tables indexed by position (None for models without RoPE).
+    kv_cache, paged: the paged cache and this forward's mapping onto it (generation only).
+    """
+
+    causal: bool
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int = 0
+    positions: torch.Tensor | None = None
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+    kv_cache: KVCache | None = None
+    paged: PagedBatch | None = None
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, qkv_bias: bool, out_bias: bool,
+                 rotary: bool):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.rotary = rotary
+        # One projection for q, k and v: one matmul, and q/k/v are read by the kernels as strided views.
+        self.qkv = nn.Linear(dim, (n_heads + 2 * n_kv_heads) * head_dim, bias=qkv_bias)
+        self.out = nn.Linear(n_heads * head_dim, dim, bias=out_bias)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext, layer: int) -> torch.Tensor:
+        lead = x.shape[:-1]  # (batch, seqlen) dense or (total,) packed
+        h, kvh, d = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.qkv(x).split([h * d, kvh * d, kvh * d], dim=-1)
+        q, k, v = q.view(*lead, h, d), k.view(*lead, kvh, d), v.view(*lead, kvh, d)
+        if self.rotary:
+            # In place when no graph is recorded (inference): q and k are fresh views of the qkv output.
+            q, k = ops.rope(q, k, ctx.cos, ctx.sin, position_ids=ctx.positions, inplace=not torch.is_grad_enabled())
+        if ctx.paged is not None:
+            o = self._paged(q, k, v, ctx, layer)
+        elif ctx.cu_seqlens is not None:
+            o = ops.attention_varlen(q, k, v, ctx.cu_seqlens, ctx.cu_seqlens, ctx.max_seqlen, ctx.max_seqlen,
+                                     causal=ctx.causal)
+        else:
+            o = ops.attention(q, k, v, causal=ctx.causal)
+        return self.out(o.reshape(*lead, h * d))
+
+    def _paged(self, q, k, v, ctx: AttentionContext, layer: int) -> torch.Tensor:
+        """q, k, v: (total, heads, head_dim) packed new tokens; writes k/v to the cache, then attends."""
+        cache, pb = ctx.kv_cache, ctx.paged
+        k_cache, v_cache = cache.k[layer], cache.v[layer]
+        ops.write_kv_cache(k, v, k_cache, v_cache, pb.slot_mapping)
+        if pb.is_decode:  # one new token per sequence: (batch, 1, heads, head_dim)
+            return ops.paged_attention(q.unsqueeze(1), k_cache, v_cache, pb.block_table, pb.cache_seqlens).squeeze(1)
+        if not pb.has_prefix:  # whole prompts: the new tokens only see each other
+            return ops.attention_varlen(q, k, v, pb.cu_seqlens, pb.cu_seqlens, pb.max_seqlen, pb.max_seqlen,
+                                        causal=True)
+        # Some sequences continue a cached prefix (chunked prefill, recompute): each attends through the
+        # cache; paged_attention is bottom-right causal, so the chunk sees the prefix and itself.
+        out = torch.empty_like(q)
+        cu = pb.cu_seqlens.tolist()
+        for i in range(len(cu) - 1):
+            s, e = cu[i], cu[i + 1]
+            if e > s:
+                out[s:e] = ops.paged_attention(q[s:e].unsqueeze(0), k_cache, v_cache, pb.block_table[i:i + 1],
+                                               pb.cache_seqlens[i:i + 1]).squeeze(0)
+        return out

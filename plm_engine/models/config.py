@@ -1,0 +1,229 @@
+"""One config dataclass for every supported architecture, with named presets and HF config.json mapping.
+
+Three families share one Transformer (plm_engine.models.transformer):
+  gpt2   learned positions, pre-norm LayerNorm, GELU(tanh) MLP, biases everywhere, tied LM head
+  bert   learned positions + token types, post-norm LayerNorm, GELU MLP, pooler, MLM / classifier heads
+  llama  RoPE, pre-norm RMSNorm, SwiGLU MLP, GQA, optional q/k/v biases (Qwen2), tied or untied head
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+ARCHS = ("gpt2", "bert", "llama")
+# HF model_type -> our arch. Mistral and Qwen2 are Llama-shaped (Qwen2 adds q/k/v biases).
+HF_MODEL_TYPES = {"gpt2": "gpt2", "bert": "bert", "llama": "llama", "mistral": "llama", "qwen2": "llama"}
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "llama"
+    vocab_size: int = 32000
+    hidden_size: int = 512
+    n_layers: int = 8
+    n_heads: int = 8
+    n_kv_heads: int | None = None  # None: same as n_heads (no GQA)
+    head_dim: int | None = None  # None: hidden_size // n_heads
+    intermediate_size: int | None = None  # None: 4 * hidden_size
+    max_position_embeddings: int = 2048
+    norm_eps: float = 1e-5
+    activation: str | None = None  # "gelu_tanh" | "gelu" | "swiglu"; None: the arch's default
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # HF rope_scaling / rope_parameters minus rope_theta ("llama3", "linear")
+    tie_word_embeddings: bool = True
+    qkv_bias: bool | None = None  # None: the arch's default (gpt2/bert yes, llama no)
+    out_bias: bool | None = None
+    mlp_bias: bool | None = None
+    type_vocab_size: int = 0  # bert token types
+    pooler: bool = False  # bert pooler (dense + tanh over the first token)
+    mlm_head: bool = False  # bert masked-LM head (transform + tied decoder)
+    num_labels: int = 0  # > 0: a sequence-classification head
+    dropout: float = 0.0  # residual/embedding dropout in training (attention dropout is not supported)
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    torch_dtype: str | None = None  # the checkpoint's dtype, as in HF config.json
+    extra: dict = field(default_factory=dict)  # other HF config keys, written back by to_hf()
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"ModelConfig: unknown arch {self.arch!r}; supported: {', '.join(ARCHS)}")
+        default_bias = self.arch != "llama"
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
+        self.head_dim = self.head_dim or self.hidden_size // self.n_heads
+        self.intermediate_size = self.intermediate_size or 4 * self.hidden_size
+        self.activation = self.activation or {"gpt2": "gelu_tanh", "bert": "gelu", "llama": "swiglu"}[self.arch]
+        self.qkv_bias = default_bias if self.qkv_bias is None else self.qkv_bias
+        self.out_bias = default_bias if self.out_bias is None else self.out_bias
+        self.mlp_bias = default_bias if self.mlp_bias is None else self.mlp_bias
+        for name in ("vocab_size", "hidden_size", "n_layers", "n_heads", "max_position_embeddings"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ModelConfig: {name} must be >= 1, got {getattr(self, name)}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"ModelConfig: n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
+                             f"({self.n_kv_heads})")
+        if self.activation not in ("gelu_tanh", "gelu", "swiglu"):
+            raise ValueError(f"ModelConfig: unknown activation {self.activation!r}")
+
+    @property
+    def causal(self) -> bool:
+        return self.arch != "bert"
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        e = self.eos_token_id
+        return [] if e is None else [e] if isinstance(e, int) else list(e)
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    # ---- presets ------------------------------------------------------------------------------------
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> ModelConfig:
+        """A named config: tiny test models and the shapes of the real checkpoints."""
+        if name not in PRESETS:
+            raise ValueError(f"ModelConfig.preset: unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    # ---- HF config.json ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> ModelConfig:
+        """From a HF transformers config.json dict (GPT-2, BERT, Llama, Mistral, Qwen2)."""
+        model_type = hf.get("model_type")
+        if model_type not in HF_MODEL_TYPES:
+            raise ValueError(f"unsupported architecture: model_type {model_type!r} "
+                             f"(architectures {hf.get('architectures')}); supported model types: "
+                             f"{', '.join(HF_MODEL_TYPES)}")
+        arch = HF_MODEL_TYPES[model_type]
+        common = dict(arch=arch, vocab_size=hf["vocab_size"], bos_token_id=hf.get("bos_token_id"),
+                      eos_token_id=hf.get("eos_token_id"), pad_token_id=hf.get("pad_token_id"),
+                      torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "") or None,
+                      num_labels=_num_labels(hf))
+        if arch == "gpt2":
+            act = hf.get("activation_function", "gelu_new")
+            return cls(**common, hidden_size=hf["n_embd"], n_layers=hf["n_layer"], n_heads=hf["n_head"],
+                       intermediate_size=hf.get("n_inner") or 4 * hf["n_embd"],
+                       max_position_embeddings=hf["n_positions"], norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                       activation=_gelu_kind(act), tie_word_embeddings=hf.get("tie_word_embeddings", True),
+                       dropout=hf.get("resid_pdrop", 0.0) or 0.0)
+        if arch == "bert":
+            if hf.get("position_embedding_type", "absolute") != "absolute":
+                raise ValueError(f"unsupported BERT position_embedding_type {hf['position_embedding_type']!r}")
+            archs = hf.get("architectures") or []
+            return cls(**common, hidden_size=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+                       n_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"],
+                       max_position_embeddings=hf["max_position_embeddings"],
+                       norm_eps=hf.get("layer_norm_eps", 1e-12), activation=_gelu_kind(hf.get("hidden_act", "gelu")),
+                       type_vocab_size=hf.get("type_vocab_size", 2), pooler=True,
+                       mlm_head=any("MaskedLM" in a or "PreTraining" in a for a in archs),
+                       tie_word_embeddings=hf.get("tie_word_embeddings", True),
+                       dropout=hf.get("hidden_dropout_prob", 0.0) or 0.0)
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported Llama-family hidden_act {hf['hidden_act']!r} (only silu/SwiGLU)")
+        rope = dict(hf.get("rope_parameters") or {})
+        theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+        scaling = hf.get("rope_scaling") or rope or None
+        if scaling is not None:
+            scaling = {k: v for k, v in scaling.items() if k != "rope_theta"}
+            if scaling.get("rope_type", scaling.get("type")) in (None, "default"):
+                scaling = None
+        qkv_bias = hf.get("attention_bias", model_type == "qwen2")
+        return cls(**common, hidden_size=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+                   n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads"),
+                   head_dim=hf.get("head_dim"), intermediate_size=hf["intermediate_size"],
+                   max_position_embeddings=hf.get("max_position_embeddings", 2048),
+                   norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
+                   tie_word_embeddings=hf.get("tie_word_embeddings", False), qkv_bias=qkv_bias,
+                   out_bias=hf.get("attention_bias", False) and model_type != "qwen2",
+                   mlp_bias=hf.get("mlp_bias", False), dropout=0.0,
+                   extra={"model_type": model_type})
+
+    def to_hf(self) -> dict:
+        """A config.json dict that transformers loads back (LlamaConfig / GPT2Config / BertConfig)."""
+        ids = {k: v for k, v in (("bos_token_id", self.bos_token_id), ("eos_token_id", self.eos_token_id),
+                                 ("pad_token_id", self.pad_token_id)) if v is not None}
+        if self.torch_dtype:
+            ids["torch_dtype"] = self.torch_dtype
+        if self.num_labels:
+            ids["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
+            ids["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
+        gelu = {"gelu_tanh": "gelu_new", "gelu": "gelu"}
+        if self.arch == "gpt2":
+            return {"model_type": "gpt2", "architectures": [self.hf_architecture()], **ids,
+                    "vocab_size": self.vocab_size, "n_embd": self.hidden_size, "n_layer": self.n_layers,
+                    "n_head": self.n_heads, "n_inner": self.intermediate_size,
+                    "n_positions": self.max_position_embeddings, "layer_norm_epsilon": self.norm_eps,
+                    "activation_function": gelu[self.activation], "tie_word_embeddings": self.tie_word_embeddings,
+                    "resid_pdrop": self.dropout, "embd_pdrop": self.dropout, "attn_pdrop": 0.0}
+        if self.arch == "bert":
+            return {"model_type": "bert", "architectures": [self.hf_architecture()], **ids,
+                    "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+                    "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
+                    "intermediate_size": self.intermediate_size, "hidden_act": gelu[self.activation],
+                    "max_position_embeddings": self.max_position_embeddings, "layer_norm_eps": self.norm_eps,
+                    "type_vocab_size": self.type_vocab_size, "tie_word_embeddings": self.tie_word_embeddings,
+                    "hidden_dropout_prob": self.dropout, "attention_probs_dropout_prob": 0.0}
+        model_type = self.extra.get("model_type", "llama")
+        rope = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
+        if "type" in rope and "rope_type" not in (self.rope_scaling or {}):
+            rope["rope_type"] = rope.pop("type")
+        out = {"model_type": model_type, "architectures": [self.hf_architecture()], **ids,
+               "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+               "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
+               "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim,
+               "intermediate_size": self.intermediate_size, "hidden_act": "silu",
+               "max_position_embeddings": self.max_position_embeddings, "rms_norm_eps": self.norm_eps,
+               "rope_theta": self.rope_theta, "rope_parameters": rope,
+               "rope_scaling": None if self.rope_scaling is None else rope,
+               "tie_word_embeddings": self.tie_word_embeddings}
+        if model_type != "qwen2":
+            out.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
+        return out
+
+    def hf_architecture(self) -> str:
+        prefix = {"gpt2": "GPT2", "bert": "Bert"}.get(self.arch) or {
+            "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[self.extra.get("model_type", "llama")]
+        if self.num_labels:
+            return prefix + "ForSequenceClassification"
+        if self.arch == "bert":
+            return "BertForMaskedLM" if self.mlm_head else "BertModel"
+        return prefix + ("LMHeadModel" if self.arch == "gpt2" else "ForCausalLM")
+
+
+def _gelu_kind(act: str) -> str:
+    if act in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        return "gelu_tanh"
+    if act == "gelu":
+        return "gelu"
+    raise ValueError(f"unsupported activation {act!r} (gelu, gelu_new, gelu_pytorch_tanh)")
+
+
+def _num_labels(hf: dict) -> int:
+    if not any("SequenceClassification" in a for a in hf.get("architectures") or []):
+        return 0
+    return len(hf.get("id2label") or {}) or hf.get("num_labels", 2)
+
+
+PRESETS: dict[str, dict] = {
+    # tiny models for tests and demos
+    "gpt2-tiny": dict(arch="gpt2", vocab_size=512, hidden_size=64, n_layers=2, n_heads=4,
+                      max_position_embeddings=256),
+    "bert-tiny": dict(arch="bert", vocab_size=512, hidden_size=64, n_layers=2, n_heads=4, intermediate_size=128,
+                      max_position_embeddings=256, type_vocab_size=2, pooler=True, mlm_head=True, norm_eps=1e-12),
+    "llama-tiny": dict(arch="llama", vocab_size=512, hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                       intermediate_size=160, max_position_embeddings=256, norm_eps=1e-6, tie_word_embeddings=False),
+    # small models for the CPU demos and benchmarks
+    "gpt2-small-cpu": dict(arch="gpt2", vocab_size=8192, hidden_size=256, n_layers=6, n_heads=8,
+                           max_position_embeddings=512),
+    # the shapes of real checkpoints
+    "gpt2": dict(arch="gpt2", vocab_size=50257, hidden_size=768, n_layers=12, n_heads=12,
+                 max_position_embeddings=1024, bos_token_id=50256, eos_token_id=50256),
+    "smollm2-135m": dict(arch="llama", vocab_size=49152, hidden_size=576, n_layers=30, n_heads=9, n_kv_heads=3,
+                         intermediate_size=1536, max_position_embeddings=8192, norm_eps=1e-5, rope_theta=100000.0,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2),
+    "minilm-l6": dict(arch="bert", vocab_size=30522, hidden_size=384, n_layers=6, n_heads=12, intermediate_size=1536,
+                      max_position_embeddings=512, norm_eps=1e-12, type_vocab_size=2, pooler=True, pad_token_id=0),
+}
