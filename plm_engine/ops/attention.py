@@ -22,6 +22,8 @@ recomputes through the reference), paged_attn and write_kv_cache on CPU and CUDA
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from plm_engine.ops import backends, extension
@@ -142,10 +144,13 @@ def _check_qkv(fn, q, k, v, n_lead):
             raise ValueError(f"{fn}: {name} is on {t.device} but q is on {q.device}")
     if k.shape != v.shape:
         raise ValueError(f"{fn}: k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
-    h, d = q.shape[-2], q.shape[-1]
-    hkv = k.shape[-2]
-    if k.shape[-1] != d:
-        raise ValueError(f"{fn}: q head_dim {d} != k head_dim {k.shape[-1]}")
+    _check_heads(fn, q.shape[-2], q.shape[-1], k.shape[-2], k.shape[-1])
+
+
+def _check_heads(fn, h, d, hkv, d_k):
+    """Head counts and head_dim of q (h, d) against k / the cache (hkv, d_k)."""
+    if d_k != d:
+        raise ValueError(f"{fn}: q head_dim {d} != k head_dim {d_k}")
     if hkv == 0 or h % hkv != 0:
         raise ValueError(f"{fn}: n_heads ({h}) must be a multiple of n_kv_heads ({hkv})")
     if d % 8 != 0 or not 8 <= d <= MAX_HEAD_DIM:
@@ -156,6 +161,31 @@ def _host_checks_allowed(t: torch.Tensor) -> bool:
     """Value checks (cu_seqlens order, block ids) read the tensor on the host: always on CPU, on GPU
     only outside CUDA-graph capture, where a device-to-host copy is not allowed."""
     return t.device.type != "cuda" or not torch.cuda.is_current_stream_capturing()
+
+
+class _SeenValues:
+    """Remembers the tensors whose values passed a host-side check, by identity and version counter.
+
+    A decode step calls paged_attention / write_kv_cache once per layer with the same block_table,
+    cache_seqlens and slot_mapping; reading them on the host every time costs more than the kernel.
+    Any in-place change bumps the tensor's version, and a new tensor is a new object, so a skipped
+    check is always one that already passed on identical values.
+    """
+
+    def __init__(self):
+        self._last: dict[str, tuple] = {}
+
+    def seen(self, what: str, key: tuple, *tensors: torch.Tensor) -> bool:
+        entry = self._last.get(what)
+        if entry is None or entry[0] != key or len(entry[1]) != len(tensors):
+            return False
+        return all(ref() is t and t._version == ver for (ref, ver), t in zip(entry[1], tensors, strict=True))
+
+    def remember(self, what: str, key: tuple, *tensors: torch.Tensor) -> None:
+        self._last[what] = (key, tuple((weakref.ref(t), t._version) for t in tensors))
+
+
+_seen = _SeenValues()
 
 
 def _check_cu_seqlens(fn, name, cu, total):
@@ -292,15 +322,18 @@ def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, softmax_sca
         raise ValueError(f"{fn}: q must be (batch, seqlen_q, n_heads, head_dim), got {tuple(getattr(q, 'shape', ()))}")
     if k_cache.dtype != q.dtype:
         raise ValueError(f"{fn}: k_cache is {k_cache.dtype} but q is {q.dtype}")
-    # Same head checks as dense attention, on one token's (n_kv_heads, head_dim) slice of the cache.
-    _check_qkv(fn, q[:, 0], k_cache[:, 0], v_cache[:, 0], n_lead=1)
+    if not q.is_floating_point():
+        raise ValueError(f"{fn}: q must be floating point, got {q.dtype}")
+    _check_heads(fn, q.shape[-2], q.shape[-1], k_cache.shape[-2], k_cache.shape[-1])
     b = q.shape[0]
     if block_table.shape[0] != b:
         raise ValueError(f"{fn}: block_table has {block_table.shape[0]} rows for a batch of {b}")
     if cache_seqlens.dtype != torch.int32 or cache_seqlens.shape != (b,) or cache_seqlens.device != q.device:
         raise ValueError(f"{fn}: cache_seqlens must be int32 ({b},) on {q.device}, got {cache_seqlens.dtype} "
                          f"{tuple(cache_seqlens.shape)} on {cache_seqlens.device}")
-    if _host_checks_allowed(cache_seqlens) and b > 0:
+    value_key = (q.shape[1], k_cache.shape[0], k_cache.shape[1])
+    if (_host_checks_allowed(cache_seqlens) and b > 0
+            and not _seen.seen("paged", value_key, block_table, cache_seqlens)):
         lens = cache_seqlens.tolist()
         bs, nb, cap = k_cache.shape[1], k_cache.shape[0], block_table.shape[1] * k_cache.shape[1]
         if min(lens) < q.shape[1] or max(lens) > cap:
@@ -311,6 +344,7 @@ def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, softmax_sca
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= nb):
             raise ValueError(f"{fn}: block_table holds block ids outside [0, {nb}) in the used blocks "
                              f"(min {int(ids.min())}, max {int(ids.max())})")
+        _seen.remember("paged", value_key, block_table, cache_seqlens)
     scale = _scale(softmax_scale, q.shape[-1])
     chosen = backends.choose(q.device, "paged_attn", backend, _unsupported(q))
     if chosen == "torch" or q.numel() == 0:
@@ -340,8 +374,11 @@ def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, backend=None):
         raise ValueError(f"{fn}: slot_mapping must be int32/int64 ({k.shape[0]},) on {k.device}, got "
                          f"{slot_mapping.dtype} {tuple(slot_mapping.shape)} on {slot_mapping.device}")
     n_slots = k_cache.shape[0] * k_cache.shape[1]
-    if _host_checks_allowed(slot_mapping) and slot_mapping.numel() and int(slot_mapping.max()) >= n_slots:
-        raise ValueError(f"{fn}: slot {int(slot_mapping.max())} is out of range for a cache of {n_slots} slots")
+    if (_host_checks_allowed(slot_mapping) and slot_mapping.numel()
+            and not _seen.seen("slots", (n_slots,), slot_mapping)):
+        if int(slot_mapping.max()) >= n_slots:
+            raise ValueError(f"{fn}: slot {int(slot_mapping.max())} is out of range for a cache of {n_slots} slots")
+        _seen.remember("slots", (n_slots,), slot_mapping)
     chosen = backends.choose(k.device, "write_kv_cache", backend, _unsupported(k_cache[:, 0]))
     if chosen == "torch" or k.shape[0] == 0:
         write_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping)
