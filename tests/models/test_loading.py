@@ -1,0 +1,102 @@
+"""Loading HF folders: shards, pytorch_model.bin, dtypes, meta-device build, and every bad-input error."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from plm_engine.models import ModelConfig, Transformer, load_model
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("llama-tiny"))
+    path = tmp_path_factory.mktemp("llama")
+    model.save_pretrained(path)
+    return path, model
+
+
+def _same_weights(a: Transformer, b: Transformer):
+    for (k, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y.to(x.dtype)), k
+
+
+def test_sharded_safetensors_and_bin(llama_folder, tmp_path):
+    path, model = llama_folder
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path)
+    sharded, binary = tmp_path / "sharded", tmp_path / "bin"
+    hf.save_pretrained(sharded, max_shard_size="100KB")
+    assert len(list(sharded.glob("*.safetensors"))) > 1 and (sharded / "model.safetensors.index.json").exists()
+    _same_weights(model, load_model(sharded))
+    binary.mkdir()
+    shutil.copy(path / "config.json", binary)
+    torch.save(hf.state_dict(), binary / "pytorch_model.bin")
+    _same_weights(model, load_model(binary))
+
+
+def test_dtype_and_no_meta_left(llama_folder):
+    path, _ = llama_folder
+    m = load_model(path, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 and not p.is_meta for p in m.parameters())
+    assert not m.training
+    m = load_model(path, dtype="float32")
+    assert m.tok_embed.weight.dtype == torch.float32
+
+
+def test_missing_files(tmp_path, llama_folder):
+    with pytest.raises(ValueError, match="neither config.json nor a .gguf"):
+        load_model(tmp_path)
+    with pytest.raises(ValueError, match="unknown model 'no-such-model'"):
+        load_model("no-such-model")
+    shutil.copy(llama_folder[0] / "config.json", tmp_path)
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        load_model(tmp_path)
+
+
+def test_unknown_architecture(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba", "architectures": ["MambaForCausalLM"],
+                                                      "vocab_size": 10}))
+    with pytest.raises(ValueError, match="unsupported architecture.*mamba"):
+        load_model(tmp_path)
+
+
+def test_wrong_shape_names_the_tensor(llama_folder, tmp_path):
+    path, _ = llama_folder
+    shutil.copy(path / "model.safetensors", tmp_path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["intermediate_size"] += 8
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.gate_proj.weight.*does not fit"):
+        load_model(tmp_path)
+
+
+def test_missing_tensor_names_it(llama_folder, tmp_path):
+    path, _ = llama_folder
+    shutil.copy(path / "model.safetensors", tmp_path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["num_hidden_layers"] += 1
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"no tensor 'layers.2.input_layernorm.weight'"):
+        load_model(tmp_path)
+
+
+def test_truncated_safetensors(llama_folder, tmp_path):
+    path, _ = llama_folder
+    shutil.copy(path / "config.json", tmp_path)
+    data = (path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="model.safetensors"):
+        load_model(tmp_path)
+
+
+def test_corrupt_config(llama_folder, tmp_path):
+    shutil.copy(llama_folder[0] / "model.safetensors", tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json: not valid JSON"):
+        load_model(tmp_path)
