@@ -1,4 +1,7 @@
-"""`plm-engine` command line: info | selfcheck | report-kernels."""
+"""`plm-engine` command line: generate | serve | train | plot-log | info | selfcheck | report-kernels.
+
+Each job's module adds its own subcommand (add_parser) and imports its heavy dependencies only when run.
+"""
 
 from __future__ import annotations
 
@@ -41,6 +44,10 @@ def cmd_report_kernels(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="plm-engine", description="Fused-kernel engine for transformer language models")
     sub = p.add_subparsers(dest="command", required=True)
+
+    from plm_engine.generation import cli as generate_cli
+
+    generate_cli.add_parser(sub)
 
     s = sub.add_parser("info", help="versions and the backends usable on this machine")
     s.add_argument("--json", action="store_true", help="machine-readable output")

@@ -176,12 +176,16 @@ class _SeenValues:
         self._last: dict[str, tuple] = {}
 
     def seen(self, what: str, key: tuple, *tensors: torch.Tensor) -> bool:
+        if any(t.is_inference() for t in tensors):  # no version counter: always check
+            return False
         entry = self._last.get(what)
         if entry is None or entry[0] != key or len(entry[1]) != len(tensors):
             return False
         return all(ref() is t and t._version == ver for (ref, ver), t in zip(entry[1], tensors, strict=True))
 
     def remember(self, what: str, key: tuple, *tensors: torch.Tensor) -> None:
+        if any(t.is_inference() for t in tensors):
+            return
         self._last[what] = (key, tuple((weakref.ref(t), t._version) for t in tensors))
 
 

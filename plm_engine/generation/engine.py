@@ -1,0 +1,572 @@
+"""The generation engine: requests in, streamed tokens and text out, over a paged KV cache.
+
+    engine = Engine("smollm2-135m")
+    outs = engine.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=32))
+    print(outs[0].text)
+
+One step() = schedule, then at most two forwards (the packed prefill chunks, and the decode batch),
+one sampling call over both forwards' logits, and the host-side bookkeeping (stops, text, outputs).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from plm_engine.generation.block_manager import BlockManager
+from plm_engine.generation.cuda_graphs import DecodeGraphs
+from plm_engine.generation.sampler import Sampler, SamplingParams
+from plm_engine.generation.scheduler import Chunk, Scheduler, Sequence
+from plm_engine.layers.kv_cache import PagedBatch
+
+# Default KV budget: a share of the free memory, capped (the CPU is shared; a GPU has other tenants).
+_GPU_MEMORY_FRACTION = 0.5
+_CPU_MEMORY_FRACTION = 0.1
+_CPU_CACHE_CAP_BYTES = 1 << 30
+
+
+@dataclass
+class RequestOutput:
+    """One request's state after a step: everything so far, plus this step's delta."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None
+    logprobs: list[dict] | None
+    num_prompt_tokens: int
+    metrics: dict = field(default_factory=dict)
+
+
+def _available_cpu_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+class Engine:
+    """Continuous-batching generator. Not thread-safe: use AsyncEngine to drive it from asyncio.
+
+    model: a model name or path for plm_engine.load_model, or a loaded Transformer. tokenizer: a
+    Tokenizer, a name or path, or None (loaded with a named model; without one prompts must be token ids
+    and outputs have no text). kv_cache_tokens: cache size in tokens (default: a share of free memory,
+    capped at max_num_seqs full contexts). max_prefill_tokens: prefill chunk size per step.
+    """
+
+    def __init__(self, model="smollm2-135m", tokenizer=None, dtype=None, device=None, max_num_seqs: int = 32,
+                 kv_cache_tokens: int | None = None, block_size: int = 16, max_prefill_tokens: int = 2048,
+                 cuda_graphs: bool = True):
+        if isinstance(dtype, str):
+            dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                     "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}.get(dtype, dtype)
+            if isinstance(dtype, str):
+                raise ValueError(f"Engine: unknown dtype {dtype!r} (float32, bfloat16 or float16)")
+        if isinstance(model, (str, os.PathLike)):
+            from plm_engine.models import load_model, load_tokenizer
+
+            name = str(model)
+            model = load_model(name, dtype=dtype, device=device)
+            if tokenizer is None:
+                tokenizer = load_tokenizer(name)
+        elif dtype is not None or device is not None:
+            model = model.to(device=device, dtype=dtype)
+        if isinstance(tokenizer, (str, os.PathLike)):
+            from plm_engine.models import load_tokenizer
+
+            tokenizer = load_tokenizer(str(tokenizer))
+        if max_num_seqs < 1:
+            raise ValueError(f"Engine: max_num_seqs must be >= 1, got {max_num_seqs}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = model.config
+        if self.config.arch == "bert":
+            raise ValueError("Engine: generation needs a causal model (llama or gpt2), got a bert encoder")
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.context_len = int(self.config.max_position_embeddings)
+        self.block_size = block_size
+
+        per_token = 2 * self.config.n_layers * self.config.n_kv_heads * self.config.head_dim * p.element_size()
+        if kv_cache_tokens is None:
+            kv_cache_tokens = self._default_cache_tokens(per_token, max_num_seqs)
+        if kv_cache_tokens < block_size:
+            raise ValueError(f"Engine: kv_cache_tokens must be >= block_size ({block_size}), got {kv_cache_tokens}")
+        num_blocks = math.ceil(kv_cache_tokens / block_size)
+        self.kv_cache = model.allocate_kv_cache(num_blocks, block_size=block_size, dtype=self.dtype,
+                                                device=self.device)
+        self.cache_tokens = num_blocks * block_size
+        self.max_blocks_per_seq = math.ceil(min(self.context_len, self.cache_tokens) / block_size)
+        self.block_manager = BlockManager(num_blocks, block_size)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs=max_num_seqs,
+                                   max_prefill_tokens=max_prefill_tokens)
+        self.sampler = Sampler(self.config.vocab_size, max_slots=max_num_seqs, device=self.device)
+        self.eos_token_ids = self._eos_ids()
+
+        self.graphs = None
+        if cuda_graphs and self.device.type == "cuda":
+            self.graphs = DecodeGraphs(model, self.kv_cache, max_num_seqs, self.max_blocks_per_seq,
+                                       device=self.device)
+            self.graphs.capture()
+
+        self._seqs: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+        self._pending_outputs: list[RequestOutput] = []
+        self._counters = dict(prompt_tokens_total=0, generation_tokens_total=0, requests_finished=0,
+                              requests_aborted=0)
+
+    def _default_cache_tokens(self, per_token: int, max_num_seqs: int) -> int:
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * _GPU_MEMORY_FRACTION)
+        else:
+            budget = min(int(_available_cpu_bytes() * _CPU_MEMORY_FRACTION), _CPU_CACHE_CAP_BYTES)
+        tokens = min(budget // per_token, max_num_seqs * self.context_len)
+        return max(tokens // self.block_size * self.block_size, self.block_size)
+
+    def _eos_ids(self) -> frozenset[int]:
+        if self.tokenizer is not None and getattr(self.tokenizer, "stop_token_ids", None):
+            return frozenset(int(t) for t in self.tokenizer.stop_token_ids)
+        eos = self.config.eos_token_id
+        if eos is None:
+            return frozenset()
+        return frozenset([int(eos)] if isinstance(eos, int) else (int(t) for t in eos))
+
+    # ---- requests ---------------------------------------------------------------------------------
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("Engine: a text prompt needs a tokenizer; pass token ids or give the engine one")
+            return list(self.tokenizer.encode(prompt))
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt.tolist()
+        ids = list(prompt)
+        v = self.config.vocab_size
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < v:
+                raise ValueError(f"Engine: prompt token ids must be ints in [0, {v}), got {t!r}")
+        return ids
+
+    def make_sequence(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                      truncate_prompt_tokens: int | None = None) -> Sequence:
+        """Validates and tokenizes a request without touching the scheduler (safe from another thread)."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"Engine: params must be SamplingParams, got {type(params).__name__}")
+        ids = self._prompt_ids(prompt)
+        trunc = truncate_prompt_tokens if truncate_prompt_tokens is not None else params.truncate_prompt_tokens
+        if trunc is not None:
+            if isinstance(trunc, bool) or not isinstance(trunc, int) or trunc < 1:
+                raise ValueError(f"Engine: truncate_prompt_tokens must be an int >= 1, got {trunc!r}")
+            ids = ids[-trunc:]
+        if not ids:
+            raise ValueError("Engine: the prompt is empty (no tokens)")
+        limit = min(self.context_len, self.cache_tokens)
+        if len(ids) >= limit:
+            where = "context" if self.context_len <= self.cache_tokens else "KV cache"
+            raise ValueError(f"Engine: the prompt has {len(ids)} tokens but the {where} holds {limit}, which leaves "
+                             f"no room to generate; shorten it or set truncate_prompt_tokens")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("Engine: stop strings need a tokenizer")
+        # Total tokens never exceed the context; the last sampled token is never fed back, so the cache
+        # holds at most prompt + max_tokens - 1 of them.
+        max_tokens = min(params.max_tokens, self.context_len - len(ids), self.cache_tokens - len(ids) + 1)
+        idx = next(self._ids)
+        rid = str(request_id) if request_id is not None else f"req-{idx}"
+        seq = Sequence(request_id=rid, seq_idx=idx, prompt_token_ids=ids, params=params,
+                       max_tokens=max_tokens)
+        if params.seed is not None:
+            seq.generator = self.sampler.new_generator(params.seed)
+        if self.tokenizer is not None:
+            from plm_engine.models.tokenizer import StreamDecoder
+
+            seq.decoder = StreamDecoder(self.tokenizer)
+        if params.logprobs is not None:
+            seq.logprobs = []
+        return seq
+
+    def add_sequence(self, seq: Sequence) -> str:
+        if seq.request_id in self._seqs:
+            raise ValueError(f"Engine: request id {seq.request_id!r} is already in use")
+        self.scheduler.add(seq)
+        self._seqs[seq.request_id] = seq
+        self._counters["prompt_tokens_total"] += seq.num_prompt_tokens
+        return seq.request_id
+
+    def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                    truncate_prompt_tokens: int | None = None) -> str:
+        """Queues a request (text or token ids); returns its id."""
+        return self.add_sequence(self.make_sequence(prompt, params, request_id, truncate_prompt_tokens))
+
+    def abort(self, request_id: str) -> bool:
+        """Stops a request and frees its KV blocks now; its final output (finish_reason "abort") comes with
+        the next step(). False when the id is unknown or already finished."""
+        seq = self._seqs.get(request_id)
+        if seq is None or seq.finished:
+            return False
+        self._finish(seq, "abort")
+        self._counters["requests_aborted"] += 1
+        self._pending_outputs.append(self._output(seq, [], ""))
+        del self._seqs[request_id]
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def stats(self) -> dict:
+        return dict(num_waiting=len(self.scheduler.waiting), num_running=len(self.scheduler.running),
+                    kv_blocks_total=self.block_manager.num_blocks, kv_blocks_used=self.block_manager.num_used,
+                    num_preemptions=self.scheduler.num_preemptions, **self._counters)
+
+    # ---- one step ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self) -> list[RequestOutput]:
+        """Runs one scheduling step; returns the outputs of requests that got tokens or finished."""
+        outputs, self._pending_outputs = self._pending_outputs, []
+        sched = self.scheduler.schedule()
+        for seq in sched.preempted:
+            self.sampler.release_slot(seq.slot)
+            seq.slot = None
+        for seq in sched.admitted:
+            if seq.params.has_penalties:
+                seq.slot = self.sampler.acquire_slot(seq.prompt_token_ids, seq.output_token_ids)
+        if sched.empty:
+            return outputs
+
+        logits, sampling = [], []
+        if sched.prefill:
+            lg, seqs = self._run_prefill(sched.prefill)
+            if seqs:
+                logits.append(lg)
+                sampling += seqs
+        if sched.decode:
+            logits.append(self._run_decode(sched.decode))
+            sampling += sched.decode
+        if not sampling:
+            return outputs
+        all_logits = logits[0] if len(logits) == 1 else torch.cat(logits)
+        params = [s.params for s in sampling]
+        if all(p.greedy and p.logprobs is None and s.slot is None for p, s in zip(params, sampling)):
+            tokens, lps = all_logits.argmax(dim=-1).tolist(), None
+        else:
+            res = self.sampler.sample(all_logits, params, [s.slot for s in sampling],
+                                      [s.generator for s in sampling])
+            tokens, lps = res.token_ids, res.logprobs
+        now = time.time()
+        for i, (seq, tok) in enumerate(zip(sampling, tokens)):
+            outputs.append(self._append_token(seq, tok, lps[i] if lps else None, now))
+        return outputs
+
+    def _run_prefill(self, chunks: list[Chunk]):
+        bs = self.block_size
+        ids, pos, slots, cu, lens, rows, index, seqs = [], [], [], [0], [], [], [], []
+        for ch in chunks:
+            seq, a, b = ch.seq, ch.start, ch.start + ch.length
+            ids += seq.token_ids[a:b]
+            pos += range(a, b)
+            blocks = seq.blocks
+            slots += [blocks[p // bs] * bs + p % bs for p in range(a, b)]
+            cu.append(cu[-1] + ch.length)
+            lens.append(b)
+            rows.append(blocks)
+            if ch.samples:
+                index.append(cu[-1] - 1)
+                seqs.append(seq)
+        width = max(len(r) for r in rows)
+        table = [r + [0] * (width - len(r)) for r in rows]
+        dev = self.device
+        batch = PagedBatch(
+            cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=dev),
+            max_seqlen=max(ch.length for ch in chunks),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            block_table=torch.tensor(table, dtype=torch.int32, device=dev),
+            cache_seqlens=torch.tensor(lens, dtype=torch.int32, device=dev),
+            is_decode=False, has_prefix=any(ch.start > 0 for ch in chunks))
+        logits_index = torch.tensor(index or [cu[-1] - 1], dtype=torch.int64, device=dev)
+        logits = self.model.forward_tokens(torch.tensor(ids, dtype=torch.int64, device=dev),
+                                           torch.tensor(pos, dtype=torch.int64, device=dev), self.kv_cache, batch,
+                                           logits_index=logits_index)
+        for ch in chunks:
+            ch.seq.num_cached += ch.length
+        return logits, seqs
+
+    def _run_decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        bs = self.block_size
+        ids = [s.token_ids[-1] for s in seqs]
+        pos = [s.num_cached for s in seqs]
+        slots = [s.blocks[p // bs] * bs + p % bs for s, p in zip(seqs, pos)]
+        lens = [p + 1 for p in pos]
+        rows = [s.blocks for s in seqs]
+        if self.graphs is not None and self.graphs.bucket_for(len(seqs)) is not None:
+            logits = self.graphs.run(ids, pos, slots, rows, lens)
+        else:
+            dev = self.device
+            width = max(len(r) for r in rows)
+            n = len(seqs)
+            batch = PagedBatch(
+                cu_seqlens=torch.arange(n + 1, dtype=torch.int32, device=dev), max_seqlen=1,
+                slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+                block_table=torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int32, device=dev),
+                cache_seqlens=torch.tensor(lens, dtype=torch.int32, device=dev), is_decode=True, has_prefix=False)
+            logits = self.model.forward_tokens(torch.tensor(ids, dtype=torch.int64, device=dev),
+                                               torch.tensor(pos, dtype=torch.int64, device=dev), self.kv_cache,
+                                               batch)
+        for s in seqs:
+            s.num_cached += 1
+        return logits
+
+    # ---- bookkeeping ------------------------------------------------------------------------------
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        self.sampler.release_slot(seq.slot)
+        seq.slot = None
+
+    def _append_token(self, seq: Sequence, tok: int, lp: dict | None, now: float) -> RequestOutput:
+        seq.token_ids.append(tok)
+        self._counters["generation_tokens_total"] += 1
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        if seq.logprobs is not None and lp is not None:
+            seq.logprobs.append(lp)
+        p = seq.params
+        reason, piece = None, ""
+        if tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_token_ids):
+            reason = "stop"   # a stop token adds no text
+        elif seq.decoder is not None:
+            piece = seq.decoder.push(tok)
+        if reason is None and seq.num_output_tokens >= seq.max_tokens:
+            reason = "length"
+        if seq.decoder is not None:
+            if reason is not None:
+                piece += seq.decoder.flush()   # e.g. an incomplete UTF-8 character at the very end
+            before = len(seq.text)
+            seq.text += piece
+            if p.stop and piece:
+                cut = self._find_stop(seq.text, before, p.stop)
+                if cut is not None:
+                    seq.text = seq.text[:cut]
+                    reason = "stop"
+        if reason is not None:
+            self._finish(seq, reason)
+            self._counters["requests_finished"] += 1
+            del self._seqs[seq.request_id]
+        # Hold back text that could be the start of a stop string until it is known not to be one.
+        hold = 0 if seq.finished or not p.stop else max(len(s) for s in p.stop) - 1
+        end = max(seq.emitted_len, len(seq.text) - hold)
+        new_text = seq.text[seq.emitted_len:end]
+        seq.emitted_len = end
+        return self._output(seq, [tok], new_text)
+
+    @staticmethod
+    def _find_stop(text: str, new_from: int, stops: tuple[str, ...]) -> int | None:
+        """Earliest position of a stop string that ends in the newly added text (it may start before)."""
+        best = None
+        for s in stops:
+            i = text.find(s, max(0, new_from - len(s) + 1))
+            if i != -1 and (best is None or i < best):
+                best = i
+        return best
+
+    def _output(self, seq: Sequence, new_ids: list[int], new_text: str) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids, token_ids=seq.output_token_ids,
+            text=seq.text[:seq.emitted_len] if not seq.finished else seq.text, new_token_ids=new_ids,
+            new_text=new_text, finished=seq.finished, finish_reason=seq.finish_reason,
+            logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            metrics=dict(arrival_time=seq.arrival_time, first_token_time=seq.first_token_time,
+                         finish_time=seq.finish_time))
+
+    # ---- offline ----------------------------------------------------------------------------------
+
+    def generate(self, prompts, params=None, use_tqdm: bool = False) -> list[RequestOutput]:
+        """Runs prompts (one, or a list of texts / token-id lists) to completion; outputs in input order.
+        params: one SamplingParams for all, or a list with one per prompt."""
+        single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                              and isinstance(prompts[0], int))
+        if single:
+            prompts = [prompts]
+        prompts = list(prompts)
+        if isinstance(params, (list, tuple)):
+            if len(params) != len(prompts):
+                raise ValueError(f"Engine.generate: {len(params)} params for {len(prompts)} prompts")
+            plist = list(params)
+        else:
+            plist = [params] * len(prompts)
+        seqs = [self.make_sequence(p, sp) for p, sp in zip(prompts, plist)]
+        ids = [self.add_sequence(s) for s in seqs]
+        final: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            try:
+                from tqdm import tqdm
+
+                bar = tqdm(total=len(ids), desc="generate")
+            except ImportError:
+                bar = None
+        wanted = set(ids)
+        while len(final) < len(ids):
+            for out in self.step():
+                if out.finished and out.request_id in wanted:
+                    final[out.request_id] = out
+                    if bar is not None:
+                        bar.update(1)
+            if not self.has_unfinished() and len(final) < len(ids):
+                raise RuntimeError("Engine.generate: the scheduler emptied before every request finished")
+        if bar is not None:
+            bar.close()
+        return [final[i] for i in ids]
+
+
+class AsyncEngine:
+    """Drives an Engine from asyncio: one background thread runs engine.step() while requests are pending.
+
+    The model is not thread-safe, so only that thread touches the engine's scheduler and model: stream()
+    validates and tokenizes the request in the caller (so bad input raises there), then hands it to the
+    thread through a command queue; outputs come back through the caller's event loop.
+
+        aeng = AsyncEngine(Engine("smollm2-135m"))
+        async for out in aeng.stream("Hello", SamplingParams(max_tokens=32)):
+            print(out.new_text, end="")
+    """
+
+    def __init__(self, engine: Engine):
+        import threading
+
+        self.engine = engine
+        self._cmds: list[tuple] = []
+        self._cmd_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._streams: dict[str, tuple] = {}     # request id -> (event loop, asyncio.Queue)
+        self._stop = False
+        self._stats = engine.stats()
+        self._thread = threading.Thread(target=self._run, name="plm-engine-step", daemon=True)
+        self._thread.start()
+
+    # ---- the step thread --------------------------------------------------------------------------
+
+    def _submit(self, cmd: tuple) -> None:
+        with self._cmd_lock:
+            self._cmds.append(cmd)
+        self._wake.set()
+
+    def _deliver(self, rid: str, item) -> None:
+        entry = self._streams.get(rid)
+        if entry is None:
+            return
+        loop, q = entry
+        if isinstance(item, BaseException) or item.finished:
+            self._streams.pop(rid, None)
+        try:
+            loop.call_soon_threadsafe(q.put_nowait, item)
+        except RuntimeError:     # the consumer's loop is closed: nobody is listening
+            pass
+
+    def _drain(self) -> None:
+        with self._cmd_lock:
+            cmds, self._cmds = self._cmds, []
+        for kind, arg in cmds:
+            if kind == "add":
+                try:
+                    self.engine.add_sequence(arg)
+                except Exception as e:   # e.g. a request id in use, a request larger than the cache
+                    self._deliver(arg.request_id, e)
+            elif kind == "abort":
+                self.engine.abort(arg)
+
+    def _run(self) -> None:
+        eng = self.engine
+        while True:
+            self._wake.clear()
+            self._drain()
+            if self._stop:
+                for rid in list(eng._seqs):
+                    eng.abort(rid)
+                for out in eng.step():
+                    self._deliver(out.request_id, out)
+                self._stats = eng.stats()
+                return
+            if not eng.has_unfinished() and not eng._pending_outputs:
+                self._stats = eng.stats()
+                self._wake.wait()
+                continue
+            try:
+                outs = eng.step()
+            except Exception as e:   # fail every in-flight request rather than hang their streams
+                for rid in list(eng._seqs):
+                    eng.abort(rid)
+                eng._pending_outputs.clear()
+                for rid in list(self._streams):
+                    self._deliver(rid, e)
+                continue
+            for out in outs:
+                self._deliver(out.request_id, out)
+            self._stats = eng.stats()
+
+    # ---- the asyncio side -------------------------------------------------------------------------
+
+    async def stream(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                     truncate_prompt_tokens: int | None = None):
+        """Yields a RequestOutput whenever the request gets tokens (deltas in new_token_ids / new_text),
+        the last one with finished=True. Closing or cancelling the consumer aborts the request."""
+        import asyncio
+
+        if self._stop:
+            raise RuntimeError("AsyncEngine: shut down")
+        seq = self.engine.make_sequence(prompt, params, request_id, truncate_prompt_tokens)
+        rid = seq.request_id
+        if rid in self._streams:
+            raise ValueError(f"AsyncEngine: request id {rid!r} is already in use")
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[rid] = (asyncio.get_running_loop(), q)
+        self._submit(("add", seq))
+        done = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    done = True
+                    raise item
+                if item.finished:
+                    done = True
+                yield item
+                if done:
+                    return
+        finally:
+            if not done:
+                self._streams.pop(rid, None)
+                self._submit(("abort", rid))
+
+    async def generate(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                       truncate_prompt_tokens: int | None = None) -> RequestOutput:
+        """The final output of one request."""
+        last = None
+        async for out in self.stream(prompt, params, request_id, truncate_prompt_tokens):
+            last = out
+        return last
+
+    def stats(self) -> dict:
+        """The engine's counters as of the end of the last step (no waiting on a step in progress)."""
+        return dict(self._stats)
+
+    def shutdown(self, timeout: float | None = 30.0) -> None:
+        """Aborts in-flight requests (their streams end with finish_reason "abort") and stops the thread."""
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout)
