@@ -1,5 +1,6 @@
 # The README's commands. Each creates (or reuses) the virtual environment in $(VENV) first.
-#   make demo   set up, then `plm-engine info` and the self-check of every op on every backend
+#   make demo   set up, then stream a chat answer from the default model (plm-engine generate)
+#   make selfcheck  set up, then `plm-engine info` and the self-check of every op on every backend
 #   make test   set up, then the test suite (all but the slow full kernel-resource report)
 #   make test-all   the test suite including tests marked slow
 #   make bench  set up, then the kernel benchmarks on this machine
@@ -14,7 +15,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.plm_engine-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh csrc/*/*.h)
 
-.PHONY: setup demo test test-all bench lint clean
+.PHONY: setup demo selfcheck test test-all bench lint clean
 
 setup: $(STAMP)
 
@@ -27,6 +28,10 @@ $(STAMP): $(SOURCES)
 	touch $@
 
 demo: setup
+	$(BIN)/plm-engine generate "What is the capital of France? Answer in one sentence." --chat \
+	    --max-tokens 64 --temperature 0
+
+selfcheck: setup
 	$(BIN)/plm-engine info
 	$(BIN)/plm-engine selfcheck
 
