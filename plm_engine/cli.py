@@ -47,9 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from plm_engine.generation import cli as generate_cli
     from plm_engine.server import cli as serve_cli
+    from plm_engine.training import cli as train_cli
 
     generate_cli.add_parser(sub)
     serve_cli.add_parser(sub)
+    train_cli.add_parser(sub)  # train and plot-log
 
     s = sub.add_parser("info", help="versions and the backends usable on this machine")
     s.add_argument("--json", action="store_true", help="machine-readable output")

@@ -1,0 +1,160 @@
+"""Training-step benchmark: plm_engine's Transformer (fused attention fwd+bwd, fused norms, fused linear
+cross-entropy) against the same GPT-2 architecture in HF transformers (GPT2LMHeadModel from a config, SDPA
+attention) with a plain PyTorch loop. Same shapes, same batch, same optimizer (AdamW, fused), same run.
+
+One step = forward with labels + backward + optimizer step + zero_grad; the figure is the median step
+time over --steps timed steps after --warmup. tokens/s = batch * seq_len / step time. MFU = tokens/s *
+flops_per_token (PaLM formula, plm_engine.training.metrics) / peak (a GPU's data sheet; on CPU a measured
+large-matmul rate). Peak memory: torch.cuda.max_memory_allocated on GPU; on CPU each provider runs in its
+own child process and reports its peak resident set size (ru_maxrss), which includes the Python runtime.
+
+    python benchmarks/bench_train.py                     # CPU, reduced GPT-2 (hidden 256, 4 layers)
+    python benchmarks/bench_train.py --device cuda --size gpt2 --batch 16 --seq 1024 --precision bf16 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+SIZES = {
+    # (hidden, layers, heads, vocab): GPT-2 shapes, reduced for a CPU run
+    "cpu-small": (256, 4, 4, 8192),
+    "gpt2": (768, 12, 12, 50257),
+}
+
+
+def build(provider: str, size: str, seq: int, device: str):
+    hidden, layers, heads, vocab = SIZES[size]
+    torch.manual_seed(0)
+    if provider == "plm_engine":
+        from plm_engine.models import ModelConfig, Transformer
+
+        cfg = ModelConfig(arch="gpt2", vocab_size=vocab, hidden_size=hidden, n_layers=layers, n_heads=heads,
+                          max_position_embeddings=max(seq, 1024))
+        return Transformer(cfg).to(device).train(), cfg
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max(seq, 1024),
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg._attn_implementation = "sdpa"
+    return GPT2LMHeadModel(cfg).to(device).train(), cfg
+
+
+def run_provider(provider: str, args, queue=None) -> dict:
+    torch.set_num_threads(args.threads) if args.threads else None
+    device = args.device
+    model, _ = build(provider, args.size, args.seq, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    g = torch.Generator().manual_seed(1)
+    vocab = SIZES[args.size][3]
+    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=g).to(device)
+    amp = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if args.precision == "bf16" else None
+
+    def step():
+        if amp is not None:
+            with amp:
+                loss = model(input_ids=ids, labels=ids).loss
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    losses = [step().item() for _ in range(args.warmup)]
+    times = []
+    for _ in range(args.steps):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = step()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+    ms = statistics.median(times) * 1e3
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out = {"provider": provider, "step_ms": ms, "tokens_per_s": args.batch * args.seq / (ms / 1e3),
+           "peak_mem_mib": peak, "first_loss": losses[0], "last_loss": losses[-1],
+           "params": sum(p.numel() for p in model.parameters())}
+    if queue is not None:
+        queue.put(out)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default=common.default_device())
+    p.add_argument("--size", default=None, choices=sorted(SIZES), help="default: cpu-small on CPU, gpt2 on GPU")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--seq", type=int, default=None)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--providers", default="plm_engine,hf")
+    p.add_argument("--json", action="store_true", help="print rows as JSON lines")
+    p.add_argument("--no-csv", action="store_true")
+    p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
+    args = p.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    args.size = args.size or ("gpt2" if cuda else "cpu-small")
+    args.batch = args.batch or (16 if cuda else 8)
+    args.seq = args.seq or (1024 if cuda else 128)
+
+    env = common.env_info(args.device)
+    rows = []
+    for provider in args.providers.split(","):
+        if cuda:
+            r = run_provider(provider, args)
+        else:  # own process each: a clean peak RSS, no allocator state shared between providers
+            ctx = mp.get_context("spawn")
+            q = ctx.Queue()
+            proc = ctx.Process(target=run_provider, args=(provider, args, q))
+            proc.start()
+            r = q.get()
+            proc.join()
+        rows.append(r)
+
+    from plm_engine.models import ModelConfig
+    from plm_engine.training.metrics import flops_per_token, peak_flops
+
+    hidden, layers, heads, vocab = SIZES[args.size]
+    mc = ModelConfig(arch="gpt2", vocab_size=vocab, hidden_size=hidden, n_layers=layers, n_heads=heads,
+                     max_position_embeddings=max(args.seq, 1024))
+    peak = peak_flops(torch.device(args.device), args.precision)
+    base = next((r for r in rows if r["provider"] == "hf"), None)
+    for r in rows:
+        fpt = flops_per_token(mc, args.seq, r["params"])
+        r.update(env, bench="train_step", size=args.size, batch=args.batch, seq=args.seq, precision=args.precision,
+                 mfu=r["tokens_per_s"] * fpt / peak, peak_flops=peak,
+                 speedup_vs_hf=(r["tokens_per_s"] / base["tokens_per_s"]) if base else "")
+    cols = ["provider", "size", "batch", "seq", "precision", "step_ms", "tokens_per_s", "speedup_vs_hf", "mfu",
+            "peak_mem_mib", "first_loss", "last_loss"]
+    if args.json:
+        common.print_json_lines(rows)
+    else:
+        common.print_table(rows, cols, title=f"training step, {env['device_name']}")
+    if not args.no_csv:
+        common.append_csv(Path(args.out_dir) / "train.csv", rows,
+                          ["timestamp", "commit", "device", "device_name", "torch", "threads", "bench", *cols,
+                           "params", "peak_flops"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
