@@ -248,11 +248,12 @@ class Transformer(nn.Module):
                 labels = F.pad(labels[:, 1:], (0, 1), value=-100)  # token t predicts token t + 1
             target = labels.flatten() if t.index is None else labels.flatten()[t.index]
             flat = h.reshape(-1, h.shape[-1])
+            w = self.lm_head_weight
             if c.causal:
-                loss = ops.linear_cross_entropy(flat, self.lm_head_weight, target)
+                loss = ops.linear_cross_entropy(flat.to(w.dtype), w, target)
             else:  # MLM: only the masked positions go through the head
                 sel = (target != -100).nonzero().squeeze(1)
-                loss = ops.linear_cross_entropy(self._mlm_transform(flat[sel]), self.lm_head_weight, target[sel],
+                loss = ops.linear_cross_entropy(self._mlm_transform(flat[sel]).to(w.dtype), w, target[sel],
                                                 bias=self.mlm_bias)
         logits = None
         if want_logits:

@@ -230,6 +230,15 @@ def _linear_ce_chunks(hidden, weight, target, bias, ignore_index, label_smoothin
     row_scale: None (no gradients wanted), 1.0, a scalar tensor, or an (N,) tensor of per-row factors
     applied to dlogits. need: which of (hidden, weight, bias) gradients to compute.
     """
+    # The chunk matmuls run in the inputs' dtype: under autocast they would otherwise come out in
+    # another dtype than the buffers they write into.
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _linear_ce_chunks_impl(hidden, weight, target, bias, ignore_index, label_smoothing, chunk_size,
+                                      ce_op, row_scale, need)
+
+
+def _linear_ce_chunks_impl(hidden, weight, target, bias, ignore_index, label_smoothing, chunk_size, ce_op,
+                           row_scale, need):
     n = hidden.shape[0]
     loss_rows = torch.empty(n, device=hidden.device, dtype=torch.float32)
     want_h, want_w, want_b = need if row_scale is not None else (False, False, False)

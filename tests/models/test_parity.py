@@ -181,3 +181,21 @@ def test_from_scratch_presets_train_step():
         assert torch.isfinite(loss) and 5.0 < loss.item() < 7.5  # ~ln(512) at init
         no_grad = [n for n, p in model.named_parameters() if p.grad is None and not n.startswith("pooler")]
         assert not no_grad, f"{name}: parameters without a gradient: {no_grad}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_train_step(dtype):
+    """Under autocast the residual stream stays fp32 and the fused ops get consistent dtypes."""
+    for name in ("gpt2-tiny", "bert-tiny", "llama-tiny"):
+        model = Transformer(ModelConfig.preset(name, num_labels=2)).train()
+        ids = torch.randint(0, 512, (2, 9))
+        labels = ids.clone() if name != "bert-tiny" else ids.masked_fill(torch.rand(2, 9) < 0.5, -100)
+        with torch.autocast("cpu", dtype=dtype):
+            ref = model(ids, labels=labels).loss
+            loss = ref + model.classify(ids, labels=torch.tensor([0, 1])).loss
+        loss.backward()
+        with torch.no_grad():
+            fp32 = model(ids, labels=labels).loss
+        assert torch.isfinite(loss) and abs(ref.item() - fp32.item()) < 0.05 * fp32.item(), (name, ref, fp32)
+        assert all(p.grad is not None and torch.isfinite(p.grad).all()
+                   for n, p in model.named_parameters() if not n.startswith("pooler"))
