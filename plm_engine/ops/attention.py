@@ -28,7 +28,9 @@ import torch
 
 from plm_engine.ops import backends, extension
 from plm_engine.ops.reference import (
+    attention_bwd_ref,
     attention_ref,
+    attention_varlen_bwd_ref,
     attention_varlen_ref,
     paged_attention_ref,
     write_kv_cache_ref,
@@ -85,24 +87,22 @@ def register_attn_autograd(fwd_op, bwd_op, varlen: bool) -> None:
 
 
 def register_reference_backward(fwd_op, varlen: bool) -> None:
-    """Autograd for a forward-only kernel (the C++ CPU attention): the backward recomputes the
-    attention through the reference and differentiates it — it materialises the scores, fine on CPU."""
+    """Autograd for a forward-only kernel (the C++ CPU attention): the backward is the analytic
+    attention gradient from the saved out and lse (reference.attention_bwd_ref), in PyTorch matmuls
+    over one (seqlen_q x seqlen_k) block per head — fine on CPU, where training sequences are short."""
 
     def setup_context(ctx, inputs, output):
         ctx.meta = inputs[3:]
-        ctx.save_for_backward(*inputs[:3])
+        ctx.save_for_backward(*inputs[:3], *output)
 
     def backward(ctx, dout, _dlse):
-        q, k, v = ctx.saved_tensors
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-            if varlen:
-                cu_q, cu_k, max_q, max_k, causal, scale = ctx.meta
-                out = attention_varlen_ref(*leaves, cu_q, cu_k, max_q, max_k, causal, scale)
-            else:
-                causal, scale = ctx.meta
-                out = attention_ref(*leaves, causal=causal, softmax_scale=scale)
-            grads = torch.autograd.grad(out, leaves, dout)
+        q, k, v, out, lse = ctx.saved_tensors
+        if varlen:
+            cu_q, cu_k, _max_q, _max_k, causal, scale = ctx.meta
+            grads = attention_varlen_bwd_ref(dout, q, k, v, out, lse, cu_q, cu_k, causal, scale)
+        else:
+            causal, scale = ctx.meta
+            grads = attention_bwd_ref(dout, q, k, v, out, lse, causal, scale)
         return tuple(grads) + (None,) * len(ctx.meta)
 
     torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)

@@ -171,9 +171,11 @@ def cross_entropy(logits, target, ignore_index=-100, label_smoothing=0.0, reduct
 
 def default_chunk_size(n_tokens: int, vocab: int, hidden: int) -> int:
     """Token rows per chunk: about as many logits per chunk as the hidden states hold (Liger's rule),
-    a power of two, at least 64 so the matmuls stay efficient."""
+    a power of two, at least 256: every chunk re-reads the (V, d) weight three times (logits, grad_hidden,
+    grad_weight), so small chunks turn the head into a memory-bound loop (measured on CPU, N=1024,
+    V=8192, d=256, fwd+bwd: 64 rows 279 ms, 256 rows 165 ms, unfused 348 ms)."""
     rows = -(-n_tokens * hidden // max(vocab, 1))
-    return max(64, 1 << max(0, rows - 1).bit_length())
+    return max(256, 1 << max(0, rows - 1).bit_length())
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
