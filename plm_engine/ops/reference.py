@@ -195,6 +195,49 @@ def attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None,
     return (out, lse) if return_lse else out
 
 
+def attention_bwd_ref(dout, q, k, v, out, lse, causal=False, softmax_scale=None):
+    """Gradients (dq, dk, dv) of attention_ref from its saved out and lse, without re-running autograd:
+    P = exp(S - lse), dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K * scale,
+    dK = dS^T Q * scale; GQA sums dK/dV over each kv head's query group. Shapes as attention_ref,
+    lse (batch, n_heads, seqlen_q). Materialises one (seqlen_q x seqlen_k) block per head."""
+    acc = _acc_dtype(q)
+    b, sq, h, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    group = h // hkv
+    scale = d**-0.5 if softmax_scale is None else softmax_scale
+    qf, do, of = (t.to(acc).transpose(1, 2) for t in (q, dout, out))  # (b, h, sq, d)
+    kf, vf = (t.to(acc).transpose(1, 2).repeat_interleave(group, dim=1) for t in (k, v))  # (b, h, sk, d)
+    p = torch.matmul(qf, kf.transpose(-1, -2)).mul_(scale)  # scores, then probabilities in place
+    if causal:
+        i = torch.arange(sq, device=q.device).unsqueeze(1)
+        j = torch.arange(sk, device=q.device).unsqueeze(0)
+        p.masked_fill_(j > i + (sk - sq), float("-inf"))
+    lse = lse.to(acc).unsqueeze(-1)
+    p.sub_(torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)).exp_()  # fully masked rows -> 0
+    dv = torch.matmul(p.transpose(-1, -2), do)
+    ds = torch.matmul(do, vf.transpose(-1, -2))
+    ds.sub_((do * of).sum(-1, keepdim=True)).mul_(p)
+    dq = torch.matmul(ds, kf).mul_(scale)
+    dk = torch.matmul(ds.transpose(-1, -2), qf).mul_(scale)
+    dk, dv = (t.view(b, hkv, group, sk, d).sum(2) for t in (dk, dv))
+    return dq.transpose(1, 2).to(q.dtype), dk.transpose(1, 2).to(k.dtype), dv.transpose(1, 2).to(v.dtype)
+
+
+def attention_varlen_bwd_ref(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal=False,
+                             softmax_scale=None):
+    """attention_bwd_ref per packed sequence; lse (n_heads, total_q)."""
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for i in range(len(cq) - 1):
+        qs, ks = slice(cq[i], cq[i + 1]), slice(ck[i], ck[i + 1])
+        if cq[i + 1] == cq[i] or ck[i + 1] == ck[i]:
+            continue
+        g = attention_bwd_ref(dout[qs][None], q[qs][None], k[ks][None], v[ks][None], out[qs][None],
+                              lse[:, qs][None], causal, softmax_scale)
+        dq[qs], dk[ks], dv[ks] = g[0][0], g[1][0], g[2][0]
+    return dq, dk, dv
+
+
 def gather_paged_kv(cache, block_table, seqlen, batch_index):
     """The first seqlen (key or value) rows of sequence batch_index from a paged cache
     (num_blocks, block_size, n_kv_heads, head_dim) -> (seqlen, n_kv_heads, head_dim)."""
