@@ -72,6 +72,14 @@ def _ce_inputs(device, dtype, g):
     return [logits, target]
 
 
+def _linear_inputs(device, dtype, g):
+    # K = 333 has a masked tail; 45 output features end in a partial block of weight rows.
+    x = torch.randn(7, 333, generator=g)
+    w = torch.randn(45, 333, generator=g) * 333**-0.5
+    b = torch.randn(45, generator=g)
+    return [t.to(device, dtype) for t in (x, w, b)]
+
+
 CHECKS = [
     OpCheck("layer_norm", "norm_fwd", _norm_inputs(True),
             lambda x, w, b, r, backend: ops.layer_norm(x, w, b, residual=r, backend=backend), (0, 1, 2, 3)),
@@ -87,6 +95,8 @@ CHECKS = [
     OpCheck("gelu", "gelu_fwd", _rows(7, 333), lambda x, _, backend: ops.gelu(x, "tanh", backend=backend)),
     OpCheck("attention", "attn_fwd", _attention_inputs,
             lambda q, k, v, backend: ops.attention(q, k, v, causal=True, backend=backend), (0, 1, 2)),
+    OpCheck("linear", "linear_fwd", _linear_inputs,
+            lambda x, w, b, backend: ops.linear(x, w, b, backend=backend), (0, 1, 2)),
     OpCheck("paged_attn", "paged_attn", _paged_inputs,
             lambda q, kc, vc, bt, cs, backend: ops.paged_attention(q, kc, vc, bt, cs, backend=backend), ()),
 ]

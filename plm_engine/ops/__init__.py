@@ -10,6 +10,7 @@ from plm_engine.ops.activations import gelu, swiglu
 from plm_engine.ops.attention import attention, attention_varlen, paged_attention, write_kv_cache
 from plm_engine.ops.backends import BACKENDS, BackendUnavailable, usable_backends
 from plm_engine.ops.cross_entropy import cross_entropy, linear_cross_entropy
+from plm_engine.ops.linear import linear
 from plm_engine.ops.norms import layer_norm, rms_norm
 from plm_engine.ops.rope import rope, rope_cos_sin, rope_inv_freq
 from plm_engine.ops.softmax import softmax
@@ -22,6 +23,7 @@ __all__ = [
     "cross_entropy",
     "gelu",
     "layer_norm",
+    "linear",
     "linear_cross_entropy",
     "paged_attention",
     "rms_norm",

@@ -108,6 +108,16 @@ def linear_cross_entropy_ref(hidden, weight, target, bias=None, ignore_index=-10
     return cross_entropy_ref(F.linear(hidden, weight, bias), target, ignore_index, label_smoothing, reduction)
 
 
+def linear_ref(x, weight, bias=None):
+    """x @ weight.T + bias (F.linear) with fp32 math (fp64 for fp64 inputs), cast to x's dtype.
+
+    x: (..., K), weight: (N, K), bias: (N,) or None -> (..., N).
+    """
+    acc = _acc_dtype(x)
+    b = None if bias is None else bias.to(acc)
+    return F.linear(x.to(acc), weight.to(acc), b).to(x.dtype)
+
+
 def rope_ref(q, k, cos, sin, interleaved=False, position_ids=None):
     """Rotary position embedding of q and k; returns (q_out, k_out) in their dtypes.
 

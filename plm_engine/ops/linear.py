@@ -1,0 +1,155 @@
+"""y = x @ weight.T + bias, with a C++ kernel for the few-row (decode) case on the CPU.
+
+At decode, x has 1..32 rows and a linear layer's time is the time to read its weight. The C++ kernel
+(csrc/cpu/linear.cpp) reads the weight once per call for all rows (AVX-512; VDPBF16PS for bf16 where the
+CPU has it): measured 1.4-2.4x F.linear bf16 at M = 1 and 1.1-3.9x at M = 4-8 on SmolLM2's layers, about
+parity at M = 32 where both are compute-bound (benchmarks/results/linear.csv, a loaded 2-core EPYC).
+
+  linear_fwd(x, weight, bias) -> y    x (M, K), weight (N, K), bias (N,) or None -> y (M, N), fp32 math,
+                                      the C++ op torch.ops.plm_engine.linear_fwd (CPU only)
+
+Backends: "cpu" is the C++ kernel; "torch" is F.linear itself (PyTorch's own kernels, in the inputs'
+dtype). There is no Triton or CUDA kernel: on GPUs cuBLAS (F.linear) is already at the roofline, so
+CUDA tensors always take F.linear. The automatic choice on the CPU uses the kernel only where it was
+measured to beat F.linear (KERNEL_MAX_ROWS, benchmarks/bench_linear.py); an explicit backend="cpu"
+runs it for any shape.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from plm_engine.ops import backends, extension
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Per ISA of the C++ kernel (cpu_kernel_isa()) and dtype: the largest row count M (x's leading dims
+# multiplied) for which the automatic choice takes the kernel; F.linear beyond. Measured with
+# benchmarks/bench_linear.py (SmolLM2-135M layers, 1 and 2 threads, 2-core AVX-512 EPYC): the kernel
+# wins up to M = 32 (bf16 with VDPBF16PS; parity at 32-64), 64 (fp32: 1.0-1.6x there) and 128 (fp16:
+# PyTorch's CPU fp16 matmul is ~4x slower). Without the BF16 extension the bf16 kernel widens W and
+# loses to F.linear from M = 8. The generic build (no AVX-512) is never chosen automatically.
+KERNEL_MAX_ROWS = {
+    "avx512_bf16": {torch.bfloat16: 32, torch.float32: 64, torch.float16: 128},
+    "avx512": {torch.bfloat16: 4, torch.float32: 64, torch.float16: 128},
+}
+
+
+# ---- registration --------------------------------------------------------------------------------
+
+def linear_fwd_fake(x, weight, bias):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, dy):
+    """Plain matmuls in the inputs' dtype: dx = dy @ W, dW = dy^T x, db = sum of dy over the rows."""
+    x, weight = ctx.saved_tensors
+    dx = dy @ weight if ctx.needs_input_grad[0] else None
+    dw = dy.t() @ x if ctx.needs_input_grad[1] else None
+    db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return dx, dw, db
+
+
+def _register_cpp_ops() -> None:
+    """Fake impl and autograd for torch.ops.plm_engine.linear_fwd (defined by _C)."""
+    extension.load()
+    torch.library.register_fake("plm_engine::linear_fwd")(linear_fwd_fake)
+    torch.library.register_autograd("plm_engine::linear_fwd", _backward, setup_context=_setup_context)
+
+
+backends.register_preparer("linear_fwd", ("cpu",), _register_cpp_ops)
+
+
+def linear_op():
+    """torch.ops.plm_engine.linear_fwd.default, with its fake impl and autograd registered."""
+    backends.prepare("linear_fwd", "cpu")
+    return torch.ops.plm_engine.linear_fwd.default
+
+
+@functools.cache
+def cpu_kernel_isa() -> str:
+    """"avx512_bf16" | "avx512" | "generic": what the C++ kernel runs with here ("" without _C)."""
+    if not extension.has_kernel("linear_fwd", "CPU"):
+        return ""
+    return torch.ops.plm_engine.linear_cpu_isa()
+
+
+@backends._traced_as_constant  # torch.compile: evaluated at trace time (it imports _C, untraceable)
+def kernel_max_rows(dtype: torch.dtype) -> int:
+    """The automatic choice's row limit for the C++ kernel here (0: never chosen automatically)."""
+    return KERNEL_MAX_ROWS.get(cpu_kernel_isa(), {}).get(dtype, 0)
+
+
+# ---- public function ------------------------------------------------------------------------------
+
+def _check_args(x, weight, bias):
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"linear: {name} must be a tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"linear: {name} must be a floating-point tensor, got {t.dtype}")
+    if weight.dim() != 2:
+        raise ValueError(f"linear: weight must have 2 dims (out_features, in_features), got shape {tuple(weight.shape)}")
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear: x shape {tuple(x.shape)} does not end in weight's in_features {weight.shape[1]}")
+    if weight.dtype != x.dtype:
+        raise ValueError(f"linear: weight dtype {weight.dtype} differs from x dtype {x.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"linear: weight is on {weight.device} but x is on {x.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"linear: bias must be a tensor or None, got {type(bias).__name__}")
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"linear: bias shape {tuple(bias.shape)} is not (out_features,) = ({weight.shape[0]},)")
+        if bias.dtype != x.dtype:
+            raise ValueError(f"linear: bias dtype {bias.dtype} differs from x dtype {x.dtype}")
+        if bias.device != x.device:
+            raise ValueError(f"linear: bias is on {bias.device} but x is on {x.device}")
+
+
+_NO_GPU_KERNEL = "linear has no Triton/CUDA kernel: CUDA tensors use F.linear (cuBLAS), the torch backend"
+
+
+def _unsupported(x: torch.Tensor, weight: torch.Tensor, rows: int, automatic: bool) -> dict[str, str]:
+    out = {"triton": _NO_GPU_KERNEL, "cuda": _NO_GPU_KERNEL}
+    if x.dtype not in KERNEL_DTYPES:
+        out["cpu"] = f"the C++ linear kernel takes float32/float16/bfloat16, got {x.dtype}"
+    elif automatic:
+        # Where F.linear is as fast or faster (many rows: its blocked GEMM; a generic build; a strided
+        # weight, which the kernel would have to copy), the automatic choice keeps to it.
+        limit = kernel_max_rows(x.dtype)
+        if limit == 0:
+            out["cpu"] = "the C++ kernel has no fast build for this CPU or dtype here"
+        elif rows > limit:
+            out["cpu"] = f"{rows} rows > {limit}: F.linear is faster"
+        elif not weight.is_contiguous():
+            out["cpu"] = "a non-contiguous weight would be copied on every call"
+    return out
+
+
+def linear(x, weight, bias=None, *, backend=None):
+    """y = x @ weight.T + bias: x (..., K), weight (N, K) (nn.Linear's layout), bias (N,) or None ->
+    y (..., N) in x's dtype; x, weight and bias share one dtype and device.
+
+    On CPU tensors with few rows (x's leading dims multiplied, up to kernel_max_rows(dtype)) the C++ kernel
+    reads the weight once per call, accumulating in fp32; otherwise F.linear runs. CUDA tensors always
+    use F.linear (cuBLAS); there is no Triton/CUDA kernel. Differentiable (backward by plain matmuls).
+    backend: "cpu" | "torch" | None (automatic; see plm_engine.ops.backends).
+    """
+    _check_args(x, weight, bias)
+    lead = x.shape[:-1]
+    rows = lead.numel()
+    automatic = backends.requested(backend) is None
+    chosen = backends.choose(x.device, "linear_fwd", backend, _unsupported(x, weight, rows, automatic))
+    if chosen == "torch":
+        return F.linear(x, weight, bias)
+    y = linear_op()(x.reshape(rows, x.shape[-1]), weight, bias)
+    return y.view(*lead, weight.shape[0])
