@@ -45,7 +45,7 @@ SHAPES = {
     ("cuda", False): [(65536, 1536), (16384, 14336), (32768, 3072)],
     ("cuda", True): [(4096, 1536), (1024, 14336)],
 }
-DEFAULT_DTYPES = {"cpu": "fp32,bf16", "cuda": "bf16,fp16,fp32"}
+DEFAULT_DTYPES = {"cpu": "fp32,bf16,fp16", "cuda": "bf16,fp16,fp32"}
 COLUMNS = [*common.ENV_COLUMNS, "op", "variant", "mode", "dtype", "shape", "provider", "ms", "gbps",
            "speedup_vs_torch", "check"]
 TABLE_COLUMNS = ["op", "mode", "dtype", "shape", "provider", "ms", "gbps", "speedup_vs_torch", "check"]

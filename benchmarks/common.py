@@ -35,7 +35,7 @@ RESULTS_DIR = REPO / "benchmarks" / "results"
 ENV_COLUMNS = ["timestamp", "commit", "device", "device_name", "torch", "triton", "threads", "env"]
 # Environment variables that change what the kernels do; recorded with each row when set.
 RECORDED_ENV = ("PLM_ENGINE_BACKEND", "PLM_ENGINE_CPU_ISA", "PLM_ENGINE_CPU_HUGEPAGES", "THP_MEM_ALLOC_ENABLE",
-                "ATEN_CPU_CAPABILITY", "OMP_NUM_THREADS", "TRITON_INTERPRET", "MALLOC_MMAP_THRESHOLD_",
+                "ATEN_CPU_CAPABILITY", "OMP_NUM_THREADS", "TRITON_INTERPRET", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
                 "GLIBC_TUNABLES")
 
 

@@ -3,8 +3,9 @@
     python benchmarks/plot.py benchmarks/results/norms.csv [-o norms.png] [--metric speedup] [--all-runs]
 
 By default only the latest run (newest timestamp) of each device is drawn, one figure per device: a
-panel per (op, variant, mode), the cases (dtype, shape) along x, one bar per provider. Needs
-matplotlib (in the `dev` extra).
+panel per (op, variant, mode), the cases (dtype, shape) along x, one bar per provider. Runs made under
+special settings (the CSV's `env` column, e.g. PLM_ENGINE_CPU_ISA=avx2) are skipped unless --env names
+them, or unless a device has no other runs. Needs matplotlib (in the `dev` extra).
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ def plot_device(rows: list[dict], metric: str, out: Path) -> None:
                        key=lambda p: (PROVIDER_ORDER.index(p) if p in PROVIDER_ORDER else 99, p))
     ncols = min(4, len(panels))
     nrows = (len(panels) + ncols - 1) // ncols
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.6 * nrows), squeeze=False)
+    most_cases = max(len({case_label(r) for r in rows if panel_key(r) == k}) for k in panels)
+    panel_w = max(4.5, 0.85 * most_cases)  # room for each case's two-line label
+    fig, axes = plt.subplots(nrows, ncols, figsize=(panel_w * ncols, 3.6 * nrows), squeeze=False)
     width = 0.8 / max(1, len(providers))
     for ax, key in zip(axes.flat, panels):
         sel = [r for r in rows if panel_key(r) == key]
@@ -92,10 +95,17 @@ def main(argv=None) -> int:
     p.add_argument("--metric", choices=sorted(METRICS), default="gbps")
     p.add_argument("--all-runs", action="store_true", help="draw every run, not only each device's latest")
     p.add_argument("--device", help="only devices whose name contains this (case-insensitive)")
+    p.add_argument("--env", default=None, help="only runs whose env column contains this ('' : default settings; "
+                                               "default: default settings where a device has such runs)")
     a = p.parse_args(argv)
     rows = common.read_csv(a.csv)
     if a.device:
         rows = [r for r in rows if a.device.lower() in r["device_name"].lower()]
+    if a.env is not None:
+        rows = [r for r in rows if (a.env in r.get("env", "") if a.env else not r.get("env"))]
+    else:
+        plain = {r["device_name"] for r in rows if not r.get("env")}
+        rows = [r for r in rows if not r.get("env") or r["device_name"] not in plain]
     if a.all_runs:
         for r in rows:  # one bar per provider and run
             r["provider"] = f"{r['provider']} {r['timestamp'][5:16]}"

@@ -13,10 +13,10 @@
 // Memory-bound tricks, measured on a 2-core AVX-512 machine (fp32 4096x4096; benchmarks/bench_norms.py):
 //  - transparent huge pages for fresh large outputs (empty_output): first-touch page faults on a fresh
 //    64 MiB buffer cost several times the kernel itself (~3x faster forward with them);
-//  - non-temporal (streaming) stores for outputs too large to stay in cache: a normal store first reads
-//    the line it overwrites (read-for-ownership). On reused memory this made the forward ~1.4x faster;
-//    on freshly faulted pages it is neutral with huge pages (and ~10% slower with 4 KiB pages, whose
-//    zeroed lines are still in cache), so the output size alone decides;
+//  - non-temporal (streaming) stores for outputs far larger than the caches (kStreamMinBytes): a normal
+//    store first reads the line it overwrites (read-for-ownership). On reused memory this made the
+//    forward ~1.4x faster; on freshly faulted huge pages it is neutral; on outputs that could stay in
+//    L3, and on fresh 4 KiB pages (no huge pages), it is slower, so neither streams;
 //  - software prefetch of the next row was slower than the hardware prefetchers: not used.
 #include <ATen/Dispatch_v2.h>
 #include <ATen/Parallel.h>
@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -374,10 +375,13 @@ void bwd_rows(const NormBwdArgs<T, Wt>& a, int64_t begin, int64_t end, float* dw
 
 // ---- memory ---------------------------------------------------------------------------------------
 
-// Outputs at least this large are written with non-temporal stores: they will not stay in the caches
-// anyway (L2 is 1-2 MiB per core, L3 a few MiB per core), so skipping the read-for-ownership is free
-// bandwidth. Smaller outputs are stored normally so the next op finds them in cache.
-constexpr int64_t kStreamMinBytes = int64_t{16} << 20;
+// Outputs at least this large (in total) are written with non-temporal stores. Twice a typical last-level
+// cache (32 MiB per CCX / socket slice): such outputs cannot stay cached for the next op anyway, so
+// skipping the read-for-ownership is free bandwidth (~1.4x on the forward with reused memory). Smaller
+// outputs are stored normally: they partly stay in L3, where the next op (and the allocator's next
+// reuse of the same memory) finds them; streaming them measured up to 1.4x slower at 32 MiB of output.
+// (sysconf's L3 size is no guide: in a VM it can report the whole host socket.)
+constexpr int64_t kStreamMinBytes = int64_t{64} << 20;
 
 // Elements a thread should get at least (ATen's GRAIN_SIZE): smaller problems run on one thread,
 // where waking the OpenMP team would cost more than it saves.
@@ -387,28 +391,48 @@ int64_t grain_for(int64_t elems_per_item) {
   return std::max<int64_t>(1, (kGrainElems + elems_per_item - 1) / std::max<int64_t>(1, elems_per_item));
 }
 
+// Whether large fresh outputs get transparent huge pages: the kernel honours MADV_HUGEPAGE (THP mode
+// "always" or "madvise", not "never") and PLM_ENGINE_CPU_HUGEPAGES=0 did not switch the hint off.
 bool huge_pages_enabled() {
   static const bool on = [] {
     const char* env = std::getenv("PLM_ENGINE_CPU_HUGEPAGES");
-    return env == nullptr || std::string(env) != "0";
+    if (env != nullptr && std::string(env) == "0") return false;
+    std::ifstream f("/sys/kernel/mm/transparent_hugepage/enabled");
+    std::string mode;
+    std::getline(f, mode);
+    return !mode.empty() && mode.find("[never]") == std::string::npos;
   }();
   return on;
 }
 
+// Non-temporal stores for this many output bytes? Only for outputs past kStreamMinBytes, and only when
+// they get huge pages: a fresh 4 KiB page is zeroed by the kernel at first touch and is still in cache,
+// so streaming over it writes each line twice (LayerNorm forward without huge pages: 0.8x eager with
+// streaming, 0.9-1.0x without). Zeroing a 2 MiB page leaves little of it in L2, and streaming is then
+// neutral to faster.
+bool use_streaming_stores(int64_t out_bytes) {
+  return out_bytes >= kStreamMinBytes && huge_pages_enabled();
+}
+
+// Outputs at least this large get the huge-page hint (empty_output). glibc serves allocations of 32 MiB
+// and more with a fresh mmap every time (its mmap threshold never grows past 32 MiB), so they are
+// always faulted in; smaller ones are mostly reused heap memory, where the hint measured slower.
+constexpr int64_t kHugePageMinBytes = int64_t{32} << 20;
+
 // at::empty_like, asking the kernel for transparent huge pages on a large fresh buffer.
 //
-// Buffers this size come straight from mmap, so the kernel's first touch of each 4 KiB page faults and
+// Such a buffer comes straight from mmap, so the kernel's first touch of each 4 KiB page faults and
 // zeroes it: for a 64 MiB output that costs several times the norm kernel itself. MADV_HUGEPAGE on the
 // not-yet-touched buffer makes each fault map (and zero) 2 MiB at once. It is only a hint: no effect
 // when THP is off ("never"), and it changes no data. It is what glibc.malloc.hugetlb=1 or PyTorch's
-// THP_MEM_ALLOC_ENABLE=1 do for every allocation; here it applies to our outputs only.
+// THP_MEM_ALLOC_ENABLE=1 do for every allocation; here it applies to our large outputs only.
 // PLM_ENGINE_CPU_HUGEPAGES=0 turns it off.
 Tensor empty_output(const Tensor& like) {
   Tensor out = at::empty_like(like);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t{2} << 20;
   const int64_t bytes = out.numel() * static_cast<int64_t>(out.element_size());
-  if (bytes >= static_cast<int64_t>(2 * kHuge) && huge_pages_enabled()) {
+  if (bytes >= kHugePageMinBytes && huge_pages_enabled()) {
     const auto p = reinterpret_cast<uintptr_t>(out.data_ptr());
     const uintptr_t lo = (p + kHuge - 1) & ~(kHuge - 1), hi = (p + bytes) & ~(kHuge - 1);
     if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // a hint: errors are ignored
@@ -461,7 +485,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd_cpu(const Tensor& x, const T
                         n,
                         static_cast<float>(eps),
                         is_rms,
-                        out_bytes >= kStreamMinBytes};
+                        use_streaming_stores(out_bytes)};
     at::parallel_for(0, rows, grain_for(n), [&](int64_t begin, int64_t end) { fwd_rows(a, begin, end); });
   });
   return {y, h, mean, rstd};
@@ -491,7 +515,7 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd_cpu(const Tensor& dy, const std::opt
                           dx.mutable_data_ptr<T>(),
                           n,
                           is_rms,
-                          dx.nbytes() >= kStreamMinBytes};
+                          use_streaming_stores(dx.nbytes())};
       float* dwp = dw_partial.mutable_data_ptr<float>();
       float* dbp = has_bias ? db_partial.mutable_data_ptr<float>() : nullptr;
       const int64_t per_chunk = (rows + n_chunks - 1) / n_chunks;

@@ -13,8 +13,8 @@
 
 #include <vector>
 
-#include "activations.h"
 #include "common/checks.h"
+#include "common/cpu_convert.h"
 #include "rope.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)

@@ -86,8 +86,18 @@ def cross_entropy_ref(logits, target, ignore_index=-100, label_smoothing=0.0, re
     t = target.reshape(-1)
     valid = t != ignore_index
     t_safe = torch.where(valid, t, torch.zeros_like(t))
+    # Ignored rows take no part (zeros in, zero gradient out), so an all -inf ignored row cannot turn
+    # into NaN through logsumexp's backward.
+    x = torch.where(valid.unsqueeze(1), x, torch.zeros_like(x))
+    # Shift by the row max first, so a large common offset cancels exactly before the subtraction
+    # lse - x_t (unshifted, fp32 loses ~1e-3 at 1e4 offsets). The shift is a constant for autograd.
+    m = x.detach().amax(dim=-1, keepdim=True)
+    x = x - torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # an all -inf row stays -inf, not NaN
     x_t = x.gather(1, t_safe.unsqueeze(1)).squeeze(1)
-    loss = torch.logsumexp(x, dim=-1) - (1.0 - label_smoothing) * x_t - label_smoothing * x.mean(dim=-1)
+    loss = torch.logsumexp(x, dim=-1) - (1.0 - label_smoothing) * x_t
+    if label_smoothing != 0.0:
+        # Only with smoothing: the mean is -inf for a row with a -inf logit, and 0 * -inf would be NaN.
+        loss = loss - label_smoothing * x.mean(dim=-1)
     loss = torch.where(valid, loss, torch.zeros_like(loss))
     if reduction == "none":
         return loss.reshape(target.shape).to(logits.dtype)
@@ -115,7 +125,7 @@ def linear_ref(x, weight, bias=None):
     """
     acc = _acc_dtype(x)
     b = None if bias is None else bias.to(acc)
-    return F.linear(x.to(acc), weight.to(acc), b).to(x.dtype)
+    return torch.nn.functional.linear(x.to(acc), weight.to(acc), b).to(x.dtype)
 
 
 def rope_ref(q, k, cos, sin, interleaved=False, position_ids=None):

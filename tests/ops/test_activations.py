@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import math
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -160,6 +165,90 @@ def test_cpp_ops_reject_bad_arguments_without_crashing():
         gelu_bwd(x, x, "sigmoid")
     with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
         gelu_fwd(x.double(), "none")
+
+
+def _cpu_built():
+    return backends.availability("cpu", torch.device("cpu"), "swiglu_fwd")[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_exact_gelu_16bit_tables_on_every_input(dtype):
+    """fp16 / bf16 exact GELU looks its values up in 65536-entry tables (activations.cpp): on every
+    finite input they must be what the fp32 kernel computes, rounded once to the dtype."""
+    if not _cpu_built():
+        pytest.skip("plm_engine._C not built")
+    x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    x = x[torch.isfinite(x)]
+    assert torch.equal(gelu(x, backend="cpu"), gelu(x.float(), backend="cpu").to(dtype))
+    dy = make("cpu", dtype, x.shape, seed=3, scale=1.0)
+    xr, x32 = x.clone().requires_grad_(), x.float().requires_grad_()
+    (dx,) = torch.autograd.grad(gelu(xr, backend="cpu"), xr, dy)
+    (dx32,) = torch.autograd.grad(gelu(x32, backend="cpu"), x32, dy.float())
+    assert torch.equal(dx, dx32.to(dtype))
+
+
+def test_exact_gelu_fp32_accuracy():
+    """The erf-free normal CDF: a few ulp of fp32 against x Phi(x) from math.erfc, tails included
+    (x (1 + erf(x / sqrt 2)) / 2, PyTorch's form, loses everything below x = -5)."""
+    if not _cpu_built():
+        pytest.skip("plm_engine._C not built")
+    x = torch.cat([torch.linspace(-13, 10, 20001), make("cpu", torch.float32, (5000,))])
+    ref = torch.tensor([v * 0.5 * math.erfc(-v / math.sqrt(2)) for v in x.double().tolist()], dtype=torch.float64)
+    y = gelu(x, backend="cpu").double()
+    r32 = ref.float().abs()
+    ulp = torch.nextafter(r32, torch.tensor(math.inf)).double() - r32.double()
+    err = (y - ref).abs() / ulp
+    assert err[x.abs() <= 5].max() <= 4, err[x.abs() <= 5].max()
+    assert err.max() <= 10, (err.max(), x[err.argmax()])
+
+
+def test_cpu_kernels_thread_count_independent():
+    """Chunks are cut the same way whatever the thread count: 1 and 2 threads give identical bits."""
+    if not _cpu_built():
+        pytest.skip("plm_engine._C not built")
+    threads = torch.get_num_threads()
+    for dtype in DTYPES:
+        inputs = inputs_for("swiglu", "cpu", dtype, (7, 10001))
+        dy = make("cpu", dtype, (7, 10001), seed=5)
+        outs = []
+        try:
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                outs.append([swiglu(*inputs, backend="cpu"), gelu(inputs[0], backend="cpu"),
+                             gelu(inputs[0], "tanh", backend="cpu"),
+                             *torch.ops.plm_engine.swiglu_bwd(dy, *inputs),
+                             torch.ops.plm_engine.gelu_bwd(dy, inputs[0], "none")])
+        finally:
+            torch.set_num_threads(threads)
+        assert all(torch.equal(a, b) for a, b in zip(*outs, strict=True)), dtype
+
+
+_GENERIC_SCRIPT = """
+from tests.ops.test_activations import OPS, SHAPES, inputs_for, run, run_eager, run_ref
+from tests.utils import DTYPES, assert_2x_rule
+import torch
+for dtype in DTYPES:
+    for lead, n in SHAPES:
+        for op in OPS:
+            inputs = inputs_for(op, "cpu", dtype, (*lead, n), requires_grad=True)
+            out = run(op, inputs, "cpu")
+            assert_2x_rule(out, run_ref(op, [t.detach().double() for t in inputs]),
+                           run_eager(op, [t.detach() for t in inputs]), dtype, what=op)
+            out.float().sum().backward()
+            assert all(torch.isfinite(t.grad).all() for t in inputs)
+print("ok")
+"""
+
+
+def test_generic_build():
+    """The portable kernels (what a CPU without AVX-512 runs), forced by PLM_ENGINE_CPU_ISA=generic."""
+    if not _cpu_built():
+        pytest.skip("plm_engine._C not built")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PLM_ENGINE_CPU_ISA="generic", PYTHONPATH=root)
+    res = subprocess.run([sys.executable, "-c", _GENERIC_SCRIPT], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
 
 
 def test_automatic_choice_falls_back_quietly():

@@ -122,6 +122,32 @@ def test_fp32_weight_with_low_precision_input(device, backend, kind):
     assert w.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("kind,residual", [("layer", True), ("rms", False)])
+def test_large_outputs_take_the_streaming_path(kind, residual):
+    """Outputs of 64 MiB and more (norms.cpp: kStreamMinBytes; the huge-page hint from 32 MiB) are
+    written with non-temporal stores when transparent huge pages are available. Every row must come out
+    bit for bit as in a small call (ordinary stores), and match the reference."""
+    if not backends.availability("cpu", torch.device("cpu"), "norm_fwd")[0]:
+        pytest.skip("plm_engine._C not built")
+    rows, n = 4096, 4096  # fp32: 64 MiB for y (and for h with the residual), exactly the threshold
+    x, w, b, r = make_inputs("cpu", torch.float32, (rows,), n, kind, residual, kind == "layer")
+    out = call(kind, x, w, b, r, "cpu")
+    y, h = out if residual else (out, None)
+    assert y.nbytes >= 64 << 20
+    for sl in (slice(0, 5), slice(rows // 2, rows // 2 + 3), slice(rows - 5, rows)):
+        small = call(kind, x[sl], w, b, None if r is None else r[sl], "cpu")
+        if residual:
+            assert torch.equal(h[sl], small[1])
+            small = small[0]
+        assert torch.equal(y[sl], small), f"rows {sl} differ from a small call"
+    if residual:
+        assert torch.equal(h, x + r)
+    # Every 61st row against the fp64 reference (the whole 4096 x 4096 in fp64 is slow for a unit test).
+    pick = slice(0, rows, 61)
+    ref, lowp, _ = reference(kind, x[pick], w, b, None if r is None else r[pick], torch.float32)
+    assert_2x_rule(y[pick], ref, lowp, torch.float32, what=f"{kind} large forward")
+
+
 @pytest.mark.parametrize("device,backend", DEV_BACKENDS)
 def test_zero_rows_and_noncontiguous(device, backend):
     w = torch.rand(64, device=device) + 0.5

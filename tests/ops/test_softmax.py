@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -134,6 +138,69 @@ def test_cpp_ops_reject_bad_arguments_without_crashing():
         fwd(torch.randn(1, 4, 8), 0.0, False)
     with pytest.raises(RuntimeError, match="shape"):
         bwd(torch.randn(1, 4, 8), torch.randn(1, 4, 9), 1.0)
+
+
+def test_cpu_kernel_thread_count_independent():
+    """Each row is reduced by one thread in a fixed order: 1 and 2 threads give identical bits."""
+    if "cpu" not in _fused_backends():
+        pytest.skip("plm_engine._C not built")
+    fwd, bwd = fused_ops("cpu")
+    threads = torch.get_num_threads()
+    for dtype in DTYPES:
+        x = make_x((2, 37, 5003), dtype, "cpu")
+        dy = make_x((2, 37, 5003), dtype, "cpu", seed=1)
+        try:
+            torch.set_num_threads(1)
+            y1 = fwd(x, 0.3, True)
+            dx1 = bwd(dy, y1, 0.3)
+            torch.set_num_threads(2)
+            y2 = fwd(x, 0.3, True)
+            dx2 = bwd(dy, y2, 0.3)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(y1, y2) and torch.equal(dx1, dx2), dtype
+
+
+def test_cpu_kernel_nan_row():
+    """A NaN anywhere in a row makes that whole row NaN (as in PyTorch), and leaves the other rows alone."""
+    if "cpu" not in _fused_backends():
+        pytest.skip("plm_engine._C not built")
+    fwd, _ = fused_ops("cpu")
+    for dtype in DTYPES:
+        x = make_x((1, 3, 3000), dtype, "cpu")
+        x[0, 1, 2500] = float("nan")
+        y = fwd(x, 1.0, False)
+        assert torch.isnan(y[0, 1]).all() and torch.isfinite(y[0, ::2]).all(), dtype
+
+
+_GENERIC_SCRIPT = """
+import torch
+from plm_engine.ops.softmax import softmax
+from tests.ops.test_softmax import CASES, make_x, ref_and_lowp
+from tests.utils import DTYPES, assert_2x_rule
+for dtype in DTYPES:
+    for shape, causal in CASES[:7]:
+        x = make_x(shape, dtype, "cpu").requires_grad_()
+        y = softmax(x, scale=0.7, causal=causal, backend="cpu")
+        ref, lowp = ref_and_lowp(x.detach(), 0.7, causal, dtype)
+        assert_2x_rule(y, ref, lowp, dtype, what="generic forward")
+        y.backward(torch.ones_like(y))
+        assert torch.isfinite(x.grad).all()
+from tests.ops.test_softmax import test_cpu_kernel_nan_row
+test_cpu_kernel_nan_row()
+print("ok")
+"""
+
+
+def test_generic_build():
+    """The portable kernels (what a CPU without AVX-512 runs), forced by PLM_ENGINE_CPU_ISA=generic."""
+    if "cpu" not in _fused_backends():
+        pytest.skip("plm_engine._C not built")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PLM_ENGINE_CPU_ISA="generic", PYTHONPATH=root)
+    res = subprocess.run([sys.executable, "-c", _GENERIC_SCRIPT], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
 
 
 def test_dispatch():
