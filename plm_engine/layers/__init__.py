@@ -2,7 +2,8 @@
 
 from plm_engine.layers.attention import Attention, AttentionContext
 from plm_engine.layers.kv_cache import KVCache, PagedBatch
+from plm_engine.layers.linear import Linear
 from plm_engine.layers.mlp import MLP
 from plm_engine.layers.norm import LayerNorm, RMSNorm
 
-__all__ = ["MLP", "Attention", "AttentionContext", "KVCache", "LayerNorm", "PagedBatch", "RMSNorm"]
+__all__ = ["MLP", "Attention", "AttentionContext", "KVCache", "LayerNorm", "Linear", "PagedBatch", "RMSNorm"]

@@ -14,6 +14,7 @@ from torch import nn
 
 from plm_engine import ops
 from plm_engine.layers.kv_cache import KVCache, PagedBatch
+from plm_engine.layers.linear import Linear
 
 
 @dataclass
@@ -44,8 +45,8 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.rotary = rotary
         # One projection for q, k and v: one matmul, and q/k/v are read by the kernels as strided views.
-        self.qkv = nn.Linear(dim, (n_heads + 2 * n_kv_heads) * head_dim, bias=qkv_bias)
-        self.out = nn.Linear(n_heads * head_dim, dim, bias=out_bias)
+        self.qkv = Linear(dim, (n_heads + 2 * n_kv_heads) * head_dim, bias=qkv_bias)
+        self.out = Linear(n_heads * head_dim, dim, bias=out_bias)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext, layer: int) -> torch.Tensor:
         lead = x.shape[:-1]  # (batch, seqlen) dense or (total,) packed

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from plm_engine import ops
+from plm_engine.layers.linear import Linear
 
 
 class MLP(nn.Module):
@@ -15,8 +16,8 @@ class MLP(nn.Module):
         super().__init__()
         self.activation = activation
         self.gated = activation == "swiglu"
-        self.up = nn.Linear(dim, 2 * hidden if self.gated else hidden, bias=bias)
-        self.down = nn.Linear(hidden, dim, bias=bias)
+        self.up = Linear(dim, 2 * hidden if self.gated else hidden, bias=bias)
+        self.down = Linear(hidden, dim, bias=bias)
 
     def forward(self, x):
         h = self.up(x)

@@ -20,6 +20,7 @@ from torch import nn
 from plm_engine import ops
 from plm_engine.layers.attention import Attention, AttentionContext
 from plm_engine.layers.kv_cache import KVCache, PagedBatch
+from plm_engine.layers.linear import Linear
 from plm_engine.layers.mlp import MLP
 from plm_engine.layers.norm import LayerNorm, RMSNorm
 from plm_engine.models.config import ModelConfig
@@ -86,14 +87,14 @@ class Transformer(nn.Module):
         self.final_norm = None if c.arch == "bert" else (
             RMSNorm(d, c.norm_eps) if c.arch == "llama" else LayerNorm(d, c.norm_eps))
         is_lm = c.arch != "bert" or c.mlm_head
-        self.lm_head = nn.Linear(d, c.vocab_size, bias=False) if is_lm and not c.tie_word_embeddings else None
+        self.lm_head = Linear(d, c.vocab_size, bias=False) if is_lm and not c.tie_word_embeddings else None
         if c.arch == "bert":
-            self.pooler = nn.Linear(d, d) if c.pooler else None
+            self.pooler = Linear(d, d) if c.pooler else None
             # MLM head: dense + GELU + LayerNorm, then the (tied) decoder with its own bias.
-            self.mlm_dense = nn.Linear(d, d) if c.mlm_head else None
+            self.mlm_dense = Linear(d, d) if c.mlm_head else None
             self.mlm_norm = LayerNorm(d, c.norm_eps) if c.mlm_head else None
             self.mlm_bias = nn.Parameter(torch.zeros(c.vocab_size)) if c.mlm_head else None
-        self.classifier = nn.Linear(d, c.num_labels, bias=c.arch == "bert") if c.num_labels else None
+        self.classifier = Linear(d, c.num_labels, bias=c.arch == "bert") if c.num_labels else None
         self._rope_cache: dict = {}
         self.reset_parameters()
 
@@ -266,8 +267,8 @@ class Transformer(nn.Module):
 
     def _lm_logits(self, h):
         if self.config.arch == "bert":
-            return F.linear(self._mlm_transform(h), self.lm_head_weight, self.mlm_bias)
-        return F.linear(h, self.lm_head_weight)
+            return ops.linear(self._mlm_transform(h), self.lm_head_weight, self.mlm_bias)
+        return ops.linear(h, self.lm_head_weight)
 
     def classify(self, input_ids, attention_mask=None, token_type_ids=None, labels=None) -> ModelOutput:
         """Sequence classification: logits (batch, num_labels), loss with labels (batch,).
@@ -325,4 +326,4 @@ class Transformer(nn.Module):
         h = self._trunk(t, ctx)
         if logits_index is None:
             logits_index = batch.cu_seqlens[1:].long() - 1
-        return F.linear(h[logits_index], self.lm_head_weight)
+        return ops.linear(h[logits_index], self.lm_head_weight)
