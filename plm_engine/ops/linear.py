@@ -143,7 +143,12 @@ def linear(x, weight, bias=None, *, backend=None):
     reads the weight once per call, accumulating in fp32; otherwise F.linear runs. CUDA tensors always
     use F.linear (cuBLAS); there is no Triton/CUDA kernel. Differentiable (backward by plain matmuls).
     backend: "cpu" | "torch" | None (automatic; see plm_engine.ops.backends).
+    Under torch.autocast the inputs are cast to the autocast dtype first, as F.linear would be.
     """
+    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
     _check_args(x, weight, bias)
     lead = x.shape[:-1]
     rows = lead.numel()

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from plm_engine import ops
 from plm_engine.ops import backends
 from plm_engine.ops.linear import cpu_kernel_isa, kernel_max_rows, linear, linear_op
 from plm_engine.ops.reference import linear_ref
@@ -207,3 +208,13 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(out, linear_ref(x, w) * 2, rtol=1e-5, atol=1e-5)
     out.sum().backward()
     torch.testing.assert_close(x.grad, 2 * w.detach().sum(0).expand(3, 40), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_casts_like_f_linear(dtype):
+    x, w, b = torch.randn(3, 40), torch.randn(7, 40), torch.randn(7)
+    with torch.autocast("cpu", dtype=dtype):
+        y = ops.linear(x.to(dtype), w, b)
+        ref = F.linear(x.to(dtype), w, b)
+    assert y.dtype == ref.dtype == dtype
+    torch.testing.assert_close(y.float(), ref.float(), rtol=2e-2, atol=2e-2)
