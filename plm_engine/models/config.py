@@ -65,6 +65,9 @@ class ModelConfig:
                              f"({self.n_kv_heads})")
         if self.activation not in ("gelu_tanh", "gelu", "swiglu"):
             raise ValueError(f"ModelConfig: unknown activation {self.activation!r}")
+        kind = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type", "default"))
+        if kind not in ("default", "linear", "llama3"):
+            raise ValueError(f"ModelConfig: unsupported RoPE scaling {kind!r} (supported: linear, llama3)")
 
     @property
     def causal(self) -> bool:
@@ -131,10 +134,16 @@ class ModelConfig:
             if scaling.get("rope_type", scaling.get("type")) in (None, "default"):
                 scaling = None
         qkv_bias = hf.get("attention_bias", model_type == "qwen2")
+        # Sliding-window attention is not implemented: within the window it equals full attention, so the
+        # context is capped at the window instead of silently attending further back.
+        window = hf.get("sliding_window") if hf.get("use_sliding_window", model_type == "mistral") else None
+        max_pos = hf.get("max_position_embeddings", 2048)
+        if window and window < max_pos:
+            max_pos = window
         return cls(**common, hidden_size=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
                    n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads"),
                    head_dim=hf.get("head_dim"), intermediate_size=hf["intermediate_size"],
-                   max_position_embeddings=hf.get("max_position_embeddings", 2048),
+                   max_position_embeddings=max_pos,
                    norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
                    tie_word_embeddings=hf.get("tie_word_embeddings", False), qkv_bias=qkv_bias,
                    out_bias=hf.get("attention_bias", False) and model_type != "qwen2",

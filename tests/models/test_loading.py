@@ -100,3 +100,17 @@ def test_corrupt_config(llama_folder, tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json: not valid JSON"):
         load_model(tmp_path)
+
+
+def test_unsupported_rope_scaling_and_sliding_window(llama_folder, tmp_path):
+    path, _ = llama_folder
+    shutil.copy(path / "model.safetensors", tmp_path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="unsupported RoPE scaling 'yarn'"):
+        load_model(tmp_path)
+    cfg.update(rope_scaling=None, model_type="mistral", sliding_window=64, architectures=["MistralForCausalLM"])
+    cfg.pop("rope_parameters", None)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert load_model(tmp_path).config.max_position_embeddings == 64  # capped at the window, not ignored
