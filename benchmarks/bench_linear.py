@@ -52,6 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--repeat", type=int, default=3, help="interleaved timing rounds per case; the median is kept")
     p.add_argument("--min-time", type=float, default=0.3, help="seconds of blocked_autorange per timing")
     p.add_argument("--quick", action="store_true", help="short timings, M=1 and 8, two layers")
+    p.add_argument("--device", default="cpu", help="cpu only: CUDA tensors always take F.linear (cuBLAS)")
     p.add_argument("--out-dir", default=str(common.RESULTS_DIR), help="where linear.csv is appended")
     p.add_argument("--no-csv", action="store_true")
     p.add_argument("--json", action="store_true", help="print rows as JSON lines instead of a table")
@@ -67,6 +68,9 @@ def check(out, ref) -> str:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if a.device != "cpu":
+        print(f"bench_linear: the kernel is CPU-only (on {a.device} ops.linear is F.linear); nothing to measure")
+        return 0
     if a.threads:
         torch.set_num_threads(a.threads)
     ok, why = backends.availability("cpu", torch.device("cpu"), "linear_fwd")

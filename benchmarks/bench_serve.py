@@ -269,7 +269,10 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.add_argument("--no-csv", action="store_true")
     p.add_argument("--out-dir", default=str(common.RESULTS_DIR))
+    p.add_argument("--quick", action="store_true", help="smoke run: 4 prompts, 8 output tokens, concurrency 4")
     args = p.parse_args(argv)
+    if args.quick:
+        args.num_prompts, args.output_len, args.max_concurrency = 4, 8, 4
     if not 0 <= args.range_ratio < 1:
         p.error(f"--range-ratio must be in [0, 1), got {args.range_ratio}")
     if args.num_prompts < 1 or args.max_concurrency < 1:

@@ -110,7 +110,10 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print rows as JSON lines")
     p.add_argument("--no-csv", action="store_true")
     p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 timed steps after 1 warm-up")
     args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.warmup = 2, 1
     cuda = args.device.startswith("cuda")
     args.size = args.size or ("gpt2" if cuda else "cpu-small")
     args.batch = args.batch or (16 if cuda else 8)
