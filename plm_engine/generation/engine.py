@@ -565,6 +565,10 @@ class AsyncEngine:
         """The engine's counters as of the end of the last step (no waiting on a step in progress)."""
         return dict(self._stats)
 
+    def is_alive(self) -> bool:
+        """Whether the background step thread is running (False after shutdown or if it died)."""
+        return self._thread.is_alive() and not self._stop
+
     def shutdown(self, timeout: float | None = 30.0) -> None:
         """Aborts in-flight requests (their streams end with finish_reason "abort") and stops the thread."""
         self._stop = True

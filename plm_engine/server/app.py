@@ -106,8 +106,12 @@ def create_app(engine, embedder=None, api_key: str | None = None, model_name: st
     async def health():
         try:
             server.stats()
+            alive = getattr(server.engine, "is_alive", lambda: True)()
         except Exception as e:  # an engine that cannot report its state is not healthy
             return JSONResponse(P.error_body(f"engine unhealthy: {e}", "service_unavailable"), status_code=503)
+        if not alive:
+            return JSONResponse(P.error_body("engine unhealthy: its step loop is not running", "service_unavailable"),
+                                status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")
