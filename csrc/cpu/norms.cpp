@@ -45,6 +45,7 @@
 #endif
 
 #include "common/checks.h"
+#include "common/cpu_memory.h"
 #include "ops.h"
 
 namespace plm_engine {
@@ -391,19 +392,8 @@ int64_t grain_for(int64_t elems_per_item) {
   return std::max<int64_t>(1, (kGrainElems + elems_per_item - 1) / std::max<int64_t>(1, elems_per_item));
 }
 
-// Whether large fresh outputs get transparent huge pages: the kernel honours MADV_HUGEPAGE (THP mode
-// "always" or "madvise", not "never") and PLM_ENGINE_CPU_HUGEPAGES=0 did not switch the hint off.
-bool huge_pages_enabled() {
-  static const bool on = [] {
-    const char* env = std::getenv("PLM_ENGINE_CPU_HUGEPAGES");
-    if (env != nullptr && std::string(env) == "0") return false;
-    std::ifstream f("/sys/kernel/mm/transparent_hugepage/enabled");
-    std::string mode;
-    std::getline(f, mode);
-    return !mode.empty() && mode.find("[never]") == std::string::npos;
-  }();
-  return on;
-}
+using cpu::empty_output;
+using cpu::huge_pages_enabled;
 
 // Non-temporal stores for this many output bytes? Only for outputs past kStreamMinBytes, and only when
 // they get huge pages: a fresh 4 KiB page is zeroed by the kernel at first touch and is still in cache,
@@ -412,33 +402,6 @@ bool huge_pages_enabled() {
 // neutral to faster.
 bool use_streaming_stores(int64_t out_bytes) {
   return out_bytes >= kStreamMinBytes && huge_pages_enabled();
-}
-
-// Outputs at least this large get the huge-page hint (empty_output). glibc serves allocations of 32 MiB
-// and more with a fresh mmap every time (its mmap threshold never grows past 32 MiB), so they are
-// always faulted in; smaller ones are mostly reused heap memory, where the hint measured slower.
-constexpr int64_t kHugePageMinBytes = int64_t{32} << 20;
-
-// at::empty_like, asking the kernel for transparent huge pages on a large fresh buffer.
-//
-// Such a buffer comes straight from mmap, so the kernel's first touch of each 4 KiB page faults and
-// zeroes it: for a 64 MiB output that costs several times the norm kernel itself. MADV_HUGEPAGE on the
-// not-yet-touched buffer makes each fault map (and zero) 2 MiB at once. It is only a hint: no effect
-// when THP is off ("never"), and it changes no data. It is what glibc.malloc.hugetlb=1 or PyTorch's
-// THP_MEM_ALLOC_ENABLE=1 do for every allocation; here it applies to our large outputs only.
-// PLM_ENGINE_CPU_HUGEPAGES=0 turns it off.
-Tensor empty_output(const Tensor& like) {
-  Tensor out = at::empty_like(like);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  const int64_t bytes = out.numel() * static_cast<int64_t>(out.element_size());
-  if (bytes >= kHugePageMinBytes && huge_pages_enabled()) {
-    const auto p = reinterpret_cast<uintptr_t>(out.data_ptr());
-    const uintptr_t lo = (p + kHuge - 1) & ~(kHuge - 1), hi = (p + bytes) & ~(kHuge - 1);
-    if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // a hint: errors are ignored
-  }
-#endif
-  return out;
 }
 
 // Input dtype T in {float, Half, BFloat16} (the checks reject the rest), weight dtype W in {float, T}.
