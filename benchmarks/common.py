@@ -35,7 +35,7 @@ RESULTS_DIR = REPO / "benchmarks" / "results"
 ENV_COLUMNS = ["timestamp", "commit", "device", "device_name", "torch", "triton", "threads", "env"]
 # Environment variables that change what the kernels do; recorded with each row when set.
 RECORDED_ENV = ("PLM_ENGINE_BACKEND", "PLM_ENGINE_CPU_ISA", "PLM_ENGINE_CPU_HUGEPAGES", "THP_MEM_ALLOC_ENABLE",
-                "ATEN_CPU_CAPABILITY", "OMP_NUM_THREADS", "TRITON_INTERPRET", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
+                "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "OMP_NUM_THREADS", "TRITON_INTERPRET", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
                 "GLIBC_TUNABLES")
 
 
@@ -65,10 +65,35 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown cpu"
 
 
+def cpu_flags() -> str:
+    """The vector extensions that matter to the kernels, as the CPU reports them (e.g. "avx2 avx512f")."""
+    want = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "amx_tile", "asimd", "sve")
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    have = set(line.split(":", 1)[1].split())
+                    return " ".join(w for w in want if w in have)
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def kernels_isa() -> str:
+    """The instruction set our C++ CPU kernels run with in this process ("none" without _C)."""
+    try:
+        from plm_engine.ops import extension
+    except ImportError:
+        return "none"
+    return extension.cpu_isa()
+
+
 def device_name(device: str) -> str:
+    """GPU name; for the CPU its model, core count, vector extensions and our kernels' instruction set,
+    so that every row says which CPU and which kernel build produced it."""
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
-    return f"{cpu_name()} ({os.cpu_count()} cpus)"
+    return f"{cpu_name()} ({os.cpu_count()} cpus; {cpu_flags()}; kernels {kernels_isa()})"
 
 
 def triton_version() -> str:

@@ -2,6 +2,7 @@
 // autograd are registered from Python (plm_engine/ops/extension.py), next to the public functions.
 #include <torch/extension.h>
 
+#include "cpu/isa.h"
 #include "ops.h"
 
 TORCH_LIBRARY(plm_engine, m) {
@@ -50,4 +51,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cuda_built", &cuda_built, "whether the CUDA kernels were compiled into this build");
   m.def("cuda_archs", &cuda_archs, "CUDA architectures compiled into this build, comma-separated");
   m.def("openmp_threads", []() { return at::get_num_threads(); }, "threads the CPU kernels use");
+  m.def("cpu_isa", []() { return std::string(plm_engine::cpu::isa_name(plm_engine::cpu::cpu_isa())); },
+        "the instruction set the CPU kernels run with now");
+  m.def("cpu_isa_supported", []() { return std::string(plm_engine::cpu::isa_name(plm_engine::cpu::cpu_isa_supported())); },
+        "the best instruction set this CPU supports for the CPU kernels");
+  m.def("set_cpu_isa", &plm_engine::cpu::set_cpu_isa, "caps the CPU kernels' instruction set (or 'best')");
 }

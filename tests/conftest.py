@@ -7,6 +7,7 @@ before any test imports a plm_engine Triton module (they load lazily).
 import pytest
 import torch
 
+from plm_engine.ops import extension
 from plm_engine.ops.triton import interpreter
 
 if not torch.cuda.is_available():
@@ -25,3 +26,20 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_generate_tests(metafunc):
+    # A test that takes the `cpu_isa` fixture runs once per instruction-set build of the C++ CPU kernels
+    # this machine can run (generic, avx2, avx512, avx512_bf16 on an AVX-512 BF16 machine), so every
+    # build is proven on whatever machine runs the suite.
+    if "cpu_isa" in metafunc.fixturenames:
+        metafunc.parametrize("cpu_isa", extension.cpu_isas_available() or ["none"], indirect=True)
+
+
+@pytest.fixture
+def cpu_isa(request):
+    """The C++ CPU kernels capped at one instruction set for the test (parametrized, see above)."""
+    if request.param == "none":
+        pytest.skip("plm_engine._C is not built")
+    with extension.cpu_isa_cap(request.param):
+        yield request.param

@@ -39,3 +39,57 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
 def cuda_built() -> bool:
     mod = load()[0]
     return bool(mod is not None and mod.cuda_built())
+
+
+# ---- the CPU kernels' instruction set ------------------------------------------------------------------
+
+CPU_ISA_LEVELS = ("generic", "avx2", "avx512", "avx512_bf16")
+
+
+def cpu_isa() -> str:
+    """The instruction set the C++ CPU kernels run with now: "generic" (or "neon" on aarch64), "avx2",
+    "avx512" or "avx512_bf16" ("none" without _C). PLM_ENGINE_CPU_ISA caps it at start-up."""
+    mod = load()[0]
+    return mod.cpu_isa() if mod is not None else "none"
+
+
+def cpu_isa_supported() -> str:
+    """The best instruction set this CPU supports for the C++ CPU kernels ("none" without _C)."""
+    mod = load()[0]
+    return mod.cpu_isa_supported() if mod is not None else "none"
+
+
+def cpu_isas_available() -> list[str]:
+    """Every instruction-set build of the CPU kernels this machine can run, lowest first."""
+    best = cpu_isa_supported()
+    if best == "none":
+        return []
+    if best not in CPU_ISA_LEVELS:  # "neon": the portable build is the only one
+        return [best]
+    return list(CPU_ISA_LEVELS[: CPU_ISA_LEVELS.index(best) + 1])
+
+
+def set_cpu_isa(name: str) -> None:
+    """Caps the CPU kernels' instruction set ("generic", "avx2", "avx512", "avx512_bf16" or "best");
+    raises RuntimeError for a level this CPU does not support."""
+    mod = load()[0]
+    if mod is None:
+        raise RuntimeError(load()[1])
+    mod.set_cpu_isa(name)
+
+
+class cpu_isa_cap:
+    """Context manager: run the C++ CPU kernels with at most `name`'s instruction set, then restore."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.saved = None
+
+    def __enter__(self):
+        self.saved = cpu_isa()
+        set_cpu_isa(self.name)
+        return self
+
+    def __exit__(self, *exc):
+        set_cpu_isa(self.saved if self.saved != "none" else "best")
+        return False
