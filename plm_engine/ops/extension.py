@@ -78,6 +78,23 @@ def set_cpu_isa(name: str) -> None:
     mod.set_cpu_isa(name)
 
 
+# The C++ CPU op families. Each runs its own build of one source for the current ISA (csrc/cpu/simd.h);
+# avx512_bf16 adds dot-product paths only where a family has one (the linear kernel's VDPBF16PS).
+CPU_FAMILIES = ("norms", "rope", "softmax", "cross_entropy", "activations", "attention", "linear")
+
+
+def cpu_family_isas() -> dict[str, str]:
+    """The instruction set each C++ CPU op family runs with now ({} without _C)."""
+    isa = cpu_isa()
+    if isa == "none":
+        return {}
+    build = "avx512" if isa == "avx512_bf16" else isa
+    out = {f: build for f in CPU_FAMILIES}
+    if has_kernel("linear_fwd", "CPU"):
+        out["linear"] = torch.ops.plm_engine.linear_cpu_isa()
+    return out
+
+
 class cpu_isa_cap:
     """Context manager: run the C++ CPU kernels with at most `name`'s instruction set, then restore."""
 
