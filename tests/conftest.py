@@ -4,11 +4,17 @@ TRITON_INTERPRET must be set before any @triton.jit function is defined, so it i
 before any test imports a plm_engine Triton module (they load lazily).
 """
 
-import pytest
-import torch
+import os
 
-from plm_engine.ops import extension
-from plm_engine.ops.triton import interpreter
+# Every value check runs everywhere in the tests (plm_engine/ops/checks.py), also inside the engine and the
+# trainer; tests of the hot-path rule switch it off where they need production behaviour.
+os.environ.setdefault("PLM_ENGINE_DEBUG_CHECKS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from plm_engine.ops import extension  # noqa: E402
+from plm_engine.ops.triton import interpreter  # noqa: E402
 
 if not torch.cuda.is_available():
     interpreter.enable()

@@ -23,6 +23,7 @@ from plm_engine.generation.cuda_graphs import DecodeGraphs
 from plm_engine.generation.sampler import Sampler, SamplingParams
 from plm_engine.generation.scheduler import Chunk, Scheduler, Sequence
 from plm_engine.layers.kv_cache import PagedBatch
+from plm_engine.ops import checks
 
 # Default KV budget: a share of the free memory, capped (the CPU is shared; a GPU has other tenants).
 _GPU_MEMORY_FRACTION = 0.5
@@ -249,14 +250,17 @@ class Engine:
             return outputs
 
         logits, sampling = [], []
-        if sched.prefill:
-            lg, seqs = self._run_prefill(sched.prefill)
-            if seqs:
-                logits.append(lg)
-                sampling += seqs
-        if sched.decode:
-            logits.append(self._run_decode(sched.decode))
-            sampling += sched.decode
+        # Prompts were checked in add_request and the step's tables are built here: the forwards read no
+        # tensor values on the host (ops/checks.py), so they can run under CUDA graphs or torch.compile.
+        with checks.trusted():
+            if sched.prefill:
+                lg, seqs = self._run_prefill(sched.prefill)
+                if seqs:
+                    logits.append(lg)
+                    sampling += seqs
+            if sched.decode:
+                logits.append(self._run_decode(sched.decode))
+                sampling += sched.decode
         if not sampling:
             return outputs
         all_logits = logits[0] if len(logits) == 1 else torch.cat(logits)
@@ -296,7 +300,7 @@ class Engine:
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
             block_table=torch.tensor(table, dtype=torch.int32, device=dev),
             cache_seqlens=torch.tensor(lens, dtype=torch.int32, device=dev),
-            is_decode=False, has_prefix=any(ch.start > 0 for ch in chunks))
+            is_decode=False, has_prefix=any(ch.start > 0 for ch in chunks), seq_bounds=tuple(cu))
         logits_index = torch.tensor(index or [cu[-1] - 1], dtype=torch.int64, device=dev)
         logits = self.model.forward_tokens(torch.tensor(ids, dtype=torch.int64, device=dev),
                                            torch.tensor(pos, dtype=torch.int64, device=dev), self.kv_cache, batch,

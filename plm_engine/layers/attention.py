@@ -78,7 +78,9 @@ class Attention(nn.Module):
         # Some sequences continue a cached prefix (chunked prefill, recompute): each attends through the
         # cache; paged_attention is bottom-right causal, so the chunk sees the prefix and itself.
         out = torch.empty_like(q)
-        cu = pb.cu_seqlens.tolist()
+        if pb.seq_bounds is None:
+            raise ValueError("a paged forward with has_prefix needs PagedBatch.seq_bounds (cu_seqlens as host ints)")
+        cu = pb.seq_bounds
         for i in range(len(cu) - 1):
             s, e = cu[i], cu[i + 1]
             if e > s:

@@ -55,6 +55,8 @@ class PagedBatch:
     is_decode: every sequence has exactly one new token (attention over the cache, batched).
     has_prefix: some sequence already had tokens cached before this forward (a chunked prefill or a
       recompute after preemption): its new tokens must attend over the cache, not only each other.
+    seq_bounds: with has_prefix, cu_seqlens as host ints (the engine builds both from the same list), so
+      attending sequence by sequence reads no device value (the hot-path rule, ops/checks.py).
     """
 
     cu_seqlens: torch.Tensor
@@ -64,6 +66,7 @@ class PagedBatch:
     cache_seqlens: torch.Tensor
     is_decode: bool
     has_prefix: bool
+    seq_bounds: tuple[int, ...] | None = None
 
     @property
     def batch_size(self) -> int:

@@ -24,6 +24,7 @@ from plm_engine.layers.linear import Linear
 from plm_engine.layers.mlp import MLP
 from plm_engine.layers.norm import LayerNorm, RMSNorm
 from plm_engine.models.config import ModelConfig
+from plm_engine.ops import checks
 
 
 @dataclass
@@ -175,17 +176,22 @@ class Transformer(nn.Module):
         b, s = input_ids.shape
         if s > c.max_position_embeddings and position_ids is None:
             raise ValueError(f"sequence length {s} exceeds the model's context of {c.max_position_embeddings} tokens")
-        if input_ids.numel():
-            lo, hi = int(input_ids.min()), int(input_ids.max())
-            if lo < 0 or hi >= c.vocab_size:
-                raise ValueError(f"token id {lo if lo < 0 else hi} is out of range for a vocabulary of "
-                                 f"{c.vocab_size}")
         for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids),
                         ("position_ids", position_ids)):
             if t is not None and tuple(t.shape) != (b, s):
                 raise ValueError(f"{name} must have the shape of input_ids {(b, s)}, got {tuple(t.shape)}")
+        if checks.value_checks():  # values: where data enters, not inside the engine or the trainer
+            self._check_values(input_ids, position_ids, token_type_ids)
+
+    def _check_values(self, input_ids, position_ids=None, token_type_ids=None):
+        c = self.config
+        if input_ids.numel():
+            lo, hi = (int(v) for v in torch.aminmax(input_ids))
+            if lo < 0 or hi >= c.vocab_size:
+                raise ValueError(f"token id {lo if lo < 0 else hi} is out of range for a vocabulary of "
+                                 f"{c.vocab_size}")
         if position_ids is not None and position_ids.numel():
-            lo, hi = int(position_ids.min()), int(position_ids.max())
+            lo, hi = (int(v) for v in torch.aminmax(position_ids))
             if lo < 0 or hi >= c.max_position_embeddings:
                 raise ValueError(f"position {lo if lo < 0 else hi} is outside the model's context of "
                                  f"{c.max_position_embeddings} tokens")
@@ -220,7 +226,8 @@ class Transformer(nn.Module):
     def hidden_states(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None):
         """(batch, seqlen, hidden) final hidden states (after the final norm; zeros at padding)."""
         t = self._tokens(input_ids, attention_mask, token_type_ids, position_ids)
-        return self._unpack(t, self._trunk(t, self._context(t, input_ids.device)), input_ids.shape)
+        with checks.trusted():  # checked above: the ops inside read no values
+            return self._unpack(t, self._trunk(t, self._context(t, input_ids.device)), input_ids.shape)
 
     # ---- heads ----------------------------------------------------------------------------------------
 
@@ -232,34 +239,40 @@ class Transformer(nn.Module):
         hidden_states when the checkpoint has no MLM head."""
         c = self.config
         t = self._tokens(input_ids, attention_mask, token_type_ids, position_ids)
-        h = self._trunk(t, self._context(t, input_ids.device))
-        shape = input_ids.shape
-        hidden = self._unpack(t, h, shape)
-        if c.arch == "bert" and not c.mlm_head:
+        if labels is not None and isinstance(labels, torch.Tensor) and labels.numel() and checks.value_checks():
+            lo, hi = (int(v) for v in torch.aminmax(labels))
+            if (lo < 0 and lo != -100) or hi >= c.vocab_size:
+                raise ValueError(f"labels must be token ids in [0, {c.vocab_size}) or -100 (ignored), "
+                                 f"got {lo if lo < 0 else hi}")
+        with checks.trusted():  # checked above: the ops inside read no values
+            h = self._trunk(t, self._context(t, input_ids.device))
+            shape = input_ids.shape
+            hidden = self._unpack(t, h, shape)
+            if c.arch == "bert" and not c.mlm_head:
+                if labels is not None:
+                    raise ValueError("this BERT checkpoint has no MLM head: use classify() or hidden states")
+                return ModelOutput(hidden_states=hidden)
+            want_logits = labels is None if return_logits is None else return_logits
+            loss = None
             if labels is not None:
-                raise ValueError("this BERT checkpoint has no MLM head: use classify() or hidden states")
-            return ModelOutput(hidden_states=hidden)
-        want_logits = labels is None if return_logits is None else return_logits
-        loss = None
-        if labels is not None:
-            if tuple(labels.shape) != tuple(shape):
-                raise ValueError(f"labels must have the shape of input_ids {tuple(shape)}, got {tuple(labels.shape)}")
-            labels = labels.long()
-            if c.causal:
-                labels = F.pad(labels[:, 1:], (0, 1), value=-100)  # token t predicts token t + 1
-            target = labels.flatten() if t.index is None else labels.flatten()[t.index]
-            flat = h.reshape(-1, h.shape[-1])
-            w = self.lm_head_weight
-            if c.causal:
-                loss = ops.linear_cross_entropy(flat.to(w.dtype), w, target)
-            else:  # MLM: only the masked positions go through the head
-                sel = (target != -100).nonzero().squeeze(1)
-                loss = ops.linear_cross_entropy(self._mlm_transform(flat[sel]).to(w.dtype), w, target[sel],
-                                                bias=self.mlm_bias)
-        logits = None
-        if want_logits:
-            logits = self._unpack(t, self._lm_logits(h.reshape(-1, h.shape[-1])), shape)
-        return ModelOutput(logits=logits, loss=loss, hidden_states=hidden)
+                if tuple(labels.shape) != tuple(shape):
+                    raise ValueError(f"labels must have the shape of input_ids {tuple(shape)}, got {tuple(labels.shape)}")
+                labels = labels.long()
+                if c.causal:
+                    labels = F.pad(labels[:, 1:], (0, 1), value=-100)  # token t predicts token t + 1
+                target = labels.flatten() if t.index is None else labels.flatten()[t.index]
+                flat = h.reshape(-1, h.shape[-1])
+                w = self.lm_head_weight
+                if c.causal:
+                    loss = ops.linear_cross_entropy(flat.to(w.dtype), w, target)
+                else:  # MLM: only the masked positions go through the head
+                    sel = (target != -100).nonzero().squeeze(1)
+                    loss = ops.linear_cross_entropy(self._mlm_transform(flat[sel]).to(w.dtype), w, target[sel],
+                                                    bias=self.mlm_bias)
+            logits = None
+            if want_logits:
+                logits = self._unpack(t, self._lm_logits(h.reshape(-1, h.shape[-1])), shape)
+            return ModelOutput(logits=logits, loss=loss, hidden_states=hidden)
 
     def _mlm_transform(self, h):
         return self.mlm_norm(ops.gelu(self.mlm_dense(h), approximate="tanh" if self.config.activation == "gelu_tanh"
@@ -318,6 +331,12 @@ class Transformer(nn.Module):
         logits_index (default: the last new token of each sequence)."""
         if not self.config.causal:
             raise ValueError("forward_tokens: generation needs a causal (decoder) model")
+        if checks.value_checks():  # a direct call; the engine checks prompts once, in add_request
+            self._check_values(input_ids, positions)
+        with checks.trusted():
+            return self._forward_tokens(input_ids, positions, kv_cache, batch, logits_index)
+
+    def _forward_tokens(self, input_ids, positions, kv_cache, batch, logits_index):
         ctx = AttentionContext(causal=True, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen,
                                positions=positions, kv_cache=kv_cache, paged=batch)
         if self.config.arch == "llama":

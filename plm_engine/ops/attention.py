@@ -26,7 +26,7 @@ import weakref
 
 import torch
 
-from plm_engine.ops import backends, extension
+from plm_engine.ops import backends, checks, extension
 from plm_engine.ops.reference import (
     attention_bwd_ref,
     attention_ref,
@@ -158,9 +158,9 @@ def _check_heads(fn, h, d, hkv, d_k):
 
 
 def _host_checks_allowed(t: torch.Tensor) -> bool:
-    """Value checks (cu_seqlens order, block ids) read the tensor on the host: always on CPU, on GPU
-    only outside CUDA-graph capture, where a device-to-host copy is not allowed."""
-    return t.device.type != "cuda" or not torch.cuda.is_current_stream_capturing()
+    """Value checks (cu_seqlens order, block ids, slots) read the tensor on the host: only where data
+    enters, never in the hot path, under torch.compile or in CUDA-graph capture (ops/checks.py)."""
+    return checks.value_checks()
 
 
 class _SeenValues:

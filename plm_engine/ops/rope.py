@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from plm_engine.ops import backends, extension
+from plm_engine.ops import backends, checks, extension
 from plm_engine.ops.reference import rope_ref
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -232,8 +232,9 @@ def _check_args(q, k, cos, sin, position_ids, interleaved):
     if tuple(position_ids.shape) not in allowed:
         want = " or ".join(str(s) for s in allowed)
         raise ValueError(f"rope: position_ids must have shape {want}, got {tuple(position_ids.shape)}")
-    if position_ids.numel():
-        # One reduction (one device sync on GPU) guards every kernel against reading past the tables.
+    if position_ids.numel() and checks.value_checks():
+        # One reduction (one device sync on GPU) guards every kernel against reading past the tables;
+        # not in the hot path, whose positions were checked where they entered (ops/checks.py).
         lo, hi = torch.aminmax(position_ids)
         lo, hi = int(lo), int(hi)
         if lo < 0 or hi >= n_pos:

@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from plm_engine.ops import checks
 from plm_engine.training import checkpoint as ckpt
 from plm_engine.training import data as D
 from plm_engine.training import distributed as dist_utils
@@ -340,9 +341,30 @@ class Trainer:
             ids = torch.stack([dataset[i] for i in indices])
             batch = {"input_ids": ids, "labels": ids}
             n_tokens = ids.numel()
+        n_targets = self._check_batch(batch)
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         batch["n_tokens"] = n_tokens
+        batch["n_targets"] = n_targets
         return batch
+
+    def _check_batch(self, batch: dict) -> int:
+        """Checks a batch's values on the host, before it moves to the device, and counts its targets:
+        the training step itself then reads nothing back (ops/checks.py)."""
+        ids, labels = batch["input_ids"], batch["labels"]
+        vocab = self.model.config.vocab_size
+        lo, hi = (int(v) for v in torch.aminmax(ids))
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"training data: token id {lo if lo < 0 else hi} is outside the model's vocabulary "
+                             f"of {vocab} (does the tokenizer match the model?)")
+        if self.cfg.objective == "classify":
+            n_labels = self.model.config.num_labels
+            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n_labels):
+                raise ValueError(f"training data: class labels must lie in [0, {n_labels})")
+            return labels.numel()
+        real = labels != -100
+        if bool(((labels < 0) & ~real).any()) or bool((labels >= vocab).any()):
+            raise ValueError(f"training data: labels must be token ids in [0, {vocab}) or -100")
+        return int(real[:, 1:].sum()) if self.cfg.objective == "clm" else int(real.sum())
 
     def _autocast(self):
         if self.cfg.precision == "fp32":
@@ -353,14 +375,10 @@ class Trainer:
     def _loss(self, module, batch: dict):
         """(mean loss, targets counted, output) of one micro-batch."""
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
-        with self._autocast():
+        # The batch was checked on the host in _collate: the forward and backward read no device values.
+        with self._autocast(), checks.trusted():
             out = module(**inputs)
-        labels = batch["labels"]
-        if self.cfg.objective == "classify":
-            n = labels.numel()
-        else:
-            n = int((labels[:, 1:] != -100).sum()) if self.cfg.objective == "clm" else int((labels != -100).sum())
-        return out.loss, n, out
+        return out.loss, batch["n_targets"], out
 
     # ---- the step -----------------------------------------------------------------------------------------
 
@@ -373,11 +391,11 @@ class Trainer:
         for j, mb in enumerate(micro):
             batch = self._collate(mb, epoch, self.train_set)
             last = j == len(micro) - 1
-            with self._no_sync(not last):
+            with self._no_sync(not last), checks.trusted():
                 loss, _, _ = self._loss(self.forward_module, batch)
                 scaled = loss / cfg.grad_accum
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            loss_sum += loss.detach().float().item()
+            loss_sum = loss_sum + loss.detach().float()  # on the device: read once, after the step
             tokens += batch["n_tokens"]
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
@@ -392,12 +410,14 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        loss, = dist_utils.all_reduce_mean([loss_sum / len(micro)], self.dist, self.device)
+        gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        # The step's one read of device values, after the optimizer: the loss and the gradient norm.
+        loss_mean, gn = torch.stack([loss_sum / len(micro), gn.detach().float()]).tolist()
+        loss, = dist_utils.all_reduce_mean([loss_mean], self.dist, self.device)
         tokens_all = tokens * self.dist.world_size
         self.tokens_seen += tokens_all
-        gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         return {"step": self.step, "split": "train", "loss": loss, "ppl": perplexity(loss), "lr": lr,
-                "grad_norm": float(gn), "tokens": self.tokens_seen, "epoch": epoch, "_step_tokens": tokens_all}
+                "grad_norm": gn, "tokens": self.tokens_seen, "epoch": epoch, "_step_tokens": tokens_all}
 
     def _no_sync(self, skip_sync: bool):
         """Gradient accumulation: only the last micro-batch all-reduces gradients."""

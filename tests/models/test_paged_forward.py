@@ -23,7 +23,8 @@ def _batch(seq_ids, new_lens, cached_before, max_blocks=16):
     cu = torch.tensor([0] + list(torch.tensor(new_lens).cumsum(0)), dtype=torch.int32)
     total = torch.tensor([c + n for n, c in zip(new_lens, cached_before, strict=True)], dtype=torch.int32)
     pb = PagedBatch(cu_seqlens=cu, max_seqlen=max(new_lens), slot_mapping=torch.tensor(slots), block_table=table,
-                    cache_seqlens=total, is_decode=all(n == 1 for n in new_lens), has_prefix=any(cached_before))
+                    cache_seqlens=total, is_decode=all(n == 1 for n in new_lens), has_prefix=any(cached_before),
+                    seq_bounds=tuple(int(c) for c in cu))
     return pb, torch.tensor(positions)
 
 
