@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/cpu_memory.h"
 #include "cpu/isa.h"
 #include "cpu/simd.h"
 #include "rope.h"
@@ -97,8 +98,9 @@ void rope_cpu_kernel(const Tensor& q, const Tensor& k, Tensor& q_out, Tensor& k_
 std::tuple<Tensor, Tensor> rope_cpu(const Tensor& q, const Tensor& k, const Tensor& cos, const Tensor& sin,
                                     const std::optional<Tensor>& positions, bool interleaved, bool conjugate) {
   check_rope_args(q, k, cos, sin, positions);
-  Tensor q_out = at::empty(q.sizes(), q.options());
-  Tensor k_out = at::empty(k.sizes(), k.options());
+  // Fresh outputs of 32 MiB and more (a long prefill's q) get huge pages: see common/cpu_memory.h.
+  Tensor q_out = cpu::empty_output(q.sizes(), q.options());
+  Tensor k_out = cpu::empty_output(k.sizes(), k.options());
   rope_cpu_kernel(q, k, q_out, k_out, cos, sin, positions, interleaved, conjugate);
   return {q_out, k_out};
 }
