@@ -24,12 +24,13 @@ PYTHON=${PYTHON:-.venv/bin/python}
 read -r torch_dir py_include < <("$PYTHON" - <<'PY'
 import os, sysconfig, importlib.util
 spec = importlib.util.find_spec("torch")  # the package's location, without importing torch (slow)
-print(os.path.dirname(spec.origin), sysconfig.get_paths()["include"])
+print(os.path.realpath(os.path.dirname(spec.origin)), sysconfig.get_paths()["include"])
 PY
 ) || { echo "cannot locate torch with $PYTHON"; exit 2; }
 
-# The flags of setup.py's CPU build (C++20: torch's headers require it), for the Arm baseline.
-flags=(-std=c++20 -O2 -fopenmp -fno-math-errno -Wall -Wno-unknown-pragmas -march=armv8-a
+# The flags of setup.py's CPU build (C++20: torch's headers require it), for the Arm baseline;
+# -Wno-psabi: GCC's note that aarch64 passes std::pair<float, float> differently since GCC 10 (ABI, not code).
+flags=(-std=c++20 -O2 -fopenmp -fno-math-errno -Wall -Wno-unknown-pragmas -Wno-psabi -march=armv8-a
        -D_GLIBCXX_USE_CXX11_ABI=1 -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C
        -Icsrc -isystem "$torch_dir/include" -isystem "$torch_dir/include/torch/csrc/api/include"
        -isystem "$py_include")
