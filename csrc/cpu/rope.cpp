@@ -1,27 +1,26 @@
 // RoPE on the CPU.
 //
-// OpenMP over tokens: a token's cos/sin row is converted once to fp32 scratch (with the sign of sin
-// already applied), then every q and k head of that token is rotated from it. The per-token code is
-// compiled for AVX-512, AVX2 and the baseline ISA (target_clones); the loader picks the best. The per-head loops are
-// unit-stride over the rotary half (rotate_half layout) or over adjacent pairs (interleaved), plain
-// fp32 arithmetic that the compiler vectorises; in place works because each iteration reads exactly
-// the elements it writes.
+// OpenMP over tokens (at::parallel_for); each task runs rope_token_range (cpu/rope_kernels.inc) of the
+// build cpu::cpu_isa() names: the kernels are written once against the vector policy of cpu/simd.h and
+// compiled for every instruction set (simd_instantiate.inc). A token's cos/sin row is widened once to
+// fp32 scratch (with the sign of sin applied), then every q and k head of that token is rotated from it.
+// Each output element is computed by one thread from its own inputs only: the result does not depend on
+// the thread count.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/types.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "common/checks.h"
-#include "common/cpu_convert.h"
+#include "common/cpu_memory.h"
+#include "cpu/isa.h"
+#include "cpu/simd.h"
 #include "rope.h"
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define PLM_VEC_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define PLM_VEC_CLONES
-#endif
 
 namespace plm_engine {
 namespace {
@@ -32,30 +31,6 @@ struct Strides {
 
 inline Strides strides_of(const Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
-template <typename T>
-inline void rotate_head(const T* x, T* y, const float* c, const float* s, int64_t half, int64_t head_dim,
-                        bool interleaved) {
-  if (interleaved) {
-#pragma omp simd
-    for (int64_t i = 0; i < half; ++i) {
-      const float x1 = cpu::load_f32(x[2 * i]), x2 = cpu::load_f32(x[2 * i + 1]);
-      y[2 * i] = cpu::store_as<T>(x1 * c[i] - x2 * s[i]);
-      y[2 * i + 1] = cpu::store_as<T>(x2 * c[i] + x1 * s[i]);
-    }
-  } else {
-#pragma omp simd
-    for (int64_t i = 0; i < half; ++i) {
-      const float x1 = cpu::load_f32(x[i]), x2 = cpu::load_f32(x[i + half]);
-      y[i] = cpu::store_as<T>(x1 * c[i] - x2 * s[i]);
-      y[i + half] = cpu::store_as<T>(x2 * c[i] + x1 * s[i]);
-    }
-  }
-  // Features past rotary_dim pass through; in place they are already where they belong.
-  if (y != x) {
-    for (int64_t i = 2 * half; i < head_dim; ++i) y[i] = x[i];
-  }
-}
-
 struct RopeProblem {
   Strides sq, sk, sqo, sko;
   int64_t cos_row_stride, cos_col_stride, seqlen, hq, hk, half, head_dim;
@@ -63,26 +38,8 @@ struct RopeProblem {
   float sin_sign;
 };
 
-// One token: its cos/sin row to fp32 scratch (c, s), then every q and k head. Compiled per ISA.
-template <typename T, typename C>
-PLM_VEC_CLONES void rope_token(const T* q, const T* k, T* qo, T* ko, const C* cos, const C* sin, int64_t t,
-                               int64_t p, const RopeProblem& P, float* c, float* s) {
-  const int64_t b = t / P.seqlen, si = t % P.seqlen;
-  const C* crow = cos + p * P.cos_row_stride;
-  const C* srow = sin + p * P.cos_row_stride;
-  for (int64_t i = 0; i < P.half; ++i) {
-    c[i] = cpu::load_f32(crow[i * P.cos_col_stride]);
-    s[i] = P.sin_sign * cpu::load_f32(srow[i * P.cos_col_stride]);
-  }
-  for (int64_t h = 0; h < P.hq; ++h) {
-    rotate_head<T>(q + b * P.sq.b + si * P.sq.s + h * P.sq.h, qo + b * P.sqo.b + si * P.sqo.s + h * P.sqo.h, c, s,
-                   P.half, P.head_dim, P.interleaved);
-  }
-  for (int64_t h = 0; h < P.hk; ++h) {
-    rotate_head<T>(k + b * P.sk.b + si * P.sk.s + h * P.sk.h, ko + b * P.sko.b + si * P.sko.s + h * P.sko.h, c, s,
-                   P.half, P.head_dim, P.interleaved);
-  }
-}
+#define PLM_SIMD_KERNELS "cpu/rope_kernels.inc"
+#include "cpu/simd_instantiate.inc"
 
 template <typename T, typename C>
 void rope_tokens(const T* q, const T* k, T* qo, T* ko, const C* cos, const C* sin, const int64_t* pos,
@@ -91,11 +48,7 @@ void rope_tokens(const T* q, const T* k, T* qo, T* ko, const C* cos, const C* si
   const int64_t per_token = (P.hq + P.hk) * P.head_dim;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, per_token));
   at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> cbuf(P.half), sbuf(P.half);
-    for (int64_t t = begin; t < end; ++t) {
-      rope_token<T, C>(q, k, qo, ko, cos, sin, t, pos != nullptr ? pos[t] : t % P.seqlen, P, cbuf.data(),
-                       sbuf.data());
-    }
+    PLM_CPU_CALL(rope_token_range, q, k, qo, ko, cos, sin, pos, begin, end, P);
   });
 }
 
@@ -145,8 +98,9 @@ void rope_cpu_kernel(const Tensor& q, const Tensor& k, Tensor& q_out, Tensor& k_
 std::tuple<Tensor, Tensor> rope_cpu(const Tensor& q, const Tensor& k, const Tensor& cos, const Tensor& sin,
                                     const std::optional<Tensor>& positions, bool interleaved, bool conjugate) {
   check_rope_args(q, k, cos, sin, positions);
-  Tensor q_out = at::empty(q.sizes(), q.options());
-  Tensor k_out = at::empty(k.sizes(), k.options());
+  // Fresh outputs of 32 MiB and more (a long prefill's q) get huge pages: see common/cpu_memory.h.
+  Tensor q_out = cpu::empty_output(q.sizes(), q.options());
+  Tensor k_out = cpu::empty_output(k.sizes(), k.options());
   rope_cpu_kernel(q, k, q_out, k_out, cos, sin, positions, interleaved, conjugate);
   return {q_out, k_out};
 }

@@ -14,6 +14,9 @@ from plm_engine.ops.reference import layer_norm_ref, rms_norm_ref
 from tests.utils import DTYPES, assert_2x_rule, device_backends
 
 DEV_BACKENDS = device_backends("norm_fwd")
+# The accuracy grids for the other backends; the C++ CPU kernels have their own tests under every
+# instruction-set build (test_cpu_kernel_*, below).
+OTHER_BACKENDS = [p for p in DEV_BACKENDS if p.values[1] != "cpu"]
 # (leading shape, hidden): n = 1, odd, non-powers of two, and the largest hidden size we promise.
 SHAPES = [((3,), 1), ((2, 3), 123), ((37,), 1025), ((2, 2), 4096), ((2,), 16384), ((1, 1), 40)]
 KINDS = ["layer", "rms"]
@@ -55,7 +58,7 @@ def reference(kind, x, w, b, r, dtype):
     return ref, lowp, h
 
 
-@pytest.mark.parametrize("device,backend", DEV_BACKENDS)
+@pytest.mark.parametrize("device,backend", OTHER_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("lead,n", SHAPES, ids=str)
 @pytest.mark.parametrize("kind", KINDS)
@@ -72,7 +75,7 @@ def test_forward(device, backend, dtype, lead, n, kind, residual):
     assert_2x_rule(out, ref, lowp, dtype, what=f"{kind} forward")
 
 
-@pytest.mark.parametrize("device,backend", DEV_BACKENDS)
+@pytest.mark.parametrize("device,backend", OTHER_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("lead,n", [((3,), 1), ((2, 5), 123), ((37,), 1025), ((3,), 4096)], ids=str)
 @pytest.mark.parametrize("kind", KINDS)
@@ -107,6 +110,152 @@ def test_backward(device, backend, dtype, lead, n, kind, residual):
     for name, ours, ref_g, low in zip(names, grads, refs, low_grads, strict=True):
         assert ours.dtype == (x.dtype if name in ("x", "residual") else w.dtype)
         assert_2x_rule(ours, ref_g, low, dtype, what=f"{kind} d{name}")
+
+
+# ---- the C++ CPU kernels, under every instruction-set build this machine runs ------------------------
+
+# (rows, hidden): one element, less than one vector of every ISA, odd sizes with tails for W = 4, 8, 16.
+ISA_SHAPES = [(3, 1), (5, 13), (4, 123), (7, 1025)]
+U32 = 2.0**-24  # unit roundoff of fp32, the kernels' arithmetic
+
+
+def _unit(dtype):
+    return torch.finfo(dtype).eps / 2
+
+
+def _tiny(dtype):
+    """Absolute rounding error of a result in T's subnormal range."""
+    return torch.finfo(dtype).tiny * torch.finfo(dtype).eps
+
+
+def _depth(n):
+    """Sequential fp32 additions behind one row sum of the kernels: each lane of one of four vector
+    accumulators adds n / (4 W) values (W >= 4), then at most 8 adds combine vectors and lanes."""
+    return n / 16 + 8
+
+
+def _assert_within(ours, ref, bound, what):
+    err = (ours.double() - ref).abs()
+    bad = err > bound
+    assert not bad.any(), (f"{what}: {int(bad.sum())} elements over the bound; worst error "
+                           f"{err.max().item():.3g} where the bound is {bound.flatten()[err.flatten().argmax()].item():.3g}")
+
+
+def _cpu_built():
+    return backends.availability("cpu", torch.device("cpu"), "norm_fwd")[0]
+
+
+def _stats64(kind, h64):
+    """fp64 row statistics of the (rounded) normalised input: mean (0 for RMSNorm), rstd, mean |h|."""
+    eps = 1e-5 if kind == "layer" else 1e-6
+    mu = h64.mean(-1, keepdim=True) if kind == "layer" else torch.zeros_like(h64[..., :1])
+    rstd = ((h64 - mu).square().mean(-1, keepdim=True) + eps).rsqrt()
+    return mu, rstd, h64.abs().mean(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,n", ISA_SHAPES, ids=str)
+def test_cpu_kernel_forward(cpu_isa, dtype, rows, n):
+    """Forward of both norms, plain and with the residual, against fp64. The kernel's bound: the final
+    rounding to T (u_T |y|), plus the fp32 statistics' error, (depth + 8) u32 relative to the terms of
+    y = xhat w + b and to the mean's own scale rstd mean|h| |w| (LayerNorm)."""
+    for kind in KINDS:
+        for residual in (False, True):
+            what = f"{cpu_isa} {kind} {'residual' if residual else 'plain'} forward"
+            x, w, b, r = make_inputs("cpu", dtype, (rows,), n, kind, residual, kind == "layer")
+            out = call(kind, x, w, b, r, "cpu")
+            h = x
+            if residual:
+                out, h = out
+                assert torch.equal(h, x + r), f"{what}: h must be x + residual rounded to x's dtype"
+            assert out.dtype == dtype and out.shape == x.shape
+            h64, w64 = h.double(), w.double()
+            b64 = b.double() if b is not None else torch.zeros_like(w64)
+            ref = layer_norm_ref(h64, w64, b64, 1e-5) if kind == "layer" else rms_norm_ref(h64, w64, 1e-6)
+            mu, rstd, mean_abs = _stats64(kind, h64)
+            scale = ((h64 - mu) * rstd * w64).abs() + b64.abs()
+            if kind == "layer":
+                scale = scale + rstd * mean_abs * w64.abs()
+            bound = _unit(dtype) * ref.abs() + (_depth(n) + 8) * U32 * scale + _tiny(dtype)
+            _assert_within(out, ref, bound, what)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,n", ISA_SHAPES, ids=str)
+def test_cpu_kernel_backward(cpu_isa, dtype, rows, n):
+    """dx (= dresidual), dweight and dbias of both norms against fp64 through the rounded h.
+
+    Bounds (first order, hat = (h - mu) rstd, wdy = dy w, S = mean|wdy| (1 + rstd mean|h|) + mean|hat wdy|):
+      dx       u_T |dx| + (depth + 16) u32 rstd (|wdy| + (|hat| + 1) S) + 2 u32 |dh|
+      dweight  u_W |dw| + (rows + depth + 150) u32 sum_rows |dy| (|hat| + rstd mean|h|)
+      dbias    u_W |db| + (rows + 130) u32 sum_rows |dy|
+    (the backward sums per chunk of rows, at most 128 chunks, then over the chunks)."""
+    for kind in KINDS:
+        for residual in (False, True):
+            what = f"{cpu_isa} {kind} {'residual' if residual else 'plain'}"
+            x, w, b, r = make_inputs("cpu", dtype, (rows,), n, kind, residual, kind == "layer", requires_grad=True)
+            inputs = [t for t in (x, w, b, r) if t is not None]
+            g = torch.Generator().manual_seed(rows * n)
+            dy = torch.randn(x.shape, generator=g).to(dtype)
+            dh = torch.randn(x.shape, generator=g).to(dtype) if residual else None
+            out = call(kind, x, w, b, r, "cpu")
+            outs, douts = ([*out], [dy, dh]) if residual else ([out], [dy])
+            grads = dict(zip(["x", "weight", "bias", "residual"] if b is not None else ["x", "weight", "residual"],
+                             torch.autograd.grad(outs, inputs, douts)))
+
+            h64 = (x.detach() if r is None else (x.detach() + r.detach())).double().requires_grad_()
+            w64 = w.detach().double().requires_grad_()
+            b64 = b.detach().double().requires_grad_() if b is not None else None
+            ref = layer_norm_ref(h64, w64, b64, 1e-5) if kind == "layer" else rms_norm_ref(h64, w64, 1e-6)
+            ref_loss = (ref * dy.double()).sum() + ((h64 * dh.double()).sum() if residual else 0)
+            ref_grads = torch.autograd.grad(ref_loss, [h64, w64] + ([b64] if b64 is not None else []))
+
+            mu, rstd, mean_abs = _stats64(kind, h64.detach())
+            hat = (h64.detach() - mu) * rstd
+            dy64 = dy.double()
+            wdy = dy64 * w.double()
+            s_row = wdy.abs().mean(-1, keepdim=True) * (1 + rstd * mean_abs) + (hat * wdy).abs().mean(-1, keepdim=True)
+            dx_bound = (_unit(dtype) * ref_grads[0].abs() + (_depth(n) + 16) * U32 * rstd * (wdy.abs() + (hat.abs() + 1) * s_row)
+                        + _tiny(dtype))
+            if residual:
+                dx_bound = dx_bound + 2 * U32 * dh.double().abs()
+            wdt = w.dtype
+            dw_bound = (_unit(wdt) * ref_grads[1].abs() + _tiny(wdt)
+                        + (rows + _depth(n) + 150) * U32 * (dy64.abs() * (hat.abs() + rstd * mean_abs)).sum(0))
+            _assert_within(grads["x"], ref_grads[0], dx_bound, f"{what} dx")
+            _assert_within(grads["weight"], ref_grads[1], dw_bound, f"{what} dweight")
+            if residual:
+                assert torch.equal(grads["residual"], grads["x"]), f"{what}: dresidual must equal dx"
+            if b is not None:
+                db_bound = _unit(wdt) * ref_grads[2].abs() + (rows + 130) * U32 * dy64.abs().sum(0) + _tiny(wdt)
+                _assert_within(grads["bias"], ref_grads[2], db_bound, f"{what} dbias")
+            for name, t in grads.items():
+                assert t.dtype == (x.dtype if name in ("x", "residual") else w.dtype), name
+
+
+def test_cpu_kernel_thread_count_independent():
+    """Rows are reduced by one thread each and dweight/dbias over fixed chunks of rows (summed in chunk
+    order): 1 and 2 threads give the same bits, forward and backward."""
+    if not _cpu_built():
+        pytest.skip("plm_engine._C not built")
+    threads = torch.get_num_threads()
+    for dtype in DTYPES:
+        for kind in KINDS:
+            # 300 x 1000: the backward splits the rows into 10 chunks.
+            x, w, b, r = make_inputs("cpu", dtype, (300,), 1000, kind, True, kind == "layer", requires_grad=True)
+            inputs = [t for t in (x, w, b, r) if t is not None]
+            dy = torch.randn(x.shape).to(dtype)
+            dh = torch.randn(x.shape).to(dtype)
+            results = []
+            try:
+                for n_threads in (1, 2):
+                    torch.set_num_threads(n_threads)
+                    y, h = call(kind, x, w, b, r, "cpu")
+                    results.append([y, h, *torch.autograd.grad([y, h], inputs, [dy, dh])])
+            finally:
+                torch.set_num_threads(threads)
+            for a, c in zip(*results, strict=True):
+                assert torch.equal(a, c), (dtype, kind)
 
 
 @pytest.mark.parametrize("device,backend", DEV_BACKENDS)

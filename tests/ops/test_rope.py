@@ -13,6 +13,9 @@ from plm_engine.ops.rope import fused_ops, rope, rope_cos_sin, rope_inv_freq
 from tests.utils import DTYPES, assert_2x_rule, cpu_backends, device_backends
 
 DEV_BACKENDS = device_backends("rope")
+# The accuracy grids for the other backends; the C++ CPU kernels have their own tests under every
+# instruction-set build (test_cpu_kernel_*, below).
+OTHER_BACKENDS = [p for p in DEV_BACKENDS if p.values[1] != "cpu"]
 # (batch, seqlen, q_heads, k_heads, head_dim, rotary_dim): GQA head counts, head_dim 40/64/80/128,
 # seqlen 1 and 17, partial rotary (the rest passes through). Small token counts keep the Triton
 # interpreter fast; seqlen 97 has its own test.
@@ -58,7 +61,7 @@ def reference(q, k, cos, sin, interleaved, position_ids=None):
     return rope_ref(up(q), up(k), cos.double(), sin.double(), interleaved, position_ids)
 
 
-@pytest.mark.parametrize("device,backend", DEV_BACKENDS)
+@pytest.mark.parametrize("device,backend", OTHER_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("interleaved", [False, True], ids=["half", "interleaved"])
@@ -89,7 +92,7 @@ def test_long_sequence_with_fp16_tables(device, backend, interleaved):
     assert_2x_rule(k_out, k_ref, k_low, what="rope k")
 
 
-@pytest.mark.parametrize("device,backend", DEV_BACKENDS)
+@pytest.mark.parametrize("device,backend", OTHER_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("interleaved", [False, True], ids=["half", "interleaved"])
 @pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
@@ -115,6 +118,100 @@ def test_backward(device, backend, dtype, interleaved, inplace):
     for name, ours, ref_g, low in zip("qk", grads, ref_grads, low_grads, strict=True):
         assert ours.dtype == dtype
         assert_2x_rule(ours, ref_g, low, dtype, what=f"rope d{name}")
+
+
+# ---- the C++ CPU kernels, under every instruction-set build this machine runs ------------------------
+
+# (batch, seqlen, q_heads, k_heads, head_dim, rotary_dim): one pair; rotary halves of 1, 19, 23 and 65 (tails
+# for W = 4, 8, 16, interleaved steps at both edges); partial rotary (odd half 23).
+ISA_SHAPES = [(2, 2, 1, 1, 2, 2), (2, 3, 3, 1, 38, 38), (1, 5, 2, 2, 82, 46), (1, 3, 2, 1, 136, 130)]
+U32 = 2.0**-24  # unit roundoff of fp32, the kernels' arithmetic
+
+
+def _pair_magnitude(x, rotary_dim, interleaved):
+    """|x_i| + |x_j| for each rotated feature i and its partner j, in fp64."""
+    xr = x[..., :rotary_dim].detach().double().abs()
+    half = rotary_dim // 2
+    if interleaved:
+        partner = xr.unflatten(-1, (half, 2)).flip(-1).flatten(-2)
+    else:
+        partner = torch.cat((xr[..., half:], xr[..., :half]), -1)
+    return xr + partner
+
+
+def _assert_rope_bound(ours, ref, x, rotary_dim, interleaved, what):
+    """The kernel's bound: x1 c - x2 s in fp32 with one FMA (<= 2 u32 (|x1| + |x2|), as |c|, |s| <= 1),
+    then one rounding to T (u_T |ref|, or half a subnormal step). Pass-through features are exact."""
+    dtype = ours.dtype
+    u = torch.finfo(dtype).eps / 2
+    ref_r = ref[..., :rotary_dim]
+    bound = u * ref_r.abs() + 3 * U32 * _pair_magnitude(x, rotary_dim, interleaved) + torch.finfo(dtype).tiny * 2 * u
+    err = (ours[..., :rotary_dim].double() - ref_r).abs()
+    assert (err <= bound).all(), f"{what}: error {err.max().item():.3g} over the bound"
+    assert torch.equal(ours[..., rotary_dim:].double(), ref[..., rotary_dim:]), f"{what}: pass-through changed"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ISA_SHAPES, ids=str)
+def test_cpu_kernel_forward(cpu_isa, dtype, shape):
+    """Both layouts, out of place and in place, with fp32 and q-dtype tables, against fp64."""
+    *qk_shape, rotary_dim = shape
+    q, k = make_qk("cpu", dtype, *qk_shape, seed=sum(shape))
+    for interleaved in (False, True):
+        for tables_dtype in {torch.float32, dtype}:
+            cos, sin = (t.to(tables_dtype) for t in tables("cpu", rotary_dim))
+            q_ref, k_ref = reference(q, k, cos, sin, interleaved)
+            what = f"{cpu_isa} {'interleaved' if interleaved else 'half'} tables {tables_dtype}"
+            q_out, k_out = rope(q, k, cos, sin, interleaved, backend="cpu")
+            qi, ki = q.clone(), k.clone()
+            rope(qi, ki, cos, sin, interleaved, inplace=True, backend="cpu")
+            for name, ours, ref, x in (("q", q_out, q_ref, q), ("k", k_out, k_ref, k)):
+                assert ours.dtype == dtype and ours.shape == x.shape
+                _assert_rope_bound(ours, ref, x, rotary_dim, interleaved, f"{what} {name}")
+            assert torch.equal(qi, q_out) and torch.equal(ki, k_out), f"{what}: in place differs"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ISA_SHAPES[1:3], ids=str)
+def test_cpu_kernel_backward(cpu_isa, dtype, shape):
+    """The gradient is the conjugate rotation of the output gradient: same bound, with dq for q."""
+    *qk_shape, rotary_dim = shape
+    cos, sin = tables("cpu", rotary_dim)
+    g = torch.Generator().manual_seed(11)
+    for interleaved in (False, True):
+        for inplace in (False, True):
+            q0, k0 = make_qk("cpu", dtype, *qk_shape, seed=3, requires_grad=True)
+            dq = torch.randn(q0.shape, generator=g).to(dtype)
+            dk = torch.randn(k0.shape, generator=g).to(dtype)
+            q, k = (q0 * 1, k0 * 1) if inplace else (q0, k0)
+            q_out, k_out = rope(q, k, cos, sin, interleaved, inplace=inplace, backend="cpu")
+            grads = torch.autograd.grad((q_out, k_out), (q0, k0), (dq, dk))
+            q64, k64 = (t.detach().double().requires_grad_() for t in (q0, k0))
+            ref = rope_ref(q64, k64, cos.double(), sin.double(), interleaved)
+            ref_grads = torch.autograd.grad(ref, (q64, k64), (dq.double(), dk.double()))
+            for name, ours, ref_g, d in zip("qk", grads, ref_grads, (dq, dk), strict=True):
+                assert ours.dtype == dtype
+                what = f"{cpu_isa} {'interleaved' if interleaved else 'half'} {'inplace' if inplace else 'out'} d{name}"
+                _assert_rope_bound(ours, ref_g, d, rotary_dim, interleaved, what)
+
+
+def test_cpu_kernel_thread_count_independent():
+    """Each output element is computed by one thread from its own inputs: 1 and 2 threads agree bitwise."""
+    if not backends.availability("cpu", torch.device("cpu"), "rope")[0]:
+        pytest.skip("plm_engine._C not built")
+    threads = torch.get_num_threads()
+    cos, sin = tables("cpu", 64)
+    for dtype in DTYPES:
+        for interleaved in (False, True):
+            q, k = make_qk("cpu", dtype, 2, 97, 8, 2, 80)
+            results = []
+            try:
+                for n_threads in (1, 2):
+                    torch.set_num_threads(n_threads)
+                    results.append(rope(q, k, cos, sin, interleaved, backend="cpu"))
+            finally:
+                torch.set_num_threads(threads)
+            assert all(torch.equal(a, b) for a, b in zip(*results)), (dtype, interleaved)
 
 
 @pytest.mark.parametrize("device,backend", DEV_BACKENDS)
