@@ -64,6 +64,19 @@ alignas(64) constexpr float kPhiCoef[6][32] = {
     {-0.00026974844513460994f, -0.000134422502014786f, -5.641833195113577e-05f, -2.5370047296746634e-05f, -1.2140278158767615e-05f, -6.14340569882188e-06f, -3.268612999818288e-06f, -1.8189977026850102e-06f, -1.053878463608271e-06f, -6.330477049232286e-07f, -3.9280135410990624e-07f, -2.5095113187489915e-07f, -1.6460400331652636e-07f, -1.10567988542698e-07f, -7.589066086666207e-08f, -5.312056572392976e-08f, -3.785270763501103e-08f, -2.7417117465233787e-08f, -2.0157790103780826e-08f, -1.5025589661377126e-08f, -1.1342682348924882e-08f, -8.663107564643724e-09f, -6.6884737748296175e-09f, -5.2159756513958655e-09f, -4.105751738592289e-09f, -3.2600275812200152e-09f, -2.609578109158406e-09f, -2.104804330826937e-09f, -1.7097741000782207e-09f, -1.3981750202063381e-09f, -1.1505537633738072e-09f, -9.523954958012837e-10f},
 };
 
+// The same coefficients by interval: kPhiRows.r[k] = c0 .. c5 of interval k and two zeros (one 32-byte
+// row per interval, for the AVX2 transpose).
+struct alignas(32) PhiRows {
+  float r[32][8];
+};
+constexpr PhiRows make_phi_rows() {
+  PhiRows t{};
+  for (int k = 0; k < 32; ++k)
+    for (int j = 0; j < 6; ++j) t.r[k][j] = kPhiCoef[j][k];
+  return t;
+}
+constexpr PhiRows kPhiRows = make_phi_rows();
+
 // e^h for h = -a^2 / 2 in [-87.2, 0] (a < kPhiTop): k = round(h * 16 / ln2), e^h = 2^(k / 16) e^r with
 // |r| <= ln2 / 32 (ln2 / 16 = kExpC1 + kExpC2, kExpC1 with 12 significant bits so that k * kExpC1 is
 // exact). 2^(k/16) = 2^(k >> 4) 2^(j/16), j = k & 15, in one integer add: kExp2Bits[j] holds
