@@ -9,10 +9,19 @@
 //   gelu_fwd(x, approximate)      y = x * Phi(x), Phi exact (erf) for "none", tanh form for "tanh"
 //   gelu_bwd(dy, x, approximate)  dx
 #pragma once
+#include <ATen/Dispatch.h>
 #include <torch/types.h>
 
 #include <string>
 #include <tuple>
+
+// fp32, fp16 and bf16: what the CPU kernels' argument checks accept (the types the vector loads cover).
+#ifndef PLM_DISPATCH_FLOAT_TYPES
+#define PLM_DISPATCH_FLOAT_TYPES(TYPE, NAME, ...)                                                   \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                         \
+                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)                      \
+                                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+#endif
 
 namespace plm_engine {
 

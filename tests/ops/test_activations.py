@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -171,15 +168,69 @@ def _cpu_built():
     return backends.availability("cpu", torch.device("cpu"), "swiglu_fwd")[0]
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_kernels_every_isa(cpu_isa, dtype):
+    """Each ISA build of the CPU kernels: every op, forward and gradients, on one element, a partial
+    vector and more than one 2048-element chunk (whole vectors plus a partial one)."""
+    if not _cpu_built():
+        pytest.skip("plm_engine._C not built")
+    for op in OPS:
+        for lead, n in [((1,), 1), ((2, 3), 123), ((3,), 2051)]:
+            test_forward("cpu", "cpu", dtype, lead, n, op)
+            test_backward("cpu", "cpu", dtype, lead, n, op)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_cpu_gelu_tails_every_isa(cpu_isa, approximate):
+    if not _cpu_built():
+        pytest.skip("plm_engine._C not built")
+    test_gelu_tails("cpu", "cpu", approximate)
+
+
+# Significand bits and smallest subnormal of each dtype (for ulp).
+_FORMAT = {torch.float32: (24, 2.0**-149), torch.float16: (11, 2.0**-24), torch.bfloat16: (8, 2.0**-133)}
+
+
+def _ulp(ref, dtype):
+    """The spacing of `dtype` numbers in the binade of each fp64 value of ref (subnormal spacing below)."""
+    bits, tiny = _FORMAT[dtype]
+    _, e = torch.frexp(ref.abs())
+    return torch.where(ref == 0, tiny, torch.ldexp(torch.ones_like(ref), e - bits).clamp_min(tiny))
+
+
+# The fp32 exact GELU's own error bound against fp64 x Phi(x), in fp32 ulp: Phi(-|x|) = exp(-x^2 / 2) S(|x|)
+# with exp ~2 ulp and S ~2 ulp (activations.cpp). 4 ulp for |x| <= 5, 10 ulp beyond (the far tail, where
+# exp's argument reaches -87), in every ISA build (they compute the same bits). Results whose true
+# magnitude is below 2^-126 (fp32 subnormals: x < -13.05) may be flushed toward 0 (Phi(-|x|) is taken as 0
+# beyond |x| = 13.2): absolute error below GELU_TINY there.
+GELU_ULP_NEAR, GELU_ULP_FAR, GELU_TINY = 4, 10, 2.0**-126
+# Its derivative Phi(x) + x phi(x), absolute (it crosses zero near x = -0.75, where its own ulp means
+# nothing): ~1 ulp of Phi (<= 6e-8) plus the products' rounding.
+GELU_GRAD_ABS = 2e-7
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_exact_gelu_16bit_tables_on_every_input(dtype):
-    """fp16 / bf16 exact GELU looks its values up in 65536-entry tables (activations.cpp): on every
-    finite input they must be what the fp32 kernel computes, rounded once to the dtype."""
+def test_exact_gelu_16bit_tables_on_every_input(cpu_isa, dtype):
+    """fp16 / bf16 exact GELU looks its values up in 65536-entry tables (activations.cpp), built once by
+    whichever ISA build runs first: on every finite input they must be what this build's fp32 kernel
+    computes, rounded once to the dtype (so every build computes the same bits), and therefore correctly
+    rounded except within the fp32 kernel's error of a rounding tie: |y - x Phi(x)| <= 0.5 ulp (of the
+    dtype) + GELU_ULP_FAR fp32 ulp (bf16 results below GELU_TINY: absolute GELU_TINY)."""
     if not _cpu_built():
         pytest.skip("plm_engine._C not built")
     x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
     x = x[torch.isfinite(x)]
-    assert torch.equal(gelu(x, backend="cpu"), gelu(x.float(), backend="cpu").to(dtype))
+    y = gelu(x, backend="cpu")
+    assert torch.equal(y, gelu(x.float(), backend="cpu").to(dtype))
+    x64 = x.double()
+    ref = x64 * 0.5 * torch.special.erfc(-x64 / math.sqrt(2))
+    ref_t = ref.to(dtype).double()  # the correctly rounded value (saturates to inf like the kernel)
+    finite = torch.isfinite(ref_t)
+    assert torch.equal(y.double()[~finite], ref_t[~finite])
+    err = (y.double() - ref)[finite].abs()
+    bound = 0.5 * _ulp(ref[finite], dtype) + GELU_ULP_FAR * _ulp(ref[finite], torch.float32)
+    bound = torch.where(ref[finite].abs() < GELU_TINY, GELU_TINY, bound)
+    assert (err <= bound).all(), (x[finite][(err > bound)][:5], (err / _ulp(ref[finite], dtype)).max())
     dy = make("cpu", dtype, x.shape, seed=3, scale=1.0)
     xr, x32 = x.clone().requires_grad_(), x.float().requires_grad_()
     (dx,) = torch.autograd.grad(gelu(xr, backend="cpu"), xr, dy)
@@ -188,20 +239,18 @@ def test_exact_gelu_16bit_tables_on_every_input(dtype):
 
 
 def _ulp_error(y, ref):
-    """|y - ref| in units of the fp32 ulp at ref (ref in fp64)."""
+    """|y - ref| in units of the fp32 ulp at ref (ref in fp64): the spacing above ref rounded to fp32."""
     r32 = ref.float().abs()
     ulp = torch.nextafter(r32, torch.tensor(math.inf)).double() - r32.double()
     return (y.double() - ref).abs() / ulp
 
 
-def test_exact_gelu_fp32_accuracy():
+def test_exact_gelu_fp32_accuracy(cpu_isa):
     """The erf-free normal CDF against x Phi(x) in fp64, forward and derivative, over a dense sweep of
-    [-10, 10], the far tail down to -13 and random normals: at least as accurate as PyTorch eager (max
-    abs and max ulp error), and within a few ulp everywhere. Eager's x (1 + erf(x / sqrt 2)) / 2 loses
-    every digit below x = -5 (millions of ulp) and is off by ~1e-6 absolute near x = 3.5; ours evaluates
-    Phi(-|x|) = exp(-x^2 / 2) S(|x|) with exp ~2 ulp and S ~2 ulp (activations.cpp): measured max 3.8 ulp
-    for |x| <= 5. 4 ulp there (10 in the tail, where exp's argument reaches -87) fails any kernel that
-    cancels, or whose exp or S is off by a few 1e-7 relative."""
+    [-10, 10], the far tail down to -13 and random normals, in every ISA build: within the kernel's own
+    bounds above (measured max 3.8 ulp for |x| <= 5, 1.2e-7 for the derivative). These fail any kernel
+    that cancels (PyTorch's x (1 + erf(x / sqrt 2)) / 2 is off by millions of ulp below x = -5), or
+    whose exp or S is off by a few 1e-7 relative."""
     if not _cpu_built():
         pytest.skip("plm_engine._C not built")
     g = torch.Generator().manual_seed(0)
@@ -210,25 +259,18 @@ def test_exact_gelu_fp32_accuracy():
     x64 = x.double()
     cdf = 0.5 * torch.special.erfc(-x64 / math.sqrt(2))
     ref = x64 * cdf
-    y, eager = gelu(x, backend="cpu"), F.gelu(x)
-    err, err_eager = _ulp_error(y, ref), _ulp_error(eager, ref)
-    abs_err, abs_err_eager = (y.double() - ref).abs(), (eager.double() - ref).abs()
-    assert abs_err.max() <= abs_err_eager.max(), (abs_err.max(), abs_err_eager.max())
-    assert err.max() <= err_eager.max(), (err.max(), err_eager.max())
-    assert err[x.abs() <= 5].max() <= 4, err[x.abs() <= 5].max()
-    assert err.max() <= 10, (err.max(), x[err.argmax()])
-    # The derivative Phi(x) + x phi(x) (one exp serves both terms in the backward kernel).
-    xr, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+    err = _ulp_error(gelu(x, backend="cpu"), ref)
+    assert err[x.abs() <= 5].max() <= GELU_ULP_NEAR, err[x.abs() <= 5].max()
+    assert err.max() <= GELU_ULP_FAR, (err.max(), x[err.argmax()])
+    # The derivative (one exp serves both terms in the backward kernel).
+    xr = x.clone().requires_grad_()
     (dx,) = torch.autograd.grad(gelu(xr, backend="cpu").sum(), xr)
-    (dx_eager,) = torch.autograd.grad(F.gelu(xe).sum(), xe)
     dref = cdf + x64 * torch.exp(-0.5 * x64 * x64) / math.sqrt(2 * math.pi)
-    # Absolute, not ulp: the derivative crosses zero near x = -0.75, where its own ulp means nothing.
-    # ~1 ulp of Phi (<= 6e-8) plus the product's rounding: measured 1.2e-7 (eager 2.8e-7).
     dx_err = (dx.double() - dref).abs().max()
-    assert dx_err <= (dx_eager.double() - dref).abs().max() and dx_err <= 2e-7, dx_err
+    assert dx_err <= GELU_GRAD_ABS, dx_err
 
 
-def test_cpu_kernels_thread_count_independent():
+def test_cpu_kernels_thread_count_independent(cpu_isa):
     """Chunks are cut the same way whatever the thread count: 1 and 2 threads give identical bits."""
     if not _cpu_built():
         pytest.skip("plm_engine._C not built")
@@ -247,34 +289,6 @@ def test_cpu_kernels_thread_count_independent():
         finally:
             torch.set_num_threads(threads)
         assert all(torch.equal(a, b) for a, b in zip(*outs, strict=True)), dtype
-
-
-_GENERIC_SCRIPT = """
-from tests.ops.test_activations import OPS, SHAPES, inputs_for, run, run_eager, run_ref
-from tests.utils import DTYPES, assert_2x_rule
-import torch
-for dtype in DTYPES:
-    for lead, n in SHAPES:
-        for op in OPS:
-            inputs = inputs_for(op, "cpu", dtype, (*lead, n), requires_grad=True)
-            out = run(op, inputs, "cpu")
-            assert_2x_rule(out, run_ref(op, [t.detach().double() for t in inputs]),
-                           run_eager(op, [t.detach() for t in inputs]), dtype, what=op)
-            out.float().sum().backward()
-            assert all(torch.isfinite(t.grad).all() for t in inputs)
-print("ok")
-"""
-
-
-def test_generic_build():
-    """The portable kernels (what a CPU without AVX-512 runs), forced by PLM_ENGINE_CPU_ISA=generic."""
-    if not _cpu_built():
-        pytest.skip("plm_engine._C not built")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, PLM_ENGINE_CPU_ISA="generic", PYTHONPATH=root)
-    res = subprocess.run([sys.executable, "-c", _GENERIC_SCRIPT], cwd=root, env=env, capture_output=True,
-                         text=True, timeout=120)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
 
 
 def test_automatic_choice_falls_back_quietly():
