@@ -1,9 +1,9 @@
 """y = x @ weight.T + bias, with a C++ kernel for the few-row (decode) case on the CPU.
 
 At decode, x has 1..32 rows and a linear layer's time is the time to read its weight. The C++ kernel
-(csrc/cpu/linear.cpp) reads the weight once per call for all rows (AVX-512; VDPBF16PS for bf16 where the
-CPU has it): measured 1.4-2.4x F.linear bf16 at M = 1 and 1.1-3.9x at M = 4-8 on SmolLM2's layers, about
-parity at M = 32 where both are compute-bound (benchmarks/results/linear.csv, a loaded 2-core EPYC).
+(csrc/cpu/linear.cpp) reads the weight once per call for all rows, with one portable source compiled for
+AVX2, AVX-512 and generic/NEON (plus VDPBF16PS for bf16 where the CPU has AVX512_BF16); its speed
+against F.linear per instruction set is in benchmarks/results/linear.csv (benchmarks/bench_linear.py).
 
   linear_fwd(x, weight, bias) -> y    x (M, K), weight (N, K), bias (N,) or None -> y (M, N), fp32 math,
                                       the C++ op torch.ops.plm_engine.linear_fwd (CPU only)
@@ -16,8 +16,6 @@ runs it for any shape.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -74,12 +72,13 @@ def linear_op():
     return torch.ops.plm_engine.linear_fwd.default
 
 
-@functools.cache
 def cpu_kernel_isa() -> str:
-    """"avx512_bf16" | "avx512" | "generic": what the C++ kernel runs with here ("" without _C)."""
+    """"avx512_bf16" | "avx512" | "avx2" | "generic" ("neon" on aarch64): the build the C++ kernel runs
+    with now ("" without _C). Not cached: it follows extension.set_cpu_isa() (a call into _C, ~0.1 us).
+    The kernel reads the same cpu::cpu_isa() at every call (torch.ops.plm_engine.linear_cpu_isa())."""
     if not extension.has_kernel("linear_fwd", "CPU"):
         return ""
-    return torch.ops.plm_engine.linear_cpu_isa()
+    return extension.cpu_isa()
 
 
 @backends._traced_as_constant  # torch.compile: evaluated at trace time (it imports _C, untraceable)
