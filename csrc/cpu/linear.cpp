@@ -33,6 +33,7 @@
 #include <optional>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "cpu/isa.h"
 #include "cpu/simd.h"
@@ -44,6 +45,7 @@ using at::Tensor;
 namespace {
 
 constexpr int64_t kBlockN = 16;  // weight rows per block: a multiple of every tile's NR
+constexpr int kTileRows = 4;     // rows of x per tile; the last 1..3 rows of x take a smaller tile
 
 // Software prefetch into L2 of the next block's weights (its kBlockN rows are one contiguous region),
 // spread evenly over every K step of every tile of the current block, so the memory stays busy while
@@ -264,8 +266,12 @@ void linear_kernel(const Tensor& x, const Tensor& w, const float* bias, Tensor& 
   // fp32 x for the FMA tiles: x itself, or one widened copy (M * K, read from L2 per weight block).
   const Tensor xf = std::is_same_v<T, float> ? x : x.to(at::kFloat);
   const float* xp = xf.data_ptr<float>();
+  // More than one row tile per block: 16-bit weights are widened once per block into this thread's
+  // fp32 scratch (linear_blocks), not converted again by every tile.
+  const bool widen = !std::is_same_v<T, float> && M > kTileRows;
   at::parallel_for(0, n_blocks, grain_blocks(K, M), [&](int64_t b0, int64_t b1) {
-    PLM_CPU_CALL(linear_blocks<T>, xp, wp, bias, yp, M, N, K, b0, b1);
+    std::vector<float> wide(widen ? kBlockN * K : 0);
+    PLM_CPU_CALL(linear_blocks<T>, xp, wp, bias, yp, M, N, K, b0, b1, widen ? wide.data() : nullptr);
   });
 }
 
