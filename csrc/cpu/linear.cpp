@@ -17,7 +17,8 @@
 // Instruction sets (cpu::cpu_isa(), followed at every call, so set_cpu_isa() switches it at run time):
 //   generic / avx2 / avx512   the portable kernel of linear_kernels.inc, one build per vector policy:
 //                fp32 x (bf16/fp16 x widened once per call into an fp32 scratch copy), W of the input
-//                dtype widened to fp32 in registers, FMA
+//                dtype widened to fp32 in registers (or, when several row tiles read a block, once
+//                per block into a per-thread fp32 scratch), FMA
 //   avx512_bf16  bf16 weights: VDPBF16PS on bf16 pairs of x and W (x is already bf16); products are exact
 //                in fp32, but the instruction reads bf16 denormals (|v| < 1.2e-38) as 0. fp32 and fp16
 //                run the avx512 build.
