@@ -3,15 +3,20 @@
 Providers (same process, same inputs, timed in interleaved rounds):
   torch    F.linear in the case's dtype
   cpu      plm_engine's C++ kernel (ops.linear(..., backend="cpu"))
-Cases: the linear layers of SmolLM2-135M (fused qkv, o, fused gate_up, down, LM head) x rows M (the
+and, as the yardstick of a memory-bound kernel, the machine's read bandwidth measured in the same rounds:
+torch.sum over an fp32 buffer of the weight's size in bytes (the same cache level as the weight), and
+once per run over a 256 MB buffer (printed). Cases: the linear layers of SmolLM2-135M (fused qkv, o, fused gate_up, down, LM head) x rows M (the
 decode batch) x dtype. Reported per case and provider: median ms over --repeat rounds (each round a
 torch.utils.benchmark median), GB/s of weights read (N * K * itemsize / time: the bandwidth a decode
 step needs), and the speedups over F.linear in the same dtype and over F.linear fp32 (the HF default),
-both measured in the same run. Rows are appended to <out-dir>/linear.csv.
+both measured in the same run, and bw_frac = GB/s / read_gbps (the fraction of the read bandwidth the
+kernel reaches). Rows are appended to <out-dir>/linear.csv.
 
     python benchmarks/bench_linear.py                         # 2 threads (torch default here)
     python benchmarks/bench_linear.py --threads 1             # single-thread numbers
     python benchmarks/bench_linear.py --quick --no-csv        # smoke test
+    PLM_ENGINE_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+        python benchmarks/bench_linear.py --no-csv              # an AVX2-only CPU, both sides
 """
 
 from __future__ import annotations
@@ -33,13 +38,14 @@ from plm_engine.ops import backends  # noqa: E402
 from plm_engine.ops.linear import cpu_kernel_isa  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# SmolLM2-135M: hidden 576, 9 query / 3 kv heads of 64, intermediate 1536, vocab 49152. (name, N, K)
-LAYERS = [("qkv", 960, 576), ("o", 576, 576), ("gate_up", 3072, 576), ("down", 576, 1536),
+# SmolLM2-135M: hidden 576, 9 query / 3 kv heads of 64, intermediate 1536, vocab 49152. (name, N, K);
+# "k" is one unfused k or v projection.
+LAYERS = [("qkv", 960, 576), ("k", 192, 576), ("o", 576, 576), ("gate_up", 3072, 576), ("down", 576, 1536),
           ("lm_head", 49152, 576)]
 COLUMNS = [*common.ENV_COLUMNS, "op", "layer", "shape", "m", "dtype", "provider", "isa", "ms", "ms_best",
-           "gbps", "speedup_vs_torch", "speedup_vs_torch_fp32", "check"]
-TABLE_COLUMNS = ["layer", "shape", "m", "dtype", "provider", "ms", "gbps", "speedup_vs_torch",
-                 "speedup_vs_torch_fp32", "check"]
+           "gbps", "read_gbps", "bw_frac", "speedup_vs_torch", "speedup_vs_torch_fp32", "check"]
+TABLE_COLUMNS = ["layer", "shape", "m", "dtype", "provider", "ms", "gbps", "read_gbps", "bw_frac",
+                 "speedup_vs_torch", "speedup_vs_torch_fp32", "check"]
 
 
 def parse_args(argv=None):
@@ -87,6 +93,11 @@ def main(argv=None) -> int:
             raise SystemExit(f"unknown dtype {d!r}; choose from {', '.join(DTYPES)}")
     env = common.env_info("cpu")
     isa = cpu_kernel_isa()
+    big = torch.ones(64 << 20)  # 256 MB
+    big_ms = statistics.median(common.time_cpu_ms(big.sum, min_run_time=a.min_time) for _ in range(3))
+    print(f"read bandwidth (torch.sum, 256 MB fp32, {torch.get_num_threads()} threads): "
+          f"{big.numel() * 4 / (big_ms * 1e6):.1f} GB/s", file=sys.stderr)
+    del big
     g = torch.Generator().manual_seed(0)
     all_rows = []
     for name, n, k in layers:
@@ -95,6 +106,9 @@ def main(argv=None) -> int:
             x32 = torch.randn(m, k, generator=g)
             # Every (dtype, provider) of this case, fp32 torch always (the baseline), timed round-robin.
             fns, checks = {}, {}
+            for d in dtypes:  # the read-bandwidth yardstick: a sum over the weight's bytes
+                buf = torch.ones(n * k * DTYPES[d].itemsize // 4)
+                fns.setdefault((buf.numel(), "read"), buf.sum)
             for d in dict.fromkeys(["fp32", *dtypes]):
                 x, w = x32.to(DTYPES[d]), w32.to(DTYPES[d])
                 fns[(d, "torch")] = lambda x=x, w=w: F.linear(x, w)
@@ -110,10 +124,13 @@ def main(argv=None) -> int:
             for (d, provider), t in ms.items():
                 if d not in dtypes:
                     continue
+                nbytes = n * k * DTYPES[d].itemsize
+                read_gbps = nbytes / (ms[(nbytes // 4, "read")] * 1e6)
                 rows.append({**env, "op": "linear", "layer": name, "shape": f"{n}x{k}", "m": m, "dtype": d,
                              "provider": provider, "isa": isa if provider == "cpu" else "",
                              "ms": round(t, 4), "ms_best": round(min(times[(d, provider)]), 4),
-                             "gbps": round(n * k * DTYPES[d].itemsize / (t * 1e6), 2),
+                             "gbps": round(nbytes / (t * 1e6), 2), "read_gbps": round(read_gbps, 2),
+                             "bw_frac": round(nbytes / (t * 1e6) / read_gbps, 3),
                              "speedup_vs_torch": round(ms[(d, "torch")] / t, 3),
                              "speedup_vs_torch_fp32": round(ms[("fp32", "torch")] / t, 3),
                              "check": checks.get(d, "") if provider == "cpu" else ""})
@@ -122,7 +139,8 @@ def main(argv=None) -> int:
             else:
                 for r in rows:
                     print(f"{r['layer']:>8} {r['shape']:>10} M={m:<3} {r['dtype']:>4} {r['provider']:>5} "
-                          f"{r['ms']:8.3f} ms {r['gbps']:6.1f} GB/s  x{r['speedup_vs_torch']:.2f} "
+                          f"{r['ms']:8.3f} ms {r['gbps']:6.1f} GB/s ({r['bw_frac']:.2f} of {r['read_gbps']:.1f}) "
+                          f"x{r['speedup_vs_torch']:.2f} "
                           f"(x{r['speedup_vs_torch_fp32']:.2f} vs fp32) {r['check']}", file=sys.stderr, flush=True)
             if not a.no_csv:
                 common.append_csv(Path(a.out_dir) / "linear.csv", rows, COLUMNS)

@@ -3,8 +3,9 @@
 // plm_engine/ops/linear.py.
 //   linear_fwd(x, weight, bias) -> y   x (M, K), weight (N, K), bias (N,) or None; y (M, N) = x @ W^T + b
 //                                      in x's dtype (fp32, fp16 or bf16, all inputs alike), fp32 math
-//   linear_cpu_isa() -> str            the instruction set the CPU kernel runs with here:
-//                                      "avx512_bf16" | "avx512" | "generic"
+//   linear_cpu_isa() -> str            the instruction set the CPU kernel runs with now (cpu::cpu_isa(),
+//                                      followed at run time): "avx512_bf16" | "avx512" | "avx2" |
+//                                      "generic" ("neon" on aarch64)
 #include <torch/library.h>
 
 #include <optional>

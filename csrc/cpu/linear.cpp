@@ -5,22 +5,25 @@
 //  - N is cut into blocks of kBlockN = 16 weight rows; OpenMP (at::parallel_for, static contiguous
 //    ranges) spreads whole blocks over the threads.
 //  - Within a block, every tile of MR rows of x is multiplied by the block, NR weight rows at a time
-//    (MR * NR = 16 accumulators). The first tile pulls the block from memory, the others find it in
-//    L1/L2; x (at most a few hundred KB) stays in L2 for the whole call. For rows of up to 4 KB, the
-//    tiles of a block also prefetch the next block's weights (Prefetch).
-//  - A tile's 16 accumulators are 16-lane partial dot products; one fixed transposing tree (reduce16)
-//    turns them into the 16 outputs. Missing weight rows in the last block are padded with a repeated
-//    row and their outputs dropped, so every output sees the same K loop and the same reduction tree
-//    whatever M, the thread count, or where a thread's range starts: results are bitwise independent of
-//    the thread count and of the other rows in the batch.
-// Instruction sets, chosen once at run time (linear_isa()):
+//    (MR * NR accumulators: 8 on AVX2's 16 registers, 16 on AVX-512's and NEON's 32). The first tile
+//    pulls the block from memory, the others find it in L1/L2; x (at most a few hundred KB) stays in
+//    L2 for the whole call. For rows of up to 4 KB, the tiles of a block also prefetch the next block's
+//    weights (Prefetch).
+//  - Every output is a Vec::W-lane FMA dot product in a fixed K order reduced by one fixed tree
+//    (linear_kernels.inc). Missing weight rows in the last block are padded with a repeated row and
+//    their outputs dropped, so every output sees the same K loop and the same reduction whatever M, the
+//    thread count, or where a thread's range starts: results are bitwise independent of the thread
+//    count and of the other rows in the batch (for a given instruction set).
+// Instruction sets (cpu::cpu_isa(), followed at every call, so set_cpu_isa() switches it at run time):
+//   generic / avx2 / avx512   the portable kernel of linear_kernels.inc, one build per vector policy:
+//                fp32 x (bf16/fp16 x widened once per call into an fp32 scratch copy), W of the input
+//                dtype widened to fp32 in registers (or, when several row tiles read a block, once
+//                per block into a per-thread fp32 scratch), FMA
 //   avx512_bf16  bf16 weights: VDPBF16PS on bf16 pairs of x and W (x is already bf16); products are exact
-//                in fp32, but the instruction reads bf16 denormals (|v| < 1.2e-38) as 0
-//   avx512       fp32: FMA; fp16 and bf16 (without the BF16 extension): W widened to fp32 in registers
-//                (bf16 by a 16-bit shift), x widened once per call into an fp32 scratch copy
-//   generic      plain fp32 loops (no AVX-512, or PLM_ENGINE_CPU_ISA=generic|avx2): correct, not fast;
-//                plm_engine.ops.linear then keeps to F.linear unless asked for this backend explicitly.
-// PLM_ENGINE_CPU_ISA=avx512 caps the choice below the BF16 extension (to test that path here).
+//                in fp32, but the instruction reads bf16 denormals (|v| < 1.2e-38) as 0. fp32 and fp16
+//                run the avx512 build.
+// The generic build is correct, not fast: plm_engine.ops.linear keeps to F.linear there unless asked
+// for this backend explicitly.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -28,12 +31,13 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <optional>
 #include <string>
 #include <type_traits>
+#include <vector>
 
-#include "cpu/simd512.h"
+#include "cpu/isa.h"
+#include "cpu/simd.h"
 
 namespace plm_engine {
 
@@ -42,58 +46,60 @@ using at::Tensor;
 namespace {
 
 constexpr int64_t kBlockN = 16;  // weight rows per block: a multiple of every tile's NR
+constexpr int kTileRows = 4;     // rows of x per tile; the last 1..3 rows of x take a smaller tile
 
-enum class LinearIsa { kGeneric = 0, kAvx512 = 1, kAvx512Bf16 = 2 };
-
-LinearIsa detect_linear_isa() {
-  if (!cpu::avx512_enabled()) return LinearIsa::kGeneric;  // also honours PLM_ENGINE_CPU_ISA=generic|avx2
-#ifdef PLM_CPU_AVX512
-  bool bf16 = __builtin_cpu_supports("avx512bf16");
-  if (const char* env = std::getenv("PLM_ENGINE_CPU_ISA")) {
-    if (std::string(env) == "avx512") bf16 = false;
+// Software prefetch into L2 of the next block's weights (its kBlockN rows are one contiguous region),
+// spread evenly over every K step of every tile of the current block, so the memory stays busy while
+// the later row tiles compute from cache. Short rows defeat the hardware prefetcher: every tile starts
+// NR new streams of a few cache lines each. A null cursor (p == end) prefetches nothing.
+struct Prefetch {
+  const char* p = nullptr;
+  const char* end = nullptr;
+  int64_t lines = 0;  // cache lines per K step
+  inline void step() {
+    for (int64_t i = 0; i < lines && p < end; ++i, p += 64) __builtin_prefetch(p, 0, 2);
   }
-  return bf16 ? LinearIsa::kAvx512Bf16 : LinearIsa::kAvx512;
-#else
-  return LinearIsa::kGeneric;
-#endif
-}
-
-LinearIsa linear_isa() {
-  static const LinearIsa isa = detect_linear_isa();
-  return isa;
-}
-
-// Row r of a row-major matrix. The tile kernels take row pointers, so a padded tile can repeat a
-// weight row without copying.
-template <typename T>
-struct Rows {
-  const T* p;
-  int64_t stride;
-  const T* operator[](int64_t r) const { return p + r * stride; }
 };
 
-// ---- generic build -----------------------------------------------------------------------------------
-
+// The Prefetch of each block of one call: `steps` K steps per block (all its tiles together).
 template <typename T>
-void linear_rows_generic(const T* x, const T* w, const float* bias, T* y, int64_t M, int64_t N, int64_t K,
-                         int64_t n_begin, int64_t n_end) {
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    const T* wr = w + n * K;
-    for (int64_t m = 0; m < M; ++m) {
-      const T* xr = x + m * K;
-      float s = 0.f;
-      for (int64_t k = 0; k < K; ++k) s += static_cast<float>(xr[k]) * static_cast<float>(wr[k]);
-      y[m * N + n] = static_cast<T>(s + (bias != nullptr ? bias[n] : 0.f));
-    }
+struct Prefetcher {
+  const char* w;
+  const char* w_end;
+  int64_t block_bytes, lines_per_step;
+  bool on;
+  Prefetcher(const T* w_, int64_t N, int64_t K, int64_t steps)
+      : w(reinterpret_cast<const char*>(w_)),
+        w_end(reinterpret_cast<const char*>(w_ + N * K)),
+        block_bytes(kBlockN * K * static_cast<int64_t>(sizeof(T))),
+        // Rows longer than 4 KB are long enough streams for the hardware prefetcher; software prefetch
+        // of them measured slower.
+        on(K * static_cast<int64_t>(sizeof(T)) <= 4096) {
+    lines_per_step = std::max<int64_t>(1, ((block_bytes + 63) / 64 + std::max<int64_t>(steps, 1) - 1) /
+                                              std::max<int64_t>(steps, 1));
   }
-}
+  Prefetch next_block(int64_t n0) const {
+    Prefetch pf;
+    const char* p = w + (n0 / kBlockN + 1) * block_bytes;
+    if (on && p < w_end) {
+      pf.p = p;
+      pf.end = std::min(w_end, p + block_bytes);
+      pf.lines = lines_per_step;
+    }
+    return pf;
+  }
+};
+
+// The portable kernels: generic::, avx2:: and avx512::linear_blocks<T>.
+#define PLM_SIMD_KERNELS "cpu/linear_kernels.inc"
+#include "cpu/simd_instantiate.inc"
 
 }  // namespace
 }  // namespace plm_engine
 
-// ---- AVX-512 build ---------------------------------------------------------------------------------
+// ---- AVX512_BF16 extra: VDPBF16PS for bf16 x and W -------------------------------------------------
 
-#ifdef PLM_CPU_AVX512
+#ifdef PLM_SIMD_X86
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")
 #pragma GCC diagnostic push
@@ -101,7 +107,7 @@ void linear_rows_generic(const T* x, const T* w, const float* bias, T* y, int64_
 #pragma GCC diagnostic ignored "-Wuninitialized"
 namespace plm_engine {
 namespace {
-namespace avx512 {
+namespace avx512bf16 {
 
 // One level of the transposing reduction: from a and b, each holding groups of 2h partial sums, the
 // vector whose groups of h partial sums are the pairwise sums (a's groups first, then b's).
@@ -142,72 +148,6 @@ inline __m512 reduce16(__m512 (&v)[16]) {
   return fold<1>(z[0], z[1]);
 }
 
-// Software prefetch into L2 of the next block's weights (its kBlockN rows are one contiguous region),
-// spread evenly over every K step of every tile of the current block, so the memory stays busy while
-// the later row tiles compute from cache. Short rows defeat the hardware prefetcher: every tile starts
-// NR new streams of a few cache lines each (measured, one thread, bf16 576 x 49152, M = 1: 12 -> 19-27
-// GB/s). A null cursor (p == end) prefetches nothing.
-struct Prefetch {
-  const char* p = nullptr;
-  const char* end = nullptr;
-  int64_t lines = 0;  // cache lines per K step
-  inline void step() {
-    for (int64_t i = 0; i < lines && p < end; ++i, p += 64) _mm_prefetch(p, _MM_HINT_T1);
-  }
-};
-
-// 16 weights widened to fp32.
-inline __m512 load_w(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load_w(const c10::BFloat16* p) {
-  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
-}
-inline __m512 load_w(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-inline __m512 load_w(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
-inline __m512 load_w(const c10::BFloat16* p, __mmask16 k) {
-  const __m256i b = _mm256_maskz_loadu_epi16(k, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
-}
-inline __m512 load_w(const c10::Half* p, __mmask16 k) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p)); }
-
-// The MR x NR tile over the whole K: fp32 x rows, weights of type T widened in registers, FMA.
-// Lane m * NR + n of the result = dot(x[m], w[n]).
-template <int MR, int NR, typename T>
-inline __m512 tile_fma(const float* const* x, const T* const* w, int64_t K, Prefetch& pf) {
-  static_assert(MR * NR <= 16, "one tile holds at most 16 accumulators");
-  __m512 acc[16];
-#pragma GCC unroll 16
-  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    pf.step();
-    __m512 xv[MR];
-#pragma GCC unroll 4
-    for (int m = 0; m < MR; ++m) xv[m] = _mm512_loadu_ps(x[m] + k);
-#pragma GCC unroll 16
-    for (int n = 0; n < NR; ++n) {
-      const __m512 wv = load_w(w[n] + k);
-#pragma GCC unroll 4
-      for (int m = 0; m < MR; ++m) acc[m * NR + n] = _mm512_fmadd_ps(xv[m], wv, acc[m * NR + n]);
-    }
-  }
-  if (k < K) {  // masked tail: the lanes past K read as 0 and add nothing
-    const __mmask16 mask = static_cast<__mmask16>((1u << (K - k)) - 1u);
-    __m512 xv[MR];
-#pragma GCC unroll 4
-    for (int m = 0; m < MR; ++m) xv[m] = _mm512_maskz_loadu_ps(mask, x[m] + k);
-#pragma GCC unroll 16
-    for (int n = 0; n < NR; ++n) {
-      const __m512 wv = load_w(w[n] + k, mask);
-#pragma GCC unroll 4
-      for (int m = 0; m < MR; ++m) acc[m * NR + n] = _mm512_fmadd_ps(xv[m], wv, acc[m * NR + n]);
-    }
-  }
-  return reduce16(acc);
-}
-
 // The same tile for bf16 x and W with VDPBF16PS: each fp32 lane accumulates the exact products of one
 // bf16 pair per 32 elements of K.
 template <int MR, int NR>
@@ -245,103 +185,58 @@ inline __m512 tile_dpbf16(const c10::BFloat16* const* x, const c10::BFloat16* co
   return reduce16(acc);
 }
 
-// The tile kernel for (x type XT, weight type T): dpbf16 when asked, else FMA on fp32 x.
-template <bool kDp, int MR, int NR, typename XT, typename T>
-inline __m512 tile(const XT* const* x, const T* const* w, int64_t K, Prefetch& pf) {
-  if constexpr (kDp) {
-    return tile_dpbf16<MR, NR>(x, w, K, pf);
-  } else {
-    return tile_fma<MR, NR, T>(x, w, K, pf);
-  }
-}
-
-// Rows [m0, m0 + MR) of x against weight rows [n0, n0 + nb) (nb <= kBlockN), NR rows at a time.
-// Lanes [0, k) of v, rounded to T (bf16 as c10 rounds, fp16 by VCVTPS2PH), stored at p.
-inline void store_first(float* p, __m512 v, __mmask16 k) { _mm512_mask_storeu_ps(p, k, v); }
-inline void store_first(c10::BFloat16* p, __m512 v, __mmask16 k) {
-  _mm256_mask_storeu_epi16(p, k, cpu::v512::to_bf16(v));
-}
-inline void store_first(c10::Half* p, __m512 v, __mmask16 k) {
-  _mm256_mask_storeu_epi16(p, k, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-
-// Rows [m0, m0 + MR) of x against weight rows [n0, n0 + nb) (nb <= kBlockN), NR rows at a time. Each
-// tile's 16 sums (lane m * NR + n) get the bias in fp32, are rounded once to T and stored row by row.
-template <bool kDp, int MR, typename XT, typename T>
-inline void block_tiles(Rows<XT> x, const T* w, int64_t K, int64_t m0, int64_t n0, int64_t nb,
-                        const float* bias, T* y, int64_t ldy, Prefetch& pf) {
-  constexpr int NR = MR == 1 ? 16 : MR == 2 ? 8 : 4;  // at most 16 accumulators
-  const XT* xr[MR];
-  for (int m = 0; m < MR; ++m) xr[m] = x[m0 + m];
-  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-  const __m512i bias_idx = _mm512_and_si512(lane, _mm512_set1_epi32(NR - 1));  // lane i -> bias[i % NR]
+// Rows [m0, m0 + MR) of x against weight rows [n0, n0 + nb) (nb <= kBlockN), NR = 16 / MR rows at a
+// time (16 accumulators); a partial last tile repeats its last weight row and drops those outputs.
+template <int MR>
+inline void block_tiles(const c10::BFloat16* x, const c10::BFloat16* w, int64_t K, int64_t m0, int64_t n0,
+                        int64_t nb, const float* bias, c10::BFloat16* y, int64_t ldy, Prefetch& pf) {
+  constexpr int NR = MR == 1 ? 16 : MR == 2 ? 8 : 4;
+  const c10::BFloat16* xr[MR];
+  for (int m = 0; m < MR; ++m) xr[m] = x + (m0 + m) * K;
   for (int64_t j = 0; j < nb; j += NR) {
     const int64_t valid = std::min<int64_t>(NR, nb - j);
-    const __mmask16 keep = cpu::v512::first(valid);
-    const T* wr[NR];
-    for (int n = 0; n < NR; ++n) wr[n] = w + (n0 + j + std::min<int64_t>(n, valid - 1)) * K;  // pad: repeat
-    __m512 v = tile<kDp, MR, NR>(xr, wr, K, pf);
-    if (bias != nullptr)
-      v = _mm512_add_ps(v, _mm512_permutexvar_ps(bias_idx, _mm512_maskz_loadu_ps(keep, bias + n0 + j)));
-#pragma GCC unroll 4
+    const c10::BFloat16* wr[NR];
+    for (int n = 0; n < NR; ++n) wr[n] = w + (n0 + j + std::min<int64_t>(n, valid - 1)) * K;
+    alignas(64) float out[16];
+    _mm512_store_ps(out, tile_dpbf16<MR, NR>(xr, wr, K, pf));
     for (int m = 0; m < MR; ++m) {
-      const __m512 row = m == 0 ? v : _mm512_permutexvar_ps(_mm512_add_epi32(lane, _mm512_set1_epi32(m * NR)), v);
-      store_first(y + (m0 + m) * ldy + n0 + j, row, keep);
+      c10::BFloat16* yr = y + (m0 + m) * ldy + n0 + j;
+      for (int64_t n = 0; n < valid; ++n)
+        yr[n] = cpu::simd::from_f<c10::BFloat16>(out[m * NR + n] + (bias != nullptr ? bias[n0 + j + n] : 0.f));
     }
   }
 }
 
 // Weight blocks [b_begin, b_end) of kBlockN rows, all M rows of x.
-template <bool kDp, typename XT, typename T>
-void linear_blocks(Rows<XT> x, const T* w, const float* bias, T* y, int64_t M, int64_t N, int64_t K,
-                   int64_t b_begin, int64_t b_end) {
-  // Rows longer than 4 KB are long enough streams for the hardware prefetcher; software prefetch of
-  // them measured slower (fp32 1536 x 16384: 19-25 -> 17-21 GB/s).
-  const bool prefetch = K * static_cast<int64_t>(sizeof(T)) <= 4096;
-  // K steps per block: every row tile (MR rows, NR = 16 / MR rounded to 4, 8, 16) runs nb / NR tiles.
-  constexpr int64_t kStep = kDp ? 32 : 16;
-  const int64_t k_steps = (K + kStep - 1) / kStep;
+void linear_blocks(const c10::BFloat16* x, const c10::BFloat16* w, const float* bias, c10::BFloat16* y,
+                   int64_t M, int64_t N, int64_t K, int64_t b_begin, int64_t b_end) {
   const int64_t r = M % 4;
   const int64_t tiles = (M / 4) * (kBlockN / 4) + (r == 3 ? 4 : r == 2 ? 2 : r == 1 ? 1 : 0);
-  const int64_t block_lines = (kBlockN * K * static_cast<int64_t>(sizeof(T)) + 63) / 64;
-  const int64_t steps = std::max<int64_t>(1, tiles * k_steps);  // K = 0: no steps, nothing to prefetch
-  const int64_t lines_per_step = std::max<int64_t>(1, (block_lines + steps - 1) / steps);
-  const char* const w_end = reinterpret_cast<const char*>(w + N * K);
+  const Prefetcher pfr(w, N, K, tiles * ((K + 31) / 32));
   for (int64_t b = b_begin; b < b_end; ++b) {
     const int64_t n0 = b * kBlockN, nb = std::min(kBlockN, N - n0);
-    Prefetch pf;
-    if (prefetch && n0 + kBlockN < N) {
-      pf.p = reinterpret_cast<const char*>(w + (n0 + kBlockN) * K);
-      pf.end = std::min(w_end, pf.p + kBlockN * K * static_cast<int64_t>(sizeof(T)));
-      pf.lines = lines_per_step;
-    }
+    Prefetch pf = pfr.next_block(n0);
     int64_t m0 = 0;
-    for (; m0 + 4 <= M; m0 += 4) block_tiles<kDp, 4>(x, w, K, m0, n0, nb, bias, y, N, pf);
+    for (; m0 + 4 <= M; m0 += 4) block_tiles<4>(x, w, K, m0, n0, nb, bias, y, N, pf);
     switch (M - m0) {
-      case 3: block_tiles<kDp, 3>(x, w, K, m0, n0, nb, bias, y, N, pf); break;
-      case 2: block_tiles<kDp, 2>(x, w, K, m0, n0, nb, bias, y, N, pf); break;
-      case 1: block_tiles<kDp, 1>(x, w, K, m0, n0, nb, bias, y, N, pf); break;
+      case 3: block_tiles<3>(x, w, K, m0, n0, nb, bias, y, N, pf); break;
+      case 2: block_tiles<2>(x, w, K, m0, n0, nb, bias, y, N, pf); break;
+      case 1: block_tiles<1>(x, w, K, m0, n0, nb, bias, y, N, pf); break;
       default: break;
     }
   }
 }
 
-}  // namespace avx512
+}  // namespace avx512bf16
 }  // namespace
 }  // namespace plm_engine
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
-#endif  // PLM_CPU_AVX512
+#endif  // PLM_SIMD_X86
 
 namespace plm_engine {
 
-std::string linear_cpu_isa() {
-  switch (linear_isa()) {
-    case LinearIsa::kAvx512Bf16: return "avx512_bf16";
-    case LinearIsa::kAvx512: return "avx512";
-    default: return "generic";
-  }
-}
+std::string linear_cpu_isa() { return cpu::isa_name(cpu::cpu_isa()); }
 
 namespace {
 
@@ -355,33 +250,29 @@ int64_t grain_blocks(int64_t K, int64_t M) {
 template <typename T>
 void linear_kernel(const Tensor& x, const Tensor& w, const float* bias, Tensor& y) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  const T* xp = x.data_ptr<T>();
   const T* wp = w.data_ptr<T>();
   T* yp = y.data_ptr<T>();
   const int64_t n_blocks = (N + kBlockN - 1) / kBlockN;
-  const LinearIsa isa = linear_isa();
-#ifdef PLM_CPU_AVX512
-  if (isa != LinearIsa::kGeneric) {
-    if constexpr (std::is_same_v<T, c10::BFloat16>) {
-      if (isa == LinearIsa::kAvx512Bf16) {
-        const Rows<T> xr{xp, K};
-        at::parallel_for(0, n_blocks, grain_blocks(K, M), [&](int64_t b0, int64_t b1) {
-          avx512::linear_blocks<true>(xr, wp, bias, yp, M, N, K, b0, b1);
-        });
-        return;
-      }
+#ifdef PLM_SIMD_X86
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (cpu::cpu_isa() == cpu::Isa::kAvx512Bf16) {
+      const T* xp = x.data_ptr<T>();
+      at::parallel_for(0, n_blocks, grain_blocks(K, M), [&](int64_t b0, int64_t b1) {
+        avx512bf16::linear_blocks(xp, wp, bias, yp, M, N, K, b0, b1);
+      });
+      return;
     }
-    // fp32 x for the FMA tiles: x itself, or one widened copy (M * K, read from L2 per weight block).
-    Tensor xf = std::is_same_v<T, float> ? x : x.to(at::kFloat);
-    const Rows<float> xr{xf.data_ptr<float>(), K};
-    at::parallel_for(0, n_blocks, grain_blocks(K, M), [&](int64_t b0, int64_t b1) {
-      avx512::linear_blocks<false>(xr, wp, bias, yp, M, N, K, b0, b1);
-    });
-    return;
   }
 #endif
+  // fp32 x for the FMA tiles: x itself, or one widened copy (M * K, read from L2 per weight block).
+  const Tensor xf = std::is_same_v<T, float> ? x : x.to(at::kFloat);
+  const float* xp = xf.data_ptr<float>();
+  // More than one row tile per block: 16-bit weights are widened once per block into this thread's
+  // fp32 scratch (linear_blocks), not converted again by every tile.
+  const bool widen = !std::is_same_v<T, float> && M > kTileRows;
   at::parallel_for(0, n_blocks, grain_blocks(K, M), [&](int64_t b0, int64_t b1) {
-    linear_rows_generic(xp, wp, bias, yp, M, N, K, b0 * kBlockN, std::min(N, b1 * kBlockN));
+    std::vector<float> wide(widen ? kBlockN * K : 0);
+    PLM_CPU_CALL(linear_blocks<T>, xp, wp, bias, yp, M, N, K, b0, b1, widen ? wide.data() : nullptr);
   });
 }
 

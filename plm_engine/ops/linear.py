@@ -1,9 +1,9 @@
 """y = x @ weight.T + bias, with a C++ kernel for the few-row (decode) case on the CPU.
 
 At decode, x has 1..32 rows and a linear layer's time is the time to read its weight. The C++ kernel
-(csrc/cpu/linear.cpp) reads the weight once per call for all rows (AVX-512; VDPBF16PS for bf16 where the
-CPU has it): measured 1.4-2.4x F.linear bf16 at M = 1 and 1.1-3.9x at M = 4-8 on SmolLM2's layers, about
-parity at M = 32 where both are compute-bound (benchmarks/results/linear.csv, a loaded 2-core EPYC).
+(csrc/cpu/linear.cpp) reads the weight once per call for all rows, with one portable source compiled for
+AVX2, AVX-512 and generic/NEON (plus VDPBF16PS for bf16 where the CPU has AVX512_BF16); its speed
+against F.linear per instruction set is in benchmarks/results/linear.csv (benchmarks/bench_linear.py).
 
   linear_fwd(x, weight, bias) -> y    x (M, K), weight (N, K), bias (N,) or None -> y (M, N), fp32 math,
                                       the C++ op torch.ops.plm_engine.linear_fwd (CPU only)
@@ -17,8 +17,6 @@ runs it for any shape.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -26,14 +24,19 @@ from plm_engine.ops import backends, extension
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Per ISA of the C++ kernel (cpu_kernel_isa()) and dtype: the largest row count M (x's leading dims
-# multiplied) for which the automatic choice takes the kernel; F.linear beyond. Measured with
-# benchmarks/bench_linear.py (SmolLM2-135M layers, 1 and 2 threads, 2-core AVX-512 EPYC): the kernel
-# wins up to M = 32 (bf16 with VDPBF16PS; parity at 32-64), 64 (fp32: 1.0-1.6x there) and 128 (fp16:
-# PyTorch's CPU fp16 matmul is ~4x slower). Without the BF16 extension the bf16 kernel widens W and
-# loses to F.linear from M = 8. The generic build (no AVX-512) is never chosen automatically.
+# multiplied) for which the automatic choice takes the kernel; F.linear beyond. How it was measured:
+# benchmarks/bench_linear.py --rows 1,2,4,8,16,32,64 --dtypes fp32,bf16,fp16 (SmolLM2-135M's layers,
+# torch's default threads, kernel and F.linear interleaved in one process), once per ISA with
+# PLM_ENGINE_CPU_ISA set; AVX2 on an AVX-512 machine capped to AVX2 for both sides (ATEN_CPU_CAPABILITY=
+# avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2). The limit is the largest measured M at
+# which one decode step's linear layers (30 x (qkv + o + gate_up + down) + lm_head) take clearly less
+# time with the kernel than with F.linear. "avx512" and "avx512_bf16" run the same fp32 and fp16 code;
+# their bf16 differs (W widened + FMA, or VDPBF16PS). F.linear's bf16 was measured with AMX there, so
+# the bf16 limits are conservative for CPUs without it. The generic build is never chosen automatically.
 KERNEL_MAX_ROWS = {
-    "avx512_bf16": {torch.bfloat16: 32, torch.float32: 64, torch.float16: 128},
-    "avx512": {torch.bfloat16: 4, torch.float32: 64, torch.float16: 128},
+    "avx2": {torch.float32: 8, torch.bfloat16: 64, torch.float16: 64},
+    "avx512": {torch.float32: 16, torch.bfloat16: 4, torch.float16: 8},
+    "avx512_bf16": {torch.float32: 16, torch.bfloat16: 8, torch.float16: 8},
 }
 
 
@@ -74,12 +77,13 @@ def linear_op():
     return torch.ops.plm_engine.linear_fwd.default
 
 
-@functools.cache
 def cpu_kernel_isa() -> str:
-    """"avx512_bf16" | "avx512" | "generic": what the C++ kernel runs with here ("" without _C)."""
+    """"avx512_bf16" | "avx512" | "avx2" | "generic" ("neon" on aarch64): the build the C++ kernel runs
+    with now ("" without _C). Not cached: it follows extension.set_cpu_isa() (a call into _C, ~0.1 us).
+    The kernel reads the same cpu::cpu_isa() at every call (torch.ops.plm_engine.linear_cpu_isa())."""
     if not extension.has_kernel("linear_fwd", "CPU"):
         return ""
-    return torch.ops.plm_engine.linear_cpu_isa()
+    return extension.cpu_isa()
 
 
 @backends._traced_as_constant  # torch.compile: evaluated at trace time (it imports _C, untraceable)
