@@ -141,7 +141,9 @@ void selftest(const char* name, int* out, int64_t out_len, int blocks, int threa
     emu_launch(k == "neighbour" ? neighbour_kernel : neighbour_no_barrier_kernel, grid, block, 0, out, 17);
   } else if (k == "warp_neighbour" || k == "warp_neighbour_no_sync") {
     need(threads);
-    emu_launch(warp_neighbour_kernel, dim3(1), block, 0, out, 5, k == "warp_neighbour");
+    // Different salts: the no-sync run must not find the synced run's values in the shared array.
+    const bool sync = k == "warp_neighbour";
+    emu_launch(warp_neighbour_kernel, dim3(1), block, 0, out, sync ? 5 : 9, sync);
   } else if (k == "shfl") {
     need(int64_t{threads} * 10);
     emu_launch(shfl_kernel, dim3(1), block, 0, out);
