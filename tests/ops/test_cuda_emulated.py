@@ -32,7 +32,10 @@ from tests.utils import DTYPES, assert_2x_rule
 
 @pytest.fixture(scope="module")
 def emu():
-    ops, why = cuda_emu.load()
+    try:
+        ops, why = cuda_emu.load()
+    except Exception as e:  # noqa: BLE001 - the compiler's message is the failure
+        pytest.fail(f"the CUDA emulation extension failed to build: {e}")
     if ops is None:
         pytest.skip(why)
     return ops
@@ -75,25 +78,27 @@ def test_lanes_of_a_warp_are_not_implicitly_synchronous(emu):
 def _shfl_expected(threads):
     """CUDA's shuffle semantics, written independently of the emulator: a source lane outside the
     caller's width-segment (or past the warp) gives the caller's own value."""
+
+    def val(warp, lane):
+        return 1 + lane * 10 + warp * 1000
+
+    def seg(warp, lane, w, src):
+        base = lane - lane % w
+        return val(warp, src if base <= src < base + w else lane)
+
     rows = []
     for t in range(threads):
         lane, warp = t % 32, t // 32
-        val = lambda src_lane: 1 + src_lane * 10 + warp * 1000  # noqa: E731
-
-        def seg(w, src):
-            base = lane - lane % w
-            return val(src) if base <= src < base + w else val(lane)
-
         rows.append([
-            val(lane ^ 1), val(lane ^ 16),
-            val(lane + 3) if lane + 3 < 32 else val(lane),
-            val(lane - 5) if lane >= 5 else val(lane),
-            val(7),
-            seg(8, lane ^ 4),
-            seg(16, lane + 3),
-            seg(8, lane - 2),
-            val(lane - lane % 4 + 6 % 4),
-            val(lane ^ 2),
+            val(warp, lane ^ 1), val(warp, lane ^ 16),
+            seg(warp, lane, 32, lane + 3),
+            seg(warp, lane, 32, lane - 5),
+            val(warp, 7),
+            seg(warp, lane, 8, lane ^ 4),
+            seg(warp, lane, 16, lane + 3),
+            seg(warp, lane, 8, lane - 2),
+            val(warp, lane - lane % 4 + 6 % 4),
+            val(warp, lane ^ 2),
         ])
     return torch.tensor(rows, dtype=torch.int32)
 
