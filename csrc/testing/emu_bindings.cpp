@@ -242,6 +242,10 @@ Tensor selftest(const std::string& name, int64_t out_len, int64_t blocks, int64_
   return out;
 }
 
+std::string set_order(const std::string& order) {
+  return guarded([&] { return std::string(plm_emu_ops::set_order(order.c_str())); });
+}
+
 }  // namespace
 
 // Catch-all kernels: plain CPU functions, no autograd or other dispatch keys involved.
@@ -261,4 +265,5 @@ TORCH_LIBRARY(plm_emu, m) {
         " float scale, int num_splits) -> Tensor", &paged_attn);
   m.def("write_kv_cache(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()", &write_kv_cache);
   m.def("selftest(str name, int out_len, int blocks, int threads) -> Tensor", &selftest);
+  m.def("set_order(str order) -> str", &set_order);
 }

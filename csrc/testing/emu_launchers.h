@@ -90,4 +90,8 @@ void write_kv_cache(const WriteKvCall& c);
 // ---- the emulator's own tests (emu_selftest.cpp): runs kernel `name`, writes int32 results to out ----
 void selftest(const char* name, int* out, int64_t out_len, int blocks, int threads);
 
+// The order in which the emulator resumes a block's threads ("forward", "reverse", "alternate": see
+// plm_emu::Order) for the following launches; returns the previous one.
+const char* set_order(const char* order);
+
 }  // namespace plm_emu_ops

@@ -176,4 +176,23 @@ void selftest(const char* name, int* out, int64_t out_len, int blocks, int threa
   }
 }
 
+const char* set_order(const char* order) {
+  const std::string o = order;
+  plm_emu::Order next;
+  if (o == "forward") {
+    next = plm_emu::Order::kForward;
+  } else if (o == "reverse") {
+    next = plm_emu::Order::kReverse;
+  } else if (o == "alternate") {
+    next = plm_emu::Order::kAlternate;
+  } else {
+    throw std::invalid_argument("cuda_emu: unknown order " + o);
+  }
+  switch (plm_emu::set_order(next)) {
+    case plm_emu::Order::kForward: return "forward";
+    case plm_emu::Order::kReverse: return "reverse";
+    default: return "alternate";
+  }
+}
+
 }  // namespace plm_emu_ops

@@ -141,10 +141,19 @@ def test_atomics_and_builtin_indices(emu):
     ("invalid_block", "invalid launch: block \\(2048,1,1\\)"),
 ])
 def test_broken_kernels_fail_with_a_clear_error(emu, name, message):
+    # Each is undefined behaviour (a hang, at best) or a launch error on a GPU: here a clear error.
     with pytest.raises(RuntimeError, match=message):
         emu.selftest(name, 64, 1, 64)
     # The emulator is usable again after the error.
     assert emu.selftest("atomic", 2, 1, 32).tolist() == [32, 31]
+
+
+@pytest.fixture
+def thread_order(emu, request):
+    """Runs the test with the emulator resuming threads in the given order, restored afterwards."""
+    old = emu.set_order(request.param)
+    yield request.param
+    emu.set_order(old)
 
 
 # ---- norms ---------------------------------------------------------------------------------------
@@ -236,6 +245,21 @@ def test_norm_fp32_weight_with_bf16_input(emu, kind):
     assert_2x_rule(dw, ref[2], low[2], torch.bfloat16, what="mixed dweight")
 
 
+@pytest.mark.parametrize("thread_order", ["forward", "reverse"], indirect=True)
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_norm_in_one_block_under_both_thread_orders(emu, thread_order, kind):
+    """One row, one block of 8 warps: alternating orders alone would run it forward only."""
+    is_rms = kind == "rms"
+    dtype = torch.float16
+    x, w, b, r, dy, dh = _norm_case(dtype, 1, 2000, kind, True)
+    y, h, mean, rstd = emu.norm_fwd(x, w, b, r, 1e-6 if is_rms else 1e-5, is_rms, 0)
+    ref, low = _norm_refs(kind, x, w, b, r, dy, dh, dtype)
+    assert_2x_rule(y, ref[0], low[0], dtype, what=f"{kind} forward ({thread_order})")
+    dx, dw, db = emu.norm_bwd(dy, dh, h, w, mean, rstd, b is not None, is_rms, 1)
+    assert_2x_rule(dx, ref[1], low[1], dtype, what=f"{kind} dx ({thread_order})")
+    assert_2x_rule(dw, ref[2], low[2], dtype, what=f"{kind} dweight ({thread_order})")
+
+
 # ---- softmax -------------------------------------------------------------------------------------
 
 SOFTMAX_CASES = [((3, 1, 1), False), ((2, 3, 7), False), ((1, 2, 1000), False), ((2, 5, 7), True),
@@ -257,6 +281,14 @@ def test_softmax_forward_backward(emu, dtype, shape, causal):
     xl = x.clone().requires_grad_()
     (low_dx,) = torch.autograd.grad(softmax_ref(xl, scale=scale, causal=causal), xl, dy)
     assert_2x_rule(dx, ref_dx, low_dx, dtype, what="softmax dx")
+
+
+@pytest.mark.parametrize("thread_order", ["forward", "reverse"], indirect=True)
+def test_softmax_one_row_under_both_thread_orders(emu, thread_order):
+    x = randn((1, 1, 3001), torch.float32, 11, 3.0)
+    y = emu.softmax_fwd(x, 0.5, False)
+    assert_2x_rule(y, softmax_ref(x.double(), scale=0.5), softmax_ref(x, scale=0.5), torch.float32,
+                   what=f"softmax ({thread_order})")
 
 
 def test_softmax_masked_and_infinite_rows(emu):
