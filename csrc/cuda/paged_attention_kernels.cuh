@@ -1,6 +1,6 @@
-// The kernels of paged_attention.cu (paged decode attention, KV-cache write), in a header of their own so that the tests can also compile them as
-// host code under csrc/testing/cuda_emu.h and check them on a machine without a GPU
-// (tests/ops/test_cuda_emulated.py). No ATen or CUDA runtime in here.
+// The kernels of paged_attention.cu (paged decode attention, KV-cache write), in a header of their own
+// so that the tests can also compile them as host code under csrc/testing/cuda_emu.h and check them on
+// a machine without a GPU (tests/ops/test_cuda_emulated.py). No ATen or CUDA runtime in here.
 #pragma once
 
 #include <cuda_fp16.h>

@@ -19,7 +19,13 @@
 //
 // Not emulated: dynamic (extern) shared memory, which no kernel uses; memory fences and the memory
 // model beyond the barriers (a single OS thread makes every write visible at once); the accuracy of
-// --use_fast_math intrinsics (host libm is more accurate, which the tolerance tests allow).
+// --use_fast_math intrinsics (host libm is more accurate, which the tolerance tests allow);
+// __launch_bounds__ limits (ignored). Shared memory is not poisoned between blocks: `static` locals of
+// templates cannot be enumerated, so a read before any write sees the previous block's data (zeros on
+// the first launch), not garbage; the alternating resume order still makes most such races visible.
+//
+// Needs C++20 (__VA_OPT__), glibc's ucontext, and the host parts of the CUDA headers (a toolkit's, or
+// those of the nvidia-* wheels that a CUDA build of torch installs); no nvcc, no GPU.
 #pragma once
 
 #if defined(__CUDACC__)
@@ -498,19 +504,17 @@ inline const dim3& grid_dim() {
 
 // Shuffles and votes take the call site as extra arguments, for the error messages; the macros keep
 // CUDA's signatures (width defaults to the warp size).
-#define __shfl_sync(mask, v, src, ...) \
-  ::plm_emu::detail::shfl_at(::plm_emu::detail::Op::kShflIdx, __FILE__, __LINE__, mask, v, src __VA_OPT__(, ) __VA_ARGS__)
-#define __shfl_up_sync(mask, v, delta, ...) \
-  ::plm_emu::detail::shfl_at(::plm_emu::detail::Op::kShflUp, __FILE__, __LINE__, mask, v, delta __VA_OPT__(, ) __VA_ARGS__)
-#define __shfl_down_sync(mask, v, delta, ...) \
-  ::plm_emu::detail::shfl_at(::plm_emu::detail::Op::kShflDown, __FILE__, __LINE__, mask, v, delta __VA_OPT__(, ) __VA_ARGS__)
-#define __shfl_xor_sync(mask, v, lane_mask, ...) \
-  ::plm_emu::detail::shfl_at(::plm_emu::detail::Op::kShflXor, __FILE__, __LINE__, mask, v, lane_mask __VA_OPT__(, ) __VA_ARGS__)
-#define __ballot_sync(mask, pred) ::plm_emu::detail::vote_at(::plm_emu::detail::Op::kBallot, __FILE__, __LINE__, mask, pred)
-#define __any_sync(mask, pred) \
-  static_cast<int>(::plm_emu::detail::vote_at(::plm_emu::detail::Op::kAny, __FILE__, __LINE__, mask, pred))
-#define __all_sync(mask, pred) \
-  static_cast<int>(::plm_emu::detail::vote_at(::plm_emu::detail::Op::kAll, __FILE__, __LINE__, mask, pred))
+#define PLM_EMU_SHFL(op, mask, v, param, ...) \
+  ::plm_emu::detail::shfl_at(::plm_emu::detail::Op::op, __FILE__, __LINE__, mask, v, param __VA_OPT__(, ) __VA_ARGS__)
+#define __shfl_sync(mask, v, src, ...) PLM_EMU_SHFL(kShflIdx, mask, v, src __VA_OPT__(, ) __VA_ARGS__)
+#define __shfl_up_sync(mask, v, delta, ...) PLM_EMU_SHFL(kShflUp, mask, v, delta __VA_OPT__(, ) __VA_ARGS__)
+#define __shfl_down_sync(mask, v, delta, ...) PLM_EMU_SHFL(kShflDown, mask, v, delta __VA_OPT__(, ) __VA_ARGS__)
+#define __shfl_xor_sync(mask, v, lane_mask, ...) PLM_EMU_SHFL(kShflXor, mask, v, lane_mask __VA_OPT__(, ) __VA_ARGS__)
+#define PLM_EMU_VOTE(op, mask, pred) \
+  ::plm_emu::detail::vote_at(::plm_emu::detail::Op::op, __FILE__, __LINE__, mask, pred)
+#define __ballot_sync(mask, pred) PLM_EMU_VOTE(kBallot, mask, pred)
+#define __any_sync(mask, pred) static_cast<int>(PLM_EMU_VOTE(kAny, mask, pred))
+#define __all_sync(mask, pred) static_cast<int>(PLM_EMU_VOTE(kAll, mask, pred))
 
 namespace plm_emu {
 namespace detail {

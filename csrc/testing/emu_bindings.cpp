@@ -263,7 +263,8 @@ TORCH_LIBRARY(plm_emu, m) {
         " bool conjugate) -> ()", &rope_inplace);
   m.def("paged_attn(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor cache_seqlens,"
         " float scale, int num_splits) -> Tensor", &paged_attn);
-  m.def("write_kv_cache(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()", &write_kv_cache);
+  m.def("write_kv_cache(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()",
+        &write_kv_cache);
   m.def("selftest(str name, int out_len, int blocks, int threads) -> Tensor", &selftest);
   m.def("set_order(str order) -> str", &set_order);
 }

@@ -36,9 +36,10 @@ void bwd(const T* dy, const T* dh, const T* h, const W* w, const float* mean, co
   using namespace plm_engine;
   constexpr int kIters = kBwdElems / VEC;
   const LaunchShape s = pick_shape(n, VEC, kIters, kBwdMaxThreads);
-  // norms.cu takes min(resident blocks, one row group per row, wanted) blocks; the test picks the first.
+  // norms.cu takes min(resident blocks, one row group per row, wanted) blocks; the test picks the first
+  // (0: one row group per row), so that groups of several rows and groups with none are both tested.
   const int64_t one_row_each = ceil_div<int64_t>(rows, s.rows_per_block);
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(bwd_blocks > 0 ? bwd_blocks : one_row_each, one_row_each));
+  const int64_t blocks = std::max<int64_t>(1, std::min(bwd_blocks > 0 ? bwd_blocks : one_row_each, one_row_each));
   const int64_t groups = blocks * s.rows_per_block;
   const int64_t rows_per_group = ceil_div<int64_t>(rows, groups);
   // Cached groups must write every entry of their partial row: NaN poison shows one they miss.
