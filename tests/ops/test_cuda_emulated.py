@@ -231,6 +231,14 @@ def test_norm_forward_backward(emu, dtype, rows, n, max_blocks, bwd_blocks, kind
         assert_2x_rule(db, ref[3], low[3], dtype, what=f"{kind} dbias")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind,residual", [("layer", True), ("rms", False)])
+def test_norm_chunked_rows_in_packs(emu, dtype, kind, residual):
+    """n = 16392: 16-byte packs on a row longer than the forward's register cache (1024 threads x 16)
+    and the backward's (512 x 16), so both run their chunked loops on the packed path."""
+    test_norm_forward_backward(emu, dtype, 1, 16392, 0, 1, kind, residual)
+
+
 @pytest.mark.parametrize("kind", ["layer", "rms"])
 def test_norm_fp32_weight_with_bf16_input(emu, kind):
     is_rms = kind == "rms"
