@@ -22,12 +22,14 @@ CSRC = os.path.join(ROOT, "csrc")
 SOURCES = ["emu_bindings.cpp", "emu_norms.cpp", "emu_softmax.cpp", "emu_activations.cpp", "emu_rope.cpp",
            "emu_paged_attention.cpp", "emu_selftest.cpp"]
 # The host halves of the CUDA headers the kernels and the emulator include.
-NEEDED_HEADERS = ("cuda_fp16.h", "cuda_bf16.h", "vector_types.h", "vector_functions.h")
+# cuda_fp16.h includes crt/ and CCCL's nv/target, which the nvidia-* and triton wheels' copies lack today.
+NEEDED_HEADERS = ("cuda_fp16.h", "cuda_bf16.h", "vector_types.h", "vector_functions.h", "crt/host_defines.h",
+                  "nv/target")
 
 
 def cuda_include_dir() -> str | None:
-    """A folder with the CUDA headers the emulation needs: a toolkit's, or the nvidia wheels' that a
-    CUDA build of torch installs (no nvcc needed)."""
+    """A folder with the CUDA headers the emulation needs: a toolkit's, or a wheel's that has all of them
+    (the nvidia-* wheels of a CUDA build of torch; no nvcc needed)."""
     candidates = []
     for var in ("CUDA_HOME", "CUDA_PATH"):
         if os.environ.get(var):

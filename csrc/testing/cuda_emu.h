@@ -24,8 +24,8 @@
 // templates cannot be enumerated, so a read before any write sees the previous block's data (zeros on
 // the first launch), not garbage; the alternating resume order still makes most such races visible.
 //
-// Needs C++20 (__VA_OPT__), glibc's ucontext, and the host parts of the CUDA headers (a toolkit's, or
-// those of the nvidia-* wheels that a CUDA build of torch installs); no nvcc, no GPU.
+// Needs C++20 (__VA_OPT__), glibc's ucontext, and the host parts of a CUDA toolkit's headers
+// (cuda_fp16.h, cuda_bf16.h, vector_types.h and what they include); no nvcc, no GPU.
 #pragma once
 
 #if defined(__CUDACC__)
