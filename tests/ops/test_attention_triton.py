@@ -7,13 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from plm_engine.ops import backends
 from plm_engine.ops.reference import attention_ref, attention_varlen_ref
-from tests.utils import ATOL, max_err
+from tests.utils import ATOL, max_err, triton_test_device
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-_OK, _WHY = backends.availability("triton", torch.device(DEVICE), "attn_fwd")
-pytestmark = pytest.mark.skipif(not _OK, reason=_WHY)
+# On a GPU machine every test here runs on the GPU and carries the cuda mark; elsewhere they run under
+# the Triton interpreter on CPU tensors. Where the expectation differs by device, the test says so.
+DEVICE, pytestmark = triton_test_device("attn_fwd")
 
 
 def _mod():
@@ -204,7 +203,8 @@ def test_launchers_allocate_no_score_matrix():
     """Every tensor the forward and backward allocate (through torch's allocator: outputs, lse, delta,
     and the interpreter's copies of the arguments) is O(seqlen * head_dim): none is seqlen x seqlen."""
     if DEVICE != "cpu":
-        pytest.skip("CPU allocator accounting; the GPU test below measures device memory")
+        pytest.skip("CPU allocator accounting (interpreter only); on a GPU test_no_quadratic_memory_on_gpu "
+                    "measures device memory")
     from torch.profiler import ProfilerActivity, profile
 
     mod = _mod()
