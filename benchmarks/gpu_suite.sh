@@ -25,9 +25,11 @@
 #
 # Knobs (environment):
 #   SUITE_BUDGET_S=540       total seconds for all phases (the packing at the end is kept out of it)
-#   SUITE_BUILD_S=240 SUITE_SELFCHECK_S=90 SUITE_TESTS_S=200 SUITE_BENCH_RESERVE_S=150
-#                            per-phase caps; the tests stop early enough to leave the benchmarks their reserve
-#   SUITE_TEST_TIMEOUT_S=90  per-test timeout
+#   SUITE_BUILD_S=240 SUITE_SELFCHECK_S=75 SUITE_TESTS_S=180 SUITE_BENCH_RESERVE_S=210
+#                            per-phase caps; the tests stop early enough to leave the benchmarks their reserve,
+#                            which they share equally (at least 30 s each, in the order below; those that no
+#                            longer fit are listed as "skipped (budget spent)")
+#   SUITE_TEST_TIMEOUT_S=60  per-test timeout
 #   SUITE_TEST_WORKERS=N     pytest-xdist workers (default: min(8, nproc / 2)); 1: serial
 #   SUITE_TESTS="tests/"     what pytest collects; SUITE_TEST_MARK=cuda its -m expression
 #   SUITE_ONLY="build info selfcheck tests benches"   the phases to run
@@ -201,7 +203,7 @@ else
   # Without a GPU the Triton kernels would run interpreted (minutes): the dry run checks the rest.
   SC_ARGS=(selfcheck --json)
   [[ $HAVE_GPU == 0 ]] && SC_ARGS+=(--no-triton)
-  step selfcheck "${SUITE_SELFCHECK_S:-90}" bash -c '"$@" >"'"$STAGE"'/selfcheck.json"' _ "${PLM[@]}" "${SC_ARGS[@]}"
+  step selfcheck "${SUITE_SELFCHECK_S:-75}" bash -c '"$@" >"'"$STAGE"'/selfcheck.json"' _ "${PLM[@]}" "${SC_ARGS[@]}"
 fi
 
 # ---- 3. CUDA tests --------------------------------------------------------------------------------------------
@@ -312,8 +314,8 @@ if [[ "$ONLY" != *" tests "* ]]; then
   skip cuda_tests "not in SUITE_ONLY"
 else
   # Leave the benchmarks their reserve: the tests get min(cap, left - reserve), at least 30 s.
-  T_CAP="${SUITE_TESTS_S:-200}"
-  T_AVAIL=$(($(left) - ${SUITE_BENCH_RESERVE_S:-150}))
+  T_CAP="${SUITE_TESTS_S:-180}"
+  T_AVAIL=$(($(left) - ${SUITE_BENCH_RESERVE_S:-210}))
   ((T_AVAIL < 30)) && T_AVAIL=30
   ((T_AVAIL < T_CAP)) && T_CAP=$T_AVAIL
   L=$(left); ((L < T_CAP)) && T_CAP=$L
@@ -321,7 +323,7 @@ else
   MARGIN=$((T_CAP / 4 < 25 ? T_CAP / 4 : 25))
   read -r -a TEST_PATHS <<<"${SUITE_TESTS:-tests/}"
   T_ARGS=(-m "${SUITE_TEST_MARK:-cuda}" -q -rfE -p no:cacheprovider --junitxml="$STAGE/cuda_tests.xml"
-          -o junit_family=xunit1 -o faulthandler_timeout=$((${SUITE_TEST_TIMEOUT_S:-90} + 30)))
+          -o junit_family=xunit1 -o faulthandler_timeout=$((${SUITE_TEST_TIMEOUT_S:-60} + 30)))
   WORKERS="${SUITE_TEST_WORKERS:-$((NPROC / 2 < 8 ? NPROC / 2 : 8))}"
   if ((WORKERS > 1)) && has_py xdist; then
     T_ARGS+=(-n "$WORKERS" --dist load)
@@ -331,7 +333,7 @@ else
   fi
   rm -f "$STAGE/cuda_tests.jsonl"
   step cuda_tests "$T_CAP" env PYTHONPATH="$WORK/plugins${PYTHONPATH:+:$PYTHONPATH}" PYTEST_PLUGINS=gpu_suite_plugin \
-    GPU_SUITE_TEST_TIMEOUT="${SUITE_TEST_TIMEOUT_S:-90}" GPU_SUITE_DEADLINE=$(($(date +%s) + T_CAP - MARGIN)) \
+    GPU_SUITE_TEST_TIMEOUT="${SUITE_TEST_TIMEOUT_S:-60}" GPU_SUITE_DEADLINE=$(($(date +%s) + T_CAP - MARGIN)) \
     GPU_SUITE_RESULTS="$STAGE/cuda_tests.jsonl" "$PYTHON" -m pytest "${TEST_PATHS[@]}" "${T_ARGS[@]}"
   TEST_RC=$STEP_RC
   if [[ ! -s "$STAGE/cuda_tests.xml" ]]; then
@@ -456,6 +458,10 @@ else
     b="${RUN[$i]}"
     bench_args "$b"
     share=$(($(left) / (${#RUN[@]} - i)))
+    if (($(left) < 20)); then  # later benchmarks are the less important ones: say which did not fit
+      skip "$b" "budget spent"
+      continue
+    fi
     ((share < 30)) && share=30
     grep -q -- '"--time-budget"' "benchmarks/$b.py" && B_ARGS+=(--time-budget $((share * 3 / 4)))
     BENCH_ROWS+=("$b")

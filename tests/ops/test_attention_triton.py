@@ -240,6 +240,27 @@ def test_no_quadratic_memory_on_gpu():
     assert all(torch.isfinite(t).all() for t in grads)
 
 
+@pytest.mark.cuda
+def test_head_offset_past_int32():
+    """q and out in a (batch, heads, seqlen, head_dim) layout seen as (b, s, h, d) views: head 2 starts at
+    2 * stride_qh = 2**31 elements while stride_qh itself (2**30) fits int32, so the head offset must be
+    computed in int64. 6 GiB of bf16 for q (and as much for out); 16 keys keep the work small."""
+    mod = _mod()
+    h, s, d = 3, 2**22, 256
+    q = torch.empty(1, h, s, d, device="cuda", dtype=torch.bfloat16).normal_().transpose(1, 2)
+    assert q.stride(2) == 2**30 and q.stride(1) == d
+    g = torch.Generator().manual_seed(7)
+    k, v = (_rand(1, 16, 1, d, dtype=torch.bfloat16, gen=g) for _ in range(2))
+    scale = d**-0.5
+    out, lse = mod.triton_attn_fwd(q, k, v, False, scale)
+    rows = torch.cat([torch.arange(4), torch.arange(s - 4, s)]).cuda()
+    for head in (0, 2):
+        qs = q[:, rows, head:head + 1]
+        ref, ref_lse = attention_ref(qs.double(), k.double(), v.double(), False, scale, return_lse=True)
+        assert max_err(out[:, rows, head:head + 1], ref) < 2e-2, head
+        assert max_err(lse[:, head:head + 1, rows], ref_lse) < 1e-2, head
+
+
 def test_unaligned_launch_picks_unaligned_config(monkeypatch):
     """3 heads of 40: row stride 120, not a multiple of 16, so Triton cannot vectorise the tile loads
     and the launchers must take the unaligned (smaller-tile) table, which report-kernels compiles as
