@@ -322,7 +322,8 @@ else
   # pytest stops starting tests a margin before the phase's end, so it writes its report itself.
   MARGIN=$((T_CAP / 4 < 25 ? T_CAP / 4 : 25))
   read -r -a TEST_PATHS <<<"${SUITE_TESTS:-tests/}"
-  T_ARGS=(-m "${SUITE_TEST_MARK:-cuda}" -q -rfE -p no:cacheprovider --junitxml="$STAGE/cuda_tests.xml"
+  # -p no:timeout: pytest-timeout (pyproject's timeout = 600) would re-arm the same SIGALRM as the plugin.
+  T_ARGS=(-m "${SUITE_TEST_MARK:-cuda}" -q -rfE -p no:cacheprovider -p no:timeout --junitxml="$STAGE/cuda_tests.xml"
           -o junit_family=xunit1 -o faulthandler_timeout=$((${SUITE_TEST_TIMEOUT_S:-60} + 30)))
   WORKERS="${SUITE_TEST_WORKERS:-$((NPROC / 2 < 8 ? NPROC / 2 : 8))}"
   if ((WORKERS > 1)) && has_py xdist; then
