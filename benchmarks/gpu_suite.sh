@@ -27,7 +27,8 @@
 #   SUITE_BUDGET_S=540       total seconds for all phases (the packing at the end is kept out of it)
 #   SUITE_BUILD_S=240 SUITE_SELFCHECK_S=75 SUITE_TESTS_S=180 SUITE_BENCH_RESERVE_S=210
 #                            per-phase caps; the tests stop early enough to leave the benchmarks their reserve,
-#                            which they share equally (at least 30 s each, in the order below; those that no
+#                            which they share equally (at least 30 s each, in the order norms, attention,
+#                            softmax, cross_entropy, rope, activations, train, generate, serve; those that no
 #                            longer fit are listed as "skipped (budget spent)")
 #   SUITE_TEST_TIMEOUT_S=60  per-test timeout
 #   SUITE_TEST_WORKERS=N     pytest-xdist workers (default: min(8, nproc / 2)); 1: serial
