@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
-from plm_engine.ops import backends
+from plm_engine.ops import backends, extension
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Absolute slack on top of the 2x rule, per dtype (a kernel may round differently by one ulp of the
@@ -29,16 +35,107 @@ def assert_2x_rule(ours: torch.Tensor, ref: torch.Tensor, torch_lowp: torch.Tens
 
 
 def cpu_backends(op: str) -> list:
-    """Every backend that can run `op` on CPU tensors here, as pytest params (triton only interpreted)."""
+    """Every backend that implements `op` for CPU tensors, as pytest params; those that cannot run here
+    (no _C, triton not interpreted) skipped with the reason. triton only for ops with Triton kernels."""
     params = []
     for b in ("cpu", "triton", "torch"):
+        if b == "triton" and not has_triton_kernel(op):
+            continue
         ok, why = backends.availability(b, torch.device("cpu"), op)
         params.append(pytest.param(b, marks=() if ok else pytest.mark.skip(reason=why), id=b))
     return params
 
 
+_IMPL_BLOCK_RE = re.compile(r"TORCH_LIBRARY_IMPL\(\s*plm_engine\s*,\s*(\w+)\s*,\s*\w+\s*\)\s*\{")
+_IMPL_RE = re.compile(r"\.impl\(\s*\"(\w+)\"")
+_DEF_RE = re.compile(r"\.def\(\s*\"(\w+)\(")
+
+
+def _csrc_files() -> list[Path]:
+    root = REPO_ROOT / "csrc"
+    return sorted(p for ext in ("cpp", "cu") for p in root.rglob(f"*.{ext}"))
+
+
+@functools.cache
+def csrc_kernel_table() -> dict[str, frozenset[str]]:
+    """{dispatch key: _C ops with a kernel for it}, read from csrc's TORCH_LIBRARY_IMPL(plm_engine, KEY, m)
+    blocks: what a full build registers (the real CI and GPU builds compile csrc/cuda), whether or not
+    this machine's _C was built with nvcc. Empty when the sources are absent (an installed package)."""
+    table: dict[str, set[str]] = {}
+    for path in _csrc_files():
+        text = path.read_text()
+        for m in _IMPL_BLOCK_RE.finditer(text):
+            depth, i = 1, m.end()
+            while depth and i < len(text):  # the block's matching closing brace
+                depth += {"{": 1, "}": -1}.get(text[i], 0)
+                i += 1
+            table.setdefault(m[1], set()).update(_IMPL_RE.findall(text[m.end():i]))
+    return {key: frozenset(ops) for key, ops in table.items()}
+
+
+@functools.cache
+def csrc_defined_ops() -> frozenset[str]:
+    """Every op schema csrc defines under plm_engine:: (m.def("name(...")."""
+    return frozenset(op for path in _csrc_files() for op in _DEF_RE.findall(path.read_text()))
+
+
+def cuda_kernel_ops() -> frozenset[str]:
+    """The _C ops that have a CUDA kernel in a CUDA build. From csrc when present; otherwise from this
+    machine's _C registrations, which know only when _C was built with nvcc."""
+    table = csrc_kernel_table()
+    if table:
+        return table.get("CUDA", frozenset())
+    if extension.cuda_built():
+        return frozenset(op for op in csrc_defined_ops() | _registered_ops() if extension.has_kernel(op, "CUDA"))
+    return frozenset()
+
+
+def _registered_ops() -> set[str]:
+    return {name.split("::", 1)[1] for name in torch._C._dispatch_get_all_op_names()
+            if name.startswith("plm_engine::")} if extension.load()[0] is not None else set()
+
+
+def has_triton_kernel(op: str) -> bool:
+    """Whether an op family registered a Triton implementation for `op` (plm_engine.ops.backends)."""
+    import plm_engine.ops  # noqa: F401  (every op family registers its backends on import)
+
+    return (op, "triton") in backends._PREPARERS
+
+
+def gpu_backends(op: str) -> list:
+    """(cuda, backend) params for the GPU backends that implement `op`, marked cuda: triton when the op
+    family has Triton kernels, cuda only when csrc registers a CUDA kernel for the op. A backend that
+    is implemented but cannot run on this machine's GPU (triton missing, _C built without nvcc) is
+    skipped with the reason; on a machine without a GPU conftest skips every cuda-marked case."""
+    params = []
+    if has_triton_kernel(op):
+        ok, why = backends.triton_installed()
+        marks = [pytest.mark.cuda] + ([] if ok else [pytest.mark.skip(reason=why)])
+        params.append(pytest.param("cuda", "triton", marks=marks, id="cuda-triton"))
+    if op in cuda_kernel_ops():
+        marks = [pytest.mark.cuda]
+        if torch.cuda.is_available():
+            ok, why = backends.availability("cuda", torch.device("cuda"), op)
+            if not ok:
+                marks.append(pytest.mark.skip(reason=why))
+        params.append(pytest.param("cuda", "cuda", marks=marks, id="cuda-cuda"))
+    return params
+
+
 def device_backends(op: str) -> list:
-    """(device, backend) pairs: what runs here on CPU, plus the GPU backends (marked, skipped here)."""
+    """(device, backend) pairs: what runs here on CPU, plus the GPU backends that implement `op`
+    (marked cuda; skipped on a machine without a GPU)."""
     cpu = [pytest.param("cpu", p.values[0], marks=p.marks, id=f"cpu-{p.id}") for p in cpu_backends(op)]
-    gpu = [pytest.param("cuda", b, marks=pytest.mark.cuda, id=f"cuda-{b}") for b in ("triton", "cuda")]
-    return cpu + gpu
+    return cpu + gpu_backends(op)
+
+
+def triton_test_device(op: str) -> tuple[str, list]:
+    """(device, pytestmark) for a module that tests Triton kernels directly: on a GPU machine it runs on
+    "cuda" and every test carries the cuda mark (so `pytest -m cuda` selects it); elsewhere it runs on
+    "cpu" under the Triton interpreter (unmarked), or is skipped when Triton cannot run `op` here."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ok, why = backends.availability("triton", torch.device(device), op)
+    marks = [pytest.mark.skipif(not ok, reason=why)]
+    if device == "cuda":
+        marks.append(pytest.mark.cuda)
+    return device, marks

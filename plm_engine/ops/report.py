@@ -11,7 +11,9 @@ CUDA: cuobjdump --dump-resource-usage on plm_engine._C's shared object reads the
 embedded in it, one section per arch.
 
 A stack frame or local memory in a kernel is taken as register spilling (plm_engine's kernels have
-no local arrays, calls or printf): `report_kernels` exits non-zero then.
+no local arrays, calls or printf): `report_kernels` exits non-zero then. So it does when a kernel's
+shared memory (static + dynamic) passes what one block may use on the arch (SHARED_MEM_PER_BLOCK):
+such a configuration compiles but fails at launch ("out of resource: shared memory").
 
 Compiling needs TRITON_INTERPRET unset: under the interpreter @triton.jit functions are interpreted
 and cannot be compiled, so such a process runs the collection in a subprocess without it.
@@ -45,6 +47,10 @@ TRITON_MODULES = [
     "plm_engine.ops.triton.paged_attention",
 ]
 ARCHS = (80, 90)
+# Most shared memory one block can use (with the opt-in carve-out Triton requests), per SM version,
+# in bytes: the CUDA programming guide's compute-capability table (8.0: 163 KB, 8.6/8.9: 99 KB, 9.0: 227 KB).
+SHARED_MEM_PER_BLOCK = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024,
+                        90: 227 * 1024}
 ALIGNMENTS = (16, 1)
 # Compiling is CPU-bound and single-threaded per kernel; two workers suit a small CI machine.
 DEFAULT_WORKERS = 2
@@ -289,16 +295,28 @@ def summarize(rows: list[dict]) -> list[dict]:
     return list(out.values())
 
 
+def shared_mem_limit(arch) -> int | None:
+    """Bytes of shared memory one block may use on sm_<arch> (None: an arch this table does not know)."""
+    return SHARED_MEM_PER_BLOCK.get(arch) if arch is not None else None
+
+
 def problems(rows: list[dict]) -> list[str]:
-    """What makes the report fail: spills and configurations that did not compile."""
+    """What makes the report fail: spills, shared memory over the arch's per-block limit, and
+    configurations that did not compile."""
     out = []
     for r in rows:
         config = f" [{r['config']}]" if r.get("config") else ""
         where = f"{r['backend']} {r['kernel']}{config} sm_{r['arch']}"
         if r.get("error"):
             out.append(f"{where}: did not compile: {r['error']}")
-        elif r.get("kernel") is not None and r["spill_bytes"]:
+            continue
+        if r.get("kernel") is None:
+            continue
+        if r.get("spill_bytes"):
             out.append(f"{where}: spills ({r['stack']} B stack, {r['local']} B local, {r['registers']} registers)")
+        limit = shared_mem_limit(r.get("arch"))
+        if limit is not None and (r.get("shared_mem") or 0) > limit:
+            out.append(f"{where}: shared memory {r['shared_mem']} B > {limit} B per block on sm_{r['arch']}")
     return out
 
 
@@ -323,14 +341,14 @@ def format_table(rows: list[dict]) -> str:
                      f"regs {s['max_registers']:3}  spill {s['max_spill_bytes']} B  smem {s['max_shared_mem']} B")
     bad = problems(rows)
     lines.append("")
-    lines += [f"PROBLEM: {p}" for p in bad] or ["no spills"]
+    lines += [f"PROBLEM: {p}" for p in bad] or ["no spills, shared memory within every arch's limit"]
     return "\n".join(lines)
 
 
 def report_kernels(json_output: bool = False, *, archs=ARCHS, include_cuda: bool = True, modules=None,
                    workers: int = DEFAULT_WORKERS) -> int:
-    """Prints the report (a table, or JSON rows) and returns the exit status: 1 on any spill or failed
-    compile, 0 otherwise. What `plm-engine report-kernels [--json]` runs."""
+    """Prints the report (a table, or JSON rows) and returns the exit status: 1 on any spill, shared
+    memory over the per-block limit or failed compile, 0 otherwise. What `plm-engine report-kernels [--json]` runs."""
     start = time.monotonic()
     rows = collect(archs, include_cuda, modules=modules, workers=workers)
     if json_output:

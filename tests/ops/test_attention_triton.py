@@ -7,13 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from plm_engine.ops import backends
 from plm_engine.ops.reference import attention_ref, attention_varlen_ref
-from tests.utils import ATOL, max_err
+from tests.utils import ATOL, max_err, triton_test_device
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-_OK, _WHY = backends.availability("triton", torch.device(DEVICE), "attn_fwd")
-pytestmark = pytest.mark.skipif(not _OK, reason=_WHY)
+# On a GPU machine every test here runs on the GPU and carries the cuda mark; elsewhere they run under
+# the Triton interpreter on CPU tensors. Where the expectation differs by device, the test says so.
+DEVICE, pytestmark = triton_test_device("attn_fwd")
 
 
 def _mod():
@@ -204,7 +203,8 @@ def test_launchers_allocate_no_score_matrix():
     """Every tensor the forward and backward allocate (through torch's allocator: outputs, lse, delta,
     and the interpreter's copies of the arguments) is O(seqlen * head_dim): none is seqlen x seqlen."""
     if DEVICE != "cpu":
-        pytest.skip("CPU allocator accounting; the GPU test below measures device memory")
+        pytest.skip("CPU allocator accounting (interpreter only); on a GPU test_no_quadratic_memory_on_gpu "
+                    "measures device memory")
     from torch.profiler import ProfilerActivity, profile
 
     mod = _mod()
@@ -238,6 +238,27 @@ def test_no_quadratic_memory_on_gpu():
     # out, lse, delta, dq, dk, dv: about 5 x q's 2 MiB; the bf16 scores would be 512 MiB.
     assert extra < 16 * q.numel() * q.element_size(), f"{extra} B allocated"
     assert all(torch.isfinite(t).all() for t in grads)
+
+
+@pytest.mark.cuda
+def test_head_offset_past_int32():
+    """q and out in a (batch, heads, seqlen, head_dim) layout seen as (b, s, h, d) views: head 2 starts at
+    2 * stride_qh = 2**31 elements while stride_qh itself (2**30) fits int32, so the head offset must be
+    computed in int64. 6 GiB of bf16 for q (and as much for out); 16 keys keep the work small."""
+    mod = _mod()
+    h, s, d = 3, 2**22, 256
+    q = torch.empty(1, h, s, d, device="cuda", dtype=torch.bfloat16).normal_().transpose(1, 2)
+    assert q.stride(2) == 2**30 and q.stride(1) == d
+    g = torch.Generator().manual_seed(7)
+    k, v = (_rand(1, 16, 1, d, dtype=torch.bfloat16, gen=g) for _ in range(2))
+    scale = d**-0.5
+    out, lse = mod.triton_attn_fwd(q, k, v, False, scale)
+    rows = torch.cat([torch.arange(4), torch.arange(s - 4, s)]).cuda()
+    for head in (0, 2):
+        qs = q[:, rows, head:head + 1]
+        ref, ref_lse = attention_ref(qs.double(), k.double(), v.double(), False, scale, return_lse=True)
+        assert max_err(out[:, rows, head:head + 1], ref) < 2e-2, head
+        assert max_err(lse[:, head:head + 1, rows], ref_lse) < 1e-2, head
 
 
 def test_unaligned_launch_picks_unaligned_config(monkeypatch):

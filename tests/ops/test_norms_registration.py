@@ -1,4 +1,5 @@
-"""The C++ norm ops as torch sees them: opcheck (schema, fake impl, autograd) and torch.compile."""
+"""The C++ norm ops as torch sees them: opcheck (schema, fake impl, autograd) and torch.compile; and the
+table of _C kernel registrations the test matrix (tests/utils.py) is generated from."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ import pytest
 import torch
 
 from plm_engine import ops
-from plm_engine.ops import backends
+from plm_engine.ops import backends, extension
+from tests import utils
 
-pytestmark = pytest.mark.skipif(not backends.availability("cpu", torch.device("cpu"), "norm_fwd")[0],
-                                reason="plm_engine._C CPU kernels not built")
+needs_cpp = pytest.mark.skipif(not backends.availability("cpu", torch.device("cpu"), "norm_fwd")[0],
+                               reason="plm_engine._C CPU kernels not built")
 
 
 def _cpp_ops():
@@ -18,6 +20,7 @@ def _cpp_ops():
     return fused_ops("cpu")
 
 
+@needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("is_rms,bias,residual", [(False, True, False), (False, True, True), (True, False, True),
                                                   (True, False, False)])
@@ -50,6 +53,7 @@ class PreNormBlock(torch.nn.Module):
         return ops.layer_norm(self.proj(y), self.ln_w, self.ln_b) + h
 
 
+@needs_cpp
 def test_torch_compile_matches_eager():
     torch.manual_seed(0)
     model = PreNormBlock(48)
@@ -62,3 +66,35 @@ def test_torch_compile_matches_eager():
     torch.testing.assert_close(out, eager)
     for a, b in zip(g, g_eager):
         torch.testing.assert_close(a, b)
+
+
+# ---- the kernel table behind tests/utils.device_backends ------------------------------------------------
+
+def test_csrc_kernel_table():
+    """Every op with a CUDA kernel is a defined op that also has a CPU kernel; the norms have both."""
+    table = utils.csrc_kernel_table()
+    assert table, "no TORCH_LIBRARY_IMPL blocks found under csrc/"
+    defined = utils.csrc_defined_ops()
+    assert table["CPU"] <= defined and table["CUDA"] <= defined
+    assert table["CUDA"] <= table["CPU"], table["CUDA"] - table["CPU"]
+    assert {"norm_fwd", "norm_bwd"} <= table["CUDA"]
+    assert utils.cuda_kernel_ops() == table["CUDA"]
+
+
+def test_gpu_cases_follow_the_table():
+    """A cuda-backend case exists exactly for the ops csrc gives a CUDA kernel; every GPU case carries
+    the cuda mark; the triton cases exist exactly for the ops with Triton kernels."""
+    for op in sorted(utils.csrc_defined_ops() - {"linear_cpu_isa"}):
+        params = utils.device_backends(op)
+        gpu = [p for p in params if p.values[0] == "cuda"]
+        assert all(any(m.name == "cuda" for m in p.marks) for p in gpu), op
+        assert ("cuda" in [p.values[1] for p in gpu]) == (op in utils.cuda_kernel_ops()), op
+        assert ("triton" in [p.values[1] for p in gpu]) == utils.has_triton_kernel(op), op
+        assert len({p.id for p in params}) == len(params), op
+
+
+@pytest.mark.skipif(not extension.cuda_built(), reason="plm_engine._C was built without nvcc: it registers no "
+                    "CUDA kernels to compare with csrc (the CI and GPU builds do)")
+def test_csrc_table_matches_the_cuda_build():
+    registered = {op for op in utils.csrc_defined_ops() if extension.has_kernel(op, "CUDA")}
+    assert registered == utils.cuda_kernel_ops()

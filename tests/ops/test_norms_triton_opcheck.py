@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from plm_engine.ops import backends
 from plm_engine.ops.reference import layer_norm_ref, rms_norm_ref
+from tests.utils import triton_test_device
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(not backends.availability("triton", torch.device(DEVICE), "norm_fwd")[0],
-                                reason=backends.availability("triton", torch.device(DEVICE), "norm_fwd")[1])
+# On a GPU machine every test here runs on the GPU and carries the cuda mark; elsewhere they run under
+# the Triton interpreter on CPU tensors (the expectations are the same on both).
+DEVICE, pytestmark = triton_test_device("norm_fwd")
 
 
 def _ops():

@@ -25,6 +25,7 @@ from plm_engine.ops.activations import (
     swiglu_bwd_fake,
     swiglu_fwd_fake,
 )
+from plm_engine.ops.triton.guard import device_guard
 from plm_engine.ops.triton.rope import _check_device, _interpreted, _round_to
 from plm_engine.ops.triton.spec import KernelSpec
 
@@ -178,9 +179,10 @@ def swiglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
     y = torch.empty((rows, n), dtype=gate.dtype, device=gate.device)
     if y.numel():
         cfg, grid = _grid(rows, n)
-        _swiglu_fwd_kernel[grid](gate, up, y, gate.stride(0), up.stride(0), rows, n,
-                                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, INTERPRET=_interpreted(),
-                                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        with device_guard(gate):
+            _swiglu_fwd_kernel[grid](gate, up, y, gate.stride(0), up.stride(0), rows, n,
+                                     BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, INTERPRET=_interpreted(),
+                                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 
 
@@ -193,9 +195,10 @@ def swiglu_bwd(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
     du = torch.empty_like(dg)
     if dg.numel():
         cfg, grid = _grid(rows, n)
-        _swiglu_bwd_kernel[grid](dy, gate, up, dg, du, dy.stride(0), gate.stride(0), up.stride(0), rows, n,
-                                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, INTERPRET=_interpreted(),
-                                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        with device_guard(gate):
+            _swiglu_bwd_kernel[grid](dy, gate, up, dg, du, dy.stride(0), gate.stride(0), up.stride(0), rows, n,
+                                     BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, INTERPRET=_interpreted(),
+                                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return dg, du
 
 
@@ -208,8 +211,9 @@ def gelu_fwd(x: Tensor, approximate: str) -> Tensor:
     y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     if y.numel():
         cfg, grid = _grid(rows, n)
-        _gelu_fwd_kernel[grid](x, y, x.stride(0), rows, n, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TANH=tanh,
-                               INTERPRET=_interpreted(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        with device_guard(x):
+            _gelu_fwd_kernel[grid](x, y, x.stride(0), rows, n, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TANH=tanh,
+                                   INTERPRET=_interpreted(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 
 
@@ -222,9 +226,10 @@ def gelu_bwd(dy: Tensor, x: Tensor, approximate: str) -> Tensor:
     dx = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     if dx.numel():
         cfg, grid = _grid(rows, n)
-        _gelu_bwd_kernel[grid](dy, x, dx, dy.stride(0), x.stride(0), rows, n, BLOCK_M=cfg.block_m,
-                               BLOCK_N=cfg.block_n, TANH=tanh, INTERPRET=_interpreted(),
-                               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        with device_guard(x):
+            _gelu_bwd_kernel[grid](dy, x, dx, dy.stride(0), x.stride(0), rows, n, BLOCK_M=cfg.block_m,
+                                   BLOCK_N=cfg.block_n, TANH=tanh, INTERPRET=_interpreted(),
+                                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return dx
 
 

@@ -66,6 +66,7 @@ from plm_engine.ops.attention import (
     attn_varlen_fwd_fake,
     register_attn_autograd,
 )
+from plm_engine.ops.triton.guard import device_guard
 from plm_engine.ops.triton.spec import KernelSpec
 
 LOG2E = math.log2(math.e)  # host side; the kernels spell it out (no globals in @triton.jit)
@@ -197,13 +198,14 @@ def _attn_fwd_kernel(
     if m0 >= seqlen_q:
         return
     kvh = h // group
-    b64 = b.to(tl.int64)
-    # 64-bit base offsets (batch * stride can pass 2**31); offsets inside a tile stay 32-bit.
-    Q += b64 * stride_qb + (q_start + m0) * stride_qm + h * stride_qh
-    Out += b64 * stride_ob + (q_start + m0) * stride_om + h * stride_oh
-    K += b64 * stride_kb + k_start * stride_kn + kvh * stride_kh
-    V += b64 * stride_vb + k_start * stride_vn + kvh * stride_vh
-    Lse += b64 * stride_lb + h * stride_lh + q_start + m0
+    b64, h64, kvh64 = b.to(tl.int64), h.to(tl.int64), kvh.to(tl.int64)
+    # 64-bit base offsets: batch * stride, and head * stride on a (b, h, s, d) view (stride s * d),
+    # can pass 2**31; offsets inside a tile stay 32-bit.
+    Q += b64 * stride_qb + (q_start + m0) * stride_qm + h64 * stride_qh
+    Out += b64 * stride_ob + (q_start + m0) * stride_om + h64 * stride_oh
+    K += b64 * stride_kb + k_start * stride_kn + kvh64 * stride_kh
+    V += b64 * stride_vb + k_start * stride_vn + kvh64 * stride_vh
+    Lse += b64 * stride_lb + h64 * stride_lh + q_start + m0
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -251,18 +253,18 @@ def _attn_bwd_preprocess_kernel(
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen_q:
         return
-    b64 = b.to(tl.int64)
+    b64, h64 = b.to(tl.int64), h.to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     rows_left = seqlen_q - m0
-    Out += b64 * stride_ob + (q_start + m0) * stride_om + h * stride_oh
-    DO += b64 * stride_dob + (q_start + m0) * stride_dom + h * stride_doh
+    Out += b64 * stride_ob + (q_start + m0) * stride_om + h64 * stride_oh
+    DO += b64 * stride_dob + (q_start + m0) * stride_dom + h64 * stride_doh
     o = _load_tile(Out + offs_m[:, None] * stride_om + offs_d[None, :], offs_m, rows_left, offs_d, True,
                    HEAD_DIM, BLOCK_D).to(tl.float32)
     do = _load_tile(DO + offs_m[:, None] * stride_dom + offs_d[None, :], offs_m, rows_left, offs_d, True,
                     HEAD_DIM, BLOCK_D).to(tl.float32)
     delta = tl.sum(o * do, 1)
-    tl.store(Delta + b64 * stride_lb + h * stride_lh + q_start + m0 + offs_m, delta, mask=offs_m < rows_left)
+    tl.store(Delta + b64 * stride_lb + h64 * stride_lh + q_start + m0 + offs_m, delta, mask=offs_m < rows_left)
 
 
 @triton.jit
@@ -323,10 +325,11 @@ def _attn_bwd_dkdv_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     cols_left = seqlen_k - n0
-    K += b64 * stride_kb + (k_start + n0) * stride_kn + kvh * stride_kh
-    V += b64 * stride_vb + (k_start + n0) * stride_vn + kvh * stride_vh
-    DK += b64 * stride_dkb + (k_start + n0) * stride_dkn + kvh * stride_dkh
-    DV += b64 * stride_dvb + (k_start + n0) * stride_dvn + kvh * stride_dvh
+    kvh64 = kvh.to(tl.int64)
+    K += b64 * stride_kb + (k_start + n0) * stride_kn + kvh64 * stride_kh
+    V += b64 * stride_vb + (k_start + n0) * stride_vn + kvh64 * stride_vh
+    DK += b64 * stride_dkb + (k_start + n0) * stride_dkn + kvh64 * stride_dkh
+    DV += b64 * stride_dvb + (k_start + n0) * stride_dvn + kvh64 * stride_dvh
     # Keys past the end load as 0. Their dK/dV rows may end up holding anything, but they are never
     # stored, and a key row's gradients do not depend on the other keys': the loop needs no key mask.
     k = _load_tile(K + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, cols_left, offs_d, True,
@@ -346,7 +349,7 @@ def _attn_bwd_dkdv_kernel(
         m_lo = 0
         m_full = 0
     for g in range(group):
-        h = kvh * group + g
+        h = kvh64 * group + g
         Qh = Q + b64 * stride_qb + q_start * stride_qm + h * stride_qh
         DOh = DO + b64 * stride_dob + q_start * stride_dom + h * stride_doh
         Lh = Lse + b64 * stride_lb + h * stride_lh + q_start
@@ -410,13 +413,13 @@ def _attn_bwd_dq_kernel(
     if m0 >= seqlen_q:
         return
     kvh = h // group
-    b64 = b.to(tl.int64)
-    Q += b64 * stride_qb + (q_start + m0) * stride_qm + h * stride_qh
-    DO += b64 * stride_dob + (q_start + m0) * stride_dom + h * stride_doh
-    DQ += b64 * stride_dqb + (q_start + m0) * stride_dqm + h * stride_dqh
-    K += b64 * stride_kb + k_start * stride_kn + kvh * stride_kh
-    V += b64 * stride_vb + k_start * stride_vn + kvh * stride_vh
-    row_off = b64 * stride_lb + h * stride_lh + q_start + m0
+    b64, h64, kvh64 = b.to(tl.int64), h.to(tl.int64), kvh.to(tl.int64)
+    Q += b64 * stride_qb + (q_start + m0) * stride_qm + h64 * stride_qh
+    DO += b64 * stride_dob + (q_start + m0) * stride_dom + h64 * stride_doh
+    DQ += b64 * stride_dqb + (q_start + m0) * stride_dqm + h64 * stride_dqh
+    K += b64 * stride_kb + k_start * stride_kn + kvh64 * stride_kh
+    V += b64 * stride_vb + k_start * stride_vn + kvh64 * stride_vh
+    row_off = b64 * stride_lb + h64 * stride_lh + q_start + m0
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -624,10 +627,11 @@ def _fwd(q, k, v, cu_q, cu_k, batch, max_q, max_k, causal, scale, varlen):
     grid = (triton.cdiv(max_q, cfg.block_m), h, batch)
     cu_q = cu_q if varlen else q  # dense: never read
     cu_k = cu_k if varlen else q
-    _attn_fwd_kernel[grid](
-        q, k, v, out_buf, lse, cu_q, cu_k, *strides, *_lse_strides(lse, varlen),
-        max_q, max_k, h // k.shape[-2], scale * LOG2E,
-        **_flags(d, cfg, causal, varlen, interpret))
+    with device_guard(q):
+        _attn_fwd_kernel[grid](
+            q, k, v, out_buf, lse, cu_q, cu_k, *strides, *_lse_strides(lse, varlen),
+            max_q, max_k, h // k.shape[-2], scale * LOG2E,
+            **_flags(d, cfg, causal, varlen, interpret))
     return _finish(out, out_buf), lse
 
 
@@ -659,25 +663,26 @@ def _bwd(dout, q, k, v, out, lse, cu_q, cu_k, batch, max_q, max_k, causal, scale
     group = h // hkv
     common = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen))
 
-    cfg = launch_config("bwd_preprocess", d, interpret, aligned)
-    _attn_bwd_preprocess_kernel[(triton.cdiv(max_q, cfg.block_m), h, batch)](
-        out, dout, delta, cu_q, *_strides(out, varlen), *_strides(dout, varlen), *lse_strides, max_q,
-        HEAD_DIM=d, BLOCK_D=block_d_for(d), BLOCK_M=cfg.block_m, IS_VARLEN=varlen,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    with device_guard(q):
+        cfg = launch_config("bwd_preprocess", d, interpret, aligned)
+        _attn_bwd_preprocess_kernel[(triton.cdiv(max_q, cfg.block_m), h, batch)](
+            out, dout, delta, cu_q, *_strides(out, varlen), *_strides(dout, varlen), *lse_strides, max_q,
+            HEAD_DIM=d, BLOCK_D=block_d_for(d), BLOCK_M=cfg.block_m, IS_VARLEN=varlen,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    cfg = launch_config("bwd_dkdv", d, interpret, aligned)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(max_k, cfg.block_n), hkv, batch)](
-        q, k, v, dout, lse, delta, dk_buf, dv_buf, cu_q, cu_k,
-        *common, *_strides(dk_buf, varlen), *_strides(dv_buf, varlen), *lse_strides,
-        max_q, max_k, group, scale, scale * LOG2E,
-        **_flags(d, cfg, causal, varlen, interpret))
+        cfg = launch_config("bwd_dkdv", d, interpret, aligned)
+        _attn_bwd_dkdv_kernel[(triton.cdiv(max_k, cfg.block_n), hkv, batch)](
+            q, k, v, dout, lse, delta, dk_buf, dv_buf, cu_q, cu_k,
+            *common, *_strides(dk_buf, varlen), *_strides(dv_buf, varlen), *lse_strides,
+            max_q, max_k, group, scale, scale * LOG2E,
+            **_flags(d, cfg, causal, varlen, interpret))
 
-    cfg = launch_config("bwd_dq", d, interpret, aligned)
-    _attn_bwd_dq_kernel[(triton.cdiv(max_q, cfg.block_m), h, batch)](
-        q, k, v, dout, lse, delta, dq_buf, cu_q, cu_k,
-        *common, *_strides(dq_buf, varlen), *lse_strides,
-        max_q, max_k, group, scale, scale * LOG2E,
-        **_flags(d, cfg, causal, varlen, interpret))
+        cfg = launch_config("bwd_dq", d, interpret, aligned)
+        _attn_bwd_dq_kernel[(triton.cdiv(max_q, cfg.block_m), h, batch)](
+            q, k, v, dout, lse, delta, dq_buf, cu_q, cu_k,
+            *common, *_strides(dq_buf, varlen), *lse_strides,
+            max_q, max_k, group, scale, scale * LOG2E,
+            **_flags(d, cfg, causal, varlen, interpret))
     return _finish(dq, dq_buf), _finish(dk, dk_buf), _finish(dv, dv_buf)
 
 

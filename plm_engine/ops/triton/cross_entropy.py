@@ -23,6 +23,7 @@ from plm_engine.ops.cross_entropy import (
     cross_entropy_fwd_inplace_fake,
     register_autograd,
 )
+from plm_engine.ops.triton.guard import device_guard
 from plm_engine.ops.triton.spec import KernelSpec
 
 MAX_BLOCK_N = 8192
@@ -96,8 +97,9 @@ def _launch(logits, target, dlogits, ignore_index: int, label_smoothing: float) 
     loss = torch.empty(n, device=logits.device, dtype=torch.float32)
     if n:
         block, warps = cross_entropy_config(v)
-        _cross_entropy_kernel[(n,)](logits, dlogits, target, loss, v, ignore_index, label_smoothing,
-                                    BLOCK_N=block, HAS_SMOOTHING=label_smoothing > 0, num_warps=warps)
+        with device_guard(logits):
+            _cross_entropy_kernel[(n,)](logits, dlogits, target, loss, v, ignore_index, label_smoothing,
+                                        BLOCK_N=block, HAS_SMOOTHING=label_smoothing > 0, num_warps=warps)
     return loss
 
 

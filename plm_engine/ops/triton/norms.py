@@ -39,6 +39,7 @@ from torch import Tensor
 
 from plm_engine.ops import backends
 from plm_engine.ops.norms import TRITON_MAX_N, norm_bwd_fake, norm_fwd_fake, register_autograd
+from plm_engine.ops.triton.guard import device_guard
 from plm_engine.ops.triton.spec import KernelSpec
 
 # ---- jit kernels -----------------------------------------------------------------------------------
@@ -231,9 +232,10 @@ def _norm_bwd_kernel(
         dw += dy * xhat
         if HAS_BIAS:
             db += dy
-    tl.store(DW_ptr + pid * n_cols + cols, dw, mask=mask)
+    part = pid.to(tl.int64) * n_cols  # the (G, n) partial buffers' row g
+    tl.store(DW_ptr + part + cols, dw, mask=mask)
     if HAS_BIAS:
-        tl.store(DB_ptr + pid * n_cols + cols, db, mask=mask)
+        tl.store(DB_ptr + part + cols, db, mask=mask)
 
 
 @triton.jit
@@ -441,10 +443,12 @@ def _launch_norm_fwd(x, weight, bias, residual, eps, is_rms):
     flags = dict(IS_RMS=is_rms, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
                  INTERPRET=backends.triton_interpreted(), **_launch_options(cfg))
     if cfg.long_row:
-        _norm_fwd_long_kernel[(rows,)](*args, n, eps, CHUNK=cfg.chunk, **flags)
+        with device_guard(x):
+            _norm_fwd_long_kernel[(rows,)](*args, n, eps, CHUNK=cfg.chunk, **flags)
     else:
         grid = (triton.cdiv(rows, cfg.block_m),)
-        _norm_fwd_kernel[grid](*args, rows, n, eps, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **flags)
+        with device_guard(x):
+            _norm_fwd_kernel[grid](*args, rows, n, eps, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **flags)
     return y, h, mean, rstd
 
 
@@ -479,18 +483,20 @@ def _launch_norm_bwd(dy, dh, h, weight, mean, rstd, has_bias, is_rms):
     if cfg.long_row:
         c1 = torch.empty((rows,), dtype=torch.float32, device=h.device)
         c2 = c1 if is_rms else torch.empty_like(c1)
-        _norm_bwd_coeffs_kernel[(rows,)](
-            dy, h, weight, stat_mean, rstd, c1, c2, dy.stride(0), h.stride(0), n,
-            CHUNK=cfg.chunk, IS_RMS=is_rms, **_launch_options(cfg))
+        with device_guard(h):
+            _norm_bwd_coeffs_kernel[(rows,)](
+                dy, h, weight, stat_mean, rstd, c1, c2, dy.stride(0), h.stride(0), n,
+                CHUNK=cfg.chunk, IS_RMS=is_rms, **_launch_options(cfg))
     else:
         c1 = c2 = rstd  # not read: the kernel computes the coefficients itself
     grid = (groups, col_blocks)
-    _norm_bwd_kernel[grid](
-        dy, dh if dh is not None else dy, h, weight, stat_mean, rstd, c1, c2, dx, dw_partial, db_partial,
-        dy.stride(0), dh.stride(0) if dh is not None else 0, h.stride(0), dx.stride(0),
-        rows, n, rows_per_program,
-        BLOCK_N=cfg.cols_per_program, IS_RMS=is_rms, HAS_BIAS=has_bias, HAS_DH=dh is not None,
-        LOAD_COEFFS=cfg.long_row, INTERPRET=interpret, **_launch_options(cfg))
+    with device_guard(h):
+        _norm_bwd_kernel[grid](
+            dy, dh if dh is not None else dy, h, weight, stat_mean, rstd, c1, c2, dx, dw_partial, db_partial,
+            dy.stride(0), dh.stride(0) if dh is not None else 0, h.stride(0), dx.stride(0),
+            rows, n, rows_per_program,
+            BLOCK_N=cfg.cols_per_program, IS_RMS=is_rms, HAS_BIAS=has_bias, HAS_DH=dh is not None,
+            LOAD_COEFFS=cfg.long_row, INTERPRET=interpret, **_launch_options(cfg))
     dw = dw_partial.sum(0).to(weight.dtype)
     db = db_partial.sum(0).to(weight.dtype) if has_bias else empty_db
     return dx, dw, db

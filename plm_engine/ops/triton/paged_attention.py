@@ -41,6 +41,7 @@ import triton.language as tl
 from torch import Tensor
 
 from plm_engine.ops.attention import MAX_HEAD_DIM, paged_attn_fake, write_kv_cache_fake
+from plm_engine.ops.triton.guard import device_guard
 from plm_engine.ops.triton.spec import KernelSpec
 
 LOG2E = 1.4426950408889634
@@ -96,7 +97,9 @@ def _paged_attn_split_kernel(
     end = tl.minimum(start + per_split, seqlen - seqlen_q + last_row // group + 1)
 
     b64 = b.to(tl.int64)
-    q = tl.load(Q_ptr + b64 * stride_qb + qi[:, None] * stride_qs + head[:, None] * stride_qh + dims[None, :],
+    # Per-row 64-bit offsets of the query/output rows (a long chunked prefill's qi * stride can pass 2**31).
+    qi64 = qi.to(tl.int64)
+    q = tl.load(Q_ptr + b64 * stride_qb + qi64[:, None] * stride_qs + head[:, None] * stride_qh + dims[None, :],
                 mask=q_mask, other=0.0)
     if INTERPRET:
         q = q.to(tl.float32)
@@ -137,7 +140,7 @@ def _paged_attn_split_kernel(
     has_keys = l_i > 0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     if num_splits == 1:
-        o_ptrs = O_ptr + b64 * stride_ob + qi[:, None] * stride_os + head[:, None] * stride_oh + dims[None, :]
+        o_ptrs = O_ptr + b64 * stride_ob + qi64[:, None] * stride_os + head[:, None] * stride_oh + dims[None, :]
         tl.store(o_ptrs, _cast(out, O_ptr.dtype.element_ty, INTERPRET), mask=q_mask)
     else:
         # Partials: (batch, seqlen_q, n_heads, num_splits[, head_dim]) fp32, lse in log2 units.
@@ -361,19 +364,21 @@ def launch_paged_attn(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: 
     else:
         # Not touched; one element rather than none, so the launcher always gets a real device pointer.
         part_out = part_lse = torch.empty((1,), dtype=torch.float32, device=q.device)
-    _paged_attn_split_kernel[(batch, n_kv_heads * m_tiles, num_splits)](
-        q, k_cache, v_cache, block_table, cache_seqlens, out, part_out, part_lse,
-        q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
-        seqlen_q, group, n_rows, m_tiles, n_heads, head_dim, block_size.bit_length() - 1, num_splits,
-        scale * LOG2E,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, INTERPRET=_interpreted(),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    with device_guard(q):
+        _paged_attn_split_kernel[(batch, n_kv_heads * m_tiles, num_splits)](
+            q, k_cache, v_cache, block_table, cache_seqlens, out, part_out, part_lse,
+            q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
+            seqlen_q, group, n_rows, m_tiles, n_heads, head_dim, block_size.bit_length() - 1, num_splits,
+            scale * LOG2E,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, INTERPRET=_interpreted(),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if num_splits > 1:
-        _paged_attn_combine_kernel[(batch * seqlen_q * n_heads,)](
-            part_out, part_lse, out, out.stride(0), out.stride(1), out.stride(2),
-            seqlen_q, n_heads, head_dim, num_splits,
-            BLOCK_D=cfg.block_d, INTERPRET=_interpreted(), num_warps=_combine_warps(cfg.block_d))
+        with device_guard(q):
+            _paged_attn_combine_kernel[(batch * seqlen_q * n_heads,)](
+                part_out, part_lse, out, out.stride(0), out.stride(1), out.stride(2),
+                seqlen_q, n_heads, head_dim, num_splits,
+                BLOCK_D=cfg.block_d, INTERPRET=_interpreted(), num_warps=_combine_warps(cfg.block_d))
     return out
 
 
@@ -400,9 +405,10 @@ def launch_write_kv_cache(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor
     if k.shape[0] == 0:
         return
     block_h, block_d, num_warps = write_config(n_kv_heads, head_dim)
-    _write_kv_cache_kernel[(k.shape[0],)](
-        k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        n_kv_heads, head_dim, BLOCK_H=block_h, BLOCK_D=block_d, INTERPRET=_interpreted(), num_warps=num_warps)
+    with device_guard(k_cache):
+        _write_kv_cache_kernel[(k.shape[0],)](
+            k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            n_kv_heads, head_dim, BLOCK_H=block_h, BLOCK_D=block_d, INTERPRET=_interpreted(), num_warps=num_warps)
 
 
 # ---- custom ops ------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from plm_engine.ops.rope import TRITON_MAX_HALF, register_autograd, rope_fake, rope_inplace_fake
+from plm_engine.ops.triton.guard import device_guard
 from plm_engine.ops.triton.spec import KernelSpec
 
 # ---- jit kernels -----------------------------------------------------------------------------------
@@ -193,14 +194,15 @@ def _launch(q, k, q_out, k_out, cos, sin, positions, interleaved, conjugate):
     cfg = launch_config(max(n_q, n_k), half)
     copy_pass = q_out.data_ptr() != q.data_ptr() and head_dim > 2 * half
     grid = (batch * seqlen, triton.cdiv(n_q, cfg.block_h) + triton.cdiv(n_k, cfg.block_h))
-    _rope_kernel[grid](
-        q, k, q_out, k_out, cos, sin, positions if positions is not None else cos,
-        *q.stride()[:3], *k.stride()[:3], *q_out.stride()[:3], *k_out.stride()[:3],
-        cos.stride(0), cos.stride(1),
-        seqlen, n_q, n_k, half, head_dim if copy_pass else 2 * half, -1.0 if conjugate else 1.0,
-        BLOCK_H=cfg.block_h, BLOCK_HALF=cfg.block_half,
-        HAS_POS=positions is not None, INTERLEAVED=interleaved, INTERPRET=_interpreted(),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    with device_guard(q):
+        _rope_kernel[grid](
+            q, k, q_out, k_out, cos, sin, positions if positions is not None else cos,
+            *q.stride()[:3], *k.stride()[:3], *q_out.stride()[:3], *k_out.stride()[:3],
+            cos.stride(0), cos.stride(1),
+            seqlen, n_q, n_k, half, head_dim if copy_pass else 2 * half, -1.0 if conjugate else 1.0,
+            BLOCK_H=cfg.block_h, BLOCK_HALF=cfg.block_half,
+            HAS_POS=positions is not None, INTERLEAVED=interleaved, INTERPRET=_interpreted(),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 # ---- custom ops: registration and the public callables ---------------------------------------------

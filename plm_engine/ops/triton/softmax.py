@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from plm_engine.ops.softmax import KERNEL_DTYPES, register_autograd, softmax_bwd_fake, softmax_fwd_fake
+from plm_engine.ops.triton.guard import device_guard
 from plm_engine.ops.triton.spec import KernelSpec
 
 # Longest row one program holds in registers; 16384 fp32 over 16 warps is 32 values per thread.
@@ -112,14 +113,16 @@ def _check_3d(name: str, t: torch.Tensor) -> None:
 def _launch_fwd(x: torch.Tensor, y: torch.Tensor, scale: float, causal: bool) -> None:
     batch, sq, sk = x.shape
     block, warps, single = softmax_config(sk)
-    _softmax_fwd_kernel[(batch * sq,)](x, y, sk, sq, sk - sq, scale, CAUSAL=causal, BLOCK_N=block, SINGLE=single,
-                                       num_warps=warps)
+    with device_guard(x):
+        _softmax_fwd_kernel[(batch * sq,)](x, y, sk, sq, sk - sq, scale, CAUSAL=causal, BLOCK_N=block, SINGLE=single,
+                                           num_warps=warps)
 
 
 def _launch_bwd(dy: torch.Tensor, y: torch.Tensor, dx: torch.Tensor, scale: float) -> None:
     batch, sq, sk = y.shape
     block, warps, single = softmax_config(sk)
-    _softmax_bwd_kernel[(batch * sq,)](dy, y, dx, sk, scale, BLOCK_N=block, SINGLE=single, num_warps=warps)
+    with device_guard(y):
+        _softmax_bwd_kernel[(batch * sq,)](dy, y, dx, sk, scale, BLOCK_N=block, SINGLE=single, num_warps=warps)
 
 
 # ---- registration -----------------------------------------------------------------------------------
