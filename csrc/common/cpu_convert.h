@@ -12,7 +12,7 @@ namespace plm_engine {
 // c10's scalar conversions branch (NaN checks, denormal paths), which stops the compiler vectorising a
 // loop that converts. These are branch-free bit manipulations with the same results: round to nearest
 // even, NaN stays NaN, overflow to inf, fp16 denormals handled. Used by the CPU kernels' portable
-// (compiler-vectorised) loops; the AVX-512 paths use intrinsics instead (cpu/simd512.h).
+// (compiler-vectorised) loops; the vector policies (cpu/simd.h) use intrinsics instead.
 namespace cpu {
 
 inline float bits_to_f32(uint32_t u) {

@@ -362,7 +362,7 @@ class Trainer:
                 raise ValueError(f"training data: class labels must lie in [0, {n_labels})")
             return labels.numel()
         real = labels != -100
-        if bool(((labels < 0) & ~real).any()) or bool((labels >= vocab).any()):
+        if bool(((labels < 0) & real).any()) or bool((labels >= vocab).any()):
             raise ValueError(f"training data: labels must be token ids in [0, {vocab}) or -100")
         return int(real[:, 1:].sum()) if self.cfg.objective == "clm" else int(real.sum())
 
