@@ -9,8 +9,9 @@
 // Backward (FlashAttention-2, from the saved out and lse): a pre-pass packs Q^T / dO^T panels and
 // computes D = rowsum(dO * O); pass 1 has one task per (sequence, kv head, key tile) that owns its
 // dK / dV in fp32 and walks every query of the kv head's group; pass 2 has one task per (sequence,
-// head, query tile) that owns its dQ and walks the keys (recomputing P and dP: two extra products
-// instead of float atomics or per-thread partial sums). Every output element is written by one task
+// head, query tile) that owns its dQ and walks the keys, reading the dS tiles pass 1 stored or, past
+// a memory budget, recomputing P and dP (two extra products; no float atomics or per-thread partial
+// sums either way). Every output element is written by one task
 // in a fixed order, so gradients are bit-identical for any thread count.
 //
 // Layout choices (benchmarks/bench_attention.py):
@@ -40,6 +41,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -69,6 +71,7 @@ struct Seq {
   int64_t kt_off = 0, vf_off = 0;  // into the packed-K (and packed-V) and fp32-V buffers
   int64_t qt_off = 0, st_off = 0;  // backward: packed Q^T / dO^T panels, per-row lse2 / D
   int64_t dq_off = 0, dk_off = 0, dv_off = 0;
+  int64_t ds_off = 0;  // backward: stored dS^T tiles
 };
 
 int64_t n_tiles(int64_t n) { return (n + BN - 1) / BN; }
@@ -127,12 +130,23 @@ struct BwdArgs {
   float* dot;    // packed dO^T panels, same layout
   float* lse2;   // per (seq, head, query tile): BN values of lse * log2(e) (+inf: no visible key / padding)
   float* delta;  // same layout: D = rowsum(dO * O)
+  float* ds;     // dS^T tiles (BN keys x BN queries) per (seq, head, key tile, query tile), or nullptr
   int64_t h, hkv, d;
   int64_t q_row, q_head, k_row, k_head, v_row, v_head, o_row, o_head, do_row, do_head, lse_head;
   int64_t dq_row, dq_head, dk_row, dk_head, dv_row, dv_head;
   bool causal;
   float scale, qscale;
 };
+
+// Pass 1 stores its dS^T tiles for pass 2 when they take at most this many MiB (h * sq * sk * 4 bytes,
+// tiles padded): pass 2 is then one product (dQ = dS K) instead of three and needs no packed K^T / V^T.
+// Longer sequences recompute them (same results, bit for bit). PLM_ENGINE_ATTN_BWD_DS_MIB overrides
+// the budget (tests set 0 to cover the recompute path).
+int64_t ds_budget_bytes() {
+  const char* env = std::getenv("PLM_ENGINE_ATTN_BWD_DS_MIB");
+  const int64_t mib = env != nullptr ? std::atoll(env) : 256;
+  return mib * (int64_t(1) << 20);
+}
 
 // Scratch of a backward worker, in floats: two (BN, d) operand tiles, two (BN, BN) score tiles, two
 // (BN, d) accumulators.
@@ -206,15 +220,21 @@ void run_fwd(FwdArgs<T> a, std::vector<Seq>& seqs, const at::TensorOptions& fopt
 template <typename T>
 void run_bwd(BwdArgs<T> a, std::vector<Seq>& seqs, const at::TensorOptions& fopts) {
   const int64_t d = a.d, group = a.h / a.hkv, nseq = static_cast<int64_t>(seqs.size());
-  int64_t kt_total = 0, qt_total = 0, st_total = 0;
+  int64_t kt_total = 0, qt_total = 0, st_total = 0, ds_total = 0;
   for (Seq& sd : seqs) {
     sd.kt_off = kt_total;
     sd.qt_off = qt_total;
     sd.st_off = st_total;
+    sd.ds_off = ds_total;
     kt_total += a.hkv * n_tiles(sd.sk) * d * BN;
     qt_total += a.h * n_tiles(sd.sq) * d * BN;
     st_total += a.h * n_tiles(sd.sq) * BN;
+    ds_total += a.h * n_tiles(sd.sk) * n_tiles(sd.sq) * BN * BN;
   }
+  const bool store_ds = ds_total * static_cast<int64_t>(sizeof(float)) <= ds_budget_bytes();
+  if (store_ds) kt_total = 0;  // pass 2 reads K rows in place
+  const at::Tensor ds = at::empty({store_ds ? ds_total : 0}, fopts);
+  a.ds = store_ds ? ds.data_ptr<float>() : nullptr;
   const at::Tensor kt = at::empty({kt_total}, fopts), vt = at::empty({kt_total}, fopts);
   const at::Tensor qt = at::empty({qt_total}, fopts), dot = at::empty({qt_total}, fopts);
   const at::Tensor lse2 = at::empty({st_total}, fopts), delta = at::empty({st_total}, fopts);
@@ -228,7 +248,7 @@ void run_bwd(BwdArgs<T> a, std::vector<Seq>& seqs, const at::TensorOptions& fopt
   // Pre-pass: K^T / V^T tiles (head = kv head) and Q^T / dO^T panels with lse2 and D (head = -1 - head).
   std::vector<Task> prep;
   for (int64_t s = 0; s < nseq; ++s) {
-    for (int64_t kvh = 0; kvh < a.hkv; ++kvh)
+    for (int64_t kvh = 0; kvh < a.hkv && !store_ds; ++kvh)
       for (int64_t t = 0; t < n_tiles(seqs[s].sk); ++t) prep.push_back({s, kvh, t, 0});
     for (int64_t hh = 0; hh < a.h; ++hh)
       for (int64_t t = 0; t < n_tiles(seqs[s].sq); ++t) prep.push_back({s, -1 - hh, t, 0});
@@ -263,7 +283,8 @@ void run_bwd(BwdArgs<T> a, std::vector<Seq>& seqs, const at::TensorOptions& fopt
   }
   std::stable_sort(tasks.begin(), tasks.end(), [](const Task& x, const Task& y) { return x.cost > y.cost; });
   parallel_tasks(static_cast<int64_t>(tasks.size()), BwdScratch::floats(d), [&](int64_t t, float* scratch) {
-    PLM_CPU_CALL(bwd_dq_task, a, seqs[tasks[t].seq], tasks[t].head, tasks[t].tile, scratch);
+    if (store_ds) PLM_CPU_CALL(bwd_dq_stored_task, a, seqs[tasks[t].seq], tasks[t].head, tasks[t].tile, scratch);
+    else PLM_CPU_CALL(bwd_dq_task, a, seqs[tasks[t].seq], tasks[t].head, tasks[t].tile, scratch);
   });
 }
 
