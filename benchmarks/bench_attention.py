@@ -3,13 +3,13 @@
 Providers (same process, same inputs):
   dense   torch   F.scaled_dot_product_attention on (batch, heads, seq, dim) views (enable_gqa)
           flash   flash_attn.flash_attn_func (CUDA, when flash-attn is installed)
-          cpu     plm_engine's C++ CPU kernel (forward; its backward recomputes through the reference)
+          cpu     plm_engine's C++ CPU kernels (forward and backward)
           triton  plm_engine's Triton kernels (CUDA)
   paged   torch   gather the blocks of each sequence through the block table, then SDPA (decode)
           cpu / triton / cuda   plm_engine.ops.paged_attention on that backend
 Dense cases: mode (fwd, fwd_bwd) x causal x dtype x head_dim x seqlen, at a constant number of tokens
 on CUDA (batch = tokens // seqlen, n_heads = 2048 // head_dim); on CPU the SmolLM2 shape (9 heads,
-3 KV heads, head_dim 64), batch 1. Paged cases: dtype x batch x context x block_size, one query token
+3 KV heads, head_dim 64; --heads changes it), batch 1. Paged cases: dtype x batch x context x block_size, one query token
 per sequence, every sequence holding `context` tokens in shuffled blocks.
 
 Derived figures (formulas in attn_flops / paged_bytes):
@@ -112,7 +112,7 @@ def dense_cases(a, dev: str) -> list[Dense]:
             for s in seqlens:
                 for causal in causals:
                     for mode in modes:
-                        out.append(Dense(mode, causal, dt, 1, s, 9, 3, 64))
+                        out.append(Dense(mode, causal, dt, 1, s, *cpu_heads(a), 64))
         return out
     seqlens = [int(s) for s in a.seqlens.split(",")] if a.seqlens else (
         [1024] if a.quick else [512, 1024, 2048, 4096, 8192, 16384])
@@ -124,6 +124,12 @@ def dense_cases(a, dev: str) -> list[Dense]:
                     for mode in modes:
                         out.append(Dense(mode, causal, dt, max(1, CUDA_TOKENS // s), s, 2048 // d, 2048 // d, d))
     return out
+
+
+def cpu_heads(a) -> tuple[int, int]:
+    """(n_heads, n_kv_heads) of the CPU dense cases: --heads 8 (MHA) or 9/3 (GQA; the default)."""
+    h, _, hkv = (a.heads or "9/3").partition("/")
+    return int(h), int(hkv or h)
 
 
 def paged_cases(a, dev: str) -> list[Paged]:
@@ -242,6 +248,7 @@ def parse_args(argv=None):
     p.add_argument("--modes", default=None, help="dense: fwd,fwd_bwd (default: fwd on CPU, both on CUDA)")
     p.add_argument("--causal", default=None, help="dense: causal,full (default: causal on CPU, both on CUDA)")
     p.add_argument("--seqlens", default=None, help="dense seqlens, e.g. 512,2048")
+    p.add_argument("--heads", default=None, help="CPU dense: n_heads[/n_kv_heads], e.g. 8 or 9/3 (default 9/3)")
     p.add_argument("--repeat", type=int, default=1,
                    help="time each case this many rounds, providers interleaved, keeping each one's best median")
     p.add_argument("--time-budget", type=float, default=None,

@@ -17,6 +17,16 @@ std::tuple<Tensor, Tensor> attn_varlen_fwd_cpu(const Tensor& q, const Tensor& k,
                                                const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
                                                int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
                                                double scale);
+// Gradients of attn_fwd_cpu from dout (like q) and its saved out and lse -> (dq, dk, dv) like q, k, v.
+std::tuple<Tensor, Tensor, Tensor> attn_bwd_cpu(const Tensor& dout, const Tensor& q, const Tensor& k,
+                                                const Tensor& v, const Tensor& out, const Tensor& lse, bool causal,
+                                                double scale);
+// Gradients of attn_varlen_fwd_cpu.
+std::tuple<Tensor, Tensor, Tensor> attn_varlen_bwd_cpu(const Tensor& dout, const Tensor& q, const Tensor& k,
+                                                       const Tensor& v, const Tensor& out, const Tensor& lse,
+                                                       const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
+                                                       int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
+                                                       double scale);
 // q (b, sq, h, d); caches (num_blocks, block_size, hkv, d); block_table (b, max_blocks) int32;
 // cache_seqlens (b,) int32 -> out (b, sq, h, d).
 Tensor paged_attn_cpu(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& block_table,
@@ -32,6 +42,9 @@ void write_kv_cache_cuda(const Tensor& k, const Tensor& v, Tensor k_cache, Tenso
 
 // Shape / dtype / device checks (values such as block ids are checked in Python, off the hot path).
 void check_attn_args(const Tensor& q, const Tensor& k, const Tensor& v, int64_t lead_dims);
+// dout and out shaped and typed like q, lse fp32 of lse_shape.
+void check_attn_bwd_args(const Tensor& dout, const Tensor& out, const Tensor& lse, const Tensor& q,
+                         at::IntArrayRef lse_shape);
 void check_varlen_args(const Tensor& q, const Tensor& k, const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k);
 void check_paged_args(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& block_table,
                       const Tensor& cache_seqlens);

@@ -1,5 +1,6 @@
 // Schemas of the attention ops and the argument checks shared by their CPU and CUDA kernels.
-// The kernels register themselves: csrc/cpu/attention.cpp (CPU), csrc/cuda/paged_attention.cu (CUDA).
+// The kernels register themselves: csrc/cpu/attention.cpp (CPU: all of them), csrc/cuda/paged_attention.cu
+// (CUDA: paged_attn, write_kv_cache).
 #include <torch/library.h>
 
 #include "attention.h"
@@ -26,6 +27,19 @@ void check_attn_args(const Tensor& q, const Tensor& k, const Tensor& v, int64_t 
   for (const Tensor* t : {&q, &k, &v}) TORCH_CHECK(t->stride(-1) == 1, "q, k, v must be contiguous in head_dim");
   if (lead_dims == 2) TORCH_CHECK(k.size(0) == q.size(0), "batch of k (", k.size(0), ") != batch of q (", q.size(0), ")");
   check_heads(q, k);
+}
+
+void check_attn_bwd_args(const Tensor& dout, const Tensor& out, const Tensor& lse, const Tensor& q,
+                         at::IntArrayRef lse_shape) {
+  PLM_CHECK_SHAPE(dout, q);
+  PLM_CHECK_SHAPE(out, q);
+  PLM_CHECK_SAME_DTYPE(dout, q);
+  PLM_CHECK_SAME_DTYPE(out, q);
+  PLM_CHECK_SAME_DEVICE(dout, q);
+  PLM_CHECK_SAME_DEVICE(out, q);
+  PLM_CHECK_SAME_DEVICE(lse, q);
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.sizes() == lse_shape, "lse must be float32 of shape ",
+              lse_shape, ", got ", lse.scalar_type(), " ", lse.sizes());
 }
 
 void check_varlen_args(const Tensor& q, const Tensor& k, const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k) {
@@ -94,8 +108,13 @@ void check_write_kv_args(const Tensor& k, const Tensor& v, const Tensor& k_cache
 
 TORCH_LIBRARY_FRAGMENT(plm_engine, m) {
   m.def("attn_fwd(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> (Tensor, Tensor)");
+  m.def("attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, float scale)"
+        " -> (Tensor, Tensor, Tensor)");
   m.def("attn_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q,"
         " int max_seqlen_k, bool causal, float scale) -> (Tensor, Tensor)");
+  m.def("attn_varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q,"
+        " Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal, float scale)"
+        " -> (Tensor, Tensor, Tensor)");
   m.def("paged_attn(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor cache_seqlens,"
         " float scale) -> Tensor");
   m.def("write_kv_cache(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");

@@ -1,17 +1,26 @@
-// Attention on the CPU: flash-style dense / varlen forward, decode over the paged KV cache, KV writes.
+// Attention on the CPU: flash-style dense / varlen forward and backward, decode over the paged KV
+// cache, KV writes.
 //
-// Algorithm (FlashAttention's online softmax, all math in fp32): a task owns up to BM query rows and
+// Forward (FlashAttention's online softmax, all math in fp32): a task owns up to BM query rows and
 // walks the keys in tiles of BN; per tile it computes the scores S = Q K^T, updates the running row max
 // m and sum l, rescales its fp32 output accumulators and adds P V. Nothing of size seqlen_q x seqlen_k
 // is ever stored: a thread's scratch is a few tens of KB and stays in L1/L2.
 //
-// Layout choices (measured on a 2-core AVX-512 machine, benchmarks/bench_attention.py):
-//  - The QK^T micro-kernel broadcasts one query element and multiplies it with 64 keys at once, so it
+// Backward (FlashAttention-2, from the saved out and lse): a pre-pass packs Q^T / dO^T panels and
+// computes D = rowsum(dO * O); pass 1 has one task per (sequence, kv head, key tile) that owns its
+// dK / dV in fp32 and walks every query of the kv head's group; pass 2 has one task per (sequence,
+// head, query tile) that owns its dQ and walks the keys, reading the dS tiles pass 1 stored or, past
+// a memory budget, recomputing P and dP (two extra products; no float atomics or per-thread partial
+// sums either way). Every output element is written by one task
+// in a fixed order, so gradients are bit-identical for any thread count.
+//
+// Layout choices (benchmarks/bench_attention.py):
+//  - The QK^T micro-kernel broadcasts one query element and multiplies it with a row of keys, so it
 //    needs the keys transposed (head_dim x keys, "packed"). Dense / varlen attention packs every K
 //    tile once per call (a parallel pre-pass, shared by all query tiles and all heads of a GQA group),
 //    converting fp16/bf16 to fp32 at the same time; values are converted to fp32 once likewise. Paged
 //    decode has only group * seqlen_q query rows per key, so it packs each K tile on the fly
-//    (a 16x16 in-register transpose) and reads V straight from the cache, converting in registers.
+//    (W x W in-register transposes) and reads V straight from the cache, converting in registers.
 //  - Decode processes all query heads of a KV head together (rows = seqlen_q x group), so each cached
 //    K/V row is read from memory once, and splits long contexts into chunks (flash-decoding) so that
 //    batch 1 keeps every core busy; the partial results are merged in a second pass.
@@ -19,9 +28,9 @@
 //    causal attention's uneven tiles balance. Every task's arithmetic depends only on the shapes, so
 //    results are bit-identical for any thread count.
 //
-// Two builds of the tile kernels (attention_simd.inc) live in one binary, chosen once at run time:
-// avx512 (AVX-512F/BW/VL/DQ intrinsics) and generic (plain loops the compiler vectorises for the
-// baseline ISA). PLM_ENGINE_CPU_ISA=generic forces the generic one (to test it on an AVX-512 machine).
+// The tile kernels (attention_kernels.inc) are written once against the vector policies of simd.h and
+// compiled per instruction set (generic / avx2 / avx512, simd_instantiate.inc); cpu::cpu_isa() picks
+// the build once per task (PLM_CPU_CALL).
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -35,34 +44,37 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PLM_ATTN_X86_SIMD 1
-#include <immintrin.h>
-#endif
 
 #include "attention.h"
 #include "common/checks.h"
+#include "cpu/isa.h"
+#include "cpu/simd.h"
 
 namespace plm_engine {
 namespace {
 
 constexpr int64_t BM = 64;  // query rows per task
-constexpr int64_t BN = 64;  // keys per tile: 4 vectors of 16 lanes
-constexpr int MR = 4;       // query rows per micro-kernel call (MR x 4 accumulator vectors)
+constexpr int64_t BN = 64;  // keys per tile
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
+static_assert(BM == BN, "the backward's transposed tiles (keys x queries) reuse the BN-wide layout");
 
-// ---- task arguments and scratch, shared by both builds ---------------------------------------------
+// ---- task arguments and scratch, shared by every build ---------------------------------------------
 
-// One sequence of a (possibly packed) batch: element offsets of its first row in q / k / out / lse.
+// One sequence of a (possibly packed) batch: element offsets of its first row in q / k / v / out / lse
+// (out_off also addresses dout, which is laid out like out) and in the gradients.
 struct Seq {
   int64_t q_off, k_off, v_off, out_off, lse_off, sq, sk;
-  int64_t kt_off = 0, vf_off = 0;  // into the packed-K and fp32-V buffers
+  int64_t kt_off = 0, vf_off = 0;  // into the packed-K (and packed-V) and fp32-V buffers
+  int64_t qt_off = 0, st_off = 0;  // backward: packed Q^T / dO^T panels, per-row lse2 / D
+  int64_t dq_off = 0, dk_off = 0, dv_off = 0;
+  int64_t ds_off = 0;  // backward: stored dS^T tiles
 };
+
+int64_t n_tiles(int64_t n) { return (n + BN - 1) / BN; }
 
 template <typename T>
 struct FwdArgs {
@@ -80,9 +92,7 @@ struct FwdArgs {
   float qscale;  // softmax scale * log2(e): scores come out in log2 units for exp2
 };
 
-int64_t n_tiles(int64_t sk) { return (sk + BN - 1) / BN; }
-
-// Scratch layout of a dense/varlen or paged worker, in floats.
+// Scratch layout of a dense/varlen or paged forward worker, in floats.
 struct Scratch {
   float *q, *o, *s, *kt, *m, *l;
   static int64_t floats(int64_t d) { return 2 * BM * d + BM * BN + d * BN + 2 * BM; }
@@ -103,188 +113,52 @@ struct PagedArgs {
   float qscale;
 };
 
-// ---- generic build: 16-lane arrays, plain loops ----------------------------------------------------
-
-namespace generic {
-
-struct Generic {
-  struct V {
-    float x[16];
-  };
-  static V zero() { return set1(0.f); }
-  static V set1(float a) {
-    V r;
-    for (int i = 0; i < 16; ++i) r.x[i] = a;
-    return r;
-  }
-  template <typename T>
-  static V load(const T* p, int n = 16) {
-    V r;
-    for (int i = 0; i < 16; ++i) r.x[i] = i < n ? static_cast<float>(p[i]) : 0.f;
-    return r;
-  }
-  static void store(float* p, V v, int n = 16) {
-    for (int i = 0; i < n; ++i) p[i] = v.x[i];
-  }
-  static V add(V a, V b) {
-    for (int i = 0; i < 16; ++i) a.x[i] += b.x[i];
-    return a;
-  }
-  static V sub(V a, V b) {
-    for (int i = 0; i < 16; ++i) a.x[i] -= b.x[i];
-    return a;
-  }
-  static V mul(V a, V b) {
-    for (int i = 0; i < 16; ++i) a.x[i] *= b.x[i];
-    return a;
-  }
-  static V fmadd(V a, V b, V c) {
-    for (int i = 0; i < 16; ++i) c.x[i] += a.x[i] * b.x[i];
-    return c;
-  }
-  static float reduce_max(V a) {
-    float m = a.x[0];
-    for (int i = 1; i < 16; ++i) m = std::max(m, a.x[i]);
-    return m;
-  }
-  static float reduce_add(V a) {
-    float s = 0.f;
-    for (int i = 0; i < 16; ++i) s += a.x[i];
-    return s;
-  }
-  static V keep_first(V a, int n, float fill) {
-    for (int i = n; i < 16; ++i) a.x[i] = fill;
-    return a;
-  }
-  static V exp2(V a) {
-    for (int i = 0; i < 16; ++i) a.x[i] = std::exp2(a.x[i]);
-    return a;
-  }
-  static void transpose16(const V* a, V* out) {
-    for (int i = 0; i < 16; ++i)
-      for (int j = 0; j < 16; ++j) out[j].x[i] = a[i].x[j];
-  }
+template <typename T>
+struct BwdArgs {
+  const T* dout;
+  const T* q;
+  const T* k;
+  const T* v;
+  const T* out;
+  const float* lse;
+  T* dq;
+  T* dk;
+  T* dv;
+  float* kt;     // packed K^T tiles per (seq, kv head, key tile), (d, BN)
+  float* vt;     // packed V^T tiles, same layout
+  float* qt;     // packed (Q * qscale)^T panels per (seq, head, query tile), (d, BN)
+  float* dot;    // packed dO^T panels, same layout
+  float* lse2;   // per (seq, head, query tile): BN values of lse * log2(e) (+inf: no visible key / padding)
+  float* delta;  // same layout: D = rowsum(dO * O)
+  float* ds;     // dS^T tiles (BN keys x BN queries) per (seq, head, key tile, query tile), or nullptr
+  int64_t h, hkv, d;
+  int64_t q_row, q_head, k_row, k_head, v_row, v_head, o_row, o_head, do_row, do_head, lse_head;
+  int64_t dq_row, dq_head, dk_row, dk_head, dv_row, dv_head;
+  bool causal;
+  float scale, qscale;
 };
 
-using Vec = Generic;
-#include "attention_simd.inc"
+// Pass 1 stores its dS^T tiles for pass 2 when they take at most this many MiB (h * sq * sk * 4 bytes,
+// tiles padded): pass 2 is then one product (dQ = dS K) instead of three and needs no packed K^T / V^T.
+// Longer sequences recompute them (same results, bit for bit). PLM_ENGINE_ATTN_BWD_DS_MIB overrides
+// the budget (tests set 0 to cover the recompute path).
+int64_t ds_budget_bytes() {
+  const char* env = std::getenv("PLM_ENGINE_ATTN_BWD_DS_MIB");
+  const int64_t mib = env != nullptr ? std::atoll(env) : 256;
+  return mib * (int64_t(1) << 20);
+}
 
-}  // namespace generic
-
-#ifdef PLM_ATTN_X86_SIMD
-// ---- AVX-512 build ----------------------------------------------------------------------------------
-
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
-// GCC 12 flags the _mm512_undefined_ps() placeholder inside its own conversion intrinsics.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-namespace avx512 {
-
-// 16 fp32 lanes; fp16/bf16 travel as 256-bit halves and widen on load (bf16 is the top half of an fp32).
-// Partial vectors use masked loads/stores, which never touch (or fault on) the masked-off memory.
-struct Avx512 {
-  using V = __m512;
-  static __mmask16 mask(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
-  static V zero() { return _mm512_setzero_ps(); }
-  static V set1(float a) { return _mm512_set1_ps(a); }
-  static V from_bf16(__m256i b) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)); }
-  static V load(const float* p) { return _mm512_loadu_ps(p); }
-  static V load(const float* p, int n) { return _mm512_maskz_loadu_ps(mask(n), p); }
-  static V load(const c10::BFloat16* p) { return from_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
-  static V load(const c10::BFloat16* p, int n) { return from_bf16(_mm256_maskz_loadu_epi16(mask(n), p)); }
-  static V load(const c10::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
-  static V load(const c10::Half* p, int n) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask(n), p)); }
-  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
-  static void store(float* p, V v, int n) { _mm512_mask_storeu_ps(p, mask(n), v); }
-  static V add(V a, V b) { return _mm512_add_ps(a, b); }
-  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
-  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
-  static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-  static float reduce_max(V a) { return _mm512_reduce_max_ps(a); }
-  static float reduce_add(V a) { return _mm512_reduce_add_ps(a); }
-  static V keep_first(V a, int n, float fill) { return _mm512_mask_blend_ps(mask(n), set1(fill), a); }
-  // 2^x for x <= 0 (or -inf): x = k + f with k an integer and |f| <= 1/2; 2^f = e^(f ln 2) by its
-  // degree-7 Taylor polynomial (relative error < 1e-8 on |f| <= 1/2, below fp32 rounding), and the
-  // 2^k by scalef. Clamping at -150 maps -inf (and anything below fp32's range) to 0 without NaNs.
-  static V exp2(V x) {
-    x = _mm512_max_ps(x, set1(-150.f));
-    const V k = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const V f = _mm512_mul_ps(_mm512_sub_ps(x, k), set1(kLn2));
-    V p = set1(1.f / 5040.f);
-    p = _mm512_fmadd_ps(p, f, set1(1.f / 720.f));
-    p = _mm512_fmadd_ps(p, f, set1(1.f / 120.f));
-    p = _mm512_fmadd_ps(p, f, set1(1.f / 24.f));
-    p = _mm512_fmadd_ps(p, f, set1(1.f / 6.f));
-    p = _mm512_fmadd_ps(p, f, set1(0.5f));
-    p = _mm512_fmadd_ps(p, f, set1(1.f));
-    p = _mm512_fmadd_ps(p, f, set1(1.f));
-    return _mm512_scalef_ps(p, k);
-  }
-  // 16x16 transpose in four shuffle stages: 32-bit and 64-bit interleaves inside 128-bit lanes, then
-  // two 128-bit lane shuffles (a 4x4 transpose of lanes). After stage 2, u[4i + c] lane L holds
-  // rows 4i..4i+3 at column 4L + c.
-  static void transpose16(const V* a, V* out) {
-    V t[16], u[16];
-    for (int i = 0; i < 8; ++i) {
-      t[2 * i] = _mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]);
-      t[2 * i + 1] = _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]);
-    }
-    for (int i = 0; i < 4; ++i) {
-      const __m512d t0 = _mm512_castps_pd(t[4 * i]), t1 = _mm512_castps_pd(t[4 * i + 1]);
-      const __m512d t2 = _mm512_castps_pd(t[4 * i + 2]), t3 = _mm512_castps_pd(t[4 * i + 3]);
-      u[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2));
-      u[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
-      u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));
-      u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
-    }
-    for (int c = 0; c < 4; ++c) {
-      const V y0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x44), y1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xEE);
-      const V y2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x44), y3 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xEE);
-      out[c] = _mm512_shuffle_f32x4(y0, y2, 0x88);
-      out[4 + c] = _mm512_shuffle_f32x4(y0, y2, 0xDD);
-      out[8 + c] = _mm512_shuffle_f32x4(y1, y3, 0x88);
-      out[12 + c] = _mm512_shuffle_f32x4(y1, y3, 0xDD);
-    }
-  }
+// Scratch of a backward worker, in floats: two (BN, d) operand tiles, two (BN, BN) score tiles, two
+// (BN, d) accumulators.
+struct BwdScratch {
+  float *x, *y, *s, *dp, *acc1, *acc2;
+  static int64_t floats(int64_t d) { return 4 * BN * d + 2 * BN * BN; }
+  BwdScratch(float* base, int64_t d)
+      : x(base), y(x + BN * d), s(y + BN * d), dp(s + BN * BN), acc1(dp + BN * BN), acc2(acc1 + BN * d) {}
 };
 
-using Vec = Avx512;
-#include "attention_simd.inc"
-
-}  // namespace avx512
-#pragma GCC diagnostic pop
-#pragma GCC pop_options
-#endif  // PLM_ATTN_X86_SIMD
-
-enum class Isa { kGeneric = 0, kAvx512 = 1 };
-
-Isa detect_isa() {
-  Isa best = Isa::kGeneric;
-#ifdef PLM_ATTN_X86_SIMD
-  // __builtin_cpu_supports also checks that the OS saves the AVX-512 register state.
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-    best = Isa::kAvx512;
-#endif
-  // Same variable as the norm kernels; there is no separate AVX2 build here, so "avx2" means generic.
-  if (const char* env = std::getenv("PLM_ENGINE_CPU_ISA"); env != nullptr && std::string(env) != "avx512")
-    best = Isa::kGeneric;
-  return best;
-}
-
-Isa isa() {
-  static const Isa value = detect_isa();
-  return value;
-}
-
-// Calls the chosen build's version of a task function (dispatched once per task, not per tile).
-#ifdef PLM_ATTN_X86_SIMD
-#define PLM_ATTN_CALL(fn, ...) (isa() == Isa::kAvx512 ? avx512::fn(__VA_ARGS__) : generic::fn(__VA_ARGS__))
-#else
-#define PLM_ATTN_CALL(fn, ...) generic::fn(__VA_ARGS__)
-#endif
+#define PLM_SIMD_KERNELS "cpu/attention_kernels.inc"
+#include "cpu/simd_instantiate.inc"
 
 // Runs fn(task, scratch) for task in [0, n) on all threads, handing tasks out dynamically in index
 // order (callers order them heaviest first); each worker owns `scratch_floats` of fp32 scratch.
@@ -324,7 +198,7 @@ void run_fwd(FwdArgs<T> a, std::vector<Seq>& seqs, const at::TensorOptions& fopt
     for (int64_t kvh = 0; kvh < a.hkv; ++kvh)
       for (int64_t t = 0; t < n_tiles(seqs[s].sk); ++t) packs.push_back({s, kvh, t});
   parallel_tasks(static_cast<int64_t>(packs.size()), 0, [&](int64_t t, float*) {
-    PLM_ATTN_CALL(pack_task, a, seqs[packs[t].seq], packs[t].kvh, packs[t].tile);
+    PLM_CPU_CALL(pack_task, a, seqs[packs[t].seq], packs[t].kvh, packs[t].tile);
   });
   // Main pass: (sequence, head, query tile), the most keys first.
   struct Task { int64_t seq, head, i0, cost; };
@@ -339,7 +213,78 @@ void run_fwd(FwdArgs<T> a, std::vector<Seq>& seqs, const at::TensorOptions& fopt
   }
   std::stable_sort(tasks.begin(), tasks.end(), [](const Task& x, const Task& y) { return x.cost > y.cost; });
   parallel_tasks(static_cast<int64_t>(tasks.size()), Scratch::floats(d), [&](int64_t t, float* scratch) {
-    PLM_ATTN_CALL(fwd_task, a, seqs[tasks[t].seq], tasks[t].head, tasks[t].i0, scratch);
+    PLM_CPU_CALL(fwd_task, a, seqs[tasks[t].seq], tasks[t].head, tasks[t].i0, scratch);
+  });
+}
+
+template <typename T>
+void run_bwd(BwdArgs<T> a, std::vector<Seq>& seqs, const at::TensorOptions& fopts) {
+  const int64_t d = a.d, group = a.h / a.hkv, nseq = static_cast<int64_t>(seqs.size());
+  int64_t kt_total = 0, qt_total = 0, st_total = 0, ds_total = 0;
+  for (Seq& sd : seqs) {
+    sd.kt_off = kt_total;
+    sd.qt_off = qt_total;
+    sd.st_off = st_total;
+    sd.ds_off = ds_total;
+    kt_total += a.hkv * n_tiles(sd.sk) * d * BN;
+    qt_total += a.h * n_tiles(sd.sq) * d * BN;
+    st_total += a.h * n_tiles(sd.sq) * BN;
+    ds_total += a.h * n_tiles(sd.sk) * n_tiles(sd.sq) * BN * BN;
+  }
+  const bool store_ds = ds_total * static_cast<int64_t>(sizeof(float)) <= ds_budget_bytes();
+  if (store_ds) kt_total = 0;  // pass 2 reads K rows in place
+  const at::Tensor ds = at::empty({store_ds ? ds_total : 0}, fopts);
+  a.ds = store_ds ? ds.data_ptr<float>() : nullptr;
+  const at::Tensor kt = at::empty({kt_total}, fopts), vt = at::empty({kt_total}, fopts);
+  const at::Tensor qt = at::empty({qt_total}, fopts), dot = at::empty({qt_total}, fopts);
+  const at::Tensor lse2 = at::empty({st_total}, fopts), delta = at::empty({st_total}, fopts);
+  a.kt = kt.data_ptr<float>();
+  a.vt = vt.data_ptr<float>();
+  a.qt = qt.data_ptr<float>();
+  a.dot = dot.data_ptr<float>();
+  a.lse2 = lse2.data_ptr<float>();
+  a.delta = delta.data_ptr<float>();
+  struct Task { int64_t seq, head, tile, cost; };
+  // Pre-pass: K^T / V^T tiles (head = kv head) and Q^T / dO^T panels with lse2 and D (head = -1 - head).
+  std::vector<Task> prep;
+  for (int64_t s = 0; s < nseq; ++s) {
+    for (int64_t kvh = 0; kvh < a.hkv && !store_ds; ++kvh)
+      for (int64_t t = 0; t < n_tiles(seqs[s].sk); ++t) prep.push_back({s, kvh, t, 0});
+    for (int64_t hh = 0; hh < a.h; ++hh)
+      for (int64_t t = 0; t < n_tiles(seqs[s].sq); ++t) prep.push_back({s, -1 - hh, t, 0});
+  }
+  parallel_tasks(static_cast<int64_t>(prep.size()), 0, [&](int64_t t, float*) {
+    const Task& p = prep[t];
+    if (p.head >= 0) PLM_CPU_CALL(bwd_pack_kv_task, a, seqs[p.seq], p.head, p.tile);
+    else PLM_CPU_CALL(bwd_prep_task, a, seqs[p.seq], -1 - p.head, p.tile);
+  });
+  // Pass 1: dK, dV per (sequence, kv head, key tile), the most queries first.
+  std::vector<Task> tasks;
+  for (int64_t s = 0; s < nseq; ++s) {
+    const Seq& sd = seqs[s];
+    for (int64_t j0 = 0; j0 < sd.sk; j0 += BN) {
+      const int64_t queries = a.causal ? sd.sq - std::clamp(j0 - (sd.sk - sd.sq), int64_t(0), sd.sq) : sd.sq;
+      for (int64_t kvh = 0; kvh < a.hkv; ++kvh) tasks.push_back({s, kvh, j0, queries * group});
+    }
+  }
+  std::stable_sort(tasks.begin(), tasks.end(), [](const Task& x, const Task& y) { return x.cost > y.cost; });
+  parallel_tasks(static_cast<int64_t>(tasks.size()), BwdScratch::floats(d), [&](int64_t t, float* scratch) {
+    PLM_CPU_CALL(bwd_dkdv_task, a, seqs[tasks[t].seq], tasks[t].head, tasks[t].tile, scratch);
+  });
+  // Pass 2: dQ per (sequence, head, query tile), the most keys first.
+  tasks.clear();
+  for (int64_t s = 0; s < nseq; ++s) {
+    const Seq& sd = seqs[s];
+    for (int64_t i0 = 0; i0 < sd.sq; i0 += BM) {
+      const int64_t last = std::min(i0 + BM, sd.sq) - 1;
+      const int64_t keys = a.causal ? std::clamp(last + sd.sk - sd.sq + 1, int64_t(0), sd.sk) : sd.sk;
+      for (int64_t hh = 0; hh < a.h; ++hh) tasks.push_back({s, hh, i0, keys});
+    }
+  }
+  std::stable_sort(tasks.begin(), tasks.end(), [](const Task& x, const Task& y) { return x.cost > y.cost; });
+  parallel_tasks(static_cast<int64_t>(tasks.size()), BwdScratch::floats(d), [&](int64_t t, float* scratch) {
+    if (store_ds) PLM_CPU_CALL(bwd_dq_stored_task, a, seqs[tasks[t].seq], tasks[t].head, tasks[t].tile, scratch);
+    else PLM_CPU_CALL(bwd_dq_task, a, seqs[tasks[t].seq], tasks[t].head, tasks[t].tile, scratch);
   });
 }
 
@@ -373,6 +318,45 @@ FwdArgs<T> fwd_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   a.v_head = v.stride(-2);
   a.out_row = a.h * a.d;
   a.causal = causal;
+  a.qscale = static_cast<float>(scale) * kLog2e;
+  return a;
+}
+
+template <typename T>
+BwdArgs<T> bwd_args(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+                    bool causal, double scale) {
+  BwdArgs<T> a{};
+  a.dout = dout.data_ptr<T>();
+  a.q = q.data_ptr<T>();
+  a.k = k.data_ptr<T>();
+  a.v = v.data_ptr<T>();
+  a.out = out.data_ptr<T>();
+  a.lse = lse.data_ptr<float>();
+  a.dq = dq.data_ptr<T>();
+  a.dk = dk.data_ptr<T>();
+  a.dv = dv.data_ptr<T>();
+  a.h = q.size(-2);
+  a.hkv = k.size(-2);
+  a.d = q.size(-1);
+  a.q_row = q.stride(-3);
+  a.q_head = q.stride(-2);
+  a.k_row = k.stride(-3);
+  a.k_head = k.stride(-2);
+  a.v_row = v.stride(-3);
+  a.v_head = v.stride(-2);
+  a.o_row = out.stride(-3);
+  a.o_head = out.stride(-2);
+  a.do_row = dout.stride(-3);
+  a.do_head = dout.stride(-2);
+  a.dq_row = dq.stride(-3);
+  a.dq_head = dq.stride(-2);
+  a.dk_row = dk.stride(-3);
+  a.dk_head = dk.stride(-2);
+  a.dv_row = dv.stride(-3);
+  a.dv_head = dv.stride(-2);
+  a.causal = causal;
+  a.scale = static_cast<float>(scale);
   a.qscale = static_cast<float>(scale) * kLog2e;
   return a;
 }
@@ -455,6 +439,69 @@ std::tuple<Tensor, Tensor> attn_varlen_fwd_cpu(const Tensor& q, const Tensor& k,
   return {out, lse};
 }
 
+std::tuple<Tensor, Tensor, Tensor> attn_bwd_cpu(const Tensor& dout, const Tensor& q, const Tensor& k,
+                                                const Tensor& v, const Tensor& out, const Tensor& lse, bool causal,
+                                                double scale) {
+  check_attn_args(q, k, v, 2);
+  const int64_t b = q.size(0), sq = q.size(1), h = q.size(2), sk = k.size(1);
+  check_attn_bwd_args(dout, out, lse, q, {b, h, sq});
+  // dout and out share the per-sequence offsets below, so both are made (b, sq, h, d) contiguous.
+  const Tensor dO = dout.contiguous(), o = out.contiguous(), l = lse.contiguous();
+  Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  std::vector<Seq> seqs;
+  for (int64_t i = 0; i < b; ++i) {
+    Seq sd{i * q.stride(0), i * k.stride(0), i * v.stride(0), i * o.stride(0), i * h * sq, sq, sk};
+    sd.dq_off = i * dq.stride(0);
+    sd.dk_off = i * dk.stride(0);
+    sd.dv_off = i * dv.stride(0);
+    seqs.push_back(sd);
+  }
+  dispatch_dtype(q.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    BwdArgs<T> a = bwd_args<T>(dO, q, k, v, o, l, dq, dk, dv, causal, scale);
+    a.lse_head = sq;
+    run_bwd(a, seqs, q.options().dtype(at::kFloat));
+  });
+  return {dq, dk, dv};
+}
+
+std::tuple<Tensor, Tensor, Tensor> attn_varlen_bwd_cpu(const Tensor& dout, const Tensor& q, const Tensor& k,
+                                                       const Tensor& v, const Tensor& out, const Tensor& lse,
+                                                       const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
+                                                       int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
+                                                       double scale) {
+  check_attn_args(q, k, v, 1);
+  check_varlen_args(q, k, cu_seqlens_q, cu_seqlens_k);
+  const int64_t tq = q.size(0), h = q.size(1), tk = k.size(0);
+  check_attn_bwd_args(dout, out, lse, q, {h, tq});
+  const int32_t* cq = cu_seqlens_q.data_ptr<int32_t>();
+  const int32_t* ck = cu_seqlens_k.data_ptr<int32_t>();
+  const int64_t batch = cu_seqlens_q.numel() - 1;
+  TORCH_CHECK(cq[0] == 0 && ck[0] == 0 && cq[batch] == tq && ck[batch] == tk,
+              "cu_seqlens must start at 0 and end at the packed lengths (", tq, ", ", tk, ")");
+  const Tensor dO = dout.contiguous(), o = out.contiguous(), l = lse.contiguous();
+  Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  std::vector<Seq> seqs;
+  for (int64_t i = 0; i < batch; ++i) {
+    const int64_t sq = cq[i + 1] - cq[i], sk = ck[i + 1] - ck[i];
+    TORCH_CHECK(sq >= 0 && sk >= 0, "cu_seqlens must never decrease (sequence ", i, ")");
+    TORCH_CHECK(sq <= max_seqlen_q && sk <= max_seqlen_k, "sequence ", i, " (", sq, ", ", sk,
+                ") is longer than max_seqlen_q/k (", max_seqlen_q, ", ", max_seqlen_k, ")");
+    Seq sd{cq[i] * q.stride(0), ck[i] * k.stride(0), ck[i] * v.stride(0), cq[i] * o.stride(0), cq[i], sq, sk};
+    sd.dq_off = cq[i] * dq.stride(0);
+    sd.dk_off = ck[i] * dk.stride(0);
+    sd.dv_off = ck[i] * dv.stride(0);
+    seqs.push_back(sd);
+  }
+  dispatch_dtype(q.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    BwdArgs<T> a = bwd_args<T>(dO, q, k, v, o, l, dq, dk, dv, causal, scale);
+    a.lse_head = tq;
+    run_bwd(a, seqs, q.options().dtype(at::kFloat));
+  });
+  return {dq, dk, dv};
+}
+
 Tensor paged_attn_cpu(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& block_table,
                       const Tensor& cache_seqlens, double scale) {
   check_paged_args(q, k_cache, v_cache, block_table, cache_seqlens);
@@ -508,7 +555,7 @@ Tensor paged_attn_cpu(const Tensor& q, const Tensor& k_cache, const Tensor& v_ca
     // Tasks are (batch, kv head, row tile, split) in index order: every task of a batch row costs
     // about the same, so no sorting is needed.
     parallel_tasks(base * splits, Scratch::floats(d), [&](int64_t t, float* scratch) {
-      PLM_ATTN_CALL(paged_task, a, t, scratch);
+      PLM_CPU_CALL(paged_task, a, t, scratch);
     });
     T* o = out.data_ptr<T>();
     at::parallel_for(0, b * hkv * rows_total, 16, [&](int64_t begin, int64_t end) {
@@ -550,7 +597,9 @@ void write_kv_cache_cpu(const Tensor& k, const Tensor& v, Tensor k_cache, Tensor
 
 TORCH_LIBRARY_IMPL(plm_engine, CPU, m) {
   m.impl("attn_fwd", &plm_engine::attn_fwd_cpu);
+  m.impl("attn_bwd", &plm_engine::attn_bwd_cpu);
   m.impl("attn_varlen_fwd", &plm_engine::attn_varlen_fwd_cpu);
+  m.impl("attn_varlen_bwd", &plm_engine::attn_varlen_bwd_cpu);
   m.impl("paged_attn", &plm_engine::paged_attn_cpu);
   m.impl("write_kv_cache", &plm_engine::write_kv_cache_cpu);
 }

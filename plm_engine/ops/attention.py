@@ -16,8 +16,8 @@ Backend ops (the contract every backend implements; csrc/attention.h for the C++
   paged_attn(q, k_cache, v_cache, block_table, cache_seqlens, scale) -> out
   write_kv_cache(k, v, k_cache!, v_cache!, slot_mapping) -> ()
 Triton registers them as plm_engine::triton_<name> (plm_engine/ops/triton/attention.py and
-paged_attention.py); _C as plm_engine::<name>: attn_fwd / attn_varlen_fwd on CPU (their backward
-recomputes through the reference), paged_attn and write_kv_cache on CPU and CUDA.
+paged_attention.py); _C as plm_engine::<name>: the attention ops and their backward on CPU, paged_attn and
+write_kv_cache on CPU and CUDA.
 """
 
 from __future__ import annotations
@@ -28,9 +28,7 @@ import torch
 
 from plm_engine.ops import backends, checks, extension
 from plm_engine.ops.reference import (
-    attention_bwd_ref,
     attention_ref,
-    attention_varlen_bwd_ref,
     attention_varlen_ref,
     paged_attention_ref,
     write_kv_cache_ref,
@@ -86,36 +84,15 @@ def register_attn_autograd(fwd_op, bwd_op, varlen: bool) -> None:
     torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
 
 
-def register_reference_backward(fwd_op, varlen: bool) -> None:
-    """Autograd for a forward-only kernel (the C++ CPU attention): the backward is the analytic
-    attention gradient from the saved out and lse (reference.attention_bwd_ref), in PyTorch matmuls
-    over one (seqlen_q x seqlen_k) block per head — fine on CPU, where training sequences are short."""
-
-    def setup_context(ctx, inputs, output):
-        ctx.meta = inputs[3:]
-        ctx.save_for_backward(*inputs[:3], *output)
-
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        if varlen:
-            cu_q, cu_k, _max_q, _max_k, causal, scale = ctx.meta
-            grads = attention_varlen_bwd_ref(dout, q, k, v, out, lse, cu_q, cu_k, causal, scale)
-        else:
-            causal, scale = ctx.meta
-            grads = attention_bwd_ref(dout, q, k, v, out, lse, causal, scale)
-        return tuple(grads) + (None,) * len(ctx.meta)
-
-    torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
-
-
 def _register_cpp_ops() -> None:
     extension.load()
-    lib = "plm_engine::"
-    for name, fake in (("attn_fwd", attn_fwd_fake), ("attn_varlen_fwd", attn_varlen_fwd_fake),
+    lib = torch.ops.plm_engine
+    for name, fake in (("attn_fwd", attn_fwd_fake), ("attn_bwd", attn_bwd_fake),
+                       ("attn_varlen_fwd", attn_varlen_fwd_fake), ("attn_varlen_bwd", attn_varlen_bwd_fake),
                        ("paged_attn", paged_attn_fake), ("write_kv_cache", write_kv_cache_fake)):
-        torch.library.register_fake(lib + name)(fake)
-    register_reference_backward(lib + "attn_fwd", varlen=False)
-    register_reference_backward(lib + "attn_varlen_fwd", varlen=True)
+        torch.library.register_fake("plm_engine::" + name)(fake)
+    register_attn_autograd("plm_engine::attn_fwd", lib.attn_bwd.default, varlen=False)
+    register_attn_autograd("plm_engine::attn_varlen_fwd", lib.attn_varlen_bwd.default, varlen=True)
 
 
 backends.register_family(("attn_fwd", "attn_varlen_fwd"), _register_cpp_ops, "plm_engine.ops.triton.attention")
