@@ -29,6 +29,10 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+# Measure this checkout's plm_engine (bench scripts import common first), not another one that an editable
+# install put on the path.
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 RESULTS_DIR = REPO / "benchmarks" / "results"
 
 # The columns every benchmark row starts with, in CSV order; benchmark-specific columns follow.

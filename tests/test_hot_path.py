@@ -175,3 +175,34 @@ def test_compile_fullgraph_decode_and_training_step(llama):
     torch.testing.assert_close(compiled, eager)
     for g, p in zip(grads, model.parameters()):
         torch.testing.assert_close(g, p.grad)
+
+
+@pytest.mark.parametrize("objective, model", [("clm", "gpt2-tiny"), ("mlm", "bert-tiny"), ("classify", "bert-tiny")])
+def test_trainer_forward_backward_read_nothing(tmp_path, objective, model):
+    """The trainer's micro-batch forward and backward, for every objective: its batches are checked and
+    laid out on the host (padding layout, MLM label positions), so the step reads no device value."""
+    import json
+
+    from plm_engine.training.trainer import Trainer
+    from tests.training.helpers import tiny_config, write_corpus
+
+    if objective == "classify":
+        rows = [{"text": " ".join(["king war crown"] * (1 + i % 3)), "label": ["comedy", "history"][i % 2]}
+                for i in range(16)]
+        data = tmp_path / "rows.jsonl"
+        data.write_text("\n".join(json.dumps(r) for r in rows))
+        cfg = tiny_config(tmp_path / "run", [str(data)], objective=objective, model=model, dataset="jsonl",
+                          seq_len=16, eval_fraction=0.25)
+    else:
+        cfg = tiny_config(tmp_path / "run", write_corpus(str(tmp_path / "corpus"), n_files=1, lines=60),
+                          objective=objective, model=model)
+    trainer = Trainer(cfg)
+    epoch, indices = trainer.sampler.next_batch()
+    batch = trainer._collate(indices, epoch, trainer.train_set)
+    if objective == "classify":
+        assert "layout" in batch, "the test needs a padded batch"
+    trainer.forward_module.train()
+    with production_checks(), NoHostReads():
+        loss, _, _ = trainer._loss(trainer.forward_module, batch)
+        loss.backward()
+    assert torch.isfinite(loss.detach())

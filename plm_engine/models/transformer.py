@@ -46,6 +46,30 @@ class _Tokens:
     max_seqlen: int = 0
 
 
+@dataclass
+class PaddingLayout:
+    """Where the real tokens of a padded batch are: what the model needs to pack it. Computing it reads the
+    mask's values, so the trainer computes it on the host (from_mask on the CPU mask) with the batch and
+    passes it in: the training step then reads nothing back (plm_engine/ops/checks.py)."""
+
+    index: torch.Tensor        # flat (batch * seqlen) index of each real token, int64
+    cu_seqlens: torch.Tensor   # (batch + 1,) int32 offsets of each sequence's real tokens
+    max_seqlen: int
+
+    @staticmethod
+    def from_mask(attention_mask: torch.Tensor) -> PaddingLayout | None:
+        """The layout of a (batch, seqlen) 0/1 mask, or None when nothing is padded."""
+        mask = attention_mask.bool()
+        if bool(mask.all()):
+            return None
+        lens = mask.sum(1, dtype=torch.int32)
+        return PaddingLayout(mask.flatten().nonzero().squeeze(1), F.pad(lens.cumsum(0, dtype=torch.int32), (1, 0)),
+                             int(lens.max()))
+
+    def to(self, device) -> PaddingLayout:
+        return PaddingLayout(self.index.to(device), self.cu_seqlens.to(device), self.max_seqlen)
+
+
 class Block(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
@@ -199,21 +223,20 @@ class Transformer(nn.Module):
                 int(token_type_ids.min()) < 0 or int(token_type_ids.max()) >= max(c.type_vocab_size, 1)):
             raise ValueError(f"token_type_ids must lie in [0, {max(c.type_vocab_size, 1)})")
 
-    def _tokens(self, input_ids, attention_mask, token_type_ids, position_ids) -> _Tokens:
+    def _tokens(self, input_ids, attention_mask, token_type_ids, position_ids, layout=None) -> _Tokens:
         self._check_input(input_ids, attention_mask, token_type_ids, position_ids)
         b, s = input_ids.shape
         input_ids = input_ids.long()
         if position_ids is None:
             position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
-        if attention_mask is None or bool(attention_mask.all()):
+        if layout is None and attention_mask is not None:
+            layout = PaddingLayout.from_mask(attention_mask)  # reads the mask: pass `layout` in the hot path
+        if layout is None:
             return _Tokens(input_ids, position_ids, token_type_ids)
         # Pack the real tokens: attention sees sequences, never padding.
-        mask = attention_mask.bool()
-        index = mask.flatten().nonzero().squeeze(1)
-        lens = mask.sum(1, dtype=torch.int32)
-        cu = F.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))
-        pick = lambda t: None if t is None else t.flatten()[index]
-        return _Tokens(pick(input_ids), pick(position_ids), pick(token_type_ids), index, cu, int(lens.max()))
+        pick = lambda t: None if t is None else t.flatten()[layout.index]
+        return _Tokens(pick(input_ids), pick(position_ids), pick(token_type_ids), layout.index, layout.cu_seqlens,
+                       layout.max_seqlen)
 
     def _unpack(self, t: _Tokens, values: torch.Tensor, shape) -> torch.Tensor:
         """Packed (total, ...) rows back to (batch, seqlen, ...), zeros at padding."""
@@ -223,27 +246,29 @@ class Transformer(nn.Module):
         out[t.index] = values
         return out.view(*shape, *values.shape[1:])
 
-    def hidden_states(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None):
-        """(batch, seqlen, hidden) final hidden states (after the final norm; zeros at padding)."""
-        t = self._tokens(input_ids, attention_mask, token_type_ids, position_ids)
+    def hidden_states(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, layout=None):
+        """(batch, seqlen, hidden) final hidden states (after the final norm; zeros at padding). layout: the
+        PaddingLayout of attention_mask, when the caller has it (no read of the mask then)."""
+        t = self._tokens(input_ids, attention_mask, token_type_ids, position_ids, layout)
         with checks.trusted():  # checked above: the ops inside read no values
             return self._unpack(t, self._trunk(t, self._context(t, input_ids.device)), input_ids.shape)
 
     # ---- heads ----------------------------------------------------------------------------------------
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
-                return_logits=None) -> ModelOutput:
+                return_logits=None, layout=None, label_index=None) -> ModelOutput:
         """Causal models: next-token logits (batch, seqlen, vocab); labels like input_ids (shifted here;
         -100 and padding ignored) give the loss through the fused linear + cross-entropy, and then no
         logits unless return_logits. BERT: MLM logits/loss (labels -100 where not masked), or only
-        hidden_states when the checkpoint has no MLM head."""
+        hidden_states when the checkpoint has no MLM head.
+        layout: attention_mask's PaddingLayout; label_index: for MLM on an unpadded batch, the flat
+        (batch * seqlen) positions whose label is not -100. The trainer computes both on the host, so
+        that the training step reads no device value."""
         c = self.config
-        t = self._tokens(input_ids, attention_mask, token_type_ids, position_ids)
+        t = self._tokens(input_ids, attention_mask, token_type_ids, position_ids, layout)
         if labels is not None and isinstance(labels, torch.Tensor) and labels.numel() and checks.value_checks():
-            lo, hi = (int(v) for v in torch.aminmax(labels))
-            if (lo < 0 and lo != -100) or hi >= c.vocab_size:
-                raise ValueError(f"labels must be token ids in [0, {c.vocab_size}) or -100 (ignored), "
-                                 f"got {lo if lo < 0 else hi}")
+            if bool((((labels < 0) & (labels != -100)) | (labels >= c.vocab_size)).any()):
+                raise ValueError(f"labels must be token ids in [0, {c.vocab_size}) or -100 (ignored)")
         with checks.trusted():  # checked above: the ops inside read no values
             h = self._trunk(t, self._context(t, input_ids.device))
             shape = input_ids.shape
@@ -266,7 +291,10 @@ class Transformer(nn.Module):
                 if c.causal:
                     loss = ops.linear_cross_entropy(flat.to(w.dtype), w, target)
                 else:  # MLM: only the masked positions go through the head
-                    sel = (target != -100).nonzero().squeeze(1)
+                    if label_index is not None and t.index is None:
+                        sel = label_index
+                    else:  # a read of the labels: the trainer passes label_index instead
+                        sel = (target != -100).nonzero().squeeze(1)
                     loss = ops.linear_cross_entropy(self._mlm_transform(flat[sel]).to(w.dtype), w, target[sel],
                                                     bias=self.mlm_bias)
             logits = None
@@ -283,12 +311,12 @@ class Transformer(nn.Module):
             return ops.linear(self._mlm_transform(h), self.lm_head_weight, self.mlm_bias)
         return ops.linear(h, self.lm_head_weight)
 
-    def classify(self, input_ids, attention_mask=None, token_type_ids=None, labels=None) -> ModelOutput:
+    def classify(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, layout=None) -> ModelOutput:
         """Sequence classification: logits (batch, num_labels), loss with labels (batch,).
         BERT pools the first token (pooler + tanh); causal models read the last real token."""
         if self.classifier is None:
             raise ValueError("classify() needs a model built with config.num_labels > 0")
-        hidden = self.hidden_states(input_ids, attention_mask, token_type_ids)
+        hidden = self.hidden_states(input_ids, attention_mask, token_type_ids, layout=layout)
         if self.config.arch == "bert":
             pooled = hidden[:, 0]
             if self.pooler is not None:

@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from plm_engine.models.transformer import PaddingLayout
 from plm_engine.ops import checks
 from plm_engine.training import checkpoint as ckpt
 from plm_engine.training import data as D
@@ -342,7 +343,13 @@ class Trainer:
             batch = {"input_ids": ids, "labels": ids}
             n_tokens = ids.numel()
         n_targets = self._check_batch(batch)
+        # What the model would otherwise find by reading device values, computed here on the host.
+        layout = PaddingLayout.from_mask(batch["attention_mask"]) if "attention_mask" in batch else None
+        if cfg.objective == "mlm":
+            batch["label_index"] = (batch["labels"] != -100).flatten().nonzero().squeeze(1)
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        if layout is not None:
+            batch["layout"] = layout.to(self.device)
         batch["n_tokens"] = n_tokens
         batch["n_targets"] = n_targets
         return batch
@@ -374,7 +381,8 @@ class Trainer:
 
     def _loss(self, module, batch: dict):
         """(mean loss, targets counted, output) of one micro-batch."""
-        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+        inputs = {k: v for k, v in batch.items()
+                  if k in ("input_ids", "attention_mask", "labels", "layout", "label_index")}
         # The batch was checked on the host in _collate: the forward and backward read no device values.
         with self._autocast(), checks.trusted():
             out = module(**inputs)

@@ -18,8 +18,7 @@ from tests.utils import ATOL, device_backends, max_err
 
 DENSE = device_backends("attn_fwd")
 VARLEN = device_backends("attn_varlen_fwd")
-PAGED = device_backends("paged_attn") + [pytest.param("cuda", "cuda", marks=pytest.mark.cuda,
-                                                                    id="cuda-cuda-paged")]
+PAGED = device_backends("paged_attn")
 WRITE = device_backends("write_kv_cache")
 
 

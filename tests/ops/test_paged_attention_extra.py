@@ -17,6 +17,8 @@ SPLITS_ENV = "PLM_ENGINE_PAGED_ATTN_SPLITS"
 HERE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON_OK, TRITON_WHY = backends.availability("triton", torch.device(HERE), "paged_attn")
 needs_triton = pytest.mark.skipif(not TRITON_OK, reason=TRITON_WHY)
+if HERE == "cuda":  # these tests then run on the GPU: carry the cuda mark (`-m cuda` selects them)
+    needs_triton = pytest.mark.cuda(needs_triton)
 
 
 def _triton():
