@@ -144,7 +144,6 @@ def test_engine_step_forwards_read_nothing(llama, monkeypatch):
     assert [len(o.token_ids) for o in outs] == [6, 6]
 
 
-@pytest.mark.slow
 def test_compile_fullgraph_decode_and_training_step(llama):
     """torch.compile(fullgraph=True) traces the decode forward and a training forward with no graph break,
     and computes what eager does."""
