@@ -84,7 +84,7 @@ struct FwdArgs {
   T* out;
   float* lse;
   float* kt;  // packed keys: per (seq, kv head) ceil(sk / BN) tiles of (d, BN) fp32
-  float* vf;  // fp32 values per (seq, kv head): (sk, d); nullptr for fp32 inputs (v is read directly)
+  float* vf;  // fp32 values per (seq, kv head): (sk, d), contiguous (see run_fwd)
   int64_t h, hkv, d;
   int64_t q_row, q_head, k_row, k_head, v_row, v_head;  // element strides
   int64_t out_row, lse_head;
@@ -128,6 +128,9 @@ struct BwdArgs {
   float* vt;     // packed V^T tiles, same layout
   float* qt;     // packed (Q * qscale)^T panels per (seq, head, query tile), (d, BN)
   float* dot;    // packed dO^T panels, same layout
+  float* qf;     // Q (unscaled) and dO as contiguous fp32 rows, (BN, d) per panel of qt: the row operands
+  float* dof;    //   of pass 1's two P^T-products (in place their rows lie h * d apart; see run_fwd's vf)
+  float* kf;     // K as contiguous fp32 rows, (BN, d) per tile of kt: pass 2's row operand
   float* lse2;   // per (seq, head, query tile): BN values of lse * log2(e) (+inf: no visible key / padding)
   float* delta;  // same layout: D = rowsum(dO * O)
   float* ds;     // dS^T tiles (BN keys x BN queries) per (seq, head, key tile, query tile), or nullptr
@@ -183,15 +186,13 @@ void run_fwd(FwdArgs<T> a, std::vector<Seq>& seqs, const at::TensorOptions& fopt
     kt_total += a.hkv * n_tiles(sd.sk) * d * BN;
     vf_total += a.hkv * sd.sk * d;
   }
-  const at::Tensor kt = at::empty({kt_total}, fopts);
-  at::Tensor vf;
+  // V is copied to contiguous fp32 rows even for fp32 inputs: in place, a tile's rows lie h * d
+  // elements apart, and for power-of-two strides (h * d * 4 = 2 KiB) its 64 rows fall into a few L1
+  // sets and evict each other on every PV pass over the tile.
+  const at::Tensor kt = at::empty({kt_total}, fopts), vf = at::empty({vf_total}, fopts);
   a.kt = kt.data_ptr<float>();
-  a.vf = nullptr;
-  if constexpr (!std::is_same_v<T, float>) {
-    vf = at::empty({vf_total}, fopts);
-    a.vf = vf.data_ptr<float>();
-  }
-  // Pre-pass: pack every K tile (and widen V) once.
+  a.vf = vf.data_ptr<float>();
+  // Pre-pass: pack every K tile (and copy / widen V) once.
   struct PackTask { int64_t seq, kvh, tile; };
   std::vector<PackTask> packs;
   for (int64_t s = 0; s < static_cast<int64_t>(seqs.size()); ++s)
@@ -232,23 +233,31 @@ void run_bwd(BwdArgs<T> a, std::vector<Seq>& seqs, const at::TensorOptions& fopt
     ds_total += a.h * n_tiles(sd.sk) * n_tiles(sd.sq) * BN * BN;
   }
   const bool store_ds = ds_total * static_cast<int64_t>(sizeof(float)) <= ds_budget_bytes();
-  if (store_ds) kt_total = 0;  // pass 2 reads K rows in place
+  const at::Tensor kf = at::empty({kt_total}, fopts);
+  if (store_ds) kt_total = 0;  // pass 2 needs no packed K^T / V^T
   const at::Tensor ds = at::empty({store_ds ? ds_total : 0}, fopts);
   a.ds = store_ds ? ds.data_ptr<float>() : nullptr;
+  // Pass 1 writes the tiles with aligned non-temporal stores (whole tiles from a 64-byte aligned base).
+  TORCH_INTERNAL_ASSERT(reinterpret_cast<uintptr_t>(a.ds) % 64 == 0);
   const at::Tensor kt = at::empty({kt_total}, fopts), vt = at::empty({kt_total}, fopts);
   const at::Tensor qt = at::empty({qt_total}, fopts), dot = at::empty({qt_total}, fopts);
+  const at::Tensor qf = at::empty({qt_total}, fopts), dof = at::empty({qt_total}, fopts);
   const at::Tensor lse2 = at::empty({st_total}, fopts), delta = at::empty({st_total}, fopts);
   a.kt = kt.data_ptr<float>();
   a.vt = vt.data_ptr<float>();
   a.qt = qt.data_ptr<float>();
   a.dot = dot.data_ptr<float>();
+  a.qf = qf.data_ptr<float>();
+  a.dof = dof.data_ptr<float>();
+  a.kf = kf.data_ptr<float>();
   a.lse2 = lse2.data_ptr<float>();
   a.delta = delta.data_ptr<float>();
   struct Task { int64_t seq, head, tile, cost; };
-  // Pre-pass: K^T / V^T tiles (head = kv head) and Q^T / dO^T panels with lse2 and D (head = -1 - head).
+  // Pre-pass: K rows and K^T / V^T tiles (head = kv head) and Q^T / dO^T panels, Q / dO rows, lse2 and
+  // D (head = -1 - head).
   std::vector<Task> prep;
   for (int64_t s = 0; s < nseq; ++s) {
-    for (int64_t kvh = 0; kvh < a.hkv && !store_ds; ++kvh)
+    for (int64_t kvh = 0; kvh < a.hkv; ++kvh)
       for (int64_t t = 0; t < n_tiles(seqs[s].sk); ++t) prep.push_back({s, kvh, t, 0});
     for (int64_t hh = 0; hh < a.h; ++hh)
       for (int64_t t = 0; t < n_tiles(seqs[s].sq); ++t) prep.push_back({s, -1 - hh, t, 0});
