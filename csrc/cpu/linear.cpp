@@ -4,8 +4,8 @@
 // At decode M is 1..32 and the time is spent reading W, so the kernel reads W exactly once per call:
 //  - N is cut into blocks of kBlockN = 16 weight rows; OpenMP (at::parallel_for, static contiguous
 //    ranges) spreads whole blocks over the threads.
-//  - Within a block, every tile of MR rows of x (M <= 4: one tile of M; 5..8: one tile of 8, the rows
-//    past M repeating row M - 1; more: tiles of 4, then 1..3) is multiplied by the block, NR weight rows
+//  - Within a block, every tile of MR rows of x (M <= 4: one tile of M; 16-bit weights and 5..8 rows:
+//    one tile of 8, the rows past M repeating row M - 1; otherwise tiles of 4, then 1..3) is multiplied by the block, NR weight rows
 //    at a time (MR * NR accumulators: 8 on AVX2's 16 registers, 16 on AVX-512's and NEON's 32; an
 //    8 x 1 tile on AVX2 takes its x operands straight from L1). The first tile
 //    pulls the block from memory, the others find it in L1/L2; x (at most a few hundred KB) stays in
@@ -49,7 +49,7 @@ namespace {
 
 constexpr int64_t kBlockN = 16;  // weight rows per block: a multiple of every tile's NR
 constexpr int kTileRows = 4;     // rows of x per tile; the last 1..3 rows of x take a smaller tile
-constexpr int kWideTileRows = 8; // 5..8 rows of x: one tile of 8 (rows past M repeat the last row)
+constexpr int kWideTileRows = 8; // 16-bit W, 5..8 rows of x: one tile of 8 (rows past M repeat the last)
 
 // Software prefetch into L2 of the next block's weights (its kBlockN rows are one contiguous region),
 // spread evenly over every K step of every tile of the current block, so the memory stays busy while
