@@ -4,8 +4,10 @@
 // At decode M is 1..32 and the time is spent reading W, so the kernel reads W exactly once per call:
 //  - N is cut into blocks of kBlockN = 16 weight rows; OpenMP (at::parallel_for, static contiguous
 //    ranges) spreads whole blocks over the threads.
-//  - Within a block, every tile of MR rows of x is multiplied by the block, NR weight rows at a time
-//    (MR * NR accumulators: 8 on AVX2's 16 registers, 16 on AVX-512's and NEON's 32). The first tile
+//  - Within a block, every tile of MR rows of x (M <= 4: one tile of M; 16-bit weights and 5..8 rows:
+//    one tile of 8, the rows past M repeating row M - 1; otherwise tiles of 4, then 1..3) is multiplied by the block, NR weight rows
+//    at a time (MR * NR accumulators: 8 on AVX2's 16 registers, 16 on AVX-512's and NEON's 32; an
+//    8 x 1 tile on AVX2 takes its x operands straight from L1). The first tile
 //    pulls the block from memory, the others find it in L1/L2; x (at most a few hundred KB) stays in
 //    L2 for the whole call. For rows of up to 4 KB, the tiles of a block also prefetch the next block's
 //    weights (Prefetch).
@@ -47,6 +49,7 @@ namespace {
 
 constexpr int64_t kBlockN = 16;  // weight rows per block: a multiple of every tile's NR
 constexpr int kTileRows = 4;     // rows of x per tile; the last 1..3 rows of x take a smaller tile
+constexpr int kWideTileRows = 8; // 16-bit W, 5..8 rows of x: one tile of 8 (rows past M repeat the last)
 
 // Software prefetch into L2 of the next block's weights (its kBlockN rows are one contiguous region),
 // spread evenly over every K step of every tile of the current block, so the memory stays busy while
@@ -267,9 +270,10 @@ void linear_kernel(const Tensor& x, const Tensor& w, const float* bias, Tensor& 
   // fp32 x for the FMA tiles: x itself, or one widened copy (M * K, read from L2 per weight block).
   const Tensor xf = std::is_same_v<T, float> ? x : x.to(at::kFloat);
   const float* xp = xf.data_ptr<float>();
-  // More than one row tile per block: 16-bit weights are widened once per block into this thread's
-  // fp32 scratch (linear_blocks), not converted again by every tile.
-  const bool widen = !std::is_same_v<T, float> && M > kTileRows;
+  // More than one row tile per block (M > 8): 16-bit weights are widened once per block into this
+  // thread's fp32 scratch (linear_blocks), not converted again by every tile. Up to 8 rows, the one
+  // tile widens each weight vector in registers and uses it for all rows.
+  const bool widen = !std::is_same_v<T, float> && M > kWideTileRows;
   at::parallel_for(0, n_blocks, grain_blocks(K, M), [&](int64_t b0, int64_t b1) {
     std::vector<float> wide(widen ? kBlockN * K : 0);
     PLM_CPU_CALL(linear_blocks<T>, xp, wp, bias, yp, M, N, K, b0, b1, widen ? wide.data() : nullptr);

@@ -17,6 +17,8 @@ runs it for any shape.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -139,6 +141,63 @@ def _unsupported(x: torch.Tensor, weight: torch.Tensor, rows: int, automatic: bo
     return out
 
 
+# ---- eager no-grad fast path ---------------------------------------------------------------------
+# At decode a small layer's kernel takes a few microseconds, so the generic path's Python (autocast and
+# argument checks, backends.choose, the autograd wrapper of the op) would cost several times the kernel.
+# Eager CPU calls that need no autograd, ask for no backend and pass every check below take a shorter
+# path to the same kernel; anything else (an error to report, autograd, torch.compile, autocast, CUDA,
+# PLM_ENGINE_BACKEND) takes the general path, so the results and errors are the same either way.
+_FAST: dict[tuple[str, torch.dtype], int] = {}  # (cpu_isa, dtype) -> kernel_max_rows, per ISA build
+_FAST_STATE: list = []  # [_C module, the op's CPU kernel below autograd], once prepared
+
+
+def _fast_state():
+    if not _FAST_STATE:
+        mod = extension.load()[0]
+        if mod is None or not extension.has_kernel("linear_fwd", "CPU"):
+            _FAST_STATE.append(None)
+        else:
+            op = linear_op()
+            keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+            _FAST_STATE.append((mod, lambda x, w, b: op.redispatch(keys, x, w, b)))
+    return _FAST_STATE[0]
+
+
+def _fast_linear(x, weight, bias):
+    """The kernel's output, or None where the general path must decide (or raise)."""
+    if (type(weight) is not torch.Tensor or not weight.is_cpu or weight.dtype is not x.dtype
+            or weight.dim() != 2 or x.dim() == 0 or x.shape[-1] != weight.shape[1]
+            or not weight.is_contiguous()):
+        return None
+    if bias is not None and (type(bias) is not torch.Tensor or not bias.is_cpu or bias.dtype is not x.dtype
+                             or bias.shape != (weight.shape[0],)):
+        return None
+    # A dispatch mode (FakeTensorMode, make_fx, FlopCounterMode) or a functorch transform (vmap, grad)
+    # must see the op itself: the kernel below autograd would bypass them.
+    if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return None
+    state = _fast_state()
+    if state is None:
+        return None
+    mod, kernel = state
+    key = (mod.cpu_isa(), x.dtype)
+    limit = _FAST.get(key)
+    if limit is None:
+        limit = _FAST[key] = KERNEL_MAX_ROWS.get(key[0], {}).get(x.dtype, 0)
+    if x.dim() == 2:
+        if x.shape[0] > limit or x.shape[0] == 0:
+            return None
+        return kernel(x, weight, bias)
+    lead = x.shape[:-1]
+    rows = lead.numel()
+    if rows > limit or rows == 0:
+        return None
+    return kernel(x.reshape(rows, x.shape[-1]), weight, bias).view(*lead, weight.shape[0])
+
+
 def linear(x, weight, bias=None, *, backend=None):
     """y = x @ weight.T + bias: x (..., K), weight (N, K) (nn.Linear's layout), bias (N,) or None ->
     y (..., N) in x's dtype; x, weight and bias share one dtype and device.
@@ -149,6 +208,11 @@ def linear(x, weight, bias=None, *, backend=None):
     backend: "cpu" | "torch" | None (automatic; see plm_engine.ops.backends).
     Under torch.autocast the inputs are cast to the autocast dtype first, as F.linear would be.
     """
+    if (backend is None and type(x) is torch.Tensor and x.is_cpu and not torch.compiler.is_compiling()
+            and not torch.is_autocast_enabled("cpu") and not os.environ.get("PLM_ENGINE_BACKEND")):
+        y = _fast_linear(x, weight, bias)
+        if y is not None:
+            return y
     if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)

@@ -93,7 +93,7 @@ def test_results_do_not_depend_on_batch_or_threads(cpu_isa, dtype):
     full = linear(x, w, b, backend="cpu")
     for i in (0, 5, 36):
         torch.testing.assert_close(linear(x[i:i + 1], w, b, backend="cpu"), full[i:i + 1], rtol=0, atol=0)
-    for lo, hi in ((3, 9), (1, 4), (30, 37)):
+    for lo, hi in ((3, 9), (1, 4), (30, 37), (10, 18), (20, 25), (2, 14)):  # 8-row tiles for 5..8 rows
         torch.testing.assert_close(linear(x[lo:hi], w, b, backend="cpu"), full[lo:hi], rtol=0, atol=0)
     threads = torch.get_num_threads()
     try:
@@ -212,8 +212,19 @@ def test_automatic_choice(cpu_isa, dtype, monkeypatch):
     assert kernel_max_rows(dtype) == KERNEL_MAX_ROWS.get(cpu_isa, {}).get(dtype, 0)
     linear_mod = importlib.import_module("plm_engine.ops.linear")  # the module (ops.linear is the function)
     calls = []
-    real_op = linear_mod.linear_op
-    monkeypatch.setattr(linear_mod, "linear_op", lambda: calls.append(1) or real_op())
+    real_op = linear_mod.linear_op()
+
+    class Counting:  # the op as both paths call it: directly, or below autograd (the eager fast path)
+        def __call__(self, *args):
+            calls.append(1)
+            return real_op(*args)
+
+        def redispatch(self, *args):
+            calls.append(1)
+            return real_op.redispatch(*args)
+
+    monkeypatch.setattr(linear_mod, "linear_op", Counting)
+    monkeypatch.setattr(linear_mod, "_FAST_STATE", [])
     limit = kernel_max_rows(dtype)
     w = torch.randn(16, 8, dtype=dtype)
     if limit > 0:
@@ -256,3 +267,28 @@ def test_autocast_casts_like_f_linear(dtype):
         ref = F.linear(x.to(dtype), w, b)
     assert y.dtype == ref.dtype == dtype
     torch.testing.assert_close(y.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_eager_fast_path_is_the_general_path():
+    """The eager no-grad shortcut of ops.linear gives the bits of the general path (backend="cpu"), and
+    autograd, vmap and a dispatch mode still see the op."""
+    if not HAVE_KERNEL[0] or kernel_max_rows(torch.float32) < 3:
+        pytest.skip("the automatic choice does not take the kernel here")
+    x, w, b = make((3, 40), torch.float32, 0), make((7, 40), torch.float32, 1), make((7,), torch.float32, 2)
+    ref = linear(x, w, b, backend="cpu")
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            assert torch.equal(linear(x, w, b), ref)
+            assert torch.equal(linear(x.view(1, 3, 40), w, b), ref.view(1, 3, 7))
+    xg = x.clone().requires_grad_()
+    y = linear(xg, w, b)
+    assert y.grad_fn is not None and torch.equal(y, ref)
+    y.sum().backward()
+    torch.testing.assert_close(xg.grad, w.sum(0).expand(3, 40), rtol=1e-5, atol=1e-5)
+    xb = make((2, 3, 40), torch.float32, 3)
+    out = torch.func.vmap(lambda t: linear(t, w, b))(xb)
+    torch.testing.assert_close(out, linear_ref(xb, w, b), rtol=1e-5, atol=1e-5)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        fy = linear(mode.from_tensor(x), mode.from_tensor(w), mode.from_tensor(b))
+    assert fy.shape == (3, 7)
