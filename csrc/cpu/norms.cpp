@@ -1,8 +1,7 @@
 // LayerNorm / RMSNorm on the CPU, with the optional fused residual add.
 //
-// OpenMP over rows (at::parallel_for); each thread reads a row from memory once, taking its statistics
-// in the same pass (LayerNorm: shifted one-pass moments, see norms_kernels.inc), keeps it in L1/L2 for
-// the output, and writes each output once. Statistics in fp32.
+// OpenMP over rows (at::parallel_for); each thread reads a row from memory once, keeps it in L1/L2 for
+// the centred two-pass variance and the output, and writes each output once. Statistics in fp32.
 //
 // The row kernels (cpu/norms_kernels.inc) are written once against the vector policy of cpu/simd.h and
 // compiled once per instruction set (generic, avx2, avx512: simd_instantiate.inc); each row range runs
