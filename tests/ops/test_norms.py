@@ -180,6 +180,33 @@ def test_cpu_kernel_forward(cpu_isa, dtype, rows, n):
             _assert_within(out, ref, bound, what)
 
 
+@pytest.mark.parametrize("n", [5, 40, 1025])
+def test_cpu_kernel_layer_norm_far_from_zero(cpu_isa, n):
+    """LayerNorm statistics of rows whose mean is far from zero next to their spread (mean 1e4, std 1),
+    where a plain one-pass sum of squares cancels to noise, plus rows that defeat the kernel's one-pass
+    shift (the mean of a row's first values): sorted rows and rows led by an outlier, which must take
+    the exact centred pass. Same bound as test_cpu_kernel_forward, plain and with the residual."""
+    g = torch.Generator().manual_seed(n)
+    base = torch.randn(6, n, generator=g, dtype=torch.float64)
+    rows = [base[0] + 1e4, base[1] * 0.01 - 3e3, base[2].sort().values * 1e-3 + 50.0, base[3] + 1e4]
+    rows[3][0] = 1e4 + 4e3  # one outlier leads the row
+    x = torch.stack(rows + [base[4].sort(descending=True).values + 1e4, base[5] * 1e3]).float()
+    w = (torch.rand(n, generator=g) + 0.5).float()
+    b = (torch.randn(n, generator=g) * 0.3).float()
+    for residual in (False, True):
+        r = torch.randn(x.shape, generator=g).float() if residual else None
+        out = call("layer", x, w, b, r, "cpu")
+        h = x
+        if residual:
+            out, h = out
+        h64, w64, b64 = h.double(), w.double(), b.double()
+        ref = layer_norm_ref(h64, w64, b64, 1e-5)
+        mu, rstd, mean_abs = _stats64("layer", h64)
+        scale = ((h64 - mu) * rstd * w64).abs() + b64.abs() + rstd * mean_abs * w64.abs()
+        bound = _unit(torch.float32) * ref.abs() + (_depth(n) + 8) * U32 * scale
+        _assert_within(out, ref, bound, f"{cpu_isa} layer {'residual' if residual else 'plain'} n={n}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rows,n", ISA_SHAPES, ids=str)
 def test_cpu_kernel_backward(cpu_isa, dtype, rows, n):
