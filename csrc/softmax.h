@@ -15,13 +15,7 @@
 #include <algorithm>
 #include <cstdint>
 
-// fp32, fp16 and bf16: what the CPU kernels' argument checks accept (the types the vector loads cover).
-#ifndef PLM_DISPATCH_FLOAT_TYPES
-#define PLM_DISPATCH_FLOAT_TYPES(TYPE, NAME, ...)                                                   \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                         \
-                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)                      \
-                                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
-#endif
+#include "common/dispatch.h"
 
 namespace plm_engine {
 
