@@ -470,8 +470,9 @@ class AttnConfig:
 # 32 x 64 reached 255 registers) and head_dim 256 gives up pipelining (num_stages 2 spills). dQ keeps
 # Q, dO and one accumulator. 8 warps everywhere but the tiny preprocess: half the registers per thread
 # of 4 warps for the same tile, and two warpgroups for Hopper's wgmma on 128-row tiles.
+# head_dim 16 keeps BLOCK_N 64: 128 x 128 spilled on sm_80 once the head offsets became 64-bit.
 _GPU_CONFIGS = {
-    "fwd": {16: AttnConfig(128, 128, 8, 3), 32: AttnConfig(128, 128, 8, 3), 64: AttnConfig(128, 128, 8, 3),
+    "fwd": {16: AttnConfig(128, 64, 8, 3), 32: AttnConfig(128, 128, 8, 3), 64: AttnConfig(128, 128, 8, 3),
             128: AttnConfig(128, 64, 8, 3), 256: AttnConfig(64, 64, 8, 2)},
     "bwd_preprocess": {d: AttnConfig(128, 0, 4, 1) for d in (16, 32, 64)}
     | {128: AttnConfig(64, 0, 4, 1), 256: AttnConfig(32, 0, 4, 1)},
@@ -483,12 +484,13 @@ _GPU_CONFIGS = {
 # Unaligned launches (see _aligned): the same kernels with scalar loads, whose 64-bit addresses take
 # the registers the aligned table spends on tile size. Smaller tiles, same 8 warps (4 warps doubles the
 # registers per thread and spilled from head_dim 64 up; 16 warps caps them at 128 and spills too);
-# compiled as report-kernels' align1. The backward has no BLOCK_D 256 entry: dK/dV's four 16 x 256
-# tiles plus the scalar addresses spill even at 16 x 16, so _bwd copies such inputs into aligned
-# buffers (_realigned) and runs the aligned table.
+# compiled as report-kernels' align1; head_dim 128 streams 16-key blocks (64 x 32 sat at 255
+# registers and spilled on sm_90 with 64-bit head offsets; 64 x 16 leaves 15-70 spare). The backward
+# has no BLOCK_D 256 entry: dK/dV's four 16 x 256 tiles plus the scalar addresses spill even at
+# 16 x 16, so _bwd copies such inputs into aligned buffers (_realigned) and runs the aligned table.
 _GPU_CONFIGS_UNALIGNED = {
     "fwd": {16: AttnConfig(128, 128, 8, 3), 32: AttnConfig(128, 128, 8, 3), 64: AttnConfig(64, 64, 8, 2),
-            128: AttnConfig(64, 32, 8, 2), 256: AttnConfig(32, 16, 8, 1)},
+            128: AttnConfig(64, 16, 8, 2), 256: AttnConfig(32, 16, 8, 1)},
     "bwd_preprocess": {d: _GPU_CONFIGS["bwd_preprocess"][d] for d in (16, 32, 64, 128)},
     "bwd_dkdv": {16: AttnConfig(32, 128, 8, 3), 32: AttnConfig(16, 64, 8, 2), 64: AttnConfig(16, 64, 8, 2),
                  128: AttnConfig(16, 32, 8, 1)},
