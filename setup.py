@@ -32,9 +32,12 @@ def find_cuda_home():
     for c in candidates:
         # A real toolkit has the runtime header and library, not just an nvcc on its bin/ (/usr/local/bin/nvcc
         # here is a wrapper script, and /usr/local has neither).
-        if (c and os.path.isfile(os.path.join(c, "bin", "nvcc"))
-                and os.path.isfile(os.path.join(c, "include", "cuda_runtime.h"))
-                and (glob.glob(os.path.join(c, "lib64", "libcudart*")) or glob.glob(os.path.join(c, "lib", "libcudart*")))):
+        if (
+            c
+            and os.path.isfile(os.path.join(c, "bin", "nvcc"))
+            and os.path.isfile(os.path.join(c, "include", "cuda_runtime.h"))
+            and (glob.glob(os.path.join(c, "lib64", "libcudart*")) or glob.glob(os.path.join(c, "lib", "libcudart*")))
+        ):
             return c
     return None
 
@@ -89,27 +92,33 @@ def extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     rel = lambda paths: sorted(os.path.relpath(p, ROOT) for p in paths)
-    sources = rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    sources = rel(
+        glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
+    )
     include_dirs = [os.path.join(ROOT, "csrc")]
     # -g0 overrides the -g in Python's default CFLAGS: debug info triples the build time and .so size.
     cxx = ["-O3", "-g0", "-fopenmp", "-fno-math-errno", "-Wno-unknown-pragmas"]
     link = ["-fopenmp"]
     if cuda_home is None:
-        ext = CppExtension("plm_engine._C", sources, include_dirs=include_dirs,
-                           extra_compile_args={"cxx": cxx}, extra_link_args=link)
+        ext = CppExtension(
+            "plm_engine._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx}, extra_link_args=link
+        )
     else:
         flags, archs = gencode_flags()
         cu_sources = rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
         print(f"plm_engine: building CUDA kernels with {cuda_home} for sm_{', sm_'.join(archs)}")
-        nvcc = ["-O3", "--use_fast_math", "-lineinfo", "-Xptxas", "-v",
-                "--expt-relaxed-constexpr", *flags]
+        nvcc = ["-O3", "--use_fast_math", "-lineinfo", "-Xptxas", "-v", "--expt-relaxed-constexpr", *flags]
         # The arch list goes to the C++ compiler only (bindings.cpp reports it): nvcc splits option
         # values at commas, so -DPLM_ENGINE_CUDA_ARCHS=80,90a would reach it as a bogus "-D90a".
         cxx_cuda = cxx + [f"-DPLM_ENGINE_CUDA_ARCHS={','.join(archs)}"]
-        ext = CUDAExtension("plm_engine._C", sources + cu_sources,
-                            include_dirs=include_dirs + nvidia_wheel_includes(),
-                            define_macros=[("PLM_ENGINE_WITH_CUDA", "1")],
-                            extra_compile_args={"cxx": cxx_cuda, "nvcc": nvcc}, extra_link_args=link)
+        ext = CUDAExtension(
+            "plm_engine._C",
+            sources + cu_sources,
+            include_dirs=include_dirs + nvidia_wheel_includes(),
+            define_macros=[("PLM_ENGINE_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx_cuda, "nvcc": nvcc},
+            extra_link_args=link,
+        )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
 
 

@@ -46,8 +46,19 @@ SHAPES = {
     ("cuda", True): [(4096, 1536), (1024, 14336)],
 }
 DEFAULT_DTYPES = {"cpu": "fp32,bf16,fp16", "cuda": "bf16,fp16,fp32"}
-COLUMNS = [*common.ENV_COLUMNS, "op", "variant", "mode", "dtype", "shape", "provider", "ms", "gbps",
-           "speedup_vs_torch", "check"]
+COLUMNS = [
+    *common.ENV_COLUMNS,
+    "op",
+    "variant",
+    "mode",
+    "dtype",
+    "shape",
+    "provider",
+    "ms",
+    "gbps",
+    "speedup_vs_torch",
+    "check",
+]
 TABLE_COLUMNS = ["op", "mode", "dtype", "shape", "provider", "ms", "gbps", "speedup_vs_torch", "check"]
 
 
@@ -61,8 +72,13 @@ class Case:
 
     @property
     def labels(self) -> dict:
-        return {"op": self.op, "variant": "fused_gate_up" if self.op == "swiglu" else "plain", "mode": self.mode,
-                "dtype": self.dtype, "shape": f"{self.rows}x{self.n}"}
+        return {
+            "op": self.op,
+            "variant": "fused_gate_up" if self.op == "swiglu" else "plain",
+            "mode": self.mode,
+            "dtype": self.dtype,
+            "shape": f"{self.rows}x{self.n}",
+        }
 
 
 def act_bytes(c: Case) -> int:
@@ -77,6 +93,7 @@ def act_bytes(c: Case) -> int:
 
 
 # ---- providers --------------------------------------------------------------------------------------
+
 
 def eager_act(c: Case):
     if c.op == "swiglu":
@@ -116,6 +133,7 @@ def runner(impl, c: Case, args, leaves, dy):
         # The chunk views are re-taken from the leaf each call so the graph is fresh.
         a = list(leaves[0].chunk(2, dim=-1)) if c.op == "swiglu" else leaves
         return torch.autograd.grad(impl(*a), leaves, dy)
+
     return fwd_bwd
 
 
@@ -138,21 +156,31 @@ def check(out, ref, dtype) -> str:
 
 # ---- main ----------------------------------------------------------------------------------------------
 
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default=common.default_device(), help="cpu or cuda (default: cuda if available)")
     p.add_argument("--quick", action="store_true", help="small shapes and short timing (CI smoke test)")
-    p.add_argument("--providers", default=",".join(PROVIDERS),
-                   help="comma list of torch,cpu,triton,cuda (those unusable on the device are skipped)")
+    p.add_argument(
+        "--providers",
+        default=",".join(PROVIDERS),
+        help="comma list of torch,cpu,triton,cuda (those unusable on the device are skipped)",
+    )
     p.add_argument("--ops", default=",".join(OPS))
     p.add_argument("--modes", default="fwd,fwd_bwd")
-    p.add_argument("--dtypes", default=None,
-                   help="comma list of fp32,bf16,fp16 (default: fp32,bf16 on CPU, +fp16 on CUDA)")
+    p.add_argument(
+        "--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default: fp32,bf16 on CPU, +fp16 on CUDA)"
+    )
     p.add_argument("--shapes", default=None, help="comma list of ROWSxN, e.g. 2048x1536")
-    p.add_argument("--repeat", type=int, default=1,
-                   help="time each case this many rounds, providers interleaved, and keep each provider's best "
-                        "median (steadier on a shared machine)")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="time each case this many rounds, providers interleaved, and keep each provider's best "
+        "median (steadier on a shared machine)",
+    )
     p.add_argument("--out-dir", default=str(common.RESULTS_DIR), help="where activations.csv is appended")
     p.add_argument("--no-csv", action="store_true", help="do not append to the CSV")
     p.add_argument("--json", action="store_true", help="print rows as JSON lines instead of a table")
@@ -172,8 +200,13 @@ def cases(a) -> list[Case]:
     for op in a.ops.split(","):
         if op not in OPS:
             raise SystemExit(f"unknown op {op!r}; choose from {', '.join(OPS)}")
-    return [Case(op, mode, dt, rows, n)
-            for rows, n in shapes for dt in dtypes for op in a.ops.split(",") for mode in a.modes.split(",")]
+    return [
+        Case(op, mode, dt, rows, n)
+        for rows, n in shapes
+        for dt in dtypes
+        for op in a.ops.split(",")
+        for mode in a.modes.split(",")
+    ]
 
 
 def main(argv=None) -> int:
@@ -223,17 +256,27 @@ def main(argv=None) -> int:
         gb = act_bytes(c) / 1e9
         rows = []
         for p, ms in best.items():
-            rows.append({**env, **c.labels, "provider": p, "ms": round(ms, 4), "gbps": round(gb / (ms / 1e3), 2),
-                         "speedup_vs_torch": round(best["torch"] / ms, 3) if "torch" in best else "",
-                         "check": checks.get(p, "")})
+            rows.append(
+                {
+                    **env,
+                    **c.labels,
+                    "provider": p,
+                    "ms": round(ms, 4),
+                    "gbps": round(gb / (ms / 1e3), 2),
+                    "speedup_vs_torch": round(best["torch"] / ms, 3) if "torch" in best else "",
+                    "check": checks.get(p, ""),
+                }
+            )
         if a.json:
             common.print_json_lines(rows)
         else:
             for r in rows:
-                print(f"{r['op']:>9} {r['mode']:>7} {r['dtype']:>4} {r['shape']:>11} "
-                      f"{r['provider']:>6} {r['ms']:9.3f} ms {r['gbps']:7.1f} GB/s  "
-                      f"x{common.fmt(r['speedup_vs_torch'])}",
-                      file=sys.stderr)
+                print(
+                    f"{r['op']:>9} {r['mode']:>7} {r['dtype']:>4} {r['shape']:>11} "
+                    f"{r['provider']:>6} {r['ms']:9.3f} ms {r['gbps']:7.1f} GB/s  "
+                    f"x{common.fmt(r['speedup_vs_torch'])}",
+                    file=sys.stderr,
+                )
         if not a.no_csv:
             common.append_csv(csv_path, rows, COLUMNS)  # per case, so a run cut short keeps what it measured
         all_rows += rows

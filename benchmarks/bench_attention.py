@@ -46,10 +46,33 @@ from plm_engine.ops import backends  # noqa: E402
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DENSE_PROVIDERS = ("torch", "flash", "cpu", "triton")
 PAGED_PROVIDERS = ("torch", "cpu", "triton", "cuda")
-COLUMNS = [*common.ENV_COLUMNS, "kind", "mode", "causal", "dtype", "shape", "provider", "ms", "tflops", "gbps",
-           "speedup_vs_torch", "check"]
-TABLE_COLUMNS = ["kind", "mode", "causal", "dtype", "shape", "provider", "ms", "tflops", "gbps", "speedup_vs_torch",
-                 "check"]
+COLUMNS = [
+    *common.ENV_COLUMNS,
+    "kind",
+    "mode",
+    "causal",
+    "dtype",
+    "shape",
+    "provider",
+    "ms",
+    "tflops",
+    "gbps",
+    "speedup_vs_torch",
+    "check",
+]
+TABLE_COLUMNS = [
+    "kind",
+    "mode",
+    "causal",
+    "dtype",
+    "shape",
+    "provider",
+    "ms",
+    "tflops",
+    "gbps",
+    "speedup_vs_torch",
+    "check",
+]
 CUDA_TOKENS = 16384
 
 
@@ -66,8 +89,13 @@ class Dense:
 
     @property
     def labels(self) -> dict:
-        return {"kind": "dense", "mode": self.mode, "causal": self.causal, "dtype": self.dtype,
-                "shape": f"b{self.b} s{self.s} h{self.h}/{self.hkv} d{self.d}"}
+        return {
+            "kind": "dense",
+            "mode": self.mode,
+            "causal": self.causal,
+            "dtype": self.dtype,
+            "shape": f"b{self.b} s{self.s} h{self.h}/{self.hkv} d{self.d}",
+        }
 
 
 @dataclass(frozen=True)
@@ -82,8 +110,13 @@ class Paged:
 
     @property
     def labels(self) -> dict:
-        return {"kind": "paged", "mode": "decode", "causal": True, "dtype": self.dtype,
-                "shape": f"b{self.b} ctx{self.ctx} blk{self.block} h{self.h}/{self.hkv} d{self.d}"}
+        return {
+            "kind": "paged",
+            "mode": "decode",
+            "causal": True,
+            "dtype": self.dtype,
+            "shape": f"b{self.b} ctx{self.ctx} blk{self.block} h{self.h}/{self.hkv} d{self.d}",
+        }
 
 
 def attn_flops(c: Dense) -> float:
@@ -101,6 +134,7 @@ def paged_bytes(c: Paged) -> float:
 
 # ---- cases -------------------------------------------------------------------------------------------
 
+
 def dense_cases(a, dev: str) -> list[Dense]:
     dtypes = (a.dtypes or ("fp32,bf16" if dev == "cpu" else "bf16")).split(",")
     modes = (a.modes or ("fwd" if dev == "cpu" else "fwd,fwd_bwd")).split(",")
@@ -114,8 +148,11 @@ def dense_cases(a, dev: str) -> list[Dense]:
                     for mode in modes:
                         out.append(Dense(mode, causal, dt, 1, s, *cpu_heads(a), 64))
         return out
-    seqlens = [int(s) for s in a.seqlens.split(",")] if a.seqlens else (
-        [1024] if a.quick else [512, 1024, 2048, 4096, 8192, 16384])
+    seqlens = (
+        [int(s) for s in a.seqlens.split(",")]
+        if a.seqlens
+        else ([1024] if a.quick else [512, 1024, 2048, 4096, 8192, 16384])
+    )
     head_dims = [128] if a.quick else [64, 128]
     for dt in dtypes:
         for d in head_dims:
@@ -136,16 +173,24 @@ def paged_cases(a, dev: str) -> list[Paged]:
     dtypes = (a.dtypes or ("fp32,bf16" if dev == "cpu" else "bf16")).split(",")
     if dev == "cpu":
         # SmolLM2-135M: 9 query heads, 3 KV heads, head_dim 64
-        grid = [(2, 1024, 16)] if a.quick else [(1, 1024, 16), (1, 8192, 256), (4, 2048, 16), (16, 1024, 16),
-                                               (16, 4096, 64), (16, 8192, 128)]
+        grid = (
+            [(2, 1024, 16)]
+            if a.quick
+            else [(1, 1024, 16), (1, 8192, 256), (4, 2048, 16), (16, 1024, 16), (16, 4096, 64), (16, 8192, 128)]
+        )
         return [Paged(dt, b, ctx, blk, 9, 3, 64) for dt in dtypes for b, ctx, blk in grid]
     # Llama-8B-like: 32 query heads, 8 KV heads, head_dim 128
-    grid = [(8, 4096, 16)] if a.quick else [(b, ctx, 16) for b in (1, 8, 32, 64) for ctx in (1024, 8192, 32768)
-                                           if b * ctx <= 64 * 16384] + [(8, 8192, 256)]
+    grid = (
+        [(8, 4096, 16)]
+        if a.quick
+        else [(b, ctx, 16) for b in (1, 8, 32, 64) for ctx in (1024, 8192, 32768) if b * ctx <= 64 * 16384]
+        + [(8, 8192, 256)]
+    )
     return [Paged(dt, b, ctx, blk, 32, 8, 128) for dt in dtypes for b, ctx, blk in grid]
 
 
 # ---- providers ---------------------------------------------------------------------------------------
+
 
 def flash_attn_func():
     try:
@@ -170,10 +215,13 @@ def usable(provider: str, kind: str, device: str) -> tuple[bool, str]:
 def dense_impl(provider: str, c: Dense):
     """out = f(q, k, v) with q (b, s, h, d) and k, v (b, s, hkv, d)."""
     if provider == "torch":
+
         def f(q, k, v):
-            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               is_causal=c.causal, enable_gqa=c.hkv != c.h)
+            o = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=c.causal, enable_gqa=c.hkv != c.h
+            )
             return o.transpose(1, 2)
+
         return f
     if provider == "flash":
         fa = flash_attn_func()
@@ -215,14 +263,17 @@ def paged_inputs(c: Paged, device: str):
 
 def paged_impl(provider: str, c: Paged):
     if provider == "torch":
+
         def gather_sdpa(q, k_cache, v_cache, block_table, seqlens):
             # Every sequence holds c.ctx tokens here, so one gather + one SDPA covers the batch.
             idx = block_table.long()
-            k = k_cache[idx].reshape(c.b, -1, c.hkv, c.d)[:, :c.ctx]
-            v = v_cache[idx].reshape(c.b, -1, c.hkv, c.d)[:, :c.ctx]
-            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               enable_gqa=c.hkv != c.h)
+            k = k_cache[idx].reshape(c.b, -1, c.hkv, c.d)[:, : c.ctx]
+            v = v_cache[idx].reshape(c.b, -1, c.hkv, c.d)[:, : c.ctx]
+            o = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=c.hkv != c.h
+            )
             return o.transpose(1, 2)
+
         return gather_sdpa
     return lambda *args: ops.paged_attention(*args, backend=provider)
 
@@ -236,23 +287,34 @@ def check(out, ref, dtype) -> str:
 
 # ---- main --------------------------------------------------------------------------------------------
 
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default=common.default_device(), help="cpu or cuda (default: cuda if available)")
     p.add_argument("--quick", action="store_true", help="one small case per kind, short timing (CI smoke test)")
     p.add_argument("--kinds", default="dense,paged")
     p.add_argument("--providers", default=None, help="comma list (default: every provider usable on the device)")
-    p.add_argument("--dtypes", default=None,
-                   help="comma list of fp32,bf16,fp16 (default: fp32,bf16 on CPU, bf16 on CUDA)")
+    p.add_argument(
+        "--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default: fp32,bf16 on CPU, bf16 on CUDA)"
+    )
     p.add_argument("--modes", default=None, help="dense: fwd,fwd_bwd (default: fwd on CPU, both on CUDA)")
     p.add_argument("--causal", default=None, help="dense: causal,full (default: causal on CPU, both on CUDA)")
     p.add_argument("--seqlens", default=None, help="dense seqlens, e.g. 512,2048")
     p.add_argument("--heads", default=None, help="CPU dense: n_heads[/n_kv_heads], e.g. 8 or 9/3 (default 9/3)")
-    p.add_argument("--repeat", type=int, default=1,
-                   help="time each case this many rounds, providers interleaved, keeping each one's best median")
-    p.add_argument("--time-budget", type=float, default=None,
-                   help="stop starting new cases after this many seconds (the rows so far are kept)")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="time each case this many rounds, providers interleaved, keeping each one's best median",
+    )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="stop starting new cases after this many seconds (the rows so far are kept)",
+    )
     p.add_argument("--out-dir", default=str(common.RESULTS_DIR), help="where attention.csv is appended")
     p.add_argument("--no-csv", action="store_true", help="do not append to the CSV")
     p.add_argument("--json", action="store_true", help="print rows as JSON lines instead of a table")
@@ -280,8 +342,10 @@ def main(argv=None) -> int:
     skipped_note = set()
     for kind, c in work:
         if a.time_budget is not None and time.monotonic() - start > a.time_budget:
-            print(f"bench_attention: time budget of {a.time_budget:.0f} s spent; skipping the other cases",
-                  file=sys.stderr)
+            print(
+                f"bench_attention: time budget of {a.time_budget:.0f} s spent; skipping the other cases",
+                file=sys.stderr,
+            )
             break
         providers = []
         for p in DENSE_PROVIDERS if kind == "dense" else PAGED_PROVIDERS:
@@ -318,7 +382,7 @@ def main(argv=None) -> int:
                 else:
                     if p != "torch":
                         checks[p] = check(impl(*args), ref, DTYPES[c.dtype])
-                    fns[p] = (lambda impl=impl, args=args: impl(*args))
+                    fns[p] = lambda impl=impl, args=args: impl(*args)
             except Exception as e:  # a broken provider must not stop the others
                 failures += 1
                 print(f"bench_attention: {p} failed on {c.labels}: {e!r}", file=sys.stderr)
@@ -336,19 +400,29 @@ def main(argv=None) -> int:
         rows = []
         for p, ms in best.items():
             sec = ms / 1e3
-            rows.append({**env, **c.labels, "provider": p, "ms": round(ms, 4),
-                         "tflops": round(attn_flops(c) / sec / 1e12, 4) if kind == "dense" else "",
-                         "gbps": round(paged_bytes(c) / sec / 1e9, 2) if kind == "paged" else "",
-                         "speedup_vs_torch": round(best["torch"] / ms, 3) if "torch" in best else "",
-                         "check": checks.get(p, "")})
+            rows.append(
+                {
+                    **env,
+                    **c.labels,
+                    "provider": p,
+                    "ms": round(ms, 4),
+                    "tflops": round(attn_flops(c) / sec / 1e12, 4) if kind == "dense" else "",
+                    "gbps": round(paged_bytes(c) / sec / 1e9, 2) if kind == "paged" else "",
+                    "speedup_vs_torch": round(best["torch"] / ms, 3) if "torch" in best else "",
+                    "check": checks.get(p, ""),
+                }
+            )
         if a.json:
             common.print_json_lines(rows)
         else:
             for r in rows:
                 fig = f"{r['tflops']:8.3f} TFLOP/s" if kind == "dense" else f"{r['gbps']:8.1f} GB/s"
-                print(f"{r['kind']:>5} {r['mode']:>7} {'causal' if r['causal'] else 'full':>6} {r['dtype']:>4} "
-                      f"{r['shape']:>28} {r['provider']:>6} {r['ms']:9.3f} ms {fig}  "
-                      f"x{common.fmt(r['speedup_vs_torch'])} {r['check']}", file=sys.stderr)
+                print(
+                    f"{r['kind']:>5} {r['mode']:>7} {'causal' if r['causal'] else 'full':>6} {r['dtype']:>4} "
+                    f"{r['shape']:>28} {r['provider']:>6} {r['ms']:9.3f} ms {fig}  "
+                    f"x{common.fmt(r['speedup_vs_torch'])} {r['check']}",
+                    file=sys.stderr,
+                )
         if not a.no_csv:
             common.append_csv(csv_path, rows, COLUMNS)  # per case, so a run cut short keeps what it measured
         all_rows += rows

@@ -42,13 +42,38 @@ from plm_engine.ops.cross_entropy import cross_entropy, linear_cross_entropy  # 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROVIDERS = ("torch", "cpu", "triton", "cuda")
-SPEED_SHAPES = {"cpu": [(1024, 32000), (256, 131072), (4096, 49152)],
-                "cuda": [(8192, 32000), (4096, 131072), (8192, 49152), (2048, 262144)]}
+SPEED_SHAPES = {
+    "cpu": [(1024, 32000), (256, 131072), (4096, 49152)],
+    "cuda": [(8192, 32000), (4096, 131072), (8192, 49152), (2048, 262144)],
+}
 MEM_VARIANTS = ("torch", "ce_fused", "ce_inplace", "linear_ce")
-COLUMNS = [*common.ENV_COLUMNS, "op", "part", "dtype", "shape", "provider", "ms", "gbps", "speedup_vs_torch",
-           "peak_mb", "peak_vs_torch", "loss", "check"]
-TABLE_COLUMNS = ["part", "dtype", "shape", "provider", "ms", "gbps", "speedup_vs_torch", "peak_mb", "peak_vs_torch",
-                 "check"]
+COLUMNS = [
+    *common.ENV_COLUMNS,
+    "op",
+    "part",
+    "dtype",
+    "shape",
+    "provider",
+    "ms",
+    "gbps",
+    "speedup_vs_torch",
+    "peak_mb",
+    "peak_vs_torch",
+    "loss",
+    "check",
+]
+TABLE_COLUMNS = [
+    "part",
+    "dtype",
+    "shape",
+    "provider",
+    "ms",
+    "gbps",
+    "speedup_vs_torch",
+    "peak_mb",
+    "peak_vs_torch",
+    "check",
+]
 
 
 def ce_bytes(n: int, v: int, itemsize: int) -> int:
@@ -64,14 +89,17 @@ def backend_for(device: str) -> str | None:
 
 # ---- part 1: speed ------------------------------------------------------------------------------------
 
+
 def _ce_step(provider, logits, target):
     """Forward + backward of the mean loss w.r.t. the logits."""
+
     def step():
         if provider == "torch":
             loss = F.cross_entropy(logits, target)
         else:
             loss = cross_entropy(logits, target, backend=provider)
         return torch.autograd.grad(loss, logits)
+
     return step
 
 
@@ -80,9 +108,12 @@ def speed(a, env) -> list[dict]:
     shapes = [(256, 8192)] if a.quick else SPEED_SHAPES[dev]
     if a.shapes:
         shapes = [tuple(int(d) for d in s.split("x")) for s in a.shapes.split(",")]
-    providers = ["torch"] + [p for p in PROVIDERS[1:] if backends.availability(p, torch.device(a.device),
-                                                                                 "cross_entropy_fwd")[0]
-                             and not (p == "triton" and dev == "cpu")]
+    providers = ["torch"] + [
+        p
+        for p in PROVIDERS[1:]
+        if backends.availability(p, torch.device(a.device), "cross_entropy_fwd")[0]
+        and not (p == "triton" and dev == "cpu")
+    ]
     rows = []
     for n, v in shapes:
         dt = DTYPES[a.dtype]
@@ -101,14 +132,26 @@ def speed(a, env) -> list[dict]:
             best[p] = common.time_ms(step, a.device, quick=a.quick)
         gb = ce_bytes(n, v, dt.itemsize) / 1e9
         for p, ms in best.items():
-            rows.append({**env, "op": "cross_entropy", "part": "speed_fwd_bwd", "dtype": a.dtype, "shape": f"{n}x{v}",
-                         "provider": p, "ms": round(ms, 4), "gbps": round(gb / (ms / 1e3), 2),
-                         "speedup_vs_torch": round(best["torch"] / ms, 3), "check": checks.get(p, "")})
+            rows.append(
+                {
+                    **env,
+                    "op": "cross_entropy",
+                    "part": "speed_fwd_bwd",
+                    "dtype": a.dtype,
+                    "shape": f"{n}x{v}",
+                    "provider": p,
+                    "ms": round(ms, 4),
+                    "gbps": round(gb / (ms / 1e3), 2),
+                    "speedup_vs_torch": round(best["torch"] / ms, 3),
+                    "check": checks.get(p, ""),
+                }
+            )
         del logits, ref_grad
     return rows
 
 
 # ---- part 2: peak memory (one subprocess per variant) ---------------------------------------------------
+
 
 def _mem_step(variant, hidden, weight, target, backend):
     if variant == "linear_ce":
@@ -177,16 +220,38 @@ def mem_child(variant: str, device: str, n: int, v: int, d: int, dtype: str) -> 
         before = _proc_status_kib("VmRSS") * 1024
     loss, gh, gw = _mem_step(variant, hidden, weight, target, backend)
     peak = (_proc_status_kib("VmHWM") * 1024 if hwm else _peak_bytes()) - before
-    print(json.dumps({"peak_bytes": peak, "loss": loss, "gh_sum": gh.double().abs().sum().item(),
-                      "gw_sum": gw.double().abs().sum().item()}))
+    print(
+        json.dumps(
+            {
+                "peak_bytes": peak,
+                "loss": loss,
+                "gh_sum": gh.double().abs().sum().item(),
+                "gw_sum": gw.double().abs().sum().item(),
+            }
+        )
+    )
 
 
 def memory(a, env) -> list[dict]:
     n, v, d = (1024, 8192, 128) if a.quick else (a.tokens, a.vocab, a.hidden)
     res = {}
     for variant in MEM_VARIANTS:
-        cmd = [sys.executable, __file__, "--_mem-child", variant, "--device", a.device, "--tokens", str(n),
-               "--vocab", str(v), "--hidden", str(d), "--dtype", a.dtype]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--_mem-child",
+            variant,
+            "--device",
+            a.device,
+            "--tokens",
+            str(n),
+            "--vocab",
+            str(v),
+            "--hidden",
+            str(d),
+            "--dtype",
+            a.dtype,
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             print(f"bench_cross_entropy: {variant} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
@@ -197,16 +262,29 @@ def memory(a, env) -> list[dict]:
     for variant, r in res.items():
         check = ""
         if base is not None and variant != "torch":
-            same = (abs(r["loss"] - base["loss"]) <= 1e-3 * abs(base["loss"])
-                    and abs(r["gh_sum"] - base["gh_sum"]) <= 1e-2 * base["gh_sum"]
-                    and abs(r["gw_sum"] - base["gw_sum"]) <= 1e-2 * base["gw_sum"])
+            same = (
+                abs(r["loss"] - base["loss"]) <= 1e-3 * abs(base["loss"])
+                and abs(r["gh_sum"] - base["gh_sum"]) <= 1e-2 * base["gh_sum"]
+                and abs(r["gw_sum"] - base["gw_sum"]) <= 1e-2 * base["gw_sum"]
+            )
             check = "ok" if same else "mismatch"
-        rows.append({**env, "op": "linear_cross_entropy", "part": "peak_memory_fwd_bwd", "dtype": a.dtype,
-                     "shape": f"N{n}xV{v}xd{d}", "provider": variant, "peak_mb": round(r["peak_bytes"] / 2**20, 1),
-                     # A step can fit in memory the process already held (peak 0): no ratio then.
-                     "peak_vs_torch": round(r["peak_bytes"] / base["peak_bytes"], 3)
-                     if base and base["peak_bytes"] > 0 else "",
-                     "loss": round(r["loss"], 6), "check": check})
+        rows.append(
+            {
+                **env,
+                "op": "linear_cross_entropy",
+                "part": "peak_memory_fwd_bwd",
+                "dtype": a.dtype,
+                "shape": f"N{n}xV{v}xd{d}",
+                "provider": variant,
+                "peak_mb": round(r["peak_bytes"] / 2**20, 1),
+                # A step can fit in memory the process already held (peak 0): no ratio then.
+                "peak_vs_torch": round(r["peak_bytes"] / base["peak_bytes"], 3)
+                if base and base["peak_bytes"] > 0
+                else "",
+                "loss": round(r["loss"], 6),
+                "check": check,
+            }
+        )
     return rows
 
 

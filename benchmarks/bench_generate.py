@@ -43,12 +43,32 @@ import common  # noqa: E402
 from plm_engine.generation import Engine, SamplingParams  # noqa: E402
 from plm_engine.generation.quality import compare_greedy  # noqa: E402
 
-PROMPT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
-          "movable metal type with an oil-based ink and a wooden press. Within a few decades")
+PROMPT = (
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
+    "movable metal type with an oil-based ink and a wooden press. Within a few decades"
+)
 COLUMNS = common.ENV_COLUMNS + [
-    "case", "provider", "model", "dtype", "batch", "requests", "prompt_tokens", "gen_tokens", "ttft_ms",
-    "decode_tok_s", "throughput_tok_s", "wall_s", "weight_gbps", "membw_gbps", "bw_util", "speedup_vs_hf_fp32",
-    "n_identical", "mean_abs_logprob_diff", "max_abs_logprob_diff", "note"]
+    "case",
+    "provider",
+    "model",
+    "dtype",
+    "batch",
+    "requests",
+    "prompt_tokens",
+    "gen_tokens",
+    "ttft_ms",
+    "decode_tok_s",
+    "throughput_tok_s",
+    "wall_s",
+    "weight_gbps",
+    "membw_gbps",
+    "bw_util",
+    "speedup_vs_hf_fp32",
+    "n_identical",
+    "mean_abs_logprob_diff",
+    "max_abs_logprob_diff",
+    "note",
+]
 
 
 def sync(device):
@@ -83,10 +103,16 @@ def weight_bytes(model) -> int:
 
 # ---- plm_engine -------------------------------------------------------------------------------------
 
+
 def ours_decode_b1(model, tok, prompt_ids, n, device):
-    eng = Engine(model, tokenizer=tok, max_num_seqs=1, kv_cache_tokens=len(prompt_ids) + n + 64,
-                 cuda_graphs=device.startswith("cuda"))
-    eng.generate([prompt_ids], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))   # warm-up
+    eng = Engine(
+        model,
+        tokenizer=tok,
+        max_num_seqs=1,
+        kv_cache_tokens=len(prompt_ids) + n + 64,
+        cuda_graphs=device.startswith("cuda"),
+    )
+    eng.generate([prompt_ids], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))  # warm-up
     t0 = time.perf_counter()
     eng.add_request(prompt_ids, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
     first = None
@@ -100,31 +126,39 @@ def ours_decode_b1(model, tok, prompt_ids, n, device):
 
 def ours_throughput(model, tok, prompts, out_lens, device):
     total = sum(len(p) + o for p, o in zip(prompts, out_lens))
-    eng = Engine(model, tokenizer=tok, max_num_seqs=len(prompts), kv_cache_tokens=total + 16 * len(prompts),
-                 cuda_graphs=device.startswith("cuda"))
-    eng.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))   # warm-up
+    eng = Engine(
+        model,
+        tokenizer=tok,
+        max_num_seqs=len(prompts),
+        kv_cache_tokens=total + 16 * len(prompts),
+        cuda_graphs=device.startswith("cuda"),
+    )
+    eng.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
     params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for o in out_lens]
     t = time.perf_counter()
     outs = eng.generate(prompts, params)
     wall = time.perf_counter() - t
     gen = sum(len(o.token_ids) for o in outs)
     assert gen == sum(out_lens), (gen, sum(out_lens))
-    return dict(throughput_tok_s=gen / wall, wall_s=wall, gen_tokens=gen,
-                note=f"preemptions={eng.stats()['num_preemptions']}")
+    return dict(
+        throughput_tok_s=gen / wall, wall_s=wall, gen_tokens=gen, note=f"preemptions={eng.stats()['num_preemptions']}"
+    )
 
 
 # ---- HF transformers ------------------------------------------------------------------------------
 
+
 def hf_generate(hf, ids, mask, n, **kw):
     with torch.no_grad():
-        return hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                           pad_token_id=0, **kw)
+        return hf.generate(
+            ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, **kw
+        )
 
 
 def hf_decode_b1(hf, prompt_ids, n, device, **kw):
     ids = torch.tensor([prompt_ids], device=device)
     mask = torch.ones_like(ids)
-    hf_generate(hf, ids, mask, 8, **kw)   # warm-up
+    hf_generate(hf, ids, mask, 8, **kw)  # warm-up
     sync(device)
     t = time.perf_counter()
     hf_generate(hf, ids, mask, 1, **kw)
@@ -139,23 +173,28 @@ def hf_decode_b1(hf, prompt_ids, n, device, **kw):
 
 
 def hf_throughput(hf, prompts, out_lens, batch, device):
-    hf_generate(hf, torch.tensor([prompts[0]], device=device), None, 4)   # warm-up
+    hf_generate(hf, torch.tensor([prompts[0]], device=device), None, 4)  # warm-up
     t = time.perf_counter()
     made = 0
     for i in range(0, len(prompts), batch):
-        ps, os_ = prompts[i:i + batch], out_lens[i:i + batch]
+        ps, os_ = prompts[i : i + batch], out_lens[i : i + batch]
         width = max(map(len, ps))
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in ps], device=device)   # left padding
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in ps], device=device)  # left padding
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ps], device=device)
         hf_generate(hf, ids, mask, max(os_))
         made += max(os_) * len(ps)
     sync(device)
     wall = time.perf_counter() - t
-    return dict(throughput_tok_s=sum(out_lens) / wall, wall_s=wall, gen_tokens=sum(out_lens),
-                note=f"batches of {batch}; {made} tokens made, {sum(out_lens)} counted")
+    return dict(
+        throughput_tok_s=sum(out_lens) / wall,
+        wall_s=wall,
+        gen_tokens=sum(out_lens),
+        note=f"batches of {batch}; {made} tokens made, {sum(out_lens)} counted",
+    )
 
 
 # ---- driver ---------------------------------------------------------------------------------------
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -189,22 +228,39 @@ def main(argv=None) -> int:
     prompt_ids = tok.encode(PROMPT)
     rng = random.Random(0)
     lo, hi = 16, (256 if not args.quick else 64)
-    vocab_lo = 100   # skip the special / control tokens at the start of the vocabulary
-    prompts = [[rng.randrange(vocab_lo, base.config.vocab_size) for _ in range(rng.randint(lo, hi))]
-               for _ in range(args.requests)]
+    vocab_lo = 100  # skip the special / control tokens at the start of the vocabulary
+    prompts = [
+        [rng.randrange(vocab_lo, base.config.vocab_size) for _ in range(rng.randint(lo, hi))]
+        for _ in range(args.requests)
+    ]
     out_lens = [rng.randint(16, 128 if not args.quick else 32) for _ in range(args.requests)]
     membw = measure_membw(dev)
     rows = []
 
     def row(case, provider, dtype, res, batch, model=None):
-        r = {**env, "case": case, "provider": provider, "model": args.model, "dtype": dtype, "batch": batch,
-             "requests": args.requests if case == "throughput" else 1, "membw_gbps": round(membw, 2), **res}
+        r = {
+            **env,
+            "case": case,
+            "provider": provider,
+            "model": args.model,
+            "dtype": dtype,
+            "batch": batch,
+            "requests": args.requests if case == "throughput" else 1,
+            "membw_gbps": round(membw, 2),
+            **res,
+        }
         if case == "decode_b1" and model is not None:
             r["weight_gbps"] = round(weight_bytes(model) * res["decode_tok_s"] / 1e9, 2)
             r["bw_util"] = round(r["weight_gbps"] / membw, 3)
         r["prompt_tokens"] = len(prompt_ids) if case == "decode_b1" else sum(map(len, prompts))
-        for k in ("ttft_ms", "decode_tok_s", "throughput_tok_s", "wall_s", "mean_abs_logprob_diff",
-                  "max_abs_logprob_diff"):
+        for k in (
+            "ttft_ms",
+            "decode_tok_s",
+            "throughput_tok_s",
+            "wall_s",
+            "mean_abs_logprob_diff",
+            "max_abs_logprob_diff",
+        ):
             if isinstance(r.get(k), float):
                 r[k] = round(r[k], 4)
         rows.append(r)
@@ -224,10 +280,11 @@ def main(argv=None) -> int:
                     try:
                         res = hf_decode_b1(hf, prompt_ids, args.decode_tokens, dev, cache_implementation="static")
                         row("decode_b1", "hf_static", name, res, 1)
-                    except Exception as e:   # not every transformers/device combination supports it
+                    except Exception as e:  # not every transformers/device combination supports it
                         row("decode_b1", "hf_static", name, dict(note=f"failed: {type(e).__name__}: {e}"[:200]), 1)
-                r = row("throughput", "hf", name, hf_throughput(hf, prompts, out_lens, args.hf_batch, dev),
-                        args.hf_batch)
+                r = row(
+                    "throughput", "hf", name, hf_throughput(hf, prompts, out_lens, args.hf_batch, dev), args.hf_batch
+                )
                 hf_ref.setdefault(("throughput", name), r["throughput_tok_s"])
                 del hf
 
@@ -238,14 +295,19 @@ def main(argv=None) -> int:
         if dt != torch.float32:
             q = compare_greedy(base, model, tok)
             quality = {k: q[k] for k in ("n_identical", "mean_abs_logprob_diff", "max_abs_logprob_diff")}
-            row("quality", "plm_engine", name, dict(quality, note=f"{q['n_prompts']} prompts x {q['n_tokens']} "
-                                                    f"greedy tokens vs float32"), 1)
-        r = row("decode_b1", "plm_engine", name, ours_decode_b1(model, tok, prompt_ids, args.decode_tokens, dev),
-                1, model)
+            row(
+                "quality",
+                "plm_engine",
+                name,
+                dict(quality, note=f"{q['n_prompts']} prompts x {q['n_tokens']} greedy tokens vs float32"),
+                1,
+            )
+        r = row(
+            "decode_b1", "plm_engine", name, ours_decode_b1(model, tok, prompt_ids, args.decode_tokens, dev), 1, model
+        )
         if ("decode_b1", "float32") in hf_ref:
             r["speedup_vs_hf_fp32"] = round(r["decode_tok_s"] / hf_ref[("decode_b1", "float32")], 3)
-        r = row("throughput", "plm_engine", name, ours_throughput(model, tok, prompts, out_lens, dev),
-                args.requests)
+        r = row("throughput", "plm_engine", name, ours_throughput(model, tok, prompts, out_lens, dev), args.requests)
         if ("throughput", "float32") in hf_ref:
             r["speedup_vs_hf_fp32"] = round(r["throughput_tok_s"] / hf_ref[("throughput", "float32")], 3)
     for r in rows:
@@ -258,9 +320,25 @@ def main(argv=None) -> int:
     if args.json:
         common.print_json_lines(rows)
     else:
-        common.print_table(rows, ["case", "provider", "dtype", "batch", "ttft_ms", "decode_tok_s", "throughput_tok_s",
-                                  "weight_gbps", "bw_util", "speedup_vs_hf_fp32", "n_identical",
-                                  "mean_abs_logprob_diff", "note"], title=f"generate: {args.model} on {dev}")
+        common.print_table(
+            rows,
+            [
+                "case",
+                "provider",
+                "dtype",
+                "batch",
+                "ttft_ms",
+                "decode_tok_s",
+                "throughput_tok_s",
+                "weight_gbps",
+                "bw_util",
+                "speedup_vs_hf_fp32",
+                "n_identical",
+                "mean_abs_logprob_diff",
+                "note",
+            ],
+            title=f"generate: {args.model} on {dev}",
+        )
     return 0
 
 

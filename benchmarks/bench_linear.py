@@ -40,19 +40,58 @@ from plm_engine.ops.linear import cpu_kernel_isa  # noqa: E402
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # SmolLM2-135M: hidden 576, 9 query / 3 kv heads of 64, intermediate 1536, vocab 49152. (name, N, K);
 # "k" is one unfused k or v projection.
-LAYERS = [("qkv", 960, 576), ("k", 192, 576), ("o", 576, 576), ("gate_up", 3072, 576), ("down", 576, 1536),
-          ("lm_head", 49152, 576)]
-COLUMNS = [*common.ENV_COLUMNS, "op", "layer", "shape", "m", "dtype", "provider", "isa", "ms", "ms_best",
-           "gbps", "read_gbps", "bw_frac", "speedup_vs_torch", "speedup_vs_torch_fp32", "check"]
-TABLE_COLUMNS = ["layer", "shape", "m", "dtype", "provider", "ms", "gbps", "read_gbps", "bw_frac",
-                 "speedup_vs_torch", "speedup_vs_torch_fp32", "check"]
+LAYERS = [
+    ("qkv", 960, 576),
+    ("k", 192, 576),
+    ("o", 576, 576),
+    ("gate_up", 3072, 576),
+    ("down", 576, 1536),
+    ("lm_head", 49152, 576),
+]
+COLUMNS = [
+    *common.ENV_COLUMNS,
+    "op",
+    "layer",
+    "shape",
+    "m",
+    "dtype",
+    "provider",
+    "isa",
+    "ms",
+    "ms_best",
+    "gbps",
+    "read_gbps",
+    "bw_frac",
+    "speedup_vs_torch",
+    "speedup_vs_torch_fp32",
+    "check",
+]
+TABLE_COLUMNS = [
+    "layer",
+    "shape",
+    "m",
+    "dtype",
+    "provider",
+    "ms",
+    "gbps",
+    "read_gbps",
+    "bw_frac",
+    "speedup_vs_torch",
+    "speedup_vs_torch_fp32",
+    "check",
+]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--rows", default="1,4,8,32", help="comma list of row counts M")
-    p.add_argument("--dtypes", default="bf16,fp32", help="comma list of bf16,fp32,fp16 (fp32 is always timed for "
-                                                         "the torch fp32 baseline)")
+    p.add_argument(
+        "--dtypes",
+        default="bf16,fp32",
+        help="comma list of bf16,fp32,fp16 (fp32 is always timed for the torch fp32 baseline)",
+    )
     p.add_argument("--layers", default=",".join(name for name, _, _ in LAYERS))
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--repeat", type=int, default=3, help="interleaved timing rounds per case; the median is kept")
@@ -95,8 +134,11 @@ def main(argv=None) -> int:
     isa = cpu_kernel_isa()
     big = torch.ones(64 << 20)  # 256 MB
     big_ms = statistics.median(common.time_cpu_ms(big.sum, min_run_time=a.min_time) for _ in range(3))
-    print(f"read bandwidth (torch.sum, 256 MB fp32, {torch.get_num_threads()} threads): "
-          f"{big.numel() * 4 / (big_ms * 1e6):.1f} GB/s", file=sys.stderr)
+    print(
+        f"read bandwidth (torch.sum, 256 MB fp32, {torch.get_num_threads()} threads): "
+        f"{big.numel() * 4 / (big_ms * 1e6):.1f} GB/s",
+        file=sys.stderr,
+    )
     del big
     g = torch.Generator().manual_seed(0)
     all_rows = []
@@ -126,28 +168,47 @@ def main(argv=None) -> int:
                     continue
                 nbytes = n * k * DTYPES[d].itemsize
                 read_gbps = nbytes / (ms[(nbytes // 4, "read")] * 1e6)
-                rows.append({**env, "op": "linear", "layer": name, "shape": f"{n}x{k}", "m": m, "dtype": d,
-                             "provider": provider, "isa": isa if provider == "cpu" else "",
-                             "ms": round(t, 4), "ms_best": round(min(times[(d, provider)]), 4),
-                             "gbps": round(nbytes / (t * 1e6), 2), "read_gbps": round(read_gbps, 2),
-                             "bw_frac": round(nbytes / (t * 1e6) / read_gbps, 3),
-                             "speedup_vs_torch": round(ms[(d, "torch")] / t, 3),
-                             "speedup_vs_torch_fp32": round(ms[("fp32", "torch")] / t, 3),
-                             "check": checks.get(d, "") if provider == "cpu" else ""})
+                rows.append(
+                    {
+                        **env,
+                        "op": "linear",
+                        "layer": name,
+                        "shape": f"{n}x{k}",
+                        "m": m,
+                        "dtype": d,
+                        "provider": provider,
+                        "isa": isa if provider == "cpu" else "",
+                        "ms": round(t, 4),
+                        "ms_best": round(min(times[(d, provider)]), 4),
+                        "gbps": round(nbytes / (t * 1e6), 2),
+                        "read_gbps": round(read_gbps, 2),
+                        "bw_frac": round(nbytes / (t * 1e6) / read_gbps, 3),
+                        "speedup_vs_torch": round(ms[(d, "torch")] / t, 3),
+                        "speedup_vs_torch_fp32": round(ms[("fp32", "torch")] / t, 3),
+                        "check": checks.get(d, "") if provider == "cpu" else "",
+                    }
+                )
             if a.json:
                 common.print_json_lines(rows)
             else:
                 for r in rows:
-                    print(f"{r['layer']:>8} {r['shape']:>10} M={m:<3} {r['dtype']:>4} {r['provider']:>5} "
-                          f"{r['ms']:8.3f} ms {r['gbps']:6.1f} GB/s ({r['bw_frac']:.2f} of {r['read_gbps']:.1f}) "
-                          f"x{r['speedup_vs_torch']:.2f} "
-                          f"(x{r['speedup_vs_torch_fp32']:.2f} vs fp32) {r['check']}", file=sys.stderr, flush=True)
+                    print(
+                        f"{r['layer']:>8} {r['shape']:>10} M={m:<3} {r['dtype']:>4} {r['provider']:>5} "
+                        f"{r['ms']:8.3f} ms {r['gbps']:6.1f} GB/s ({r['bw_frac']:.2f} of {r['read_gbps']:.1f}) "
+                        f"x{r['speedup_vs_torch']:.2f} "
+                        f"(x{r['speedup_vs_torch_fp32']:.2f} vs fp32) {r['check']}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
             if not a.no_csv:
                 common.append_csv(Path(a.out_dir) / "linear.csv", rows, COLUMNS)
             all_rows += rows
     if not a.json:
-        common.print_table(all_rows, TABLE_COLUMNS,
-                           title=f"linear on {env['device_name']}, {env['threads']} threads, {isa} ({env['commit']})")
+        common.print_table(
+            all_rows,
+            TABLE_COLUMNS,
+            title=f"linear on {env['device_name']}, {env['threads']} threads, {isa} ({env['commit']})",
+        )
     return 0 if all(r["check"] in ("", "ok") for r in all_rows) else 1
 
 

@@ -48,8 +48,19 @@ SHAPES = {
     ("cuda", True): [(4096, 1024), (1024, 8192)],
 }
 DEFAULT_DTYPES = {"cpu": "fp32,bf16", "cuda": "bf16,fp16,fp32"}
-COLUMNS = [*common.ENV_COLUMNS, "op", "variant", "mode", "dtype", "shape", "provider", "ms", "gbps",
-           "speedup_vs_torch", "check"]
+COLUMNS = [
+    *common.ENV_COLUMNS,
+    "op",
+    "variant",
+    "mode",
+    "dtype",
+    "shape",
+    "provider",
+    "ms",
+    "gbps",
+    "speedup_vs_torch",
+    "check",
+]
 TABLE_COLUMNS = ["op", "variant", "mode", "dtype", "shape", "provider", "ms", "gbps", "speedup_vs_torch", "check"]
 
 
@@ -64,8 +75,13 @@ class Case:
 
     @property
     def labels(self) -> dict:
-        return {"op": f"{self.op}_norm", "variant": "residual" if self.residual else "plain", "mode": self.mode,
-                "dtype": self.dtype, "shape": f"{self.rows}x{self.n}"}
+        return {
+            "op": f"{self.op}_norm",
+            "variant": "residual" if self.residual else "plain",
+            "mode": self.mode,
+            "dtype": self.dtype,
+            "shape": f"{self.rows}x{self.n}",
+        }
 
 
 def norm_bytes(c: Case) -> int:
@@ -90,8 +106,10 @@ def norm_bytes(c: Case) -> int:
 
 # ---- providers --------------------------------------------------------------------------------------
 
+
 def torch_norm(c: Case):
     """PyTorch eager, returning what our fused op returns: y, or (y, h) with a residual."""
+
     def f(x, w, b, r):
         h = x + r if r is not None else x
         if c.op == "layer":
@@ -99,6 +117,7 @@ def torch_norm(c: Case):
         else:
             y = F.rms_norm(h, (c.n,), w, EPS["rms"])
         return (y, h) if r is not None else y
+
     return f
 
 
@@ -107,6 +126,7 @@ def ours_norm(c: Case, backend: str):
         if c.op == "layer":
             return ops.layer_norm(x, w, b, eps=EPS["layer"], residual=r, backend=backend)
         return ops.rms_norm(x, w, eps=EPS["rms"], residual=r, backend=backend)
+
     return f
 
 
@@ -144,6 +164,7 @@ def runner(impl, c: Case, args, inputs, grads):
         out = impl(*args)
         outs = list(out) if isinstance(out, tuple) else [out]
         return torch.autograd.grad(outs, inputs, grads)
+
     return fwd_bwd
 
 
@@ -169,23 +190,40 @@ def check(out, ref, dtype) -> str:
 
 # ---- main ----------------------------------------------------------------------------------------------
 
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default=common.default_device(), help="cpu or cuda (default: cuda if available)")
     p.add_argument("--quick", action="store_true", help="small shapes and short timing (CI smoke test)")
-    p.add_argument("--providers", default=",".join(PROVIDERS),
-                   help="comma list of torch,cpu,triton,cuda (those unusable on the device are skipped)")
+    p.add_argument(
+        "--providers",
+        default=",".join(PROVIDERS),
+        help="comma list of torch,cpu,triton,cuda (those unusable on the device are skipped)",
+    )
     p.add_argument("--ops", default="layer,rms")
     p.add_argument("--variants", default="plain,residual")
     p.add_argument("--modes", default="fwd,fwd_bwd")
-    p.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default: fp32,bf16 on CPU, "
-                                                  "bf16,fp16,fp32 on CUDA)")
+    p.add_argument(
+        "--dtypes",
+        default=None,
+        help="comma list of fp32,bf16,fp16 (default: fp32,bf16 on CPU, bf16,fp16,fp32 on CUDA)",
+    )
     p.add_argument("--shapes", default=None, help="comma list of ROWSxHIDDEN, e.g. 4096x4096,8192x1024")
-    p.add_argument("--repeat", type=int, default=1,
-                   help="time each case this many rounds, providers interleaved, and keep each provider's best "
-                        "median (steadier on a shared machine)")
-    p.add_argument("--time-budget", type=float, default=None,
-                   help="seconds: start no new case after this (the GPU suite's time limit); exits 0")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="time each case this many rounds, providers interleaved, and keep each provider's best "
+        "median (steadier on a shared machine)",
+    )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="seconds: start no new case after this (the GPU suite's time limit); exits 0",
+    )
     p.add_argument("--out-dir", default=str(common.RESULTS_DIR), help="where norms.csv is appended")
     p.add_argument("--no-csv", action="store_true", help="do not append to the CSV")
     p.add_argument("--json", action="store_true", help="print rows as JSON lines instead of a table")
@@ -202,9 +240,14 @@ def cases(a) -> list[Case]:
     for d in dtypes:
         if d not in DTYPES:
             raise SystemExit(f"unknown dtype {d!r}; choose from {', '.join(DTYPES)}")
-    return [Case(op, variant == "residual", mode, dt, rows, n)
-            for rows, n in shapes for dt in dtypes for op in a.ops.split(",")
-            for variant in a.variants.split(",") for mode in a.modes.split(",")]
+    return [
+        Case(op, variant == "residual", mode, dt, rows, n)
+        for rows, n in shapes
+        for dt in dtypes
+        for op in a.ops.split(",")
+        for variant in a.variants.split(",")
+        for mode in a.modes.split(",")
+    ]
 
 
 def main(argv=None) -> int:
@@ -229,8 +272,11 @@ def main(argv=None) -> int:
     todo = cases(a)
     for i, c in enumerate(todo):
         if a.time_budget is not None and time.monotonic() - start > a.time_budget:
-            print(f"bench_norms: time budget of {a.time_budget:.0f}s spent; skipped the last {len(todo) - i} "
-                  f"of {len(todo)} cases", file=sys.stderr)
+            print(
+                f"bench_norms: time budget of {a.time_budget:.0f}s spent; skipped the last {len(todo) - i} "
+                f"of {len(todo)} cases",
+                file=sys.stderr,
+            )
             break
         args, inputs, grads = make_inputs(c, device)
         impls = {p: torch_norm(c) if p == "torch" else ours_norm(c, p) for p in providers}
@@ -260,16 +306,26 @@ def main(argv=None) -> int:
         gb = norm_bytes(c) / 1e9
         rows = []
         for p, ms in best.items():
-            rows.append({**env, **c.labels, "provider": p, "ms": round(ms, 4), "gbps": round(gb / (ms / 1e3), 2),
-                         "speedup_vs_torch": round(best["torch"] / ms, 3) if "torch" in best else "",
-                         "check": checks.get(p, "")})
+            rows.append(
+                {
+                    **env,
+                    **c.labels,
+                    "provider": p,
+                    "ms": round(ms, 4),
+                    "gbps": round(gb / (ms / 1e3), 2),
+                    "speedup_vs_torch": round(best["torch"] / ms, 3) if "torch" in best else "",
+                    "check": checks.get(p, ""),
+                }
+            )
         if a.json:
             common.print_json_lines(rows)
         else:
             for r in rows:
-                print(f"{r['op']:>10} {r['variant']:>8} {r['mode']:>7} {r['dtype']:>4} {r['shape']:>11} "
-                      f"{r['provider']:>6} {r['ms']:9.3f} ms {r['gbps']:7.1f} GB/s  x{common.fmt(r['speedup_vs_torch'])}",
-                      file=sys.stderr)
+                print(
+                    f"{r['op']:>10} {r['variant']:>8} {r['mode']:>7} {r['dtype']:>4} {r['shape']:>11} "
+                    f"{r['provider']:>6} {r['ms']:9.3f} ms {r['gbps']:7.1f} GB/s  x{common.fmt(r['speedup_vs_torch'])}",
+                    file=sys.stderr,
+                )
         if not a.no_csv:
             common.append_csv(csv_path, rows, COLUMNS)  # per case, so a run cut short keeps what it measured
         all_rows += rows

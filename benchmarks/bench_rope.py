@@ -47,8 +47,19 @@ SHAPES = {
     ("cuda", True): [(2, 1024, 32, 8, 128), (64, 1, 32, 8, 128)],
 }
 DEFAULT_DTYPES = {"cpu": "fp32,bf16", "cuda": "bf16,fp16,fp32"}
-COLUMNS = [*common.ENV_COLUMNS, "op", "variant", "mode", "dtype", "shape", "provider", "ms", "gbps",
-           "speedup_vs_torch", "check"]
+COLUMNS = [
+    *common.ENV_COLUMNS,
+    "op",
+    "variant",
+    "mode",
+    "dtype",
+    "shape",
+    "provider",
+    "ms",
+    "gbps",
+    "speedup_vs_torch",
+    "check",
+]
 TABLE_COLUMNS = ["op", "variant", "mode", "dtype", "shape", "provider", "ms", "gbps", "speedup_vs_torch", "check"]
 
 
@@ -65,8 +76,13 @@ class Case:
 
     @property
     def labels(self) -> dict:
-        return {"op": "rope", "variant": "interleaved" if self.interleaved else "half", "mode": self.mode,
-                "dtype": self.dtype, "shape": f"{self.batch}x{self.seqlen}x{self.hq}x{self.hk}x{self.head_dim}"}
+        return {
+            "op": "rope",
+            "variant": "interleaved" if self.interleaved else "half",
+            "mode": self.mode,
+            "dtype": self.dtype,
+            "shape": f"{self.batch}x{self.seqlen}x{self.hq}x{self.hk}x{self.head_dim}",
+        }
 
 
 def rope_bytes(c: Case) -> int:
@@ -81,6 +97,7 @@ def rope_bytes(c: Case) -> int:
 
 
 # ---- providers --------------------------------------------------------------------------------------
+
 
 def eager_rope(c: Case, cos_full, sin_full):
     """HF's eager RoPE on (batch, seqlen, heads, head_dim); cos_full/sin_full (seqlen, head_dim) in q's dtype."""
@@ -97,6 +114,7 @@ def eager_rope(c: Case, cos_full, sin_full):
 
     def f(q, k):
         return q * cos_b + rot(q) * sin_b, k * cos_b + rot(k) * sin_b
+
     return f
 
 
@@ -105,6 +123,7 @@ def ours_rope(c: Case, backend: str, cos, sin):
 
     def f(q, k):
         return rope(q, k, cos, sin, c.interleaved, inplace=inplace, backend=backend)
+
     return f
 
 
@@ -131,6 +150,7 @@ def runner(impl, c: Case, args, grads):
 
     def fwd_bwd():
         return torch.autograd.grad(impl(*args), args, grads)
+
     return fwd_bwd
 
 
@@ -154,21 +174,31 @@ def check(out, ref, dtype) -> str:
 
 # ---- main ----------------------------------------------------------------------------------------------
 
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default=common.default_device(), help="cpu or cuda (default: cuda if available)")
     p.add_argument("--quick", action="store_true", help="small shapes and short timing (CI smoke test)")
-    p.add_argument("--providers", default=",".join(PROVIDERS),
-                   help="comma list of torch,cpu,triton,cuda (those unusable on the device are skipped)")
+    p.add_argument(
+        "--providers",
+        default=",".join(PROVIDERS),
+        help="comma list of torch,cpu,triton,cuda (those unusable on the device are skipped)",
+    )
     p.add_argument("--variants", default="half,interleaved")
     p.add_argument("--modes", default="fwd,fwd_inplace,fwd_bwd")
-    p.add_argument("--dtypes", default=None,
-                   help="comma list of fp32,bf16,fp16 (default: fp32,bf16 on CPU, +fp16 on CUDA)")
+    p.add_argument(
+        "--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default: fp32,bf16 on CPU, +fp16 on CUDA)"
+    )
     p.add_argument("--shapes", default=None, help="comma list of BxSxHQxHKxD, e.g. 1x2048x32x8x128")
-    p.add_argument("--repeat", type=int, default=1,
-                   help="time each case this many rounds, providers interleaved, and keep each provider's best "
-                        "median (steadier on a shared machine)")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="time each case this many rounds, providers interleaved, and keep each provider's best "
+        "median (steadier on a shared machine)",
+    )
     p.add_argument("--out-dir", default=str(common.RESULTS_DIR), help="where rope.csv is appended")
     p.add_argument("--no-csv", action="store_true", help="do not append to the CSV")
     p.add_argument("--json", action="store_true", help="print rows as JSON lines instead of a table")
@@ -187,8 +217,13 @@ def cases(a) -> list[Case]:
     for d in dtypes:
         if d not in DTYPES:
             raise SystemExit(f"unknown dtype {d!r}; choose from {', '.join(DTYPES)}")
-    return [Case(variant == "interleaved", mode, dt, *shape)
-            for shape in shapes for dt in dtypes for variant in a.variants.split(",") for mode in a.modes.split(",")]
+    return [
+        Case(variant == "interleaved", mode, dt, *shape)
+        for shape in shapes
+        for dt in dtypes
+        for variant in a.variants.split(",")
+        for mode in a.modes.split(",")
+    ]
 
 
 def main(argv=None) -> int:
@@ -242,17 +277,27 @@ def main(argv=None) -> int:
         gb = rope_bytes(c) / 1e9
         rows = []
         for p, ms in best.items():
-            rows.append({**env, **c.labels, "provider": p, "ms": round(ms, 4), "gbps": round(gb / (ms / 1e3), 2),
-                         "speedup_vs_torch": round(best["torch"] / ms, 3) if "torch" in best else "",
-                         "check": checks.get(p, "")})
+            rows.append(
+                {
+                    **env,
+                    **c.labels,
+                    "provider": p,
+                    "ms": round(ms, 4),
+                    "gbps": round(gb / (ms / 1e3), 2),
+                    "speedup_vs_torch": round(best["torch"] / ms, 3) if "torch" in best else "",
+                    "check": checks.get(p, ""),
+                }
+            )
         if a.json:
             common.print_json_lines(rows)
         else:
             for r in rows:
-                print(f"{r['op']:>5} {r['variant']:>11} {r['mode']:>11} {r['dtype']:>4} {r['shape']:>17} "
-                      f"{r['provider']:>6} {r['ms']:9.3f} ms {r['gbps']:7.1f} GB/s  "
-                      f"x{common.fmt(r['speedup_vs_torch'])}",
-                      file=sys.stderr)
+                print(
+                    f"{r['op']:>5} {r['variant']:>11} {r['mode']:>11} {r['dtype']:>4} {r['shape']:>17} "
+                    f"{r['provider']:>6} {r['ms']:9.3f} ms {r['gbps']:7.1f} GB/s  "
+                    f"x{common.fmt(r['speedup_vs_torch'])}",
+                    file=sys.stderr,
+                )
         if not a.no_csv:
             common.append_csv(csv_path, rows, COLUMNS)  # per case, so a run cut short keeps what it measured
         all_rows += rows

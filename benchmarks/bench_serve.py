@@ -47,6 +47,7 @@ BASELINE = "transformers serve (HF transformers {version}, generate per request,
 
 # ---- servers -----------------------------------------------------------------------------------------
 
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -60,8 +61,9 @@ class ServerProcess:
         self.name, self.port, self.url = name, port, f"http://127.0.0.1:{port}"
         self.log_path = log_path
         self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env or os.environ.copy(),
-                                     cwd=common.REPO)
+        self.proc = subprocess.Popen(
+            cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env or os.environ.copy(), cwd=common.REPO
+        )
 
     def wait_ready(self, timeout: float) -> None:
         import httpx
@@ -69,8 +71,10 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}); log: {self.log_path}\n"
-                                   + self.log_path.read_text()[-3000:])
+                raise RuntimeError(
+                    f"{self.name} exited ({self.proc.returncode}); log: {self.log_path}\n"
+                    + self.log_path.read_text()[-3000:]
+                )
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
                     return
@@ -92,8 +96,20 @@ class ServerProcess:
 
 def start_ours(args, workdir: Path) -> tuple[ServerProcess, str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "plm_engine.server.cli", "serve", "--model", args.model, "--port", str(port),
-           "--max-num-seqs", str(max(args.max_concurrency, 1)), "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "plm_engine.server.cli",
+        "serve",
+        "--model",
+        args.model,
+        "--port",
+        str(port),
+        "--max-num-seqs",
+        str(max(args.max_concurrency, 1)),
+        "--log-level",
+        "warning",
+    ]
     if args.kv_cache_tokens:
         cmd += ["--kv-cache-tokens", str(args.kv_cache_tokens)]
     return ServerProcess("plm_engine", cmd, port, workdir / "plm_engine.log"), args.model
@@ -106,8 +122,14 @@ def write_hf_folder(model_name: str, folder: Path) -> Path:
     tok = load_tokenizer(model_name)
     save_pretrained(load_model(model_name), folder)
     tok.backend.save(str(folder / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tok.bos_token, "eos_token": tok.eos_token,
-              "pad_token": tok.pad_token, "unk_token": tok.unk_token, "chat_template": tok.chat_template}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": tok.bos_token,
+        "eos_token": tok.eos_token,
+        "pad_token": tok.pad_token,
+        "unk_token": tok.unk_token,
+        "chat_template": tok.chat_template,
+    }
     (folder / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
     return folder
 
@@ -116,14 +138,27 @@ def start_baseline(args, workdir: Path) -> tuple[ServerProcess, str]:
     folder = write_hf_folder(args.model, workdir / "hf_model")
     port = free_port()
     exe = Path(sys.executable).with_name("transformers")
-    cmd = [str(exe) if exe.exists() else "transformers", "serve", str(folder), "--host", "127.0.0.1",
-           "--port", str(port), "--device", "cpu" if args.device == "cpu" else args.device, "--dtype", "float32",
-           "--log-level", "warning"]
+    cmd = [
+        str(exe) if exe.exists() else "transformers",
+        "serve",
+        str(folder),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--device",
+        "cpu" if args.device == "cpu" else args.device,
+        "--dtype",
+        "float32",
+        "--log-level",
+        "warning",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
     return ServerProcess("transformers_serve", cmd, port, workdir / "transformers_serve.log", env), str(folder)
 
 
 # ---- workload and client -------------------------------------------------------------------------------
+
 
 @dataclass
 class Request:
@@ -154,13 +189,21 @@ def make_requests(args) -> list[Request]:
 
     special = {t for t in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) if t is not None}
     vocab = [i for i in range(100, tok.vocab_size) if i not in special]  # low ids are special/control tokens
-    return [Request(tok.decode([rng.choice(vocab) for _ in range(length(args.input_len))]), length(args.output_len))
-            for _ in range(args.num_prompts)]
+    return [
+        Request(tok.decode([rng.choice(vocab) for _ in range(length(args.input_len))]), length(args.output_len))
+        for _ in range(args.num_prompts)
+    ]
 
 
 async def send(client, url: str, model: str, req: Request) -> Result:
-    body = {"model": model, "prompt": req.prompt, "max_tokens": req.max_tokens, "temperature": 0.0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "prompt": req.prompt,
+        "max_tokens": req.max_tokens,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     res, t0 = Result(), time.perf_counter()
     last, chunks = None, 0
     try:
@@ -200,6 +243,7 @@ async def run_load(url: str, model: str, requests: list[Request], args) -> tuple
     rng = random.Random(args.seed + 1)
     limits = httpx.Limits(max_connections=args.max_concurrency + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(args.request_timeout), limits=limits) as client:
+
         async def one(req: Request) -> Result:
             async with sem:
                 return await send(client, url, model, req)
@@ -231,15 +275,18 @@ def summarize(results: list[Result], duration: float) -> dict:
     itl = [x for r in ok for x in r.itl]
     tpot = [(r.e2e - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
     return {
-        "completed": len(ok), "failed": len(results) - len(ok),
+        "completed": len(ok),
+        "failed": len(results) - len(ok),
         "duration_s": duration,
         "req_per_s": len(ok) / duration,
         "output_tok_per_s": out_tokens / duration,
         "total_tok_per_s": (in_tokens + out_tokens) / duration,
         "mean_prompt_tokens": in_tokens / max(len(ok), 1),
         "mean_output_tokens": out_tokens / max(len(ok), 1),
-        "ttft_p50_ms": pct([r.ttft for r in ok], 50) * 1e3, "ttft_p99_ms": pct([r.ttft for r in ok], 99) * 1e3,
-        "itl_p50_ms": pct(itl, 50) * 1e3, "itl_p99_ms": pct(itl, 99) * 1e3,
+        "ttft_p50_ms": pct([r.ttft for r in ok], 50) * 1e3,
+        "ttft_p99_ms": pct([r.ttft for r in ok], 99) * 1e3,
+        "itl_p50_ms": pct(itl, 50) * 1e3,
+        "itl_p99_ms": pct(itl, 99) * 1e3,
         "tpot_mean_ms": statistics.fmean(tpot) * 1e3 if tpot else float("nan"),
         "first_error": next((r.error for r in results if not r.ok), ""),
     }
@@ -247,8 +294,21 @@ def summarize(results: list[Result], duration: float) -> dict:
 
 # ---- main ----------------------------------------------------------------------------------------------
 
-COLUMNS = ["server", "load_avg", "completed", "failed", "duration_s", "req_per_s", "output_tok_per_s", "ttft_p50_ms",
-           "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "tpot_mean_ms", "speedup_output_tok_s"]
+COLUMNS = [
+    "server",
+    "load_avg",
+    "completed",
+    "failed",
+    "duration_s",
+    "req_per_s",
+    "output_tok_per_s",
+    "ttft_p50_ms",
+    "ttft_p99_ms",
+    "itl_p50_ms",
+    "itl_p99_ms",
+    "tpot_mean_ms",
+    "speedup_output_tok_s",
+]
 
 
 def main(argv=None) -> int:
@@ -291,20 +351,31 @@ def main(argv=None) -> int:
             server, model = start(args, Path(tmp))
             try:
                 server.wait_ready(args.startup_timeout)
-                print(f"[{name}] running {len(requests)} requests, {args.max_concurrency} concurrent ...",
-                      file=sys.stderr)
+                print(
+                    f"[{name}] running {len(requests)} requests, {args.max_concurrency} concurrent ...", file=sys.stderr
+                )
                 load_before = os.getloadavg()[0]
                 results, duration = asyncio.run(run_load(server.url, model, requests, args))
                 # The machine may be shared: its 1-minute load average around the run says how much.
                 load_avg = (load_before + os.getloadavg()[0]) / 2
             finally:
                 server.stop()
-            rows.append({**env, "server": name, "model": args.model, "baseline": baseline,
-                         "num_prompts": args.num_prompts, "max_concurrency": args.max_concurrency,
-                         "request_rate": "inf" if args.request_rate == float("inf") else args.request_rate,
-                         "input_len": args.input_len,
-                         "output_len": args.output_len, "range_ratio": args.range_ratio,
-                         "load_avg": load_avg, **summarize(results, duration)})
+            rows.append(
+                {
+                    **env,
+                    "server": name,
+                    "model": args.model,
+                    "baseline": baseline,
+                    "num_prompts": args.num_prompts,
+                    "max_concurrency": args.max_concurrency,
+                    "request_rate": "inf" if args.request_rate == float("inf") else args.request_rate,
+                    "input_len": args.input_len,
+                    "output_len": args.output_len,
+                    "range_ratio": args.range_ratio,
+                    "load_avg": load_avg,
+                    **summarize(results, duration),
+                }
+            )
     if len(rows) == 2:
         ours, base = rows
         ours["speedup_output_tok_s"] = ours["output_tok_per_s"] / base["output_tok_per_s"]
@@ -314,14 +385,41 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        common.print_table(rows, COLUMNS, title=f"serving {args.model}: {args.num_prompts} requests, "
-                                                f"{args.max_concurrency} concurrent, baseline = {baseline}")
+        common.print_table(
+            rows,
+            COLUMNS,
+            title=f"serving {args.model}: {args.num_prompts} requests, "
+            f"{args.max_concurrency} concurrent, baseline = {baseline}",
+        )
     if not args.no_csv:
-        columns = list(env) + ["server", "model", "baseline", "num_prompts", "max_concurrency", "request_rate",
-                               "input_len", "output_len", "range_ratio", "load_avg", "completed", "failed", "duration_s",
-                               "req_per_s", "output_tok_per_s", "total_tok_per_s", "mean_prompt_tokens",
-                               "mean_output_tokens", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms",
-                               "tpot_mean_ms", "speedup_output_tok_s", "ttft_p50_ratio", "first_error"]
+        columns = list(env) + [
+            "server",
+            "model",
+            "baseline",
+            "num_prompts",
+            "max_concurrency",
+            "request_rate",
+            "input_len",
+            "output_len",
+            "range_ratio",
+            "load_avg",
+            "completed",
+            "failed",
+            "duration_s",
+            "req_per_s",
+            "output_tok_per_s",
+            "total_tok_per_s",
+            "mean_prompt_tokens",
+            "mean_output_tokens",
+            "ttft_p50_ms",
+            "ttft_p99_ms",
+            "itl_p50_ms",
+            "itl_p99_ms",
+            "tpot_mean_ms",
+            "speedup_output_tok_s",
+            "ttft_p50_ratio",
+            "first_error",
+        ]
         path = common.append_csv(Path(args.out_dir) / "serve.csv", rows, columns)
         print(f"appended {len(rows)} rows to {path}", file=sys.stderr)
     return 0 if all(r["failed"] == 0 for r in rows) else 1

@@ -39,8 +39,19 @@ SHAPES = {
     ("cuda", False): [(65536, 1024), (16384, 4096), (4096, 16384), (2048, 32000), (512, 131072)],
     ("cuda", True): [(4096, 1024), (64, 131072)],
 }
-COLUMNS = [*common.ENV_COLUMNS, "op", "mode", "causal", "dtype", "shape", "provider", "ms", "gbps",
-           "speedup_vs_torch", "check"]
+COLUMNS = [
+    *common.ENV_COLUMNS,
+    "op",
+    "mode",
+    "causal",
+    "dtype",
+    "shape",
+    "provider",
+    "ms",
+    "gbps",
+    "speedup_vs_torch",
+    "check",
+]
 TABLE_COLUMNS = ["mode", "causal", "dtype", "shape", "provider", "ms", "gbps", "speedup_vs_torch", "check"]
 
 
@@ -83,8 +94,12 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=common.default_device())
     p.add_argument("--quick", action="store_true", help="a few shapes, short timing (smoke test)")
     p.add_argument("--dtypes", default="fp32,bf16,fp16", help="comma list of fp32,bf16,fp16")
-    p.add_argument("--shapes", default=None, help="comma list of ROWSxN (not causal), e.g. 4096x4096; "
-                                                   "default: a fixed set per device, causal cases included")
+    p.add_argument(
+        "--shapes",
+        default=None,
+        help="comma list of ROWSxN (not causal), e.g. 4096x4096; "
+        "default: a fixed set per device, causal cases included",
+    )
     p.add_argument("--modes", default="fwd,fwd_bwd")
     p.add_argument("--providers", default=",".join(PROVIDERS))
     p.add_argument("--out-dir", default=str(common.RESULTS_DIR))
@@ -131,15 +146,28 @@ def main(argv=None) -> int:
                         failures += 1
                         print(f"bench_softmax: {prov} failed: {e!r}", file=sys.stderr)
                 gb = softmax_bytes(x.numel() // n, n, dtype.itemsize, mode) / 1e9
-                out_rows = [{**env, "op": "softmax", "mode": mode, "causal": causal, "dtype": dt,
-                             "shape": "x".join(map(str, shape)), "provider": prov, "ms": round(ms, 4),
-                             "gbps": round(gb / (ms / 1e3), 2),
-                             "speedup_vs_torch": round(best["torch"] / ms, 3) if "torch" in best else "",
-                             "check": checks.get(prov, "")} for prov, ms in best.items()]
+                out_rows = [
+                    {
+                        **env,
+                        "op": "softmax",
+                        "mode": mode,
+                        "causal": causal,
+                        "dtype": dt,
+                        "shape": "x".join(map(str, shape)),
+                        "provider": prov,
+                        "ms": round(ms, 4),
+                        "gbps": round(gb / (ms / 1e3), 2),
+                        "speedup_vs_torch": round(best["torch"] / ms, 3) if "torch" in best else "",
+                        "check": checks.get(prov, ""),
+                    }
+                    for prov, ms in best.items()
+                ]
                 for r in out_rows:
-                    print(f"{r['mode']:>7} causal={r['causal']!s:5} {dt:>4} {r['shape']:>14} {r['provider']:>6} "
-                          f"{r['ms']:9.3f} ms {r['gbps']:7.1f} GB/s x{common.fmt(r['speedup_vs_torch'])} {r['check']}",
-                          file=sys.stderr)
+                    print(
+                        f"{r['mode']:>7} causal={r['causal']!s:5} {dt:>4} {r['shape']:>14} {r['provider']:>6} "
+                        f"{r['ms']:9.3f} ms {r['gbps']:7.1f} GB/s x{common.fmt(r['speedup_vs_torch'])} {r['check']}",
+                        file=sys.stderr,
+                    )
                 if not a.no_csv:
                     common.append_csv(Path(a.out_dir) / "softmax.csv", out_rows, COLUMNS)
                 all_rows += out_rows

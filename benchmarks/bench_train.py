@@ -40,13 +40,27 @@ def build(provider: str, size: str, seq: int, device: str):
     if provider == "plm_engine":
         from plm_engine.models import ModelConfig, Transformer
 
-        cfg = ModelConfig(arch="gpt2", vocab_size=vocab, hidden_size=hidden, n_layers=layers, n_heads=heads,
-                          max_position_embeddings=max(seq, 1024))
+        cfg = ModelConfig(
+            arch="gpt2",
+            vocab_size=vocab,
+            hidden_size=hidden,
+            n_layers=layers,
+            n_heads=heads,
+            max_position_embeddings=max(seq, 1024),
+        )
         return Transformer(cfg).to(device).train(), cfg
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max(seq, 1024),
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = GPT2Config(
+        vocab_size=vocab,
+        n_embd=hidden,
+        n_layer=layers,
+        n_head=heads,
+        n_positions=max(seq, 1024),
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     cfg._attn_implementation = "sdpa"
     return GPT2LMHeadModel(cfg).to(device).train(), cfg
 
@@ -86,11 +100,20 @@ def run_provider(provider: str, args, queue=None) -> dict:
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
     ms = statistics.median(times) * 1e3
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out = {"provider": provider, "step_ms": ms, "tokens_per_s": args.batch * args.seq / (ms / 1e3),
-           "peak_mem_mib": peak, "first_loss": losses[0], "last_loss": losses[-1],
-           "params": sum(p.numel() for p in model.parameters())}
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if device.startswith("cuda")
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
+    out = {
+        "provider": provider,
+        "step_ms": ms,
+        "tokens_per_s": args.batch * args.seq / (ms / 1e3),
+        "peak_mem_mib": peak,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "params": sum(p.numel() for p in model.parameters()),
+    }
     if queue is not None:
         queue.put(out)
     return out
@@ -137,25 +160,64 @@ def main(argv=None) -> int:
     from plm_engine.training.metrics import flops_per_token, peak_flops
 
     hidden, layers, heads, vocab = SIZES[args.size]
-    mc = ModelConfig(arch="gpt2", vocab_size=vocab, hidden_size=hidden, n_layers=layers, n_heads=heads,
-                     max_position_embeddings=max(args.seq, 1024))
+    mc = ModelConfig(
+        arch="gpt2",
+        vocab_size=vocab,
+        hidden_size=hidden,
+        n_layers=layers,
+        n_heads=heads,
+        max_position_embeddings=max(args.seq, 1024),
+    )
     peak = peak_flops(torch.device(args.device), args.precision)
     base = next((r for r in rows if r["provider"] == "hf"), None)
     for r in rows:
         fpt = flops_per_token(mc, args.seq, r["params"])
-        r.update(env, bench="train_step", size=args.size, batch=args.batch, seq=args.seq, precision=args.precision,
-                 mfu=r["tokens_per_s"] * fpt / peak, peak_flops=peak,
-                 speedup_vs_hf=(r["tokens_per_s"] / base["tokens_per_s"]) if base else "")
-    cols = ["provider", "size", "batch", "seq", "precision", "step_ms", "tokens_per_s", "speedup_vs_hf", "mfu",
-            "peak_mem_mib", "first_loss", "last_loss"]
+        r.update(
+            env,
+            bench="train_step",
+            size=args.size,
+            batch=args.batch,
+            seq=args.seq,
+            precision=args.precision,
+            mfu=r["tokens_per_s"] * fpt / peak,
+            peak_flops=peak,
+            speedup_vs_hf=(r["tokens_per_s"] / base["tokens_per_s"]) if base else "",
+        )
+    cols = [
+        "provider",
+        "size",
+        "batch",
+        "seq",
+        "precision",
+        "step_ms",
+        "tokens_per_s",
+        "speedup_vs_hf",
+        "mfu",
+        "peak_mem_mib",
+        "first_loss",
+        "last_loss",
+    ]
     if args.json:
         common.print_json_lines(rows)
     else:
         common.print_table(rows, cols, title=f"training step, {env['device_name']}")
     if not args.no_csv:
-        common.append_csv(Path(args.out_dir) / "train.csv", rows,
-                          ["timestamp", "commit", "device", "device_name", "torch", "threads", "bench", *cols,
-                           "params", "peak_flops"])
+        common.append_csv(
+            Path(args.out_dir) / "train.csv",
+            rows,
+            [
+                "timestamp",
+                "commit",
+                "device",
+                "device_name",
+                "torch",
+                "threads",
+                "bench",
+                *cols,
+                "params",
+                "peak_flops",
+            ],
+        )
     return 0
 
 

@@ -38,12 +38,24 @@ RESULTS_DIR = REPO / "benchmarks" / "results"
 # The columns every benchmark row starts with, in CSV order; benchmark-specific columns follow.
 ENV_COLUMNS = ["timestamp", "commit", "device", "device_name", "torch", "triton", "threads", "env"]
 # Environment variables that change what the kernels do; recorded with each row when set.
-RECORDED_ENV = ("PLM_ENGINE_BACKEND", "PLM_ENGINE_CPU_ISA", "PLM_ENGINE_CPU_HUGEPAGES", "THP_MEM_ALLOC_ENABLE",
-                "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "OMP_NUM_THREADS", "TRITON_INTERPRET", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
-                "GLIBC_TUNABLES")
+RECORDED_ENV = (
+    "PLM_ENGINE_BACKEND",
+    "PLM_ENGINE_CPU_ISA",
+    "PLM_ENGINE_CPU_HUGEPAGES",
+    "THP_MEM_ALLOC_ENABLE",
+    "ATEN_CPU_CAPABILITY",
+    "ONEDNN_MAX_CPU_ISA",
+    "MKL_ENABLE_INSTRUCTIONS",
+    "OMP_NUM_THREADS",
+    "TRITON_INTERPRET",
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "GLIBC_TUNABLES",
+)
 
 
 # ---- environment ----------------------------------------------------------------------------------
+
 
 def git_commit() -> str:
     """Short hash of HEAD, with "+dirty" when tracked files differ; "unknown" outside a git checkout."""
@@ -129,6 +141,7 @@ def env_info(device: str) -> dict:
 
 # ---- timing ---------------------------------------------------------------------------------------
 
+
 def time_cpu_ms(fn: Callable[[], object], min_run_time: float = 1.0) -> float:
     """Median ms per call of fn(), from torch.utils.benchmark's blocked_autorange."""
     from torch.utils.benchmark import Timer
@@ -173,6 +186,7 @@ def time_ms(fn: Callable[[], object], device: str, quick: bool = False) -> float
 
 
 # ---- output ---------------------------------------------------------------------------------------
+
 
 def append_csv(path: str | os.PathLike, rows: Sequence[dict], columns: Sequence[str] | None = None) -> Path:
     """Appends rows to a CSV, writing the header when the file is new.

@@ -52,8 +52,9 @@ def plot_device(rows: list[dict], metric: str, out: Path) -> None:
 
     col = METRIC_COLUMN[metric]
     panels = sorted({panel_key(r) for r in rows})
-    providers = sorted({r["provider"] for r in rows},
-                       key=lambda p: (PROVIDER_ORDER.index(p) if p in PROVIDER_ORDER else 99, p))
+    providers = sorted(
+        {r["provider"] for r in rows}, key=lambda p: (PROVIDER_ORDER.index(p) if p in PROVIDER_ORDER else 99, p)
+    )
     ncols = min(4, len(panels))
     nrows = (len(panels) + ncols - 1) // ncols
     most_cases = max(len({case_label(r) for r in rows if panel_key(r) == k}) for k in panels)
@@ -76,7 +77,7 @@ def plot_device(rows: list[dict], metric: str, out: Path) -> None:
         if metric == "speedup":
             ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.grid(axis="y", alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
     first = rows[0]
@@ -90,13 +91,21 @@ def plot_device(rows: list[dict], metric: str, out: Path) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("csv", help="a benchmarks/results/*.csv file")
-    p.add_argument("-o", "--out", help="output .png (default: next to the CSV); one file per device, suffixed "
-                                       "with the device when the CSV holds several")
+    p.add_argument(
+        "-o",
+        "--out",
+        help="output .png (default: next to the CSV); one file per device, suffixed "
+        "with the device when the CSV holds several",
+    )
     p.add_argument("--metric", choices=sorted(METRICS), default="gbps")
     p.add_argument("--all-runs", action="store_true", help="draw every run, not only each device's latest")
     p.add_argument("--device", help="only devices whose name contains this (case-insensitive)")
-    p.add_argument("--env", default=None, help="only runs whose env column contains this ('' : default settings; "
-                                               "default: default settings where a device has such runs)")
+    p.add_argument(
+        "--env",
+        default=None,
+        help="only runs whose env column contains this ('' : default settings; "
+        "default: default settings where a device has such runs)",
+    )
     a = p.parse_args(argv)
     rows = common.read_csv(a.csv)
     if a.device:

@@ -62,8 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-triton", action="store_true", help="skip the Triton kernels (interpreted without a GPU)")
     s.set_defaults(func=cmd_selfcheck)
 
-    s = sub.add_parser("report-kernels", help="registers, spills and shared memory of every shipped GPU kernel "
-                                              "(compiled for sm_80 and sm_90, no GPU needed)")
+    s = sub.add_parser(
+        "report-kernels",
+        help="registers, spills and shared memory of every shipped GPU kernel "
+        "(compiled for sm_80 and sm_90, no GPU needed)",
+    )
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_report_kernels)
     return p

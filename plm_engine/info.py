@@ -60,15 +60,26 @@ def collect() -> dict:
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
-            gpus.append({"index": i, "name": p.name, "capability": f"{p.major}.{p.minor}",
-                         "memory_gib": round(p.total_memory / 2**30, 1), "sms": p.multi_processor_count})
+            gpus.append(
+                {
+                    "index": i,
+                    "name": p.name,
+                    "capability": f"{p.major}.{p.minor}",
+                    "memory_gib": round(p.total_memory / 2**30, 1),
+                    "sms": p.multi_processor_count,
+                }
+            )
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if gpus else [])
     return {
         "plm_engine": plm_engine.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu": {"name": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
-        "torch": {"version": torch.__version__, "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available()},
+        "torch": {
+            "version": torch.__version__,
+            "cuda": torch.version.cuda,
+            "cuda_available": torch.cuda.is_available(),
+        },
         "triton": _triton_info(),
         "extension": _extension_info(),
         "gpus": gpus,
@@ -76,8 +87,9 @@ def collect() -> dict:
             d.type: {
                 "usable": backends.usable_backends(d, "norm_fwd"),
                 "default": backends.choose(d, "norm_fwd") if not os.environ.get("PLM_ENGINE_BACKEND") else None,
-                "unavailable": {b: why for b in backends.BACKENDS
-                                for ok, why in [backends.availability(b, d, "norm_fwd")] if not ok},
+                "unavailable": {
+                    b: why for b in backends.BACKENDS for ok, why in [backends.availability(b, d, "norm_fwd")] if not ok
+                },
             }
             for d in devices
         },
@@ -97,14 +109,20 @@ def format_text(info: dict) -> str:
     if ext["built"]:
         cuda = f"yes (sm {ext['cuda_archs']})" if ext["cuda_ops"] else "no (built without nvcc)"
         lines.append(f"_C          {ext['path']}")
-        lines.append(f"            CPU ops: {'yes' if ext['cpu_ops'] else 'no'}; CUDA ops: {cuda};"
-                     f" OpenMP threads {ext['openmp_threads']}")
-        lines.append(f"cpu kernels {ext['cpu_isa']} (best here: {ext['cpu_isa_supported']}; PLM_ENGINE_CPU_ISA caps it): "
-                     + ", ".join(f"{f} {isa}" for f, isa in ext["cpu_family_isa"].items()))
+        lines.append(
+            f"            CPU ops: {'yes' if ext['cpu_ops'] else 'no'}; CUDA ops: {cuda};"
+            f" OpenMP threads {ext['openmp_threads']}"
+        )
+        lines.append(
+            f"cpu kernels {ext['cpu_isa']} (best here: {ext['cpu_isa_supported']}; PLM_ENGINE_CPU_ISA caps it): "
+            + ", ".join(f"{f} {isa}" for f, isa in ext["cpu_family_isa"].items())
+        )
     else:
         lines.append(f"_C          not available: {ext['note']}")
     for g in info["gpus"]:
-        lines.append(f"gpu {g['index']}       {g['name']} (sm {g['capability']}, {g['memory_gib']} GiB, {g['sms']} SMs)")
+        lines.append(
+            f"gpu {g['index']}       {g['name']} (sm {g['capability']}, {g['memory_gib']} GiB, {g['sms']} SMs)"
+        )
     if not info["gpus"]:
         lines.append("gpu         none")
     for dev, b in info["backends"].items():

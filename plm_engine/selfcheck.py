@@ -54,8 +54,7 @@ def _paged_inputs(device, dtype, g):
 
 
 def _rows(*shape):
-    return lambda device, dtype, g: [torch.randn(*shape, generator=g).to(device, dtype) * 3
-                                     for _ in range(2)]
+    return lambda device, dtype, g: [torch.randn(*shape, generator=g).to(device, dtype) * 3 for _ in range(2)]
 
 
 def _rope_inputs(device, dtype, g):
@@ -81,24 +80,52 @@ def _linear_inputs(device, dtype, g):
 
 
 CHECKS = [
-    OpCheck("layer_norm", "norm_fwd", _norm_inputs(True),
-            lambda x, w, b, r, backend: ops.layer_norm(x, w, b, residual=r, backend=backend), (0, 1, 2, 3)),
-    OpCheck("rms_norm", "norm_fwd", _norm_inputs(False),
-            lambda x, w, b, r, backend: ops.rms_norm(x, w, residual=r, backend=backend), (0, 1, 3)),
-    OpCheck("softmax", "softmax_fwd", _rows(5, 37, 333),
-            lambda x, _, backend: ops.softmax(x, scale=0.7, causal=True, backend=backend)),
-    OpCheck("cross_entropy", "cross_entropy_fwd", _ce_inputs,
-            lambda x, t, backend: ops.cross_entropy(x, t, label_smoothing=0.1, backend=backend)),
-    OpCheck("rope", "rope", _rope_inputs,
-            lambda q, k, c, s, backend: ops.rope(q, k, c, s, backend=backend), (0, 1)),
+    OpCheck(
+        "layer_norm",
+        "norm_fwd",
+        _norm_inputs(True),
+        lambda x, w, b, r, backend: ops.layer_norm(x, w, b, residual=r, backend=backend),
+        (0, 1, 2, 3),
+    ),
+    OpCheck(
+        "rms_norm",
+        "norm_fwd",
+        _norm_inputs(False),
+        lambda x, w, b, r, backend: ops.rms_norm(x, w, residual=r, backend=backend),
+        (0, 1, 3),
+    ),
+    OpCheck(
+        "softmax",
+        "softmax_fwd",
+        _rows(5, 37, 333),
+        lambda x, _, backend: ops.softmax(x, scale=0.7, causal=True, backend=backend),
+    ),
+    OpCheck(
+        "cross_entropy",
+        "cross_entropy_fwd",
+        _ce_inputs,
+        lambda x, t, backend: ops.cross_entropy(x, t, label_smoothing=0.1, backend=backend),
+    ),
+    OpCheck("rope", "rope", _rope_inputs, lambda q, k, c, s, backend: ops.rope(q, k, c, s, backend=backend), (0, 1)),
     OpCheck("swiglu", "swiglu_fwd", _rows(7, 333), lambda g, u, backend: ops.swiglu(g, u, backend=backend), (0, 1)),
     OpCheck("gelu", "gelu_fwd", _rows(7, 333), lambda x, _, backend: ops.gelu(x, "tanh", backend=backend)),
-    OpCheck("attention", "attn_fwd", _attention_inputs,
-            lambda q, k, v, backend: ops.attention(q, k, v, causal=True, backend=backend), (0, 1, 2)),
-    OpCheck("linear", "linear_fwd", _linear_inputs,
-            lambda x, w, b, backend: ops.linear(x, w, b, backend=backend), (0, 1, 2)),
-    OpCheck("paged_attn", "paged_attn", _paged_inputs,
-            lambda q, kc, vc, bt, cs, backend: ops.paged_attention(q, kc, vc, bt, cs, backend=backend), ()),
+    OpCheck(
+        "attention",
+        "attn_fwd",
+        _attention_inputs,
+        lambda q, k, v, backend: ops.attention(q, k, v, causal=True, backend=backend),
+        (0, 1, 2),
+    ),
+    OpCheck(
+        "linear", "linear_fwd", _linear_inputs, lambda x, w, b, backend: ops.linear(x, w, b, backend=backend), (0, 1, 2)
+    ),
+    OpCheck(
+        "paged_attn",
+        "paged_attn",
+        _paged_inputs,
+        lambda q, kc, vc, bt, cs, backend: ops.paged_attention(q, kc, vc, bt, cs, backend=backend),
+        (),
+    ),
 ]
 
 
@@ -107,8 +134,9 @@ def _as_tuple(out):
 
 
 def _forward_backward(check: OpCheck, inputs: list, backend: str):
-    leaves = [t.detach().requires_grad_(i in check.grad_inputs) if t is not None else None
-              for i, t in enumerate(inputs)]
+    leaves = [
+        t.detach().requires_grad_(i in check.grad_inputs) if t is not None else None for i, t in enumerate(inputs)
+    ]
     outs = _as_tuple(check.run(*leaves, backend=backend))
     if not check.grad_inputs:
         return [o.detach() for o in outs], []
@@ -159,8 +187,10 @@ def format_text(rows: list[dict]) -> str:
         status = "ok" if r["ok"] else "FAIL" + (f" ({r['error']})" if "error" in r else "")
         if "skipped" in r:
             status = f"skipped ({r['skipped']})"
-        lines.append(f"{r['op']:<12} {r['device']:<6} {r['backend']:<8} {r['dtype']:<9} "
-                     f"{fmt(r['fwd_err']):>8} {fmt(r['bwd_err']):>8}  {status}")
+        lines.append(
+            f"{r['op']:<12} {r['device']:<6} {r['backend']:<8} {r['dtype']:<9} "
+            f"{fmt(r['fwd_err']):>8} {fmt(r['bwd_err']):>8}  {status}"
+        )
     n_bad = sum(not r["ok"] for r in rows)
     lines.append(f"{len(rows) - n_bad} passed, {n_bad} failed (errors relative to the fp64 reference's max)")
     return "\n".join(lines)

@@ -19,12 +19,25 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
-SOURCES = ["emu_bindings.cpp", "emu_norms.cpp", "emu_softmax.cpp", "emu_activations.cpp", "emu_rope.cpp",
-           "emu_paged_attention.cpp", "emu_selftest.cpp"]
+SOURCES = [
+    "emu_bindings.cpp",
+    "emu_norms.cpp",
+    "emu_softmax.cpp",
+    "emu_activations.cpp",
+    "emu_rope.cpp",
+    "emu_paged_attention.cpp",
+    "emu_selftest.cpp",
+]
 # The host halves of the CUDA headers the kernels and the emulator include.
 # cuda_fp16.h includes crt/ and CCCL's nv/target, which the nvidia-* and triton wheels' copies lack today.
-NEEDED_HEADERS = ("cuda_fp16.h", "cuda_bf16.h", "vector_types.h", "vector_functions.h", "crt/host_defines.h",
-                  "nv/target")
+NEEDED_HEADERS = (
+    "cuda_fp16.h",
+    "cuda_bf16.h",
+    "vector_types.h",
+    "vector_functions.h",
+    "crt/host_defines.h",
+    "nv/target",
+)
 
 
 def cuda_include_dir() -> str | None:
@@ -71,8 +84,10 @@ def load() -> tuple[object | None, str]:
         return None, f"no C++ compiler ({cxx}) to build the CUDA emulation"
     inc = cuda_include_dir()
     if inc is None:
-        return None, ("no CUDA headers (cuda_fp16.h, vector_types.h, ...) found: install a CUDA toolkit or a CUDA "
-                      "build of torch, or set CUDA_HOME")
+        return None, (
+            "no CUDA headers (cuda_fp16.h, vector_types.h, ...) found: install a CUDA toolkit or a CUDA "
+            "build of torch, or set CUDA_HOME"
+        )
     from torch.utils import cpp_extension
 
     flags = [

@@ -22,11 +22,12 @@ from plm_engine.ops import report
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_suite.sh"
 
-needs_bash = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
-                                reason="needs bash and coreutils' timeout")
+needs_bash = pytest.mark.skipif(
+    shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and coreutils' timeout"
+)
 
 # Stand-ins for the CUDA tests: outside the repository, so no conftest skips them on this GPU-less machine.
-FAKE_TESTS = '''
+FAKE_TESTS = """
 import time
 
 import pytest
@@ -49,16 +50,23 @@ def test_hangs():
 
 def test_not_selected():  # not marked cuda: -m cuda leaves it out
     raise AssertionError("should not run")
-'''
+"""
 
 
 def _run_suite(tmp_path, tests_file, timeout, **env):
     out = tmp_path / "out"
-    full_env = {**os.environ, "SUITE_NO_GPU": "1", "SUITE_SKIP_BUILD": "1", "PYTHON": sys.executable,
-                "SUITE_TESTS": str(tests_file), **env}
+    full_env = {
+        **os.environ,
+        "SUITE_NO_GPU": "1",
+        "SUITE_SKIP_BUILD": "1",
+        "PYTHON": sys.executable,
+        "SUITE_TESTS": str(tests_file),
+        **env,
+    }
     full_env.pop("OUT", None)
-    proc = subprocess.run(["bash", str(SCRIPT), str(out)], env=full_env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), str(out)], env=full_env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
     return proc, out
 
 
@@ -90,8 +98,15 @@ def test_dry_run(tmp_path):
     tests_file = tmp_path / "fake_cuda_tests" / "test_fake.py"
     tests_file.parent.mkdir()
     tests_file.write_text(FAKE_TESTS.replace("SLEEP", "60"))
-    proc, out = _run_suite(tmp_path, tests_file, timeout=240, SUITE_TEST_TIMEOUT_S="3", SUITE_RANDOM_MODEL="1",
-                           SUITE_GEN_PRESET="llama-tiny", SUITE_ONLY="info selfcheck tests benches")
+    proc, out = _run_suite(
+        tmp_path,
+        tests_file,
+        timeout=240,
+        SUITE_TEST_TIMEOUT_S="3",
+        SUITE_RANDOM_MODEL="1",
+        SUITE_GEN_PRESET="llama-tiny",
+        SUITE_ONLY="info selfcheck tests benches",
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 1, log  # test_hangs fails on its timeout: the suite says so
     stage = _unpack(out, tmp_path / "unpacked")
@@ -137,8 +152,15 @@ def test_stopped_tests_still_leave_a_junit_report(tmp_path):
     tests_file = tmp_path / "fake_cuda_tests" / "test_fake.py"
     tests_file.parent.mkdir()
     tests_file.write_text(FAKE_TESTS.replace("SLEEP", "300"))
-    proc, out = _run_suite(tmp_path, tests_file, timeout=120, SUITE_TEST_TIMEOUT_S="200", SUITE_TESTS_S="20",
-                           SUITE_BENCH_RESERVE_S="0", SUITE_ONLY="tests")
+    proc, out = _run_suite(
+        tmp_path,
+        tests_file,
+        timeout=120,
+        SUITE_TEST_TIMEOUT_S="200",
+        SUITE_TESTS_S="20",
+        SUITE_BENCH_RESERVE_S="0",
+        SUITE_ONLY="tests",
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 1, log
     stage = _unpack(out, tmp_path / "unpacked")
@@ -162,8 +184,12 @@ def _launches(tree: ast.AST):
     found = []
 
     def visit(node, withs):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript) \
-                and isinstance(node.func.value, ast.Name) and node.func.value.id.endswith("_kernel"):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Subscript)
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id.endswith("_kernel")
+        ):
             found.append((node, withs))
         for child in ast.iter_child_nodes(node):
             visit(child, withs + [node] if isinstance(node, ast.With) else withs)
@@ -180,8 +206,13 @@ def test_every_triton_launch_runs_under_its_device_guard():
             continue
         modules += 1
         for call, withs in launches:
-            guarded = any(isinstance(item.context_expr, ast.Call) and isinstance(item.context_expr.func, ast.Name)
-                          and item.context_expr.func.id == "device_guard" for w in withs for item in w.items)
+            guarded = any(
+                isinstance(item.context_expr, ast.Call)
+                and isinstance(item.context_expr.func, ast.Name)
+                and item.context_expr.func.id == "device_guard"
+                for w in withs
+                for item in w.items
+            )
             assert guarded, f"{path.name}:{call.lineno}: {call.func.value.id} launched outside `with device_guard(...)`"
     assert modules >= 7
 
@@ -205,8 +236,9 @@ def test_launch_on_the_inputs_device():
     x = torch.randn(64, 1000, device=dev, dtype=torch.bfloat16)
     w = torch.rand(1000, device=dev, dtype=torch.bfloat16) + 0.5
     torch.testing.assert_close(ops.rms_norm(x, w, backend="triton"), ops.rms_norm(x, w, backend="torch"))
-    torch.testing.assert_close(ops.softmax(x.view(1, 64, 1000), backend="triton"),
-                               ops.softmax(x.view(1, 64, 1000), backend="torch"))
+    torch.testing.assert_close(
+        ops.softmax(x.view(1, 64, 1000), backend="triton"), ops.softmax(x.view(1, 64, 1000), backend="torch")
+    )
     q = torch.randn(2, 128, 4, 64, device=dev, dtype=torch.bfloat16)
     out = ops.attention(q, q, q, causal=True, backend="triton")
     ref = ops.attention(q, q, q, causal=True, backend="torch")
@@ -216,9 +248,20 @@ def test_launch_on_the_inputs_device():
 
 # ---- report-kernels: shared memory -------------------------------------------------------------------------
 
+
 def _usage_row(arch, shared, spill=0, kernel="attn_fwd"):
-    return {"backend": "triton", "kernel": kernel, "config": "BLOCK_M=128,align16", "arch": arch, "registers": 128,
-            "stack": spill, "local": 0, "spill_bytes": spill, "shared_mem": shared, "num_warps": 8}
+    return {
+        "backend": "triton",
+        "kernel": kernel,
+        "config": "BLOCK_M=128,align16",
+        "arch": arch,
+        "registers": 128,
+        "stack": spill,
+        "local": 0,
+        "spill_bytes": spill,
+        "shared_mem": shared,
+        "num_warps": 8,
+    }
 
 
 def test_shared_memory_over_the_arch_limit_fails_the_report():

@@ -80,9 +80,15 @@ def _decode_batch(b=3):
     lens = [4, 21, 9][:b]
     table = torch.tensor([[0, 5], [1, 2], [3, 4]][:b], dtype=torch.int32)
     slots = torch.tensor([table[i, (n - 1) // 16] * 16 + (n - 1) % 16 for i, n in enumerate(lens)])
-    batch = PagedBatch(cu_seqlens=torch.arange(b + 1, dtype=torch.int32), max_seqlen=1, slot_mapping=slots,
-                       block_table=table, cache_seqlens=torch.tensor(lens, dtype=torch.int32), is_decode=True,
-                       has_prefix=False)
+    batch = PagedBatch(
+        cu_seqlens=torch.arange(b + 1, dtype=torch.int32),
+        max_seqlen=1,
+        slot_mapping=slots,
+        block_table=table,
+        cache_seqlens=torch.tensor(lens, dtype=torch.int32),
+        is_decode=True,
+        has_prefix=False,
+    )
     return torch.tensor([5, 9, 11][:b]), torch.tensor(lens) - 1, batch
 
 
@@ -92,10 +98,16 @@ def _prefill_batch(prefix=(0, 0)):
     ids = torch.randint(0, 512, (sum(lens),))
     pos = torch.cat([torch.arange(c, c + n) for n, c in zip(lens, prefix)])
     slots = torch.cat([p + 32 * blk for p, blk in zip(pos.split(lens), (0, 1))])
-    batch = PagedBatch(cu_seqlens=torch.tensor([0, 5, 17], dtype=torch.int32), max_seqlen=12, slot_mapping=slots,
-                       block_table=torch.tensor([[0, 4], [2, 3]], dtype=torch.int32),
-                       cache_seqlens=torch.tensor([n + c for n, c in zip(lens, prefix)], dtype=torch.int32),
-                       is_decode=False, has_prefix=any(prefix), seq_bounds=(0, 5, 17))
+    batch = PagedBatch(
+        cu_seqlens=torch.tensor([0, 5, 17], dtype=torch.int32),
+        max_seqlen=12,
+        slot_mapping=slots,
+        block_table=torch.tensor([[0, 4], [2, 3]], dtype=torch.int32),
+        cache_seqlens=torch.tensor([n + c for n, c in zip(lens, prefix)], dtype=torch.int32),
+        is_decode=False,
+        has_prefix=any(prefix),
+        seq_bounds=(0, 5, 17),
+    )
     return ids, pos, batch
 
 
@@ -139,8 +151,9 @@ def test_engine_step_forwards_read_nothing(llama, monkeypatch):
 
     monkeypatch.setattr(llama, "forward_tokens", guarded)
     with production_checks():
-        outs = engine.generate([list(range(5, 30)), list(range(7, 12))],
-                               SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+        outs = engine.generate(
+            [list(range(5, 30)), list(range(7, 12))], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+        )
     assert [len(o.token_ids) for o in outs] == [6, 6]
 
 
@@ -186,15 +199,28 @@ def test_trainer_forward_backward_read_nothing(tmp_path, objective, model):
     from tests.training.helpers import tiny_config, write_corpus
 
     if objective == "classify":
-        rows = [{"text": " ".join(["king war crown"] * (1 + i % 3)), "label": ["comedy", "history"][i % 2]}
-                for i in range(16)]
+        rows = [
+            {"text": " ".join(["king war crown"] * (1 + i % 3)), "label": ["comedy", "history"][i % 2]}
+            for i in range(16)
+        ]
         data = tmp_path / "rows.jsonl"
         data.write_text("\n".join(json.dumps(r) for r in rows))
-        cfg = tiny_config(tmp_path / "run", [str(data)], objective=objective, model=model, dataset="jsonl",
-                          seq_len=16, eval_fraction=0.25)
+        cfg = tiny_config(
+            tmp_path / "run",
+            [str(data)],
+            objective=objective,
+            model=model,
+            dataset="jsonl",
+            seq_len=16,
+            eval_fraction=0.25,
+        )
     else:
-        cfg = tiny_config(tmp_path / "run", write_corpus(str(tmp_path / "corpus"), n_files=1, lines=60),
-                          objective=objective, model=model)
+        cfg = tiny_config(
+            tmp_path / "run",
+            write_corpus(str(tmp_path / "corpus"), n_files=1, lines=60),
+            objective=objective,
+            model=model,
+        )
     trainer = Trainer(cfg)
     epoch, indices = trainer.sampler.next_batch()
     batch = trainer._collate(indices, epoch, trainer.train_set)

@@ -69,7 +69,7 @@ def csrc_kernel_table() -> dict[str, frozenset[str]]:
             while depth and i < len(text):  # the block's matching closing brace
                 depth += {"{": 1, "}": -1}.get(text[i], 0)
                 i += 1
-            table.setdefault(m[1], set()).update(_IMPL_RE.findall(text[m.end():i]))
+            table.setdefault(m[1], set()).update(_IMPL_RE.findall(text[m.end() : i]))
     return {key: frozenset(ops) for key, ops in table.items()}
 
 
@@ -91,8 +91,11 @@ def cuda_kernel_ops() -> frozenset[str]:
 
 
 def _registered_ops() -> set[str]:
-    return {name.split("::", 1)[1] for name in torch._C._dispatch_get_all_op_names()
-            if name.startswith("plm_engine::")} if extension.load()[0] is not None else set()
+    return (
+        {name.split("::", 1)[1] for name in torch._C._dispatch_get_all_op_names() if name.startswith("plm_engine::")}
+        if extension.load()[0] is not None
+        else set()
+    )
 
 
 def has_triton_kernel(op: str) -> bool:

@@ -41,17 +41,24 @@ def run(args) -> int:
     from plm_engine.generation.sampler import SamplingParams
 
     try:
-        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                                repetition_penalty=args.repetition_penalty, seed=args.seed,
-                                max_tokens=args.max_tokens, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+        params = SamplingParams(
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty,
+            seed=args.seed,
+            max_tokens=args.max_tokens,
+            stop=tuple(args.stop),
+            ignore_eos=args.ignore_eos,
+        )
     except ValueError as e:
         print(f"plm-engine generate: {e}", file=sys.stderr)
         return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     t0 = time.perf_counter()
-    engine = Engine(args.model, dtype=dtype, device=device, max_num_seqs=1,
-                    cuda_graphs=not args.no_cuda_graphs)
+    engine = Engine(args.model, dtype=dtype, device=device, max_num_seqs=1, cuda_graphs=not args.no_cuda_graphs)
     load_s = time.perf_counter() - t0
     tok = engine.tokenizer
     if args.chat:
@@ -59,7 +66,7 @@ def run(args) -> int:
             print(f"plm-engine generate: --chat: model {args.model!r} has no chat template", file=sys.stderr)
             return 2
         text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
-        prompt = tok.encode(text, add_special_tokens=False)   # the template already wrote any BOS
+        prompt = tok.encode(text, add_special_tokens=False)  # the template already wrote any BOS
     else:
         prompt = args.prompt
     try:
@@ -89,7 +96,10 @@ def run(args) -> int:
     ttft = (first or end) - start
     decode_s = end - (first or end)
     decode_tps = (n_gen - 1) / decode_s if n_gen > 1 and decode_s > 0 else float("nan")
-    print(f"[{args.model} {str(engine.dtype).replace('torch.', '')} on {engine.device}; loaded in {load_s:.1f}s] "
-          f"prompt {n_prompt} tok at {n_prompt / ttft:.1f} tok/s | time to first token {ttft * 1000:.0f} ms | "
-          f"decode {n_gen} tok at {decode_tps:.1f} tok/s | finish: {final.finish_reason}", file=sys.stderr)
+    print(
+        f"[{args.model} {str(engine.dtype).replace('torch.', '')} on {engine.device}; loaded in {load_s:.1f}s] "
+        f"prompt {n_prompt} tok at {n_prompt / ttft:.1f} tok/s | time to first token {ttft * 1000:.0f} ms | "
+        f"decode {n_gen} tok at {decode_tps:.1f} tok/s | finish: {final.finish_reason}",
+        file=sys.stderr,
+    )
     return 0

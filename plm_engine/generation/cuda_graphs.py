@@ -33,8 +33,15 @@ class DecodeGraphs:
     model: has forward_tokens(input_ids, positions, kv_cache, batch) -> logits (batch, vocab).
     """
 
-    def __init__(self, model, kv_cache: KVCache, max_batch: int, max_blocks_per_seq: int,
-                 buckets: list[int] | None = None, device=None):
+    def __init__(
+        self,
+        model,
+        kv_cache: KVCache,
+        max_batch: int,
+        max_blocks_per_seq: int,
+        buckets: list[int] | None = None,
+        device=None,
+    ):
         self.model = model
         self.kv_cache = kv_cache
         self.device = torch.device(device) if device is not None else kv_cache.k[0].device
@@ -62,12 +69,24 @@ class DecodeGraphs:
         return None
 
     def batch(self, bucket: int) -> PagedBatch:
-        return PagedBatch(cu_seqlens=self.cu_seqlens[:bucket + 1], max_seqlen=1,
-                          slot_mapping=self.slot_mapping[:bucket], block_table=self.block_table[:bucket],
-                          cache_seqlens=self.cache_seqlens[:bucket], is_decode=True, has_prefix=False)
+        return PagedBatch(
+            cu_seqlens=self.cu_seqlens[: bucket + 1],
+            max_seqlen=1,
+            slot_mapping=self.slot_mapping[:bucket],
+            block_table=self.block_table[:bucket],
+            cache_seqlens=self.cache_seqlens[:bucket],
+            is_decode=True,
+            has_prefix=False,
+        )
 
-    def fill(self, input_ids: list[int], positions: list[int], slots: list[int], block_rows: list[list[int]],
-             cache_seqlens: list[int]) -> int:
+    def fill(
+        self,
+        input_ids: list[int],
+        positions: list[int],
+        slots: list[int],
+        block_rows: list[list[int]],
+        cache_seqlens: list[int],
+    ) -> int:
         """Copies n real rows into the static buffers and pads them to a bucket; returns the bucket."""
         n = len(input_ids)
         bucket = self.bucket_for(n)
@@ -78,10 +97,12 @@ class DecodeGraphs:
             raise ValueError(f"DecodeGraphs: a sequence owns more than {width} blocks")
         table = torch.zeros(bucket, width, dtype=torch.int32)
         for i, r in enumerate(block_rows):
-            table[i, :len(r)] = torch.tensor(r, dtype=torch.int32)
+            table[i, : len(r)] = torch.tensor(r, dtype=torch.int32)
         pad = bucket - n
-        host = torch.tensor([input_ids + [0] * pad, positions + [0] * pad, slots + [-1] * pad,
-                             cache_seqlens + [1] * pad], dtype=torch.int64)
+        host = torch.tensor(
+            [input_ids + [0] * pad, positions + [0] * pad, slots + [-1] * pad, cache_seqlens + [1] * pad],
+            dtype=torch.int64,
+        )
         nb = self.non_blocking
         self.input_ids[:bucket].copy_(host[0], non_blocking=nb)
         self.positions[:bucket].copy_(host[1], non_blocking=nb)
@@ -97,8 +118,9 @@ class DecodeGraphs:
     def _forward(self, bucket: int) -> torch.Tensor:
         # The buffers hold what the engine built and checked: no value checks (none is possible in capture).
         with checks.trusted():
-            return self.model.forward_tokens(self.input_ids[:bucket], self.positions[:bucket], self.kv_cache,
-                                             self.batch(bucket))
+            return self.model.forward_tokens(
+                self.input_ids[:bucket], self.positions[:bucket], self.kv_cache, self.batch(bucket)
+            )
 
     @torch.no_grad()
     def capture(self) -> None:
@@ -114,7 +136,7 @@ class DecodeGraphs:
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for b in reversed(self.buckets):
-                for _ in range(2):    # warm-up: kernels compiled and autotuned outside the capture
+                for _ in range(2):  # warm-up: kernels compiled and autotuned outside the capture
                     self._forward(b)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)

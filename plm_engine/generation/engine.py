@@ -68,12 +68,27 @@ class Engine:
     capped at max_num_seqs full contexts). max_prefill_tokens: prefill chunk size per step.
     """
 
-    def __init__(self, model="smollm2-135m", tokenizer=None, dtype=None, device=None, max_num_seqs: int = 32,
-                 kv_cache_tokens: int | None = None, block_size: int = 16, max_prefill_tokens: int = 2048,
-                 cuda_graphs: bool = True):
+    def __init__(
+        self,
+        model="smollm2-135m",
+        tokenizer=None,
+        dtype=None,
+        device=None,
+        max_num_seqs: int = 32,
+        kv_cache_tokens: int | None = None,
+        block_size: int = 16,
+        max_prefill_tokens: int = 2048,
+        cuda_graphs: bool = True,
+    ):
         if isinstance(dtype, str):
-            dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                     "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}.get(dtype, dtype)
+            dtype = {
+                "float32": torch.float32,
+                "fp32": torch.float32,
+                "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16,
+                "float16": torch.float16,
+                "fp16": torch.float16,
+            }.get(dtype, dtype)
             if isinstance(dtype, str):
                 raise ValueError(f"Engine: unknown dtype {dtype!r} (float32, bfloat16 or float16)")
         if isinstance(model, (str, os.PathLike)):
@@ -107,27 +122,23 @@ class Engine:
         if kv_cache_tokens < block_size:
             raise ValueError(f"Engine: kv_cache_tokens must be >= block_size ({block_size}), got {kv_cache_tokens}")
         num_blocks = math.ceil(kv_cache_tokens / block_size)
-        self.kv_cache = model.allocate_kv_cache(num_blocks, block_size=block_size, dtype=self.dtype,
-                                                device=self.device)
+        self.kv_cache = model.allocate_kv_cache(num_blocks, block_size=block_size, dtype=self.dtype, device=self.device)
         self.cache_tokens = num_blocks * block_size
         self.max_blocks_per_seq = math.ceil(min(self.context_len, self.cache_tokens) / block_size)
         self.block_manager = BlockManager(num_blocks, block_size)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs=max_num_seqs,
-                                   max_prefill_tokens=max_prefill_tokens)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs=max_num_seqs, max_prefill_tokens=max_prefill_tokens)
         self.sampler = Sampler(self.config.vocab_size, max_slots=max_num_seqs, device=self.device)
         self.eos_token_ids = self._eos_ids()
 
         self.graphs = None
         if cuda_graphs and self.device.type == "cuda":
-            self.graphs = DecodeGraphs(model, self.kv_cache, max_num_seqs, self.max_blocks_per_seq,
-                                       device=self.device)
+            self.graphs = DecodeGraphs(model, self.kv_cache, max_num_seqs, self.max_blocks_per_seq, device=self.device)
             self.graphs.capture()
 
         self._seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self._pending_outputs: list[RequestOutput] = []
-        self._counters = dict(prompt_tokens_total=0, generation_tokens_total=0, requests_finished=0,
-                              requests_aborted=0)
+        self._counters = dict(prompt_tokens_total=0, generation_tokens_total=0, requests_finished=0, requests_aborted=0)
 
     def _default_cache_tokens(self, per_token: int, max_num_seqs: int) -> int:
         if self.device.type == "cuda":
@@ -162,8 +173,13 @@ class Engine:
                 raise ValueError(f"Engine: prompt token ids must be ints in [0, {v}), got {t!r}")
         return ids
 
-    def make_sequence(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
-                      truncate_prompt_tokens: int | None = None) -> Sequence:
+    def make_sequence(
+        self,
+        prompt,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        truncate_prompt_tokens: int | None = None,
+    ) -> Sequence:
         """Validates and tokenizes a request without touching the scheduler (safe from another thread)."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
@@ -179,8 +195,10 @@ class Engine:
         limit = min(self.context_len, self.cache_tokens)
         if len(ids) >= limit:
             where = "context" if self.context_len <= self.cache_tokens else "KV cache"
-            raise ValueError(f"Engine: the prompt has {len(ids)} tokens but the {where} holds {limit}, which leaves "
-                             f"no room to generate; shorten it or set truncate_prompt_tokens")
+            raise ValueError(
+                f"Engine: the prompt has {len(ids)} tokens but the {where} holds {limit}, which leaves "
+                f"no room to generate; shorten it or set truncate_prompt_tokens"
+            )
         if params.stop and self.tokenizer is None:
             raise ValueError("Engine: stop strings need a tokenizer")
         # Total tokens never exceed the context; the last sampled token is never fed back, so the cache
@@ -188,8 +206,7 @@ class Engine:
         max_tokens = min(params.max_tokens, self.context_len - len(ids), self.cache_tokens - len(ids) + 1)
         idx = next(self._ids)
         rid = str(request_id) if request_id is not None else f"req-{idx}"
-        seq = Sequence(request_id=rid, seq_idx=idx, prompt_token_ids=ids, params=params,
-                       max_tokens=max_tokens)
+        seq = Sequence(request_id=rid, seq_idx=idx, prompt_token_ids=ids, params=params, max_tokens=max_tokens)
         if params.seed is not None:
             seq.generator = self.sampler.new_generator(params.seed)
         if self.tokenizer is not None:
@@ -208,8 +225,13 @@ class Engine:
         self._counters["prompt_tokens_total"] += seq.num_prompt_tokens
         return seq.request_id
 
-    def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
-                    truncate_prompt_tokens: int | None = None) -> str:
+    def add_request(
+        self,
+        prompt,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        truncate_prompt_tokens: int | None = None,
+    ) -> str:
         """Queues a request (text or token ids); returns its id."""
         return self.add_sequence(self.make_sequence(prompt, params, request_id, truncate_prompt_tokens))
 
@@ -229,9 +251,14 @@ class Engine:
         return self.scheduler.has_unfinished()
 
     def stats(self) -> dict:
-        return dict(num_waiting=len(self.scheduler.waiting), num_running=len(self.scheduler.running),
-                    kv_blocks_total=self.block_manager.num_blocks, kv_blocks_used=self.block_manager.num_used,
-                    num_preemptions=self.scheduler.num_preemptions, **self._counters)
+        return dict(
+            num_waiting=len(self.scheduler.waiting),
+            num_running=len(self.scheduler.running),
+            kv_blocks_total=self.block_manager.num_blocks,
+            kv_blocks_used=self.block_manager.num_used,
+            num_preemptions=self.scheduler.num_preemptions,
+            **self._counters,
+        )
 
     # ---- one step ---------------------------------------------------------------------------------
 
@@ -268,8 +295,7 @@ class Engine:
         if all(p.greedy and p.logprobs is None and s.slot is None for p, s in zip(params, sampling)):
             tokens, lps = all_logits.argmax(dim=-1).tolist(), None
         else:
-            res = self.sampler.sample(all_logits, params, [s.slot for s in sampling],
-                                      [s.generator for s in sampling])
+            res = self.sampler.sample(all_logits, params, [s.slot for s in sampling], [s.generator for s in sampling])
             tokens, lps = res.token_ids, res.logprobs
         now = time.time()
         for i, (seq, tok) in enumerate(zip(sampling, tokens)):
@@ -300,11 +326,18 @@ class Engine:
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
             block_table=torch.tensor(table, dtype=torch.int32, device=dev),
             cache_seqlens=torch.tensor(lens, dtype=torch.int32, device=dev),
-            is_decode=False, has_prefix=any(ch.start > 0 for ch in chunks), seq_bounds=tuple(cu))
+            is_decode=False,
+            has_prefix=any(ch.start > 0 for ch in chunks),
+            seq_bounds=tuple(cu),
+        )
         logits_index = torch.tensor(index or [cu[-1] - 1], dtype=torch.int64, device=dev)
-        logits = self.model.forward_tokens(torch.tensor(ids, dtype=torch.int64, device=dev),
-                                           torch.tensor(pos, dtype=torch.int64, device=dev), self.kv_cache, batch,
-                                           logits_index=logits_index)
+        logits = self.model.forward_tokens(
+            torch.tensor(ids, dtype=torch.int64, device=dev),
+            torch.tensor(pos, dtype=torch.int64, device=dev),
+            self.kv_cache,
+            batch,
+            logits_index=logits_index,
+        )
         for ch in chunks:
             ch.seq.num_cached += ch.length
         return logits, seqs
@@ -323,13 +356,20 @@ class Engine:
             width = max(len(r) for r in rows)
             n = len(seqs)
             batch = PagedBatch(
-                cu_seqlens=torch.arange(n + 1, dtype=torch.int32, device=dev), max_seqlen=1,
+                cu_seqlens=torch.arange(n + 1, dtype=torch.int32, device=dev),
+                max_seqlen=1,
                 slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
                 block_table=torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int32, device=dev),
-                cache_seqlens=torch.tensor(lens, dtype=torch.int32, device=dev), is_decode=True, has_prefix=False)
-            logits = self.model.forward_tokens(torch.tensor(ids, dtype=torch.int64, device=dev),
-                                               torch.tensor(pos, dtype=torch.int64, device=dev), self.kv_cache,
-                                               batch)
+                cache_seqlens=torch.tensor(lens, dtype=torch.int32, device=dev),
+                is_decode=True,
+                has_prefix=False,
+            )
+            logits = self.model.forward_tokens(
+                torch.tensor(ids, dtype=torch.int64, device=dev),
+                torch.tensor(pos, dtype=torch.int64, device=dev),
+                self.kv_cache,
+                batch,
+            )
         for s in seqs:
             s.num_cached += 1
         return logits
@@ -351,14 +391,14 @@ class Engine:
         p = seq.params
         reason, piece = None, ""
         if tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_token_ids):
-            reason = "stop"   # a stop token adds no text
+            reason = "stop"  # a stop token adds no text
         elif seq.decoder is not None:
             piece = seq.decoder.push(tok)
         if reason is None and seq.num_output_tokens >= seq.max_tokens:
             reason = "length"
         if seq.decoder is not None:
             if reason is not None:
-                piece += seq.decoder.flush()   # e.g. an incomplete UTF-8 character at the very end
+                piece += seq.decoder.flush()  # e.g. an incomplete UTF-8 character at the very end
             before = len(seq.text)
             seq.text += piece
             if p.stop and piece:
@@ -373,7 +413,7 @@ class Engine:
         # Hold back text that could be the start of a stop string until it is known not to be one.
         hold = 0 if seq.finished or not p.stop else max(len(s) for s in p.stop) - 1
         end = max(seq.emitted_len, len(seq.text) - hold)
-        new_text = seq.text[seq.emitted_len:end]
+        new_text = seq.text[seq.emitted_len : end]
         seq.emitted_len = end
         return self._output(seq, [tok], new_text)
 
@@ -389,21 +429,29 @@ class Engine:
 
     def _output(self, seq: Sequence, new_ids: list[int], new_text: str) -> RequestOutput:
         return RequestOutput(
-            request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids, token_ids=seq.output_token_ids,
-            text=seq.text[:seq.emitted_len] if not seq.finished else seq.text, new_token_ids=new_ids,
-            new_text=new_text, finished=seq.finished, finish_reason=seq.finish_reason,
+            request_id=seq.request_id,
+            prompt_token_ids=seq.prompt_token_ids,
+            token_ids=seq.output_token_ids,
+            text=seq.text[: seq.emitted_len] if not seq.finished else seq.text,
+            new_token_ids=new_ids,
+            new_text=new_text,
+            finished=seq.finished,
+            finish_reason=seq.finish_reason,
             logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
             num_prompt_tokens=seq.num_prompt_tokens,
-            metrics=dict(arrival_time=seq.arrival_time, first_token_time=seq.first_token_time,
-                         finish_time=seq.finish_time))
+            metrics=dict(
+                arrival_time=seq.arrival_time, first_token_time=seq.first_token_time, finish_time=seq.finish_time
+            ),
+        )
 
     # ---- offline ----------------------------------------------------------------------------------
 
     def generate(self, prompts, params=None, use_tqdm: bool = False) -> list[RequestOutput]:
         """Runs prompts (one, or a list of texts / token-id lists) to completion; outputs in input order.
         params: one SamplingParams for all, or a list with one per prompt."""
-        single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
-                                              and isinstance(prompts[0], int))
+        single = isinstance(prompts, str) or (
+            isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)
+        )
         if single:
             prompts = [prompts]
         prompts = list(prompts)
@@ -457,7 +505,7 @@ class AsyncEngine:
         self._cmds: list[tuple] = []
         self._cmd_lock = threading.Lock()
         self._wake = threading.Event()
-        self._streams: dict[str, tuple] = {}     # request id -> (event loop, asyncio.Queue)
+        self._streams: dict[str, tuple] = {}  # request id -> (event loop, asyncio.Queue)
         self._stop = False
         self._stats = engine.stats()
         self._thread = threading.Thread(target=self._run, name="plm-engine-step", daemon=True)
@@ -479,7 +527,7 @@ class AsyncEngine:
             self._streams.pop(rid, None)
         try:
             loop.call_soon_threadsafe(q.put_nowait, item)
-        except RuntimeError:     # the consumer's loop is closed: nobody is listening
+        except RuntimeError:  # the consumer's loop is closed: nobody is listening
             pass
 
     def _drain(self) -> None:
@@ -489,7 +537,7 @@ class AsyncEngine:
             if kind == "add":
                 try:
                     self.engine.add_sequence(arg)
-                except Exception as e:   # e.g. a request id in use, a request larger than the cache
+                except Exception as e:  # e.g. a request id in use, a request larger than the cache
                     self._deliver(arg.request_id, e)
             elif kind == "abort":
                 self.engine.abort(arg)
@@ -512,7 +560,7 @@ class AsyncEngine:
                 continue
             try:
                 outs = eng.step()
-            except Exception as e:   # fail every in-flight request rather than hang their streams
+            except Exception as e:  # fail every in-flight request rather than hang their streams
                 for rid in list(eng._seqs):
                     eng.abort(rid)
                 eng._pending_outputs.clear()
@@ -525,8 +573,13 @@ class AsyncEngine:
 
     # ---- the asyncio side -------------------------------------------------------------------------
 
-    async def stream(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
-                     truncate_prompt_tokens: int | None = None):
+    async def stream(
+        self,
+        prompt,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        truncate_prompt_tokens: int | None = None,
+    ):
         """Yields a RequestOutput whenever the request gets tokens (deltas in new_token_ids / new_text),
         the last one with finished=True. Closing or cancelling the consumer aborts the request."""
         import asyncio
@@ -557,8 +610,13 @@ class AsyncEngine:
                 self._streams.pop(rid, None)
                 self._submit(("abort", rid))
 
-    async def generate(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
-                       truncate_prompt_tokens: int | None = None) -> RequestOutput:
+    async def generate(
+        self,
+        prompt,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        truncate_prompt_tokens: int | None = None,
+    ) -> RequestOutput:
         """The final output of one request."""
         last = None
         async for out in self.stream(prompt, params, request_id, truncate_prompt_tokens):

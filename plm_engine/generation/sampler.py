@@ -123,7 +123,7 @@ class Sampler:
         self.vocab_size = vocab_size
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.max_slots = max_slots
-        self._counts: torch.Tensor | None = None   # (max_slots, vocab) int32, allocated on first use
+        self._counts: torch.Tensor | None = None  # (max_slots, vocab) int32, allocated on first use
         self._prompt_mask: torch.Tensor | None = None  # (max_slots, vocab) bool
         self._free_slots = list(range(max_slots - 1, -1, -1))
         self._generators: dict[int, torch.Generator] = {}
@@ -158,8 +158,13 @@ class Sampler:
 
     # ---- the batch --------------------------------------------------------------------------------
 
-    def sample(self, logits: torch.Tensor, params: list[SamplingParams], slots: list[int | None] | None = None,
-               generators: list[torch.Generator | None] | None = None) -> SampleResult:
+    def sample(
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        slots: list[int | None] | None = None,
+        generators: list[torch.Generator | None] | None = None,
+    ) -> SampleResult:
         """logits: (n, vocab) for n rows; params/slots/generators: one per row (slot None: no penalties;
         generator None: the default generator). Returns the sampled ids, and log-prob dicts for rows whose
         params ask for logprobs. One device-to-host transfer."""
@@ -171,7 +176,7 @@ class Sampler:
         tokens, lp_packed, top_n = self.sample_device(logits, params, slots, generators)
         if lp_packed is None:
             return SampleResult(tokens.tolist(), [None] * n)
-        host = lp_packed.cpu()   # one transfer: ids and log-probs packed in float64
+        host = lp_packed.cpu()  # one transfer: ids and log-probs packed in float64
         ids = host[:, 0].long().tolist()
         out: list[dict | None] = []
         for i, p in enumerate(params):
@@ -180,8 +185,8 @@ class Sampler:
                 continue
             row = host[i]
             k = p.logprobs
-            top_ids = row[2:2 + top_n].long().tolist()[:k]
-            top_lp = row[2 + top_n:2 + 2 * top_n].tolist()[:k]
+            top_ids = row[2 : 2 + top_n].long().tolist()[:k]
+            top_lp = row[2 + top_n : 2 + 2 * top_n].tolist()[:k]
             out.append({"token_id": ids[i], "logprob": float(row[1]), "top": list(zip(top_ids, top_lp))})
         return SampleResult(ids, out)
 
@@ -223,8 +228,8 @@ class Sampler:
         dev = x.device
         rows = [i for i, s in enumerate(slots) if s is not None]
         idx = torch.tensor([slots[i] for i in rows], dtype=torch.long, device=dev)
-        counts = self._counts.index_select(0, idx)              # (r, vocab) int32
-        pmask = self._prompt_mask.index_select(0, idx)          # (r, vocab) bool
+        counts = self._counts.index_select(0, idx)  # (r, vocab) int32
+        pmask = self._prompt_mask.index_select(0, idx)  # (r, vocab) bool
         rep = self._row_tensor([params[i].repetition_penalty for i in rows], torch.float32, dev)[:, None]
         pres = self._row_tensor([params[i].presence_penalty for i in rows], torch.float32, dev)[:, None]
         freq = self._row_tensor([params[i].frequency_penalty for i in rows], torch.float32, dev)[:, None]
@@ -243,8 +248,9 @@ class Sampler:
     def _update_counts(self, tokens, slots):
         rows = [i for i, s in enumerate(slots) if s is not None]
         idx = torch.tensor([slots[i] for i in rows], dtype=torch.long, device=tokens.device)
-        self._counts.index_put_((idx, tokens[rows]), torch.ones(len(rows), dtype=torch.int32, device=tokens.device),
-                                accumulate=True)
+        self._counts.index_put_(
+            (idx, tokens[rows]), torch.ones(len(rows), dtype=torch.int32, device=tokens.device), accumulate=True
+        )
 
     def filter_logits(self, x: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         """Temperature, top-k, top-p and min-p on (n, vocab) fp32 logits: dropped tokens become -inf.

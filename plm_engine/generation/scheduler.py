@@ -36,12 +36,12 @@ class Sequence:
     """One request's state: its tokens, its blocks, its progress and its output bookkeeping."""
 
     request_id: str
-    seq_idx: int                       # arrival order: lower is older (preemption picks the highest)
+    seq_idx: int  # arrival order: lower is older (preemption picks the highest)
     prompt_token_ids: list[int]
     params: SamplingParams
-    max_tokens: int                    # params.max_tokens capped at the context and the cache
+    max_tokens: int  # params.max_tokens capped at the context and the cache
     arrival_time: float = field(default_factory=time.time)
-    token_ids: list[int] = field(default_factory=list)   # prompt + output
+    token_ids: list[int] = field(default_factory=list)  # prompt + output
     status: Status = Status.WAITING
     blocks: list[int] = field(default_factory=list)
     num_cached: int = 0
@@ -70,7 +70,7 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[len(self.prompt_token_ids):]
+        return self.token_ids[len(self.prompt_token_ids) :]
 
     @property
     def num_output_tokens(self) -> int:
@@ -115,8 +115,13 @@ class SchedulerOutput:
 class Scheduler:
     """Waiting (FIFO; preempted sequences re-enter at the front) and running (by arrival) queues."""
 
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int = 32, max_prefill_tokens: int = 2048,
-                 watermark_blocks: int | None = None):
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int = 32,
+        max_prefill_tokens: int = 2048,
+        watermark_blocks: int | None = None,
+    ):
         if max_num_seqs < 1:
             raise ValueError(f"Scheduler: max_num_seqs must be >= 1, got {max_num_seqs}")
         if max_prefill_tokens < 1:
@@ -126,10 +131,11 @@ class Scheduler:
         self.max_prefill_tokens = max_prefill_tokens
         # Blocks kept free when admitting while others run, so running sequences can grow a little
         # before anything must be preempted (admitting into a full cache would preempt at once).
-        self.watermark_blocks = (max(1, block_manager.num_blocks // 100) if watermark_blocks is None
-                                 else watermark_blocks)
+        self.watermark_blocks = (
+            max(1, block_manager.num_blocks // 100) if watermark_blocks is None else watermark_blocks
+        )
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []          # sorted by seq_idx
+        self.running: list[Sequence] = []  # sorted by seq_idx
         self.num_preemptions = 0
 
     # ---- queues -----------------------------------------------------------------------------------
@@ -137,8 +143,9 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         need = self.bm.blocks_for(seq.num_tokens + seq.max_tokens - 1)
         if need > self.bm.num_blocks:
-            raise ValueError(f"Scheduler: request {seq.request_id!r} needs {need} KV blocks but the cache has "
-                             f"{self.bm.num_blocks}")
+            raise ValueError(
+                f"Scheduler: request {seq.request_id!r} needs {need} KV blocks but the cache has {self.bm.num_blocks}"
+            )
         seq.status = Status.WAITING
         self.waiting.append(seq)
 
@@ -180,7 +187,7 @@ class Scheduler:
             if seq.status is not Status.RUNNING or seq.num_pending != 1:
                 continue
             while not self.bm.grow(seq.blocks, seq.num_cached + 1):
-                victim = self.running[-1]        # the newest running sequence; possibly seq itself
+                victim = self.running[-1]  # the newest running sequence; possibly seq itself
                 self._preempt(victim, out)
                 if victim is seq:
                     break

@@ -39,8 +39,9 @@ class AttentionContext:
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, qkv_bias: bool, out_bias: bool,
-                 rotary: bool):
+    def __init__(
+        self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, qkv_bias: bool, out_bias: bool, rotary: bool
+    ):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.rotary = rotary
@@ -59,8 +60,9 @@ class Attention(nn.Module):
         if ctx.paged is not None:
             o = self._paged(q, k, v, ctx, layer)
         elif ctx.cu_seqlens is not None:
-            o = ops.attention_varlen(q, k, v, ctx.cu_seqlens, ctx.cu_seqlens, ctx.max_seqlen, ctx.max_seqlen,
-                                     causal=ctx.causal)
+            o = ops.attention_varlen(
+                q, k, v, ctx.cu_seqlens, ctx.cu_seqlens, ctx.max_seqlen, ctx.max_seqlen, causal=ctx.causal
+            )
         else:
             o = ops.attention(q, k, v, causal=ctx.causal)
         return self.out(o.reshape(*lead, h * d))
@@ -73,8 +75,9 @@ class Attention(nn.Module):
         if pb.is_decode:  # one new token per sequence: (batch, 1, heads, head_dim)
             return ops.paged_attention(q.unsqueeze(1), k_cache, v_cache, pb.block_table, pb.cache_seqlens).squeeze(1)
         if not pb.has_prefix:  # whole prompts: the new tokens only see each other
-            return ops.attention_varlen(q, k, v, pb.cu_seqlens, pb.cu_seqlens, pb.max_seqlen, pb.max_seqlen,
-                                        causal=True)
+            return ops.attention_varlen(
+                q, k, v, pb.cu_seqlens, pb.cu_seqlens, pb.max_seqlen, pb.max_seqlen, causal=True
+            )
         # Some sequences continue a cached prefix (chunked prefill, recompute): each attends through the
         # cache; paged_attention is bottom-right causal, so the chunk sees the prefix and itself.
         out = torch.empty_like(q)
@@ -84,6 +87,7 @@ class Attention(nn.Module):
         for i in range(len(cu) - 1):
             s, e = cu[i], cu[i + 1]
             if e > s:
-                out[s:e] = ops.paged_attention(q[s:e].unsqueeze(0), k_cache, v_cache, pb.block_table[i:i + 1],
-                                               pb.cache_seqlens[i:i + 1]).squeeze(0)
+                out[s:e] = ops.paged_attention(
+                    q[s:e].unsqueeze(0), k_cache, v_cache, pb.block_table[i : i + 1], pb.cache_seqlens[i : i + 1]
+                ).squeeze(0)
         return out

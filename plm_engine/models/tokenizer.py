@@ -27,13 +27,25 @@ from plm_engine.models.gguf import TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED, 
 
 # Split regexes of llama.cpp's `tokenizer.ggml.pre` names (as in llama.cpp / transformers); other names,
 # e.g. SmolLM2's "smollm" or GPT-2's "gpt-2", use the ByteLevel pre-tokenizer's own GPT-2 regex.
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_PRE_SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
-               "smaug-bpe": _LLAMA3_SPLIT, "dbrx": _LLAMA3_SPLIT, "falcon3": _LLAMA3_SPLIT,
-               "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT, "megrez": _QWEN2_SPLIT}
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_PRE_SPLITS = {
+    "llama3": _LLAMA3_SPLIT,
+    "llama-v3": _LLAMA3_SPLIT,
+    "llama-bpe": _LLAMA3_SPLIT,
+    "smaug-bpe": _LLAMA3_SPLIT,
+    "dbrx": _LLAMA3_SPLIT,
+    "falcon3": _LLAMA3_SPLIT,
+    "qwen2": _QWEN2_SPLIT,
+    "deepseek-r1-qwen": _QWEN2_SPLIT,
+    "megrez": _QWEN2_SPLIT,
+}
 # Tokens that end a chat turn in common templates; one that the template writes becomes a stop token.
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|end_of_text|>")
 
@@ -46,9 +58,18 @@ class Tokenizer:
     in the backend's vocabulary; a token that is not in it is an error.
     """
 
-    def __init__(self, backend: _HFTokenizer, *, bos_token: str | None = None, eos_token: str | None = None,
-                 pad_token: str | None = None, unk_token: str | None = None, chat_template: str | None = None,
-                 clean_up_tokenization_spaces: bool = False, name: str = ""):
+    def __init__(
+        self,
+        backend: _HFTokenizer,
+        *,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        pad_token: str | None = None,
+        unk_token: str | None = None,
+        chat_template: str | None = None,
+        clean_up_tokenization_spaces: bool = False,
+        name: str = "",
+    ):
         self.backend = backend
         self.name = name
         self.chat_template = chat_template
@@ -91,8 +112,10 @@ class Tokenizer:
         elif info.model == "llama":
             backend = _sentencepiece_bpe(info)
         else:
-            raise ValueError(f"{info.path}: GGUF tokenizer model {info.model!r} is not supported "
-                             f"(supported: 'gpt2' byte-level BPE, 'llama' sentencepiece BPE)")
+            raise ValueError(
+                f"{info.path}: GGUF tokenizer model {info.model!r} is not supported "
+                f"(supported: 'gpt2' byte-level BPE, 'llama' sentencepiece BPE)"
+            )
         _add_gguf_special_tokens(backend, info)
         _add_bos_eos(backend, info)
 
@@ -100,13 +123,20 @@ class Tokenizer:
             if token_id is None:
                 return None
             if not 0 <= token_id < len(info.tokens):
-                raise ValueError(f"{info.path}: special token id {token_id} is outside the vocabulary "
-                                 f"of {len(info.tokens)} tokens")
+                raise ValueError(
+                    f"{info.path}: special token id {token_id} is outside the vocabulary of {len(info.tokens)} tokens"
+                )
             return info.tokens[token_id]
 
-        return cls(backend, bos_token=token(info.bos_token_id), eos_token=token(info.eos_token_id),
-                   pad_token=token(info.pad_token_id), unk_token=token(info.unk_token_id),
-                   chat_template=info.chat_template, name=info.path)
+        return cls(
+            backend,
+            bos_token=token(info.bos_token_id),
+            eos_token=token(info.eos_token_id),
+            pad_token=token(info.pad_token_id),
+            unk_token=token(info.unk_token_id),
+            chat_template=info.chat_template,
+            name=info.path,
+        )
 
     @classmethod
     def from_folder(cls, path: str | os.PathLike) -> Tokenizer:
@@ -145,10 +175,16 @@ class Tokenizer:
                     return value
             return None
 
-        tok = cls(backend, bos_token=token("bos_token"), eos_token=token("eos_token"), pad_token=token("pad_token"),
-                  unk_token=token("unk_token"), chat_template=chat_template,
-                  clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
-                  name=str(folder))
+        tok = cls(
+            backend,
+            bos_token=token("bos_token"),
+            eos_token=token("eos_token"),
+            pad_token=token("pad_token"),
+            unk_token=token("unk_token"),
+            chat_template=chat_template,
+            clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
+            name=str(folder),
+        )
         # Encoders (BERT) have no BOS/EOS but CLS/SEP/MASK, which pooling and masked-LM training need.
         tok.cls_token_id = tok._special_id("cls_token", token("cls_token"))
         tok.sep_token_id = tok._special_id("sep_token", token("sep_token"))
@@ -192,15 +228,26 @@ class Tokenizer:
         if not self.chat_template:
             raise ValueError(f"tokenizer {self.name}: has no chat template")
         if isinstance(messages, dict) or not all(isinstance(m, dict) for m in messages):
-            raise ValueError("apply_chat_template: messages must be a list of dicts like {'role': 'user', 'content': '...'}")
+            raise ValueError(
+                "apply_chat_template: messages must be a list of dicts like {'role': 'user', 'content': '...'}"
+            )
         missing = next((m for m in messages if "role" not in m), None)
         if missing is not None:
             raise ValueError(f"apply_chat_template: message without a 'role': {missing!r}")
-        variables = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token,
-                     "unk_token": self.unk_token, **kwargs}
+        variables = {
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "pad_token": self.pad_token,
+            "unk_token": self.unk_token,
+            **kwargs,
+        }
         return _compile_template(self.chat_template).render(
-            messages=[dict(m) for m in messages], tools=None, documents=None,
-            add_generation_prompt=add_generation_prompt, **variables)
+            messages=[dict(m) for m in messages],
+            tools=None,
+            documents=None,
+            add_generation_prompt=add_generation_prompt,
+            **variables,
+        )
 
 
 class StreamDecoder:
@@ -224,20 +271,20 @@ class StreamDecoder:
 
     def push(self, token_id: int) -> str:
         self._ids.append(int(token_id))
-        prefix = self.tokenizer.decode(self._ids[self._prefix_start:self._read], self.skip_special_tokens)
-        text = self.tokenizer.decode(self._ids[self._prefix_start:], self.skip_special_tokens)
+        prefix = self.tokenizer.decode(self._ids[self._prefix_start : self._read], self.skip_special_tokens)
+        text = self.tokenizer.decode(self._ids[self._prefix_start :], self.skip_special_tokens)
         if text.endswith("\ufffd") or len(text) <= len(prefix) or not text.startswith(prefix):
             return ""
         self._prefix_start = max(0, len(self._ids) - self._CONTEXT)
         self._read = len(self._ids)
-        return text[len(prefix):]
+        return text[len(prefix) :]
 
     def flush(self) -> str:
         """Whatever is still pending (e.g. an incomplete character at the end of the stream)."""
-        prefix = self.tokenizer.decode(self._ids[self._prefix_start:self._read], self.skip_special_tokens)
-        text = self.tokenizer.decode(self._ids[self._prefix_start:], self.skip_special_tokens)
+        prefix = self.tokenizer.decode(self._ids[self._prefix_start : self._read], self.skip_special_tokens)
+        text = self.tokenizer.decode(self._ids[self._prefix_start :], self.skip_special_tokens)
         self._prefix_start = self._read = len(self._ids)
-        return text[len(prefix):] if text.startswith(prefix) else ""
+        return text[len(prefix) :] if text.startswith(prefix) else ""
 
 
 # ---- GGUF pipelines --------------------------------------------------------------------------------
@@ -246,15 +293,26 @@ class StreamDecoder:
 def _byte_level_bpe(info: GGUFTokenizerInfo) -> _HFTokenizer:
     vocab = {token: i for i, token in enumerate(info.tokens)}
     merges = [tuple(m.split(" ", 1)) for m in info.merges]
-    backend = _HFTokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
-                               end_of_word_suffix="", fuse_unk=False))
+    backend = _HFTokenizer(
+        BPE(
+            vocab=vocab,
+            merges=merges,
+            dropout=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+        )
+    )
     split = _PRE_SPLITS.get(info.pre or "")
     if split is None:
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     else:
-        backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                                                         pre_tokenizers.ByteLevel(add_prefix_space=False,
-                                                                                  use_regex=False)])
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     backend.decoder = decoders.ByteLevel()
     return backend
 
@@ -263,11 +321,13 @@ def _sentencepiece_bpe(info: GGUFTokenizerInfo) -> _HFTokenizer:
     vocab = {token: i for i, token in enumerate(info.tokens)}
     merges = [tuple(m.split(" ", 1)) for m in info.merges] or _merges_from_scores(info)
     unk = info.tokens[info.unk_token_id] if info.unk_token_id is not None else None
-    backend = _HFTokenizer(BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True,
-                               dropout=None))
+    backend = _HFTokenizer(
+        BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True, dropout=None)
+    )
     # Sentencepiece writes spaces as U+2581 and (with add_space_prefix) prefixes the text with one.
     backend.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement="\u2581", prepend_scheme="first" if info.add_space_prefix else "never", split=False)
+        replacement="\u2581", prepend_scheme="first" if info.add_space_prefix else "never", split=False
+    )
     steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
     if info.add_space_prefix:
         steps.append(decoders.Strip(content=" ", left=1, right=0))
@@ -283,8 +343,9 @@ def _merges_from_scores(info: GGUFTokenizerInfo) -> list[tuple[str, str]]:
     vocab = {token: i for i, token in enumerate(info.tokens)}
     merges = []
     for token, score in zip(info.tokens, info.scores):
-        local = [(token[:k], token[k:], score) for k in range(1, len(token))
-                 if token[:k] in vocab and token[k:] in vocab]
+        local = [
+            (token[:k], token[k:], score) for k in range(1, len(token)) if token[:k] in vocab and token[k:] in vocab
+        ]
         merges.extend(sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]])))
     merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
     return [(left, right) for left, right, _ in merges]
@@ -335,8 +396,18 @@ def _read_json(path: Path) -> dict:
 
 def _clean_up_tokenization(text: str) -> str:
     """transformers' clean_up_tokenization: remove the spaces WordPiece decoding puts before punctuation."""
-    for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-                 (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+    for a, b in (
+        (" .", "."),
+        (" ?", "?"),
+        (" !", "!"),
+        (" ,", ","),
+        (" ' ", "'"),
+        (" n't", "n't"),
+        (" 'm", "'m"),
+        (" 's", "'s"),
+        (" 've", "'ve"),
+        (" 're", "'re"),
+    ):
         text = text.replace(a, b)
     return text
 

@@ -52,8 +52,8 @@ class PaddingLayout:
     mask's values, so the trainer computes it on the host (from_mask on the CPU mask) with the batch and
     passes it in: the training step then reads nothing back (plm_engine/ops/checks.py)."""
 
-    index: torch.Tensor        # flat (batch * seqlen) index of each real token, int64
-    cu_seqlens: torch.Tensor   # (batch + 1,) int32 offsets of each sequence's real tokens
+    index: torch.Tensor  # flat (batch * seqlen) index of each real token, int64
+    cu_seqlens: torch.Tensor  # (batch + 1,) int32 offsets of each sequence's real tokens
     max_seqlen: int
 
     @staticmethod
@@ -63,8 +63,9 @@ class PaddingLayout:
         if bool(mask.all()):
             return None
         lens = mask.sum(1, dtype=torch.int32)
-        return PaddingLayout(mask.flatten().nonzero().squeeze(1), F.pad(lens.cumsum(0, dtype=torch.int32), (1, 0)),
-                             int(lens.max()))
+        return PaddingLayout(
+            mask.flatten().nonzero().squeeze(1), F.pad(lens.cumsum(0, dtype=torch.int32), (1, 0)), int(lens.max())
+        )
 
     def to(self, device) -> PaddingLayout:
         return PaddingLayout(self.index.to(device), self.cu_seqlens.to(device), self.max_seqlen)
@@ -73,13 +74,17 @@ class PaddingLayout:
 class Block(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
-        norm = (lambda: RMSNorm(c.hidden_size, c.norm_eps)) if c.arch == "llama" else (
-            lambda: LayerNorm(c.hidden_size, c.norm_eps))
+        norm = (
+            (lambda: RMSNorm(c.hidden_size, c.norm_eps))
+            if c.arch == "llama"
+            else (lambda: LayerNorm(c.hidden_size, c.norm_eps))
+        )
         self.post_norm = c.arch == "bert"
         self.dropout = c.dropout
         self.attn_norm = norm()
-        self.attn = Attention(c.hidden_size, c.n_heads, c.n_kv_heads, c.head_dim, c.qkv_bias, c.out_bias,
-                              rotary=c.arch == "llama")
+        self.attn = Attention(
+            c.hidden_size, c.n_heads, c.n_kv_heads, c.head_dim, c.qkv_bias, c.out_bias, rotary=c.arch == "llama"
+        )
         self.mlp_norm = norm()
         self.mlp = MLP(c.hidden_size, c.intermediate_size, c.activation, c.mlp_bias)
 
@@ -109,8 +114,9 @@ class Transformer(nn.Module):
         self.type_embed = nn.Embedding(c.type_vocab_size, d) if c.arch == "bert" and c.type_vocab_size else None
         self.embed_norm = LayerNorm(d, c.norm_eps) if c.arch == "bert" else None
         self.layers = nn.ModuleList(Block(c) for _ in range(c.n_layers))
-        self.final_norm = None if c.arch == "bert" else (
-            RMSNorm(d, c.norm_eps) if c.arch == "llama" else LayerNorm(d, c.norm_eps))
+        self.final_norm = (
+            None if c.arch == "bert" else (RMSNorm(d, c.norm_eps) if c.arch == "llama" else LayerNorm(d, c.norm_eps))
+        )
         is_lm = c.arch != "bert" or c.mlm_head
         self.lm_head = Linear(d, c.vocab_size, bias=False) if is_lm and not c.tie_word_embeddings else None
         if c.arch == "bert":
@@ -160,8 +166,9 @@ class Transformer(nn.Module):
         key = str(device)
         if key not in self._rope_cache:
             c = self.config
-            self._rope_cache[key] = ops.rope_cos_sin(c.max_position_embeddings, c.head_dim, c.rope_theta,
-                                                     c.rope_scaling, device=device)
+            self._rope_cache[key] = ops.rope_cos_sin(
+                c.max_position_embeddings, c.head_dim, c.rope_theta, c.rope_scaling, device=device
+            )
         return self._rope_cache[key]
 
     # ---- the trunk ----------------------------------------------------------------------------------
@@ -187,21 +194,35 @@ class Transformer(nn.Module):
 
     def _context(self, t: _Tokens, device) -> AttentionContext:
         cos, sin = self.rope_tables(device) if self.config.arch == "llama" else (None, None)
-        return AttentionContext(causal=self.config.causal, cu_seqlens=t.cu_seqlens, max_seqlen=t.max_seqlen,
-                                positions=t.positions, cos=cos, sin=sin)
+        return AttentionContext(
+            causal=self.config.causal,
+            cu_seqlens=t.cu_seqlens,
+            max_seqlen=t.max_seqlen,
+            positions=t.positions,
+            cos=cos,
+            sin=sin,
+        )
 
     def _check_input(self, input_ids, attention_mask, token_type_ids, position_ids):
         c = self.config
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (
-                torch.int64, torch.int32):
-            raise ValueError(f"input_ids must be an integer tensor (batch, seqlen), got "
-                             f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} "
-                             f"{tuple(getattr(input_ids, 'shape', ()))}")
+        if (
+            not isinstance(input_ids, torch.Tensor)
+            or input_ids.dim() != 2
+            or input_ids.dtype not in (torch.int64, torch.int32)
+        ):
+            raise ValueError(
+                f"input_ids must be an integer tensor (batch, seqlen), got "
+                f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} "
+                f"{tuple(getattr(input_ids, 'shape', ()))}"
+            )
         b, s = input_ids.shape
         if s > c.max_position_embeddings and position_ids is None:
             raise ValueError(f"sequence length {s} exceeds the model's context of {c.max_position_embeddings} tokens")
-        for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids),
-                        ("position_ids", position_ids)):
+        for name, t in (
+            ("attention_mask", attention_mask),
+            ("token_type_ids", token_type_ids),
+            ("position_ids", position_ids),
+        ):
             if t is not None and tuple(t.shape) != (b, s):
                 raise ValueError(f"{name} must have the shape of input_ids {(b, s)}, got {tuple(t.shape)}")
         if checks.value_checks():  # values: where data enters, not inside the engine or the trainer
@@ -212,15 +233,19 @@ class Transformer(nn.Module):
         if input_ids.numel():
             lo, hi = (int(v) for v in torch.aminmax(input_ids))
             if lo < 0 or hi >= c.vocab_size:
-                raise ValueError(f"token id {lo if lo < 0 else hi} is out of range for a vocabulary of "
-                                 f"{c.vocab_size}")
+                raise ValueError(f"token id {lo if lo < 0 else hi} is out of range for a vocabulary of {c.vocab_size}")
         if position_ids is not None and position_ids.numel():
             lo, hi = (int(v) for v in torch.aminmax(position_ids))
             if lo < 0 or hi >= c.max_position_embeddings:
-                raise ValueError(f"position {lo if lo < 0 else hi} is outside the model's context of "
-                                 f"{c.max_position_embeddings} tokens")
-        if token_type_ids is not None and token_type_ids.numel() and (
-                int(token_type_ids.min()) < 0 or int(token_type_ids.max()) >= max(c.type_vocab_size, 1)):
+                raise ValueError(
+                    f"position {lo if lo < 0 else hi} is outside the model's context of "
+                    f"{c.max_position_embeddings} tokens"
+                )
+        if (
+            token_type_ids is not None
+            and token_type_ids.numel()
+            and (int(token_type_ids.min()) < 0 or int(token_type_ids.max()) >= max(c.type_vocab_size, 1))
+        ):
             raise ValueError(f"token_type_ids must lie in [0, {max(c.type_vocab_size, 1)})")
 
     def _tokens(self, input_ids, attention_mask, token_type_ids, position_ids, layout=None) -> _Tokens:
@@ -235,8 +260,14 @@ class Transformer(nn.Module):
             return _Tokens(input_ids, position_ids, token_type_ids)
         # Pack the real tokens: attention sees sequences, never padding.
         pick = lambda t: None if t is None else t.flatten()[layout.index]
-        return _Tokens(pick(input_ids), pick(position_ids), pick(token_type_ids), layout.index, layout.cu_seqlens,
-                       layout.max_seqlen)
+        return _Tokens(
+            pick(input_ids),
+            pick(position_ids),
+            pick(token_type_ids),
+            layout.index,
+            layout.cu_seqlens,
+            layout.max_seqlen,
+        )
 
     def _unpack(self, t: _Tokens, values: torch.Tensor, shape) -> torch.Tensor:
         """Packed (total, ...) rows back to (batch, seqlen, ...), zeros at padding."""
@@ -255,8 +286,17 @@ class Transformer(nn.Module):
 
     # ---- heads ----------------------------------------------------------------------------------------
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
-                return_logits=None, layout=None, label_index=None) -> ModelOutput:
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        labels=None,
+        return_logits=None,
+        layout=None,
+        label_index=None,
+    ) -> ModelOutput:
         """Causal models: next-token logits (batch, seqlen, vocab); labels like input_ids (shifted here;
         -100 and padding ignored) give the loss through the fused linear + cross-entropy, and then no
         logits unless return_logits. BERT: MLM logits/loss (labels -100 where not masked), or only
@@ -281,7 +321,9 @@ class Transformer(nn.Module):
             loss = None
             if labels is not None:
                 if tuple(labels.shape) != tuple(shape):
-                    raise ValueError(f"labels must have the shape of input_ids {tuple(shape)}, got {tuple(labels.shape)}")
+                    raise ValueError(
+                        f"labels must have the shape of input_ids {tuple(shape)}, got {tuple(labels.shape)}"
+                    )
                 labels = labels.long()
                 if c.causal:
                     labels = F.pad(labels[:, 1:], (0, 1), value=-100)  # token t predicts token t + 1
@@ -295,16 +337,18 @@ class Transformer(nn.Module):
                         sel = label_index
                     else:  # a read of the labels: the trainer passes label_index instead
                         sel = (target != -100).nonzero().squeeze(1)
-                    loss = ops.linear_cross_entropy(self._mlm_transform(flat[sel]).to(w.dtype), w, target[sel],
-                                                    bias=self.mlm_bias)
+                    loss = ops.linear_cross_entropy(
+                        self._mlm_transform(flat[sel]).to(w.dtype), w, target[sel], bias=self.mlm_bias
+                    )
             logits = None
             if want_logits:
                 logits = self._unpack(t, self._lm_logits(h.reshape(-1, h.shape[-1])), shape)
             return ModelOutput(logits=logits, loss=loss, hidden_states=hidden)
 
     def _mlm_transform(self, h):
-        return self.mlm_norm(ops.gelu(self.mlm_dense(h), approximate="tanh" if self.config.activation == "gelu_tanh"
-                                      else "none"))
+        return self.mlm_norm(
+            ops.gelu(self.mlm_dense(h), approximate="tanh" if self.config.activation == "gelu_tanh" else "none")
+        )
 
     def _lm_logits(self, h):
         if self.config.arch == "bert":
@@ -349,11 +393,18 @@ class Transformer(nn.Module):
     def allocate_kv_cache(self, num_blocks: int, block_size: int = 16, dtype=None, device=None) -> KVCache:
         c = self.config
         p = self.tok_embed.weight
-        return KVCache.allocate(c.n_layers, num_blocks, block_size, c.n_kv_heads, c.head_dim, dtype or p.dtype,
-                                device or p.device)
+        return KVCache.allocate(
+            c.n_layers, num_blocks, block_size, c.n_kv_heads, c.head_dim, dtype or p.dtype, device or p.device
+        )
 
-    def forward_tokens(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
-                       batch: PagedBatch, logits_index: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_tokens(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        batch: PagedBatch,
+        logits_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """One generation step over packed new tokens. input_ids, positions: (total,) int64; the new
         tokens' K/V go into kv_cache at batch.slot_mapping. Returns logits (n, vocab) for the tokens at
         logits_index (default: the last new token of each sequence)."""
@@ -365,8 +416,14 @@ class Transformer(nn.Module):
             return self._forward_tokens(input_ids, positions, kv_cache, batch, logits_index)
 
     def _forward_tokens(self, input_ids, positions, kv_cache, batch, logits_index):
-        ctx = AttentionContext(causal=True, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen,
-                               positions=positions, kv_cache=kv_cache, paged=batch)
+        ctx = AttentionContext(
+            causal=True,
+            cu_seqlens=batch.cu_seqlens,
+            max_seqlen=batch.max_seqlen,
+            positions=positions,
+            kv_cache=kv_cache,
+            paged=batch,
+        )
         if self.config.arch == "llama":
             ctx.cos, ctx.sin = self.rope_tables(input_ids.device)
         t = _Tokens(input_ids, positions, None)

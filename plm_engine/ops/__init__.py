@@ -1,9 +1,9 @@
 """The kernel layer: the public functional API, and the only place a backend is chosen.
 
-    from plm_engine import ops
-    y = ops.rms_norm(x, weight)                      # automatic backend
-    y, h = ops.layer_norm(x, w, b, residual=r)       # fused residual add + norm
-    y = ops.layer_norm(x, w, backend="torch")        # the PyTorch reference
+from plm_engine import ops
+y = ops.rms_norm(x, weight)                      # automatic backend
+y, h = ops.layer_norm(x, w, b, residual=r)       # fused residual add + norm
+y = ops.layer_norm(x, w, backend="torch")        # the PyTorch reference
 """
 
 from plm_engine.ops.activations import gelu, swiglu

@@ -24,6 +24,7 @@ GELU_APPROXIMATIONS = ("none", "tanh")
 
 # ---- registration helpers shared by the C++ and Triton op sets -------------------------------------
 
+
 def swiglu_fwd_fake(gate, up):
     return gate.new_empty(gate.shape)
 
@@ -89,6 +90,7 @@ def fused_ops(backend: str):
 
 
 # ---- public functions -----------------------------------------------------------------------------
+
 
 def _check_tensor(name, t, like=None):
     if not isinstance(t, torch.Tensor):

@@ -41,6 +41,7 @@ CPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # ---- fake impls and autograd, shared by the C++ and Triton ops ---------------------------------------
 
+
 def attn_fwd_fake(q, k, v, causal, scale):
     b, sq, h, _ = q.shape
     return torch.empty_like(q), q.new_empty((b, h, sq), dtype=torch.float32)
@@ -87,9 +88,14 @@ def register_attn_autograd(fwd_op, bwd_op, varlen: bool) -> None:
 def _register_cpp_ops() -> None:
     extension.load()
     lib = torch.ops.plm_engine
-    for name, fake in (("attn_fwd", attn_fwd_fake), ("attn_bwd", attn_bwd_fake),
-                       ("attn_varlen_fwd", attn_varlen_fwd_fake), ("attn_varlen_bwd", attn_varlen_bwd_fake),
-                       ("paged_attn", paged_attn_fake), ("write_kv_cache", write_kv_cache_fake)):
+    for name, fake in (
+        ("attn_fwd", attn_fwd_fake),
+        ("attn_bwd", attn_bwd_fake),
+        ("attn_varlen_fwd", attn_varlen_fwd_fake),
+        ("attn_varlen_bwd", attn_varlen_bwd_fake),
+        ("paged_attn", paged_attn_fake),
+        ("write_kv_cache", write_kv_cache_fake),
+    ):
         torch.library.register_fake("plm_engine::" + name)(fake)
     register_attn_autograd("plm_engine::attn_fwd", lib.attn_bwd.default, varlen=False)
     register_attn_autograd("plm_engine::attn_varlen_fwd", lib.attn_varlen_bwd.default, varlen=True)
@@ -105,6 +111,7 @@ def backend_op(name: str, backend: str):
 
 
 # ---- validation ---------------------------------------------------------------------------------
+
 
 def _check_qkv(fn, q, k, v, n_lead):
     """Shared checks of q, k, v with n_lead leading dims before (heads, head_dim)."""
@@ -171,13 +178,17 @@ _seen = _SeenValues()
 
 def _check_cu_seqlens(fn, name, cu, total):
     if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
-        raise ValueError(f"{fn}: {name} must be a 1-d int32 tensor of batch + 1 offsets, got "
-                         f"{getattr(cu, 'dtype', type(cu))} {tuple(getattr(cu, 'shape', ()))}")
+        raise ValueError(
+            f"{fn}: {name} must be a 1-d int32 tensor of batch + 1 offsets, got "
+            f"{getattr(cu, 'dtype', type(cu))} {tuple(getattr(cu, 'shape', ()))}"
+        )
     if _host_checks_allowed(cu):
         c = cu.tolist()
         if c[0] != 0 or c[-1] != total or any(b < a for a, b in zip(c, c[1:])):
-            raise ValueError(f"{fn}: {name} must start at 0, never decrease, and end at {total} "
-                             f"(the packed length); got {c if len(c) <= 16 else c[:8] + ['...'] + c[-8:]}")
+            raise ValueError(
+                f"{fn}: {name} must start at 0, never decrease, and end at {total} "
+                f"(the packed length); got {c if len(c) <= 16 else c[:8] + ['...'] + c[-8:]}"
+            )
         return max((b - a for a, b in zip(c, c[1:])), default=0)
     return None
 
@@ -205,6 +216,7 @@ def _unsupported(q: torch.Tensor, head_dim_limit_triton: int = 256) -> dict[str,
 
 # ---- public functions -----------------------------------------------------------------------------
 
+
 def attention(q, k, v, causal=False, softmax_scale=None, return_lse=False, *, backend=None):
     """Flash attention. q: (batch, seqlen_q, n_heads, head_dim); k, v: (batch, seqlen_k, n_kv_heads,
     head_dim). Returns out (like q), and with return_lse also lse (batch, n_heads, seqlen_q) fp32.
@@ -227,8 +239,20 @@ def attention(q, k, v, causal=False, softmax_scale=None, return_lse=False, *, ba
     return (out, lse) if return_lse else out
 
 
-def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
-                     causal=False, softmax_scale=None, return_lse=False, *, backend=None):
+def attention_varlen(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q=None,
+    max_seqlen_k=None,
+    causal=False,
+    softmax_scale=None,
+    return_lse=False,
+    *,
+    backend=None,
+):
     """Flash attention over packed variable-length sequences, with no padding.
 
     q: (total_q, n_heads, head_dim); k, v: (total_k, n_kv_heads, head_dim); cu_seqlens_q/_k: int32
@@ -240,8 +264,10 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     mq = _check_cu_seqlens("attention_varlen", "cu_seqlens_q", cu_seqlens_q, q.shape[0])
     mk = _check_cu_seqlens("attention_varlen", "cu_seqlens_k", cu_seqlens_k, k.shape[0])
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
-        raise ValueError(f"attention_varlen: cu_seqlens_q has {cu_seqlens_q.numel()} entries but cu_seqlens_k "
-                         f"has {cu_seqlens_k.numel()}: both must describe the same batch")
+        raise ValueError(
+            f"attention_varlen: cu_seqlens_q has {cu_seqlens_q.numel()} entries but cu_seqlens_k "
+            f"has {cu_seqlens_k.numel()}: both must describe the same batch"
+        )
     for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if t.device != q.device:
             raise ValueError(f"attention_varlen: {name} is on {t.device} but q is on {q.device}")
@@ -250,40 +276,50 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     if max_seqlen_q is None or max_seqlen_k is None:
         raise ValueError("attention_varlen: pass max_seqlen_q and max_seqlen_k during CUDA-graph capture")
     if mq is not None and (max_seqlen_q < mq or max_seqlen_k < mk):
-        raise ValueError(f"attention_varlen: max_seqlen_q/k ({max_seqlen_q}, {max_seqlen_k}) are smaller than "
-                         f"the longest sequences ({mq}, {mk})")
+        raise ValueError(
+            f"attention_varlen: max_seqlen_q/k ({max_seqlen_q}, {max_seqlen_k}) are smaller than "
+            f"the longest sequences ({mq}, {mk})"
+        )
     scale = _scale(softmax_scale, q.shape[-1])
     unsupported = _unsupported(q)
     unsupported.setdefault("cuda", "no CUDA C++ kernel for varlen attention (use triton)")
     chosen = backends.choose(q.device, "attn_varlen_fwd", backend, unsupported)
     if chosen == "torch" or q.numel() == 0:
-        out, lse = attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                        causal, scale, return_lse=True)
+        out, lse = attention_varlen_ref(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, return_lse=True
+        )
         return (out, lse.float()) if return_lse else out
-    out, lse = backend_op("attn_varlen_fwd", chosen)(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                     max_seqlen_k, bool(causal), scale)
+    out, lse = backend_op("attn_varlen_fwd", chosen)(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal), scale
+    )
     return (out, lse) if return_lse else out
 
 
 def _check_paged(fn, k_cache, v_cache, block_table, q_like):
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{fn}: {name} must be (num_blocks, block_size, n_kv_heads, head_dim), got "
-                             f"{tuple(getattr(t, 'shape', ()))}")
+            raise ValueError(
+                f"{fn}: {name} must be (num_blocks, block_size, n_kv_heads, head_dim), got "
+                f"{tuple(getattr(t, 'shape', ()))}"
+            )
         if t.device != q_like.device:
             raise ValueError(f"{fn}: {name} is on {t.device} but the inputs are on {q_like.device}")
         if not t.is_contiguous():
             raise ValueError(f"{fn}: {name} must be contiguous")
     if k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype:
-        raise ValueError(f"{fn}: k_cache {k_cache.dtype} {tuple(k_cache.shape)} and v_cache {v_cache.dtype} "
-                         f"{tuple(v_cache.shape)} must match")
+        raise ValueError(
+            f"{fn}: k_cache {k_cache.dtype} {tuple(k_cache.shape)} and v_cache {v_cache.dtype} "
+            f"{tuple(v_cache.shape)} must match"
+        )
     bs = k_cache.shape[1]
     if bs < 1 or bs & (bs - 1) or bs > 256:
         raise ValueError(f"{fn}: block_size must be a power of two up to 256, got {bs}")
     if block_table is not None:
         if block_table.dtype != torch.int32 or block_table.dim() != 2:
-            raise ValueError(f"{fn}: block_table must be (batch, max_blocks) int32, got {block_table.dtype} "
-                             f"{tuple(block_table.shape)}")
+            raise ValueError(
+                f"{fn}: block_table must be (batch, max_blocks) int32, got {block_table.dtype} "
+                f"{tuple(block_table.shape)}"
+            )
         if block_table.device != q_like.device:
             raise ValueError(f"{fn}: block_table is on {block_table.device} but q is on {q_like.device}")
 
@@ -310,21 +346,26 @@ def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, softmax_sca
     if block_table.shape[0] != b:
         raise ValueError(f"{fn}: block_table has {block_table.shape[0]} rows for a batch of {b}")
     if cache_seqlens.dtype != torch.int32 or cache_seqlens.shape != (b,) or cache_seqlens.device != q.device:
-        raise ValueError(f"{fn}: cache_seqlens must be int32 ({b},) on {q.device}, got {cache_seqlens.dtype} "
-                         f"{tuple(cache_seqlens.shape)} on {cache_seqlens.device}")
+        raise ValueError(
+            f"{fn}: cache_seqlens must be int32 ({b},) on {q.device}, got {cache_seqlens.dtype} "
+            f"{tuple(cache_seqlens.shape)} on {cache_seqlens.device}"
+        )
     value_key = (q.shape[1], k_cache.shape[0], k_cache.shape[1])
-    if (_host_checks_allowed(cache_seqlens) and b > 0
-            and not _seen.seen("paged", value_key, block_table, cache_seqlens)):
+    if _host_checks_allowed(cache_seqlens) and b > 0 and not _seen.seen("paged", value_key, block_table, cache_seqlens):
         lens = cache_seqlens.tolist()
         bs, nb, cap = k_cache.shape[1], k_cache.shape[0], block_table.shape[1] * k_cache.shape[1]
         if min(lens) < q.shape[1] or max(lens) > cap:
-            raise ValueError(f"{fn}: cache_seqlens must lie in [seqlen_q={q.shape[1]}, max_blocks * block_size="
-                             f"{cap}], got min {min(lens)} max {max(lens)}")
+            raise ValueError(
+                f"{fn}: cache_seqlens must lie in [seqlen_q={q.shape[1]}, max_blocks * block_size="
+                f"{cap}], got min {min(lens)} max {max(lens)}"
+            )
         used = torch.arange(block_table.shape[1], device=block_table.device)[None, :] * bs < cache_seqlens[:, None]
         ids = block_table[used]
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= nb):
-            raise ValueError(f"{fn}: block_table holds block ids outside [0, {nb}) in the used blocks "
-                             f"(min {int(ids.min())}, max {int(ids.max())})")
+            raise ValueError(
+                f"{fn}: block_table holds block ids outside [0, {nb}) in the used blocks "
+                f"(min {int(ids.min())}, max {int(ids.max())})"
+            )
         _seen.remember("paged", value_key, block_table, cache_seqlens)
     scale = _scale(softmax_scale, q.shape[-1])
     chosen = backends.choose(q.device, "paged_attn", backend, _unsupported(q))
@@ -344,19 +385,29 @@ def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, backend=None):
     _check_paged(fn, k_cache, v_cache, None, k)
     for name, t in (("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3 or tuple(t.shape[1:]) != tuple(k_cache.shape[2:]):
-            raise ValueError(f"{fn}: {name} must be (num_tokens, {k_cache.shape[2]}, {k_cache.shape[3]}) to match "
-                             f"the cache, got {tuple(getattr(t, 'shape', ()))}")
+            raise ValueError(
+                f"{fn}: {name} must be (num_tokens, {k_cache.shape[2]}, {k_cache.shape[3]}) to match "
+                f"the cache, got {tuple(getattr(t, 'shape', ()))}"
+            )
         if not t.is_floating_point():
             raise ValueError(f"{fn}: {name} must be floating point, got {t.dtype}")
     if k.shape != v.shape:
         raise ValueError(f"{fn}: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
-    if (slot_mapping.dtype not in (torch.int32, torch.int64) or slot_mapping.shape != (k.shape[0],)
-            or slot_mapping.device != k.device):
-        raise ValueError(f"{fn}: slot_mapping must be int32/int64 ({k.shape[0]},) on {k.device}, got "
-                         f"{slot_mapping.dtype} {tuple(slot_mapping.shape)} on {slot_mapping.device}")
+    if (
+        slot_mapping.dtype not in (torch.int32, torch.int64)
+        or slot_mapping.shape != (k.shape[0],)
+        or slot_mapping.device != k.device
+    ):
+        raise ValueError(
+            f"{fn}: slot_mapping must be int32/int64 ({k.shape[0]},) on {k.device}, got "
+            f"{slot_mapping.dtype} {tuple(slot_mapping.shape)} on {slot_mapping.device}"
+        )
     n_slots = k_cache.shape[0] * k_cache.shape[1]
-    if (_host_checks_allowed(slot_mapping) and slot_mapping.numel()
-            and not _seen.seen("slots", (n_slots,), slot_mapping)):
+    if (
+        _host_checks_allowed(slot_mapping)
+        and slot_mapping.numel()
+        and not _seen.seen("slots", (n_slots,), slot_mapping)
+    ):
         if int(slot_mapping.max()) >= n_slots:
             raise ValueError(f"{fn}: slot {int(slot_mapping.max())} is out of range for a cache of {n_slots} slots")
         _seen.remember("slots", (n_slots,), slot_mapping)

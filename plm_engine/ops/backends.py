@@ -67,8 +67,10 @@ def availability(backend: str, device: torch.device, op: str) -> tuple[bool, str
             return False, why
         if device.type == "cuda" or (device.type == "cpu" and triton_interpreted()):
             return True, ""
-        return False, (f"Triton kernels need CUDA tensors (got {device.type}); "
-                       "set TRITON_INTERPRET=1 before importing to run them on the CPU (slow, for tests)")
+        return False, (
+            f"Triton kernels need CUDA tensors (got {device.type}); "
+            "set TRITON_INTERPRET=1 before importing to run them on the CPU (slow, for tests)"
+        )
     if backend in ("cpu", "cuda"):
         if device.type != backend:
             return False, f"the {backend} backend runs on {backend} tensors, got {device.type} tensors"
@@ -131,8 +133,7 @@ def requested(backend: str | None) -> str | None:
 
 
 @_traced_as_constant
-def choose(device: torch.device, op: str, backend: str | None = None,
-           unsupported: dict[str, str] | None = None) -> str:
+def choose(device: torch.device, op: str, backend: str | None = None, unsupported: dict[str, str] | None = None) -> str:
     """Picks the backend that runs `op` on `device`.
 
     unsupported: backends that cannot take this particular call (e.g. a row too long for one Triton
@@ -147,8 +148,14 @@ def choose(device: torch.device, op: str, backend: str | None = None,
         if not ok:
             raise BackendUnavailable(f"backend {name!r} cannot run {op} here: {why}")
     else:
-        name = next((b for b in AUTO_ORDER.get(device.type, ("torch",))
-                     if b not in unsupported and availability(b, device, op)[0]), "torch")
+        name = next(
+            (
+                b
+                for b in AUTO_ORDER.get(device.type, ("torch",))
+                if b not in unsupported and availability(b, device, op)[0]
+            ),
+            "torch",
+        )
     prepare(op, name)
     return name
 

@@ -32,6 +32,7 @@ REDUCTIONS = ("mean", "sum", "none")
 
 # ---- registration helpers shared by the C++ and Triton ops -----------------------------------------
 
+
 def cross_entropy_fwd_fake(logits, target, ignore_index, label_smoothing):
     return logits.new_empty((logits.shape[0],), dtype=torch.float32), torch.empty_like(logits)
 
@@ -105,6 +106,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
 
 # ---- argument checks ---------------------------------------------------------------------------------
 
+
 def _check_common(name, target, lead_shape, device, n_classes, ignore_index, label_smoothing, reduction):
     if not isinstance(target, torch.Tensor) or target.dtype not in (torch.int64, torch.int32):
         got = target.dtype if isinstance(target, torch.Tensor) else type(target).__name__
@@ -124,8 +126,10 @@ def _check_common(name, target, lead_shape, device, n_classes, ignore_index, lab
         bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
         if bad.any():
             i = int(bad.nonzero()[0, 0])
-            raise ValueError(f"{name}: target value {int(target.reshape(-1)[i])} (at flat index {i}) is out of "
-                             f"range for {n_classes} classes (ignore_index={ignore_index})")
+            raise ValueError(
+                f"{name}: target value {int(target.reshape(-1)[i])} (at flat index {i}) is out of "
+                f"range for {n_classes} classes (ignore_index={ignore_index})"
+            )
 
 
 def _unsupported(dtype) -> dict[str, str]:
@@ -148,8 +152,10 @@ def _reduce(loss_rows, valid, reduction, shape, dtype):
 
 # ---- public functions --------------------------------------------------------------------------------
 
-def cross_entropy(logits, target, ignore_index=-100, label_smoothing=0.0, reduction="mean", *,
-                  inplace_backward=False, backend=None):
+
+def cross_entropy(
+    logits, target, ignore_index=-100, label_smoothing=0.0, reduction="mean", *, inplace_backward=False, backend=None
+):
     """Cross-entropy of logits (..., V) against class indices target (...), fused with its gradient.
 
     Same loss as F.cross_entropy (label smoothing included), fp32 math for fp16/bf16 logits, result in
@@ -162,15 +168,17 @@ def cross_entropy(logits, target, ignore_index=-100, label_smoothing=0.0, reduct
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point() or logits.dim() < 1:
         raise ValueError("cross_entropy: logits must be a floating-point tensor of shape (..., V)")
     v = logits.shape[-1]
-    _check_common("cross_entropy", target, logits.shape[:-1], logits.device, v, ignore_index,
-                  label_smoothing, reduction)
+    _check_common(
+        "cross_entropy", target, logits.shape[:-1], logits.device, v, ignore_index, label_smoothing, reduction
+    )
     chosen = backends.choose(logits.device, "cross_entropy_fwd", backend, _unsupported(logits.dtype))
     if chosen == "torch":
         return cross_entropy_ref(logits, target, ignore_index, label_smoothing, reduction)
     x = logits.reshape(-1, v).contiguous()  # (N, V); the caller's buffer when logits is contiguous
     t = target.reshape(-1).to(torch.int64).contiguous()
-    loss_rows = _FusedCrossEntropy.apply(x, t, int(ignore_index), float(label_smoothing), fused_ops(chosen),
-                                         bool(inplace_backward))
+    loss_rows = _FusedCrossEntropy.apply(
+        x, t, int(ignore_index), float(label_smoothing), fused_ops(chosen), bool(inplace_backward)
+    )
     return _reduce(loss_rows, t != ignore_index, reduction, target.shape, logits.dtype)
 
 
@@ -203,13 +211,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need = ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[3]
         ctx.reduction, ctx.args = reduction, (ignore_index, label_smoothing, chunk_size, ce_op)
         if reduction == "none" or not any(need):
-            loss_rows = _linear_ce_chunks(hidden, weight, target, bias, ignore_index, label_smoothing, chunk_size,
-                                          ce_op, None, (False, False, False))[0]
+            loss_rows = _linear_ce_chunks(
+                hidden,
+                weight,
+                target,
+                bias,
+                ignore_index,
+                label_smoothing,
+                chunk_size,
+                ce_op,
+                None,
+                (False, False, False),
+            )[0]
             ctx.save_for_backward(hidden, weight, target, bias)
             # With no gradient wanted (eval) "mean"/"sum" still reduce; only "none" keeps the rows.
             return (loss_rows if reduction == "none" else loss_rows.sum() * row_scale).to(hidden.dtype)
-        loss_rows, gh, gw, gb = _linear_ce_chunks(hidden, weight, target, bias, ignore_index, label_smoothing,
-                                                  chunk_size, ce_op, row_scale, need)
+        loss_rows, gh, gw, gb = _linear_ce_chunks(
+            hidden, weight, target, bias, ignore_index, label_smoothing, chunk_size, ce_op, row_scale, need
+        )
         ctx.save_for_backward(gh, gw, gb)
         total = loss_rows.sum() * row_scale
         return total.to(hidden.dtype)
@@ -220,8 +239,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             hidden, weight, target, bias = ctx.saved_tensors
             ignore_index, label_smoothing, chunk_size, ce_op = ctx.args
             need = ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[3]
-            _, gh, gw, gb = _linear_ce_chunks(hidden, weight, target, bias, ignore_index, label_smoothing,
-                                              chunk_size, ce_op, dloss.float(), need)
+            _, gh, gw, gb = _linear_ce_chunks(
+                hidden, weight, target, bias, ignore_index, label_smoothing, chunk_size, ce_op, dloss.float(), need
+            )
         else:
             gh, gw, gb = ctx.saved_tensors
             g = dloss.to(torch.float32)
@@ -232,8 +252,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return gh, gw, None, gb, None, None, None, None, None
 
 
-def _linear_ce_chunks(hidden, weight, target, bias, ignore_index, label_smoothing, chunk_size, ce_op,
-                      row_scale, need):
+def _linear_ce_chunks(hidden, weight, target, bias, ignore_index, label_smoothing, chunk_size, ce_op, row_scale, need):
     """Loops over token chunks; returns (fp32 per-row losses, grad_hidden, grad_weight, grad_bias).
 
     row_scale: None (no gradients wanted), 1.0, a scalar tensor, or an (N,) tensor of per-row factors
@@ -242,12 +261,14 @@ def _linear_ce_chunks(hidden, weight, target, bias, ignore_index, label_smoothin
     # The chunk matmuls run in the inputs' dtype: under autocast they would otherwise come out in
     # another dtype than the buffers they write into.
     with torch.autocast(hidden.device.type, enabled=False):
-        return _linear_ce_chunks_impl(hidden, weight, target, bias, ignore_index, label_smoothing, chunk_size,
-                                      ce_op, row_scale, need)
+        return _linear_ce_chunks_impl(
+            hidden, weight, target, bias, ignore_index, label_smoothing, chunk_size, ce_op, row_scale, need
+        )
 
 
-def _linear_ce_chunks_impl(hidden, weight, target, bias, ignore_index, label_smoothing, chunk_size, ce_op,
-                           row_scale, need):
+def _linear_ce_chunks_impl(
+    hidden, weight, target, bias, ignore_index, label_smoothing, chunk_size, ce_op, row_scale, need
+):
     n = hidden.shape[0]
     loss_rows = torch.empty(n, device=hidden.device, dtype=torch.float32)
     want_h, want_w, want_b = need if row_scale is not None else (False, False, False)
@@ -280,8 +301,18 @@ def _linear_ce_chunks_impl(hidden, weight, target, bias, ignore_index, label_smo
     return loss_rows, gh, gw, gb
 
 
-def linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, label_smoothing=0.0,
-                         reduction="mean", chunk_size=None, *, backend=None):
+def linear_cross_entropy(
+    hidden,
+    weight,
+    target,
+    bias=None,
+    ignore_index=-100,
+    label_smoothing=0.0,
+    reduction="mean",
+    chunk_size=None,
+    *,
+    backend=None,
+):
     """cross_entropy(hidden @ weight.T + bias, target) without ever holding the (N, V) logits.
 
     hidden: (..., d); weight: (V, d) (the LM head / tied embedding); bias: (V,) or None; target:
@@ -300,8 +331,10 @@ def linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, l
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise ValueError(f"{name}: {label} must be a floating-point tensor")
     if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"{name}: weight must have shape (V, {hidden.shape[-1] if hidden.dim() else '?'}) "
-                         f"to match hidden's last dim, got {tuple(weight.shape)}")
+        raise ValueError(
+            f"{name}: weight must have shape (V, {hidden.shape[-1] if hidden.dim() else '?'}) "
+            f"to match hidden's last dim, got {tuple(weight.shape)}"
+        )
     for label, t in (("weight", weight), ("bias", bias)):
         if t is None:
             continue
@@ -323,6 +356,7 @@ def linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, l
     h2 = hidden.reshape(-1, d).contiguous()  # (N, d)
     t = target.reshape(-1).to(torch.int64).contiguous()
     chunk = chunk_size or default_chunk_size(h2.shape[0], v, d)
-    loss = _LinearCrossEntropy.apply(h2, weight, t, bias, int(ignore_index), float(label_smoothing), reduction,
-                                     chunk, fwd_inplace)
+    loss = _LinearCrossEntropy.apply(
+        h2, weight, t, bias, int(ignore_index), float(label_smoothing), reduction, chunk, fwd_inplace
+    )
     return loss.view(target.shape) if reduction == "none" else loss

@@ -44,6 +44,7 @@ KERNEL_MAX_ROWS = {
 
 # ---- registration --------------------------------------------------------------------------------
 
+
 def linear_fwd_fake(x, weight, bias):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
@@ -80,7 +81,7 @@ def linear_op():
 
 
 def cpu_kernel_isa() -> str:
-    """"avx512_bf16" | "avx512" | "avx2" | "generic" ("neon" on aarch64): the build the C++ kernel runs
+    """ "avx512_bf16" | "avx512" | "avx2" | "generic" ("neon" on aarch64): the build the C++ kernel runs
     with now ("" without _C). Not cached: it follows extension.set_cpu_isa() (a call into _C, ~0.1 us).
     The kernel reads the same cpu::cpu_isa() at every call (torch.ops.plm_engine.linear_cpu_isa())."""
     if not extension.has_kernel("linear_fwd", "CPU"):
@@ -96,6 +97,7 @@ def kernel_max_rows(dtype: torch.dtype) -> int:
 
 # ---- public function ------------------------------------------------------------------------------
 
+
 def _check_args(x, weight, bias):
     for name, t in (("x", x), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
@@ -103,7 +105,9 @@ def _check_args(x, weight, bias):
         if not t.is_floating_point():
             raise ValueError(f"linear: {name} must be a floating-point tensor, got {t.dtype}")
     if weight.dim() != 2:
-        raise ValueError(f"linear: weight must have 2 dims (out_features, in_features), got shape {tuple(weight.shape)}")
+        raise ValueError(
+            f"linear: weight must have 2 dims (out_features, in_features), got shape {tuple(weight.shape)}"
+        )
     if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"linear: x shape {tuple(x.shape)} does not end in weight's in_features {weight.shape[1]}")
     if weight.dtype != x.dtype:
@@ -165,19 +169,30 @@ def _fast_state():
 
 def _fast_linear(x, weight, bias):
     """The kernel's output, or None where the general path must decide (or raise)."""
-    if (type(weight) is not torch.Tensor or not weight.is_cpu or weight.dtype is not x.dtype
-            or weight.dim() != 2 or x.dim() == 0 or x.shape[-1] != weight.shape[1]
-            or not weight.is_contiguous()):
+    if (
+        type(weight) is not torch.Tensor
+        or not weight.is_cpu
+        or weight.dtype is not x.dtype
+        or weight.dim() != 2
+        or x.dim() == 0
+        or x.shape[-1] != weight.shape[1]
+        or not weight.is_contiguous()
+    ):
         return None
-    if bias is not None and (type(bias) is not torch.Tensor or not bias.is_cpu or bias.dtype is not x.dtype
-                             or bias.shape != (weight.shape[0],)):
+    if bias is not None and (
+        type(bias) is not torch.Tensor
+        or not bias.is_cpu
+        or bias.dtype is not x.dtype
+        or bias.shape != (weight.shape[0],)
+    ):
         return None
     # A dispatch mode (FakeTensorMode, make_fx, FlopCounterMode) or a functorch transform (vmap, grad)
     # must see the op itself: the kernel below autograd would bypass them.
     if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
         return None
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
+    if torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    ):
         return None
     state = _fast_state()
     if state is None:
@@ -208,8 +223,14 @@ def linear(x, weight, bias=None, *, backend=None):
     backend: "cpu" | "torch" | None (automatic; see plm_engine.ops.backends).
     Under torch.autocast the inputs are cast to the autocast dtype first, as F.linear would be.
     """
-    if (backend is None and type(x) is torch.Tensor and x.is_cpu and not torch.compiler.is_compiling()
-            and not torch.is_autocast_enabled("cpu") and not os.environ.get("PLM_ENGINE_BACKEND")):
+    if (
+        backend is None
+        and type(x) is torch.Tensor
+        and x.is_cpu
+        and not torch.compiler.is_compiling()
+        and not torch.is_autocast_enabled("cpu")
+        and not os.environ.get("PLM_ENGINE_BACKEND")
+    ):
         y = _fast_linear(x, weight, bias)
         if y is not None:
             return y

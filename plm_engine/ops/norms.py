@@ -23,6 +23,7 @@ TRITON_MAX_N = 65536
 
 # ---- registration helpers shared by the C++ and Triton op pairs ------------------------------------
 
+
 def norm_fwd_fake(x, weight, bias, residual, eps, is_rms):
     rows = x.shape[0]
     h = torch.empty_like(x) if residual is not None else x.new_empty((0,))
@@ -72,6 +73,7 @@ def fused_ops(backend: str):
 
 
 # ---- public functions -----------------------------------------------------------------------------
+
 
 def _check_args(name, x, weight, bias, residual, eps):
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):

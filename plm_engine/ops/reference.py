@@ -106,8 +106,9 @@ def cross_entropy_ref(logits, target, ignore_index=-100, label_smoothing=0.0, re
     return (loss.sum() / valid.sum().clamp(min=1)).to(logits.dtype)
 
 
-def linear_cross_entropy_ref(hidden, weight, target, bias=None, ignore_index=-100, label_smoothing=0.0,
-                             reduction="mean"):
+def linear_cross_entropy_ref(
+    hidden, weight, target, bias=None, ignore_index=-100, label_smoothing=0.0, reduction="mean"
+):
     """cross_entropy_ref(hidden @ weight.T + bias, target): the LM head and its loss, unfused.
 
     hidden: (..., d), weight: (V, d), bias: (V,) or None, target: (...). The logits are rounded to
@@ -198,15 +199,25 @@ def attention_ref(q, k, v, causal=False, softmax_scale=None, return_lse=False):
     return (out, lse) if return_lse else out
 
 
-def attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
-                         causal=False, softmax_scale=None, return_lse=False):
+def attention_varlen_ref(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q=None,
+    max_seqlen_k=None,
+    causal=False,
+    softmax_scale=None,
+    return_lse=False,
+):
     """attention_ref over a packed batch: q (total_q, n_heads, head_dim), k/v (total_k, n_kv_heads,
     head_dim); sequence i is rows cu_seqlens_q[i]:cu_seqlens_q[i+1] of q (likewise k/v). lse, if
     returned: (n_heads, total_q). max_seqlen_* are accepted for API symmetry and not needed here."""
     outs, lses = [], []
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     for i in range(len(cq) - 1):
-        qi, ki, vi = q[cq[i]:cq[i + 1]], k[ck[i]:ck[i + 1]], v[ck[i]:ck[i + 1]]
+        qi, ki, vi = q[cq[i] : cq[i + 1]], k[ck[i] : ck[i + 1]], v[ck[i] : ck[i + 1]]
         o, l = attention_ref(qi[None], ki[None], vi[None], causal, softmax_scale, return_lse=True)
         outs.append(o[0])
         lses.append(l[0])
@@ -243,8 +254,7 @@ def attention_bwd_ref(dout, q, k, v, out, lse, causal=False, softmax_scale=None)
     return dq.transpose(1, 2).to(q.dtype), dk.transpose(1, 2).to(k.dtype), dv.transpose(1, 2).to(v.dtype)
 
 
-def attention_varlen_bwd_ref(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal=False,
-                             softmax_scale=None):
+def attention_varlen_bwd_ref(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal=False, softmax_scale=None):
     """attention_bwd_ref per packed sequence; lse (n_heads, total_q)."""
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
@@ -252,8 +262,16 @@ def attention_varlen_bwd_ref(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k
         qs, ks = slice(cq[i], cq[i + 1]), slice(ck[i], ck[i + 1])
         if cq[i + 1] == cq[i] or ck[i + 1] == ck[i]:
             continue
-        g = attention_bwd_ref(dout[qs][None], q[qs][None], k[ks][None], v[ks][None], out[qs][None],
-                              lse[:, qs][None], causal, softmax_scale)
+        g = attention_bwd_ref(
+            dout[qs][None],
+            q[qs][None],
+            k[ks][None],
+            v[ks][None],
+            out[qs][None],
+            lse[:, qs][None],
+            causal,
+            softmax_scale,
+        )
         dq[qs], dk[ks], dv[ks] = g[0][0], g[1][0], g[2][0]
     return dq, dk, dv
 
@@ -282,7 +300,7 @@ def paged_attention_ref(q, k_cache, v_cache, block_table, cache_seqlens, softmax
         n = int(cache_seqlens[b])
         kb = gather_paged_kv(k_cache, block_table, n, b)
         vb = gather_paged_kv(v_cache, block_table, n, b)
-        outs.append(attention_ref(q[b:b + 1], kb[None], vb[None], causal=True, softmax_scale=softmax_scale))
+        outs.append(attention_ref(q[b : b + 1], kb[None], vb[None], causal=True, softmax_scale=softmax_scale))
     return torch.cat(outs) if outs else q.clone()
 
 

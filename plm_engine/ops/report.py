@@ -49,8 +49,7 @@ TRITON_MODULES = [
 ARCHS = (80, 90)
 # Most shared memory one block can use (with the opt-in carve-out Triton requests), per SM version,
 # in bytes: the CUDA programming guide's compute-capability table (8.0: 163 KB, 8.6/8.9: 99 KB, 9.0: 227 KB).
-SHARED_MEM_PER_BLOCK = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024,
-                        90: 227 * 1024}
+SHARED_MEM_PER_BLOCK = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 ALIGNMENTS = (16, 1)
 # Compiling is CPU-bound and single-threaded per kernel; two workers suit a small CI machine.
 DEFAULT_WORKERS = 2
@@ -61,6 +60,7 @@ _ARCH_RE = re.compile(r"^\s*arch\s*=\s*sm_(\d+)(\w*)\s*$")
 
 
 # ---- reading cuobjdump -----------------------------------------------------------------------------
+
 
 def cuobjdump_path() -> str | None:
     """The cuobjdump shipped in Triton's wheel (the same one its NVIDIA backend uses), else one on PATH."""
@@ -85,8 +85,16 @@ def parse_resource_usage(text: str, default_arch: int | None = None) -> list[dic
         elif m := _FUNCTION_RE.match(line):
             symbol = m[1]
         elif symbol is not None and (m := _USAGE_RE.search(line)):
-            out.append({"symbol": symbol, "arch": arch, "registers": int(m[1]), "stack": int(m[2]),
-                        "shared": int(m[3]), "local": int(m[4])})
+            out.append(
+                {
+                    "symbol": symbol,
+                    "arch": arch,
+                    "registers": int(m[1]),
+                    "stack": int(m[2]),
+                    "shared": int(m[3]),
+                    "local": int(m[4]),
+                }
+            )
             symbol = None
     return out
 
@@ -117,15 +125,24 @@ def spill_bytes(row: dict) -> int:
 
 
 def _row(backend, kernel, config, arch, usage, shared, num_warps, **extra) -> dict:
-    row = {"backend": backend, "kernel": kernel, "config": config, "arch": arch,
-           "registers": usage["registers"], "stack": usage["stack"], "local": usage["local"],
-           "shared_mem": shared, "num_warps": num_warps}
+    row = {
+        "backend": backend,
+        "kernel": kernel,
+        "config": config,
+        "arch": arch,
+        "registers": usage["registers"],
+        "stack": usage["stack"],
+        "local": usage["local"],
+        "shared_mem": shared,
+        "num_warps": num_warps,
+    }
     row["spill_bytes"] = spill_bytes(row)
     row.update(extra)
     return row
 
 
 # ---- Triton ----------------------------------------------------------------------------------------
+
 
 @functools.cache
 def _module_specs(module: str) -> list:
@@ -143,8 +160,11 @@ def _divisibility_attrs(signature: dict[str, str], align: int) -> dict:
     if align < 16:
         return {}
     is_int = re.compile(r"^[iu](8|16|32|64)$")
-    return {(i,): [["tt.divisibility", 16]] for i, ty in enumerate(signature.values())
-            if ty.startswith("*") or is_int.match(ty)}
+    return {
+        (i,): [["tt.divisibility", 16]]
+        for i, ty in enumerate(signature.values())
+        if ty.startswith("*") or is_int.match(ty)
+    }
 
 
 def compile_spec_usage(spec, arch: int, align: int = 16) -> dict:
@@ -156,8 +176,12 @@ def compile_spec_usage(spec, arch: int, align: int = 16) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(fn=spec.fn, signature=dict(spec.signature), constexprs=dict(spec.constexprs),
-                    attrs=_divisibility_attrs(spec.signature, align))
+    src = ASTSource(
+        fn=spec.fn,
+        signature=dict(spec.signature),
+        constexprs=dict(spec.constexprs),
+        attrs=_divisibility_attrs(spec.signature, align),
+    )
     # FMA contraction pinned on, as plm_engine's launchers do (Triton 3.10 changes the default).
     options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages, "enable_fp_fusion": True}
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
@@ -182,15 +206,32 @@ def _triton_task(module: str, index: int, arch: int, align: int) -> dict:
     try:
         usage = compile_spec_usage(spec, arch, align)
     except Exception as e:  # one broken configuration must not hide the others
-        return {"backend": "triton", "kernel": kernel, "config": config, "arch": arch, "registers": None,
-                "stack": None, "local": None, "shared_mem": None, "num_warps": spec.num_warps,
-                "spill_bytes": None, "module": module, "error": f"{type(e).__name__}: {e}"}
+        return {
+            "backend": "triton",
+            "kernel": kernel,
+            "config": config,
+            "arch": arch,
+            "registers": None,
+            "stack": None,
+            "local": None,
+            "shared_mem": None,
+            "num_warps": spec.num_warps,
+            "spill_bytes": None,
+            "module": module,
+            "error": f"{type(e).__name__}: {e}",
+        }
     return _row("triton", kernel, config, arch, usage, usage["shared"], spec.num_warps, module=module)
 
 
 def _collect_triton(archs, modules, workers: int) -> list[dict]:
-    tasks = [(m, i, arch, align) for m in modules for i, spec in enumerate(_module_specs(m))
-             for arch in archs for align in ALIGNMENTS if align in spec.alignments]
+    tasks = [
+        (m, i, arch, align)
+        for m in modules
+        for i, spec in enumerate(_module_specs(m))
+        for arch in archs
+        for align in ALIGNMENTS
+        if align in spec.alignments
+    ]
     if workers <= 1 or len(tasks) < 2:
         return [_triton_task(*t) for t in tasks]
     # spawn, not fork: the parent may hold torch's thread pools and Triton's MLIR context.
@@ -200,6 +241,7 @@ def _collect_triton(archs, modules, workers: int) -> list[dict]:
 
 
 # ---- CUDA (plm_engine._C) --------------------------------------------------------------------------
+
 
 def extension_path() -> str | None:
     """File of the built plm_engine._C, found without importing it (None when it is not built)."""
@@ -211,8 +253,19 @@ def extension_path() -> str | None:
 
 
 def _note(backend: str, text: str) -> dict:
-    return {"backend": backend, "kernel": None, "config": None, "arch": None, "registers": None, "stack": None,
-            "local": None, "shared_mem": None, "num_warps": None, "spill_bytes": None, "note": text}
+    return {
+        "backend": backend,
+        "kernel": None,
+        "config": None,
+        "arch": None,
+        "registers": None,
+        "stack": None,
+        "local": None,
+        "shared_mem": None,
+        "num_warps": None,
+        "spill_bytes": None,
+        "note": text,
+    }
 
 
 def collect_cuda(archs=ARCHS, path: str | None = None) -> list[dict]:
@@ -234,11 +287,11 @@ def collect_cuda(archs=ARCHS, path: str | None = None) -> list[dict]:
     if not found:
         return [_note("cuda", f"{os.path.basename(path)} has no CUDA kernels for sm_{archs}")]
     names = _demangle(sorted({f["symbol"] for f in found}))
-    return [_row("cuda", names[f["symbol"]], "", f["arch"], f, f["shared"], None, symbol=f["symbol"])
-            for f in found]
+    return [_row("cuda", names[f["symbol"]], "", f["arch"], f, f["shared"], None, symbol=f["symbol"]) for f in found]
 
 
 # ---- collecting --------------------------------------------------------------------------------------
+
 
 def _collect_in_subprocess(archs, include_cuda, modules, workers) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -246,8 +299,19 @@ def _collect_in_subprocess(archs, include_cuda, modules, workers) -> list[dict]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rows.json")
-        cmd = [sys.executable, "-m", "plm_engine.ops.report", "--rows-to", out,
-               "--archs", ",".join(map(str, archs)), "--modules", ",".join(modules), "--workers", str(workers)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "plm_engine.ops.report",
+            "--rows-to",
+            out,
+            "--archs",
+            ",".join(map(str, archs)),
+            "--modules",
+            ",".join(modules),
+            "--workers",
+            str(workers),
+        ]
         if not include_cuda:
             cmd.append("--no-cuda")
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -279,6 +343,7 @@ def collect(archs=ARCHS, include_cuda: bool = True, *, modules=None, workers: in
 
 # ---- the report --------------------------------------------------------------------------------------
 
+
 def summarize(rows: list[dict]) -> list[dict]:
     """Per (backend, kernel, arch): configurations, max registers, max spill bytes, max shared memory."""
     out: dict[tuple, dict] = {}
@@ -286,8 +351,18 @@ def summarize(rows: list[dict]) -> list[dict]:
         if r.get("kernel") is None or r.get("registers") is None:
             continue
         key = (r["backend"], r["kernel"], r["arch"])
-        s = out.setdefault(key, {"backend": r["backend"], "kernel": r["kernel"], "arch": r["arch"], "configs": 0,
-                                 "max_registers": 0, "max_spill_bytes": 0, "max_shared_mem": 0})
+        s = out.setdefault(
+            key,
+            {
+                "backend": r["backend"],
+                "kernel": r["kernel"],
+                "arch": r["arch"],
+                "configs": 0,
+                "max_registers": 0,
+                "max_spill_bytes": 0,
+                "max_shared_mem": 0,
+            },
+        )
         s["configs"] += 1
         s["max_registers"] = max(s["max_registers"], r["registers"])
         s["max_spill_bytes"] = max(s["max_spill_bytes"], r["spill_bytes"])
@@ -325,28 +400,41 @@ def format_table(rows: list[dict]) -> str:
         return "-" if v is None else str(v)
 
     header = ("backend", "kernel", "config", "arch", "regs", "spill_B", "smem_B", "warps")
-    body = [(r["backend"], r["kernel"], r["config"] or "", f"sm_{r['arch']}", cell(r["registers"]),
-             cell(r["spill_bytes"]), cell(r["shared_mem"]), cell(r["num_warps"]))
-            for r in rows if r.get("kernel") is not None]
+    body = [
+        (
+            r["backend"],
+            r["kernel"],
+            r["config"] or "",
+            f"sm_{r['arch']}",
+            cell(r["registers"]),
+            cell(r["spill_bytes"]),
+            cell(r["shared_mem"]),
+            cell(r["num_warps"]),
+        )
+        for r in rows
+        if r.get("kernel") is not None
+    ]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
-    lines = ["  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip()
-             for line in (header, *body)]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip() for line in (header, *body)]
     lines += [f"note ({r['backend']}): {r['note']}" for r in rows if r.get("note")]
     lines.append("")
     lines.append("max per kernel and arch:")
     summary = summarize(rows)
     width = max((len(s["kernel"]) for s in summary), default=0)
     for s in summary:
-        lines.append(f"  {s['backend']:6} {s['kernel']:{width}}  sm_{s['arch']}  configs {s['configs']:3}  "
-                     f"regs {s['max_registers']:3}  spill {s['max_spill_bytes']} B  smem {s['max_shared_mem']} B")
+        lines.append(
+            f"  {s['backend']:6} {s['kernel']:{width}}  sm_{s['arch']}  configs {s['configs']:3}  "
+            f"regs {s['max_registers']:3}  spill {s['max_spill_bytes']} B  smem {s['max_shared_mem']} B"
+        )
     bad = problems(rows)
     lines.append("")
     lines += [f"PROBLEM: {p}" for p in bad] or ["no spills, shared memory within every arch's limit"]
     return "\n".join(lines)
 
 
-def report_kernels(json_output: bool = False, *, archs=ARCHS, include_cuda: bool = True, modules=None,
-                   workers: int = DEFAULT_WORKERS) -> int:
+def report_kernels(
+    json_output: bool = False, *, archs=ARCHS, include_cuda: bool = True, modules=None, workers: int = DEFAULT_WORKERS
+) -> int:
     """Prints the report (a table, or JSON rows) and returns the exit status: 1 on any spill, shared
     memory over the per-block limit or failed compile, 0 otherwise. What `plm-engine report-kernels [--json]` runs."""
     start = time.monotonic()
@@ -375,8 +463,7 @@ def main(argv=None) -> int:
         with open(args.rows_to, "w") as f:
             json.dump(rows, f)
         return 0
-    return report_kernels(args.json, archs=archs, include_cuda=not args.no_cuda, modules=modules,
-                          workers=args.workers)
+    return report_kernels(args.json, archs=archs, include_cuda=not args.no_cuda, modules=modules, workers=args.workers)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ TRITON_MAX_HALF = 1024
 
 # ---- cos/sin tables -------------------------------------------------------------------------------
 
+
 def rope_inv_freq(head_dim: int, theta: float = 10000.0, scaling: dict | None = None) -> torch.Tensor:
     """The rotary_dim / 2 inverse frequencies theta^(-2i / head_dim), in float64.
 
@@ -57,8 +58,9 @@ def rope_inv_freq(head_dim: int, theta: float = 10000.0, scaling: dict | None = 
         return inv_freq / factor
     if kind != "llama3":
         raise ValueError(f"rope: unsupported rope_type {kind!r}; supported: 'default', 'linear', 'llama3'")
-    missing = [key for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-               if key not in scaling]
+    missing = [
+        key for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings") if key not in scaling
+    ]
     if missing:
         raise ValueError(f"rope: llama3 scaling needs {', '.join(missing)}")
     low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
@@ -71,8 +73,14 @@ def rope_inv_freq(head_dim: int, theta: float = 10000.0, scaling: dict | None = 
     return (1 - smooth) * inv_freq / factor + smooth * inv_freq
 
 
-def rope_cos_sin(positions, head_dim: int, theta: float = 10000.0, scaling: dict | None = None,
-                 dtype: torch.dtype = torch.float32, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    positions,
+    head_dim: int,
+    theta: float = 10000.0,
+    scaling: dict | None = None,
+    dtype: torch.dtype = torch.float32,
+    device=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables for rope(): each (len(positions), head_dim / 2).
 
     positions: an int n (positions 0..n-1) or a 1-D integer tensor of positions. head_dim: the rotated
@@ -95,6 +103,7 @@ def rope_cos_sin(positions, head_dim: int, theta: float = 10000.0, scaling: dict
 
 
 # ---- registration helpers shared by the C++ and Triton op pairs ------------------------------------
+
 
 def rope_fake(q, k, cos, sin, positions, interleaved, conjugate):
     return q.new_empty(q.shape), k.new_empty(k.shape)
@@ -177,6 +186,7 @@ class _InplaceRope(torch.autograd.Function):
 
 # ---- public function ------------------------------------------------------------------------------
 
+
 def _check_args(q, k, cos, sin, position_ids, interleaved):
     """Validates a rope() call; returns (cos, sin) in half form (max_seqlen, rotary_dim / 2)."""
     for label, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
@@ -190,17 +200,22 @@ def _check_args(q, k, cos, sin, position_ids, interleaved):
         if t.device != q.device:
             raise ValueError(f"rope: {label} is on {t.device} but q is on {q.device}")
     if q.dim() not in (3, 4):
-        raise ValueError(f"rope: q must be (batch, seqlen, heads, head_dim) or packed (total_tokens, heads, "
-                         f"head_dim), got shape {tuple(q.shape)}")
+        raise ValueError(
+            f"rope: q must be (batch, seqlen, heads, head_dim) or packed (total_tokens, heads, "
+            f"head_dim), got shape {tuple(q.shape)}"
+        )
     if k.dim() != q.dim() or k.shape[:-2] != q.shape[:-2] or k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"rope: k shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} "
-                         "(only the head count may differ)")
+        raise ValueError(
+            f"rope: k shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} (only the head count may differ)"
+        )
     head_dim = q.shape[-1]
     if head_dim <= 0 or head_dim % 2:
         raise ValueError(f"rope: head_dim must be positive and even, got {head_dim}")
     if cos.dim() != 2 or cos.shape != sin.shape:
-        raise ValueError(f"rope: cos and sin must both be (max_seqlen, rotary_dim / 2), got {tuple(cos.shape)} "
-                         f"and {tuple(sin.shape)}")
+        raise ValueError(
+            f"rope: cos and sin must both be (max_seqlen, rotary_dim / 2), got {tuple(cos.shape)} "
+            f"and {tuple(sin.shape)}"
+        )
     if not cos.is_floating_point() or cos.dtype != sin.dtype:
         raise ValueError(f"rope: cos and sin must be floating point of one dtype, got {cos.dtype} and {sin.dtype}")
     if cos.dtype not in (torch.float32, q.dtype):
@@ -214,8 +229,10 @@ def _check_args(q, k, cos, sin, position_ids, interleaved):
         half = width // 2
         cos, sin = (cos[:, 0::2], sin[:, 0::2]) if interleaved else (cos[:, :half], sin[:, :half])
     else:
-        raise ValueError(f"rope: cos/sin last dim must be rotary_dim / 2 (at most head_dim / 2 = {head_dim // 2}) "
-                         f"or head_dim = {head_dim}, got {width}")
+        raise ValueError(
+            f"rope: cos/sin last dim must be rotary_dim / 2 (at most head_dim / 2 = {head_dim // 2}) "
+            f"or head_dim = {head_dim}, got {width}"
+        )
     n_pos = cos.shape[0]
     if position_ids is None:
         if q.dim() == 3:
@@ -238,8 +255,9 @@ def _check_args(q, k, cos, sin, position_ids, interleaved):
         lo, hi = torch.aminmax(position_ids)
         lo, hi = int(lo), int(hi)
         if lo < 0 or hi >= n_pos:
-            raise ValueError(f"rope: position_ids must lie in [0, {n_pos}) (the cos/sin rows), got "
-                             f"values in [{lo}, {hi}]")
+            raise ValueError(
+                f"rope: position_ids must lie in [0, {n_pos}) (the cos/sin rows), got values in [{lo}, {hi}]"
+            )
     return cos, sin
 
 
@@ -269,8 +287,9 @@ def rope(q, k, cos, sin, interleaved=False, position_ids=None, inplace=False, *,
     """
     cos, sin = _check_args(q, k, cos, sin, position_ids, interleaved)
     if inplace and (q.stride(-1) != 1 or k.stride(-1) != 1):
-        raise ValueError(f"rope: inplace needs q and k contiguous in their last dim, got strides "
-                         f"{q.stride()} and {k.stride()}")
+        raise ValueError(
+            f"rope: inplace needs q and k contiguous in their last dim, got strides {q.stride()} and {k.stride()}"
+        )
     chosen = backends.choose(q.device, "rope", backend, _unsupported(q, cos))
     if chosen == "torch":
         q_out, k_out = rope_ref(q, k, cos, sin, interleaved, position_ids)

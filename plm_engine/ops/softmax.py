@@ -22,6 +22,7 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # ---- registration helpers shared by the C++ and Triton op pairs ------------------------------------
 
+
 def softmax_fwd_fake(x, scale, causal):
     return torch.empty_like(x)
 
@@ -66,6 +67,7 @@ def fused_ops(backend: str):
 
 
 # ---- public function ------------------------------------------------------------------------------
+
 
 def _check_args(x, dim, scale, causal):
     if not isinstance(x, torch.Tensor):

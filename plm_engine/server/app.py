@@ -55,9 +55,16 @@ class ServerLimits:
                 raise ValueError(f"ServerLimits: {name} must be a positive integer, got {v!r}")
 
 
-def create_app(engine, embedder=None, api_key: str | None = None, model_name: str = "smollm2-135m",
-               embedding_model_name: str = "minilm-l6", limits: ServerLimits | None = None,
-               tokenizer=None, max_model_len: int | None = None) -> FastAPI:
+def create_app(
+    engine,
+    embedder=None,
+    api_key: str | None = None,
+    model_name: str = "smollm2-135m",
+    embedding_model_name: str = "minilm-l6",
+    limits: ServerLimits | None = None,
+    tokenizer=None,
+    max_model_len: int | None = None,
+) -> FastAPI:
     """The FastAPI app serving `engine` (an AsyncEngine) and optionally `embedder` (server.embeddings.Embedder).
 
     tokenizer / max_model_len default to those of the engine's model. api_key: when set, every /v1
@@ -110,8 +117,9 @@ def create_app(engine, embedder=None, api_key: str | None = None, model_name: st
         except Exception as e:  # an engine that cannot report its state is not healthy
             return JSONResponse(P.error_body(f"engine unhealthy: {e}", "service_unavailable"), status_code=503)
         if not alive:
-            return JSONResponse(P.error_body("engine unhealthy: its step loop is not running", "service_unavailable"),
-                                status_code=503)
+            return JSONResponse(
+                P.error_body("engine unhealthy: its step loop is not running", "service_unavailable"), status_code=503
+            )
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -124,6 +132,7 @@ def create_app(engine, embedder=None, api_key: str | None = None, model_name: st
 
 
 # ---- request handling -------------------------------------------------------------------------------
+
 
 @dataclass
 class _Choice:
@@ -154,11 +163,16 @@ class _Server:
     def _check_model(self, name: str, embedding: bool = False):
         served = self.embedding_model_name if embedding else self.model_name
         if embedding and self.embedder is None:
-            raise P.APIError(404, f"model {name!r} not found: this server serves no embedding model (start it with "
-                             "--embedding-model)", param="model", code="model_not_found")
+            raise P.APIError(
+                404,
+                f"model {name!r} not found: this server serves no embedding model (start it with --embedding-model)",
+                param="model",
+                code="model_not_found",
+            )
         if name != served:
-            raise P.APIError(404, f"model {name!r} not found; this server serves {served!r}", param="model",
-                             code="model_not_found")
+            raise P.APIError(
+                404, f"model {name!r} not found; this server serves {served!r}", param="model", code="model_not_found"
+            )
 
     def _check_common(self, req):
         if req.logit_bias:
@@ -176,24 +190,40 @@ class _Server:
         if n == 0:
             raise P.APIError(400, "the prompt is empty", param="prompt")
         if n >= self.max_model_len:
-            raise P.APIError(400, f"this model's maximum context length is {self.max_model_len} tokens, but the "
-                             f"prompt has {n} tokens", param="prompt", code="context_length_exceeded")
+            raise P.APIError(
+                400,
+                f"this model's maximum context length is {self.max_model_len} tokens, but the prompt has {n} tokens",
+                param="prompt",
+                code="context_length_exceeded",
+            )
         if max_tokens is None:
             return self.max_model_len - n
         if n + max_tokens > self.max_model_len:
-            raise P.APIError(400, f"this model's maximum context length is {self.max_model_len} tokens, but "
-                             f"{n + max_tokens} were requested ({n} in the prompt, {max_tokens} in the completion);"
-                             f" reduce {param}", param=param, code="context_length_exceeded")
+            raise P.APIError(
+                400,
+                f"this model's maximum context length is {self.max_model_len} tokens, but "
+                f"{n + max_tokens} were requested ({n} in the prompt, {max_tokens} in the completion);"
+                f" reduce {param}",
+                param=param,
+                code="context_length_exceeded",
+            )
         return max_tokens
 
     def _params(self, req, stop, max_tokens: int, logprobs: int | None, seed: int | None):
-        kw = dict(temperature=1.0 if req.temperature is None else req.temperature,
-                  top_p=1.0 if req.top_p is None else req.top_p,
-                  top_k=0 if req.top_k in (None, -1) else req.top_k,
-                  min_p=req.min_p or 0.0,
-                  repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-                  presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
-                  seed=seed, max_tokens=max_tokens, stop=tuple(stop), ignore_eos=req.ignore_eos, logprobs=logprobs)
+        kw = dict(
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=0 if req.top_k in (None, -1) else req.top_k,
+            min_p=req.min_p or 0.0,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            seed=seed,
+            max_tokens=max_tokens,
+            stop=tuple(stop),
+            ignore_eos=req.ignore_eos,
+            logprobs=logprobs,
+        )
         try:
             return self.SamplingParams(**kw)
         except ValueError as e:
@@ -211,8 +241,12 @@ class _Server:
         """(choice index, prompt ids, SamplingParams) for every prompt x n; seeded samples get seed + j so
         the n samples of one prompt differ but stay reproducible."""
         if len(prompts) * req.n > self.limits.max_choices:
-            raise P.APIError(400, f"prompts x n = {len(prompts) * req.n} exceeds this server's limit of "
-                             f"{self.limits.max_choices} choices per request", param="n")
+            raise P.APIError(
+                400,
+                f"prompts x n = {len(prompts) * req.n} exceeds this server's limit of "
+                f"{self.limits.max_choices} choices per request",
+                param="n",
+            )
         jobs = []
         for p, ids in enumerate(prompts):
             budget = self._token_budget(ids, max_tokens, param)
@@ -223,8 +257,9 @@ class _Server:
 
     # ---- generation plumbing ----
 
-    async def _stream_one(self, index: int, prompt_ids: list[int], params, request_id: str,
-                          t0: float) -> AsyncIterator[tuple[int, object]]:
+    async def _stream_one(
+        self, index: int, prompt_ids: list[int], params, request_id: str, t0: float
+    ) -> AsyncIterator[tuple[int, object]]:
         """The engine's deltas for one request, as (index, RequestOutput), recording latency metrics."""
         m, last, n_out, finish = self.metrics, t0, 0, None
         try:
@@ -298,8 +333,9 @@ class _Server:
                 await events.aclose()
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(body(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
 
     # ---- /v1/completions ----
 
@@ -311,14 +347,21 @@ class _Server:
         if req.suffix:
             raise P.APIError(400, "suffix is not supported", param="suffix")
         if req.echo and req.logprobs is not None:
-            raise P.APIError(400, "echo with logprobs needs prompt log-probs, which this server does not compute",
-                             param="echo")
+            raise P.APIError(
+                400, "echo with logprobs needs prompt log-probs, which this server does not compute", param="echo"
+            )
         raw = _prompt_list(req.prompt, "prompt")
         prompts = [self._encode(p) for p in raw]
         jobs = self._jobs(prompts, req, stop, req.max_tokens, req.logprobs, "max_tokens")
         rid = f"cmpl-{uuid.uuid4().hex}"
-        echo = {i: (raw[i // req.n] if isinstance(raw[i // req.n], str) else self.tok.decode(raw[i // req.n]))
-                for i, _, _ in jobs} if req.echo else {}
+        echo = (
+            {
+                i: (raw[i // req.n] if isinstance(raw[i // req.n], str) else self.tok.decode(raw[i // req.n]))
+                for i, _, _ in jobs
+            }
+            if req.echo
+            else {}
+        )
         want_lp = req.logprobs is not None
 
         if not req.stream:
@@ -326,16 +369,25 @@ class _Server:
             out = []
             for c in choices:
                 lp = self._completion_logprobs(c.logprobs, len(echo.get(c.index, ""))) if want_lp else None
-                out.append(P.CompletionChoice(index=c.index, text=echo.get(c.index, "") + c.text, logprobs=lp,
-                                              finish_reason=c.finish_reason))
+                out.append(
+                    P.CompletionChoice(
+                        index=c.index, text=echo.get(c.index, "") + c.text, logprobs=lp, finish_reason=c.finish_reason
+                    )
+                )
             usage = _usage(prompts, choices)
             return P.CompletionResponse(id=rid, model=self.model_name, choices=out, usage=usage).model_dump()
 
         created, offsets, counts = int(time.time()), {i: len(echo.get(i, "")) for i, _, _ in jobs}, {}
 
         def chunk(choices, usage=None):
-            return {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                    "choices": choices, "usage": usage}
+            return {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": self.model_name,
+                "choices": choices,
+                "usage": usage,
+            }
 
         def to_chunks(i, out):
             counts[i] = counts.get(i, 0) + len(out.new_token_ids)
@@ -344,8 +396,16 @@ class _Server:
                 lp = self._completion_logprobs(_new_logprobs(out), offsets[i]).model_dump()
             offsets[i] += len(out.new_text)
             if out.new_text or out.finished or lp:
-                yield chunk([{"index": i, "text": out.new_text, "logprobs": lp,
-                              "finish_reason": out.finish_reason if out.finished else None}])
+                yield chunk(
+                    [
+                        {
+                            "index": i,
+                            "text": out.new_text,
+                            "logprobs": lp,
+                            "finish_reason": out.finish_reason if out.finished else None,
+                        }
+                    ]
+                )
 
         first = [chunk([{"index": i, "text": t, "logprobs": None, "finish_reason": None}]) for i, t in echo.items()]
         usage = None
@@ -368,15 +428,19 @@ class _Server:
 
     def _chat_prompt(self, messages: list[P.ChatMessage]) -> list[int]:
         if not getattr(self.tok, "chat_template", None):
-            raise P.APIError(400, f"model {self.model_name!r} has no chat template; use /v1/completions",
-                             param="messages")
+            raise P.APIError(
+                400, f"model {self.model_name!r} has no chat template; use /v1/completions", param="messages"
+            )
         conv = []
         for k, msg in enumerate(messages):
             if isinstance(msg.content, list):
                 bad = [p.type for p in msg.content if p.type != "text" or p.text is None]
                 if bad:
-                    raise P.APIError(400, f"messages[{k}].content: only text parts are supported, got {bad[0]!r}",
-                                     param=f"messages.{k}.content")
+                    raise P.APIError(
+                        400,
+                        f"messages[{k}].content: only text parts are supported, got {bad[0]!r}",
+                        param=f"messages.{k}.content",
+                    )
                 text = "".join(p.text for p in msg.content)
             else:
                 text = msg.content or ""
@@ -397,8 +461,11 @@ class _Server:
             raise P.APIError(400, "only response_format {'type': 'text'} is supported", param="response_format")
         if req.top_logprobs is not None and not req.logprobs:
             raise P.APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-        if req.max_tokens is not None and req.max_completion_tokens is not None \
-                and req.max_tokens != req.max_completion_tokens:
+        if (
+            req.max_tokens is not None
+            and req.max_completion_tokens is not None
+            and req.max_tokens != req.max_completion_tokens
+        ):
             raise P.APIError(400, "max_tokens and max_completion_tokens disagree", param="max_completion_tokens")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
@@ -409,17 +476,29 @@ class _Server:
 
         if not req.stream:
             choices = await self._collect(jobs, rid, request)
-            out = [P.ChatChoice(index=c.index, message=P.ChatResponseMessage(content=c.text),
-                                logprobs=self._chat_logprobs(c.logprobs) if req.logprobs else None,
-                                finish_reason=c.finish_reason) for c in choices]
+            out = [
+                P.ChatChoice(
+                    index=c.index,
+                    message=P.ChatResponseMessage(content=c.text),
+                    logprobs=self._chat_logprobs(c.logprobs) if req.logprobs else None,
+                    finish_reason=c.finish_reason,
+                )
+                for c in choices
+            ]
             usage = _usage([prompt], choices)
             return P.ChatCompletionResponse(id=rid, model=self.model_name, choices=out, usage=usage).model_dump()
 
         created, counts = int(time.time()), {}
 
         def chunk(choices, usage=None):
-            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
-                    "choices": choices, "usage": usage}
+            return {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": self.model_name,
+                "choices": choices,
+                "usage": usage,
+            }
 
         def to_chunks(i, out):
             counts[i] = counts.get(i, 0) + len(out.new_token_ids)
@@ -430,8 +509,12 @@ class _Server:
                 yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": out.finish_reason}])
 
         # OpenAI opens every choice with a role-only delta.
-        first = [chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                         "finish_reason": None}]) for i, _, _ in jobs]
+        first = [
+            chunk(
+                [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
+            )
+            for i, _, _ in jobs
+        ]
         usage = None
         if req.stream_options and req.stream_options.include_usage:
             usage = lambda: chunk([], _stream_usage([prompt], counts))
@@ -445,8 +528,10 @@ class _Server:
         content = []
         for e in entries:
             s, b = tok(e["token_id"])
-            top = [P.TopLogprob(token=ts, logprob=float(v), bytes=tb) for (ts, tb), v in
-                   ((tok(t), v) for t, v in e.get("top") or [])]
+            top = [
+                P.TopLogprob(token=ts, logprob=float(v), bytes=tb)
+                for (ts, tb), v in ((tok(t), v) for t, v in e.get("top") or [])
+            ]
             content.append(P.TokenLogprob(token=s, logprob=float(e["logprob"]), bytes=b, top_logprobs=top))
         return P.ChatLogprobs(content=content)
 
@@ -456,16 +541,21 @@ class _Server:
         self._check_model(req.model, embedding=True)
         items = _prompt_list(req.input, "input")
         if len(items) > self.limits.max_embedding_inputs:
-            raise P.APIError(400, f"at most {self.limits.max_embedding_inputs} inputs per request, got {len(items)}",
-                             param="input")
+            raise P.APIError(
+                400, f"at most {self.limits.max_embedding_inputs} inputs per request, got {len(items)}", param="input"
+            )
         try:
             batch = [self.embedder.tokenize(x) for x in items]
         except ValueError as e:
             raise P.APIError(400, str(e), param="input") from e
         emb = await asyncio.to_thread(self.embedder.embed_ids, batch)  # (n, hidden) unit vectors
         if req.dimensions is not None and req.dimensions != emb.shape[1]:
-            raise P.APIError(400, f"dimensions={req.dimensions} is not supported: {self.embedding_model_name} "
-                             f"embeddings have {emb.shape[1]} dimensions", param="dimensions")
+            raise P.APIError(
+                400,
+                f"dimensions={req.dimensions} is not supported: {self.embedding_model_name} "
+                f"embeddings have {emb.shape[1]} dimensions",
+                param="dimensions",
+            )
         if req.encoding_format == "base64":
             vectors = [base64.b64encode(row.numpy().astype("<f4").tobytes()).decode("ascii") for row in emb]
         else:
@@ -473,11 +563,13 @@ class _Server:
         n = sum(len(ids) for ids in batch)
         data = [P.EmbeddingData(index=i, embedding=v) for i, v in enumerate(vectors)]
         self.metrics.prompt_tokens.inc(n)
-        return P.EmbeddingResponse(data=data, model=self.embedding_model_name,
-                                   usage=P.Usage(prompt_tokens=n, total_tokens=n)).model_dump()
+        return P.EmbeddingResponse(
+            data=data, model=self.embedding_model_name, usage=P.Usage(prompt_tokens=n, total_tokens=n)
+        ).model_dump()
 
 
 # ---- helpers ----------------------------------------------------------------------------------------
+
 
 def _sync_engine(engine):
     """The Engine behind an AsyncEngine (for its tokenizer and model config)."""
@@ -487,8 +579,9 @@ def _sync_engine(engine):
             return inner
     if hasattr(engine, "tokenizer"):
         return engine
-    raise ValueError(f"create_app: cannot find the tokenizer of {type(engine).__name__}; pass tokenizer= and "
-                     "max_model_len=")
+    raise ValueError(
+        f"create_app: cannot find the tokenizer of {type(engine).__name__}; pass tokenizer= and max_model_len="
+    )
 
 
 def _prompt_list(prompt, param: str) -> list[str | list[int]]:
@@ -612,8 +705,13 @@ def _add_error_handlers(app: FastAPI) -> None:
         errs = e.errors()
         first = errs[0] if errs else {}
         if first.get("type") == "json_invalid":
-            return reply(P.APIError(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}"
-                                    .rstrip(": "), code="json_invalid"))
+            return reply(
+                P.APIError(
+                    400,
+                    f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}".rstrip(": "),
+                    code="json_invalid",
+                )
+            )
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         param = ".".join(loc) or None
         got = first.get("input")
@@ -662,13 +760,15 @@ class _Guard:
         if self.api_key is not None and path.startswith("/v1"):
             auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
             if not hmac.compare_digest(auth.encode(), f"Bearer {self.api_key}".encode()):
-                err = P.APIError(401, "missing or incorrect API key (send 'Authorization: Bearer <key>')",
-                                 code="invalid_api_key")
+                err = P.APIError(
+                    401, "missing or incorrect API key (send 'Authorization: Bearer <key>')", code="invalid_api_key"
+                )
                 return await JSONResponse(err.body(), status_code=401)(scope, receive, counting_send)
 
         if scope["method"] in ("POST", "PUT", "PATCH"):
-            too_big = P.APIError(413, f"request body larger than this server's limit of {self.max_body} bytes",
-                                 code="request_too_large")
+            too_big = P.APIError(
+                413, f"request body larger than this server's limit of {self.max_body} bytes", code="request_too_large"
+            )
             length = dict(scope["headers"]).get(b"content-length")
             if length is not None and (not length.isdigit() or int(length) > self.max_body):
                 return await JSONResponse(too_big.body(), status_code=413)(scope, receive, counting_send)

@@ -36,8 +36,9 @@ class Embedder:
         if not ids:
             raise ValueError("input must not be empty")
         if len(ids) > self.max_length:
-            raise ValueError(f"input has {len(ids)} tokens, more than the embedding model's context of "
-                             f"{self.max_length}")
+            raise ValueError(
+                f"input has {len(ids)} tokens, more than the embedding model's context of {self.max_length}"
+            )
         return ids
 
     @torch.inference_mode()
@@ -46,13 +47,13 @@ class Embedder:
         out = []
         with self._lock:
             for start in range(0, len(batch), self.max_batch):
-                chunk = batch[start:start + self.max_batch]
+                chunk = batch[start : start + self.max_batch]
                 width = max(len(ids) for ids in chunk)
                 input_ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)  # (B, S)
                 mask = torch.zeros((len(chunk), width), dtype=torch.long)  # (B, S), 1 = real token
                 for i, ids in enumerate(chunk):
-                    input_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-                    mask[i, :len(ids)] = 1
+                    input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+                    mask[i, : len(ids)] = 1
                 dev = _device_of(self.model)
                 emb = self.model.embed(input_ids.to(dev), mask.to(dev)).float().cpu()  # (B, hidden)
                 out.append(torch.nn.functional.normalize(emb, dim=-1))

@@ -18,8 +18,31 @@ PREFIX = "plm_engine_"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Latency buckets in seconds: from one fast decode step on a GPU to a long CPU prefill.
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
-                   1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
 
 
 def _escape(value: str) -> str:
@@ -159,13 +182,16 @@ class ServerMetrics:
         self._stats = stats
         self._cache: dict = {}
         r = self.registry = Registry()
-        self.requests = r.add(Counter("requests_total", "HTTP requests by endpoint and status code",
-                                      ("endpoint", "status")))
+        self.requests = r.add(
+            Counter("requests_total", "HTTP requests by endpoint and status code", ("endpoint", "status"))
+        )
         self.prompt_tokens = r.add(Counter("prompt_tokens_total", "Prompt tokens of finished generation requests"))
-        self.generation_tokens = r.add(Counter("generation_tokens_total",
-                                               "Tokens generated for finished or aborted requests"))
-        self.finished = r.add(Counter("request_finished_total", "Generation requests by finish reason",
-                                      ("finish_reason",)))
+        self.generation_tokens = r.add(
+            Counter("generation_tokens_total", "Tokens generated for finished or aborted requests")
+        )
+        self.finished = r.add(
+            Counter("request_finished_total", "Generation requests by finish reason", ("finish_reason",))
+        )
         self.ttft = r.add(Histogram("time_to_first_token_seconds", "Time from request arrival to its first token"))
         self.itl = r.add(Histogram("inter_token_latency_seconds", "Time between consecutive streamed tokens"))
         self.e2e = r.add(Histogram("e2e_request_latency_seconds", "Time from request arrival to its last token"))

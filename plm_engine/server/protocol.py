@@ -18,17 +18,26 @@ from pydantic import BaseModel, ConfigDict, Field
 
 # ---- errors -----------------------------------------------------------------------------------------
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
-               422: "invalid_request_error", 429: "rate_limit_error", 500: "internal_server_error",
-               503: "service_unavailable"}
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "internal_server_error",
+    503: "service_unavailable",
+}
 
 
 class APIError(Exception):
     """An error the client caused (4xx) or that we report as a server error (5xx), in OpenAI's shape."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str | None = None):
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None, type: str | None = None
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type or ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
@@ -37,13 +46,15 @@ class APIError(Exception):
         return error_body(self.message, self.type, self.param, self.code)
 
 
-def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict:
+def error_body(
+    message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict:
     """`{"error": {"message", "type", "param", "code"}}`, what the openai client turns into an APIError."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
 # ---- requests ---------------------------------------------------------------------------------------
+
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -118,6 +129,7 @@ class EmbeddingRequest(_Request):
 
 
 # ---- responses --------------------------------------------------------------------------------------
+
 
 def _now() -> int:
     return int(time.time())

@@ -36,9 +36,16 @@ def _bow(texts: Sequence[str], vocab: dict[str, int]) -> torch.Tensor:
     return torch.sparse_coo_tensor(idx, torch.cat(vals), (len(texts), len(vocab))).coalesce()
 
 
-def bow_logreg_baseline(train_texts: Sequence[str], train_labels: Sequence[int], eval_texts: Sequence[str],
-                        eval_labels: Sequence[int], num_labels: int, max_vocab: int = 20000, l2: float = 1e-4,
-                        iters: int = 100) -> dict:
+def bow_logreg_baseline(
+    train_texts: Sequence[str],
+    train_labels: Sequence[int],
+    eval_texts: Sequence[str],
+    eval_labels: Sequence[int],
+    num_labels: int,
+    max_vocab: int = 20000,
+    l2: float = 1e-4,
+    iters: int = 100,
+) -> dict:
     """Multinomial logistic regression on bag-of-words features of the training texts (the max_vocab most
     frequent lower-cased words), L2-regularised, fitted with L-BFGS; scored on the eval texts."""
     counts = Counter(w for t in train_texts for w in set(_WORD.findall(t.lower())))

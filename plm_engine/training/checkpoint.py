@@ -46,9 +46,17 @@ def _sha256(path: str) -> str:
 def rng_state() -> dict:
     """Every RNG a training step may draw from (dropout uses torch's; numpy/python for user code)."""
     np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-                       "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "gauss": float(np_state[4])}}
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {
+            "name": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "gauss": float(np_state[4]),
+        },
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -81,8 +89,9 @@ def latest_checkpoint(root: str) -> str | None:
     return found[-1][1] if found else None
 
 
-def save_checkpoint(root: str, step: int, save_weights, trainer_tensors: dict, trainer_state: dict,
-                    tokenizer=None, keep_last: int = 3) -> str:
+def save_checkpoint(
+    root: str, step: int, save_weights, trainer_tensors: dict, trainer_state: dict, tokenizer=None, keep_last: int = 3
+) -> str:
     """Write checkpoint `step` under root and keep only the newest `keep_last`.
 
     save_weights(folder) writes the weights (config.json + model.safetensors); trainer_tensors goes to
@@ -134,8 +143,10 @@ def verify_checkpoint(path: str) -> dict:
         raise CheckpointError(f"checkpoint {path!r} does not exist")
     mpath = os.path.join(path, MANIFEST)
     if not os.path.isfile(mpath):
-        raise CheckpointError(f"checkpoint {path!r} is partial: it has no {MANIFEST} (the write was interrupted "
-                              "or the folder was not written by the trainer); resume from an earlier checkpoint")
+        raise CheckpointError(
+            f"checkpoint {path!r} is partial: it has no {MANIFEST} (the write was interrupted "
+            "or the folder was not written by the trainer); resume from an earlier checkpoint"
+        )
     try:
         with open(mpath) as f:
             manifest = json.load(f)
@@ -150,12 +161,16 @@ def verify_checkpoint(path: str) -> dict:
             raise CheckpointError(f"checkpoint {path!r} is partial: {name} is missing")
         size = os.path.getsize(p)
         if size != meta["bytes"]:
-            raise CheckpointError(f"checkpoint {path!r} is corrupt: {name} has {size} bytes, the manifest says "
-                                  f"{meta['bytes']} (truncated or overwritten)")
+            raise CheckpointError(
+                f"checkpoint {path!r} is corrupt: {name} has {size} bytes, the manifest says "
+                f"{meta['bytes']} (truncated or overwritten)"
+            )
         digest = _sha256(p)
         if digest != meta["sha256"]:
-            raise CheckpointError(f"checkpoint {path!r} is corrupt: {name} has sha256 {digest[:12]}..., the manifest "
-                                  f"says {meta['sha256'][:12]}...")
+            raise CheckpointError(
+                f"checkpoint {path!r} is corrupt: {name} has sha256 {digest[:12]}..., the manifest "
+                f"says {meta['sha256'][:12]}..."
+            )
     return manifest
 
 

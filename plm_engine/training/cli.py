@@ -16,14 +16,23 @@ from plm_engine.training.config import TrainConfig, parse_override, read_config_
 
 
 def add_parser(subparsers) -> None:
-    s = subparsers.add_parser("train", help="pretrain (clm, mlm) or fine-tune (classify) a model from a config file",
-                              description="Train from a TOML/YAML config; --<field> flags override its keys.")
+    s = subparsers.add_parser(
+        "train",
+        help="pretrain (clm, mlm) or fine-tune (classify) a model from a config file",
+        description="Train from a TOML/YAML config; --<field> flags override its keys.",
+    )
     s.add_argument("config", nargs="?", help="a .toml / .yaml / .json TrainConfig (optional when flags say it all)")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.name == "resume":
-            s.add_argument(flag, nargs="?", const="latest", default=None, dest="o_resume",
-                           help="continue from the latest checkpoint in out_dir, or from the folder given")
+            s.add_argument(
+                flag,
+                nargs="?",
+                const="latest",
+                default=None,
+                dest="o_resume",
+                help="continue from the latest checkpoint in out_dir, or from the folder given",
+            )
             continue
         s.add_argument(flag, default=None, dest=f"o_{f.name}", metavar=f.name.upper(), help=argparse.SUPPRESS)
     s.add_argument("--print-config", action="store_true", help="print the resolved config and exit")

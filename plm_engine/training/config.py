@@ -27,54 +27,54 @@ DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
 class TrainConfig:
     # What to train.
     objective: str = "clm"
-    model: str | None = None             # a ModelConfig preset ("gpt2-tiny", "bert-tiny") to start from scratch
-    init: str | None = None              # or a checkpoint: "smollm2-135m", "minilm-l6", a folder / .gguf path
+    model: str | None = None  # a ModelConfig preset ("gpt2-tiny", "bert-tiny") to start from scratch
+    init: str | None = None  # or a checkpoint: "smollm2-135m", "minilm-l6", a folder / .gguf path
     model_overrides: dict = field(default_factory=dict)  # ModelConfig fields on top of the preset
     # Data.
-    data: list[str] = field(default_factory=list)         # text files / folders, or "shakespeare"
-    eval_data: list[str] = field(default_factory=list)    # held-out files; else a tail split of `data`
+    data: list[str] = field(default_factory=list)  # text files / folders, or "shakespeare"
+    eval_data: list[str] = field(default_factory=list)  # held-out files; else a tail split of `data`
     eval_fraction: float = 0.05
-    dataset: str = "text"                # "text" (clm/mlm), "jsonl" ({"text", "label"} rows), "shakespeare-genre"
-    tokenizer: str = "model"             # "model" (the init checkpoint's), "bpe" (train one on `data`), a path
+    dataset: str = "text"  # "text" (clm/mlm), "jsonl" ({"text", "label"} rows), "shakespeare-genre"
+    tokenizer: str = "model"  # "model" (the init checkpoint's), "bpe" (train one on `data`), a path
     bpe_vocab_size: int = 4096
-    cache_dir: str | None = None         # tokenization cache; default <out_dir>/cache
+    cache_dir: str | None = None  # tokenization cache; default <out_dir>/cache
     seq_len: int = 128
     mlm_probability: float = 0.15
-    num_labels: int = 0                  # classify: 0 = from the dataset
-    passage_lines: int = 8               # shakespeare-genre: lines per passage
-    baselines: bool = False              # classify: also score majority-class and bag-of-words logistic regression
+    num_labels: int = 0  # classify: 0 = from the dataset
+    passage_lines: int = 8  # shakespeare-genre: lines per passage
+    baselines: bool = False  # classify: also score majority-class and bag-of-words logistic regression
     # Optimisation.
-    batch_size: int = 8                  # sequences per micro-batch per process
+    batch_size: int = 8  # sequences per micro-batch per process
     grad_accum: int = 1
-    max_steps: int = 100                 # optimizer steps
+    max_steps: int = 100  # optimizer steps
     lr: float = 3e-4
     min_lr_ratio: float = 0.1
     warmup_steps: int = 10
     schedule: str = "cosine"
-    decay_fraction: float = 0.2          # wsd: the final fraction of steps that decays
+    decay_fraction: float = 0.2  # wsd: the final fraction of steps that decays
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
-    clip_grad: float = 1.0               # 0 disables clipping
+    clip_grad: float = 1.0  # 0 disables clipping
     precision: str = "fp32"
     activation_checkpointing: bool = False
     compile: bool = False
-    backend: str | None = None           # ops backend for every kernel (PLM_ENGINE_BACKEND); None = automatic
+    backend: str | None = None  # ops backend for every kernel (PLM_ENGINE_BACKEND); None = automatic
     device: str = "auto"
-    distributed: str = "auto"            # auto: DDP when launched by torchrun with WORLD_SIZE > 1
+    distributed: str = "auto"  # auto: DDP when launched by torchrun with WORLD_SIZE > 1
     seed: int = 0
     # Evaluation, logging, checkpoints.
     eval_every: int = 50
-    eval_batches: int = 20               # global batches per eval; 0 = the whole eval split
+    eval_batches: int = 20  # global batches per eval; 0 = the whole eval split
     log_every: int = 1
-    save_every: int = 0                  # 0 = only at the end (and on SIGINT/SIGTERM)
+    save_every: int = 0  # 0 = only at the end (and on SIGINT/SIGTERM)
     keep_last: int = 3
     out_dir: str = "runs/train"
-    resume: str | None = None            # "latest" (in out_dir/checkpoints) or a checkpoint folder
+    resume: str | None = None  # "latest" (in out_dir/checkpoints) or a checkpoint folder
     progress: bool = True
     plot: bool = True
-    peak_flops: float = 0.0              # for MFU; 0 = a table for GPUs, a short matmul probe on CPU
+    peak_flops: float = 0.0  # for MFU; 0 = a table for GPUs, a short matmul probe on CPU
 
     def __post_init__(self):
         self.validate()
@@ -84,13 +84,16 @@ class TrainConfig:
             (self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}, got {self.objective!r}"),
             (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
-            (self.distributed in DISTRIBUTED,
-             f"distributed must be one of {DISTRIBUTED}, got {self.distributed!r}"),
-            (self.dataset in ("text", "jsonl", "shakespeare-genre"),
-             f"dataset must be 'text', 'jsonl' or 'shakespeare-genre', got {self.dataset!r}"),
-            ((self.model is None) != (self.init is None),
-             f"give exactly one of model (a preset, from scratch) or init (a checkpoint); got model={self.model!r} "
-             f"init={self.init!r}"),
+            (self.distributed in DISTRIBUTED, f"distributed must be one of {DISTRIBUTED}, got {self.distributed!r}"),
+            (
+                self.dataset in ("text", "jsonl", "shakespeare-genre"),
+                f"dataset must be 'text', 'jsonl' or 'shakespeare-genre', got {self.dataset!r}",
+            ),
+            (
+                (self.model is None) != (self.init is None),
+                f"give exactly one of model (a preset, from scratch) or init (a checkpoint); got model={self.model!r} "
+                f"init={self.init!r}",
+            ),
             (self.seq_len >= 2, f"seq_len must be >= 2, got {self.seq_len}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
@@ -103,11 +106,15 @@ class TrainConfig:
             (0 <= self.eval_fraction < 1, f"eval_fraction must be in [0, 1), got {self.eval_fraction}"),
             (self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}"),
             (self.clip_grad >= 0, f"clip_grad must be >= 0, got {self.clip_grad}"),
-            (self.eval_every >= 0 and self.save_every >= 0 and self.log_every >= 1,
-             f"eval_every/save_every must be >= 0 and log_every >= 1, got {self.eval_every}/{self.save_every}/"
-             f"{self.log_every}"),
-            (self.backend in (None, "triton", "cuda", "cpu", "torch"),
-             f"backend must be triton, cuda, cpu, torch or unset, got {self.backend!r}"),
+            (
+                self.eval_every >= 0 and self.save_every >= 0 and self.log_every >= 1,
+                f"eval_every/save_every must be >= 0 and log_every >= 1, got {self.eval_every}/{self.save_every}/"
+                f"{self.log_every}",
+            ),
+            (
+                self.backend in (None, "triton", "cuda", "cpu", "torch"),
+                f"backend must be triton, cuda, cpu, torch or unset, got {self.backend!r}",
+            ),
         ]
         for ok, msg in checks:
             if not ok:
@@ -175,8 +182,9 @@ def parse_override(name: str, text: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     if name not in fields:
         raise ValueError(f"unknown TrainConfig field {name!r}")
-    default = fields[name].default if fields[name].default is not dataclasses.MISSING \
-        else fields[name].default_factory()
+    default = (
+        fields[name].default if fields[name].default is not dataclasses.MISSING else fields[name].default_factory()
+    )
     if isinstance(default, bool):
         low = text.lower()
         if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):

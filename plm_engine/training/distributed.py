@@ -15,7 +15,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    mode: str = "none"       # "none" | "ddp" | "fsdp"
+    mode: str = "none"  # "none" | "ddp" | "fsdp"
 
     @property
     def is_main(self) -> bool:
@@ -38,8 +38,10 @@ def init(mode: str, device_kind: str) -> DistInfo:
     if mode == "none" or (mode == "auto" and not launched_by_torchrun()):
         return DistInfo()
     if not launched_by_torchrun():
-        raise RuntimeError(f"distributed={mode!r} needs the process to be launched by torchrun "
-                           "(RANK/WORLD_SIZE are not set); e.g. torchrun --nproc_per_node 2 -m plm_engine.cli train ...")
+        raise RuntimeError(
+            f"distributed={mode!r} needs the process to be launched by torchrun "
+            "(RANK/WORLD_SIZE are not set); e.g. torchrun --nproc_per_node 2 -m plm_engine.cli train ..."
+        )
     world = int(os.environ["WORLD_SIZE"])
     if mode == "auto" and world == 1:
         return DistInfo()
@@ -93,10 +95,10 @@ def all_gather_cat(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     dist.all_gather(sizes, n)
     m = int(max(s.item() for s in sizes))
     padded = torch.zeros(m, dtype=t.dtype, device=t.device)
-    padded[:t.numel()] = t
+    padded[: t.numel()] = t
     parts = [torch.zeros_like(padded) for _ in range(info.world_size)]
     dist.all_gather(parts, padded)
-    return torch.cat([p[:int(s.item())] for p, s in zip(parts, sizes)])
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
 
 
 def barrier(info: DistInfo) -> None:

@@ -11,8 +11,20 @@ import time
 
 import torch
 
-CSV_COLUMNS = ("step", "split", "loss", "ppl", "lr", "grad_norm", "tokens_per_s", "mfu", "accuracy", "macro_f1",
-               "tokens", "elapsed_s")
+CSV_COLUMNS = (
+    "step",
+    "split",
+    "loss",
+    "ppl",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "mfu",
+    "accuracy",
+    "macro_f1",
+    "tokens",
+    "elapsed_s",
+)
 
 
 class MetricsLogger:
@@ -101,6 +113,7 @@ def perplexity(loss: float) -> float:
 
 # ----------------------------------------------------------------------------------------- throughput
 
+
 def flops_per_token(config, seq_len: int, n_params: int) -> float:
     """Training FLOPs per token, the PaLM paper's (appendix B) formula:
 
@@ -118,8 +131,12 @@ def flops_per_token(config, seq_len: int, n_params: int) -> float:
 
 
 GPU_PEAK_FLOPS = {  # dense tensor-core peaks (bf16/fp16, tf32) from the vendor data sheets
-    "H200": (989e12, 494e12), "H100": (989e12, 494e12), "A100": (312e12, 156e12), "L40S": (362e12, 183e12),
-    "A10": (125e12, 62.5e12), "RTX 4090": (165e12, 82.6e12),
+    "H200": (989e12, 494e12),
+    "H100": (989e12, 494e12),
+    "A100": (312e12, 156e12),
+    "L40S": (362e12, 183e12),
+    "A10": (125e12, 62.5e12),
+    "RTX 4090": (165e12, 82.6e12),
 }
 
 
@@ -144,10 +161,11 @@ def peak_flops(device: torch.device, precision: str) -> float:
         a @ b
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return 2.0 * n ** 3 * reps / (time.perf_counter() - t0)
+    return 2.0 * n**3 * reps / (time.perf_counter() - t0)
 
 
 # ------------------------------------------------------------------------------------ classification
+
 
 def classification_scores(preds: torch.Tensor, labels: torch.Tensor, num_labels: int) -> dict:
     """accuracy and macro-F1 (the unweighted mean over classes of F1; a class with no true and no
@@ -166,6 +184,7 @@ def classification_scores(preds: torch.Tensor, labels: torch.Tensor, num_labels:
 
 
 # -------------------------------------------------------------------------------------------- plot
+
 
 def plot_log(log_path: str, out_path: str | None = None) -> str:
     """Train and eval loss against step (and the lr) from a log.jsonl; writes a PNG next to it."""

@@ -46,13 +46,20 @@ def lr_multiplier(kind: str, warmup: int, total: int, min_ratio: float = 0.1, de
     if kind == "cosine":
         return functools.partial(warmup_cosine, warmup=warmup, total=total, min_ratio=min_ratio)
     if kind == "wsd":
-        return functools.partial(warmup_stable_decay, warmup=warmup, total=total, min_ratio=min_ratio,
-                                 decay_fraction=decay_fraction)
+        return functools.partial(
+            warmup_stable_decay, warmup=warmup, total=total, min_ratio=min_ratio, decay_fraction=decay_fraction
+        )
     if kind == "constant":
         return functools.partial(constant_with_warmup, warmup=warmup)
     raise ValueError(f"lr schedule: unknown kind {kind!r} (cosine, wsd, constant)")
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup: int, total: int, min_ratio: float = 0.1,
-                   decay_fraction: float = 0.2) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(
+    optimizer: torch.optim.Optimizer,
+    kind: str,
+    warmup: int,
+    total: int,
+    min_ratio: float = 0.1,
+    decay_fraction: float = 0.2,
+) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(kind, warmup, total, min_ratio, decay_fraction))

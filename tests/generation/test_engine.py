@@ -39,7 +39,7 @@ def hf_greedy(hf, prompt: list[int], n: int, **kw) -> list[int]:
     gc.pad_token_id = 0
     with torch.no_grad():
         out = hf.generate(torch.tensor([prompt]), generation_config=gc, max_new_tokens=n, do_sample=False, **kw)
-    return out[0, len(prompt):].tolist()
+    return out[0, len(prompt) :].tolist()
 
 
 def prompts_of(lengths, vocab=512, seed=1):
@@ -56,11 +56,15 @@ def test_greedy_batch1_matches_hf(tiny):
     assert out.finish_reason == "length" and out.finished and out.num_prompt_tokens == 11
 
 
-@pytest.mark.parametrize("setup", [
-    dict(kv_cache_tokens=2048, block_size=16, max_prefill_tokens=2048),
-    # small chunks and a cache too small for all four: chunked prefill, preemption and recompute
-    dict(kv_cache_tokens=112, block_size=8, max_prefill_tokens=16, max_num_seqs=4),
-], ids=["plain", "chunked-preempting"])
+@pytest.mark.parametrize(
+    "setup",
+    [
+        dict(kv_cache_tokens=2048, block_size=16, max_prefill_tokens=2048),
+        # small chunks and a cache too small for all four: chunked prefill, preemption and recompute
+        dict(kv_cache_tokens=112, block_size=8, max_prefill_tokens=16, max_num_seqs=4),
+    ],
+    ids=["plain", "chunked-preempting"],
+)
 def test_mixed_lengths_and_staggered_arrivals_match_hf_alone(tiny, setup):
     model, hf = tiny
     eng = Engine(model, cuda_graphs=False, **setup)
@@ -69,7 +73,7 @@ def test_mixed_lengths_and_staggered_arrivals_match_hf_alone(tiny, setup):
     final = {}
     step = 0
     while eng.has_unfinished() or len(ids) < len(prompts):
-        if step in (2, 5, 6) and len(ids) < len(prompts):     # requests join while others decode
+        if step in (2, 5, 6) and len(ids) < len(prompts):  # requests join while others decode
             ids.append(eng.add_request(prompts[len(ids)], GREEDY))
         for o in eng.step():
             if o.finished:
@@ -93,8 +97,9 @@ def test_seeded_sampling_is_reproducible_regardless_of_neighbours(tiny):
     neighbours = [SamplingParams(temperature=1.2, max_tokens=30), SamplingParams(temperature=0, max_tokens=5)]
     mixed = eng.generate([other1, prompt, other2], [neighbours[0], p, neighbours[1]])[1].token_ids
     assert alone == mixed
-    different = eng.generate(prompt, SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=43, max_tokens=20,
-                                                    ignore_eos=True))[0].token_ids
+    different = eng.generate(
+        prompt, SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=43, max_tokens=20, ignore_eos=True)
+    )[0].token_ids
     assert different != alone
 
 
@@ -112,7 +117,7 @@ def test_penalties_and_logprobs_through_the_engine(tiny):
 
 
 def test_context_limits(tiny):
-    model, _ = tiny   # context 256
+    model, _ = tiny  # context 256
     eng = Engine(model, kv_cache_tokens=1024, cuda_graphs=False)
     with pytest.raises(ValueError, match="300 tokens but the context holds 256"):
         eng.add_request(list(range(1, 301)), GREEDY)
@@ -122,11 +127,12 @@ def test_context_limits(tiny):
         eng.add_request([5, 512], GREEDY)
     with pytest.raises(ValueError, match="text prompt needs a tokenizer"):
         eng.add_request("hello", GREEDY)
-    out = eng.generate([list(range(1, 301))], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True,
-                                                             truncate_prompt_tokens=250))[0]
+    out = eng.generate(
+        [list(range(1, 301))], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, truncate_prompt_tokens=250)
+    )[0]
     assert out.prompt_token_ids == list(range(51, 301)) and len(out.token_ids) == 4
     out = eng.generate([list(range(1, 241))], SamplingParams(temperature=0, max_tokens=1000, ignore_eos=True))[0]
-    assert len(out.token_ids) == 16 and out.finish_reason == "length"      # capped at the context
+    assert len(out.token_ids) == 16 and out.finish_reason == "length"  # capped at the context
     small = Engine(model, kv_cache_tokens=64, block_size=16, cuda_graphs=False)
     with pytest.raises(ValueError, match="KV cache holds 64"):
         small.add_request(list(range(1, 101)), GREEDY)
@@ -141,7 +147,7 @@ def test_abort_frees_blocks_at_once_and_reports(tiny):
     eng.step()
     used = eng.stats()["kv_blocks_used"]
     assert eng.abort(a) and not eng.abort(a) and not eng.abort("nope")
-    assert eng.stats()["kv_blocks_used"] == used - 3           # 40 + 1 tokens in blocks of 16
+    assert eng.stats()["kv_blocks_used"] == used - 3  # 40 + 1 tokens in blocks of 16
     outs = eng.step()
     ab = [o for o in outs if o.request_id == a]
     assert len(ab) == 1 and ab[0].finished and ab[0].finish_reason == "abort"
@@ -194,7 +200,7 @@ def test_stop_strings_across_token_boundaries_are_not_emitted():
             final = o
     assert final.finish_reason == "stop" and final.text == base.text[:cut] and streamed == final.text
     assert stop not in streamed
-    assert final.token_ids == base.token_ids[:len(final.token_ids)]
+    assert final.token_ids == base.token_ids[: len(final.token_ids)]
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +225,7 @@ def test_smollm2_greedy_matches_hf(smollm2, tmp_path):
         assert o.prompt_token_ids == ids
         with torch.no_grad():
             ref = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, pad_token_id=0)
-        assert o.token_ids == ref[0, len(ids):].tolist(), p
+        assert o.token_ids == ref[0, len(ids) :].tolist(), p
         assert o.finish_reason == ("stop" if len(o.token_ids) < 32 else "length")
         assert o.text == tok.decode(o.token_ids)
 
@@ -231,5 +237,5 @@ def test_smollm2_bf16_quality_guard(smollm2):
     model, tok = smollm2
     r = compare_greedy(model, copy.deepcopy(model).to(torch.bfloat16), tok)
     print(r)
-    assert r["n_identical"] >= r["n_prompts"] // 2 + 1, r["rows"]      # most prompts: 16 identical tokens
+    assert r["n_identical"] >= r["n_prompts"] // 2 + 1, r["rows"]  # most prompts: 16 identical tokens
     assert r["mean_abs_logprob_diff"] < 0.1 and r["max_abs_logprob_diff"] < 1.0, r

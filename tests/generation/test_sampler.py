@@ -18,7 +18,7 @@ def ref_filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     keep = [True] * len(x)
     order = sorted(range(len(x)), key=lambda i: -x[i].item())
     if p.top_k > 0:
-        for i in order[p.top_k:]:
+        for i in order[p.top_k :]:
             keep[i] = False
     if p.top_p < 1:
         kept = [i for i in order if keep[i]]
@@ -93,9 +93,15 @@ def test_samples_follow_the_filtered_distribution():
     assert (counts - probs).abs().max() < 0.03, (counts - probs).abs().max()
 
 
-@pytest.mark.parametrize("kw", [dict(repetition_penalty=1.5), dict(repetition_penalty=0.7),
-                                dict(presence_penalty=0.8, frequency_penalty=0.3),
-                                dict(repetition_penalty=1.2, presence_penalty=-0.5, frequency_penalty=1.1)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(repetition_penalty=1.5),
+        dict(repetition_penalty=0.7),
+        dict(presence_penalty=0.8, frequency_penalty=0.3),
+        dict(repetition_penalty=1.2, presence_penalty=-0.5, frequency_penalty=1.1),
+    ],
+)
 def test_penalties_match_reference(kw):
     p = SamplingParams(temperature=0, **kw)
     s = Sampler(V, 3)
@@ -131,8 +137,12 @@ def test_seeded_rows_do_not_depend_on_batch_neighbours():
     for lg in steps:
         alone.append(s.sample(lg[2:3], [p], generators=[g]).token_ids[0])
     mixed, g = [], s.new_generator(1234)
-    others = [SamplingParams(temperature=0.5), SamplingParams(seed=7), SamplingParams(temperature=0),
-              SamplingParams(top_k=3)]
+    others = [
+        SamplingParams(temperature=0.5),
+        SamplingParams(seed=7),
+        SamplingParams(temperature=0),
+        SamplingParams(top_k=3),
+    ]
     gens = [None, s.new_generator(7), g, None, None]
     for lg in steps:
         ps = [others[0], others[1], p, others[2], others[3]]
@@ -146,8 +156,12 @@ def test_seeded_rows_do_not_depend_on_batch_neighbours():
 
 def test_greedy_rows_in_a_sampled_batch_take_the_argmax():
     logits = torch.randn(4, V)
-    params = [SamplingParams(temperature=0), SamplingParams(temperature=1.5), SamplingParams(temperature=0),
-              SamplingParams(top_k=2)]
+    params = [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=1.5),
+        SamplingParams(temperature=0),
+        SamplingParams(top_k=2),
+    ]
     ids = Sampler(V, 1).sample(logits, params).token_ids
     assert ids[0] == int(logits[0].argmax()) and ids[2] == int(logits[2].argmax())
     assert ids[3] in logits[3].topk(2).indices.tolist()
@@ -155,8 +169,11 @@ def test_greedy_rows_in_a_sampled_batch_take_the_argmax():
 
 def test_logprobs_are_the_raw_model_log_probs():
     logits = torch.randn(3, V) * 2
-    params = [SamplingParams(temperature=0, logprobs=3), SamplingParams(temperature=0.5, logprobs=0),
-              SamplingParams(temperature=0)]
+    params = [
+        SamplingParams(temperature=0, logprobs=3),
+        SamplingParams(temperature=0.5, logprobs=0),
+        SamplingParams(temperature=0),
+    ]
     res = Sampler(V, 1).sample(logits, params)
     ref = torch.log_softmax(logits.double(), -1)
     lp = res.logprobs[0]

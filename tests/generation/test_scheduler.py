@@ -20,7 +20,7 @@ def test_block_manager_allocates_grows_and_frees():
     a = bm.allocate(2)
     assert len(set(a)) == 2 and bm.num_free == 3
     assert bm.grow(a, 12) and len(a) == 3
-    assert not bm.grow(a, 100) and len(a) == 3   # too many: nothing changes
+    assert not bm.grow(a, 100) and len(a) == 3  # too many: nothing changes
     b = bm.allocate(2)
     assert not set(a) & set(b) and bm.num_free == 0
     with pytest.raises(RuntimeError, match="only 0 free"):
@@ -34,8 +34,13 @@ def test_block_manager_allocates_grows_and_frees():
 
 
 def _seq(i, n_prompt, max_tokens=8):
-    return Sequence(request_id=f"r{i}", seq_idx=i, prompt_token_ids=list(range(1, n_prompt + 1)),
-                    params=SamplingParams(max_tokens=max_tokens), max_tokens=max_tokens)
+    return Sequence(
+        request_id=f"r{i}",
+        seq_idx=i,
+        prompt_token_ids=list(range(1, n_prompt + 1)),
+        params=SamplingParams(max_tokens=max_tokens),
+        max_tokens=max_tokens,
+    )
 
 
 def test_chunked_prefill_then_decode():
@@ -44,7 +49,7 @@ def test_chunked_prefill_then_decode():
     s.add(a)
     out = s.schedule()
     assert [(c.start, c.length, c.samples) for c in out.prefill] == [(0, 5, False)]
-    assert len(a.blocks) == 3          # blocks for the whole prompt at admission
+    assert len(a.blocks) == 3  # blocks for the whole prompt at admission
     a.num_cached += 5
     out = s.schedule()
     assert [(c.start, c.length, c.samples) for c in out.prefill] == [(5, 5, False)]
@@ -54,7 +59,7 @@ def test_chunked_prefill_then_decode():
     a.num_cached += 2
     a.token_ids.append(5)
     out = s.schedule()
-    assert out.decode == [a] and not out.prefill and len(a.blocks) == 4   # position 12 opens block 3
+    assert out.decode == [a] and not out.prefill and len(a.blocks) == 4  # position 12 opens block 3
 
 
 def test_preempts_the_newest_and_recomputes_it_later():
@@ -68,16 +73,16 @@ def test_preempts_the_newest_and_recomputes_it_later():
     for q in (a, b):
         q.num_cached = q.num_tokens
         q.token_ids.append(3)
-    out = s.schedule()          # a at position 7 fits its block; b at 8 needs a new one: b is preempted
+    out = s.schedule()  # a at position 7 fits its block; b at 8 needs a new one: b is preempted
     assert out.decode == [a] and out.preempted == [b] and b.status is Status.WAITING
     assert b.num_cached == 0 and b.blocks == [] and list(s.waiting) == [b] and s.num_preemptions == 1
     a.num_cached += 1
     a.token_ids.append(4)
-    out = s.schedule()          # a at 8 needs a block: one is free now
+    out = s.schedule()  # a at 8 needs a block: one is free now
     assert out.decode == [a]
     a.num_cached += 1
     s.finish(a, "stop")
-    out = s.schedule()          # b comes back with prompt + its generated token recomputed
+    out = s.schedule()  # b comes back with prompt + its generated token recomputed
     assert [(c.seq, c.start, c.length) for c in out.prefill] == [(b, 0, 9)] and b.status is Status.RUNNING
 
 
@@ -122,7 +127,7 @@ def test_1000_random_requests_no_leaks_every_request_finished():
                 seq = eng._seqs[rid]
                 used_before, own = eng.block_manager.num_used, len(seq.blocks)
                 assert eng.abort(rid)
-                assert eng.block_manager.num_used == used_before - own    # freed at once
+                assert eng.block_manager.num_used == used_before - own  # freed at once
                 assert not eng.abort(rid)
                 aborted.add(rid)
         # invariants: no block is owned twice, and the used count is what the sequences own

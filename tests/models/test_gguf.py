@@ -47,21 +47,42 @@ def tiny_llama(arch="llama", layers=2, hidden=64, heads=4, kv_heads=2, inter=96,
         sd["lm_head.weight"] = (vocab, hidden)
     for i in range(layers):
         p = f"model.layers.{i}."
-        sd.update({p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
-                   p + "self_attn.q_proj.weight": (heads * hd, hidden), p + "self_attn.k_proj.weight": (kv_heads * hd, hidden),
-                   p + "self_attn.v_proj.weight": (kv_heads * hd, hidden), p + "self_attn.o_proj.weight": (hidden, heads * hd),
-                   p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
-                   p + "mlp.down_proj.weight": (hidden, inter)})
+        sd.update(
+            {
+                p + "input_layernorm.weight": (hidden,),
+                p + "post_attention_layernorm.weight": (hidden,),
+                p + "self_attn.q_proj.weight": (heads * hd, hidden),
+                p + "self_attn.k_proj.weight": (kv_heads * hd, hidden),
+                p + "self_attn.v_proj.weight": (kv_heads * hd, hidden),
+                p + "self_attn.o_proj.weight": (hidden, heads * hd),
+                p + "mlp.gate_proj.weight": (inter, hidden),
+                p + "mlp.up_proj.weight": (inter, hidden),
+                p + "mlp.down_proj.weight": (hidden, inter),
+            }
+        )
         if bias:
-            sd.update({p + "self_attn.q_proj.bias": (heads * hd,), p + "self_attn.k_proj.bias": (kv_heads * hd,),
-                       p + "self_attn.v_proj.bias": (kv_heads * hd,)})
+            sd.update(
+                {
+                    p + "self_attn.q_proj.bias": (heads * hd,),
+                    p + "self_attn.k_proj.bias": (kv_heads * hd,),
+                    p + "self_attn.v_proj.bias": (kv_heads * hd,),
+                }
+            )
     sd = {k: torch.randn(s, generator=g) * 0.5 for k, s in sd.items()}
     return sd, dict(arch=arch, layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads, inter=inter, vocab=vocab)
 
 
-_TO_GGUF = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
-            "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-            "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+_TO_GGUF = {
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
 
 
 def write_llama_gguf(path, sd, sizes, qtype=Q.F32, extra=None, rope_freqs=None, skip=(), override=None, add=None):
@@ -158,13 +179,39 @@ def test_smollm2_config_and_tensors_match_transformers(smollm2):
     path = smollm2_path()
     layers = smollm2.hf_config["num_hidden_layers"]
     subset = {"token_embd.weight", "output_norm.weight"} | {
-        f"blk.{i}.{n}.weight" for i in (0, layers - 1)
-        for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "attn_norm", "ffn_norm")}
+        f"blk.{i}.{n}.weight"
+        for i in (0, layers - 1)
+        for n in (
+            "attn_q",
+            "attn_k",
+            "attn_v",
+            "attn_output",
+            "ffn_gate",
+            "ffn_up",
+            "ffn_down",
+            "attn_norm",
+            "ffn_norm",
+        )
+    }
     config, ref = hf_gguf_tensors(path, subset)
     ours = smollm2.hf_config
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_theta",
-                "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "model_type"):
+    for key in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "max_position_embeddings",
+        "rms_norm_eps",
+        "rope_theta",
+        "tie_word_embeddings",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "model_type",
+    ):
         assert ours[key] == config[key], key
     assert (ours["hidden_size"], ours["num_attention_heads"], ours["num_key_value_heads"]) == (576, 9, 3)
     assert ours["architectures"] == ["LlamaForCausalLM"] and ours["rope_scaling"] is None
@@ -263,10 +310,20 @@ def test_gpt2_matches_transformers(tmp_path):
     cfg = tr.GPT2Config(vocab_size=96, n_positions=32, n_embd=64, n_layer=2, n_head=4)
     model = tr.GPT2LMHeadModel(cfg)
     sd = {k: v for k, v in model.state_dict().items() if not k.endswith(".attn.bias") and k != "lm_head.weight"}
-    top = {"transformer.wte.weight": "token_embd.weight", "transformer.wpe.weight": "position_embd.weight",
-           "transformer.ln_f.weight": "output_norm.weight", "transformer.ln_f.bias": "output_norm.bias"}
-    block = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
-             "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+    top = {
+        "transformer.wte.weight": "token_embd.weight",
+        "transformer.wpe.weight": "position_embd.weight",
+        "transformer.ln_f.weight": "output_norm.weight",
+        "transformer.ln_f.bias": "output_norm.bias",
+    }
+    block = {
+        "ln_1": "attn_norm",
+        "attn.c_attn": "attn_qkv",
+        "attn.c_proj": "attn_output",
+        "ln_2": "ffn_norm",
+        "mlp.c_fc": "ffn_up",
+        "mlp.c_proj": "ffn_down",
+    }
     w = gguf.GGUFWriter(str(tmp_path / "gpt2.gguf"), "gpt2")
     w.add_block_count(2)
     w.add_context_length(32)
@@ -346,7 +403,9 @@ def test_wrong_shape_missing_and_unknown_tensors(tmp_path):
     path = write_llama_gguf(tmp_path / "m.gguf", sd, sizes, skip={"model.layers.1.mlp.up_proj.weight"})
     with pytest.raises(ValueError, match=r"m\.gguf.*model\.layers\.1\.mlp\.up_proj\.weight"):
         read_gguf(path)
-    path = write_llama_gguf(tmp_path / "x.gguf", sd, sizes, add={"blk.0.attn_weird.weight": np.ones((4, 64), np.float32)})
+    path = write_llama_gguf(
+        tmp_path / "x.gguf", sd, sizes, add={"blk.0.attn_weird.weight": np.ones((4, 64), np.float32)}
+    )
     with pytest.raises(ValueError, match=r"x\.gguf.*unexpected tensor 'blk\.0\.attn_weird\.weight'"):
         read_gguf(path)
     # Metadata-only reads skip the tensors (and so their checks).

@@ -60,8 +60,9 @@ def test_missing_files(tmp_path, llama_folder):
 
 
 def test_unknown_architecture(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba", "architectures": ["MambaForCausalLM"],
-                                                      "vocab_size": 10}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": "mamba", "architectures": ["MambaForCausalLM"], "vocab_size": 10})
+    )
     with pytest.raises(ValueError, match="unsupported architecture.*mamba"):
         load_model(tmp_path)
 

@@ -22,9 +22,16 @@ def _batch(seq_ids, new_lens, cached_before, max_blocks=16):
             positions.append(p)
     cu = torch.tensor([0] + list(torch.tensor(new_lens).cumsum(0)), dtype=torch.int32)
     total = torch.tensor([c + n for n, c in zip(new_lens, cached_before, strict=True)], dtype=torch.int32)
-    pb = PagedBatch(cu_seqlens=cu, max_seqlen=max(new_lens), slot_mapping=torch.tensor(slots), block_table=table,
-                    cache_seqlens=total, is_decode=all(n == 1 for n in new_lens), has_prefix=any(cached_before),
-                    seq_bounds=tuple(int(c) for c in cu))
+    pb = PagedBatch(
+        cu_seqlens=cu,
+        max_seqlen=max(new_lens),
+        slot_mapping=torch.tensor(slots),
+        block_table=table,
+        cache_seqlens=total,
+        is_decode=all(n == 1 for n in new_lens),
+        has_prefix=any(cached_before),
+        seq_bounds=tuple(int(c) for c in cu),
+    )
     return pb, torch.tensor(positions)
 
 
@@ -43,7 +50,7 @@ def test_prefill_chunks_and_decode_match_full_forward(preset, dtype):
         for chunk in (5, 3):
             lens = [min(chunk, len(s) - st) for s, st in zip(seqs, state, strict=True)]
             pb, pos = _batch(range(3), lens, state)
-            ids = torch.cat([s[st:st + n] for s, st, n in zip(seqs, state, lens, strict=True)])
+            ids = torch.cat([s[st : st + n] for s, st, n in zip(seqs, state, lens, strict=True)])
             logits = model.forward_tokens(ids, pos, cache, pb).float()
             for i in range(3):
                 torch.testing.assert_close(logits[i], full[i][state[i] + lens[i] - 1], **tol)

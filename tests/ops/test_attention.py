@@ -81,8 +81,9 @@ def test_attention_forward_backward(device, backend, shape, causal):
         q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
         ref, ref_lse = attention_ref(q64, k64, v64, causal, return_lse=True)
         scale = d**-0.5
-        check_2x(out, ref, lowp_attention(q.detach(), k.detach(), v.detach(), causal, scale), dtype,
-                 f"{backend} {dtype} out")
+        check_2x(
+            out, ref, lowp_attention(q.detach(), k.detach(), v.detach(), causal, scale), dtype, f"{backend} {dtype} out"
+        )
         finite = torch.isfinite(ref_lse)
         assert torch.equal(torch.isfinite(lse), finite), "lse must be -inf exactly where every key is masked"
         assert max_err(lse[finite], ref_lse[finite]) < 1e-2 + 1e-3 * ref_lse[finite].abs().max().item()
@@ -116,8 +117,9 @@ def test_attention_varlen(device, backend, causal):
         g = torch.Generator().manual_seed(3)
         q, k, v, cu_q, cu_k = varlen_case(device, dtype, lens_q, lens_k, h, hkv, d, g)
         q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
-        out, lse = ops.attention_varlen(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal,
-                                        return_lse=True, backend=backend)
+        out, lse = ops.attention_varlen(
+            q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal, return_lse=True, backend=backend
+        )
         assert lse.shape == (h, q.shape[0])
         q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
         ref = attention_varlen_ref(q64, k64, v64, cu_q, cu_k, causal=causal)
@@ -125,8 +127,11 @@ def test_attention_varlen(device, backend, causal):
         lows = []
         for i in range(len(lens_q)):
             sl_q, sl_k = slice(int(cu_q[i]), int(cu_q[i + 1])), slice(int(cu_k[i]), int(cu_k[i + 1]))
-            lows.append(lowp_attention(q[sl_q][None].detach(), k[sl_k][None].detach(), v[sl_k][None].detach(),
-                                       causal, d**-0.5)[0])
+            lows.append(
+                lowp_attention(q[sl_q][None].detach(), k[sl_k][None].detach(), v[sl_k][None].detach(), causal, d**-0.5)[
+                    0
+                ]
+            )
         check_2x(out, ref, torch.cat(lows), dtype, f"{backend} {dtype} varlen out")
         dout = torch.randn(out.shape, generator=g).to(device, dtype)
         grads = torch.autograd.grad(out, (q, k, v), dout)
@@ -164,7 +169,7 @@ def test_paged_attention(device, backend, block_size, sq):
         lows = []
         for i, n in enumerate(seqlens):
             kb, vb = gather_paged_kv(kc, bt, n, i), gather_paged_kv(vc, bt, n, i)
-            lows.append(lowp_attention(q[i:i + 1], kb[None], vb[None], True, d**-0.5))
+            lows.append(lowp_attention(q[i : i + 1], kb[None], vb[None], True, d**-0.5))
         check_2x(out, ref, torch.cat(lows), dtype, f"{backend} {dtype} paged")
 
 
@@ -199,8 +204,9 @@ def test_bad_input_errors():
         ops.attention(torch.randn(1, 4, 2, 64), torch.randn(1, 4, 2, 64, device="meta"), torch.randn(1, 4, 2, 64))
     qv, kv = torch.randn(10, 2, 64), torch.randn(10, 2, 64)
     with pytest.raises(ValueError, match="never decrease"):
-        ops.attention_varlen(qv, kv, kv, torch.tensor([0, 6, 4, 10], dtype=torch.int32),
-                             torch.tensor([0, 4, 6, 10], dtype=torch.int32))
+        ops.attention_varlen(
+            qv, kv, kv, torch.tensor([0, 6, 4, 10], dtype=torch.int32), torch.tensor([0, 4, 6, 10], dtype=torch.int32)
+        )
     with pytest.raises(ValueError, match="int32"):
         ops.attention_varlen(qv, kv, kv, torch.tensor([0, 10]), torch.tensor([0, 10]))
     g = torch.Generator().manual_seed(0)
@@ -214,7 +220,8 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="power of two"):
         ops.paged_attention(q, kc[:, :12].contiguous(), vc[:, :12].contiguous(), bt, cs)
     with pytest.raises(ValueError, match="out of range"):
-        ops.write_kv_cache(torch.randn(2, 2, 64), torch.randn(2, 2, 64), kc, vc,
-                           torch.tensor([0, kc.shape[0] * 16], dtype=torch.int32))
+        ops.write_kv_cache(
+            torch.randn(2, 2, 64), torch.randn(2, 2, 64), kc, vc, torch.tensor([0, kc.shape[0] * 16], dtype=torch.int32)
+        )
     with pytest.raises(backends.BackendUnavailable):
         ops.attention(torch.randn(1, 4, 2, 64), torch.randn(1, 4, 2, 64), torch.randn(1, 4, 2, 64), backend="cuda")

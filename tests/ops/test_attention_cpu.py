@@ -14,8 +14,10 @@ from plm_engine.ops.attention import backend_op
 from plm_engine.ops.reference import attention_ref, attention_varlen_ref, gather_paged_kv, paged_attention_ref
 from tests.ops.test_attention import check_2x, lowp_attention, paged_case, varlen_case
 
-pytestmark = pytest.mark.skipif(not backends.availability("cpu", torch.device("cpu"), "attn_fwd")[0],
-                                reason="plm_engine._C has no CPU attention kernels")
+pytestmark = pytest.mark.skipif(
+    not backends.availability("cpu", torch.device("cpu"), "attn_fwd")[0],
+    reason="plm_engine._C has no CPU attention kernels",
+)
 
 
 def rand(*shape, dtype=torch.float32, gen):
@@ -49,8 +51,11 @@ def test_opcheck():
     bwd_checks = ("test_schema", "test_faketensor")
     torch.library.opcheck(backend_op("attn_bwd", "cpu"), (dout, q, k, v, out, lse, True, 0.3), test_utils=bwd_checks)
     out, lse = backend_op("attn_varlen_fwd", "cpu")(q[0], k[0], v[0], cu_q, cu_k, 14, 13, True, 0.3)
-    torch.library.opcheck(backend_op("attn_varlen_bwd", "cpu"),
-                          (dout[0], q[0], k[0], v[0], out, lse, cu_q, cu_k, 14, 13, True, 0.3), test_utils=bwd_checks)
+    torch.library.opcheck(
+        backend_op("attn_varlen_bwd", "cpu"),
+        (dout[0], q[0], k[0], v[0], out, lse, cu_q, cu_k, 14, 13, True, 0.3),
+        test_utils=bwd_checks,
+    )
     qp, kc, vc, bt, cs = paged_case("cpu", torch.bfloat16, [9, 40], 2, 4, 2, 64, 16, g)
     torch.library.opcheck(backend_op("paged_attn", "cpu"), (qp, kc, vc, bt, cs, 0.125))
     slots = torch.tensor([3, -1, 17], dtype=torch.int32)
@@ -105,8 +110,12 @@ def test_paged_long_context_and_chunked_prefill(dtype):
         q, kc, vc, bt, cs = paged_case("cpu", dtype, seqlens, sq, h, hkv, d, block_size, g)
         out = ops.paged_attention(q, kc, vc, bt, cs, backend="cpu")
         ref = paged_attention_ref(q.double(), kc.double(), vc.double(), bt, cs)
-        lows = [lowp_attention(q[i:i + 1], gather_paged_kv(kc, bt, n, i)[None], gather_paged_kv(vc, bt, n, i)[None],
-                               True, d**-0.5) for i, n in enumerate(seqlens)]
+        lows = [
+            lowp_attention(
+                q[i : i + 1], gather_paged_kv(kc, bt, n, i)[None], gather_paged_kv(vc, bt, n, i)[None], True, d**-0.5
+            )
+            for i, n in enumerate(seqlens)
+        ]
         check_2x(out, ref, torch.cat(lows), dtype, f"paged bs={block_size} sq={sq}")
 
 
@@ -162,8 +171,17 @@ def test_bad_input_errors():
     with pytest.raises(RuntimeError, match="contiguous in head_dim"):
         op.attn_fwd(q, q, q.transpose(-1, -2).contiguous().transpose(-1, -2), False, 0.1)
     with pytest.raises(RuntimeError, match="cu_seqlens must start at 0"):
-        op.attn_varlen_fwd(q[0], q[0], q[0], torch.tensor([0, 3], dtype=torch.int32),
-                           torch.tensor([0, 4], dtype=torch.int32), 4, 4, False, 0.1)
+        op.attn_varlen_fwd(
+            q[0],
+            q[0],
+            q[0],
+            torch.tensor([0, 3], dtype=torch.int32),
+            torch.tensor([0, 4], dtype=torch.int32),
+            4,
+            4,
+            False,
+            0.1,
+        )
     g = torch.Generator().manual_seed(0)
     qp, kc, vc, bt, cs = paged_case("cpu", torch.float32, [20, 5], 1, 4, 2, 64, 16, g)
     bad = bt.clone()
@@ -171,8 +189,9 @@ def test_bad_input_errors():
     with pytest.raises(RuntimeError, match="outside"):
         op.paged_attn(qp, kc, vc, bad, cs, 0.1)
     with pytest.raises(RuntimeError, match="out of range"):
-        op.write_kv_cache(torch.randn(1, 2, 64), torch.randn(1, 2, 64), kc, vc,
-                          torch.tensor([kc.shape[0] * 16], dtype=torch.int32))
+        op.write_kv_cache(
+            torch.randn(1, 2, 64), torch.randn(1, 2, 64), kc, vc, torch.tensor([kc.shape[0] * 16], dtype=torch.int32)
+        )
 
 
 # ---- every instruction-set build: forward, backward and paged decode on awkward shapes ----------------
@@ -205,8 +224,11 @@ def test_isa_forward_backward(cpu_isa, shape):
     scale = 0.7 / d**0.5  # not the default: the scale must reach both passes
     for dtype in DTYPES:
         g = torch.Generator().manual_seed(sum(shape))
-        q, k, v = rand(b, sq, h, d, dtype=dtype, gen=g), rand(b, sk, hkv, d, dtype=dtype, gen=g), \
-            rand(b, sk, hkv, d, dtype=dtype, gen=g)
+        q, k, v = (
+            rand(b, sq, h, d, dtype=dtype, gen=g),
+            rand(b, sk, hkv, d, dtype=dtype, gen=g),
+            rand(b, sk, hkv, d, dtype=dtype, gen=g),
+        )
         dout = rand(b, sq, h, d, dtype=dtype, gen=g)
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         out, lse = ops.attention(*leaves, causal=causal, softmax_scale=scale, return_lse=True, backend="cpu")
@@ -247,7 +269,7 @@ def test_isa_varlen(cpu_isa, causal):
         what = f"{cpu_isa} {dtype} varlen causal={causal}"
         check_2x(out, ref, low.detach(), dtype, what)
         # A sequence without keys outputs zeros and gets zero gradients.
-        assert (out[int(cu_q[2]):int(cu_q[3])] == 0).all()
+        assert (out[int(cu_q[2]) : int(cu_q[3])] == 0).all()
         grads_2x(grads, ref, ref_leaves, low, low_leaves, dout, dtype, what)
 
 
@@ -260,6 +282,10 @@ def test_isa_paged(cpu_isa, block_size, sq, d):
         q, kc, vc, bt, cs = paged_case("cpu", dtype, seqlens, sq, h, hkv, d, block_size, g)
         out = ops.paged_attention(q, kc, vc, bt, cs, backend="cpu")
         ref = paged_attention_ref(q.double(), kc.double(), vc.double(), bt, cs)
-        lows = [lowp_attention(q[i:i + 1], gather_paged_kv(kc, bt, n, i)[None], gather_paged_kv(vc, bt, n, i)[None],
-                               True, d**-0.5) for i, n in enumerate(seqlens)]
+        lows = [
+            lowp_attention(
+                q[i : i + 1], gather_paged_kv(kc, bt, n, i)[None], gather_paged_kv(vc, bt, n, i)[None], True, d**-0.5
+            )
+            for i, n in enumerate(seqlens)
+        ]
         check_2x(out, ref, torch.cat(lows), dtype, f"{cpu_isa} {dtype} paged bs={block_size} sq={sq} d={d}")

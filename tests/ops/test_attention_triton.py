@@ -141,8 +141,7 @@ def test_last_dim_not_contiguous():
     assert out.stride() == torch.empty_like(q).stride() and grads[0].stride() == torch.empty_like(q).stride()
 
 
-@pytest.mark.parametrize("shape", [(1, 20, 27, 3, 1, 256), (2, 33, 17, 4, 2, 8)],
-                         ids=["hd256-mqa", "hd8-gqa"])
+@pytest.mark.parametrize("shape", [(1, 20, 27, 3, 1, 256), (2, 33, 17, 4, 2, 8)], ids=["hd256-mqa", "hd8-gqa"])
 def test_head_dim_extremes(shape):
     b, sq, sk, h, hkv, d = shape
     g = torch.Generator().manual_seed(d)
@@ -157,8 +156,11 @@ def test_fully_masked_rows_and_empty_sequences():
     mod = _mod()
     g = torch.Generator().manual_seed(4)
     dtype = torch.float16
-    q, k, v = _rand(1, 40, 2, 16, dtype=dtype, gen=g), _rand(1, 9, 1, 16, dtype=dtype, gen=g), \
-        _rand(1, 9, 1, 16, dtype=dtype, gen=g)
+    q, k, v = (
+        _rand(1, 40, 2, 16, dtype=dtype, gen=g),
+        _rand(1, 9, 1, 16, dtype=dtype, gen=g),
+        _rand(1, 9, 1, 16, dtype=dtype, gen=g),
+    )
     out, lse, (dq, dk, dv) = _dense_vs_reference(q, k, v, True, dtype, "sq > sk causal")
     assert (out[:, :31] == 0).all() and torch.isneginf(lse[:, :, :31]).all() and (dq[:, :31] == 0).all()
 
@@ -169,8 +171,9 @@ def test_fully_masked_rows_and_empty_sequences():
     v = _rand(sum(lens_k), 2, 16, dtype=dtype, gen=g).requires_grad_()
     out, lse = mod.triton_attn_varlen_fwd(q, k, v, cu_q, cu_k, 5, 7, True, 0.25)
     assert (out[:4] == 0).all() and torch.isneginf(lse[:, :4]).all()
-    ref, ref_lse = attention_varlen_ref(q.double(), k.double(), v.double(), cu_q, cu_k, causal=True,
-                                        softmax_scale=0.25, return_lse=True)
+    ref, ref_lse = attention_varlen_ref(
+        q.double(), k.double(), v.double(), cu_q, cu_k, causal=True, softmax_scale=0.25, return_lse=True
+    )
     assert max_err(out, ref) < 2e-3 and torch.equal(torch.isfinite(lse), torch.isfinite(ref_lse))
     dout = torch.randn(out.shape, generator=g).to(DEVICE, dtype)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
@@ -203,8 +206,10 @@ def test_launchers_allocate_no_score_matrix():
     """Every tensor the forward and backward allocate (through torch's allocator: outputs, lse, delta,
     and the interpreter's copies of the arguments) is O(seqlen * head_dim): none is seqlen x seqlen."""
     if DEVICE != "cpu":
-        pytest.skip("CPU allocator accounting (interpreter only); on a GPU test_no_quadratic_memory_on_gpu "
-                    "measures device memory")
+        pytest.skip(
+            "CPU allocator accounting (interpreter only); on a GPU test_no_quadratic_memory_on_gpu "
+            "measures device memory"
+        )
     from torch.profiler import ProfilerActivity, profile
 
     mod = _mod()
@@ -255,10 +260,10 @@ def test_head_offset_past_int32():
     out, lse = mod.triton_attn_fwd(q, k, v, False, scale)
     rows = torch.cat([torch.arange(4), torch.arange(s - 4, s)]).cuda()
     for head in (0, 2):
-        qs = q[:, rows, head:head + 1]
+        qs = q[:, rows, head : head + 1]
         ref, ref_lse = attention_ref(qs.double(), k.double(), v.double(), False, scale, return_lse=True)
-        assert max_err(out[:, rows, head:head + 1], ref) < 2e-2, head
-        assert max_err(lse[:, head:head + 1, rows], ref_lse) < 1e-2, head
+        assert max_err(out[:, rows, head : head + 1], ref) < 2e-2, head
+        assert max_err(lse[:, head : head + 1, rows], ref_lse) < 1e-2, head
 
 
 def test_unaligned_launch_picks_unaligned_config(monkeypatch):
@@ -309,7 +314,10 @@ def test_kernel_specs_cover_both_tables():
                         mod.launch_config(kernel, block_d, aligned=False)
                     continue
                 cfg = mod.launch_config(kernel, block_d, aligned=aligned)
-                assert any(s.name.startswith(f"attn_{kernel}[hd={block_d},BLOCK_M={cfg.block_m},"
-                                             f"BLOCK_N={cfg.block_n},") and s.num_warps == cfg.num_warps
-                           and s.num_stages == cfg.num_stages and s.alignments == (alignment,)
-                           for s in specs), (kernel, block_d, aligned)
+                assert any(
+                    s.name.startswith(f"attn_{kernel}[hd={block_d},BLOCK_M={cfg.block_m},BLOCK_N={cfg.block_n},")
+                    and s.num_warps == cfg.num_warps
+                    and s.num_stages == cfg.num_stages
+                    and s.alignments == (alignment,)
+                    for s in specs
+                ), (kernel, block_d, aligned)

@@ -60,12 +60,14 @@ _AVX512_REG = re.compile(r"%zmm\d|%k[0-7]\b")
 _AVX_REG = re.compile(r"%ymm\d")
 
 
-@pytest.mark.skipif(platform.machine() != "x86_64" or shutil.which("objdump") is None,
-                    reason="needs x86-64 and binutils' objdump")
+@pytest.mark.skipif(
+    platform.machine() != "x86_64" or shutil.which("objdump") is None, reason="needs x86-64 and binutils' objdump"
+)
 def test_wide_vector_code_only_inside_its_isa_build():
     so = extension.load()[0].__file__
-    out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", so], capture_output=True, text=True,
-                         timeout=300, check=True).stdout
+    out = subprocess.run(
+        ["objdump", "-d", "--no-show-raw-insn", "-C", so], capture_output=True, text=True, timeout=300, check=True
+    ).stdout
     leaks, func = {}, None
     for line in out.splitlines():
         head = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
@@ -80,4 +82,5 @@ def test_wide_vector_code_only_inside_its_isa_build():
         elif _AVX_REG.search(line) and "avx2" not in name and "avx512" not in name:
             leaks.setdefault(func, "AVX")
     assert not leaks, "vector code outside its ISA build (would crash older CPUs):\n" + "\n".join(
-        f"  {isa}: {name[:160]}" for name, isa in list(leaks.items())[:20])
+        f"  {isa}: {name[:160]}" for name, isa in list(leaks.items())[:20]
+    )

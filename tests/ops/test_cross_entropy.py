@@ -63,8 +63,14 @@ def test_inplace_backward_and_upstream_gradient(device, backend, dtype):
     x = logits.clone().requires_grad_()
     # A non-leaf, like the LM head's output, so its buffer may be overwritten.
     h = x * 1
-    loss = cross_entropy(h.view(7, 1, 1000), target.view(7, 1), ignore_index=3, label_smoothing=0.1,
-                         inplace_backward=True, backend=backend)
+    loss = cross_entropy(
+        h.view(7, 1, 1000),
+        target.view(7, 1),
+        ignore_index=3,
+        label_smoothing=0.1,
+        inplace_backward=True,
+        backend=backend,
+    )
     (loss * 2.5).backward()
     ref, ref_g, low, low_g = references(logits, target, dtype, ignore_index=3, label_smoothing=0.1)
     assert_2x_rule(loss, ref, low, dtype, what="in-place loss")
@@ -132,8 +138,12 @@ def test_cpu_kernel_every_isa(cpu_isa, dtype):
     with and without label smoothing; the in-place gradient; huge, -inf and all-ignored rows."""
     if not _available("cpu"):
         pytest.skip("plm_engine._C not built")
-    for (n, v), (reduction, smoothing) in [((5, 1), ("mean", 0.0)), ((9, 7), ("none", 0.2)),
-                                           ((3, 4099), ("sum", 0.1)), ((3, 4099), ("none", 0.0))]:
+    for (n, v), (reduction, smoothing) in [
+        ((5, 1), ("mean", 0.0)),
+        ((9, 7), ("none", 0.2)),
+        ((3, 4099), ("sum", 0.1)),
+        ((3, 4099), ("none", 0.0)),
+    ]:
         test_loss_and_gradient("cpu", "cpu", dtype, n, v, reduction, smoothing)
     test_inplace_backward_and_upstream_gradient("cpu", "cpu", dtype)
     test_huge_values_and_all_ignored("cpu", "cpu", dtype)
@@ -183,9 +193,16 @@ def test_linear_cross_entropy(device, backend, dtype, bias, reduction, smoothing
     target = torch.randint(0, v, (n,), generator=g).to(device)
     target[::5] = -100
     leaves = [t.clone().requires_grad_() for t in (hidden, weight) + ((b,) if bias else ())]
-    loss = linear_cross_entropy(leaves[0].view(1, n, d), leaves[1], target.view(1, n),
-                                leaves[2] if bias else None, label_smoothing=smoothing, reduction=reduction,
-                                chunk_size=16, backend=backend)  # 16 does not divide 37
+    loss = linear_cross_entropy(
+        leaves[0].view(1, n, d),
+        leaves[1],
+        target.view(1, n),
+        leaves[2] if bias else None,
+        label_smoothing=smoothing,
+        reduction=reduction,
+        chunk_size=16,
+        backend=backend,
+    )  # 16 does not divide 37
     up = torch.rand(loss.shape, generator=g).to(device, torch.float32) + 0.5
     grads = torch.autograd.grad((loss.float() * up).sum(), leaves)
 

@@ -89,17 +89,20 @@ def _shfl_expected(threads):
     rows = []
     for t in range(threads):
         lane, warp = t % 32, t // 32
-        rows.append([
-            val(warp, lane ^ 1), val(warp, lane ^ 16),
-            seg(warp, lane, 32, lane + 3),
-            seg(warp, lane, 32, lane - 5),
-            val(warp, 7),
-            seg(warp, lane, 8, lane ^ 4),
-            seg(warp, lane, 16, lane + 3),
-            seg(warp, lane, 8, lane - 2),
-            val(warp, lane - lane % 4 + 6 % 4),
-            val(warp, lane ^ 2),
-        ])
+        rows.append(
+            [
+                val(warp, lane ^ 1),
+                val(warp, lane ^ 16),
+                seg(warp, lane, 32, lane + 3),
+                seg(warp, lane, 32, lane - 5),
+                val(warp, 7),
+                seg(warp, lane, 8, lane ^ 4),
+                seg(warp, lane, 16, lane + 3),
+                seg(warp, lane, 8, lane - 2),
+                val(warp, lane - lane % 4 + 6 % 4),
+                val(warp, lane ^ 2),
+            ]
+        )
     return torch.tensor(rows, dtype=torch.int32)
 
 
@@ -132,14 +135,17 @@ def test_atomics_and_builtin_indices(emu):
         assert out[bz, by, bx, tz, ty, tx].tolist() == [tx, ty, tz, bx, by, bz]
 
 
-@pytest.mark.parametrize("name,message", [
-    ("broken_divergent_shfl", "exited while .* waits for it in __shfl_xor_sync"),
-    ("broken_partial_barrier", "exited while 16 thread\\(s\\) wait at __syncthreads"),
-    ("broken_two_barriers", "divergent __syncthreads"),
-    ("broken_deadlock", "deadlock in block \\(0,0,0\\): no thread can make progress"),
-    ("broken_shfl_outside_mask", "reads lane 16, which is not in the mask"),
-    ("invalid_block", "invalid launch: block \\(2048,1,1\\)"),
-])
+@pytest.mark.parametrize(
+    "name,message",
+    [
+        ("broken_divergent_shfl", "exited while .* waits for it in __shfl_xor_sync"),
+        ("broken_partial_barrier", "exited while 16 thread\\(s\\) wait at __syncthreads"),
+        ("broken_two_barriers", "divergent __syncthreads"),
+        ("broken_deadlock", "deadlock in block \\(0,0,0\\): no thread can make progress"),
+        ("broken_shfl_outside_mask", "reads lane 16, which is not in the mask"),
+        ("invalid_block", "invalid launch: block \\(2048,1,1\\)"),
+    ],
+)
 def test_broken_kernels_fail_with_a_clear_error(emu, name, message):
     # Each is undefined behaviour (a hang, at best) or a launch error on a GPU: here a clear error.
     with pytest.raises(RuntimeError, match=message):
@@ -270,8 +276,14 @@ def test_norm_in_one_block_under_both_thread_orders(emu, thread_order, kind):
 
 # ---- softmax -------------------------------------------------------------------------------------
 
-SOFTMAX_CASES = [((3, 1, 1), False), ((2, 3, 7), False), ((1, 2, 1000), False), ((2, 5, 7), True),
-                 ((1, 9, 4), True), ((1, 3, 1025), True)]
+SOFTMAX_CASES = [
+    ((3, 1, 1), False),
+    ((2, 3, 7), False),
+    ((1, 2, 1000), False),
+    ((2, 5, 7), True),
+    ((1, 9, 4), True),
+    ((1, 3, 1025), True),
+]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -280,8 +292,13 @@ def test_softmax_forward_backward(emu, dtype, shape, causal):
     scale = 0.37
     x = randn(shape, dtype, sum(shape), 3.0, 1.0)
     y = emu.softmax_fwd(x, scale, causal)
-    assert_2x_rule(y, softmax_ref(x.double(), scale=scale, causal=causal),
-                   softmax_ref(x, scale=scale, causal=causal), dtype, what="softmax forward")
+    assert_2x_rule(
+        y,
+        softmax_ref(x.double(), scale=scale, causal=causal),
+        softmax_ref(x, scale=scale, causal=causal),
+        dtype,
+        what="softmax forward",
+    )
     dy = randn(shape, dtype, sum(shape) + 1, 3.0, 1.0)
     dx = emu.softmax_bwd(dy, y, scale)
     x64 = x.double().requires_grad_()
@@ -295,8 +312,13 @@ def test_softmax_forward_backward(emu, dtype, shape, causal):
 def test_softmax_one_row_under_both_thread_orders(emu, thread_order):
     x = randn((1, 1, 3001), torch.float32, 11, 3.0)
     y = emu.softmax_fwd(x, 0.5, False)
-    assert_2x_rule(y, softmax_ref(x.double(), scale=0.5), softmax_ref(x, scale=0.5), torch.float32,
-                   what=f"softmax ({thread_order})")
+    assert_2x_rule(
+        y,
+        softmax_ref(x.double(), scale=0.5),
+        softmax_ref(x, scale=0.5),
+        torch.float32,
+        what=f"softmax ({thread_order})",
+    )
 
 
 def test_softmax_masked_and_infinite_rows(emu):
@@ -359,8 +381,12 @@ def test_activation_forward_backward(emu, dtype, rows, n, strided, max_grid_y, o
 
 # (batch, seqlen, hq, hk, head_dim, rotary_dim, positions): one pair; full rotary on 16-byte packs;
 # partial rotary (a copy pass) with a half that breaks the packs; GQA with explicit positions.
-ROPE_SHAPES = [(1, 1, 1, 1, 2, 2, False), (2, 3, 4, 2, 64, 64, False), (1, 5, 3, 1, 80, 40, False),
-               (2, 4, 3, 1, 48, 48, True)]
+ROPE_SHAPES = [
+    (1, 1, 1, 1, 2, 2, False),
+    (2, 3, 4, 2, 64, 64, False),
+    (1, 5, 3, 1, 80, 40, False),
+    (2, 4, 3, 1, 48, 48, True),
+]
 
 
 def _rope_tables(rotary_dim, n_pos, dtype):
@@ -381,7 +407,7 @@ def _rope_lowp(x, cos, sin, interleaved, pos):
     else:
         c, s = torch.cat((c, c), -1), torch.cat((s, s), -1)
         rot = torch.cat((-xr[..., half:], xr[..., :half]), dim=-1)
-    return torch.cat((xr * c + rot * s, x[..., 2 * half:]), dim=-1)
+    return torch.cat((xr * c + rot * s, x[..., 2 * half :]), dim=-1)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -434,14 +460,17 @@ def test_paged_attention(emu, dtype, case):
     lows = []
     for i, n in enumerate(seqlens):
         kb, vb = gather_paged_kv(kc, bt, n, i), gather_paged_kv(vc, bt, n, i)
-        lows.append(lowp_attention(q[i:i + 1], kb[None], vb[None], True, scale))
+        lows.append(lowp_attention(q[i : i + 1], kb[None], vb[None], True, scale))
     check_2x(out, ref, torch.cat(lows), dtype, f"paged attention {case}")
 
 
 # (in dtype, cache dtype, head_dim, slot dtype): 16-byte packs with a conversion, the element-wise path
 # (head_dim 12), and int32 slots.
-WRITE_CASES = [(torch.float32, torch.bfloat16, 64, torch.int64), (torch.float16, torch.float16, 12, torch.int32),
-               (torch.bfloat16, torch.float32, 40, torch.int64)]
+WRITE_CASES = [
+    (torch.float32, torch.bfloat16, 64, torch.int64),
+    (torch.float16, torch.float16, 12, torch.int32),
+    (torch.bfloat16, torch.float32, 40, torch.int64),
+]
 
 
 @pytest.mark.parametrize("tin,tout,d,slot_dtype", WRITE_CASES, ids=str)
@@ -463,4 +492,3 @@ def test_write_kv_cache(emu, tin, tout, d, slot_dtype):
     kw = torch.empty(k.numel() + 1, dtype=tin)[1:].view(k.shape).copy_(k)
     emu.write_kv_cache(kw, v, kc2, vc2, slots)
     assert torch.equal(kc2, k_ref) and torch.equal(vc2, v_ref)
-

@@ -20,8 +20,17 @@ BACKENDS = [pytest.param("cpu", marks=needs_kernel), "torch"]
 # (M, K, N) for the kernel under every ISA build: every M of {1, 2, 3, 7, 8, 9, 33} (tiles of 4 rows and
 # their 1..3-row remainders), K and N of {1, 7, 17, 576, 1003} (K tails of every vector width 4, 8, 16
 # and 32; a last block of 1..15 weight rows). Small: each case runs under up to four ISAs.
-KERNEL_SHAPES = [(1, 576, 1003), (2, 17, 576), (3, 1003, 7), (7, 7, 17), (8, 576, 1), (9, 1003, 33),
-                 (33, 576, 17), (1, 1, 7), (4, 1003, 1003)]
+KERNEL_SHAPES = [
+    (1, 576, 1003),
+    (2, 17, 576),
+    (3, 1003, 7),
+    (7, 7, 17),
+    (8, 576, 1),
+    (9, 1003, 33),
+    (33, 576, 17),
+    (1, 1, 7),
+    (4, 1003, 1003),
+]
 # Relative error of one rounding to the output dtype (round to nearest).
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
@@ -74,8 +83,9 @@ def test_kernel_forward_within_its_bound(cpu_isa, dtype, with_bias, m, k, n):
     bound, y = kernel_error_bound(x, w, b, dtype)
     err = (out.double() - y).abs()
     worst = (err - bound).argmax()
-    assert (err <= bound).all(), (f"{cpu_isa} {m}x{k}x{n}: error {err.flatten()[worst]:.3g} > "
-                                  f"bound {bound.flatten()[worst]:.3g}")
+    assert (err <= bound).all(), (
+        f"{cpu_isa} {m}x{k}x{n}: error {err.flatten()[worst]:.3g} > bound {bound.flatten()[worst]:.3g}"
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -92,7 +102,7 @@ def test_results_do_not_depend_on_batch_or_threads(cpu_isa, dtype):
     x, w, b = inputs(37, 200, 70, dtype, True)
     full = linear(x, w, b, backend="cpu")
     for i in (0, 5, 36):
-        torch.testing.assert_close(linear(x[i:i + 1], w, b, backend="cpu"), full[i:i + 1], rtol=0, atol=0)
+        torch.testing.assert_close(linear(x[i : i + 1], w, b, backend="cpu"), full[i : i + 1], rtol=0, atol=0)
     for lo, hi in ((3, 9), (1, 4), (30, 37), (10, 18), (20, 25), (2, 14)):  # 8-row tiles for 5..8 rows
         torch.testing.assert_close(linear(x[lo:hi], w, b, backend="cpu"), full[lo:hi], rtol=0, atol=0)
     threads = torch.get_num_threads()
@@ -157,8 +167,9 @@ def test_leading_dims_views_and_empty(backend):
     assert linear(torch.empty(0, 40), torch.randn(9, 40), backend=backend).shape == (0, 9)
     assert linear(torch.randn(2, 40), torch.empty(0, 40), backend=backend).shape == (2, 0)
     bias = torch.randn(5)
-    torch.testing.assert_close(linear(torch.empty(3, 0), torch.empty(5, 0), bias, backend=backend),
-                               bias.expand(3, 5), rtol=0, atol=0)
+    torch.testing.assert_close(
+        linear(torch.empty(3, 0), torch.empty(5, 0), bias, backend=backend), bias.expand(3, 5), rtol=0, atol=0
+    )
 
 
 @needs_kernel
@@ -289,6 +300,7 @@ def test_eager_fast_path_is_the_general_path():
     out = torch.func.vmap(lambda t: linear(t, w, b))(xb)
     torch.testing.assert_close(out, linear_ref(xb, w, b), rtol=1e-5, atol=1e-5)
     from torch._subclasses.fake_tensor import FakeTensorMode
+
     with FakeTensorMode() as mode:
         fy = linear(mode.from_tensor(x), mode.from_tensor(w), mode.from_tensor(b))
     assert fy.shape == (3, 7)

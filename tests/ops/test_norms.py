@@ -137,8 +137,10 @@ def _depth(n):
 def _assert_within(ours, ref, bound, what):
     err = (ours.double() - ref).abs()
     bad = err > bound
-    assert not bad.any(), (f"{what}: {int(bad.sum())} elements over the bound; worst error "
-                           f"{err.max().item():.3g} where the bound is {bound.flatten()[err.flatten().argmax()].item():.3g}")
+    assert not bad.any(), (
+        f"{what}: {int(bad.sum())} elements over the bound; worst error "
+        f"{err.max().item():.3g} where the bound is {bound.flatten()[err.flatten().argmax()].item():.3g}"
+    )
 
 
 def _cpu_built():
@@ -227,8 +229,12 @@ def test_cpu_kernel_backward(cpu_isa, dtype, rows, n):
             dh = torch.randn(x.shape, generator=g).to(dtype) if residual else None
             out = call(kind, x, w, b, r, "cpu")
             outs, douts = ([*out], [dy, dh]) if residual else ([out], [dy])
-            grads = dict(zip(["x", "weight", "bias", "residual"] if b is not None else ["x", "weight", "residual"],
-                             torch.autograd.grad(outs, inputs, douts)))
+            grads = dict(
+                zip(
+                    ["x", "weight", "bias", "residual"] if b is not None else ["x", "weight", "residual"],
+                    torch.autograd.grad(outs, inputs, douts),
+                )
+            )
 
             h64 = (x.detach() if r is None else (x.detach() + r.detach())).double().requires_grad_()
             w64 = w.detach().double().requires_grad_()
@@ -242,13 +248,19 @@ def test_cpu_kernel_backward(cpu_isa, dtype, rows, n):
             dy64 = dy.double()
             wdy = dy64 * w.double()
             s_row = wdy.abs().mean(-1, keepdim=True) * (1 + rstd * mean_abs) + (hat * wdy).abs().mean(-1, keepdim=True)
-            dx_bound = (_unit(dtype) * ref_grads[0].abs() + (_depth(n) + 16) * U32 * rstd * (wdy.abs() + (hat.abs() + 1) * s_row)
-                        + _tiny(dtype))
+            dx_bound = (
+                _unit(dtype) * ref_grads[0].abs()
+                + (_depth(n) + 16) * U32 * rstd * (wdy.abs() + (hat.abs() + 1) * s_row)
+                + _tiny(dtype)
+            )
             if residual:
                 dx_bound = dx_bound + 2 * U32 * dh.double().abs()
             wdt = w.dtype
-            dw_bound = (_unit(wdt) * ref_grads[1].abs() + _tiny(wdt)
-                        + (rows + _depth(n) + 150) * U32 * (dy64.abs() * (hat.abs() + rstd * mean_abs)).sum(0))
+            dw_bound = (
+                _unit(wdt) * ref_grads[1].abs()
+                + _tiny(wdt)
+                + (rows + _depth(n) + 150) * U32 * (dy64.abs() * (hat.abs() + rstd * mean_abs)).sum(0)
+            )
             _assert_within(grads["x"], ref_grads[0], dx_bound, f"{what} dx")
             _assert_within(grads["weight"], ref_grads[1], dw_bound, f"{what} dweight")
             if residual:
@@ -289,8 +301,9 @@ def test_cpu_kernel_thread_count_independent():
 @pytest.mark.parametrize("kind", KINDS)
 def test_fp32_weight_with_low_precision_input(device, backend, kind):
     """Autocast keeps fp32 master weights while activations are bf16: the kernels take that mix."""
-    x, w, b, r = make_inputs(device, torch.bfloat16, (4,), 96, kind, True, kind == "layer", weight_fp32=True,
-                             requires_grad=True)
+    x, w, b, r = make_inputs(
+        device, torch.bfloat16, (4,), 96, kind, True, kind == "layer", weight_fp32=True, requires_grad=True
+    )
     out, h = call(kind, x, w, b, r, backend)
     ref, lowp, _ = reference(kind, x, w, b, r, torch.bfloat16)
     assert_2x_rule(out, ref, lowp, torch.bfloat16, what="mixed forward")
@@ -335,7 +348,9 @@ def test_zero_rows_and_noncontiguous(device, backend):
     # A transposed (non-contiguous) input gives the same result as its contiguous copy.
     xt = torch.randn(64, 10, device=device).t()
     assert not xt.is_contiguous()
-    torch.testing.assert_close(ops.layer_norm(xt, w, backend=backend), ops.layer_norm(xt.contiguous(), w, backend=backend))
+    torch.testing.assert_close(
+        ops.layer_norm(xt, w, backend=backend), ops.layer_norm(xt.contiguous(), w, backend=backend)
+    )
 
 
 @pytest.mark.parametrize("device,backend", DEV_BACKENDS)

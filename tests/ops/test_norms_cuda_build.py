@@ -27,7 +27,8 @@ def cuda_build():
 @pytest.mark.parametrize("op", OPS)
 def test_cuda_kernel_registered(cuda_build, op):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"plm_engine::{op}", "CUDA"), (
-        f"plm_engine._C reports cuda_built() but registers no CUDA kernel for plm_engine::{op}")
+        f"plm_engine._C reports cuda_built() but registers no CUDA kernel for plm_engine::{op}"
+    )
     # The CPU kernel must not be displaced by the CUDA registration.
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"plm_engine::{op}", "CPU")
 

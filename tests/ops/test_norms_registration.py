@@ -10,8 +10,9 @@ from plm_engine import ops
 from plm_engine.ops import backends, extension
 from tests import utils
 
-needs_cpp = pytest.mark.skipif(not backends.availability("cpu", torch.device("cpu"), "norm_fwd")[0],
-                               reason="plm_engine._C CPU kernels not built")
+needs_cpp = pytest.mark.skipif(
+    not backends.availability("cpu", torch.device("cpu"), "norm_fwd")[0], reason="plm_engine._C CPU kernels not built"
+)
 
 
 def _cpp_ops():
@@ -22,8 +23,9 @@ def _cpp_ops():
 
 @needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("is_rms,bias,residual", [(False, True, False), (False, True, True), (True, False, True),
-                                                  (True, False, False)])
+@pytest.mark.parametrize(
+    "is_rms,bias,residual", [(False, True, False), (False, True, True), (True, False, True), (True, False, False)]
+)
 def test_opcheck(dtype, is_rms, bias, residual):
     fwd, bwd = _cpp_ops()
     x = torch.randn(5, 67, dtype=dtype, requires_grad=True)
@@ -70,6 +72,7 @@ def test_torch_compile_matches_eager():
 
 # ---- the kernel table behind tests/utils.device_backends ------------------------------------------------
 
+
 def test_csrc_kernel_table():
     """Every op with a CUDA kernel is a defined op that also has a CPU kernel; the norms have both."""
     table = utils.csrc_kernel_table()
@@ -93,8 +96,11 @@ def test_gpu_cases_follow_the_table():
         assert len({p.id for p in params}) == len(params), op
 
 
-@pytest.mark.skipif(not extension.cuda_built(), reason="plm_engine._C was built without nvcc: it registers no "
-                    "CUDA kernels to compare with csrc (the CI and GPU builds do)")
+@pytest.mark.skipif(
+    not extension.cuda_built(),
+    reason="plm_engine._C was built without nvcc: it registers no "
+    "CUDA kernels to compare with csrc (the CI and GPU builds do)",
+)
 def test_csrc_table_matches_the_cuda_build():
     registered = {op for op in utils.csrc_defined_ops() if extension.has_kernel(op, "CUDA")}
     assert registered == utils.cuda_kernel_ops()

@@ -30,9 +30,11 @@ def _inputs(rows, n, dtype, bias, residual, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("is_rms,bias,residual", [(False, True, False), (False, True, True), (False, False, True),
-                                                  (True, False, False), (True, False, True)],
-                         ids=["ln-bias", "ln-bias-res", "ln-res", "rms", "rms-res"])
+@pytest.mark.parametrize(
+    "is_rms,bias,residual",
+    [(False, True, False), (False, True, True), (False, False, True), (True, False, False), (True, False, True)],
+    ids=["ln-bias", "ln-bias-res", "ln-res", "rms", "rms-res"],
+)
 def test_opcheck(dtype, is_rms, bias, residual):
     fwd, bwd = _ops()
     x, w, b, r = _inputs(5, 67, dtype, bias, residual)
@@ -79,8 +81,9 @@ def test_empty_inputs():
     w, b = torch.rand(8, device=DEVICE) + 0.5, torch.randn(8, device=DEVICE)
     y, h, mean, rstd = fwd(torch.empty(0, 8, device=DEVICE), w, b, None, 1e-5, False)
     assert y.shape == (0, 8) and h.numel() == 0 and mean.shape == (0,) and rstd.shape == (0,)
-    dx, dw, db = bwd(torch.empty(0, 8, device=DEVICE), None, torch.empty(0, 8, device=DEVICE), w,
-                     mean, rstd, True, False)
+    dx, dw, db = bwd(
+        torch.empty(0, 8, device=DEVICE), None, torch.empty(0, 8, device=DEVICE), w, mean, rstd, True, False
+    )
     assert dx.shape == (0, 8) and torch.equal(dw, torch.zeros_like(w)) and torch.equal(db, torch.zeros_like(w))
     # n == 0: an empty row has mean 0 and rstd 1/sqrt(eps), as in the C++ kernels.
     y, _, mean, rstd = fwd(torch.empty(3, 0, device=DEVICE), torch.empty(0, device=DEVICE), None, None, 0.25, False)

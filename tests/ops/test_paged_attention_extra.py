@@ -31,7 +31,7 @@ def _lowp(q, kc, vc, bt, seqlens, scale):
     outs = []
     for i, n in enumerate(seqlens):
         kb, vb = gather_paged_kv(kc, bt, n, i), gather_paged_kv(vc, bt, n, i)
-        outs.append(lowp_attention(q[i:i + 1], kb[None], vb[None], True, scale))
+        outs.append(lowp_attention(q[i : i + 1], kb[None], vb[None], True, scale))
     return torch.cat(outs)
 
 
@@ -88,8 +88,9 @@ def test_splits_env_override(monkeypatch):
     assert pa.choose_num_splits(q.device, 1, 10_000) == 5
     out_env = ops.paged_attention(q, kc, vc, bt, cs, backend="triton")
     monkeypatch.delenv(SPLITS_ENV)
-    torch.testing.assert_close(out_env, pa.launch_paged_attn(q, kc, vc, bt, cs, 32**-0.5, num_splits=1),
-                               atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(
+        out_env, pa.launch_paged_attn(q, kc, vc, bt, cs, 32**-0.5, num_splits=1), atol=1e-3, rtol=1e-3
+    )
 
 
 @needs_triton

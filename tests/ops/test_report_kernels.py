@@ -110,8 +110,11 @@ Resource usage:
 def test_parser_reads_arch_sections_and_flags_spills():
     found = report.parse_resource_usage(CAPTURED)
     assert [(f["symbol"], f["arch"]) for f in found] == [
-        ("_Z11smem_kernelPf", 80), ("_Z12heavy_kernelPKfPfi", 80),
-        ("_Z12scale_kernelIfEvPKT_PS0_fi", 90), ("_Z12heavy_kernelPKfPfi", 90)]
+        ("_Z11smem_kernelPf", 80),
+        ("_Z12heavy_kernelPKfPfi", 80),
+        ("_Z12scale_kernelIfEvPKT_PS0_fi", 90),
+        ("_Z12heavy_kernelPKfPfi", 90),
+    ]
     assert found[0]["shared"] == 1024 and found[0]["registers"] == 10
     assert [report.spill_bytes(f) for f in found] == [0, 608, 0, 600]
     rows = [report._row("cuda", f["symbol"], "", f["arch"], f, f["shared"], None) for f in found]
@@ -156,9 +159,24 @@ def _nvcc() -> str | None:
 def test_cuda_report_on_a_freshly_built_library(tmp_path):
     src, lib = tmp_path / "k.cu", tmp_path / "libk.so"
     src.write_text(CUDA_SOURCE)
-    subprocess.run([_nvcc(), "-shared", "-Xcompiler", "-fPIC", "-maxrregcount=16",
-                    "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90a,code=sm_90a",
-                    "-o", str(lib), str(src)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            _nvcc(),
+            "-shared",
+            "-Xcompiler",
+            "-fPIC",
+            "-maxrregcount=16",
+            "-gencode",
+            "arch=compute_80,code=sm_80",
+            "-gencode",
+            "arch=compute_90a,code=sm_90a",
+            "-o",
+            str(lib),
+            str(src),
+        ],
+        check=True,
+        capture_output=True,
+    )
     rows = report.collect_cuda(report.ARCHS, path=str(lib))
     by = {(r["kernel"].split("(")[0], r["arch"]): r for r in rows}
     assert set(by) == {(k, a) for k in ("heavy_kernel", "void scale_kernel<float>") for a in (80, 90)}, by.keys()
@@ -190,9 +208,16 @@ def _register_hog_kernel(X_ptr, Y_ptr, n, BLOCK: tl.constexpr):
 
 def kernel_specs() -> list[KernelSpec]:
     """This module stands in for an op family in the spill test below."""
-    return [KernelSpec("register_hog[BLOCK=16384,fp32]", _register_hog_kernel,
-                       {"X_ptr": "*fp32", "Y_ptr": "*fp32", "n": "i32", "BLOCK": "constexpr"},
-                       {"BLOCK": 16384}, num_warps=1, num_stages=1)]
+    return [
+        KernelSpec(
+            "register_hog[BLOCK=16384,fp32]",
+            _register_hog_kernel,
+            {"X_ptr": "*fp32", "Y_ptr": "*fp32", "n": "i32", "BLOCK": "constexpr"},
+            {"BLOCK": 16384},
+            num_warps=1,
+            num_stages=1,
+        )
+    ]
 
 
 def test_spill_detector_flags_a_spilling_triton_kernel(capsys):

@@ -365,6 +365,7 @@ def test_cpp_ops_reject_bad_arguments_without_crashing():
 
 # ---- cos/sin tables --------------------------------------------------------------------------------
 
+
 def test_cos_sin_tables_match_the_direct_formula():
     theta, dim = 500000.0, 64
     cos, sin = rope_cos_sin(torch.tensor([0, 3, 4095]), dim, theta)
@@ -378,8 +379,13 @@ def test_cos_sin_tables_match_the_direct_formula():
 
 def test_llama3_scaling_matches_the_direct_formula():
     """Llama 3.1's rope_scaling, frequency by frequency from its definition."""
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     dim, theta = 128, 500000.0
     got = rope_inv_freq(dim, theta, scaling)
     for i in range(dim // 2):
@@ -398,8 +404,9 @@ def test_llama3_scaling_matches_the_direct_formula():
     # Without "rope_type" the llama3 keys are recognised; "linear" divides every frequency.
     no_type = {key: v for key, v in scaling.items() if key != "rope_type"}
     torch.testing.assert_close(rope_inv_freq(dim, theta, no_type), got)
-    torch.testing.assert_close(rope_inv_freq(dim, theta, {"rope_type": "linear", "factor": 2.0}),
-                               rope_inv_freq(dim, theta) / 2)
+    torch.testing.assert_close(
+        rope_inv_freq(dim, theta, {"rope_type": "linear", "factor": 2.0}), rope_inv_freq(dim, theta) / 2
+    )
 
 
 def test_table_errors():
@@ -408,8 +415,9 @@ def test_table_errors():
     with pytest.raises(ValueError, match="unsupported rope_type"):
         rope_inv_freq(8, scaling={"rope_type": "yarn", "factor": 2.0})
     with pytest.raises(ValueError, match="needs original_max_position_embeddings"):
-        rope_inv_freq(8, scaling={"rope_type": "llama3", "factor": 2.0, "low_freq_factor": 1.0,
-                                  "high_freq_factor": 4.0})
+        rope_inv_freq(
+            8, scaling={"rope_type": "llama3", "factor": 2.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+        )
     with pytest.raises(ValueError, match="integers"):
         rope_cos_sin(torch.tensor([0.5]), 8)
 

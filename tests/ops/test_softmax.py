@@ -13,8 +13,17 @@ from tests.utils import DTYPES, assert_2x_rule, device_backends
 DEV_BACKENDS = device_backends("softmax_fwd")
 # (shape, causal): n = 1, odd, non-powers of two, one-block and looped Triton paths (> 16384), 131073
 # columns; causal with sq < sk (KV prefix) and sq > sk (fully masked leading rows).
-CASES = [((3, 1), False), ((2, 3, 7), False), ((4, 1000), False), ((2, 20000), False), ((1, 131073), False),
-         ((2, 5, 7), True), ((1, 9, 4), True), ((1, 3, 1025), True), ((1, 2, 131073), True)]
+CASES = [
+    ((3, 1), False),
+    ((2, 3, 7), False),
+    ((4, 1000), False),
+    ((2, 20000), False),
+    ((1, 131073), False),
+    ((2, 5, 7), True),
+    ((1, 9, 4), True),
+    ((1, 3, 1025), True),
+    ((1, 2, 131073), True),
+]
 
 
 def make_x(shape, dtype, device, seed=0):

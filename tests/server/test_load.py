@@ -44,8 +44,14 @@ def test_64_concurrent_streams(load_server):
     srv = load_server
 
     async def one(client, prompt, max_tokens):
-        stream = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True})
+        stream = await client.completions.create(
+            model=MODEL,
+            prompt=prompt,
+            max_tokens=max_tokens,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         text, finish, usage, n_chunks = "", None, None, 0
         async for chunk in stream:
             n_chunks += 1
@@ -58,8 +64,13 @@ def test_64_concurrent_streams(load_server):
 
     async def main():
         limits = httpx.Limits(max_connections=N_CLIENTS + 8)
-        async with openai.AsyncOpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=90,
-                                      http_client=openai.DefaultAsyncHttpxClient(limits=limits)) as client:
+        async with openai.AsyncOpenAI(
+            base_url=srv.url + "/v1",
+            api_key="unused",
+            max_retries=0,
+            timeout=90,
+            http_client=openai.DefaultAsyncHttpxClient(limits=limits),
+        ) as client:
             jobs = [one(client, p, m) for p, m, _ in srv.cases]
             return await asyncio.wait_for(asyncio.gather(*jobs), timeout=90)
 
@@ -74,16 +85,30 @@ def test_64_concurrent_streams(load_server):
         assert n_chunks >= 2
     assert httpx.get(srv.url + "/health").json() == {"status": "ok"}
     # The engine's counters are a snapshot taken at the end of a step: the last reply can arrive first.
-    wait_until(lambda: srv.engine.stats()["num_running"] == srv.engine.stats()["num_waiting"]
-               == srv.engine.stats()["kv_blocks_used"] == 0, timeout=10, what="the engine to go idle")
+    wait_until(
+        lambda: (
+            srv.engine.stats()["num_running"]
+            == srv.engine.stats()["num_waiting"]
+            == srv.engine.stats()["kv_blocks_used"]
+            == 0
+        ),
+        timeout=10,
+        what="the engine to go idle",
+    )
     print(f"{N_CLIENTS} streaming clients served in {elapsed:.1f}s")
 
 
 def test_disconnect_mid_stream_aborts_and_frees_blocks(load_server):
     srv = load_server
     before = srv.engine.stats()["requests_aborted"]
-    body = {"model": MODEL, "prompt": "Keep talking forever", "max_tokens": 200, "temperature": 0,
-            "ignore_eos": True, "stream": True}
+    body = {
+        "model": MODEL,
+        "prompt": "Keep talking forever",
+        "max_tokens": 200,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
     with httpx.Client(base_url=srv.url, timeout=30) as http:
         with http.stream("POST", "/v1/completions", json=body) as r:
             assert r.status_code == 200
@@ -110,13 +135,17 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(load_server):
 def test_disconnect_during_non_streaming_request_aborts(load_server):
     srv = load_server
     before = srv.engine.stats()["requests_aborted"]
-    body = json.dumps({"model": MODEL, "prompt": "Keep talking", "max_tokens": 240, "ignore_eos": True,
-                       "temperature": 0}).encode()
+    body = json.dumps(
+        {"model": MODEL, "prompt": "Keep talking", "max_tokens": 240, "ignore_eos": True, "temperature": 0}
+    ).encode()
     with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-        wait_until(lambda: srv.engine.stats()["num_running"] == 1, timeout=20, what="the request to start",
-                   interval=0.002)
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        wait_until(
+            lambda: srv.engine.stats()["num_running"] == 1, timeout=20, what="the request to start", interval=0.002
+        )
     # Closed while the engine is still generating (240 tokens take far longer than the poll interval).
 
     def aborted_and_freed():

@@ -8,8 +8,10 @@ import pytest
 from plm_engine.server.metrics import Counter, Histogram, Registry, ServerMetrics
 
 # One sample line of the text exposition format: name{labels} value.
-SAMPLE = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="([^"\\]|\\.)*",?)*\})? '
-                    r'([-+]?[0-9.eE+-]+|[+-]Inf|NaN)$')
+SAMPLE = re.compile(
+    r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="([^"\\]|\\.)*",?)*\})? '
+    r"([-+]?[0-9.eE+-]+|[+-]Inf|NaN)$"
+)
 
 
 def parse(text: str) -> dict[str, float]:
@@ -63,8 +65,15 @@ def test_bad_definitions():
 
 
 def test_server_metrics_read_engine_stats_per_scrape():
-    state = dict(num_waiting=3, num_running=5, kv_blocks_total=40, kv_blocks_used=10, num_preemptions=1,
-                 requests_aborted=2, requests_finished=7)
+    state = dict(
+        num_waiting=3,
+        num_running=5,
+        kv_blocks_total=40,
+        kv_blocks_used=10,
+        num_preemptions=1,
+        requests_aborted=2,
+        requests_finished=7,
+    )
     m = ServerMetrics(lambda: dict(state))
     m.requests.inc(endpoint="/v1/completions", status="200")
     m.ttft.observe(0.02)

@@ -43,8 +43,9 @@ def test_smollm2_greedy_equals_offline(real_server):
     r = srv.client.chat.completions.create(model="smollm2-135m", messages=CHAT, temperature=0, max_tokens=N_TOKENS)
     assert r.choices[0].message.content == exp_chat.text
     assert r.usage.prompt_tokens == len(exp_chat.prompt_token_ids)
-    stream = srv.client.chat.completions.create(model="smollm2-135m", messages=CHAT, temperature=0,
-                                                max_tokens=N_TOKENS, stream=True)
+    stream = srv.client.chat.completions.create(
+        model="smollm2-135m", messages=CHAT, temperature=0, max_tokens=N_TOKENS, stream=True
+    )
     assert "".join(c.choices[0].delta.content or "" for c in stream) == exp_chat.text
 
 

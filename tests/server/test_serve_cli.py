@@ -29,10 +29,30 @@ def test_arguments_and_defaults(monkeypatch):
     monkeypatch.delenv("PLM_ENGINE_API_KEY", raising=False)
     a = parse()
     assert (a.model, a.host, a.port, a.api_key) == ("smollm2-135m", "127.0.0.1", 8000, None)
-    a = parse("--model", "m", "--host", "0.0.0.0", "--port", "0", "--api-key", "k", "--max-num-seqs", "4",
-              "--kv-cache-tokens", "4096", "--embedding-model", "minilm-l6")
-    assert (a.host, a.port, a.api_key, a.max_num_seqs, a.kv_cache_tokens, a.embedding_model) == \
-        ("0.0.0.0", 0, "k", 4, 4096, "minilm-l6")
+    a = parse(
+        "--model",
+        "m",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "0",
+        "--api-key",
+        "k",
+        "--max-num-seqs",
+        "4",
+        "--kv-cache-tokens",
+        "4096",
+        "--embedding-model",
+        "minilm-l6",
+    )
+    assert (a.host, a.port, a.api_key, a.max_num_seqs, a.kv_cache_tokens, a.embedding_model) == (
+        "0.0.0.0",
+        0,
+        "k",
+        4,
+        4096,
+        "minilm-l6",
+    )
     assert a.func is cli.run
     assert cli._is_loopback("127.0.0.1") and cli._is_loopback("::1") and cli._is_loopback("localhost")
     assert not cli._is_loopback("0.0.0.0") and not cli._is_loopback("example.org")
@@ -42,12 +62,37 @@ def test_sigterm_with_a_stream_in_flight_exits_cleanly(tmp_path, smollm2_tokeniz
     from plm_engine.models import save_pretrained
 
     folder = save_pretrained(tiny_llama(smollm2_tokenizer.vocab_size), tmp_path / "tiny")
-    cmd = [sys.executable, "-m", "plm_engine.server.cli", "serve", "--model", str(folder), "--tokenizer",
-           str(SMOLLM2_GGUF), "--served-model-name", "tiny", "--port", "0", "--max-num-seqs", "4",
-           "--kv-cache-tokens", "2048", "--drain-timeout", "0.2", "--log-level", "info"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "plm_engine.server.cli",
+        "serve",
+        "--model",
+        str(folder),
+        "--tokenizer",
+        str(SMOLLM2_GGUF),
+        "--served-model-name",
+        "tiny",
+        "--port",
+        "0",
+        "--max-num-seqs",
+        "4",
+        "--kv-cache-tokens",
+        "2048",
+        "--drain-timeout",
+        "0.2",
+        "--log-level",
+        "info",
+    ]
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+    )
     lines: queue.Queue = queue.Queue()
     log: list[str] = []
     threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
@@ -70,8 +115,14 @@ def test_sigterm_with_a_stream_in_flight_exits_cleanly(tmp_path, smollm2_tokeniz
         started = threading.Event()
 
         def client():
-            body = {"model": "tiny", "prompt": "Tell me everything", "max_tokens": 240, "ignore_eos": True,
-                    "temperature": 0, "stream": True}
+            body = {
+                "model": "tiny",
+                "prompt": "Tell me everything",
+                "max_tokens": 240,
+                "ignore_eos": True,
+                "temperature": 0,
+                "stream": True,
+            }
             try:
                 with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
                     for line in r.iter_lines():

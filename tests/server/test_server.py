@@ -41,8 +41,13 @@ def served(smollm2_tokenizer, minilm_tokenizer):
     bert = tiny_bert(minilm_tokenizer.vocab_size)
     embedder = Embedder(bert, minilm_tokenizer)
     engine = AsyncEngine(Engine(model, tokenizer=tok, max_num_seqs=16, kv_cache_tokens=8192))
-    app = create_app(engine, embedder, model_name=MODEL, embedding_model_name=EMB_MODEL,
-                     limits=ServerLimits(max_body_bytes=BODY_LIMIT))
+    app = create_app(
+        engine,
+        embedder,
+        model_name=MODEL,
+        embedding_model_name=EMB_MODEL,
+        limits=ServerLimits(max_body_bytes=BODY_LIMIT),
+    )
     with ServerThread(app) as srv:
         srv.expected, srv.tok, srv.engine, srv.embedder = expected, tok, engine, embedder
         srv.client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
@@ -72,8 +77,9 @@ def test_completions_equal_offline(served):
     r = served.client.completions.create(model=MODEL, prompt=PROMPTS, temperature=0, max_tokens=MAX_TOKENS)
     assert [c.index for c in r.choices] == list(range(len(PROMPTS)))
     assert [c.text for c in r.choices] == [served.expected[p].text for p in PROMPTS]
-    r = served.client.completions.create(model=MODEL, prompt=PROMPTS[0], temperature=0, max_tokens=MAX_TOKENS,
-                                         echo=True)
+    r = served.client.completions.create(
+        model=MODEL, prompt=PROMPTS[0], temperature=0, max_tokens=MAX_TOKENS, echo=True
+    )
     assert r.choices[0].text == PROMPTS[0] + served.expected[PROMPTS[0]].text
     # Token-id prompts are taken as they are.
     ids = served.expected[PROMPTS[0]].prompt_token_ids
@@ -84,8 +90,16 @@ def test_completions_equal_offline(served):
 def test_completions_stream_equals_offline(served):
     p = PROMPTS[1]
     exp = served.expected[p]
-    chunks = list(served.client.completions.create(model=MODEL, prompt=p, temperature=0, max_tokens=MAX_TOKENS,
-                                                   stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        served.client.completions.create(
+            model=MODEL,
+            prompt=p,
+            temperature=0,
+            max_tokens=MAX_TOKENS,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text_chunks, usage_chunk = chunks[:-1], chunks[-1]
     assert "".join(c.choices[0].text for c in text_chunks) == exp.text
     assert [c.choices[0].finish_reason for c in text_chunks][-1] == exp.finish_reason
@@ -102,8 +116,9 @@ def test_chat_equals_offline(served):
     assert r.choices[0].finish_reason == exp.finish_reason
     assert r.usage.prompt_tokens == len(exp.prompt_token_ids) and r.usage.completion_tokens == len(exp.token_ids)
 
-    stream = served.client.chat.completions.create(model=MODEL, messages=CHAT, temperature=0,
-                                                   max_completion_tokens=MAX_TOKENS, stream=True)
+    stream = served.client.chat.completions.create(
+        model=MODEL, messages=CHAT, temperature=0, max_completion_tokens=MAX_TOKENS, stream=True
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == exp.text
@@ -112,8 +127,9 @@ def test_chat_equals_offline(served):
 
     # n=2 streams two choices interleaved; greedy, both are the offline answer.
     texts, finish = {0: "", 1: ""}, {}
-    for c in served.client.chat.completions.create(model=MODEL, messages=CHAT, temperature=0, max_tokens=MAX_TOKENS,
-                                                   n=2, stream=True):
+    for c in served.client.chat.completions.create(
+        model=MODEL, messages=CHAT, temperature=0, max_tokens=MAX_TOKENS, n=2, stream=True
+    ):
         for ch in c.choices:
             texts[ch.index] += ch.delta.content or ""
             finish[ch.index] = ch.finish_reason or finish.get(ch.index)
@@ -123,7 +139,9 @@ def test_chat_equals_offline(served):
 def test_chat_without_max_tokens_fills_the_context(served):
     # No max_tokens: the rest of the context; ignore_eos (an engine extension) keeps it going to the end.
     exp = served.expected["chat"]
-    r = served.client.chat.completions.create(model=MODEL, messages=CHAT, temperature=0, extra_body={"ignore_eos": True})
+    r = served.client.chat.completions.create(
+        model=MODEL, messages=CHAT, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert r.choices[0].finish_reason == "length"
     assert r.usage.total_tokens == 256 == r.usage.prompt_tokens + r.usage.completion_tokens
     assert r.choices[0].message.content.startswith(exp.text)
@@ -140,8 +158,9 @@ def test_logprobs(served):
         assert math.isclose(chosen, max(top.values()), abs_tol=1e-4)  # greedy takes the most likely token
     assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
 
-    r = served.client.chat.completions.create(model=MODEL, messages=CHAT, temperature=0, max_tokens=4,
-                                              logprobs=True, top_logprobs=2)
+    r = served.client.chat.completions.create(
+        model=MODEL, messages=CHAT, temperature=0, max_tokens=4, logprobs=True, top_logprobs=2
+    )
     content = r.choices[0].logprobs.content
     assert len(content) == r.usage.completion_tokens
     assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
@@ -161,10 +180,11 @@ def test_seed_n_and_stop(served):
     visible = [i for i, ch in enumerate(exp) if i >= 2 and not ch.isspace()]
     if not visible:
         pytest.skip("the random model's greedy text has no usable stop string")
-    stop = exp[visible[0]:visible[0] + 2]
-    r = served.client.completions.create(model=MODEL, prompt=PROMPTS[3], temperature=0, max_tokens=MAX_TOKENS,
-                                         stop=[stop, "\x00never"])
-    assert r.choices[0].text == exp[:exp.find(stop)] and r.choices[0].finish_reason == "stop"
+    stop = exp[visible[0] : visible[0] + 2]
+    r = served.client.completions.create(
+        model=MODEL, prompt=PROMPTS[3], temperature=0, max_tokens=MAX_TOKENS, stop=[stop, "\x00never"]
+    )
+    assert r.choices[0].text == exp[: exp.find(stop)] and r.choices[0].finish_reason == "stop"
 
 
 def test_embeddings(served):
@@ -196,8 +216,13 @@ def test_metrics_after_requests(served):
     assert samples["plm_engine_prompt_tokens_total"] > 0 and samples["plm_engine_generation_tokens_total"] > 0
     assert samples["plm_engine_time_to_first_token_seconds_count"] >= 1
     assert samples["plm_engine_inter_token_latency_seconds_count"] >= 1
-    for name in ("num_requests_waiting", "num_requests_running", "kv_cache_blocks_total", "kv_cache_blocks_used",
-                 "kv_cache_usage_ratio"):
+    for name in (
+        "num_requests_waiting",
+        "num_requests_running",
+        "kv_cache_blocks_total",
+        "kv_cache_blocks_used",
+        "kv_cache_usage_ratio",
+    ):
         assert f"plm_engine_{name}" in samples
     assert samples["plm_engine_kv_cache_blocks_total"] > 0
 
@@ -228,8 +253,11 @@ BAD_INPUTS = {
     "top_p above 1": _post("/v1/completions", {**GOOD, "top_p": 1.5}),
     "top_p zero": _post("/v1/completions", {**GOOD, "top_p": 0}),
     "presence penalty": _post("/v1/completions", {**GOOD, "presence_penalty": 3}),
-    "frequency penalty nan": ("POST", "/v1/completions", b'{"model": "tiny-llama", "prompt": "hi", '
-                                                         b'"frequency_penalty": NaN}'),
+    "frequency penalty nan": (
+        "POST",
+        "/v1/completions",
+        b'{"model": "tiny-llama", "prompt": "hi", "frequency_penalty": NaN}',
+    ),
     "top_k wrong type": _post("/v1/completions", {**GOOD, "top_k": "x"}),
     "min_p above 1": _post("/v1/completions", {**GOOD, "min_p": 2}),
     "repetition penalty zero": _post("/v1/completions", {**GOOD, "repetition_penalty": 0}),
@@ -247,9 +275,16 @@ BAD_INPUTS = {
     "chat empty messages": _post("/v1/chat/completions", {**CHAT_OK, "messages": []}),
     "chat bad role": _post("/v1/chat/completions", {**CHAT_OK, "messages": [{"role": "wizard", "content": "x"}]}),
     "chat message not object": _post("/v1/chat/completions", {**CHAT_OK, "messages": ["hi"]}),
-    "chat image part": _post("/v1/chat/completions", {**CHAT_OK, "messages": [
-        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}),
-    "chat tools": _post("/v1/chat/completions", {**CHAT_OK, "tools": [{"type": "function", "function": {"name": "f"}}]}),
+    "chat image part": _post(
+        "/v1/chat/completions",
+        {
+            **CHAT_OK,
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}],
+        },
+    ),
+    "chat tools": _post(
+        "/v1/chat/completions", {**CHAT_OK, "tools": [{"type": "function", "function": {"name": "f"}}]}
+    ),
     "chat top_logprobs without logprobs": _post("/v1/chat/completions", {**CHAT_OK, "top_logprobs": 2}),
     "chat max_tokens beyond context": _post("/v1/chat/completions", {**CHAT_OK, "max_tokens": 500}),
     "chat unknown model": _post("/v1/chat/completions", {**CHAT_OK, "model": "nope"}),
@@ -262,8 +297,14 @@ BAD_INPUTS = {
     "unknown path": ("POST", "/v1/engines/foo", b"{}"),
     "wrong method": ("GET", "/v1/completions", None),
 }
-STATUS = {"unknown model": 404, "chat unknown model": 404, "embeddings unknown model": 404, "oversized body": 413,
-          "unknown path": 404, "wrong method": 405}
+STATUS = {
+    "unknown model": 404,
+    "chat unknown model": 404,
+    "embeddings unknown model": 404,
+    "oversized body": 413,
+    "unknown path": 404,
+    "wrong method": 405,
+}
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
@@ -303,8 +344,11 @@ def test_api_key(smollm2_tokenizer):
     from plm_engine.generation import AsyncEngine, Engine
     from plm_engine.server import create_app
 
-    engine = AsyncEngine(Engine(tiny_llama(smollm2_tokenizer.vocab_size), tokenizer=smollm2_tokenizer,
-                                max_num_seqs=2, kv_cache_tokens=512))
+    engine = AsyncEngine(
+        Engine(
+            tiny_llama(smollm2_tokenizer.vocab_size), tokenizer=smollm2_tokenizer, max_num_seqs=2, kv_cache_tokens=512
+        )
+    )
     with ServerThread(create_app(engine, api_key="s3cret", model_name=MODEL)) as srv:
         body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):

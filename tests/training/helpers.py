@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import random
 
-WORDS = ("the king queen lord lady love death night day sword crown war peace fool heart blood "
-         "sweet good noble fair foul speak hear come go stay fly my thy your our what why how when").split()
+WORDS = (
+    "the king queen lord lady love death night day sword crown war peace fool heart blood "
+    "sweet good noble fair foul speak hear come go stay fly my thy your our what why how when"
+).split()
 
 
 def write_corpus(folder: str, n_files: int = 3, lines: int = 300, seed: int = 0) -> list[str]:
@@ -32,9 +34,25 @@ def write_corpus(folder: str, n_files: int = 3, lines: int = 300, seed: int = 0)
 def tiny_config(tmp, data, **kw):
     from plm_engine.training.config import TrainConfig
 
-    base = dict(objective="clm", model="gpt2-tiny", data=data, tokenizer="bpe", bpe_vocab_size=320, seq_len=32,
-                batch_size=4, max_steps=10, lr=3e-3, warmup_steps=2, eval_every=0, eval_batches=2,
-                out_dir=str(tmp), cache_dir=str(tmp) + "_cache", progress=False, plot=False, seed=0)
+    base = dict(
+        objective="clm",
+        model="gpt2-tiny",
+        data=data,
+        tokenizer="bpe",
+        bpe_vocab_size=320,
+        seq_len=32,
+        batch_size=4,
+        max_steps=10,
+        lr=3e-3,
+        warmup_steps=2,
+        eval_every=0,
+        eval_batches=2,
+        out_dir=str(tmp),
+        cache_dir=str(tmp) + "_cache",
+        progress=False,
+        plot=False,
+        seed=0,
+    )
     base.update(kw)
     return TrainConfig(**base)
 

@@ -102,8 +102,9 @@ def test_mlm_masking_statistics():
     other, _ = D.mask_tokens(ids, mask_id, vocab, specials, D.sample_generator(0, 0, 1))
     assert torch.equal(inp, again) and not torch.equal(inp, other)
     # a short sequence still gets one target
-    short_inp, short_lab = D.mask_tokens(torch.tensor([2, 7, 9, 2]), mask_id, vocab, {2, 3},
-                                         D.sample_generator(5, 0, 0), probability=0.01)
+    short_inp, short_lab = D.mask_tokens(
+        torch.tensor([2, 7, 9, 2]), mask_id, vocab, {2, 3}, D.sample_generator(5, 0, 0), probability=0.01
+    )
     assert (short_lab != -100).sum() >= 1 and short_lab[0] == -100
 
 
@@ -175,8 +176,10 @@ def test_schedules(kind):
 
 def test_config_files_and_overrides(tmp_path):
     toml = tmp_path / "c.toml"
-    toml.write_text('[train]\nobjective = "clm"\nmodel = "gpt2-tiny"\ndata = "x.txt"\nmax_steps = 7\n'
-                    'model_overrides = {n_layers = 3}\n')
+    toml.write_text(
+        '[train]\nobjective = "clm"\nmodel = "gpt2-tiny"\ndata = "x.txt"\nmax_steps = 7\n'
+        "model_overrides = {n_layers = 3}\n"
+    )
     cfg = TrainConfig.load(toml, {"lr": 1e-3})
     assert cfg.max_steps == 7 and cfg.data == ["x.txt"] and cfg.lr == 1e-3 and cfg.model_overrides == {"n_layers": 3}
     yml = tmp_path / "c.yaml"

@@ -19,9 +19,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def write_config(path, data, out_dir, **kw) -> str:
-    cfg = dict(objective="clm", model="gpt2-tiny", data=data, tokenizer="bpe", bpe_vocab_size=320, seq_len=32,
-               batch_size=4, max_steps=6, lr=3e-3, warmup_steps=2, eval_every=3, eval_batches=2, out_dir=out_dir,
-               cache_dir=str(path) + "_cache", progress=False, plot=False)
+    cfg = dict(
+        objective="clm",
+        model="gpt2-tiny",
+        data=data,
+        tokenizer="bpe",
+        bpe_vocab_size=320,
+        seq_len=32,
+        batch_size=4,
+        max_steps=6,
+        lr=3e-3,
+        warmup_steps=2,
+        eval_every=3,
+        eval_batches=2,
+        out_dir=out_dir,
+        cache_dir=str(path) + "_cache",
+        progress=False,
+        plot=False,
+    )
     cfg.update(kw)
     lines = ["[train]"] + [f"{k} = {json.dumps(v)}" for k, v in cfg.items()]
     with open(path, "w") as f:
@@ -36,8 +51,11 @@ def env():
 
 
 def cli(*args, timeout=180, nproc=0):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
-        if nproc else [sys.executable]
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        if nproc
+        else [sys.executable]
+    )
     cmd = launcher + ["-m", "plm_engine.training.cli", "train", *args]
     return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
 
@@ -75,8 +93,14 @@ def test_two_processes_match_one(tmp_path, single_run, mode):
 def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, corpus):
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "c.toml", corpus, str(out), max_steps=100000, eval_every=0)
-    proc = subprocess.Popen([sys.executable, "-m", "plm_engine.training.cli", "train", cfg], cwd=ROOT, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "plm_engine.training.cli", "train", cfg],
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     log = out / "log.jsonl"
     deadline = time.time() + 120
     try:

@@ -103,9 +103,19 @@ def test_classification_objective(tmp_path):
         rows.append({"text": " ".join(seq), "label": ["comedy", "history", "tragedy"][label]})
     data = tmp_path / "rows.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows))
-    trainer, summary = train(tmp_path / "run", [str(data)], objective="classify", model="bert-tiny",
-                             dataset="jsonl", max_steps=30, batch_size=8, eval_fraction=0.25, eval_batches=0,
-                             lr=3e-3, seq_len=16)
+    trainer, summary = train(
+        tmp_path / "run",
+        [str(data)],
+        objective="classify",
+        model="bert-tiny",
+        dataset="jsonl",
+        max_steps=30,
+        batch_size=8,
+        eval_fraction=0.25,
+        eval_batches=0,
+        lr=3e-3,
+        seq_len=16,
+    )
     ev = summary["eval"]
     assert set(ev) >= {"accuracy", "macro_f1", "loss"} and ev["n_examples"] == 30
     assert ev["accuracy"] > 0.6, ev  # three well-separated keyword classes

@@ -55,8 +55,18 @@ def _tile(pid_m, pid_n, n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.const
 
 
 @triton.jit
-def _swiglu_fwd_kernel(G_ptr, U_ptr, Y_ptr, stride_g_row, stride_u_row, n_rows, n_cols,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr):
+def _swiglu_fwd_kernel(
+    G_ptr,
+    U_ptr,
+    Y_ptr,
+    stride_g_row,
+    stride_u_row,
+    n_rows,
+    n_cols,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
     rows, cols, mask = _tile(tl.program_id(0), tl.program_id(1), n_rows, n_cols, BLOCK_M, BLOCK_N)
     g = tl.load(G_ptr + rows * stride_g_row + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U_ptr + rows * stride_u_row + cols, mask=mask, other=0.0).to(tl.float32)
@@ -65,8 +75,21 @@ def _swiglu_fwd_kernel(G_ptr, U_ptr, Y_ptr, stride_g_row, stride_u_row, n_rows, 
 
 
 @triton.jit
-def _swiglu_bwd_kernel(DY_ptr, G_ptr, U_ptr, DG_ptr, DU_ptr, stride_dy_row, stride_g_row, stride_u_row,
-                       n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr):
+def _swiglu_bwd_kernel(
+    DY_ptr,
+    G_ptr,
+    U_ptr,
+    DG_ptr,
+    DU_ptr,
+    stride_dy_row,
+    stride_g_row,
+    stride_u_row,
+    n_rows,
+    n_cols,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
     rows, cols, mask = _tile(tl.program_id(0), tl.program_id(1), n_rows, n_cols, BLOCK_M, BLOCK_N)
     dy = tl.load(DY_ptr + rows * stride_dy_row + cols, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G_ptr + rows * stride_g_row + cols, mask=mask, other=0.0).to(tl.float32)
@@ -91,8 +114,17 @@ def _gelu_cdf(x, TANH: tl.constexpr):
 
 
 @triton.jit
-def _gelu_fwd_kernel(X_ptr, Y_ptr, stride_x_row, n_rows, n_cols,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TANH: tl.constexpr, INTERPRET: tl.constexpr):
+def _gelu_fwd_kernel(
+    X_ptr,
+    Y_ptr,
+    stride_x_row,
+    n_rows,
+    n_cols,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    TANH: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
     rows, cols, mask = _tile(tl.program_id(0), tl.program_id(1), n_rows, n_cols, BLOCK_M, BLOCK_N)
     x = tl.load(X_ptr + rows * stride_x_row + cols, mask=mask, other=0.0).to(tl.float32)
     y = x * _gelu_cdf(x, TANH)
@@ -100,8 +132,19 @@ def _gelu_fwd_kernel(X_ptr, Y_ptr, stride_x_row, n_rows, n_cols,
 
 
 @triton.jit
-def _gelu_bwd_kernel(DY_ptr, X_ptr, DX_ptr, stride_dy_row, stride_x_row, n_rows, n_cols,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TANH: tl.constexpr, INTERPRET: tl.constexpr):
+def _gelu_bwd_kernel(
+    DY_ptr,
+    X_ptr,
+    DX_ptr,
+    stride_dy_row,
+    stride_x_row,
+    n_rows,
+    n_cols,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    TANH: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
     rows, cols, mask = _tile(tl.program_id(0), tl.program_id(1), n_rows, n_cols, BLOCK_M, BLOCK_N)
     dy = tl.load(DY_ptr + rows * stride_dy_row + cols, mask=mask, other=0.0).to(tl.float32)
     x = tl.load(X_ptr + rows * stride_x_row + cols, mask=mask, other=0.0).to(tl.float32)
@@ -148,13 +191,17 @@ def _check(what: str, first: Tensor, *others: tuple[str, Tensor]) -> None:
     _check_device(first, what)
     for name, t in (("input", first), *others):
         if t.dim() != 2 or (t.shape[1] > 1 and t.stride(1) != 1):
-            raise ValueError(f"{what}: {name} must be 2-D (rows, n) with a unit last stride, "
-                             f"got shape {tuple(t.shape)} strides {t.stride()}")
+            raise ValueError(
+                f"{what}: {name} must be 2-D (rows, n) with a unit last stride, "
+                f"got shape {tuple(t.shape)} strides {t.stride()}"
+            )
         if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"{what}: takes float32/float16/bfloat16, got {t.dtype}")
         if t.shape != first.shape or t.dtype != first.dtype or t.device != first.device:
-            raise ValueError(f"{what}: {name} must match {tuple(first.shape)} {first.dtype} on {first.device}, "
-                             f"got {tuple(t.shape)} {t.dtype} on {t.device}")
+            raise ValueError(
+                f"{what}: {name} must match {tuple(first.shape)} {first.dtype} on {first.device}, "
+                f"got {tuple(t.shape)} {t.dtype} on {t.device}"
+            )
 
 
 def _grid(rows: int, n: int):
@@ -180,9 +227,20 @@ def swiglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
     if y.numel():
         cfg, grid = _grid(rows, n)
         with device_guard(gate):
-            _swiglu_fwd_kernel[grid](gate, up, y, gate.stride(0), up.stride(0), rows, n,
-                                     BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, INTERPRET=_interpreted(),
-                                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            _swiglu_fwd_kernel[grid](
+                gate,
+                up,
+                y,
+                gate.stride(0),
+                up.stride(0),
+                rows,
+                n,
+                BLOCK_M=cfg.block_m,
+                BLOCK_N=cfg.block_n,
+                INTERPRET=_interpreted(),
+                num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages,
+            )
     return y
 
 
@@ -196,9 +254,23 @@ def swiglu_bwd(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
     if dg.numel():
         cfg, grid = _grid(rows, n)
         with device_guard(gate):
-            _swiglu_bwd_kernel[grid](dy, gate, up, dg, du, dy.stride(0), gate.stride(0), up.stride(0), rows, n,
-                                     BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, INTERPRET=_interpreted(),
-                                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            _swiglu_bwd_kernel[grid](
+                dy,
+                gate,
+                up,
+                dg,
+                du,
+                dy.stride(0),
+                gate.stride(0),
+                up.stride(0),
+                rows,
+                n,
+                BLOCK_M=cfg.block_m,
+                BLOCK_N=cfg.block_n,
+                INTERPRET=_interpreted(),
+                num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages,
+            )
     return dg, du
 
 
@@ -212,8 +284,19 @@ def gelu_fwd(x: Tensor, approximate: str) -> Tensor:
     if y.numel():
         cfg, grid = _grid(rows, n)
         with device_guard(x):
-            _gelu_fwd_kernel[grid](x, y, x.stride(0), rows, n, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TANH=tanh,
-                                   INTERPRET=_interpreted(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            _gelu_fwd_kernel[grid](
+                x,
+                y,
+                x.stride(0),
+                rows,
+                n,
+                BLOCK_M=cfg.block_m,
+                BLOCK_N=cfg.block_n,
+                TANH=tanh,
+                INTERPRET=_interpreted(),
+                num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages,
+            )
     return y
 
 
@@ -227,9 +310,21 @@ def gelu_bwd(dy: Tensor, x: Tensor, approximate: str) -> Tensor:
     if dx.numel():
         cfg, grid = _grid(rows, n)
         with device_guard(x):
-            _gelu_bwd_kernel[grid](dy, x, dx, dy.stride(0), x.stride(0), rows, n, BLOCK_M=cfg.block_m,
-                                   BLOCK_N=cfg.block_n, TANH=tanh, INTERPRET=_interpreted(),
-                                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            _gelu_bwd_kernel[grid](
+                dy,
+                x,
+                dx,
+                dy.stride(0),
+                x.stride(0),
+                rows,
+                n,
+                BLOCK_M=cfg.block_m,
+                BLOCK_N=cfg.block_n,
+                TANH=tanh,
+                INTERPRET=_interpreted(),
+                num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages,
+            )
     return dx
 
 
@@ -247,20 +342,42 @@ def kernel_specs() -> list[KernelSpec]:
     """Every tile launch_config picks (one per row-length class), each kernel and flag, in bf16 and fp32."""
     specs = []
     for dt in ("bf16", "fp32"):
-        types = {"G_ptr": f"*{dt}", "U_ptr": f"*{dt}", "Y_ptr": f"*{dt}", "DY_ptr": f"*{dt}", "X_ptr": f"*{dt}",
-                 "DG_ptr": f"*{dt}", "DU_ptr": f"*{dt}", "DX_ptr": f"*{dt}", "stride_g_row": "i32",
-                 "stride_u_row": "i32", "stride_dy_row": "i32", "stride_x_row": "i32", "n_rows": "i32",
-                 "n_cols": "i32"}
+        types = {
+            "G_ptr": f"*{dt}",
+            "U_ptr": f"*{dt}",
+            "Y_ptr": f"*{dt}",
+            "DY_ptr": f"*{dt}",
+            "X_ptr": f"*{dt}",
+            "DG_ptr": f"*{dt}",
+            "DU_ptr": f"*{dt}",
+            "DX_ptr": f"*{dt}",
+            "stride_g_row": "i32",
+            "stride_u_row": "i32",
+            "stride_dy_row": "i32",
+            "stride_x_row": "i32",
+            "n_rows": "i32",
+            "n_cols": "i32",
+        }
         for block_n in _BLOCK_N_CLASSES:
             cfg = launch_config(block_n)
             tile = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, INTERPRET=False)
             variants = [("swiglu_fwd", _swiglu_fwd_kernel, {}), ("swiglu_bwd", _swiglu_bwd_kernel, {})]
             for tanh in (False, True):
                 form = "tanh" if tanh else "erf"
-                variants += [(f"gelu_{form}_fwd", _gelu_fwd_kernel, {"TANH": tanh}),
-                             (f"gelu_{form}_bwd", _gelu_bwd_kernel, {"TANH": tanh})]
+                variants += [
+                    (f"gelu_{form}_fwd", _gelu_fwd_kernel, {"TANH": tanh}),
+                    (f"gelu_{form}_bwd", _gelu_bwd_kernel, {"TANH": tanh}),
+                ]
             for name, fn, flags in variants:
                 signature = {arg: types.get(arg, "constexpr") for arg in fn.arg_names}
-                specs.append(KernelSpec(f"{name}[BLOCK_M={cfg.block_m},BLOCK_N={cfg.block_n},{dt}]", fn, signature,
-                                        dict(tile, **flags), cfg.num_warps, cfg.num_stages))
+                specs.append(
+                    KernelSpec(
+                        f"{name}[BLOCK_M={cfg.block_m},BLOCK_N={cfg.block_n},{dt}]",
+                        fn,
+                        signature,
+                        dict(tile, **flags),
+                        cfg.num_warps,
+                        cfg.num_stages,
+                    )
+                )
     return specs

@@ -86,8 +86,7 @@ def _cast(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(ptrs, rows, n_rows, offs_d, MASK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
-               BLOCK_D: tl.constexpr):
+def _load_tile(ptrs, rows, n_rows, offs_d, MASK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     """A (rows, BLOCK_D) tile; rows >= n_rows (with MASK_ROWS) and columns >= HEAD_DIM read as 0."""
     if MASK_ROWS:
         if BLOCK_D == HEAD_DIM:
@@ -103,8 +102,7 @@ def _load_tile(ptrs, rows, n_rows, offs_d, MASK_ROWS: tl.constexpr, HEAD_DIM: tl
 
 
 @triton.jit
-def _store_tile(ptrs, x, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                INTERPRET: tl.constexpr):
+def _store_tile(ptrs, x, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRET: tl.constexpr):
     x = _cast(x, ptrs.dtype.element_ty, INTERPRET)
     if BLOCK_D == HEAD_DIM:
         tl.store(ptrs, x, mask=(rows < n_rows)[:, None])
@@ -143,18 +141,46 @@ def _key_range(m0, seqlen_q, seqlen_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.conste
 
 
 @triton.jit
-def _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, m0, lo, hi, seqlen_q, seqlen_k, qk_scale,
-                    offs_m, offs_n, offs_d, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                    INTERPRET: tl.constexpr):
+def _attn_fwd_inner(
+    acc,
+    l_i,
+    m_i,
+    q,
+    K,
+    V,
+    stride_kn,
+    stride_vn,
+    m0,
+    lo,
+    hi,
+    seqlen_q,
+    seqlen_k,
+    qk_scale,
+    offs_m,
+    offs_n,
+    offs_d,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
     """Online softmax over key blocks [lo, hi): MASKED applies the key-length and causal masks."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         # The block's first row as int64 (row * stride can pass 2**31 on long sequences); rows inside it
         # stay int32.
         n64 = tl.cast(start_n, tl.int64)
-        k = _load_tile(K + n64 * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :], cols, seqlen_k,
-                       offs_d, MASKED, HEAD_DIM, BLOCK_D)
+        k = _load_tile(
+            K + n64 * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :],
+            cols,
+            seqlen_k,
+            offs_d,
+            MASKED,
+            HEAD_DIM,
+            BLOCK_D,
+        )
         s = tl.dot(q, tl.trans(k)) * qk_scale  # log2 units
         if MASKED:
             keep = cols[None, :] < seqlen_k
@@ -171,8 +197,15 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, m0, lo, hi, se
         alpha = tl.exp2(m_i - m_sub)
         p = tl.exp2(s - m_sub[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(V + n64 * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :], cols, seqlen_k,
-                       offs_d, MASKED, HEAD_DIM, BLOCK_D)
+        v = _load_tile(
+            V + n64 * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :],
+            cols,
+            seqlen_k,
+            offs_d,
+            MASKED,
+            HEAD_DIM,
+            BLOCK_D,
+        )
         acc = tl.dot(_cast(p, v.dtype, INTERPRET), v, acc * alpha[:, None])
         m_i = m_new
     return acc, l_i, m_i
@@ -180,12 +213,38 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, m0, lo, hi, se
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, Out, Lse, CuQ, CuK,
-    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
-    stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
-    seqlen_q, seqlen_k, group, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, INTERPRET: tl.constexpr,
+    Q,
+    K,
+    V,
+    Out,
+    Lse,
+    CuQ,
+    CuK,
+    stride_qb,
+    stride_qm,
+    stride_qh,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    stride_vb,
+    stride_vn,
+    stride_vh,
+    stride_ob,
+    stride_om,
+    stride_oh,
+    stride_lb,
+    stride_lh,
+    seqlen_q,
+    seqlen_k,
+    group,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if CAUSAL:
@@ -211,27 +270,80 @@ def _attn_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     rows_left = seqlen_q - m0
-    q = _load_tile(Q + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, rows_left, offs_d, True,
-                   HEAD_DIM, BLOCK_D)
+    q = _load_tile(
+        Q + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, rows_left, offs_d, True, HEAD_DIM, BLOCK_D
+    )
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     full_end, hi = _key_range(m0, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, m0, 0, full_end,
-                                    seqlen_q, seqlen_k, qk_scale, offs_m, offs_n, offs_d, False, CAUSAL,
-                                    HEAD_DIM, BLOCK_D, BLOCK_N, INTERPRET)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, m0, full_end, hi,
-                                    seqlen_q, seqlen_k, qk_scale, offs_m, offs_n, offs_d, True, CAUSAL,
-                                    HEAD_DIM, BLOCK_D, BLOCK_N, INTERPRET)
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc,
+        l_i,
+        m_i,
+        q,
+        K,
+        V,
+        stride_kn,
+        stride_vn,
+        m0,
+        0,
+        full_end,
+        seqlen_q,
+        seqlen_k,
+        qk_scale,
+        offs_m,
+        offs_n,
+        offs_d,
+        False,
+        CAUSAL,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_N,
+        INTERPRET,
+    )
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc,
+        l_i,
+        m_i,
+        q,
+        K,
+        V,
+        stride_kn,
+        stride_vn,
+        m0,
+        full_end,
+        hi,
+        seqlen_q,
+        seqlen_k,
+        qk_scale,
+        offs_m,
+        offs_n,
+        offs_d,
+        True,
+        CAUSAL,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_N,
+        INTERPRET,
+    )
 
     # l = 0 exactly when every key of the row is masked (otherwise its max contributes exp2(0) = 1):
     # zeros out and lse = -inf, as the reference.
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    _store_tile(Out + offs_m[:, None] * stride_om + offs_d[None, :], out, offs_m, rows_left, offs_d,
-                HEAD_DIM, BLOCK_D, INTERPRET)
+    _store_tile(
+        Out + offs_m[:, None] * stride_om + offs_d[None, :],
+        out,
+        offs_m,
+        rows_left,
+        offs_d,
+        HEAD_DIM,
+        BLOCK_D,
+        INTERPRET,
+    )
     tl.store(Lse + offs_m, lse, mask=offs_m < rows_left)
 
 
@@ -240,10 +352,23 @@ def _attn_fwd_kernel(
 
 @triton.jit
 def _attn_bwd_preprocess_kernel(
-    Out, DO, Delta, CuQ,
-    stride_ob, stride_om, stride_oh, stride_dob, stride_dom, stride_doh, stride_lb, stride_lh,
+    Out,
+    DO,
+    Delta,
+    CuQ,
+    stride_ob,
+    stride_om,
+    stride_oh,
+    stride_dob,
+    stride_dom,
+    stride_doh,
+    stride_lb,
+    stride_lh,
     seqlen_q,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, IS_VARLEN: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
     """delta = rowsum(dO * O) in fp32: the softmax-backward term shared by every key of a row."""
     pid_m = tl.program_id(0)
@@ -259,10 +384,12 @@ def _attn_bwd_preprocess_kernel(
     rows_left = seqlen_q - m0
     Out += b64 * stride_ob + (q_start + m0) * stride_om + h64 * stride_oh
     DO += b64 * stride_dob + (q_start + m0) * stride_dom + h64 * stride_doh
-    o = _load_tile(Out + offs_m[:, None] * stride_om + offs_d[None, :], offs_m, rows_left, offs_d, True,
-                   HEAD_DIM, BLOCK_D).to(tl.float32)
-    do = _load_tile(DO + offs_m[:, None] * stride_dom + offs_d[None, :], offs_m, rows_left, offs_d, True,
-                    HEAD_DIM, BLOCK_D).to(tl.float32)
+    o = _load_tile(
+        Out + offs_m[:, None] * stride_om + offs_d[None, :], offs_m, rows_left, offs_d, True, HEAD_DIM, BLOCK_D
+    ).to(tl.float32)
+    do = _load_tile(
+        DO + offs_m[:, None] * stride_dom + offs_d[None, :], offs_m, rows_left, offs_d, True, HEAD_DIM, BLOCK_D
+    ).to(tl.float32)
     delta = tl.sum(o * do, 1)
     tl.store(Delta + b64 * stride_lb + h64 * stride_lh + q_start + m0 + offs_m, delta, mask=offs_m < rows_left)
 
@@ -275,25 +402,61 @@ def _lse_log2(Lse_ptrs, mask):
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, stride_qm, stride_dom, n0, lo, hi,
-                         seqlen_q, seqlen_k, qk_scale, offs_m, offs_n, offs_d, MASKED: tl.constexpr,
-                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                         INTERPRET: tl.constexpr):
+def _attn_bwd_dkdv_inner(
+    dk,
+    dv,
+    k,
+    v,
+    Q,
+    DO,
+    Lse,
+    Delta,
+    stride_qm,
+    stride_dom,
+    n0,
+    lo,
+    hi,
+    seqlen_q,
+    seqlen_k,
+    qk_scale,
+    offs_m,
+    offs_n,
+    offs_d,
+    MASKED: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
     """dK, dV of one key block from query blocks [lo, hi) of one head, in the transposed orientation
     (keys x queries) so that P^T and dS^T come out of the dots without a transpose."""
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
         row_ok = rows < seqlen_q
         m64 = tl.cast(start_m, tl.int64)
-        q = _load_tile(Q + m64 * stride_qm + offs_m[:, None] * stride_qm + offs_d[None, :], rows, seqlen_q,
-                       offs_d, True, HEAD_DIM, BLOCK_D)
+        q = _load_tile(
+            Q + m64 * stride_qm + offs_m[:, None] * stride_qm + offs_d[None, :],
+            rows,
+            seqlen_q,
+            offs_d,
+            True,
+            HEAD_DIM,
+            BLOCK_D,
+        )
         lse2 = _lse_log2(Lse + rows, row_ok)
         s_t = tl.dot(k, tl.trans(q)) * qk_scale
         p_t = tl.exp2(s_t - lse2[None, :])
         if MASKED:
             p_t = tl.where(rows[None, :] + (seqlen_k - seqlen_q) >= (n0 + offs_n)[:, None], p_t, 0.0)
-        do = _load_tile(DO + m64 * stride_dom + offs_m[:, None] * stride_dom + offs_d[None, :], rows, seqlen_q,
-                        offs_d, True, HEAD_DIM, BLOCK_D)
+        do = _load_tile(
+            DO + m64 * stride_dom + offs_m[:, None] * stride_dom + offs_d[None, :],
+            rows,
+            seqlen_q,
+            offs_d,
+            True,
+            HEAD_DIM,
+            BLOCK_D,
+        )
         dv = tl.dot(_cast(p_t, do.dtype, INTERPRET), do, dv)
         delta = tl.load(Delta + rows, mask=row_ok, other=0.0)
         dp_t = tl.dot(v, tl.trans(do))
@@ -304,13 +467,48 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, stride_qm, stride_dom,
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, DK, DV, CuQ, CuK,
-    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
-    stride_dob, stride_dom, stride_doh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
-    stride_lb, stride_lh,
-    seqlen_q, seqlen_k, group, sm_scale, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, INTERPRET: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    Lse,
+    Delta,
+    DK,
+    DV,
+    CuQ,
+    CuK,
+    stride_qb,
+    stride_qm,
+    stride_qh,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    stride_vb,
+    stride_vn,
+    stride_vh,
+    stride_dob,
+    stride_dom,
+    stride_doh,
+    stride_dkb,
+    stride_dkn,
+    stride_dkh,
+    stride_dvb,
+    stride_dvn,
+    stride_dvh,
+    stride_lb,
+    stride_lh,
+    seqlen_q,
+    seqlen_k,
+    group,
+    sm_scale,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -332,10 +530,12 @@ def _attn_bwd_dkdv_kernel(
     DV += b64 * stride_dvb + (k_start + n0) * stride_dvn + kvh64 * stride_dvh
     # Keys past the end load as 0. Their dK/dV rows may end up holding anything, but they are never
     # stored, and a key row's gradients do not depend on the other keys': the loop needs no key mask.
-    k = _load_tile(K + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, cols_left, offs_d, True,
-                   HEAD_DIM, BLOCK_D)
-    v = _load_tile(V + offs_n[:, None] * stride_vn + offs_d[None, :], offs_n, cols_left, offs_d, True,
-                   HEAD_DIM, BLOCK_D)
+    k = _load_tile(
+        K + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, cols_left, offs_d, True, HEAD_DIM, BLOCK_D
+    )
+    v = _load_tile(
+        V + offs_n[:, None] * stride_vn + offs_d[None, :], offs_n, cols_left, offs_d, True, HEAD_DIM, BLOCK_D
+    )
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -355,31 +555,122 @@ def _attn_bwd_dkdv_kernel(
         Lh = Lse + b64 * stride_lb + h * stride_lh + q_start
         Dh = Delta + b64 * stride_lb + h * stride_lh + q_start
         if CAUSAL:
-            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, Lh, Dh, stride_qm, stride_dom, n0,
-                                          m_lo, tl.minimum(m_full, seqlen_q), seqlen_q, seqlen_k, qk_scale,
-                                          offs_m, offs_n, offs_d, True, HEAD_DIM, BLOCK_D, BLOCK_M, INTERPRET)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, Lh, Dh, stride_qm, stride_dom, n0,
-                                      m_full, seqlen_q, seqlen_q, seqlen_k, qk_scale,
-                                      offs_m, offs_n, offs_d, False, HEAD_DIM, BLOCK_D, BLOCK_M, INTERPRET)
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk,
+                dv,
+                k,
+                v,
+                Qh,
+                DOh,
+                Lh,
+                Dh,
+                stride_qm,
+                stride_dom,
+                n0,
+                m_lo,
+                tl.minimum(m_full, seqlen_q),
+                seqlen_q,
+                seqlen_k,
+                qk_scale,
+                offs_m,
+                offs_n,
+                offs_d,
+                True,
+                HEAD_DIM,
+                BLOCK_D,
+                BLOCK_M,
+                INTERPRET,
+            )
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk,
+            dv,
+            k,
+            v,
+            Qh,
+            DOh,
+            Lh,
+            Dh,
+            stride_qm,
+            stride_dom,
+            n0,
+            m_full,
+            seqlen_q,
+            seqlen_q,
+            seqlen_k,
+            qk_scale,
+            offs_m,
+            offs_n,
+            offs_d,
+            False,
+            HEAD_DIM,
+            BLOCK_D,
+            BLOCK_M,
+            INTERPRET,
+        )
     # s = sm_scale * q.k, so dK picks up sm_scale once; dV = P^T dO has no scale.
-    _store_tile(DK + offs_n[:, None] * stride_dkn + offs_d[None, :], dk * sm_scale, offs_n, cols_left, offs_d,
-                HEAD_DIM, BLOCK_D, INTERPRET)
-    _store_tile(DV + offs_n[:, None] * stride_dvn + offs_d[None, :], dv, offs_n, cols_left, offs_d,
-                HEAD_DIM, BLOCK_D, INTERPRET)
+    _store_tile(
+        DK + offs_n[:, None] * stride_dkn + offs_d[None, :],
+        dk * sm_scale,
+        offs_n,
+        cols_left,
+        offs_d,
+        HEAD_DIM,
+        BLOCK_D,
+        INTERPRET,
+    )
+    _store_tile(
+        DV + offs_n[:, None] * stride_dvn + offs_d[None, :], dv, offs_n, cols_left, offs_d, HEAD_DIM, BLOCK_D, INTERPRET
+    )
 
 
 @triton.jit
-def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, m0, lo, hi, seqlen_q, seqlen_k,
-                       qk_scale, offs_m, offs_n, offs_d, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                       INTERPRET: tl.constexpr):
+def _attn_bwd_dq_inner(
+    dq,
+    q,
+    do,
+    lse2,
+    delta,
+    K,
+    V,
+    stride_kn,
+    stride_vn,
+    m0,
+    lo,
+    hi,
+    seqlen_q,
+    seqlen_k,
+    qk_scale,
+    offs_m,
+    offs_n,
+    offs_d,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         n64 = tl.cast(start_n, tl.int64)
-        k = _load_tile(K + n64 * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :], cols, seqlen_k,
-                       offs_d, MASKED, HEAD_DIM, BLOCK_D)
-        v = _load_tile(V + n64 * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :], cols, seqlen_k,
-                       offs_d, MASKED, HEAD_DIM, BLOCK_D)
+        k = _load_tile(
+            K + n64 * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :],
+            cols,
+            seqlen_k,
+            offs_d,
+            MASKED,
+            HEAD_DIM,
+            BLOCK_D,
+        )
+        v = _load_tile(
+            V + n64 * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :],
+            cols,
+            seqlen_k,
+            offs_d,
+            MASKED,
+            HEAD_DIM,
+            BLOCK_D,
+        )
         s = tl.dot(q, tl.trans(k)) * qk_scale
         p = tl.exp2(s - lse2[:, None])
         if MASKED:
@@ -395,12 +686,44 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, m0, l
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, Lse, Delta, DQ, CuQ, CuK,
-    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
-    stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh,
-    seqlen_q, seqlen_k, group, sm_scale, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, INTERPRET: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    Lse,
+    Delta,
+    DQ,
+    CuQ,
+    CuK,
+    stride_qb,
+    stride_qm,
+    stride_qh,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    stride_vb,
+    stride_vn,
+    stride_vh,
+    stride_dob,
+    stride_dom,
+    stride_doh,
+    stride_dqb,
+    stride_dqm,
+    stride_dqh,
+    stride_lb,
+    stride_lh,
+    seqlen_q,
+    seqlen_k,
+    group,
+    sm_scale,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if CAUSAL:
@@ -425,23 +748,79 @@ def _attn_bwd_dq_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     rows_left = seqlen_q - m0
-    q = _load_tile(Q + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, rows_left, offs_d, True,
-                   HEAD_DIM, BLOCK_D)
-    do = _load_tile(DO + offs_m[:, None] * stride_dom + offs_d[None, :], offs_m, rows_left, offs_d, True,
-                    HEAD_DIM, BLOCK_D)
+    q = _load_tile(
+        Q + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, rows_left, offs_d, True, HEAD_DIM, BLOCK_D
+    )
+    do = _load_tile(
+        DO + offs_m[:, None] * stride_dom + offs_d[None, :], offs_m, rows_left, offs_d, True, HEAD_DIM, BLOCK_D
+    )
     lse2 = _lse_log2(Lse + row_off + offs_m, offs_m < rows_left)
     delta = tl.load(Delta + row_off + offs_m, mask=offs_m < rows_left, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     full_end, hi = _key_range(m0, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, m0, 0, full_end, seqlen_q,
-                            seqlen_k, qk_scale, offs_m, offs_n, offs_d, False, CAUSAL, HEAD_DIM, BLOCK_D,
-                            BLOCK_N, INTERPRET)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, m0, full_end, hi, seqlen_q,
-                            seqlen_k, qk_scale, offs_m, offs_n, offs_d, True, CAUSAL, HEAD_DIM, BLOCK_D,
-                            BLOCK_N, INTERPRET)
-    _store_tile(DQ + offs_m[:, None] * stride_dqm + offs_d[None, :], dq * sm_scale, offs_m, rows_left, offs_d,
-                HEAD_DIM, BLOCK_D, INTERPRET)
+    dq = _attn_bwd_dq_inner(
+        dq,
+        q,
+        do,
+        lse2,
+        delta,
+        K,
+        V,
+        stride_kn,
+        stride_vn,
+        m0,
+        0,
+        full_end,
+        seqlen_q,
+        seqlen_k,
+        qk_scale,
+        offs_m,
+        offs_n,
+        offs_d,
+        False,
+        CAUSAL,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_N,
+        INTERPRET,
+    )
+    dq = _attn_bwd_dq_inner(
+        dq,
+        q,
+        do,
+        lse2,
+        delta,
+        K,
+        V,
+        stride_kn,
+        stride_vn,
+        m0,
+        full_end,
+        hi,
+        seqlen_q,
+        seqlen_k,
+        qk_scale,
+        offs_m,
+        offs_n,
+        offs_d,
+        True,
+        CAUSAL,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_N,
+        INTERPRET,
+    )
+    _store_tile(
+        DQ + offs_m[:, None] * stride_dqm + offs_d[None, :],
+        dq * sm_scale,
+        offs_m,
+        rows_left,
+        offs_d,
+        HEAD_DIM,
+        BLOCK_D,
+        INTERPRET,
+    )
 
 
 # ---- launch configuration (shared by the launchers and kernel_specs) -----------------------------------
@@ -472,14 +851,29 @@ class AttnConfig:
 # of 4 warps for the same tile, and two warpgroups for Hopper's wgmma on 128-row tiles.
 # head_dim 16 keeps BLOCK_N 64: 128 x 128 spilled on sm_80 once the head offsets became 64-bit.
 _GPU_CONFIGS = {
-    "fwd": {16: AttnConfig(128, 64, 8, 3), 32: AttnConfig(128, 128, 8, 3), 64: AttnConfig(128, 128, 8, 3),
-            128: AttnConfig(128, 64, 8, 3), 256: AttnConfig(64, 64, 8, 2)},
+    "fwd": {
+        16: AttnConfig(128, 64, 8, 3),
+        32: AttnConfig(128, 128, 8, 3),
+        64: AttnConfig(128, 128, 8, 3),
+        128: AttnConfig(128, 64, 8, 3),
+        256: AttnConfig(64, 64, 8, 2),
+    },
     "bwd_preprocess": {d: AttnConfig(128, 0, 4, 1) for d in (16, 32, 64)}
     | {128: AttnConfig(64, 0, 4, 1), 256: AttnConfig(32, 0, 4, 1)},
-    "bwd_dkdv": {16: AttnConfig(32, 128, 8, 3), 32: AttnConfig(32, 128, 8, 3), 64: AttnConfig(32, 128, 8, 3),
-                 128: AttnConfig(16, 64, 8, 2), 256: AttnConfig(32, 32, 8, 1)},
-    "bwd_dq": {16: AttnConfig(128, 32, 8, 3), 32: AttnConfig(128, 32, 8, 3), 64: AttnConfig(128, 32, 8, 3),
-               128: AttnConfig(128, 32, 8, 2), 256: AttnConfig(64, 32, 8, 2)},
+    "bwd_dkdv": {
+        16: AttnConfig(32, 128, 8, 3),
+        32: AttnConfig(32, 128, 8, 3),
+        64: AttnConfig(32, 128, 8, 3),
+        128: AttnConfig(16, 64, 8, 2),
+        256: AttnConfig(32, 32, 8, 1),
+    },
+    "bwd_dq": {
+        16: AttnConfig(128, 32, 8, 3),
+        32: AttnConfig(128, 32, 8, 3),
+        64: AttnConfig(128, 32, 8, 3),
+        128: AttnConfig(128, 32, 8, 2),
+        256: AttnConfig(64, 32, 8, 2),
+    },
 }
 # Unaligned launches (see _aligned): the same kernels with scalar loads, whose 64-bit addresses take
 # the registers the aligned table spends on tile size. Smaller tiles, same 8 warps (4 warps doubles the
@@ -489,19 +883,36 @@ _GPU_CONFIGS = {
 # has no BLOCK_D 256 entry: dK/dV's four 16 x 256 tiles plus the scalar addresses spill even at
 # 16 x 16, so _bwd copies such inputs into aligned buffers (_realigned) and runs the aligned table.
 _GPU_CONFIGS_UNALIGNED = {
-    "fwd": {16: AttnConfig(128, 128, 8, 3), 32: AttnConfig(128, 128, 8, 3), 64: AttnConfig(64, 64, 8, 2),
-            128: AttnConfig(64, 16, 8, 2), 256: AttnConfig(32, 16, 8, 1)},
+    "fwd": {
+        16: AttnConfig(128, 128, 8, 3),
+        32: AttnConfig(128, 128, 8, 3),
+        64: AttnConfig(64, 64, 8, 2),
+        128: AttnConfig(64, 16, 8, 2),
+        256: AttnConfig(32, 16, 8, 1),
+    },
     "bwd_preprocess": {d: _GPU_CONFIGS["bwd_preprocess"][d] for d in (16, 32, 64, 128)},
-    "bwd_dkdv": {16: AttnConfig(32, 128, 8, 3), 32: AttnConfig(16, 64, 8, 2), 64: AttnConfig(16, 64, 8, 2),
-                 128: AttnConfig(16, 32, 8, 1)},
-    "bwd_dq": {16: AttnConfig(128, 32, 8, 3), 32: AttnConfig(64, 32, 8, 2), 64: AttnConfig(64, 32, 8, 2),
-               128: AttnConfig(32, 32, 8, 1)},
+    "bwd_dkdv": {
+        16: AttnConfig(32, 128, 8, 3),
+        32: AttnConfig(16, 64, 8, 2),
+        64: AttnConfig(16, 64, 8, 2),
+        128: AttnConfig(16, 32, 8, 1),
+    },
+    "bwd_dq": {
+        16: AttnConfig(128, 32, 8, 3),
+        32: AttnConfig(64, 32, 8, 2),
+        64: AttnConfig(64, 32, 8, 2),
+        128: AttnConfig(32, 32, 8, 1),
+    },
 }
 # Interpreter (CPU tests): a program instance costs about 1 ms of Python and numpy's work on a tile
 # little, so mid-sized tiles are fastest (3x faster than 32 x 16). BLOCK_M != BLOCK_N, both ways
 # round, so the tests cover diagonal blocks that are not square.
-_INTERPRET_CONFIGS = {"fwd": AttnConfig(64, 32, 4, 1), "bwd_preprocess": AttnConfig(64, 0, 4, 1),
-                      "bwd_dkdv": AttnConfig(32, 64, 4, 1), "bwd_dq": AttnConfig(64, 32, 4, 1)}
+_INTERPRET_CONFIGS = {
+    "fwd": AttnConfig(64, 32, 4, 1),
+    "bwd_preprocess": AttnConfig(64, 0, 4, 1),
+    "bwd_dkdv": AttnConfig(32, 64, 4, 1),
+    "bwd_dq": AttnConfig(64, 32, 4, 1),
+}
 
 
 def block_d_for(head_dim: int) -> int:
@@ -546,8 +957,10 @@ def _check_qkv(what: str, q: Tensor, k: Tensor, v: Tensor, n_lead: int) -> None:
         if q.dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(f"{what}: the GPU kernels take float16/bfloat16, got {q.dtype}")
     elif not (q.device.type == "cpu" and _interpreted()):
-        raise RuntimeError(f"{what}: Triton kernels need CUDA tensors, got {q.device} "
-                           "(CPU tensors only run with TRITON_INTERPRET=1, for tests)")
+        raise RuntimeError(
+            f"{what}: Triton kernels need CUDA tensors, got {q.device} "
+            "(CPU tensors only run with TRITON_INTERPRET=1, for tests)"
+        )
     elif q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"{what}: takes float16/bfloat16 (float32 under the interpreter), got {q.dtype}")
     if k.shape != v.shape:
@@ -608,9 +1021,17 @@ def _realigned(t: Tensor, copy: bool = True) -> Tensor:
 
 
 def _flags(head_dim: int, cfg: AttnConfig, causal: bool, varlen: bool, interpret: bool) -> dict:
-    return dict(HEAD_DIM=head_dim, BLOCK_D=block_d_for(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                CAUSAL=causal, IS_VARLEN=varlen, INTERPRET=interpret, num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages)
+    return dict(
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d_for(head_dim),
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        CAUSAL=causal,
+        IS_VARLEN=varlen,
+        INTERPRET=interpret,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
 
 
 def _fwd(q, k, v, cu_q, cu_k, batch, max_q, max_k, causal, scale, varlen):
@@ -631,9 +1052,21 @@ def _fwd(q, k, v, cu_q, cu_k, batch, max_q, max_k, causal, scale, varlen):
     cu_k = cu_k if varlen else q
     with device_guard(q):
         _attn_fwd_kernel[grid](
-            q, k, v, out_buf, lse, cu_q, cu_k, *strides, *_lse_strides(lse, varlen),
-            max_q, max_k, h // k.shape[-2], scale * LOG2E,
-            **_flags(d, cfg, causal, varlen, interpret))
+            q,
+            k,
+            v,
+            out_buf,
+            lse,
+            cu_q,
+            cu_k,
+            *strides,
+            *_lse_strides(lse, varlen),
+            max_q,
+            max_k,
+            h // k.shape[-2],
+            scale * LOG2E,
+            **_flags(d, cfg, causal, varlen, interpret),
+        )
     return _finish(out, out_buf), lse
 
 
@@ -668,23 +1101,67 @@ def _bwd(dout, q, k, v, out, lse, cu_q, cu_k, batch, max_q, max_k, causal, scale
     with device_guard(q):
         cfg = launch_config("bwd_preprocess", d, interpret, aligned)
         _attn_bwd_preprocess_kernel[(triton.cdiv(max_q, cfg.block_m), h, batch)](
-            out, dout, delta, cu_q, *_strides(out, varlen), *_strides(dout, varlen), *lse_strides, max_q,
-            HEAD_DIM=d, BLOCK_D=block_d_for(d), BLOCK_M=cfg.block_m, IS_VARLEN=varlen,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            out,
+            dout,
+            delta,
+            cu_q,
+            *_strides(out, varlen),
+            *_strides(dout, varlen),
+            *lse_strides,
+            max_q,
+            HEAD_DIM=d,
+            BLOCK_D=block_d_for(d),
+            BLOCK_M=cfg.block_m,
+            IS_VARLEN=varlen,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
 
         cfg = launch_config("bwd_dkdv", d, interpret, aligned)
         _attn_bwd_dkdv_kernel[(triton.cdiv(max_k, cfg.block_n), hkv, batch)](
-            q, k, v, dout, lse, delta, dk_buf, dv_buf, cu_q, cu_k,
-            *common, *_strides(dk_buf, varlen), *_strides(dv_buf, varlen), *lse_strides,
-            max_q, max_k, group, scale, scale * LOG2E,
-            **_flags(d, cfg, causal, varlen, interpret))
+            q,
+            k,
+            v,
+            dout,
+            lse,
+            delta,
+            dk_buf,
+            dv_buf,
+            cu_q,
+            cu_k,
+            *common,
+            *_strides(dk_buf, varlen),
+            *_strides(dv_buf, varlen),
+            *lse_strides,
+            max_q,
+            max_k,
+            group,
+            scale,
+            scale * LOG2E,
+            **_flags(d, cfg, causal, varlen, interpret),
+        )
 
         cfg = launch_config("bwd_dq", d, interpret, aligned)
         _attn_bwd_dq_kernel[(triton.cdiv(max_q, cfg.block_m), h, batch)](
-            q, k, v, dout, lse, delta, dq_buf, cu_q, cu_k,
-            *common, *_strides(dq_buf, varlen), *lse_strides,
-            max_q, max_k, group, scale, scale * LOG2E,
-            **_flags(d, cfg, causal, varlen, interpret))
+            q,
+            k,
+            v,
+            dout,
+            lse,
+            delta,
+            dq_buf,
+            cu_q,
+            cu_k,
+            *common,
+            *_strides(dq_buf, varlen),
+            *lse_strides,
+            max_q,
+            max_k,
+            group,
+            scale,
+            scale * LOG2E,
+            **_flags(d, cfg, causal, varlen, interpret),
+        )
     return _finish(dq, dq_buf), _finish(dk, dk_buf), _finish(dv, dv_buf)
 
 
@@ -700,8 +1177,10 @@ def _check_varlen(what, q, k, v, cu_q, cu_k, max_q, max_k):
     _check_qkv(what, q, k, v, n_lead=1)
     for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
         if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1 or cu.device != q.device:
-            raise ValueError(f"{what}: {name} must be a 1-d int32 tensor on {q.device}, got {cu.dtype} "
-                             f"{tuple(cu.shape)} on {cu.device}")
+            raise ValueError(
+                f"{what}: {name} must be a 1-d int32 tensor on {q.device}, got {cu.dtype} "
+                f"{tuple(cu.shape)} on {cu.device}"
+            )
     if cu_q.numel() != cu_k.numel():
         raise ValueError(f"{what}: cu_seqlens_q ({cu_q.numel()}) and cu_seqlens_k ({cu_k.numel()}) lengths differ")
     if cu_q.numel() - 1 > _GRID_YZ_LIMIT:
@@ -712,8 +1191,10 @@ def _check_varlen(what, q, k, v, cu_q, cu_k, max_q, max_k):
 
 def _check_grad_inputs(what, dout, out, lse, q, lse_shape):
     if dout.shape != q.shape or out.shape != q.shape or dout.dtype != q.dtype or out.dtype != q.dtype:
-        raise ValueError(f"{what}: dout {dout.dtype} {tuple(dout.shape)} and out {out.dtype} {tuple(out.shape)} "
-                         f"must match q {q.dtype} {tuple(q.shape)}")
+        raise ValueError(
+            f"{what}: dout {dout.dtype} {tuple(dout.shape)} and out {out.dtype} {tuple(out.shape)} "
+            f"must match q {q.dtype} {tuple(q.shape)}"
+        )
     if tuple(lse.shape) != tuple(lse_shape) or lse.dtype != torch.float32:
         raise ValueError(f"{what}: lse must be float32 {tuple(lse_shape)}, got {lse.dtype} {tuple(lse.shape)}")
 
@@ -730,8 +1211,9 @@ def triton_attn_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float)
 
 
 @torch.library.custom_op("plm_engine::triton_attn_bwd", mutates_args=())
-def triton_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
-                    scale: float) -> tuple[Tensor, Tensor, Tensor]:
+def triton_attn_bwd(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv) of triton_attn_fwd from dout (like q) and the forward's out and lse."""
     what = "triton_attn_bwd"
     _check_dense(what, q, k, v)
@@ -741,26 +1223,70 @@ def triton_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
 
 
 @torch.library.custom_op("plm_engine::triton_attn_varlen_fwd", mutates_args=())
-def triton_attn_varlen_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
-                           max_seqlen_q: int, max_seqlen_k: int, causal: bool,
-                           scale: float) -> tuple[Tensor, Tensor]:
+def triton_attn_varlen_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
     """Packed q: (total_q, n_heads, head_dim), k/v: (total_k, n_kv_heads, head_dim), cu_seqlens int32
     (batch + 1,) -> (out like q, lse (n_heads, total_q) fp32). max_seqlen_* must bound every sequence."""
     _check_varlen("triton_attn_varlen_fwd", q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    return _fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k,
-                causal, scale, varlen=True)
+    return _fwd(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        cu_seqlens_q.numel() - 1,
+        max_seqlen_q,
+        max_seqlen_k,
+        causal,
+        scale,
+        varlen=True,
+    )
 
 
 @torch.library.custom_op("plm_engine::triton_attn_varlen_bwd", mutates_args=())
-def triton_attn_varlen_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                           cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
-                           causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+def triton_attn_varlen_bwd(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv) of triton_attn_varlen_fwd."""
     what = "triton_attn_varlen_bwd"
     _check_varlen(what, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     _check_grad_inputs(what, dout, out, lse, q, (q.shape[1], q.shape[0]))
-    return _bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, cu_seqlens_q.numel() - 1, max_seqlen_q,
-                max_seqlen_k, causal, scale, varlen=True)
+    return _bwd(
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        cu_seqlens_q.numel() - 1,
+        max_seqlen_q,
+        max_seqlen_k,
+        causal,
+        scale,
+        varlen=True,
+    )
 
 
 triton_attn_fwd.register_fake(attn_fwd_fake)
@@ -817,18 +1343,26 @@ def kernel_specs() -> list[KernelSpec]:
                 cfg = launch_config(kernel, head_dim, aligned=aligned)
                 flags = _flags(head_dim, cfg, causal, varlen, interpret=False)
                 warps, stages = flags.pop("num_warps"), flags.pop("num_stages")
-                name = (f"attn_{kernel}[hd={head_dim},BLOCK_M={cfg.block_m},BLOCK_N={cfg.block_n},"
-                        f"{'causal' if causal else 'full'},{'varlen' if varlen else 'dense'},bf16]")
+                name = (
+                    f"attn_{kernel}[hd={head_dim},BLOCK_M={cfg.block_m},BLOCK_N={cfg.block_n},"
+                    f"{'causal' if causal else 'full'},{'varlen' if varlen else 'dense'},bf16]"
+                )
                 specs.append(KernelSpec(name, fn, _signature(fn, types), flags, warps, stages, (alignment,)))
         for block_d in BLOCK_DS:
             if not aligned and block_d not in _GPU_CONFIGS_UNALIGNED["bwd_preprocess"]:
                 continue
             for varlen in (False, True):
                 cfg = launch_config("bwd_preprocess", block_d, aligned=aligned)
-                specs.append(KernelSpec(
-                    f"attn_bwd_preprocess[hd={block_d},BLOCK_M={cfg.block_m},"
-                    f"{'varlen' if varlen else 'dense'},bf16]",
-                    _attn_bwd_preprocess_kernel, _signature(_attn_bwd_preprocess_kernel, types),
-                    dict(HEAD_DIM=block_d, BLOCK_D=block_d, BLOCK_M=cfg.block_m, IS_VARLEN=varlen),
-                    cfg.num_warps, cfg.num_stages, (alignment,)))
+                specs.append(
+                    KernelSpec(
+                        f"attn_bwd_preprocess[hd={block_d},BLOCK_M={cfg.block_m},"
+                        f"{'varlen' if varlen else 'dense'},bf16]",
+                        _attn_bwd_preprocess_kernel,
+                        _signature(_attn_bwd_preprocess_kernel, types),
+                        dict(HEAD_DIM=block_d, BLOCK_D=block_d, BLOCK_M=cfg.block_m, IS_VARLEN=varlen),
+                        cfg.num_warps,
+                        cfg.num_stages,
+                        (alignment,),
+                    )
+                )
     return specs

@@ -38,9 +38,19 @@ def cross_entropy_config(n_cols: int) -> tuple[int, int]:
 
 # ---- kernel -----------------------------------------------------------------------------------------
 
+
 @triton.jit
-def _cross_entropy_kernel(X_ptr, DX_ptr, T_ptr, LOSS_ptr, n_cols, ignore_index, label_smoothing,
-                          BLOCK_N: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
+def _cross_entropy_kernel(
+    X_ptr,
+    DX_ptr,
+    T_ptr,
+    LOSS_ptr,
+    n_cols,
+    ignore_index,
+    label_smoothing,
+    BLOCK_N: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     x_row = X_ptr + row * n_cols
     dx_row = DX_ptr + row * n_cols
@@ -49,8 +59,9 @@ def _cross_entropy_kernel(X_ptr, DX_ptr, T_ptr, LOSS_ptr, n_cols, ignore_index, 
     if target == ignore_index:
         for start in range(0, n_cols, BLOCK_N):
             offs = start + cols
-            tl.store(dx_row + offs, tl.zeros([BLOCK_N], dtype=tl.float32).to(DX_ptr.dtype.element_ty),
-                     mask=offs < n_cols)
+            tl.store(
+                dx_row + offs, tl.zeros([BLOCK_N], dtype=tl.float32).to(DX_ptr.dtype.element_ty), mask=offs < n_cols
+            )
         tl.store(LOSS_ptr + row, 0.0)
     else:
         m = float("-inf")
@@ -86,35 +97,53 @@ def _cross_entropy_kernel(X_ptr, DX_ptr, T_ptr, LOSS_ptr, n_cols, ignore_index, 
 
 # ---- launcher ---------------------------------------------------------------------------------------
 
+
 def _launch(logits, target, dlogits, ignore_index: int, label_smoothing: float) -> torch.Tensor:
     if logits.dim() != 2 or not logits.is_contiguous() or logits.dtype not in KERNEL_DTYPES:
-        raise ValueError(f"logits must be a contiguous (N, V) float32/float16/bfloat16 tensor, "
-                         f"got {tuple(logits.shape)} {logits.dtype}")
+        raise ValueError(
+            f"logits must be a contiguous (N, V) float32/float16/bfloat16 tensor, "
+            f"got {tuple(logits.shape)} {logits.dtype}"
+        )
     if target.shape != logits.shape[:1] or target.dtype != torch.int64 or not target.is_contiguous():
-        raise ValueError(f"target must be a contiguous int64 tensor of shape ({logits.shape[0]},), "
-                         f"got {tuple(target.shape)} {target.dtype}")
+        raise ValueError(
+            f"target must be a contiguous int64 tensor of shape ({logits.shape[0]},), "
+            f"got {tuple(target.shape)} {target.dtype}"
+        )
     n, v = logits.shape
     loss = torch.empty(n, device=logits.device, dtype=torch.float32)
     if n:
         block, warps = cross_entropy_config(v)
         with device_guard(logits):
-            _cross_entropy_kernel[(n,)](logits, dlogits, target, loss, v, ignore_index, label_smoothing,
-                                        BLOCK_N=block, HAS_SMOOTHING=label_smoothing > 0, num_warps=warps)
+            _cross_entropy_kernel[(n,)](
+                logits,
+                dlogits,
+                target,
+                loss,
+                v,
+                ignore_index,
+                label_smoothing,
+                BLOCK_N=block,
+                HAS_SMOOTHING=label_smoothing > 0,
+                num_warps=warps,
+            )
     return loss
 
 
 # ---- registration -----------------------------------------------------------------------------------
 
+
 @torch.library.custom_op("plm_engine::triton_cross_entropy_fwd", mutates_args=())
-def cross_entropy_fwd(logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
-                      label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+def cross_entropy_fwd(
+    logits: torch.Tensor, target: torch.Tensor, ignore_index: int, label_smoothing: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     dlogits = torch.empty_like(logits)
     return _launch(logits, target, dlogits, ignore_index, label_smoothing), dlogits
 
 
 @torch.library.custom_op("plm_engine::triton_cross_entropy_fwd_inplace", mutates_args=("logits",))
-def cross_entropy_fwd_inplace(logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
-                              label_smoothing: float) -> torch.Tensor:
+def cross_entropy_fwd_inplace(
+    logits: torch.Tensor, target: torch.Tensor, ignore_index: int, label_smoothing: float
+) -> torch.Tensor:
     return _launch(logits, target, logits, ignore_index, label_smoothing)
 
 
@@ -135,11 +164,23 @@ def kernel_specs() -> list[KernelSpec]:
     for tt in _TT:
         for block, warps in blocks:
             for smoothing in (False, True):
-                specs.append(KernelSpec(
-                    name=f"cross_entropy[BLOCK_N={block},SMOOTHING={smoothing},{tt}]",
-                    fn=_cross_entropy_kernel,
-                    signature={"X_ptr": f"*{tt}", "DX_ptr": f"*{tt}", "T_ptr": "*i64", "LOSS_ptr": "*fp32",
-                               "n_cols": "i32", "ignore_index": "i64", "label_smoothing": "fp32",
-                               "BLOCK_N": "constexpr", "HAS_SMOOTHING": "constexpr"},
-                    constexprs={"BLOCK_N": block, "HAS_SMOOTHING": smoothing}, num_warps=warps))
+                specs.append(
+                    KernelSpec(
+                        name=f"cross_entropy[BLOCK_N={block},SMOOTHING={smoothing},{tt}]",
+                        fn=_cross_entropy_kernel,
+                        signature={
+                            "X_ptr": f"*{tt}",
+                            "DX_ptr": f"*{tt}",
+                            "T_ptr": "*i64",
+                            "LOSS_ptr": "*fp32",
+                            "n_cols": "i32",
+                            "ignore_index": "i64",
+                            "label_smoothing": "fp32",
+                            "BLOCK_N": "constexpr",
+                            "HAS_SMOOTHING": "constexpr",
+                        },
+                        constexprs={"BLOCK_N": block, "HAS_SMOOTHING": smoothing},
+                        num_warps=warps,
+                    )
+                )
     return specs

@@ -13,8 +13,10 @@ import sys
 def enable() -> bool:
     """Turns the interpreter on for this process if no kernel module is loaded yet; returns whether it is on."""
     if os.environ.get("TRITON_INTERPRET") != "1":
-        if any(m.startswith("plm_engine.ops.triton.") and not m.endswith((".spec", ".interpreter", ".guard"))
-               for m in sys.modules):
+        if any(
+            m.startswith("plm_engine.ops.triton.") and not m.endswith((".spec", ".interpreter", ".guard"))
+            for m in sys.modules
+        ):
             return False  # kernels already defined as compiled functions; too late to switch
         os.environ["TRITON_INTERPRET"] = "1"
     patch_bf16_dot()

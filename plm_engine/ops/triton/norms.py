@@ -60,11 +60,27 @@ def _to_store_dtype(v, dtype: tl.constexpr, INTERPRET: tl.constexpr):
 
 @triton.jit
 def _norm_fwd_kernel(
-    X_ptr, R_ptr, W_ptr, B_ptr, Y_ptr, H_ptr, Mean_ptr, Rstd_ptr,
-    stride_x_row, stride_r_row, stride_y_row, stride_h_row,
-    n_rows, n_cols, eps,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_RMS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, INTERPRET: tl.constexpr,
+    X_ptr,
+    R_ptr,
+    W_ptr,
+    B_ptr,
+    Y_ptr,
+    H_ptr,
+    Mean_ptr,
+    Rstd_ptr,
+    stride_x_row,
+    stride_r_row,
+    stride_y_row,
+    stride_h_row,
+    n_rows,
+    n_cols,
+    eps,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IS_RMS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     """BLOCK_M whole rows per program, held in registers: (BLOCK_M, BLOCK_N) tile, BLOCK_N >= n_cols."""
     row0 = tl.program_id(0).to(tl.int64) * BLOCK_M
@@ -108,11 +124,25 @@ def _norm_fwd_kernel(
 
 @triton.jit
 def _norm_fwd_long_kernel(
-    X_ptr, R_ptr, W_ptr, B_ptr, Y_ptr, H_ptr, Mean_ptr, Rstd_ptr,
-    stride_x_row, stride_r_row, stride_y_row, stride_h_row,
-    n_cols, eps,
+    X_ptr,
+    R_ptr,
+    W_ptr,
+    B_ptr,
+    Y_ptr,
+    H_ptr,
+    Mean_ptr,
+    Rstd_ptr,
+    stride_x_row,
+    stride_r_row,
+    stride_y_row,
+    stride_h_row,
+    n_cols,
+    eps,
     CHUNK: tl.constexpr,
-    IS_RMS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, INTERPRET: tl.constexpr,
+    IS_RMS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     """One row per program, streamed in CHUNK-column pieces: for rows too long for registers."""
     row = tl.program_id(0).to(tl.int64)
@@ -178,11 +208,29 @@ def _norm_fwd_long_kernel(
 
 @triton.jit
 def _norm_bwd_kernel(
-    DY_ptr, DH_ptr, H_ptr, W_ptr, Mean_ptr, Rstd_ptr, C1_ptr, C2_ptr, DX_ptr, DW_ptr, DB_ptr,
-    stride_dy_row, stride_dh_row, stride_h_row, stride_dx_row,
-    n_rows, n_cols, rows_per_program,
+    DY_ptr,
+    DH_ptr,
+    H_ptr,
+    W_ptr,
+    Mean_ptr,
+    Rstd_ptr,
+    C1_ptr,
+    C2_ptr,
+    DX_ptr,
+    DW_ptr,
+    DB_ptr,
+    stride_dy_row,
+    stride_dh_row,
+    stride_h_row,
+    stride_dx_row,
+    n_rows,
+    n_cols,
+    rows_per_program,
     BLOCK_N: tl.constexpr,
-    IS_RMS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DH: tl.constexpr, LOAD_COEFFS: tl.constexpr,
+    IS_RMS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_DH: tl.constexpr,
+    LOAD_COEFFS: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     """Program (g, j): rows [g * rows_per_program, ...) x columns [j * BLOCK_N, ...).
@@ -227,8 +275,9 @@ def _norm_bwd_kernel(
             dx = (wdy - xhat * c1 - c2) * rstd
         if HAS_DH:
             dx += tl.load(DH_ptr + row * stride_dh_row + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX_ptr + row * stride_dx_row + cols, _to_store_dtype(dx, DX_ptr.dtype.element_ty, INTERPRET),
-                 mask=mask)
+        tl.store(
+            DX_ptr + row * stride_dx_row + cols, _to_store_dtype(dx, DX_ptr.dtype.element_ty, INTERPRET), mask=mask
+        )
         dw += dy * xhat
         if HAS_BIAS:
             db += dy
@@ -240,10 +289,18 @@ def _norm_bwd_kernel(
 
 @triton.jit
 def _norm_bwd_coeffs_kernel(
-    DY_ptr, H_ptr, W_ptr, Mean_ptr, Rstd_ptr, C1_ptr, C2_ptr,
-    stride_dy_row, stride_h_row,
+    DY_ptr,
+    H_ptr,
+    W_ptr,
+    Mean_ptr,
+    Rstd_ptr,
+    C1_ptr,
+    C2_ptr,
+    stride_dy_row,
+    stride_h_row,
     n_cols,
-    CHUNK: tl.constexpr, IS_RMS: tl.constexpr,
+    CHUNK: tl.constexpr,
+    IS_RMS: tl.constexpr,
 ):
     """c1 = mean(xhat * weight * dy), c2 = mean(weight * dy) of one long row, streamed in CHUNKs."""
     row = tl.program_id(0).to(tl.int64)
@@ -371,8 +428,10 @@ def _bwd_row_groups(device: torch.device, rows: int, warps_per_group: int) -> in
 
 def _check_device(t: Tensor, what: str) -> None:
     if t.device.type != "cuda" and not (t.device.type == "cpu" and backends.triton_interpreted()):
-        raise RuntimeError(f"{what}: Triton kernels need CUDA tensors, got {t.device} "
-                           "(CPU tensors only run with TRITON_INTERPRET=1, for tests)")
+        raise RuntimeError(
+            f"{what}: Triton kernels need CUDA tensors, got {t.device} "
+            "(CPU tensors only run with TRITON_INTERPRET=1, for tests)"
+        )
 
 
 def _check_2d(t: Tensor, name: str, what: str) -> None:
@@ -395,8 +454,10 @@ def _check_vector(t: Tensor, name: str, n: int, like: Tensor, what: str) -> None
 
 def _check_like(t: Tensor, name: str, ref: Tensor, what: str) -> None:
     if t.shape != ref.shape or t.dtype != ref.dtype or t.device != ref.device:
-        raise ValueError(f"{what}: {name} must match {tuple(ref.shape)} {ref.dtype} on {ref.device}, "
-                         f"got {tuple(t.shape)} {t.dtype} on {t.device}")
+        raise ValueError(
+            f"{what}: {name} must match {tuple(ref.shape)} {ref.dtype} on {ref.device}, "
+            f"got {tuple(t.shape)} {t.dtype} on {t.device}"
+        )
     if not t.is_contiguous():
         raise ValueError(f"{what}: {name} must be contiguous")
 
@@ -436,12 +497,27 @@ def _launch_norm_fwd(x, weight, bias, residual, eps, is_rms):
 
     cfg = launch_config("fwd", triton.next_power_of_2(n))
     # Absent optional tensors are never read or written (constexpr flags); any pointer stands in.
-    args = (x, residual if residual is not None else x, weight, bias if bias is not None else weight,
-            y, h if residual is not None else y, rstd if is_rms else mean, rstd,
-            x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0),
-            h.stride(0) if residual is not None else 0)
-    flags = dict(IS_RMS=is_rms, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-                 INTERPRET=backends.triton_interpreted(), **_launch_options(cfg))
+    args = (
+        x,
+        residual if residual is not None else x,
+        weight,
+        bias if bias is not None else weight,
+        y,
+        h if residual is not None else y,
+        rstd if is_rms else mean,
+        rstd,
+        x.stride(0),
+        residual.stride(0) if residual is not None else 0,
+        y.stride(0),
+        h.stride(0) if residual is not None else 0,
+    )
+    flags = dict(
+        IS_RMS=is_rms,
+        HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=residual is not None,
+        INTERPRET=backends.triton_interpreted(),
+        **_launch_options(cfg),
+    )
     if cfg.long_row:
         with device_guard(x):
             _norm_fwd_long_kernel[(rows,)](*args, n, eps, CHUNK=cfg.chunk, **flags)
@@ -464,8 +540,10 @@ def _launch_norm_bwd(dy, dh, h, weight, mean, rstd, has_bias, is_rms):
     _check_vector(weight, "weight", n, h, what)
     for name, stat in (("rstd", rstd),) if is_rms else (("rstd", rstd), ("mean", mean)):
         if stat.shape != (rows,) or stat.dtype != torch.float32 or stat.device != h.device:
-            raise ValueError(f"{what}: {name} must be float32 of shape ({rows},) on {h.device}, "
-                             f"got {stat.dtype} {tuple(stat.shape)} on {stat.device}")
+            raise ValueError(
+                f"{what}: {name} must be float32 of shape ({rows},) on {h.device}, "
+                f"got {stat.dtype} {tuple(stat.shape)} on {stat.device}"
+            )
 
     dx = torch.empty_like(h)
     empty_db = weight.new_empty((0,))
@@ -485,18 +563,51 @@ def _launch_norm_bwd(dy, dh, h, weight, mean, rstd, has_bias, is_rms):
         c2 = c1 if is_rms else torch.empty_like(c1)
         with device_guard(h):
             _norm_bwd_coeffs_kernel[(rows,)](
-                dy, h, weight, stat_mean, rstd, c1, c2, dy.stride(0), h.stride(0), n,
-                CHUNK=cfg.chunk, IS_RMS=is_rms, **_launch_options(cfg))
+                dy,
+                h,
+                weight,
+                stat_mean,
+                rstd,
+                c1,
+                c2,
+                dy.stride(0),
+                h.stride(0),
+                n,
+                CHUNK=cfg.chunk,
+                IS_RMS=is_rms,
+                **_launch_options(cfg),
+            )
     else:
         c1 = c2 = rstd  # not read: the kernel computes the coefficients itself
     grid = (groups, col_blocks)
     with device_guard(h):
         _norm_bwd_kernel[grid](
-            dy, dh if dh is not None else dy, h, weight, stat_mean, rstd, c1, c2, dx, dw_partial, db_partial,
-            dy.stride(0), dh.stride(0) if dh is not None else 0, h.stride(0), dx.stride(0),
-            rows, n, rows_per_program,
-            BLOCK_N=cfg.cols_per_program, IS_RMS=is_rms, HAS_BIAS=has_bias, HAS_DH=dh is not None,
-            LOAD_COEFFS=cfg.long_row, INTERPRET=interpret, **_launch_options(cfg))
+            dy,
+            dh if dh is not None else dy,
+            h,
+            weight,
+            stat_mean,
+            rstd,
+            c1,
+            c2,
+            dx,
+            dw_partial,
+            db_partial,
+            dy.stride(0),
+            dh.stride(0) if dh is not None else 0,
+            h.stride(0),
+            dx.stride(0),
+            rows,
+            n,
+            rows_per_program,
+            BLOCK_N=cfg.cols_per_program,
+            IS_RMS=is_rms,
+            HAS_BIAS=has_bias,
+            HAS_DH=dh is not None,
+            LOAD_COEFFS=cfg.long_row,
+            INTERPRET=interpret,
+            **_launch_options(cfg),
+        )
     dw = dw_partial.sum(0).to(weight.dtype)
     db = db_partial.sum(0).to(weight.dtype) if has_bias else empty_db
     return dx, dw, db
@@ -506,8 +617,9 @@ def _launch_norm_bwd(dy, dh, h, weight, mean, rstd, has_bias, is_rms):
 
 
 @torch.library.custom_op("plm_engine::triton_norm_fwd", mutates_args=())
-def norm_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], eps: float,
-             is_rms: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def norm_fwd(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], eps: float, is_rms: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """LayerNorm / RMSNorm forward of x: (rows, n) contiguous -> (y, h, mean, rstd) as in csrc/ops.h.
 
     weight, bias: (n,) in x's dtype or float32. h: x + residual in x's dtype, or an empty tensor when
@@ -517,8 +629,16 @@ def norm_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Option
 
 
 @torch.library.custom_op("plm_engine::triton_norm_bwd", mutates_args=())
-def norm_bwd(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
-             has_bias: bool, is_rms: bool) -> tuple[Tensor, Tensor, Tensor]:
+def norm_bwd(
+    dy: Tensor,
+    dh: Optional[Tensor],
+    h: Tensor,
+    weight: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    has_bias: bool,
+    is_rms: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Backward of norm_fwd: dy, dh (optional gradient of the h output), h: (rows, n) -> (dx, dweight, dbias).
 
     dx in h's dtype (dh added in), dweight and dbias (n,) in weight's dtype; dbias is empty (0,) when
@@ -534,6 +654,7 @@ register_autograd(norm_fwd, norm_bwd)
 
 # ---- shipped configurations, for report-kernels ----------------------------------------------------
 
+
 def _signature(fn, types: dict[str, str]) -> dict[str, str]:
     """Every argument of fn in order: pointers/scalars from `types`, the rest constexpr."""
     return {name: types.get(name, "constexpr") for name in fn.arg_names}
@@ -542,13 +663,43 @@ def _signature(fn, types: dict[str, str]) -> dict[str, str]:
 def _spec_types(dt: str) -> tuple[dict[str, str], dict[str, str]]:
     """Argument types of the forward and backward kernels for data type dt (weights in dt too)."""
     f32 = "*fp32"
-    fwd = {"X_ptr": f"*{dt}", "R_ptr": f"*{dt}", "W_ptr": f"*{dt}", "B_ptr": f"*{dt}", "Y_ptr": f"*{dt}",
-           "H_ptr": f"*{dt}", "Mean_ptr": f32, "Rstd_ptr": f32, "stride_x_row": "i32", "stride_r_row": "i32",
-           "stride_y_row": "i32", "stride_h_row": "i32", "n_rows": "i32", "n_cols": "i32", "eps": "fp32"}
-    bwd = {"DY_ptr": f"*{dt}", "DH_ptr": f"*{dt}", "H_ptr": f"*{dt}", "W_ptr": f"*{dt}", "Mean_ptr": f32,
-           "Rstd_ptr": f32, "C1_ptr": f32, "C2_ptr": f32, "DX_ptr": f"*{dt}", "DW_ptr": f32, "DB_ptr": f32,
-           "stride_dy_row": "i32", "stride_dh_row": "i32", "stride_h_row": "i32", "stride_dx_row": "i32",
-           "n_rows": "i32", "n_cols": "i32", "rows_per_program": "i32"}
+    fwd = {
+        "X_ptr": f"*{dt}",
+        "R_ptr": f"*{dt}",
+        "W_ptr": f"*{dt}",
+        "B_ptr": f"*{dt}",
+        "Y_ptr": f"*{dt}",
+        "H_ptr": f"*{dt}",
+        "Mean_ptr": f32,
+        "Rstd_ptr": f32,
+        "stride_x_row": "i32",
+        "stride_r_row": "i32",
+        "stride_y_row": "i32",
+        "stride_h_row": "i32",
+        "n_rows": "i32",
+        "n_cols": "i32",
+        "eps": "fp32",
+    }
+    bwd = {
+        "DY_ptr": f"*{dt}",
+        "DH_ptr": f"*{dt}",
+        "H_ptr": f"*{dt}",
+        "W_ptr": f"*{dt}",
+        "Mean_ptr": f32,
+        "Rstd_ptr": f32,
+        "C1_ptr": f32,
+        "C2_ptr": f32,
+        "DX_ptr": f"*{dt}",
+        "DW_ptr": f32,
+        "DB_ptr": f32,
+        "stride_dy_row": "i32",
+        "stride_dh_row": "i32",
+        "stride_h_row": "i32",
+        "stride_dx_row": "i32",
+        "n_rows": "i32",
+        "n_cols": "i32",
+        "rows_per_program": "i32",
+    }
     return fwd, bwd
 
 
@@ -562,8 +713,7 @@ def kernel_specs() -> list[KernelSpec]:
     specs: dict[str, KernelSpec] = {}  # by name: one long-row kernel serves every long BLOCK_N
 
     def add(name, fn, types, constexprs, cfg):
-        specs.setdefault(name, KernelSpec(name, fn, _signature(fn, types), constexprs, cfg.num_warps,
-                                          cfg.num_stages))
+        specs.setdefault(name, KernelSpec(name, fn, _signature(fn, types), constexprs, cfg.num_warps, cfg.num_stages))
 
     for dt in ("bf16", "fp32"):
         fwd_types, bwd_types = _spec_types(dt)
@@ -575,16 +725,36 @@ def kernel_specs() -> list[KernelSpec]:
                 block_n = 1 << log2
                 cfg = launch_config("fwd", block_n)
                 if cfg.long_row:
-                    add(f"norm_fwd_long[{kind},CHUNK={cfg.chunk},{dt}]", _norm_fwd_long_kernel, fwd_types,
-                        dict(CHUNK=cfg.chunk, **fwd_flags), cfg)
+                    add(
+                        f"norm_fwd_long[{kind},CHUNK={cfg.chunk},{dt}]",
+                        _norm_fwd_long_kernel,
+                        fwd_types,
+                        dict(CHUNK=cfg.chunk, **fwd_flags),
+                        cfg,
+                    )
                 else:
-                    add(f"norm_fwd[{kind},BLOCK_N={block_n},BLOCK_M={cfg.block_m},{dt}]", _norm_fwd_kernel,
-                        fwd_types, dict(BLOCK_M=cfg.block_m, BLOCK_N=block_n, **fwd_flags), cfg)
+                    add(
+                        f"norm_fwd[{kind},BLOCK_N={block_n},BLOCK_M={cfg.block_m},{dt}]",
+                        _norm_fwd_kernel,
+                        fwd_types,
+                        dict(BLOCK_M=cfg.block_m, BLOCK_N=block_n, **fwd_flags),
+                        cfg,
+                    )
                 cfg = launch_config("bwd", block_n)
                 name = "norm_bwd_split" if cfg.long_row else "norm_bwd"
-                add(f"{name}[{kind},BLOCK_N={cfg.cols_per_program},{dt}]", _norm_bwd_kernel, bwd_types,
-                    dict(BLOCK_N=cfg.cols_per_program, LOAD_COEFFS=cfg.long_row, **bwd_flags), cfg)
+                add(
+                    f"{name}[{kind},BLOCK_N={cfg.cols_per_program},{dt}]",
+                    _norm_bwd_kernel,
+                    bwd_types,
+                    dict(BLOCK_N=cfg.cols_per_program, LOAD_COEFFS=cfg.long_row, **bwd_flags),
+                    cfg,
+                )
                 if cfg.long_row:
-                    add(f"norm_bwd_coeffs[{kind},CHUNK={cfg.chunk},{dt}]", _norm_bwd_coeffs_kernel, bwd_types,
-                        dict(CHUNK=cfg.chunk, IS_RMS=rms), cfg)
+                    add(
+                        f"norm_bwd_coeffs[{kind},CHUNK={cfg.chunk},{dt}]",
+                        _norm_bwd_coeffs_kernel,
+                        bwd_types,
+                        dict(CHUNK=cfg.chunk, IS_RMS=rms),
+                        cfg,
+                    )
     return list(specs.values())

@@ -64,14 +64,37 @@ def _cast(v, dtype: tl.constexpr, INTERPRET: tl.constexpr):
 
 @triton.jit
 def _paged_attn_split_kernel(
-    Q_ptr, K_ptr, V_ptr, BT_ptr, Lens_ptr, O_ptr, PO_ptr, PLSE_ptr,
-    stride_qb, stride_qs, stride_qh,
-    stride_ob, stride_os, stride_oh,
-    stride_kblock, stride_kslot, stride_khead,
+    Q_ptr,
+    K_ptr,
+    V_ptr,
+    BT_ptr,
+    Lens_ptr,
+    O_ptr,
+    PO_ptr,
+    PLSE_ptr,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_ob,
+    stride_os,
+    stride_oh,
+    stride_kblock,
+    stride_kslot,
+    stride_khead,
     stride_bt,
-    seqlen_q, group, n_rows, m_tiles, n_heads, head_dim, page_shift, num_splits,
+    seqlen_q,
+    group,
+    n_rows,
+    m_tiles,
+    n_heads,
+    head_dim,
+    page_shift,
+    num_splits,
     qk_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     """Program (b, kvh * m_tiles + row tile, split). n_rows = group * seqlen_q query rows per kv head."""
     b = tl.program_id(0)
@@ -99,8 +122,11 @@ def _paged_attn_split_kernel(
     b64 = b.to(tl.int64)
     # Per-row 64-bit offsets of the query/output rows (a long chunked prefill's qi * stride can pass 2**31).
     qi64 = qi.to(tl.int64)
-    q = tl.load(Q_ptr + b64 * stride_qb + qi64[:, None] * stride_qs + head[:, None] * stride_qh + dims[None, :],
-                mask=q_mask, other=0.0)
+    q = tl.load(
+        Q_ptr + b64 * stride_qb + qi64[:, None] * stride_qs + head[:, None] * stride_qh + dims[None, :],
+        mask=q_mask,
+        other=0.0,
+    )
     if INTERPRET:
         q = q.to(tl.float32)
 
@@ -152,10 +178,18 @@ def _paged_attn_split_kernel(
 
 @triton.jit
 def _paged_attn_combine_kernel(
-    PO_ptr, PLSE_ptr, O_ptr,
-    stride_ob, stride_os, stride_oh,
-    seqlen_q, n_heads, head_dim, num_splits,
-    BLOCK_D: tl.constexpr, INTERPRET: tl.constexpr,
+    PO_ptr,
+    PLSE_ptr,
+    O_ptr,
+    stride_ob,
+    stride_os,
+    stride_oh,
+    seqlen_q,
+    n_heads,
+    head_dim,
+    num_splits,
+    BLOCK_D: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     """Program r = (b * seqlen_q + i) * n_heads + h merges the num_splits partials of one query row."""
     r = tl.program_id(0).to(tl.int64)
@@ -178,16 +212,29 @@ def _paged_attn_combine_kernel(
         den = den * alpha + w
         m = m_new
     out = acc / tl.where(den > 0, den, 1.0)
-    tl.store(O_ptr + b * stride_ob + i * stride_os + h * stride_oh + dims,
-             _cast(out, O_ptr.dtype.element_ty, INTERPRET), mask=d_ok)
+    tl.store(
+        O_ptr + b * stride_ob + i * stride_os + h * stride_oh + dims,
+        _cast(out, O_ptr.dtype.element_ty, INTERPRET),
+        mask=d_ok,
+    )
 
 
 @triton.jit
 def _write_kv_cache_kernel(
-    K_ptr, V_ptr, KC_ptr, VC_ptr, Slot_ptr,
-    stride_kt, stride_kh, stride_vt, stride_vh,
-    n_kv_heads, head_dim,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRET: tl.constexpr,
+    K_ptr,
+    V_ptr,
+    KC_ptr,
+    VC_ptr,
+    Slot_ptr,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    n_kv_heads,
+    head_dim,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     """Program t copies token t's (n_kv_heads, head_dim) K and V rows into cache slot slot_mapping[t]."""
     t = tl.program_id(0).to(tl.int64)
@@ -298,18 +345,24 @@ def choose_num_splits(device: torch.device, programs: int, capacity_tokens: int)
 
 def _check_device(t: Tensor, what: str) -> None:
     if t.device.type != "cuda" and not (t.device.type == "cpu" and _interpreted()):
-        raise RuntimeError(f"{what}: Triton kernels need CUDA tensors, got {t.device} "
-                           "(CPU tensors only run with TRITON_INTERPRET=1, for tests)")
+        raise RuntimeError(
+            f"{what}: Triton kernels need CUDA tensors, got {t.device} "
+            "(CPU tensors only run with TRITON_INTERPRET=1, for tests)"
+        )
 
 
 def _check_cache(k_cache: Tensor, v_cache: Tensor, ref: Tensor, what: str) -> None:
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.dim() != 4 or not t.is_contiguous() or t.device != ref.device:
-            raise ValueError(f"{what}: {name} must be a contiguous (num_blocks, block_size, n_kv_heads, head_dim) "
-                             f"tensor on {ref.device}, got {tuple(t.shape)} on {t.device}")
+            raise ValueError(
+                f"{what}: {name} must be a contiguous (num_blocks, block_size, n_kv_heads, head_dim) "
+                f"tensor on {ref.device}, got {tuple(t.shape)} on {t.device}"
+            )
     if k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype:
-        raise ValueError(f"{what}: k_cache {k_cache.dtype} {tuple(k_cache.shape)} and v_cache {v_cache.dtype} "
-                         f"{tuple(v_cache.shape)} must match")
+        raise ValueError(
+            f"{what}: k_cache {k_cache.dtype} {tuple(k_cache.shape)} and v_cache {v_cache.dtype} "
+            f"{tuple(v_cache.shape)} must match"
+        )
     if k_cache.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"{what}: the caches must be float32/float16/bfloat16, got {k_cache.dtype}")
     bs = k_cache.shape[1]
@@ -319,28 +372,42 @@ def _check_cache(k_cache: Tensor, v_cache: Tensor, ref: Tensor, what: str) -> No
         raise ValueError(f"{what}: head_dim must be a multiple of 8 in [8, {MAX_HEAD_DIM}], got {k_cache.shape[3]}")
 
 
-def launch_paged_attn(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, cache_seqlens: Tensor,
-                      scale: float, num_splits: int | None = None) -> Tensor:
+def launch_paged_attn(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_table: Tensor,
+    cache_seqlens: Tensor,
+    scale: float,
+    num_splits: int | None = None,
+) -> Tensor:
     """paged_attn's launcher; num_splits (tests only) overrides choose_num_splits."""
     what = "triton_paged_attn"
     _check_device(q, what)
     _check_cache(k_cache, v_cache, q, what)
     if q.dim() != 4 or q.stride(-1) != 1:
-        raise ValueError(f"{what}: q must be (batch, seqlen_q, n_heads, head_dim), contiguous in head_dim, got "
-                         f"shape {tuple(q.shape)} strides {q.stride()}")
+        raise ValueError(
+            f"{what}: q must be (batch, seqlen_q, n_heads, head_dim), contiguous in head_dim, got "
+            f"shape {tuple(q.shape)} strides {q.stride()}"
+        )
     if q.dtype != k_cache.dtype:
         raise ValueError(f"{what}: q is {q.dtype} but the caches are {k_cache.dtype}")
     batch, seqlen_q, n_heads, head_dim = q.shape
     _, block_size, n_kv_heads, cache_head_dim = k_cache.shape
     if cache_head_dim != head_dim or n_kv_heads == 0 or n_heads % n_kv_heads:
-        raise ValueError(f"{what}: q has {n_heads} heads of {head_dim}; the caches have {n_kv_heads} kv heads of "
-                         f"{cache_head_dim} (n_heads must be a multiple of n_kv_heads)")
-    for name, t, shape in (("block_table", block_table, (batch, block_table.shape[-1])),
-                           ("cache_seqlens", cache_seqlens, (batch,))):
-        if (t.dtype != torch.int32 or tuple(t.shape) != shape or t.device != q.device
-                or not t.is_contiguous()):
-            raise ValueError(f"{what}: {name} must be contiguous int32 {shape} on {q.device}, got {t.dtype} "
-                             f"{tuple(t.shape)} on {t.device}")
+        raise ValueError(
+            f"{what}: q has {n_heads} heads of {head_dim}; the caches have {n_kv_heads} kv heads of "
+            f"{cache_head_dim} (n_heads must be a multiple of n_kv_heads)"
+        )
+    for name, t, shape in (
+        ("block_table", block_table, (batch, block_table.shape[-1])),
+        ("cache_seqlens", cache_seqlens, (batch,)),
+    ):
+        if t.dtype != torch.int32 or tuple(t.shape) != shape or t.device != q.device or not t.is_contiguous():
+            raise ValueError(
+                f"{what}: {name} must be contiguous int32 {shape} on {q.device}, got {t.dtype} "
+                f"{tuple(t.shape)} on {t.device}"
+            )
     if block_table.dim() != 2:
         raise ValueError(f"{what}: block_table must be 2-D (batch, max_blocks), got {tuple(block_table.shape)}")
 
@@ -358,27 +425,64 @@ def launch_paged_attn(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: 
     if not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"{what}: num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
     if num_splits > 1:
-        part_out = torch.empty((batch, seqlen_q, n_heads, num_splits, head_dim), dtype=torch.float32,
-                               device=q.device)
+        part_out = torch.empty((batch, seqlen_q, n_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((batch, seqlen_q, n_heads, num_splits), dtype=torch.float32, device=q.device)
     else:
         # Not touched; one element rather than none, so the launcher always gets a real device pointer.
         part_out = part_lse = torch.empty((1,), dtype=torch.float32, device=q.device)
     with device_guard(q):
         _paged_attn_split_kernel[(batch, n_kv_heads * m_tiles, num_splits)](
-            q, k_cache, v_cache, block_table, cache_seqlens, out, part_out, part_lse,
-            q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
-            seqlen_q, group, n_rows, m_tiles, n_heads, head_dim, block_size.bit_length() - 1, num_splits,
+            q,
+            k_cache,
+            v_cache,
+            block_table,
+            cache_seqlens,
+            out,
+            part_out,
+            part_lse,
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            out.stride(0),
+            out.stride(1),
+            out.stride(2),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            block_table.stride(0),
+            seqlen_q,
+            group,
+            n_rows,
+            m_tiles,
+            n_heads,
+            head_dim,
+            block_size.bit_length() - 1,
+            num_splits,
             scale * LOG2E,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, INTERPRET=_interpreted(),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n,
+            BLOCK_D=cfg.block_d,
+            INTERPRET=_interpreted(),
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
     if num_splits > 1:
         with device_guard(q):
             _paged_attn_combine_kernel[(batch * seqlen_q * n_heads,)](
-                part_out, part_lse, out, out.stride(0), out.stride(1), out.stride(2),
-                seqlen_q, n_heads, head_dim, num_splits,
-                BLOCK_D=cfg.block_d, INTERPRET=_interpreted(), num_warps=_combine_warps(cfg.block_d))
+                part_out,
+                part_lse,
+                out,
+                out.stride(0),
+                out.stride(1),
+                out.stride(2),
+                seqlen_q,
+                n_heads,
+                head_dim,
+                num_splits,
+                BLOCK_D=cfg.block_d,
+                INTERPRET=_interpreted(),
+                num_warps=_combine_warps(cfg.block_d),
+            )
     return out
 
 
@@ -392,31 +496,59 @@ def launch_write_kv_cache(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor
     _check_cache(k_cache, v_cache, k_cache, what)
     _, _, n_kv_heads, head_dim = k_cache.shape
     for name, t in (("k", k), ("v", v)):
-        if (t.dim() != 3 or tuple(t.shape[1:]) != (n_kv_heads, head_dim) or t.stride(-1) != 1
-                or t.device != k_cache.device or t.dtype not in (torch.float32, torch.float16, torch.bfloat16)):
-            raise ValueError(f"{what}: {name} must be a float (num_tokens, {n_kv_heads}, {head_dim}) tensor on "
-                             f"{k_cache.device}, contiguous in head_dim, got {t.dtype} {tuple(t.shape)} on {t.device}")
+        if (
+            t.dim() != 3
+            or tuple(t.shape[1:]) != (n_kv_heads, head_dim)
+            or t.stride(-1) != 1
+            or t.device != k_cache.device
+            or t.dtype not in (torch.float32, torch.float16, torch.bfloat16)
+        ):
+            raise ValueError(
+                f"{what}: {name} must be a float (num_tokens, {n_kv_heads}, {head_dim}) tensor on "
+                f"{k_cache.device}, contiguous in head_dim, got {t.dtype} {tuple(t.shape)} on {t.device}"
+            )
     if v.shape != k.shape:
         raise ValueError(f"{what}: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
-    if (slot_mapping.dtype not in (torch.int32, torch.int64) or tuple(slot_mapping.shape) != (k.shape[0],)
-            or slot_mapping.device != k_cache.device or not slot_mapping.is_contiguous()):
-        raise ValueError(f"{what}: slot_mapping must be contiguous int32/int64 ({k.shape[0]},) on {k_cache.device}, "
-                         f"got {slot_mapping.dtype} {tuple(slot_mapping.shape)} on {slot_mapping.device}")
+    if (
+        slot_mapping.dtype not in (torch.int32, torch.int64)
+        or tuple(slot_mapping.shape) != (k.shape[0],)
+        or slot_mapping.device != k_cache.device
+        or not slot_mapping.is_contiguous()
+    ):
+        raise ValueError(
+            f"{what}: slot_mapping must be contiguous int32/int64 ({k.shape[0]},) on {k_cache.device}, "
+            f"got {slot_mapping.dtype} {tuple(slot_mapping.shape)} on {slot_mapping.device}"
+        )
     if k.shape[0] == 0:
         return
     block_h, block_d, num_warps = write_config(n_kv_heads, head_dim)
     with device_guard(k_cache):
         _write_kv_cache_kernel[(k.shape[0],)](
-            k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            n_kv_heads, head_dim, BLOCK_H=block_h, BLOCK_D=block_d, INTERPRET=_interpreted(), num_warps=num_warps)
+            k,
+            v,
+            k_cache,
+            v_cache,
+            slot_mapping,
+            k.stride(0),
+            k.stride(1),
+            v.stride(0),
+            v.stride(1),
+            n_kv_heads,
+            head_dim,
+            BLOCK_H=block_h,
+            BLOCK_D=block_d,
+            INTERPRET=_interpreted(),
+            num_warps=num_warps,
+        )
 
 
 # ---- custom ops ------------------------------------------------------------------------------------
 
 
 @torch.library.custom_op("plm_engine::triton_paged_attn", mutates_args=())
-def paged_attn(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, cache_seqlens: Tensor,
-               scale: float) -> Tensor:
+def paged_attn(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, cache_seqlens: Tensor, scale: float
+) -> Tensor:
     """q (batch, seqlen_q, n_heads, head_dim) over k/v caches (num_blocks, block_size, n_kv_heads, head_dim),
     block_table (batch, max_blocks) int32, cache_seqlens (batch,) int32 -> out like q (contiguous)."""
     return launch_paged_attn(q, k_cache, v_cache, block_table, cache_seqlens, scale)
@@ -448,34 +580,98 @@ def kernel_specs() -> list[KernelSpec]:
     """
     dt = "*bf16"
     i32, f32 = "i32", "fp32"
-    split_types = {"Q_ptr": dt, "K_ptr": dt, "V_ptr": dt, "BT_ptr": "*i32", "Lens_ptr": "*i32", "O_ptr": dt,
-                   "PO_ptr": "*fp32", "PLSE_ptr": "*fp32", "qk_scale": f32}
-    for name in ("stride_qb", "stride_qs", "stride_qh", "stride_ob", "stride_os", "stride_oh", "stride_kblock",
-                 "stride_kslot", "stride_khead", "stride_bt", "seqlen_q", "group", "n_rows", "m_tiles", "n_heads",
-                 "head_dim", "page_shift", "num_splits"):
+    split_types = {
+        "Q_ptr": dt,
+        "K_ptr": dt,
+        "V_ptr": dt,
+        "BT_ptr": "*i32",
+        "Lens_ptr": "*i32",
+        "O_ptr": dt,
+        "PO_ptr": "*fp32",
+        "PLSE_ptr": "*fp32",
+        "qk_scale": f32,
+    }
+    for name in (
+        "stride_qb",
+        "stride_qs",
+        "stride_qh",
+        "stride_ob",
+        "stride_os",
+        "stride_oh",
+        "stride_kblock",
+        "stride_kslot",
+        "stride_khead",
+        "stride_bt",
+        "seqlen_q",
+        "group",
+        "n_rows",
+        "m_tiles",
+        "n_heads",
+        "head_dim",
+        "page_shift",
+        "num_splits",
+    ):
         split_types[name] = i32
-    combine_types = {"PO_ptr": "*fp32", "PLSE_ptr": "*fp32", "O_ptr": dt, "stride_ob": i32, "stride_os": i32,
-                     "stride_oh": i32, "seqlen_q": i32, "n_heads": i32, "head_dim": i32, "num_splits": i32}
-    write_types = {"K_ptr": dt, "V_ptr": dt, "KC_ptr": dt, "VC_ptr": dt, "Slot_ptr": "*i32", "stride_kt": i32,
-                   "stride_kh": i32, "stride_vt": i32, "stride_vh": i32, "n_kv_heads": i32, "head_dim": i32}
+    combine_types = {
+        "PO_ptr": "*fp32",
+        "PLSE_ptr": "*fp32",
+        "O_ptr": dt,
+        "stride_ob": i32,
+        "stride_os": i32,
+        "stride_oh": i32,
+        "seqlen_q": i32,
+        "n_heads": i32,
+        "head_dim": i32,
+        "num_splits": i32,
+    }
+    write_types = {
+        "K_ptr": dt,
+        "V_ptr": dt,
+        "KC_ptr": dt,
+        "VC_ptr": dt,
+        "Slot_ptr": "*i32",
+        "stride_kt": i32,
+        "stride_kh": i32,
+        "stride_vt": i32,
+        "stride_vh": i32,
+        "n_kv_heads": i32,
+        "head_dim": i32,
+    }
     specs = []
     for head_dim in (16, 32, 64, 128, 256):
         for block_m in sorted({paged_config(m, head_dim).block_m for m in ROW_TILES}):
             cfg = paged_config(block_m, head_dim)
-            specs.append(KernelSpec(
-                f"paged_attn_split[BLOCK_M={cfg.block_m},BLOCK_N={cfg.block_n},BLOCK_D={cfg.block_d},bf16]",
-                _paged_attn_split_kernel, _signature(_paged_attn_split_kernel, split_types),
-                dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, INTERPRET=False),
-                cfg.num_warps, cfg.num_stages))
+            specs.append(
+                KernelSpec(
+                    f"paged_attn_split[BLOCK_M={cfg.block_m},BLOCK_N={cfg.block_n},BLOCK_D={cfg.block_d},bf16]",
+                    _paged_attn_split_kernel,
+                    _signature(_paged_attn_split_kernel, split_types),
+                    dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, INTERPRET=False),
+                    cfg.num_warps,
+                    cfg.num_stages,
+                )
+            )
         block_d = paged_config(1, head_dim).block_d
-        specs.append(KernelSpec(
-            f"paged_attn_combine[BLOCK_D={block_d},bf16]", _paged_attn_combine_kernel,
-            _signature(_paged_attn_combine_kernel, combine_types), dict(BLOCK_D=block_d, INTERPRET=False),
-            _combine_warps(block_d), 1))
+        specs.append(
+            KernelSpec(
+                f"paged_attn_combine[BLOCK_D={block_d},bf16]",
+                _paged_attn_combine_kernel,
+                _signature(_paged_attn_combine_kernel, combine_types),
+                dict(BLOCK_D=block_d, INTERPRET=False),
+                _combine_warps(block_d),
+                1,
+            )
+        )
         # The largest tile per head_dim (8 kv heads or more); fewer heads give smaller BLOCK_H.
         block_h, wd, warps = write_config(8, head_dim)
-        specs.append(KernelSpec(
-            f"write_kv_cache[BLOCK_H={block_h},BLOCK_D={wd},bf16]", _write_kv_cache_kernel,
-            _signature(_write_kv_cache_kernel, write_types), dict(BLOCK_H=block_h, BLOCK_D=wd, INTERPRET=False),
-            warps, 1))
+        specs.append(
+            KernelSpec(
+                f"write_kv_cache[BLOCK_H={block_h},BLOCK_D={wd},bf16]",
+                _write_kv_cache_kernel,
+                _signature(_write_kv_cache_kernel, write_types),
+                dict(BLOCK_H=block_h, BLOCK_D=wd, INTERPRET=False),
+                warps,
+                1,
+            )
+        )
     return specs

@@ -43,9 +43,22 @@ def _round_to(v, dtype: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _rope_heads(X_ptr, O_ptr, stride_x_head, stride_o_head, h0, n_heads, cos, sin, half, pass_end,
-                BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, INTERLEAVED: tl.constexpr,
-                INTERPRET: tl.constexpr):
+def _rope_heads(
+    X_ptr,
+    O_ptr,
+    stride_x_head,
+    stride_o_head,
+    h0,
+    n_heads,
+    cos,
+    sin,
+    half,
+    pass_end,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
     """Rotates heads [h0, h0 + BLOCK_H) of one token; X_ptr / O_ptr point at the token's head 0."""
     heads = h0 + tl.arange(0, BLOCK_H)
     cols = tl.arange(0, BLOCK_HALF)
@@ -75,13 +88,38 @@ def _rope_heads(X_ptr, O_ptr, stride_x_head, stride_o_head, h0, n_heads, cos, si
 
 @triton.jit
 def _rope_kernel(
-    Q_ptr, K_ptr, QO_ptr, KO_ptr, Cos_ptr, Sin_ptr, Pos_ptr,
-    stride_q_b, stride_q_s, stride_q_h, stride_k_b, stride_k_s, stride_k_h,
-    stride_qo_b, stride_qo_s, stride_qo_h, stride_ko_b, stride_ko_s, stride_ko_h,
-    stride_cos_row, stride_cos_col,
-    seqlen, n_q_heads, n_k_heads, half, pass_end, sin_sign,
-    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    HAS_POS: tl.constexpr, INTERLEAVED: tl.constexpr, INTERPRET: tl.constexpr,
+    Q_ptr,
+    K_ptr,
+    QO_ptr,
+    KO_ptr,
+    Cos_ptr,
+    Sin_ptr,
+    Pos_ptr,
+    stride_q_b,
+    stride_q_s,
+    stride_q_h,
+    stride_k_b,
+    stride_k_s,
+    stride_k_h,
+    stride_qo_b,
+    stride_qo_s,
+    stride_qo_h,
+    stride_ko_b,
+    stride_ko_s,
+    stride_ko_h,
+    stride_cos_row,
+    stride_cos_col,
+    seqlen,
+    n_q_heads,
+    n_k_heads,
+    half,
+    pass_end,
+    sin_sign,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     """Program (token, head block): head blocks of q come first on axis 1, then those of k."""
     tok = tl.program_id(0).to(tl.int64)
@@ -100,13 +138,39 @@ def _rope_kernel(
 
     n_q_blocks = tl.cdiv(n_q_heads, BLOCK_H)
     if hb < n_q_blocks:
-        _rope_heads(Q_ptr + b * stride_q_b + s * stride_q_s, QO_ptr + b * stride_qo_b + s * stride_qo_s,
-                    stride_q_h, stride_qo_h, hb * BLOCK_H, n_q_heads, cos, sin, half, pass_end,
-                    BLOCK_H, BLOCK_HALF, INTERLEAVED, INTERPRET)
+        _rope_heads(
+            Q_ptr + b * stride_q_b + s * stride_q_s,
+            QO_ptr + b * stride_qo_b + s * stride_qo_s,
+            stride_q_h,
+            stride_qo_h,
+            hb * BLOCK_H,
+            n_q_heads,
+            cos,
+            sin,
+            half,
+            pass_end,
+            BLOCK_H,
+            BLOCK_HALF,
+            INTERLEAVED,
+            INTERPRET,
+        )
     else:
-        _rope_heads(K_ptr + b * stride_k_b + s * stride_k_s, KO_ptr + b * stride_ko_b + s * stride_ko_s,
-                    stride_k_h, stride_ko_h, (hb - n_q_blocks) * BLOCK_H, n_k_heads, cos, sin, half, pass_end,
-                    BLOCK_H, BLOCK_HALF, INTERLEAVED, INTERPRET)
+        _rope_heads(
+            K_ptr + b * stride_k_b + s * stride_k_s,
+            KO_ptr + b * stride_ko_b + s * stride_ko_s,
+            stride_k_h,
+            stride_ko_h,
+            (hb - n_q_blocks) * BLOCK_H,
+            n_k_heads,
+            cos,
+            sin,
+            half,
+            pass_end,
+            BLOCK_H,
+            BLOCK_HALF,
+            INTERLEAVED,
+            INTERPRET,
+        )
 
 
 # ---- launch configuration (shared by the launcher and kernel_specs) --------------------------------
@@ -154,15 +218,18 @@ def _interpreted() -> bool:
 
 def _check_device(t: Tensor, what: str) -> None:
     if t.device.type != "cuda" and not (t.device.type == "cpu" and _interpreted()):
-        raise RuntimeError(f"{what}: Triton kernels need CUDA tensors, got {t.device} "
-                           "(CPU tensors only run with TRITON_INTERPRET=1, for tests)")
+        raise RuntimeError(
+            f"{what}: Triton kernels need CUDA tensors, got {t.device} "
+            "(CPU tensors only run with TRITON_INTERPRET=1, for tests)"
+        )
 
 
 def _check(q, k, cos, sin, positions, what):
     _check_device(q, what)
     if q.dim() != 4 or k.dim() != 4:
-        raise ValueError(f"{what}: q and k must be 4-D (batch, seqlen, heads, head_dim), got {tuple(q.shape)} "
-                         f"and {tuple(k.shape)}")
+        raise ValueError(
+            f"{what}: q and k must be 4-D (batch, seqlen, heads, head_dim), got {tuple(q.shape)} and {tuple(k.shape)}"
+        )
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or k.dtype != q.dtype:
         raise ValueError(f"{what}: q and k must share one of float32/float16/bfloat16, got {q.dtype}, {k.dtype}")
     if k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
@@ -179,8 +246,12 @@ def _check(q, k, cos, sin, positions, what):
     if 2 * cos.shape[1] > q.shape[3] or cos.shape[1] > TRITON_MAX_HALF:
         raise ValueError(f"{what}: rotary_dim / 2 = {cos.shape[1]} does not fit head_dim {q.shape[3]}")
     if positions is not None:
-        if (positions.dtype != torch.int64 or positions.shape != q.shape[:2] or not positions.is_contiguous()
-                or positions.device != q.device):
+        if (
+            positions.dtype != torch.int64
+            or positions.shape != q.shape[:2]
+            or not positions.is_contiguous()
+            or positions.device != q.device
+        ):
             raise ValueError(f"{what}: positions must be contiguous int64 {tuple(q.shape[:2])} on {q.device}")
     elif q.shape[1] > cos.shape[0]:
         raise ValueError(f"{what}: cos/sin have {cos.shape[0]} positions but seqlen is {q.shape[1]}")
@@ -196,33 +267,57 @@ def _launch(q, k, q_out, k_out, cos, sin, positions, interleaved, conjugate):
     grid = (batch * seqlen, triton.cdiv(n_q, cfg.block_h) + triton.cdiv(n_k, cfg.block_h))
     with device_guard(q):
         _rope_kernel[grid](
-            q, k, q_out, k_out, cos, sin, positions if positions is not None else cos,
-            *q.stride()[:3], *k.stride()[:3], *q_out.stride()[:3], *k_out.stride()[:3],
-            cos.stride(0), cos.stride(1),
-            seqlen, n_q, n_k, half, head_dim if copy_pass else 2 * half, -1.0 if conjugate else 1.0,
-            BLOCK_H=cfg.block_h, BLOCK_HALF=cfg.block_half,
-            HAS_POS=positions is not None, INTERLEAVED=interleaved, INTERPRET=_interpreted(),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            q,
+            k,
+            q_out,
+            k_out,
+            cos,
+            sin,
+            positions if positions is not None else cos,
+            *q.stride()[:3],
+            *k.stride()[:3],
+            *q_out.stride()[:3],
+            *k_out.stride()[:3],
+            cos.stride(0),
+            cos.stride(1),
+            seqlen,
+            n_q,
+            n_k,
+            half,
+            head_dim if copy_pass else 2 * half,
+            -1.0 if conjugate else 1.0,
+            BLOCK_H=cfg.block_h,
+            BLOCK_HALF=cfg.block_half,
+            HAS_POS=positions is not None,
+            INTERLEAVED=interleaved,
+            INTERPRET=_interpreted(),
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
 
 
 # ---- custom ops: registration and the public callables ---------------------------------------------
 
 
 @torch.library.custom_op("plm_engine::triton_rope", mutates_args=())
-def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Optional[Tensor], interleaved: bool,
-         conjugate: bool) -> tuple[Tensor, Tensor]:
+def rope(
+    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Optional[Tensor], interleaved: bool, conjugate: bool
+) -> tuple[Tensor, Tensor]:
     """RoPE of q (batch, seqlen, q_heads, head_dim) and k (batch, seqlen, k_heads, head_dim) into new
     contiguous tensors; cos/sin (max_seqlen, rotary_dim / 2); positions int64 (batch, seqlen) or None."""
     _check(q, k, cos, sin, positions, "triton_rope")
-    q_out, k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype,
-                                                                                     device=k.device)
+    q_out, k_out = (
+        torch.empty(q.shape, dtype=q.dtype, device=q.device),
+        torch.empty(k.shape, dtype=k.dtype, device=k.device),
+    )
     _launch(q, k, q_out, k_out, cos, sin, positions, interleaved, conjugate)
     return q_out, k_out
 
 
 @torch.library.custom_op("plm_engine::triton_rope_", mutates_args=("q", "k"))
-def rope_(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Optional[Tensor], interleaved: bool,
-          conjugate: bool) -> None:
+def rope_(
+    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Optional[Tensor], interleaved: bool, conjugate: bool
+) -> None:
     """RoPE of q and k in place (same arguments as triton_rope)."""
     _check(q, k, cos, sin, positions, "triton_rope_")
     _launch(q, k, q, k, cos, sin, positions, interleaved, conjugate)
@@ -235,15 +330,30 @@ register_autograd(rope)
 
 # ---- shipped configurations, for report-kernels ----------------------------------------------------
 
+
 def kernel_specs() -> list[KernelSpec]:
     """Every (BLOCK_HALF, BLOCK_H) launch_config can pick, rotate_half and interleaved, in bf16 and fp32,
     with positions (the heavier flag; without them the kernel only drops one load)."""
     specs = []
     for dt in ("bf16", "fp32"):
         types = {name: "i32" for name in _rope_kernel.arg_names if name.startswith("stride_")}
-        types.update({"Q_ptr": f"*{dt}", "K_ptr": f"*{dt}", "QO_ptr": f"*{dt}", "KO_ptr": f"*{dt}",
-                      "Cos_ptr": "*fp32", "Sin_ptr": "*fp32", "Pos_ptr": "*i64", "seqlen": "i32",
-                      "n_q_heads": "i32", "n_k_heads": "i32", "half": "i32", "pass_end": "i32", "sin_sign": "fp32"})
+        types.update(
+            {
+                "Q_ptr": f"*{dt}",
+                "K_ptr": f"*{dt}",
+                "QO_ptr": f"*{dt}",
+                "KO_ptr": f"*{dt}",
+                "Cos_ptr": "*fp32",
+                "Sin_ptr": "*fp32",
+                "Pos_ptr": "*i64",
+                "seqlen": "i32",
+                "n_q_heads": "i32",
+                "n_k_heads": "i32",
+                "half": "i32",
+                "pass_end": "i32",
+                "sin_sign": "fp32",
+            }
+        )
         signature = {name: types.get(name, "constexpr") for name in _rope_kernel.arg_names}
         block_half = _MIN_BLOCK_HALF
         while block_half <= triton.next_power_of_2(TRITON_MAX_HALF):
@@ -251,11 +361,21 @@ def kernel_specs() -> list[KernelSpec]:
                 cfg = launch_config(heads, block_half)
                 for interleaved in (False, True):
                     layout = "interleaved" if interleaved else "half"
-                    specs.append(KernelSpec(
-                        f"rope[BLOCK_H={cfg.block_h},BLOCK_HALF={cfg.block_half},{layout},{dt}]",
-                        _rope_kernel, signature,
-                        dict(BLOCK_H=cfg.block_h, BLOCK_HALF=cfg.block_half, HAS_POS=True, INTERLEAVED=interleaved,
-                             INTERPRET=False),
-                        cfg.num_warps, cfg.num_stages))
+                    specs.append(
+                        KernelSpec(
+                            f"rope[BLOCK_H={cfg.block_h},BLOCK_HALF={cfg.block_half},{layout},{dt}]",
+                            _rope_kernel,
+                            signature,
+                            dict(
+                                BLOCK_H=cfg.block_h,
+                                BLOCK_HALF=cfg.block_half,
+                                HAS_POS=True,
+                                INTERLEAVED=interleaved,
+                                INTERPRET=False,
+                            ),
+                            cfg.num_warps,
+                            cfg.num_stages,
+                        )
+                    )
             block_half *= 2
     return specs

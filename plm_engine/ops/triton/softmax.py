@@ -34,9 +34,19 @@ def softmax_config(n_cols: int) -> tuple[int, int, bool]:
 
 # ---- kernels ----------------------------------------------------------------------------------------
 
+
 @triton.jit
-def _softmax_fwd_kernel(X_ptr, Y_ptr, n_cols, seqlen_q, causal_shift, scale,
-                        CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr):
+def _softmax_fwd_kernel(
+    X_ptr,
+    Y_ptr,
+    n_cols,
+    seqlen_q,
+    causal_shift,
+    scale,
+    CAUSAL: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SINGLE: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     x_row = X_ptr + row * n_cols
     y_row = Y_ptr + row * n_cols
@@ -103,6 +113,7 @@ def _softmax_bwd_kernel(DY_ptr, Y_ptr, DX_ptr, n_cols, scale, BLOCK_N: tl.conste
 
 # ---- launchers --------------------------------------------------------------------------------------
 
+
 def _check_3d(name: str, t: torch.Tensor) -> None:
     if t.dim() != 3 or not t.is_contiguous():
         raise ValueError(f"{name} must be a contiguous (batch, sq, sk) tensor, got shape {tuple(t.shape)}")
@@ -114,8 +125,9 @@ def _launch_fwd(x: torch.Tensor, y: torch.Tensor, scale: float, causal: bool) ->
     batch, sq, sk = x.shape
     block, warps, single = softmax_config(sk)
     with device_guard(x):
-        _softmax_fwd_kernel[(batch * sq,)](x, y, sk, sq, sk - sq, scale, CAUSAL=causal, BLOCK_N=block, SINGLE=single,
-                                           num_warps=warps)
+        _softmax_fwd_kernel[(batch * sq,)](
+            x, y, sk, sq, sk - sq, scale, CAUSAL=causal, BLOCK_N=block, SINGLE=single, num_warps=warps
+        )
 
 
 def _launch_bwd(dy: torch.Tensor, y: torch.Tensor, dx: torch.Tensor, scale: float) -> None:
@@ -126,6 +138,7 @@ def _launch_bwd(dy: torch.Tensor, y: torch.Tensor, dx: torch.Tensor, scale: floa
 
 
 # ---- registration -----------------------------------------------------------------------------------
+
 
 @torch.library.custom_op("plm_engine::triton_softmax_fwd", mutates_args=())
 def softmax_fwd(x: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
@@ -140,8 +153,10 @@ def softmax_fwd(x: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
 def softmax_bwd(dy: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
     _check_3d("y", y)
     if dy.shape != y.shape or dy.dtype != y.dtype or not dy.is_contiguous():
-        raise ValueError(f"dy must be contiguous with y's shape {tuple(y.shape)} and dtype {y.dtype}, "
-                         f"got {tuple(dy.shape)} {dy.dtype}")
+        raise ValueError(
+            f"dy must be contiguous with y's shape {tuple(y.shape)} and dtype {y.dtype}, "
+            f"got {tuple(dy.shape)} {dy.dtype}"
+        )
     dx = torch.empty_like(y)
     if dx.numel():
         _launch_bwd(dy, y, dx, scale)
@@ -166,17 +181,40 @@ def kernel_specs() -> list[KernelSpec]:
         for n in sizes:
             block, warps, single = softmax_config(n)
             for causal in (False, True):
-                specs.append(KernelSpec(
-                    name=f"softmax_fwd[BLOCK_N={block},SINGLE={single},CAUSAL={causal},{tt}]",
-                    fn=_softmax_fwd_kernel,
-                    signature={"X_ptr": f"*{tt}", "Y_ptr": f"*{tt}", "n_cols": "i32", "seqlen_q": "i32",
-                               "causal_shift": "i32", "scale": "fp32", "CAUSAL": "constexpr",
-                               "BLOCK_N": "constexpr", "SINGLE": "constexpr"},
-                    constexprs={"CAUSAL": causal, "BLOCK_N": block, "SINGLE": single}, num_warps=warps))
-            specs.append(KernelSpec(
-                name=f"softmax_bwd[BLOCK_N={block},SINGLE={single},{tt}]",
-                fn=_softmax_bwd_kernel,
-                signature={"DY_ptr": f"*{tt}", "Y_ptr": f"*{tt}", "DX_ptr": f"*{tt}", "n_cols": "i32",
-                           "scale": "fp32", "BLOCK_N": "constexpr", "SINGLE": "constexpr"},
-                constexprs={"BLOCK_N": block, "SINGLE": single}, num_warps=warps))
+                specs.append(
+                    KernelSpec(
+                        name=f"softmax_fwd[BLOCK_N={block},SINGLE={single},CAUSAL={causal},{tt}]",
+                        fn=_softmax_fwd_kernel,
+                        signature={
+                            "X_ptr": f"*{tt}",
+                            "Y_ptr": f"*{tt}",
+                            "n_cols": "i32",
+                            "seqlen_q": "i32",
+                            "causal_shift": "i32",
+                            "scale": "fp32",
+                            "CAUSAL": "constexpr",
+                            "BLOCK_N": "constexpr",
+                            "SINGLE": "constexpr",
+                        },
+                        constexprs={"CAUSAL": causal, "BLOCK_N": block, "SINGLE": single},
+                        num_warps=warps,
+                    )
+                )
+            specs.append(
+                KernelSpec(
+                    name=f"softmax_bwd[BLOCK_N={block},SINGLE={single},{tt}]",
+                    fn=_softmax_bwd_kernel,
+                    signature={
+                        "DY_ptr": f"*{tt}",
+                        "Y_ptr": f"*{tt}",
+                        "DX_ptr": f"*{tt}",
+                        "n_cols": "i32",
+                        "scale": "fp32",
+                        "BLOCK_N": "constexpr",
+                        "SINGLE": "constexpr",
+                    },
+                    constexprs={"BLOCK_N": block, "SINGLE": single},
+                    num_warps=warps,
+                )
+            )
     return specs
