@@ -45,7 +45,8 @@ bench: setup
 	$(BIN)/python benchmarks/bench_norms.py
 
 lint: setup
-	$(BIN)/python -m ruff check plm_engine tests benchmarks
+	$(BIN)/python -m ruff check plm_engine tests benchmarks setup.py
+	$(BIN)/python -m ruff format --check plm_engine tests benchmarks setup.py
 
 clean:
 	rm -rf build dist *.egg-info plm_engine/_C*.so
