@@ -88,8 +88,12 @@ class Guard:
         path = scope["path"]
         label = endpoint_label(path)
 
+        started = False
+
         async def tagged_send(message):
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 self.metrics.request(label, message["status"])
                 message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
             await send(message)
@@ -119,7 +123,7 @@ class Guard:
                 )
 
         if scope["method"] not in ("POST", "PUT", "PATCH"):
-            return await self._run(scope, receive, tagged_send)
+            return await self._run(scope, receive, tagged_send, lambda: started)
         too_big = P.APIError(
             413, f"request body larger than this server's limit of {self.max_body} bytes", code="request_too_large"
         )
@@ -157,11 +161,19 @@ class Guard:
         async def buffered_receive():
             return replay.pop() if replay else await receive()
 
-        return await self._run(scope, buffered_receive, tagged_send)
+        return await self._run(scope, buffered_receive, tagged_send, lambda: started)
 
-    async def _run(self, scope, receive, send):
+    async def _run(self, scope, receive, send, started):
         try:
             await self.app(scope, receive, send)
+        except Exception as e:
+            # What no handler turned into a reply: a bug or a broken dependency. The client learns only
+            # that it failed and under which id; the log gets the traceback.
+            rid = scope["state"]["request_id"]
+            log.error("request %s: %s %s failed", rid, scope["method"], scope["path"], exc_info=e)
+            if not started():
+                err = P.APIError(500, f"internal server error (request id {rid}); the details are in the server log")
+                await JSONResponse(err.body(), status_code=500)(scope, receive, send)
         except asyncio.CancelledError:
             # uvicorn cancels what is still running when its graceful-shutdown time is over; the engine
             # requests were aborted on the way out, so end the request task quietly instead of letting
