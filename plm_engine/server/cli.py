@@ -23,7 +23,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "serve",
         help="OpenAI-compatible HTTP server (completions, chat, embeddings)",
         description="Serve a model over the OpenAI API: /v1/completions, /v1/chat/completions, "
-        "/v1/embeddings, /v1/models, /health, /metrics.",
+        "/v1/embeddings, /v1/models, /tokenize, /detokenize, /health, /metrics.",
     )
     s.add_argument("--model", default="smollm2-135m", help="generation model: a named default, HF folder or .gguf")
     s.add_argument("--tokenizer", default=None, help="tokenizer name or path (default: the model's)")
@@ -193,6 +193,7 @@ def _graceful_server(config):
 def run(args) -> int:
     try:
         import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as e:
         raise SystemExit(f"serve: {e.name} is not installed; pip install 'plm_engine[serve]'") from e
