@@ -81,7 +81,8 @@ def test_streaming_headers_before_first_token(one_slot_server):
     srv = one_slot_server
     with httpx.Client(base_url=srv.url, timeout=60) as http:
         with http.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as running:
-            next(line for line in running.iter_lines() if line.startswith("data: {"))
+            lines = running.iter_lines()  # kept: a dropped line iterator closes the connection
+            next(line for line in lines if line.startswith("data: {"))
             t0 = time.monotonic()
             chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True}
             with http.stream("POST", "/v1/chat/completions", json=chat) as queued:
