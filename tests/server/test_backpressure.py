@@ -89,7 +89,8 @@ def test_streaming_headers_before_first_token(one_slot_server):
                 # The headers (and the role delta) came while the request still waits for the busy slot.
                 assert queued.status_code == 200 and queued.headers["content-type"].startswith("text/event-stream")
                 assert srv.state.queued == 1 and time.monotonic() - t0 < 5
-                first = next(line for line in queued.iter_lines() if line.startswith("data: "))
+                queued_lines = queued.iter_lines()
+                first = next(line for line in queued_lines if line.startswith("data: "))
                 assert '"role":"assistant"' in first and srv.state.queued == 1
     wait_until(lambda: srv.state.queued == 0, timeout=20, what="the queue to empty after the clients left")
     wait_until(lambda: srv.engine.stats()["kv_blocks_used"] == 0, timeout=20, what="the blocks to be freed")
