@@ -875,7 +875,7 @@ def _check_text(text: str, param: str) -> None:
 def _engine_dead() -> P.APIError:
     return P.APIError(
         503,
-        "the engine is not running (it stopped after repeated failures); the server needs a restart",
+        "the engine is not running (it stopped after repeated failures, or the server is shutting down)",
         code="engine_dead",
     )
 
