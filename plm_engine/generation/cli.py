@@ -95,6 +95,7 @@ def run(args) -> int:
         print("\n[interrupted]", file=sys.stderr)
         return 130
     end = time.perf_counter()
+    assert final is not None, "the request's final output ends the loop"
     sys.stdout.write("\n")
     n_prompt, n_gen = final.num_prompt_tokens, len(final.token_ids)
     ttft = (first or end) - start

@@ -154,8 +154,15 @@ def _reduce(loss_rows, valid, reduction, shape, dtype):
 
 
 def cross_entropy(
-    logits, target, ignore_index=-100, label_smoothing=0.0, reduction="mean", *, inplace_backward=False, backend=None
-):
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    *,
+    inplace_backward: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
     """Cross-entropy of logits (..., V) against class indices target (...), fused with its gradient.
 
     Same loss as F.cross_entropy (label smoothing included), fp32 math for fp16/bf16 logits, result in
@@ -302,17 +309,17 @@ def _linear_ce_chunks_impl(
 
 
 def linear_cross_entropy(
-    hidden,
-    weight,
-    target,
-    bias=None,
-    ignore_index=-100,
-    label_smoothing=0.0,
-    reduction="mean",
-    chunk_size=None,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
     *,
-    backend=None,
-):
+    backend: str | None = None,
+) -> torch.Tensor:
     """cross_entropy(hidden @ weight.T + bias, target) without ever holding the (N, V) logits.
 
     hidden: (..., d); weight: (V, d) (the LM head / tied embedding); bias: (V,) or None; target:
@@ -327,6 +334,7 @@ def linear_cross_entropy(
         dtype = torch.get_autocast_dtype(hidden.device.type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
+    t: torch.Tensor | None  # the loops below check hidden and weight, then the optional bias
     for label, t in (("hidden", hidden), ("weight", weight)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise ValueError(f"{name}: {label} must be a floating-point tensor")

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import functools
 import importlib
+import types
 
 import torch
 
 
 @functools.cache
-def load() -> tuple[object | None, str]:
+def load() -> tuple[types.ModuleType | None, str]:
     """Imports plm_engine._C once. Returns (module or None, reason it is missing)."""
     try:
         mod = importlib.import_module("plm_engine._C")

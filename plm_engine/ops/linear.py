@@ -213,7 +213,9 @@ def _fast_linear(x, weight, bias):
     return kernel(x.reshape(rows, x.shape[-1]), weight, bias).view(*lead, weight.shape[0])
 
 
-def linear(x, weight, bias=None, *, backend=None):
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, backend: str | None = None
+) -> torch.Tensor:
     """y = x @ weight.T + bias: x (..., K), weight (N, K) (nn.Linear's layout), bias (N,) or None ->
     y (..., N) in x's dtype; x, weight and bias share one dtype and device.
 
