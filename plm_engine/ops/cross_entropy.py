@@ -98,8 +98,8 @@ class _FusedCrossEntropy(torch.autograd.Function):
         (dlogits,) = ctx.saved_tensors
         if dloss.dim() == 1 and dloss.numel() and dloss.stride(0) == 0:
             # "mean"/"sum": one upstream value broadcast to every row. A 0-dim factor keeps the in-place
-            # multiply in dlogits' dtype; an fp32 (N, 1) factor on 16-bit dlogits takes a promotion path
-            # measured 25x slower (1857 vs 70 ms at 4096 x 49152 bf16).
+            # multiply in dlogits' dtype; an fp32 (N, 1) factor on 16-bit dlogits takes a far slower
+            # promotion path (figures in benchmarks/results/NOTES.md).
             return dlogits.mul_(dloss[0]), None, None, None, None, None
         return dlogits.mul_(dloss.unsqueeze(1)), None, None, None, None, None
 
@@ -192,8 +192,8 @@ def cross_entropy(
 def default_chunk_size(n_tokens: int, vocab: int, hidden: int) -> int:
     """Token rows per chunk: about as many logits per chunk as the hidden states hold (Liger's rule),
     a power of two, at least 1024: every chunk re-reads the (V, d) weight three times (logits, grad_hidden,
-    grad_weight), so small chunks turn the head into a memory-bound loop (measured on CPU, 2 threads,
-    N=1024, V=8192, d=256, fwd+bwd: 64 rows 138 ms, 256 rows 89 ms, 1024 rows 82 ms, unfused 160 ms).
+    grad_weight), so small chunks turn the head into a memory-bound loop (figures in
+    benchmarks/results/NOTES.md).
     At SmolLM2's head (V=49152) a 1024-row chunk is 200 MB of fp32 logits, still a small part of the
     unfused (N, V) logits and their gradient."""
     rows = -(-n_tokens * hidden // max(vocab, 1))
