@@ -15,8 +15,8 @@ It passes (exit 0) when
     every raw stream ended with [DONE] and every openai-client stream with a finish_reason,
     every malformed request got a 4xx,
     after the load the engine holds no KV blocks and no running or waiting request (/metrics),
-    the server's resident memory grew by less than 5% from the end of the --warmup seconds (same load,
-    counted in everything else too) to the end of the run.
+    the server's resident memory grew by less than 5% from just after the --warmup seconds (same load,
+    counted in everything else too) to the end of the run (medians over a quarter of --duration each).
 A summary is printed (--json: as JSON) and appended to benchmarks/results/soak_serve.csv.
 """
 
@@ -27,6 +27,7 @@ import asyncio
 import json
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -282,8 +283,12 @@ async def soak(url: str, model: str, pid: int, args) -> dict:
         elapsed = time.monotonic() - t0
         stop.set()
         await sampler
-    after_warmup = [rss for t, rss in samples if t >= args.warmup] or [samples[-1][1]]
-    base, end = after_warmup[0], samples[-1][1]
+    # Medians over a quarter of the measured time each, so the memory of the requests in flight at one
+    # sample does not read as growth: right after the warm-up, and from the last quarter to the end.
+    quarter = args.duration / 4
+    first = [rss for t, rss in samples if args.warmup <= t <= args.warmup + quarter] or [samples[-1][1]]
+    last = [rss for t, rss in samples if t >= args.warmup + 3 * quarter] or [samples[-1][1]]
+    base, end = statistics.median(first), statistics.median(last)
     step = max(1, len(samples) // 10)
     return {
         "tally": tally,
