@@ -48,9 +48,10 @@ class Sequence:
     finish_reason: str | None = None
     first_token_time: float | None = None
     finish_time: float | None = None
-    # Engine-side state: penalty slot, seeded generator, stream decoder and text, log-probs.
+    # Engine-side state: penalty slot, seeded generator, grammar matcher, stream decoder and text, log-probs.
     slot: int | None = None
     generator: object = None
+    matcher: object = None
     decoder: object = None
     text: str = ""
     emitted_len: int = 0
