@@ -44,6 +44,7 @@ class RequestOutput:
     logprobs: list[dict] | None
     num_prompt_tokens: int
     metrics: dict = field(default_factory=dict)
+    prompt_logprobs: list[dict | None] | None = None  # with params.prompt_logprobs: None for the first token
 
 
 class Engine:
@@ -258,6 +259,8 @@ class Engine:
         for seq in sched.admitted:
             if seq.params.has_penalties:
                 seq.slot = self.sampler.acquire_slot(seq.prompt_token_ids, seq.output_token_ids)
+            if seq.params.prompt_logprobs is not None and seq.prompt_logprobs is None:
+                seq.prompt_logprobs = self._score_prompt(seq.prompt_token_ids, seq.params.prompt_logprobs)
         if sched.empty:
             return outputs
 
@@ -358,6 +361,21 @@ class Engine:
                 best = (i, i + len(s))
         return None if best is None else best[1 if include else 0]
 
+    def _score_prompt(self, ids: list[int], k: int) -> list[dict | None]:
+        """Log-probs of each prompt token given the ones before it (None for the first), with the top-k
+        alternatives: one dense forward over the prompt, one device-to-host transfer."""
+        with checks.trusted():  # the prompt was checked in make_sequence
+            logits = self.model(torch.tensor([ids], dtype=torch.long, device=self.device)).logits[0, :-1]
+        logp = torch.log_softmax(logits.float(), dim=-1)  # (len - 1, vocab): position p predicts ids[p + 1]
+        chosen = logp.gather(1, torch.tensor(ids[1:], dtype=torch.long, device=self.device)[:, None])
+        k = min(k, logp.shape[-1])
+        top_lp, top_ids = logp.topk(k, dim=-1) if k else (logp.new_zeros(len(ids) - 1, 0),) * 2
+        host = torch.cat([chosen.double(), top_ids.double(), top_lp.double()], dim=1).cpu().tolist()
+        out: list[dict | None] = [None]
+        for t, row in zip(ids[1:], host):
+            out.append({"token_id": t, "logprob": row[0], "top": list(zip(map(int, row[1 : 1 + k]), row[1 + k :]))})
+        return out
+
     def _output(self, seq: Sequence, new_ids: list[int], new_text: str) -> RequestOutput:
         return RequestOutput(
             request_id=seq.request_id,
@@ -370,6 +388,7 @@ class Engine:
             finish_reason=seq.finish_reason,
             logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
             num_prompt_tokens=seq.num_prompt_tokens,
+            prompt_logprobs=seq.prompt_logprobs,
             metrics=dict(
                 arrival_time=seq.arrival_time, first_token_time=seq.first_token_time, finish_time=seq.finish_time
             ),

@@ -45,6 +45,8 @@ class SamplingParams:
     structured: a grammar the output must match (plm_engine.generation.structured); the sequence ends
     with finish_reason "stop" once the grammar is complete. skip_special_tokens: leave special tokens
     out of the text. include_stop_str_in_output: keep a matched stop string at the end of the text.
+    prompt_logprobs: report each prompt token's log-prob given the tokens before it, and the top-n
+    alternatives (one extra forward over the prompt when the request is first scheduled).
     """
 
     temperature: float = 1.0
@@ -63,6 +65,7 @@ class SamplingParams:
     truncate_prompt_tokens: int | None = None
     n: int = 1
     min_tokens: int = 0
+    prompt_logprobs: int | None = None
     logit_bias: dict[int, float] | None = None
     structured: StructuredOutputParams | None = None
     skip_special_tokens: bool = True
@@ -116,6 +119,7 @@ class SamplingParams:
             if not isinstance(getattr(self, name), bool):
                 bad(name, "a bool")
         integer("min_tokens", 0)
+        integer("prompt_logprobs", 0, allow_none=True)
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
                 bad("logit_bias", "a dict {token id: bias}")

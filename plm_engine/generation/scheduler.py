@@ -56,6 +56,7 @@ class Sequence:
     text: str = ""
     emitted_len: int = 0
     logprobs: list | None = None
+    prompt_logprobs: list | None = None
 
     def __post_init__(self):
         if not self.token_ids:

@@ -6,7 +6,12 @@ ignored (as the OpenAI API and vLLM do) so clients that send newer optional fiel
 fields we know but cannot honour (best_of, logit_bias, suffix, tools, non-text content) get a clear 400.
 
 Extra sampling knobs that the OpenAI API lacks but our engine has (top_k, min_p, repetition_penalty,
-ignore_eos) are accepted at the top level of the body, as vLLM does (`extra_body` in the openai client).
+ignore_eos, and vLLM's stop_token_ids, min_tokens, truncate_prompt_tokens, skip_special_tokens,
+include_stop_str_in_output) are accepted at the top level of the body, as vLLM does (`extra_body` in
+the openai client). Structured output comes as OpenAI's response_format, vLLM's guided_json /
+guided_regex / guided_choice / guided_grammar or structured_outputs, or llama.cpp's grammar. vLLM fields
+that would change the output and that we do not implement (UNSUPPORTED_OUTPUT_FIELDS) are declared so
+that sending them is a 400 instead of being silently ignored.
 """
 
 from __future__ import annotations
@@ -84,6 +89,39 @@ class _SamplingFields(_Request):
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0)
     ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    min_tokens: int = Field(default=0, ge=0)
+    truncate_prompt_tokens: int | None = Field(default=None, ge=1)
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    # Structured output: at most one of these.
+    response_format: dict[str, Any] | None = None
+    guided_json: Union[dict[str, Any], str, None] = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    grammar: str | None = None  # llama.cpp's name for a GBNF grammar
+    structured_outputs: dict[str, Any] | None = None  # vLLM >= 0.10's form of guided_*
+    # Known output-changing fields we do not implement: a 400 when set to anything but their neutral value.
+    use_beam_search: bool | None = None
+    length_penalty: float | None = None
+    prompt_logprobs: int | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    logits_processors: list[Any] | None = None
+    guided_whitespace_pattern: str | None = None
+
+
+# name -> neutral value (sending the neutral value changes nothing, so it is accepted).
+UNSUPPORTED_OUTPUT_FIELDS = {
+    "use_beam_search": False,
+    "length_penalty": 1.0,
+    "prompt_logprobs": None,
+    "allowed_token_ids": None,
+    "bad_words": None,
+    "logits_processors": None,
+    "guided_whitespace_pattern": None,
+}
 
 
 Prompt = Union[str, list[str], list[int], list[list[int]]]
@@ -117,7 +155,6 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
 
 
 class EmbeddingRequest(_Request):
@@ -143,8 +180,8 @@ class Usage(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = []
-    token_logprobs: list[float] = []
-    top_logprobs: list[dict[str, float]] = []
+    token_logprobs: list[float | None] = []  # None: an echoed prompt's first token
+    top_logprobs: list[dict[str, float] | None] = []
     text_offset: list[int] = []
 
 
