@@ -54,13 +54,15 @@ class Sequence:
     finish_reason: str | None = None
     first_token_time: float | None = None
     finish_time: float | None = None
-    # Engine-side state: penalty slot, seeded generator, stream decoder and text, log-probs.
+    # Engine-side state: penalty slot, seeded generator, grammar matcher, stream decoder and text, log-probs.
     slot: int | None = None
     generator: torch.Generator | None = None
+    matcher: object = None  # a structured-output grammar matcher (generation/structured.py)
     decoder: StreamDecoder | None = None
     text: str = ""
     emitted_len: int = 0
     logprobs: list | None = None
+    prompt_logprobs: list | None = None
 
     def __post_init__(self):
         if not self.token_ids:

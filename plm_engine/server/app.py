@@ -233,6 +233,7 @@ class _Choice:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict] = field(default_factory=list)
     finish_reason: str | None = None
+    prompt_logprobs: list[dict | None] | None = None
 
 
 class _Aborted(Exception):
@@ -392,9 +393,16 @@ class _Server:
             seed=seed,
             max_tokens=max_tokens,
             stop=tuple(stop),
-            stop_token_ids=tuple(req.stop_token_ids or ()),
             ignore_eos=req.ignore_eos,
             logprobs=logprobs,
+            stop_token_ids=tuple(req.stop_token_ids or ()),
+            min_tokens=req.min_tokens,
+            skip_special_tokens=req.skip_special_tokens,
+            include_stop_str_in_output=req.include_stop_str_in_output,
+            logit_bias=self._logit_bias(req),
+            structured=_structured_output(req),
+            # Echo with logprobs (/v1/completions) reports the prompt's tokens too.
+            prompt_logprobs=logprobs if getattr(req, "echo", False) and logprobs is not None else None,
         )
         try:
             return self.SamplingParams(**kw)
@@ -416,11 +424,37 @@ class _Server:
                 param="n",
             )
 
+    def _logit_bias(self, req) -> dict[int, float] | None:
+        """OpenAI's {"token id": bias} as {id: bias}; ids must be token ids of this model (the sampler
+        clamps the biases to [-100, 100])."""
+        if not req.logit_bias:
+            return None
+        vocab = getattr(self.tok, "vocab_size", None)
+        out = {}
+        for key, bias in req.logit_bias.items():
+            try:
+                tid = int(key)
+            except ValueError:
+                raise P.APIError(
+                    400, f"logit_bias keys must be token ids, got {key[:50]!r}", param="logit_bias"
+                ) from None
+            if tid < 0 or (vocab is not None and tid >= vocab):
+                raise P.APIError(400, f"logit_bias token id {tid} is out of range [0, {vocab})", param="logit_bias")
+            out[tid] = bias
+        return out
+
     def _jobs(self, prompts: list[list[int]], req, stop, max_tokens, logprobs, param):
         """(choice index, prompt ids, SamplingParams) for every prompt x n; seeded samples get seed + j so
         the n samples of one prompt differ but stay reproducible."""
         self._check_choices(len(prompts), req.n)
         jobs = []
+        structured = _structured_output(req)
+        if structured is not None:
+            # Checked here, before a streamed response sends its headers, so a bad grammar is a 400.
+            try:
+                self.engine.engine.grammars.validate(structured)
+            except ValueError as e:
+                raise P.APIError(400, str(e)) from e
         for p, ids in enumerate(prompts):
             budget = self._token_budget(ids, max_tokens, param)
             for j in range(req.n):
@@ -544,10 +578,6 @@ class _Server:
         stop = self._check_common(req)
         if req.best_of not in (None, req.n):
             raise P.APIError(400, "best_of is not supported (use n)", param="best_of")
-        if req.echo and req.logprobs is not None:
-            raise P.APIError(
-                400, "echo with logprobs needs prompt log-probs, which this server does not compute yet", param="echo"
-            )
         raw = _prompt_list(req.prompt, "prompt")
         self._check_choices(len(raw), req.n)
         self._refuse_if_busy(len(raw) * req.n)  # before spending time on tokenization
@@ -565,7 +595,10 @@ class _Server:
             choices = await self._collect(jobs, rid, request, t0)
             out = []
             for c in choices:
-                lp = self._completion_logprobs(c.logprobs, len(echo.get(c.index, ""))) if want_lp else None
+                lp = None
+                if want_lp:
+                    entries = _prompt_entries(c.prompt_ids, c.prompt_logprobs) if req.echo else []
+                    lp = self._completion_logprobs(entries + c.logprobs, 0)
                 out.append(
                     P.CompletionChoice(
                         index=c.index, text=echo.get(c.index, "") + c.text, logprobs=lp, finish_reason=c.finish_reason
@@ -589,25 +622,37 @@ class _Server:
                 "usage": usage,
             }
 
+        pending_echo = dict(echo) if want_lp else {}  # echoed with the prompt's log-probs in the first delta
+
         def to_chunks(i, out):
             counts[i] = counts.get(i, 0) + len(out.new_token_ids)
-            lp = None
+            lp, text = None, out.new_text
             if want_lp:
-                lp = self._completion_logprobs(_new_logprobs(out), offsets[i]).model_dump()
+                entries = _new_logprobs(out)
+                if i in pending_echo:
+                    text = pending_echo.pop(i) + text
+                    entries = _prompt_entries(out.prompt_token_ids, out.prompt_logprobs) + entries
+                    offsets[i] = 0
+                lp = self._completion_logprobs(entries, offsets[i]).model_dump()
+                offsets[i] += len(text) - len(out.new_text)
             offsets[i] += len(out.new_text)
-            if out.new_text or out.finished or lp:
+            if text or out.finished or lp:
                 yield chunk(
                     [
                         {
                             "index": i,
-                            "text": out.new_text,
+                            "text": text,
                             "logprobs": lp,
                             "finish_reason": out.finish_reason if out.finished else None,
                         }
                     ]
                 )
 
-        first = [chunk([{"index": i, "text": t, "logprobs": None, "finish_reason": None}]) for i, t in echo.items()]
+        first = [
+            chunk([{"index": i, "text": t, "logprobs": None, "finish_reason": None}])
+            for i, t in echo.items()
+            if i not in pending_echo
+        ]
         usage = None
         if req.stream_options and req.stream_options.include_usage:
             usage = lambda: chunk([], _stream_usage(prompts, counts))
@@ -621,8 +666,11 @@ class _Server:
         for e in entries:
             tok = self.tok.decode([e["token_id"]])
             lp.tokens.append(tok)
-            lp.token_logprobs.append(float(e["logprob"]))
-            lp.top_logprobs.append({self.tok.decode([t]): float(v) for t, v in e.get("top") or []})
+            first_of_prompt = e["logprob"] is None  # as OpenAI: no log-prob for an echoed prompt's first token
+            lp.token_logprobs.append(None if first_of_prompt else float(e["logprob"]))
+            lp.top_logprobs.append(
+                None if first_of_prompt else {self.tok.decode([t]): float(v) for t, v in e.get("top") or []}
+            )
             lp.text_offset.append(offset)
             offset += len(tok)
         return lp
@@ -895,6 +943,60 @@ def _stream_error(e: Exception, request_id: str) -> dict:
     )
 
 
+def _structured_output(req):
+    """The request's structured-output constraint (StructuredOutputParams) or None; at most one of
+    response_format (json_object / json_schema), guided_json / guided_regex / guided_choice /
+    guided_grammar, structured_outputs and grammar may be given."""
+    from plm_engine.generation.structured import StructuredOutputParams
+
+    given = {}
+    rf = req.response_format
+    if rf is not None:
+        kind = rf.get("type", "text")
+        if kind == "json_object":
+            given["response_format"] = dict(json_object=True)
+        elif kind == "json_schema":
+            js = rf.get("json_schema")
+            schema = js.get("schema") if isinstance(js, dict) else None
+            if not isinstance(schema, dict):
+                raise P.APIError(
+                    400,
+                    "response_format json_schema needs json_schema.schema, a JSON schema object",
+                    param="response_format",
+                )
+            given["response_format"] = dict(json=schema)
+        elif kind != "text":
+            raise P.APIError(
+                400,
+                f"response_format type {str(kind)[:50]!r} is not supported (text, json_object, json_schema)",
+                param="response_format",
+            )
+    for name, key in (
+        ("guided_json", "json"),
+        ("guided_regex", "regex"),
+        ("guided_choice", "choice"),
+        ("guided_grammar", "grammar"),
+        ("grammar", "grammar"),
+    ):
+        if getattr(req, name) is not None:
+            given[name] = {key: getattr(req, name)}
+    if req.structured_outputs:
+        so = {k: v for k, v in req.structured_outputs.items() if v not in (None, False)}
+        unknown = sorted(set(so) - {"json", "json_object", "regex", "choice", "grammar"})
+        if unknown:
+            raise P.APIError(400, f"structured_outputs.{unknown[0][:50]} is not supported", param="structured_outputs")
+        given["structured_outputs"] = so
+    if not given:
+        return None
+    if len(given) > 1:
+        raise P.APIError(400, f"give one structured-output constraint, got {', '.join(given)}", param=next(iter(given)))
+    ((param, spec),) = given.items()
+    try:
+        return StructuredOutputParams(**spec)
+    except (TypeError, ValueError) as e:
+        raise P.APIError(400, str(e), param=param) from e
+
+
 def _prompt_list(prompt, param: str) -> list[str | list[int]]:
     """OpenAI's prompt forms (str, [str], [int], [[int]]) as a list of str or token-id lists."""
     if isinstance(prompt, str):
@@ -915,7 +1017,19 @@ def _new_logprobs(out) -> list[dict]:
     return list(out.logprobs[-k:]) if out.logprobs and k else []
 
 
+def _prompt_entries(prompt_ids: list[int], prompt_logprobs: list | None) -> list[dict]:
+    """The engine's prompt log-probs as log-prob entries (the first token's logprob None)."""
+    if prompt_logprobs is None:
+        return []
+    return [
+        e if e is not None else {"token_id": t, "logprob": None, "top": None}
+        for t, e in zip(prompt_ids, prompt_logprobs)
+    ]
+
+
 def _accumulate(c: _Choice, out) -> None:
+    if out.prompt_logprobs is not None:
+        c.prompt_logprobs = out.prompt_logprobs
     c.text += out.new_text
     c.token_ids += list(out.new_token_ids)
     c.logprobs += _new_logprobs(out)

@@ -7,8 +7,11 @@ fields keep working; fields that would change the output and that we cannot hono
 server/unsupported.py.
 
 Extra sampling knobs that the OpenAI API lacks but our engine has (top_k, min_p, repetition_penalty,
-ignore_eos, stop_token_ids, truncate_prompt_tokens) are accepted at the top level of the body, as vLLM
-does (`extra_body` in the openai client).
+ignore_eos, and vLLM's stop_token_ids, min_tokens, truncate_prompt_tokens, skip_special_tokens,
+include_stop_str_in_output) are accepted at the top level of the body, as vLLM does (`extra_body` in
+the openai client). Structured output comes as OpenAI's response_format, vLLM's guided_json /
+guided_regex / guided_choice / guided_grammar or structured_outputs, or llama.cpp's grammar. Fields that
+would change the output and that we do not implement are a 400 (server/unsupported.py).
 """
 
 from __future__ import annotations
@@ -115,7 +118,18 @@ class _SamplingFields(_Request):
     repetition_penalty: float | None = Field(default=None, gt=0.0)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    min_tokens: int = Field(default=0, ge=0)
     truncate_prompt_tokens: int | None = Field(default=None, ge=1)
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    # Structured output: at most one of these.
+    response_format: dict[str, Any] | None = None
+    guided_json: Union[dict[str, Any], str, None] = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    grammar: str | None = None  # llama.cpp's name for a GBNF grammar
+    structured_outputs: dict[str, Any] | None = None  # vLLM >= 0.10's form of guided_*
 
 
 Prompt = Union[str, list[str], list[int], list[list[int]]]
@@ -149,7 +163,6 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
 
 
 class TokenizeRequest(_Request):
@@ -191,8 +204,8 @@ class Usage(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = []
-    token_logprobs: list[float] = []
-    top_logprobs: list[dict[str, float]] = []
+    token_logprobs: list[float | None] = []  # None: an echoed prompt's first token
+    top_logprobs: list[dict[str, float] | None] = []
     text_offset: list[int] = []
 
 

@@ -3,8 +3,8 @@
 A request that sets one of them to anything but its no-op value gets a 400 naming the field, never
 silent disregard: a client asking for JSON output or a logit bias must not get unconstrained text
 that looks like success. This table is the one place to lift an entry when its feature lands
-(structured output: guided_*, response_format, grammar, json_schema, structured_outputs; logit_bias;
-prompt log-probs for echo; min_tokens ...).
+(structured output, logit_bias, min_tokens and the vLLM extras have landed: generation/structured.py
+and the sampler; llama.cpp's top-level json_schema and prompt_logprobs have not).
 
 Fields are looked up among the declared request fields and the unknown ones pydantic keeps
 (protocol._Request has extra="allow"), so vLLM's and llama.cpp's extensions are caught by name.
@@ -41,19 +41,10 @@ def _text_format(value) -> bool:
 
 # field -> (is it a no-op?, why it is refused). Shared by /v1/completions and /v1/chat/completions.
 COMMON: dict[str, tuple] = {
-    "logit_bias": (_empty, "logit_bias is not supported yet"),
-    "guided_json": (_unset, "guided decoding (guided_json) is not supported yet"),
-    "guided_regex": (_unset, "guided decoding (guided_regex) is not supported yet"),
-    "guided_choice": (_unset, "guided decoding (guided_choice) is not supported yet"),
-    "guided_grammar": (_unset, "guided decoding (guided_grammar) is not supported yet"),
-    "structured_outputs": (_unset, "structured_outputs is not supported yet"),
-    "grammar": (_empty, "grammar-constrained sampling is not supported yet"),
     "json_schema": (_unset, "json_schema-constrained sampling is not supported yet"),
-    "response_format": (_text_format, "only response_format {'type': 'text'} is supported yet"),
-    "min_tokens": (_zero, "min_tokens is not supported yet"),
-    "skip_special_tokens": (_true, "skip_special_tokens=false is not supported yet"),
-    "include_stop_str_in_output": (_false, "include_stop_str_in_output is not supported yet"),
-    "prompt_logprobs": (_unset, "prompt_logprobs is not supported yet"),
+    "prompt_logprobs": (_unset, "prompt_logprobs is not supported yet (echo with logprobs is)"),
+    "length_penalty": (lambda v: v is None or v == 1, "length_penalty (beam search) is not supported"),
+    "guided_whitespace_pattern": (_unset, "guided_whitespace_pattern is not supported"),
     "use_beam_search": (_false, "beam search is not supported"),
     "bad_words": (_empty, "bad_words is not supported yet"),
     "allowed_token_ids": (_empty, "allowed_token_ids is not supported yet"),

@@ -118,26 +118,18 @@ def test_stop_token_ids_and_truncate_prompt_tokens(srv):
         srv.client.completions.create(model=MODEL, prompt=prompt, extra_body={"truncate_prompt_tokens": 0})
 
 
+# Output-changing fields still refused (structured output, logit_bias, min_tokens and the vLLM extras are
+# supported: tests/server/test_structured_api.py).
 UNSUPPORTED = {
-    "logit_bias": {"logit_bias": {"5": 10}},
-    "response_format json_object": {"response_format": {"type": "json_object"}},
-    "response_format json_schema": {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
-    "guided_json": {"guided_json": {"type": "object"}},
-    "guided_regex": {"guided_regex": "[0-9]+"},
-    "guided_choice": {"guided_choice": ["yes", "no"]},
-    "guided_grammar": {"guided_grammar": "root ::= 'a'"},
-    "structured_outputs": {"structured_outputs": {"json": {"type": "object"}}},
-    "grammar": {"grammar": "root ::= 'a'"},
     "json_schema": {"json_schema": {"type": "object"}},
-    "min_tokens": {"min_tokens": 5},
-    "skip_special_tokens false": {"skip_special_tokens": False},
-    "include_stop_str_in_output": {"include_stop_str_in_output": True},
     "prompt_logprobs": {"prompt_logprobs": 1},
     "use_beam_search": {"use_beam_search": True},
     "bad_words": {"bad_words": ["x"]},
     "allowed_token_ids": {"allowed_token_ids": [1, 2]},
     "typical_p": {"typical_p": 0.5},
     "mirostat": {"mirostat": 2},
+    "length_penalty": {"length_penalty": 0.5},
+    "guided_whitespace_pattern": {"guided_whitespace_pattern": " *"},
 }
 
 
