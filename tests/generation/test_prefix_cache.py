@@ -177,6 +177,23 @@ def test_chunked_prompt_shares_only_what_is_scheduled():
     s.check_invariants()
 
 
+def test_extra_keys_keep_caches_apart():
+    """Whatever else a sequence's K/V depend on (an adapter, an encoder input) goes into cache_extra_keys:
+    equal tokens with other extra keys share nothing; with the same ones they share as usual."""
+    bm = BlockManager(32, 4)
+    s = Scheduler(bm, max_num_seqs=8, max_prefill_tokens=64)
+    seqs = [_seq(i, range(1, 11)) for i in range(3)]
+    seqs[1].cache_extra_keys = seqs[2].cache_extra_keys = ("adapter-2",)
+    s.add(seqs[0])
+    s.add(seqs[1])
+    out = s.schedule()
+    assert [(c.start, c.length) for c in out.prefill] == [(0, 10), (0, 10)]
+    _run_prefill(s, out)
+    s.add(seqs[2])
+    out = s.schedule()
+    assert [(c.seq, c.start) for c in out.prefill] == [(seqs[2], 8)] and seqs[2].blocks[:2] == seqs[1].blocks[:2]
+
+
 def test_off_shares_nothing():
     bm = BlockManager(32, 4)
     s = Scheduler(bm, max_num_seqs=8, max_prefill_tokens=64, enable_prefix_caching=False)
