@@ -433,6 +433,162 @@ def run_big_prompt(args) -> int:
     return 0 if ok else 1
 
 
+# ---- shared-prefix workload: prefix caching on vs off -------------------------------------------------
+
+SHARED_PREFIX_COLUMNS = [
+    "server",
+    "load_avg",
+    "completed",
+    "failed",
+    "mean_prompt_tokens",
+    "prefix_hit_rate",
+    "duration_s",
+    "output_tok_per_s",
+    "total_tok_per_s",
+    "ttft_p50_ms",
+    "ttft_p99_ms",
+    "tpot_mean_ms",
+    "ttft_p50_ratio",
+    "speedup_output_tok_s",
+]
+
+
+def make_shared_prefix_requests(args) -> tuple[list[Request], Request]:
+    """--num-prompts short questions after one shared system prompt of about --prefix-len tokens (random
+    token ids decoded to text), and an unrelated warm-up request that leaves nothing useful cached."""
+    from plm_engine.models import load_tokenizer
+
+    tok = load_tokenizer(args.model)
+    rng = random.Random(args.seed)
+    special = {t for t in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) if t is not None}
+    vocab = [i for i in range(100, tok.vocab_size) if i not in special]
+
+    def text(n: int) -> str:
+        return tok.decode([rng.choice(vocab) for _ in range(n)])
+
+    system = "System: " + text(args.prefix_len) + "\n\n"
+    questions = [
+        Request(f"{system}Question {i + 1}: {text(rng.randint(8, 24))}\nAnswer:", args.output_len)
+        for i in range(args.num_prompts)
+    ]
+    return questions, Request(text(64), 2)
+
+
+def _scrape_prefix_hit_rate(url: str) -> float:
+    """Tokens reused / tokens looked up, from the server's /metrics counters whose names contain
+    prefix_cache_hits and prefix_cache_queries (NaN when it exports none)."""
+    import httpx
+
+    sums = {"prefix_cache_hits": 0.0, "prefix_cache_queries": 0.0}
+    found = set()
+    try:
+        body = httpx.get(url + "/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return float("nan")
+    for line in body.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        name, _, value = line.rpartition(" ")
+        for key in sums:
+            if key in name.split("{")[0] and not name.split("{")[0].endswith("_created"):
+                sums[key] += float(value)
+                found.add(key)
+    if len(found) < 2 or not sums["prefix_cache_queries"]:
+        return float("nan")
+    return sums["prefix_cache_hits"] / sums["prefix_cache_queries"]
+
+
+class _IgnoreEos:
+    """An httpx client whose request bodies also carry ignore_eos (vLLM's extra, as its benchmark does
+    for random text): every answer has its full length whatever the model makes of the question."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def stream(self, method: str, url: str, json: dict, **kw):
+        return self.client.stream(method, url, json={**json, "ignore_eos": True}, **kw)
+
+
+async def _run_shared_prefix_load(url: str, model: str, requests: list[Request], warmup: Request, args):
+    import httpx
+
+    sem = asyncio.Semaphore(args.max_concurrency)
+    limits = httpx.Limits(max_connections=args.max_concurrency + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(args.request_timeout), limits=limits) as http:
+        client = _IgnoreEos(http)
+
+        async def one(req: Request) -> Result:
+            async with sem:
+                return await send(client, url, model, req)
+
+        await send(client, url, model, warmup)  # untimed; shares no prefix with the workload
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(one(r) for r in requests))
+        return results, time.perf_counter() - t0
+
+
+def run_shared_prefix(args) -> int:
+    """Our server twice on the same shared-prefix requests, prefix caching on then off (--no-prefix-caching),
+    all requests sent at once with at most --max-concurrency in flight. Rows go to serve_shared_prefix.csv."""
+    requests, warmup = make_shared_prefix_requests(args)
+    env = common.env_info(args.device)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_serve_prefix_") as tmp:
+        for caching in (True, False):
+            name = "plm_engine prefix-caching" if caching else "plm_engine no-prefix-caching"
+            port = free_port()
+            cmd = [sys.executable, "-m", "plm_engine.server.cli", "serve", "--model", args.model]
+            cmd += ["--port", str(port), "--max-num-seqs", str(args.max_concurrency), "--log-level", "warning"]
+            if args.kv_cache_tokens:
+                cmd += ["--kv-cache-tokens", str(args.kv_cache_tokens)]
+            if not caching:
+                cmd.append("--no-prefix-caching")
+            server = ServerProcess(name, cmd, port, Path(tmp) / f"server_{int(caching)}.log")
+            try:
+                server.wait_ready(args.startup_timeout)
+                print(f"[{name}] {len(requests)} requests, {args.max_concurrency} concurrent ...", file=sys.stderr)
+                load_before = os.getloadavg()[0]
+                results, duration = asyncio.run(_run_shared_prefix_load(server.url, args.model, requests, warmup, args))
+                load_avg = (load_before + os.getloadavg()[0]) / 2
+                hit_rate = _scrape_prefix_hit_rate(server.url)
+            finally:
+                server.stop()
+            rows.append(
+                {
+                    **env,
+                    "server": name,
+                    "model": args.model,
+                    "num_prompts": args.num_prompts,
+                    "prefix_len": args.prefix_len,
+                    "max_concurrency": args.max_concurrency,
+                    "output_len": args.output_len,
+                    "load_avg": load_avg,
+                    "prefix_hit_rate": hit_rate,
+                    **summarize(results, duration),
+                }
+            )
+    on, off = rows
+    on["ttft_p50_ratio"] = on["ttft_p50_ms"] / off["ttft_p50_ms"]  # < 1: caching answers sooner
+    on["speedup_output_tok_s"] = on["output_tok_per_s"] / off["output_tok_per_s"]
+    off["ttft_p50_ratio"] = off["speedup_output_tok_s"] = 1.0
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        common.print_table(
+            rows,
+            SHARED_PREFIX_COLUMNS,
+            title=f"shared prefix, {args.model}: a ~{args.prefix_len}-token system prompt + {args.num_prompts} "
+            f"questions, {args.max_concurrency} concurrent; ratios are caching on / off",
+        )
+    if not args.no_csv:
+        columns = list(env) + ["model", "num_prompts", "prefix_len", "max_concurrency", "output_len"]
+        columns += [c for c in SHARED_PREFIX_COLUMNS if c not in columns]
+        columns += ["mean_output_tokens", "req_per_s", "itl_p50_ms", "itl_p99_ms", "first_error"]
+        path = common.append_csv(Path(args.out_dir) / "serve_shared_prefix.csv", rows, columns)
+        print(f"appended {len(rows)} rows to {path}", file=sys.stderr)
+    return 0 if all(r["failed"] == 0 for r in rows) else 1
+
+
 # ---- main ----------------------------------------------------------------------------------------------
 
 COLUMNS = [
@@ -478,6 +634,16 @@ def main(argv=None) -> int:
     )
     p.add_argument("--big-prompt-tokens", type=int, default=64, help="--big-prompt: tokens per stream")
     p.add_argument("--big-prompt-rounds", type=int, default=2, help="--big-prompt: alternations of the two conditions")
+    p.add_argument(
+        "--shared-prefix",
+        type=int,
+        nargs="?",
+        const=1000,
+        default=None,
+        metavar="TOKENS",
+        dest="prefix_len",
+        help="instead: a ~TOKENS-token (default 1000) system prompt + --num-prompts questions, prefix caching on vs off",
+    )
     args = p.parse_args(argv)
     if args.big_prompt:
         if args.big_prompt_tokens < 2 or args.big_prompt_rounds < 1:
@@ -489,6 +655,8 @@ def main(argv=None) -> int:
         p.error(f"--range-ratio must be in [0, 1), got {args.range_ratio}")
     if args.num_prompts < 1 or args.max_concurrency < 1:
         p.error("--num-prompts and --max-concurrency must be >= 1")
+    if args.prefix_len is not None:
+        return run_shared_prefix(args)
 
     import transformers
 

@@ -54,6 +54,8 @@ class Engine:
     Tokenizer, a name or path, or None (loaded with a named model; without one prompts must be token ids
     and outputs have no text). kv_cache_tokens: cache size in tokens (default: a share of free memory,
     capped at max_num_seqs full contexts). max_prefill_tokens: prefill chunk size per step.
+    enable_prefix_caching: reuse the cached K/V of full blocks a new prompt shares with earlier ones
+    (scheduler.py; stats() counts the tokens looked up and reused).
     """
 
     def __init__(
@@ -67,6 +69,7 @@ class Engine:
         block_size: int = 16,
         max_prefill_tokens: int = 2048,
         cuda_graphs: bool = True,
+        enable_prefix_caching: bool = True,
     ):
         if isinstance(dtype, str):
             dtype = {
@@ -104,7 +107,12 @@ class Engine:
         self.device, self.dtype, self.context_len = r.device, r.dtype, r.context_len
         self.block_size, self.cache_tokens = r.block_size, r.cache_tokens
         self.block_manager = BlockManager(r.num_blocks, block_size)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs=max_num_seqs, max_prefill_tokens=max_prefill_tokens)
+        self.scheduler = Scheduler(
+            self.block_manager,
+            max_num_seqs=max_num_seqs,
+            max_prefill_tokens=max_prefill_tokens,
+            enable_prefix_caching=enable_prefix_caching,
+        )
         self.eos_token_ids = self._eos_ids()
         self.sampler = Sampler(
             self.config.vocab_size, max_slots=max_num_seqs, device=self.device, eos_token_ids=self.eos_token_ids
@@ -243,6 +251,10 @@ class Engine:
             kv_blocks_total=self.block_manager.num_blocks,
             kv_blocks_used=self.block_manager.num_used,
             num_preemptions=self.scheduler.num_preemptions,
+            # prefix cache: tokens looked up, tokens reused, blocks holding cached K/V (used or evictable)
+            prefix_cache_queries=self.scheduler.prefix_cache_queries,
+            prefix_cache_hits=self.scheduler.prefix_cache_hits,
+            prefix_cache_blocks=self.block_manager.num_cached,
             **self._counters,
         )
 

@@ -42,6 +42,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     s.add_argument("--max-num-seqs", type=int, default=32, help="sequences decoded together")
     s.add_argument("--kv-cache-tokens", type=int, default=None, help="KV-cache size in tokens (default: automatic)")
+    s.add_argument(
+        "--no-prefix-caching",
+        action="store_true",
+        help="do not reuse the cached KV blocks of a prompt's prefix shared with earlier requests",
+    )
     s.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: per device)")
     s.add_argument("--device", default=None, help="cpu | cuda (default: where the model loads)")
     s.add_argument(
@@ -133,6 +138,7 @@ def build_app(args):
         device=args.device,
         max_num_seqs=args.max_num_seqs,
         kv_cache_tokens=args.kv_cache_tokens,
+        enable_prefix_caching=not args.no_prefix_caching,
     )
     embedder = None
     if args.embedding_model:

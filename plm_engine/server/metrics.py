@@ -9,7 +9,7 @@ Two families side by side:
   vllm:prompt_tokens_total, vllm:generation_tokens_total, vllm:request_success_total,
   vllm:time_to_first_token_seconds, vllm:time_per_output_token_seconds (and its newer name
   vllm:inter_token_latency_seconds), vllm:e2e_request_latency_seconds, vllm:request_prompt_tokens,
-  vllm:request_generation_tokens.
+  vllm:request_generation_tokens, vllm:prefix_cache_queries / vllm:prefix_cache_hits (tokens).
 
 Each server has its own CollectorRegistry (tests run several in one process). The engine's state is read
 once per scrape by a custom collector, so the gauges of one scrape agree with each other.
@@ -217,3 +217,16 @@ class _EngineCollector:
         )
         c.add_metric([self.model_name], float(s.get("num_preemptions", 0)))
         yield c
+        # Prefix caching, in tokens as vLLM counts them (misses = queries - hits).
+        for key, help in (
+            ("prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens."),
+            ("prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens."),
+        ):
+            c = CounterMetricFamily(f"vllm:{key}", help, labels=["model_name"])
+            c.add_metric([self.model_name], float(s.get(key, 0)))
+            yield c
+        yield GaugeMetricFamily(
+            "plm_engine_prefix_cache_blocks",
+            "KV blocks held by the prefix cache",
+            value=float(s.get("prefix_cache_blocks", 0)),
+        )

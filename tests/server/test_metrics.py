@@ -16,6 +16,9 @@ STATE = dict(
     num_preemptions=1,
     requests_aborted=2,
     requests_finished=7,
+    prefix_cache_queries=96,
+    prefix_cache_hits=64,
+    prefix_cache_blocks=4,
 )
 
 
@@ -38,6 +41,8 @@ def test_engine_state_read_per_scrape_under_both_names():
     assert s[("plm_engine_kv_cache_usage_ratio", ())] == 0.25 == s[("vllm:kv_cache_usage_perc", model)]
     assert s[("vllm:gpu_cache_usage_perc", model)] == 0.25
     assert s[("vllm:num_preemptions_total", model)] == 1 == s[("plm_engine_num_preemptions", ())]
+    assert s[("vllm:prefix_cache_queries_total", model)] == 96 and s[("vllm:prefix_cache_hits_total", model)] == 64
+    assert s[("plm_engine_prefix_cache_blocks", ())] == 4
     state.update(kv_blocks_used=0, num_running=0)
     s = samples(m.render().decode())
     assert s[("vllm:kv_cache_usage_perc", model)] == 0 and s[("vllm:num_requests_running", model)] == 0
