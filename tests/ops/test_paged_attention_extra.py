@@ -147,14 +147,16 @@ def test_triton_bad_input():
     pa = _triton()
     g = torch.Generator().manual_seed(9)
     q, kc, vc, bt, cs = paged_case(HERE, torch.float16, [5], 1, 2, 1, 32, 16, g)
-    with pytest.raises(ValueError, match="caches are"):
-        pa.launch_paged_attn(q.float(), kc, vc, bt, cs, 1.0)
+    with pytest.raises(ValueError, match="the caches have 1 kv heads of 32"):
+        pa.launch_paged_attn(q[..., :16], kc, vc, bt, cs, 1.0)
+    with pytest.raises(ValueError, match="power of two"):
+        pa.launch_paged_attn(q, kc[:, :12].contiguous(), vc[:, :12].contiguous(), bt, cs, 1.0)
     with pytest.raises(ValueError, match="num_splits"):
         pa.launch_paged_attn(q, kc, vc, bt, cs, 1.0, num_splits=0)
     with pytest.raises(ValueError, match="cache_seqlens"):
-        pa.launch_paged_attn(q, kc, vc, bt, cs.long(), 1.0)
+        pa.launch_paged_attn(q, kc, vc, bt, cs[:0], 1.0)
     with pytest.raises(ValueError, match="slot_mapping"):
-        pa.launch_write_kv_cache(q[:, 0, :1], q[:, 0, :1], kc, vc, torch.zeros(1, dtype=torch.float32))
+        pa.launch_write_kv_cache(q[:, 0, :1], q[:, 0, :1], kc, vc, torch.zeros(2, dtype=torch.int32))
 
 
 def test_cuda_kernels_registered():

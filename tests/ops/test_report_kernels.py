@@ -44,7 +44,7 @@ def test_every_shipped_triton_kernel_compiles_without_spills(triton_rows):
 
 def test_kernel_specs_cover_every_launch_config():
     """The launcher and kernel_specs share launch_config: each block size's warps appear in a spec."""
-    from plm_engine.ops.norms import TRITON_MAX_N
+    from plm_engine.ops.contracts.norms import TRITON_MAX_N
     from plm_engine.ops.triton import norms
 
     specs = norms.kernel_specs()
