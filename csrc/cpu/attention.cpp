@@ -49,7 +49,7 @@
 #include <vector>
 
 #include "attention.h"
-#include "common/checks.h"
+#include "common/dispatch.h"
 #include "cpu/isa.h"
 #include "cpu/simd.h"
 
@@ -297,16 +297,6 @@ void run_bwd(BwdArgs<T> a, std::vector<Seq>& seqs, const at::TensorOptions& fopt
   });
 }
 
-template <typename F>
-void dispatch_dtype(at::ScalarType st, const F& fn) {
-  switch (st) {
-    case at::kFloat: fn(float{}); break;
-    case at::kHalf: fn(c10::Half{}); break;
-    case at::kBFloat16: fn(c10::BFloat16{}); break;
-    default: TORCH_CHECK(false, "attention: unsupported dtype ", st);
-  }
-}
-
 template <typename T>
 FwdArgs<T> fwd_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
                     bool causal, double scale) {
@@ -397,8 +387,6 @@ void paged_merge(const PagedArgs<T>& a, T* out, int64_t t) {
   for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<T>(acc[c] * inv);
 }
 
-}  // namespace
-
 std::tuple<Tensor, Tensor> attn_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, double scale) {
   check_attn_args(q, k, v, 2);
   const int64_t b = q.size(0), sq = q.size(1), h = q.size(2), d = q.size(3), sk = k.size(1);
@@ -407,7 +395,7 @@ std::tuple<Tensor, Tensor> attn_fwd_cpu(const Tensor& q, const Tensor& k, const 
   std::vector<Seq> seqs;
   for (int64_t i = 0; i < b; ++i)
     seqs.push_back({i * q.stride(0), i * k.stride(0), i * v.stride(0), i * sq * h * d, i * h * sq, sq, sk});
-  dispatch_dtype(q.scalar_type(), [&](auto tag) {
+  dispatch_float(q.scalar_type(), "attention (CPU)", [&](auto tag) {
     using T = decltype(tag);
     FwdArgs<T> a = fwd_args<T>(q, k, v, out, lse, causal, scale);
     a.lse_head = sq;
@@ -439,7 +427,7 @@ std::tuple<Tensor, Tensor> attn_varlen_fwd_cpu(const Tensor& q, const Tensor& k,
                 ") is longer than max_seqlen_q/k (", max_seqlen_q, ", ", max_seqlen_k, ")");
     seqs.push_back({cq[i] * q.stride(0), ck[i] * k.stride(0), ck[i] * v.stride(0), cq[i] * h * d, cq[i], sq, sk});
   }
-  dispatch_dtype(q.scalar_type(), [&](auto tag) {
+  dispatch_float(q.scalar_type(), "attention (CPU)", [&](auto tag) {
     using T = decltype(tag);
     FwdArgs<T> a = fwd_args<T>(q, k, v, out, lse, causal, scale);
     a.lse_head = tq;
@@ -465,7 +453,7 @@ std::tuple<Tensor, Tensor, Tensor> attn_bwd_cpu(const Tensor& dout, const Tensor
     sd.dv_off = i * dv.stride(0);
     seqs.push_back(sd);
   }
-  dispatch_dtype(q.scalar_type(), [&](auto tag) {
+  dispatch_float(q.scalar_type(), "attention (CPU)", [&](auto tag) {
     using T = decltype(tag);
     BwdArgs<T> a = bwd_args<T>(dO, q, k, v, o, l, dq, dk, dv, causal, scale);
     a.lse_head = sq;
@@ -502,7 +490,7 @@ std::tuple<Tensor, Tensor, Tensor> attn_varlen_bwd_cpu(const Tensor& dout, const
     sd.dv_off = ck[i] * dv.stride(0);
     seqs.push_back(sd);
   }
-  dispatch_dtype(q.scalar_type(), [&](auto tag) {
+  dispatch_float(q.scalar_type(), "attention (CPU)", [&](auto tag) {
     using T = decltype(tag);
     BwdArgs<T> a = bwd_args<T>(dO, q, k, v, o, l, dq, dk, dv, causal, scale);
     a.lse_head = tq;
@@ -537,7 +525,7 @@ Tensor paged_attn_cpu(const Tensor& q, const Tensor& k_cache, const Tensor& v_ca
   const int64_t splits = std::max<int64_t>(1, std::min((32 + base - 1) / base, (max_len + 255) / 256));
   const int64_t chunk = ((max_len + splits - 1) / splits + BN - 1) / BN * BN;
   Tensor part = at::empty({b * hkv * rows_total * splits * (d + 2)}, q.options().dtype(at::kFloat));
-  dispatch_dtype(q.scalar_type(), [&](auto tag) {
+  dispatch_float(q.scalar_type(), "attention (CPU)", [&](auto tag) {
     using T = decltype(tag);
     PagedArgs<T> a{};
     a.q = q.data_ptr<T>();
@@ -602,6 +590,7 @@ void write_kv_cache_cpu(const Tensor& k, const Tensor& v, Tensor k_cache, Tensor
   });
 }
 
+}  // namespace
 }  // namespace plm_engine
 
 TORCH_LIBRARY_IMPL(plm_engine, CPU, m) {

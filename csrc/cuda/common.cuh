@@ -1,5 +1,6 @@
-// Small device helpers shared by the CUDA kernels: packed (16-byte) loads/stores, fp32 conversions,
-// and integer helpers for launch shapes.
+// What every CUDA kernel header (cuda/<family>_kernels.cuh) starts from: packed (16-byte) loads/stores,
+// fp32 conversions, warp reductions and integer helpers for launch shapes. Like the kernel headers it
+// uses no ATen or CUDA runtime, so tests/cuda_emu.py compiles it on the CPU too.
 #pragma once
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -61,4 +62,20 @@ constexpr I ceil_div(I a, I b) {
 }
 
 }  // namespace cuda
+}  // namespace plm_engine
+
+// The kernel headers define their kernels in an unnamed namespace of plm_engine, where these names are
+// used unqualified.
+namespace plm_engine {
+namespace {
+using cuda::ceil_div;
+using cuda::from_float;
+using cuda::kFullMask;
+using cuda::kWarpSize;
+using cuda::load_pack;
+using cuda::Pack;
+using cuda::store_pack;
+using cuda::to_float;
+using cuda::warp_sum;
+}  // namespace
 }  // namespace plm_engine

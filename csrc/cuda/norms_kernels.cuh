@@ -12,15 +12,6 @@
 namespace plm_engine {
 namespace {
 
-using cuda::ceil_div;
-using cuda::from_float;
-using cuda::kFullMask;
-using cuda::kWarpSize;
-using cuda::load_pack;
-using cuda::Pack;
-using cuda::store_pack;
-using cuda::to_float;
-
 // Forward: up to 1024 threads per row (64 registers each), 16 cached fp32 values per thread with
 // 16-byte packs, so rows up to 16384 stay in registers. With 1-element packs every value needs its
 // own address and bounds test; 16 of them spill at 64 registers, so that path caches 8 (rows up to

@@ -14,15 +14,6 @@
 namespace plm_engine {
 namespace {
 
-using cuda::ceil_div;
-using cuda::from_float;
-using cuda::kFullMask;
-using cuda::kWarpSize;
-using cuda::load_pack;
-using cuda::Pack;
-using cuda::store_pack;
-using cuda::to_float;
-
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * kWarpSize;
 constexpr int kMaxSplits = 64;

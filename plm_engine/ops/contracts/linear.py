@@ -1,6 +1,6 @@
 """The linear family's contract: y = x @ weight.T + bias for few rows (the decode case), C++ on the CPU only.
 
-Backend op (csrc/linear_ops.cpp says the same for C++):
+Backend op (csrc/linear.h says the same for C++):
   linear_fwd(x, weight, bias?) -> y    x (M, K), weight (N, K), bias (N,) or None, all of one dtype
                                        (fp32, fp16, bf16) -> y (M, N) in that dtype, fp32 math
 """

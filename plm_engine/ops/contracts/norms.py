@@ -1,6 +1,6 @@
 """The norm family's contract: LayerNorm and RMSNorm with the pre-norm block's fused residual add.
 
-Backend ops (one pair for both norms, `is_rms` picks; csrc/ops.h says the same for C++):
+Backend ops (one pair for both norms, `is_rms` picks; csrc/norms.h says the same for C++):
   norm_fwd(x, weight, bias?, residual?, eps, is_rms) -> (y, h, mean, rstd)
       x, residual (rows, n) contiguous; weight, bias (n,) in x's dtype or float32.
       h = x + residual in x's dtype (empty when residual is None); mean (rows,) fp32, empty for RMSNorm;

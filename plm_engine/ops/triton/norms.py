@@ -565,7 +565,7 @@ def _launch_norm_bwd(dy, dh, h, weight, mean, rstd, has_bias, is_rms):
 def norm_fwd(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], eps: float, is_rms: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """LayerNorm / RMSNorm forward of x: (rows, n) contiguous -> (y, h, mean, rstd) as in csrc/ops.h.
+    """LayerNorm / RMSNorm forward of x: (rows, n) contiguous -> (y, h, mean, rstd) as in contracts/norms.py.
 
     weight, bias: (n,) in x's dtype or float32. h: x + residual in x's dtype, or an empty tensor when
     residual is None. mean: (rows,) float32, empty for RMSNorm. rstd: (rows,) float32.
