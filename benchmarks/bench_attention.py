@@ -27,52 +27,22 @@ Each row also has the speedup over the torch provider measured in the same run. 
 
 from __future__ import annotations
 
-import argparse
 import sys
-import time
-import traceback
 from dataclasses import dataclass
-from pathlib import Path
 
+import common
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+from plm_engine import ops
 
-from plm_engine import ops  # noqa: E402
-from plm_engine.ops import backends  # noqa: E402
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DENSE_PROVIDERS = ("torch", "flash", "cpu", "triton")
-PAGED_PROVIDERS = ("torch", "cpu", "triton", "cuda")
-COLUMNS = [
-    *common.ENV_COLUMNS,
-    "kind",
-    "mode",
-    "causal",
-    "dtype",
-    "shape",
-    "provider",
-    "ms",
-    "tflops",
-    "gbps",
-    "speedup_vs_torch",
-    "check",
-]
-TABLE_COLUMNS = [
-    "kind",
-    "mode",
-    "causal",
-    "dtype",
-    "shape",
-    "provider",
-    "ms",
-    "tflops",
-    "gbps",
-    "speedup_vs_torch",
-    "check",
-]
+DTYPES = common.DTYPES
+# Dense outputs accumulate over thousands of keys: a looser bf16 check than the elementwise ops'.
+TOLERANCE = {**common.TOLERANCE, torch.bfloat16: 3e-2}
+PROVIDERS = ("torch", "flash", "cpu", "triton", "cuda")
+KIND_PROVIDERS = {"dense": ("torch", "flash", "cpu", "triton"), "paged": ("torch", "cpu", "triton", "cuda")}
+KIND_OPS = {"dense": "attn_fwd", "paged": "paged_attn"}
+COLUMNS = ["kind", "mode", "causal", "dtype", "shape", "provider", "ms", "tflops", "gbps", "speedup_vs_torch", "check"]
 CUDA_TOKENS = 16384
 
 
@@ -200,16 +170,12 @@ def flash_attn_func():
     return f
 
 
-def usable(provider: str, kind: str, device: str) -> tuple[bool, str]:
-    if provider == "torch":
-        return True, ""
+def usable(provider: str, device: str, op: str) -> tuple[bool, str]:
     if provider == "flash":
-        if kind != "dense" or not device.startswith("cuda"):
+        if op != "attn_fwd" or not device.startswith("cuda"):
             return False, "flash-attn runs dense attention on CUDA"
         return (True, "") if flash_attn_func() is not None else (False, "flash-attn is not installed")
-    if provider == "triton" and device == "cpu":
-        return False, "Triton runs on CUDA tensors (the CPU interpreter is for tests)"
-    return backends.availability(provider, torch.device(device), "attn_fwd" if kind == "dense" else "paged_attn")
+    return common.provider_usable(provider, device, op)
 
 
 def dense_impl(provider: str, c: Dense):
@@ -227,24 +193,6 @@ def dense_impl(provider: str, c: Dense):
         fa = flash_attn_func()
         return lambda q, k, v: fa(q, k, v, causal=c.causal)
     return lambda q, k, v: ops.attention(q, k, v, causal=c.causal, backend=provider)
-
-
-def dense_inputs(c: Dense, device: str):
-    g = torch.Generator().manual_seed(0)
-    dt = DTYPES[c.dtype]
-
-    def t(*shape):
-        return torch.randn(*shape, generator=g).to(device, dt).requires_grad_(c.mode == "fwd_bwd")
-
-    q, k, v = t(c.b, c.s, c.h, c.d), t(c.b, c.s, c.hkv, c.d), t(c.b, c.s, c.hkv, c.d)
-    dout = torch.randn(c.b, c.s, c.h, c.d, generator=g).to(device, dt)
-    return (q, k, v), dout
-
-
-def dense_runner(impl, c: Dense, qkv, dout):
-    if c.mode == "fwd":
-        return lambda: impl(*qkv)
-    return lambda: torch.autograd.grad(impl(*qkv), qkv, dout)
 
 
 def paged_inputs(c: Paged, device: str):
@@ -278,24 +226,37 @@ def paged_impl(provider: str, c: Paged):
     return lambda *args: ops.paged_attention(*args, backend=provider)
 
 
-def check(out, ref, dtype) -> str:
-    """A provider's output against torch's: a fast wrong kernel is no result."""
-    tol = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}[dtype]
-    err = (out.detach().float() - ref.detach().float()).abs().max().item()
-    return "ok" if err <= tol * max(1.0, ref.detach().float().abs().max().item()) else f"mismatch {err:.2g}"
+def setup(c, device: str):
+    g = torch.Generator().manual_seed(0)
+    dt = DTYPES[c.dtype]
+    if isinstance(c, Dense):
+
+        def t(*shape):
+            return torch.randn(*shape, generator=g).to(device, dt).requires_grad_(c.mode == "fwd_bwd")
+
+        args = (t(c.b, c.s, c.h, c.d), t(c.b, c.s, c.hkv, c.d), t(c.b, c.s, c.hkv, c.d))
+        grads = torch.randn(c.b, c.s, c.h, c.d, generator=g).to(device, dt)
+        impl_of = dense_impl
+    else:
+        args, grads, impl_of = paged_inputs(c, device), None, paged_impl
+    with torch.no_grad():
+        ref = impl_of("torch", c)(*args)
+
+    def provider(p):
+        impl = impl_of(p, c)
+        with torch.no_grad():
+            check = common.check_close(impl(*args), ref, TOLERANCE) if p != "torch" else ""
+        return common.Timed(common.fwd_or_fwd_bwd(impl, args, getattr(c, "mode", "fwd"), grads=grads), check)
+
+    return provider
 
 
 # ---- main --------------------------------------------------------------------------------------------
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--device", default=common.default_device(), help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--quick", action="store_true", help="one small case per kind, short timing (CI smoke test)")
+def main(argv=None) -> int:
+    p = common.parser("attention", __doc__, PROVIDERS)
     p.add_argument("--kinds", default="dense,paged")
-    p.add_argument("--providers", default=None, help="comma list (default: every provider usable on the device)")
     p.add_argument(
         "--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default: fp32,bf16 on CPU, bf16 on CUDA)"
     )
@@ -303,135 +264,28 @@ def parse_args(argv=None):
     p.add_argument("--causal", default=None, help="dense: causal,full (default: causal on CPU, both on CUDA)")
     p.add_argument("--seqlens", default=None, help="dense seqlens, e.g. 512,2048")
     p.add_argument("--heads", default=None, help="CPU dense: n_heads[/n_kv_heads], e.g. 8 or 9/3 (default 9/3)")
-    p.add_argument(
-        "--repeat",
-        type=int,
-        default=1,
-        help="time each case this many rounds, providers interleaved, keeping each one's best median",
+    a = p.parse_args(argv)
+    common.require_device("attention", a.device)
+    dev = "cuda" if a.device.startswith("cuda") else "cpu"
+    kinds = common.split_list(a.kinds, "", KIND_OPS, "kind")
+    wanted = common.split_list(a.providers, "", PROVIDERS, "provider")
+    providers = {
+        kind: common.usable_providers(
+            "attention", [p for p in wanted if p in KIND_PROVIDERS[kind]], a.device, KIND_OPS[kind], usable
+        )
+        for kind in kinds
+    }
+    cases = (dense_cases(a, dev) if "dense" in kinds else []) + (paged_cases(a, dev) if "paged" in kinds else [])
+    return common.run(
+        "attention",
+        a,
+        cases,
+        lambda c: setup(c, a.device),
+        providers=lambda c: providers[c.labels["kind"]],
+        columns=COLUMNS,
+        flops=lambda c: attn_flops(c) if isinstance(c, Dense) else None,
+        bytes_moved=lambda c: paged_bytes(c) if isinstance(c, Paged) else None,
     )
-    p.add_argument(
-        "--time-budget",
-        type=float,
-        default=None,
-        help="stop starting new cases after this many seconds (the rows so far are kept)",
-    )
-    p.add_argument("--out-dir", default=str(common.RESULTS_DIR), help="where attention.csv is appended")
-    p.add_argument("--no-csv", action="store_true", help="do not append to the CSV")
-    p.add_argument("--json", action="store_true", help="print rows as JSON lines instead of a table")
-    return p.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    a = parse_args(argv)
-    device = a.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        print("bench_attention: no CUDA device here; use --device cpu", file=sys.stderr)
-        return 2
-    dev = "cuda" if device.startswith("cuda") else "cpu"
-    env = common.env_info(device)
-    csv_path = Path(a.out_dir) / "attention.csv"
-    start = time.monotonic()
-    all_rows, failures = [], 0
-    work = []
-    kinds = a.kinds.split(",")
-    if "dense" in kinds:
-        work += [("dense", c) for c in dense_cases(a, dev)]
-    if "paged" in kinds:
-        work += [("paged", c) for c in paged_cases(a, dev)]
-    wanted = a.providers.split(",") if a.providers else None
-    skipped_note = set()
-    for kind, c in work:
-        if a.time_budget is not None and time.monotonic() - start > a.time_budget:
-            print(
-                f"bench_attention: time budget of {a.time_budget:.0f} s spent; skipping the other cases",
-                file=sys.stderr,
-            )
-            break
-        providers = []
-        for p in DENSE_PROVIDERS if kind == "dense" else PAGED_PROVIDERS:
-            if wanted is not None and p not in wanted:
-                continue
-            ok, why = usable(p, kind, device)
-            if ok:
-                providers.append(p)
-            elif (p, kind) not in skipped_note:
-                skipped_note.add((p, kind))
-                print(f"bench_attention: skipping provider {p} for {kind}: {why}", file=sys.stderr)
-        fns, checks, best = {}, {}, {}
-        try:
-            if kind == "dense":
-                qkv, dout = dense_inputs(c, device)
-                with torch.no_grad():
-                    ref = dense_impl("torch", c)(*qkv)
-                impls = {p: dense_impl(p, c) for p in providers}
-            else:
-                args = paged_inputs(c, device)
-                ref = paged_impl("torch", c)(*args)
-                impls = {p: paged_impl(p, c) for p in providers}
-        except Exception as e:  # e.g. out of memory for the largest shapes
-            failures += 1
-            print(f"bench_attention: could not set up {c.labels}: {e!r}", file=sys.stderr)
-            continue
-        for p, impl in impls.items():
-            try:
-                if kind == "dense":
-                    if p != "torch":
-                        with torch.no_grad():
-                            checks[p] = check(impl(*qkv), ref, DTYPES[c.dtype])
-                    fns[p] = dense_runner(impl, c, qkv, dout)
-                else:
-                    if p != "torch":
-                        checks[p] = check(impl(*args), ref, DTYPES[c.dtype])
-                    fns[p] = lambda impl=impl, args=args: impl(*args)
-            except Exception as e:  # a broken provider must not stop the others
-                failures += 1
-                print(f"bench_attention: {p} failed on {c.labels}: {e!r}", file=sys.stderr)
-                traceback.print_exc(limit=3)
-        del ref
-        for _ in range(max(1, a.repeat)):
-            for p, fn in fns.items():
-                try:
-                    ms = common.time_ms(fn, device, quick=a.quick)
-                except Exception as e:
-                    failures += 1
-                    print(f"bench_attention: timing {p} failed on {c.labels}: {e!r}", file=sys.stderr)
-                    continue
-                best[p] = min(ms, best.get(p, float("inf")))
-        rows = []
-        for p, ms in best.items():
-            sec = ms / 1e3
-            rows.append(
-                {
-                    **env,
-                    **c.labels,
-                    "provider": p,
-                    "ms": round(ms, 4),
-                    "tflops": round(attn_flops(c) / sec / 1e12, 4) if kind == "dense" else "",
-                    "gbps": round(paged_bytes(c) / sec / 1e9, 2) if kind == "paged" else "",
-                    "speedup_vs_torch": round(best["torch"] / ms, 3) if "torch" in best else "",
-                    "check": checks.get(p, ""),
-                }
-            )
-        if a.json:
-            common.print_json_lines(rows)
-        else:
-            for r in rows:
-                fig = f"{r['tflops']:8.3f} TFLOP/s" if kind == "dense" else f"{r['gbps']:8.1f} GB/s"
-                print(
-                    f"{r['kind']:>5} {r['mode']:>7} {'causal' if r['causal'] else 'full':>6} {r['dtype']:>4} "
-                    f"{r['shape']:>28} {r['provider']:>6} {r['ms']:9.3f} ms {fig}  "
-                    f"x{common.fmt(r['speedup_vs_torch'])} {r['check']}",
-                    file=sys.stderr,
-                )
-        if not a.no_csv:
-            common.append_csv(csv_path, rows, COLUMNS)  # per case, so a run cut short keeps what it measured
-        all_rows += rows
-        del fns, impls
-    if not a.json:
-        common.print_table(all_rows, TABLE_COLUMNS, title=f"attention on {env['device_name']} ({env['commit']})")
-    if not a.no_csv and all_rows:
-        print(f"appended {len(all_rows)} rows to {csv_path}", file=sys.stderr)
-    return 1 if failures else 0
 
 
 if __name__ == "__main__":

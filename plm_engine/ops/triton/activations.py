@@ -181,7 +181,7 @@ def launch_config(n_cols: int) -> LaunchConfig:
 # ---- launcher and custom ops ------------------------------------------------------------------------
 
 
-def _launch(what: str, kernel, inputs: tuple[Tensor, ...], n_out: int, **flags) -> list[Tensor]:
+def _launch(what: str, elementwise_kernel, inputs: tuple[Tensor, ...], n_out: int, **flags) -> list[Tensor]:
     """Runs an elementwise kernel over `inputs` (rows, n), unit last stride, any row stride -> n_out new
     contiguous (rows, n) outputs. Kernel arguments: input pointers, output pointers, input row strides,
     n_rows, n_cols, then the tile and `flags`."""
@@ -203,7 +203,7 @@ def _launch(what: str, kernel, inputs: tuple[Tensor, ...], n_out: int, **flags) 
         cfg = launch_config(n)
         grid = (triton.cdiv(rows, cfg.block_m), triton.cdiv(n, cfg.block_n))
         with device_guard(first):
-            kernel[grid](
+            elementwise_kernel[grid](
                 *inputs,
                 *outs,
                 *(t.stride(0) for t in inputs),
