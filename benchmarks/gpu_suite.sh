@@ -412,7 +412,7 @@ bench_args() {
       [[ -n "$GEN_WHY" ]] && { B_WHY=$GEN_WHY; return; }
       B_ARGS=(--device "$dev" --model "$GEN_MODEL" --quick --skip-static --dtypes bfloat16 --hf-dtypes bfloat16) ;;
     bench_serve)
-      has_py fastapi uvicorn httpx transformers || { B_WHY="needs fastapi, uvicorn, httpx and transformers"; return; }
+      has_py fastapi uvicorn httpx transformers prometheus_client || { B_WHY="needs fastapi, uvicorn, httpx, prometheus_client and transformers"; return; }
       prepare_gen_model
       [[ -n "$GEN_WHY" ]] && { B_WHY=$GEN_WHY; return; }
       B_ARGS=(--device "$dev" --model "$GEN_MODEL" --quick) ;;

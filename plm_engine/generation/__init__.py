@@ -6,7 +6,8 @@
 Nothing here is imported by plm_engine.models or below; the engine is the models' user.
 """
 
-from plm_engine.generation.engine import AsyncEngine, Engine, RequestOutput
+from plm_engine.generation.async_engine import AsyncEngine
+from plm_engine.generation.engine import Engine, RequestOutput
 from plm_engine.generation.sampler import SamplingParams
 
 __all__ = ["AsyncEngine", "Engine", "RequestOutput", "SamplingParams"]

@@ -4,14 +4,14 @@
     outs = engine.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=32))
     print(outs[0].text)
 
-One step() = schedule, then at most two forwards (the packed prefill chunks, and the decode batch),
-one sampling call over both forwards' logits, and the host-side bookkeeping (stops, text, outputs).
+One step() = schedule, then at most two forwards run by the ModelRunner (model_runner.py: the packed
+prefill chunks, and the decode batch), one sampling call over both forwards' logits, and the host-side
+bookkeeping (stops, text, outputs). AsyncEngine (async_engine.py) drives an Engine from asyncio.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -19,16 +19,10 @@ from dataclasses import dataclass, field
 import torch
 
 from plm_engine.generation.block_manager import BlockManager
-from plm_engine.generation.cuda_graphs import DecodeGraphs
+from plm_engine.generation.model_runner import ModelRunner
 from plm_engine.generation.sampler import Sampler, SamplingParams
-from plm_engine.generation.scheduler import Chunk, Scheduler, Sequence
-from plm_engine.layers.kv_cache import PagedBatch
+from plm_engine.generation.scheduler import Scheduler, Sequence
 from plm_engine.ops import checks
-
-# Default KV budget: a share of the free memory, capped (the CPU is shared; a GPU has other tenants).
-_GPU_MEMORY_FRACTION = 0.5
-_CPU_MEMORY_FRACTION = 0.1
-_CPU_CACHE_CAP_BYTES = 1 << 30
 
 
 @dataclass
@@ -46,17 +40,6 @@ class RequestOutput:
     logprobs: list[dict] | None
     num_prompt_tokens: int
     metrics: dict = field(default_factory=dict)
-
-
-def _available_cpu_bytes() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 class Engine:
@@ -111,43 +94,19 @@ class Engine:
         self.config = model.config
         if self.config.arch == "bert":
             raise ValueError("Engine: generation needs a causal model (llama or gpt2), got a bert encoder")
-        p = next(model.parameters())
-        self.device, self.dtype = p.device, p.dtype
-        self.context_len = int(self.config.max_position_embeddings)
-        self.block_size = block_size
-
-        per_token = 2 * self.config.n_layers * self.config.n_kv_heads * self.config.head_dim * p.element_size()
-        if kv_cache_tokens is None:
-            kv_cache_tokens = self._default_cache_tokens(per_token, max_num_seqs)
-        if kv_cache_tokens < block_size:
-            raise ValueError(f"Engine: kv_cache_tokens must be >= block_size ({block_size}), got {kv_cache_tokens}")
-        num_blocks = math.ceil(kv_cache_tokens / block_size)
-        self.kv_cache = model.allocate_kv_cache(num_blocks, block_size=block_size, dtype=self.dtype, device=self.device)
-        self.cache_tokens = num_blocks * block_size
-        self.max_blocks_per_seq = math.ceil(min(self.context_len, self.cache_tokens) / block_size)
-        self.block_manager = BlockManager(num_blocks, block_size)
+        self.runner = ModelRunner(model, max_num_seqs, kv_cache_tokens, block_size, cuda_graphs)
+        r = self.runner
+        self.device, self.dtype, self.context_len = r.device, r.dtype, r.context_len
+        self.block_size, self.cache_tokens = r.block_size, r.cache_tokens
+        self.block_manager = BlockManager(r.num_blocks, block_size)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=max_num_seqs, max_prefill_tokens=max_prefill_tokens)
         self.sampler = Sampler(self.config.vocab_size, max_slots=max_num_seqs, device=self.device)
         self.eos_token_ids = self._eos_ids()
-
-        self.graphs = None
-        if cuda_graphs and self.device.type == "cuda":
-            self.graphs = DecodeGraphs(model, self.kv_cache, max_num_seqs, self.max_blocks_per_seq, device=self.device)
-            self.graphs.capture()
 
         self._seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self._pending_outputs: list[RequestOutput] = []
         self._counters = dict(prompt_tokens_total=0, generation_tokens_total=0, requests_finished=0, requests_aborted=0)
-
-    def _default_cache_tokens(self, per_token: int, max_num_seqs: int) -> int:
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = int(free * _GPU_MEMORY_FRACTION)
-        else:
-            budget = min(int(_available_cpu_bytes() * _CPU_MEMORY_FRACTION), _CPU_CACHE_CAP_BYTES)
-        tokens = min(budget // per_token, max_num_seqs * self.context_len)
-        return max(tokens // self.block_size * self.block_size, self.block_size)
 
     def _eos_ids(self) -> frozenset[int]:
         if self.tokenizer is not None and getattr(self.tokenizer, "stop_token_ids", None):
@@ -156,6 +115,18 @@ class Engine:
         if eos is None:
             return frozenset()
         return frozenset([int(eos)] if isinstance(eos, int) else (int(t) for t in eos))
+
+    @property
+    def kv_cache(self):
+        return self.runner.kv_cache
+
+    @property
+    def graphs(self):
+        return self.runner.graphs
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        return self.runner.max_blocks_per_seq
 
     # ---- requests ---------------------------------------------------------------------------------
 
@@ -281,12 +252,12 @@ class Engine:
         # tensor values on the host (ops/checks.py), so they can run under CUDA graphs or torch.compile.
         with checks.trusted():
             if sched.prefill:
-                lg, seqs = self._run_prefill(sched.prefill)
+                lg, seqs = self.runner.prefill(sched.prefill)
                 if seqs:
                     logits.append(lg)
                     sampling += seqs
             if sched.decode:
-                logits.append(self._run_decode(sched.decode))
+                logits.append(self.runner.decode(sched.decode))
                 sampling += sched.decode
         if not sampling:
             return outputs
@@ -301,78 +272,6 @@ class Engine:
         for i, (seq, tok) in enumerate(zip(sampling, tokens)):
             outputs.append(self._append_token(seq, tok, lps[i] if lps else None, now))
         return outputs
-
-    def _run_prefill(self, chunks: list[Chunk]):
-        bs = self.block_size
-        ids, pos, slots, cu, lens, rows, index, seqs = [], [], [], [0], [], [], [], []
-        for ch in chunks:
-            seq, a, b = ch.seq, ch.start, ch.start + ch.length
-            ids += seq.token_ids[a:b]
-            pos += range(a, b)
-            blocks = seq.blocks
-            slots += [blocks[p // bs] * bs + p % bs for p in range(a, b)]
-            cu.append(cu[-1] + ch.length)
-            lens.append(b)
-            rows.append(blocks)
-            if ch.samples:
-                index.append(cu[-1] - 1)
-                seqs.append(seq)
-        width = max(len(r) for r in rows)
-        table = [r + [0] * (width - len(r)) for r in rows]
-        dev = self.device
-        batch = PagedBatch(
-            cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=dev),
-            max_seqlen=max(ch.length for ch in chunks),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_table=torch.tensor(table, dtype=torch.int32, device=dev),
-            cache_seqlens=torch.tensor(lens, dtype=torch.int32, device=dev),
-            is_decode=False,
-            has_prefix=any(ch.start > 0 for ch in chunks),
-            seq_bounds=tuple(cu),
-        )
-        logits_index = torch.tensor(index or [cu[-1] - 1], dtype=torch.int64, device=dev)
-        logits = self.model.forward_tokens(
-            torch.tensor(ids, dtype=torch.int64, device=dev),
-            torch.tensor(pos, dtype=torch.int64, device=dev),
-            self.kv_cache,
-            batch,
-            logits_index=logits_index,
-        )
-        for ch in chunks:
-            ch.seq.num_cached += ch.length
-        return logits, seqs
-
-    def _run_decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        bs = self.block_size
-        ids = [s.token_ids[-1] for s in seqs]
-        pos = [s.num_cached for s in seqs]
-        slots = [s.blocks[p // bs] * bs + p % bs for s, p in zip(seqs, pos)]
-        lens = [p + 1 for p in pos]
-        rows = [s.blocks for s in seqs]
-        if self.graphs is not None and self.graphs.bucket_for(len(seqs)) is not None:
-            logits = self.graphs.run(ids, pos, slots, rows, lens)
-        else:
-            dev = self.device
-            width = max(len(r) for r in rows)
-            n = len(seqs)
-            batch = PagedBatch(
-                cu_seqlens=torch.arange(n + 1, dtype=torch.int32, device=dev),
-                max_seqlen=1,
-                slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-                block_table=torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int32, device=dev),
-                cache_seqlens=torch.tensor(lens, dtype=torch.int32, device=dev),
-                is_decode=True,
-                has_prefix=False,
-            )
-            logits = self.model.forward_tokens(
-                torch.tensor(ids, dtype=torch.int64, device=dev),
-                torch.tensor(pos, dtype=torch.int64, device=dev),
-                self.kv_cache,
-                batch,
-            )
-        for s in seqs:
-            s.num_cached += 1
-        return logits
 
     # ---- bookkeeping ------------------------------------------------------------------------------
 
@@ -484,155 +383,3 @@ class Engine:
         if bar is not None:
             bar.close()
         return [final[i] for i in ids]
-
-
-class AsyncEngine:
-    """Drives an Engine from asyncio: one background thread runs engine.step() while requests are pending.
-
-    The model is not thread-safe, so only that thread touches the engine's scheduler and model: stream()
-    validates and tokenizes the request in the caller (so bad input raises there), then hands it to the
-    thread through a command queue; outputs come back through the caller's event loop.
-
-        aeng = AsyncEngine(Engine("smollm2-135m"))
-        async for out in aeng.stream("Hello", SamplingParams(max_tokens=32)):
-            print(out.new_text, end="")
-    """
-
-    def __init__(self, engine: Engine):
-        import threading
-
-        self.engine = engine
-        self._cmds: list[tuple] = []
-        self._cmd_lock = threading.Lock()
-        self._wake = threading.Event()
-        self._streams: dict[str, tuple] = {}  # request id -> (event loop, asyncio.Queue)
-        self._stop = False
-        self._stats = engine.stats()
-        self._thread = threading.Thread(target=self._run, name="plm-engine-step", daemon=True)
-        self._thread.start()
-
-    # ---- the step thread --------------------------------------------------------------------------
-
-    def _submit(self, cmd: tuple) -> None:
-        with self._cmd_lock:
-            self._cmds.append(cmd)
-        self._wake.set()
-
-    def _deliver(self, rid: str, item) -> None:
-        entry = self._streams.get(rid)
-        if entry is None:
-            return
-        loop, q = entry
-        if isinstance(item, BaseException) or item.finished:
-            self._streams.pop(rid, None)
-        try:
-            loop.call_soon_threadsafe(q.put_nowait, item)
-        except RuntimeError:  # the consumer's loop is closed: nobody is listening
-            pass
-
-    def _drain(self) -> None:
-        with self._cmd_lock:
-            cmds, self._cmds = self._cmds, []
-        for kind, arg in cmds:
-            if kind == "add":
-                try:
-                    self.engine.add_sequence(arg)
-                except Exception as e:  # e.g. a request id in use, a request larger than the cache
-                    self._deliver(arg.request_id, e)
-            elif kind == "abort":
-                self.engine.abort(arg)
-
-    def _run(self) -> None:
-        eng = self.engine
-        while True:
-            self._wake.clear()
-            self._drain()
-            if self._stop:
-                for rid in list(eng._seqs):
-                    eng.abort(rid)
-                for out in eng.step():
-                    self._deliver(out.request_id, out)
-                self._stats = eng.stats()
-                return
-            if not eng.has_unfinished() and not eng._pending_outputs:
-                self._stats = eng.stats()
-                self._wake.wait()
-                continue
-            try:
-                outs = eng.step()
-            except Exception as e:  # fail every in-flight request rather than hang their streams
-                for rid in list(eng._seqs):
-                    eng.abort(rid)
-                eng._pending_outputs.clear()
-                for rid in list(self._streams):
-                    self._deliver(rid, e)
-                continue
-            for out in outs:
-                self._deliver(out.request_id, out)
-            self._stats = eng.stats()
-
-    # ---- the asyncio side -------------------------------------------------------------------------
-
-    async def stream(
-        self,
-        prompt,
-        params: SamplingParams | None = None,
-        request_id: str | None = None,
-        truncate_prompt_tokens: int | None = None,
-    ):
-        """Yields a RequestOutput whenever the request gets tokens (deltas in new_token_ids / new_text),
-        the last one with finished=True. Closing or cancelling the consumer aborts the request."""
-        import asyncio
-
-        if self._stop:
-            raise RuntimeError("AsyncEngine: shut down")
-        seq = self.engine.make_sequence(prompt, params, request_id, truncate_prompt_tokens)
-        rid = seq.request_id
-        if rid in self._streams:
-            raise ValueError(f"AsyncEngine: request id {rid!r} is already in use")
-        q: asyncio.Queue = asyncio.Queue()
-        self._streams[rid] = (asyncio.get_running_loop(), q)
-        self._submit(("add", seq))
-        done = False
-        try:
-            while True:
-                item = await q.get()
-                if isinstance(item, BaseException):
-                    done = True
-                    raise item
-                if item.finished:
-                    done = True
-                yield item
-                if done:
-                    return
-        finally:
-            if not done:
-                self._streams.pop(rid, None)
-                self._submit(("abort", rid))
-
-    async def generate(
-        self,
-        prompt,
-        params: SamplingParams | None = None,
-        request_id: str | None = None,
-        truncate_prompt_tokens: int | None = None,
-    ) -> RequestOutput:
-        """The final output of one request."""
-        last = None
-        async for out in self.stream(prompt, params, request_id, truncate_prompt_tokens):
-            last = out
-        return last
-
-    def stats(self) -> dict:
-        """The engine's counters as of the end of the last step (no waiting on a step in progress)."""
-        return dict(self._stats)
-
-    def is_alive(self) -> bool:
-        """Whether the background step thread is running (False after shutdown or if it died)."""
-        return self._thread.is_alive() and not self._stop
-
-    def shutdown(self, timeout: float | None = 30.0) -> None:
-        """Aborts in-flight requests (their streams end with finish_reason "abort") and stops the thread."""
-        self._stop = True
-        self._wake.set()
-        self._thread.join(timeout)

@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
+from plm_engine.generation import AsyncEngine, Engine
 from plm_engine.generation.cuda_graphs import DecodeGraphs, default_buckets
-from plm_engine.generation.engine import AsyncEngine, Engine
 from plm_engine.generation.sampler import SamplingParams
 from plm_engine.layers.kv_cache import PagedBatch
 from plm_engine.models import ModelConfig, Transformer

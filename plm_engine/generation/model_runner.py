@@ -1,0 +1,156 @@
+"""The model runner: owns the model's KV cache and runs the forwards of one engine step.
+
+It sizes and allocates the paged cache, captures CUDA graphs for the decode batch sizes on a GPU, and
+turns the scheduler's work (prefill chunks, decode sequences) into the packed tensors of one
+forward_tokens call each. It knows nothing about requests, sampling or text: the engine does.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from plm_engine.generation.cuda_graphs import DecodeGraphs
+from plm_engine.generation.scheduler import Chunk, Sequence
+from plm_engine.layers.kv_cache import PagedBatch
+
+# Default KV budget: a share of the free memory, capped (the CPU is shared; a GPU has other tenants).
+_GPU_MEMORY_FRACTION = 0.5
+_CPU_MEMORY_FRACTION = 0.1
+_CPU_CACHE_CAP_BYTES = 1 << 30
+
+
+def _available_cpu_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+class ModelRunner:
+    """A causal model, its paged KV cache and (on a GPU) its decode CUDA graphs.
+
+    kv_cache_tokens: cache size in tokens (default: a share of free memory, capped at max_num_seqs full
+    contexts), rounded up to whole blocks of block_size tokens.
+    """
+
+    def __init__(
+        self,
+        model,
+        max_num_seqs: int,
+        kv_cache_tokens: int | None = None,
+        block_size: int = 16,
+        cuda_graphs: bool = True,
+    ):
+        self.model = model
+        self.config = model.config
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.context_len = int(self.config.max_position_embeddings)
+        self.block_size = block_size
+        per_token = 2 * self.config.n_layers * self.config.n_kv_heads * self.config.head_dim * p.element_size()
+        if kv_cache_tokens is None:
+            kv_cache_tokens = self._default_cache_tokens(per_token, max_num_seqs)
+        if kv_cache_tokens < block_size:
+            raise ValueError(f"Engine: kv_cache_tokens must be >= block_size ({block_size}), got {kv_cache_tokens}")
+        self.num_blocks = math.ceil(kv_cache_tokens / block_size)
+        self.kv_cache = model.allocate_kv_cache(
+            self.num_blocks, block_size=block_size, dtype=self.dtype, device=self.device
+        )
+        self.cache_tokens = self.num_blocks * block_size
+        self.max_blocks_per_seq = math.ceil(min(self.context_len, self.cache_tokens) / block_size)
+        self.graphs = None
+        if cuda_graphs and self.device.type == "cuda":
+            self.graphs = DecodeGraphs(model, self.kv_cache, max_num_seqs, self.max_blocks_per_seq, device=self.device)
+            self.graphs.capture()
+
+    def _default_cache_tokens(self, per_token: int, max_num_seqs: int) -> int:
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * _GPU_MEMORY_FRACTION)
+        else:
+            budget = min(int(_available_cpu_bytes() * _CPU_MEMORY_FRACTION), _CPU_CACHE_CAP_BYTES)
+        tokens = min(budget // per_token, max_num_seqs * self.context_len)
+        return max(tokens // self.block_size * self.block_size, self.block_size)
+
+    def prefill(self, chunks: list[Chunk]) -> tuple[torch.Tensor, list[Sequence]]:
+        """One packed forward over the prefill chunks; logits of the chunks that end a prompt, and their
+        sequences (in that order)."""
+        bs = self.block_size
+        ids, slots, cu, lens, rows, index, seqs = [], [], [0], [], [], [], []
+        pos: list[int] = []
+        for ch in chunks:
+            seq, a, b = ch.seq, ch.start, ch.start + ch.length
+            ids += seq.token_ids[a:b]
+            pos += range(a, b)
+            blocks = seq.blocks
+            slots += [blocks[p // bs] * bs + p % bs for p in range(a, b)]
+            cu.append(cu[-1] + ch.length)
+            lens.append(b)
+            rows.append(blocks)
+            if ch.samples:
+                index.append(cu[-1] - 1)
+                seqs.append(seq)
+        width = max(len(r) for r in rows)
+        table = [r + [0] * (width - len(r)) for r in rows]
+        dev = self.device
+        batch = PagedBatch(
+            cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=dev),
+            max_seqlen=max(ch.length for ch in chunks),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            block_table=torch.tensor(table, dtype=torch.int32, device=dev),
+            cache_seqlens=torch.tensor(lens, dtype=torch.int32, device=dev),
+            is_decode=False,
+            has_prefix=any(ch.start > 0 for ch in chunks),
+            seq_bounds=tuple(cu),
+        )
+        logits_index = torch.tensor(index or [cu[-1] - 1], dtype=torch.int64, device=dev)
+        logits = self.model.forward_tokens(
+            torch.tensor(ids, dtype=torch.int64, device=dev),
+            torch.tensor(pos, dtype=torch.int64, device=dev),
+            self.kv_cache,
+            batch,
+            logits_index=logits_index,
+        )
+        for ch in chunks:
+            ch.seq.num_cached += ch.length
+        return logits, seqs
+
+    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        """One forward of the decode batch (each sequence's last token); logits (len(seqs), vocab)."""
+        bs = self.block_size
+        ids = [s.token_ids[-1] for s in seqs]
+        pos = [s.num_cached for s in seqs]
+        slots = [s.blocks[p // bs] * bs + p % bs for s, p in zip(seqs, pos)]
+        lens = [p + 1 for p in pos]
+        rows = [s.blocks for s in seqs]
+        if self.graphs is not None and self.graphs.bucket_for(len(seqs)) is not None:
+            logits = self.graphs.run(ids, pos, slots, rows, lens)
+        else:
+            dev = self.device
+            width = max(len(r) for r in rows)
+            n = len(seqs)
+            batch = PagedBatch(
+                cu_seqlens=torch.arange(n + 1, dtype=torch.int32, device=dev),
+                max_seqlen=1,
+                slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+                block_table=torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int32, device=dev),
+                cache_seqlens=torch.tensor(lens, dtype=torch.int32, device=dev),
+                is_decode=True,
+                has_prefix=False,
+            )
+            logits = self.model.forward_tokens(
+                torch.tensor(ids, dtype=torch.int64, device=dev),
+                torch.tensor(pos, dtype=torch.int64, device=dev),
+                self.kv_cache,
+                batch,
+            )
+        for s in seqs:
+            s.num_cached += 1
+        return logits
