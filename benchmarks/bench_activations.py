@@ -9,9 +9,7 @@ Cases: op (swiglu, gelu, gelu_tanh) x mode (fwd, fwd_bwd) x dtype x shape (rows 
 gate and up as the two halves of one (rows, 2n) projection output, the layout of a fused gate_up
 matmul, for every provider.
 
-Reported per case and provider: median ms, GB/s by act_bytes() (every tensor read or written once),
-and the speedup over the torch provider measured in the same run. Rows are appended to
-<out-dir>/activations.csv (default benchmarks/results/activations.csv).
+GB/s counts act_bytes(), each tensor once; the rows go to <out-dir>/activations.csv (benchmarks/common.py).
 
     python benchmarks/bench_activations.py                     # CPU (or CUDA if present), full set
     python benchmarks/bench_activations.py --quick --no-csv    # smoke test
@@ -20,8 +18,8 @@ and the speedup over the torch provider measured in the same run. Rows are appen
 
 from __future__ import annotations
 
+import itertools
 import sys
-from dataclasses import dataclass
 
 import common
 import torch
@@ -29,8 +27,6 @@ import torch.nn.functional as F
 
 from plm_engine.ops.activations import gelu, swiglu
 
-DTYPES = common.DTYPES
-PROVIDERS = ("torch", "cpu", "triton", "cuda")
 OPS = ("swiglu", "gelu", "gelu_tanh")
 SHAPES = {
     # (rows = tokens, n = intermediate size): SmolLM2 (1536), BERT-base-like GELU (3072), Llama-8B (14336).
@@ -41,26 +37,15 @@ SHAPES = {
 }
 DEFAULT_DTYPES = {"cpu": "fp32,bf16,fp16", "cuda": "bf16,fp16,fp32"}
 COLUMNS = ["op", "variant", "mode", "dtype", "shape", "provider", "ms", "gbps", "speedup_vs_torch", "check"]
-TABLE_COLUMNS = ["op", "mode", "dtype", "shape", "provider", "ms", "gbps", "speedup_vs_torch", "check"]
+TABLE_COLUMNS = [c for c in COLUMNS if c not in ("variant",)]
 
 
-@dataclass(frozen=True)
-class Case:
-    op: str  # one of OPS
-    mode: str  # "fwd" | "fwd_bwd"
-    dtype: str  # key of DTYPES
-    rows: int
-    n: int
+class Case(common.Case):
+    """op: one of OPS; variant: fused_gate_up (SwiGLU's gate and up are the halves of one tensor) | plain;
+    shape: (rows, n)."""
 
-    @property
-    def labels(self) -> dict:
-        return {
-            "op": self.op,
-            "variant": "fused_gate_up" if self.op == "swiglu" else "plain",
-            "mode": self.mode,
-            "dtype": self.dtype,
-            "shape": f"{self.rows}x{self.n}",
-        }
+    rows = property(lambda self: self.shape[0])
+    n = property(lambda self: self.shape[1])
 
 
 def act_bytes(c: Case) -> int:
@@ -69,7 +54,7 @@ def act_bytes(c: Case) -> int:
     swiglu  fwd reads gate, up, writes y (3); bwd reads dy, gate, up, writes dgate, dup (5).
     gelu    fwd reads x, writes y (2); bwd reads dy, x, writes dx (3).
     """
-    t = c.rows * c.n * DTYPES[c.dtype].itemsize
+    t = c.rows * c.n * common.DTYPES[c.dtype].itemsize
     fwd, bwd = (3, 5) if c.op == "swiglu" else (2, 3)
     return t * (fwd + (bwd if c.mode == "fwd_bwd" else 0))
 
@@ -92,20 +77,11 @@ def act_impl(c: Case, provider: str):
 
 def setup(c: Case, device: str):
     g = torch.Generator(device="cpu").manual_seed(0)
-    dt = DTYPES[c.dtype]
+    dt = common.DTYPES[c.dtype]
     width = 2 * c.n if c.op == "swiglu" else c.n
     x = (torch.randn(c.rows, width, generator=g) * 2).to(device, dt).requires_grad_(c.mode == "fwd_bwd")
     dy = torch.randn(c.rows, c.n, generator=g).to(device, dt)
-    with torch.no_grad():
-        ref = act_impl(c, "torch")(x)
-
-    def provider(p):
-        impl = act_impl(c, p)
-        with torch.no_grad():
-            check = common.check_close(impl(x), ref) if p != "torch" else ""
-        return common.Timed(common.fwd_or_fwd_bwd(impl, (x,), c.mode, grads=dy), check)
-
-    return provider
+    return common.against_torch(lambda p: act_impl(c, p), (x,), c.mode, grads=dy)
 
 
 # ---- main ----------------------------------------------------------------------------------------------
@@ -114,36 +90,19 @@ def setup(c: Case, device: str):
 def cases(a) -> list[Case]:
     dev = "cuda" if a.device.startswith("cuda") else "cpu"
     shapes = common.parse_shapes(a.shapes) if a.shapes else SHAPES[(dev, a.quick)]
-    dtypes = common.split_list(a.dtypes, DEFAULT_DTYPES[dev], DTYPES, "dtype")
+    dtypes = common.split_list(a.dtypes, DEFAULT_DTYPES[dev], common.DTYPES, "dtype")
     ops = common.split_list(a.ops, "", OPS, "op")
-    return [
-        Case(op, mode, dt, rows, n) for rows, n in shapes for dt in dtypes for op in ops for mode in a.modes.split(",")
-    ]
+    axes = itertools.product(shapes, dtypes, ops, a.modes.split(","))
+    return [Case(op, "fused_gate_up" if op == "swiglu" else "plain", mode, dt, s) for s, dt, op, mode in axes]
 
 
 def main(argv=None) -> int:
-    p = common.parser("activations", __doc__, PROVIDERS)
+    dtypes = "fp32,bf16,fp16 on CPU, bf16,fp16,fp32 on CUDA"
+    p = common.parser("activations", __doc__, dtypes=dtypes, modes="fwd,fwd_bwd", shapes="ROWSxN, e.g. 2048x1536")
     p.add_argument("--ops", default=",".join(OPS))
-    p.add_argument("--modes", default="fwd,fwd_bwd")
-    p.add_argument(
-        "--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default: all three, fp32 first on CPU)"
-    )
-    p.add_argument("--shapes", default=None, help="comma list of ROWSxN, e.g. 2048x1536")
     a = p.parse_args(argv)
-    common.require_device("activations", a.device)
-    providers = common.usable_providers(
-        "activations", common.split_list(a.providers, "", PROVIDERS, "provider"), a.device, "swiglu_fwd"
-    )
-    return common.run(
-        "activations",
-        a,
-        cases(a),
-        lambda c: setup(c, a.device),
-        providers=lambda c: providers,
-        columns=COLUMNS,
-        table=TABLE_COLUMNS,
-        bytes_moved=act_bytes,
-    )
+    kw = dict(op="swiglu_fwd", columns=COLUMNS, table=TABLE_COLUMNS, bytes_moved=act_bytes)
+    return common.run("activations", a, cases(a), setup, **kw)
 
 
 if __name__ == "__main__":

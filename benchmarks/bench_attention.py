@@ -17,8 +17,7 @@ Derived figures (formulas in attn_flops / paged_bytes):
            the backward counts 2.5x the forward (five matmuls), so fwd_bwd = 3.5x the forward, as in
            FlashAttention's benchmarks.
   GB/s     bytes of K and V read (every cached token once) + q read + out written.
-Each row also has the speedup over the torch provider measured in the same run. Rows are appended to
-<out-dir>/attention.csv (default benchmarks/results/attention.csv).
+Rows: <out-dir>/attention.csv, with the speedup over torch measured in the same run.
 
     python benchmarks/bench_attention.py --device cpu                 # the CPU grid
     python benchmarks/bench_attention.py --quick --no-csv             # smoke test (seconds)
@@ -36,7 +35,6 @@ import torch.nn.functional as F
 
 from plm_engine import ops
 
-DTYPES = common.DTYPES
 # Dense outputs accumulate over thousands of keys: a looser bf16 check than the elementwise ops'.
 TOLERANCE = {**common.TOLERANCE, torch.bfloat16: 3e-2}
 PROVIDERS = ("torch", "flash", "cpu", "triton", "cuda")
@@ -47,65 +45,45 @@ CUDA_TOKENS = 16384
 
 
 @dataclass(frozen=True)
-class Dense:
-    mode: str  # "fwd" | "fwd_bwd"
+class Case:
+    kind: str  # "dense" | "paged" (decode: one query token per sequence)
+    mode: str  # dense: "fwd" | "fwd_bwd"; paged: "decode"
     causal: bool
     dtype: str
     b: int
-    s: int
+    s: int  # dense: seqlen; paged: tokens cached per sequence
     h: int
     hkv: int
     d: int
+    block: int = 0  # paged: tokens per cache block
 
     @property
     def labels(self) -> dict:
-        return {
-            "kind": "dense",
-            "mode": self.mode,
-            "causal": self.causal,
-            "dtype": self.dtype,
-            "shape": f"b{self.b} s{self.s} h{self.h}/{self.hkv} d{self.d}",
-        }
+        shape = f"s{self.s}" if self.kind == "dense" else f"ctx{self.s} blk{self.block}"
+        shape = f"b{self.b} {shape} h{self.h}/{self.hkv} d{self.d}"
+        return {"kind": self.kind, "mode": self.mode, "causal": self.causal, "dtype": self.dtype, "shape": shape}
 
 
-@dataclass(frozen=True)
-class Paged:
-    dtype: str
-    b: int
-    ctx: int
-    block: int
-    h: int
-    hkv: int
-    d: int
-
-    @property
-    def labels(self) -> dict:
-        return {
-            "kind": "paged",
-            "mode": "decode",
-            "causal": True,
-            "dtype": self.dtype,
-            "shape": f"b{self.b} ctx{self.ctx} blk{self.block} h{self.h}/{self.hkv} d{self.d}",
-        }
-
-
-def attn_flops(c: Dense) -> float:
-    """Matmul FLOPs: QK^T and PV are 2 * sq * sk * d each per head; causal (sq == sk) does half;
+def attn_flops(c: Case) -> float | None:
+    """Dense: matmul FLOPs. QK^T and PV are 2 * sq * sk * d each per head; causal (sq == sk) does half;
     the backward is 2.5x the forward (dV, dP, dS->dQ, dK: five matmuls against the forward's two)."""
+    if c.kind != "dense":
+        return None
     f = 4.0 * c.b * c.h * c.s * c.s * c.d / (2 if c.causal else 1)
     return f if c.mode == "fwd" else 3.5 * f
 
 
-def paged_bytes(c: Paged) -> float:
-    """Every cached K and V row read once, q read and out written once."""
-    e = DTYPES[c.dtype].itemsize
-    return (2 * c.b * c.ctx * c.hkv * c.d + 2 * c.b * c.h * c.d) * e
+def paged_bytes(c: Case) -> float | None:
+    """Paged: every cached K and V row read once, q read and out written once."""
+    if c.kind != "paged":
+        return None
+    return (2 * c.b * c.s * c.hkv * c.d + 2 * c.b * c.h * c.d) * common.DTYPES[c.dtype].itemsize
 
 
 # ---- cases -------------------------------------------------------------------------------------------
 
 
-def dense_cases(a, dev: str) -> list[Dense]:
+def dense_cases(a, dev: str) -> list[Case]:
     dtypes = (a.dtypes or ("fp32,bf16" if dev == "cpu" else "bf16")).split(",")
     modes = (a.modes or ("fwd" if dev == "cpu" else "fwd,fwd_bwd")).split(",")
     causals = [c == "causal" for c in (a.causal or ("causal" if dev == "cpu" else "causal,full")).split(",")]
@@ -116,7 +94,7 @@ def dense_cases(a, dev: str) -> list[Dense]:
             for s in seqlens:
                 for causal in causals:
                     for mode in modes:
-                        out.append(Dense(mode, causal, dt, 1, s, *cpu_heads(a), 64))
+                        out.append(Case("dense", mode, causal, dt, 1, s, *cpu_heads(a), 64))
         return out
     seqlens = (
         [int(s) for s in a.seqlens.split(",")]
@@ -129,7 +107,8 @@ def dense_cases(a, dev: str) -> list[Dense]:
             for s in seqlens:
                 for causal in causals:
                     for mode in modes:
-                        out.append(Dense(mode, causal, dt, max(1, CUDA_TOKENS // s), s, 2048 // d, 2048 // d, d))
+                        b, h = max(1, CUDA_TOKENS // s), 2048 // d
+                        out.append(Case("dense", mode, causal, dt, b, s, h, h, d))
     return out
 
 
@@ -139,7 +118,7 @@ def cpu_heads(a) -> tuple[int, int]:
     return int(h), int(hkv or h)
 
 
-def paged_cases(a, dev: str) -> list[Paged]:
+def paged_cases(a, dev: str) -> list[Case]:
     dtypes = (a.dtypes or ("fp32,bf16" if dev == "cpu" else "bf16")).split(",")
     if dev == "cpu":
         # SmolLM2-135M: 9 query heads, 3 KV heads, head_dim 64
@@ -148,7 +127,7 @@ def paged_cases(a, dev: str) -> list[Paged]:
             if a.quick
             else [(1, 1024, 16), (1, 8192, 256), (4, 2048, 16), (16, 1024, 16), (16, 4096, 64), (16, 8192, 128)]
         )
-        return [Paged(dt, b, ctx, blk, 9, 3, 64) for dt in dtypes for b, ctx, blk in grid]
+        return [Case("paged", "decode", True, dt, b, ctx, 9, 3, 64, blk) for dt in dtypes for b, ctx, blk in grid]
     # Llama-8B-like: 32 query heads, 8 KV heads, head_dim 128
     grid = (
         [(8, 4096, 16)]
@@ -156,7 +135,7 @@ def paged_cases(a, dev: str) -> list[Paged]:
         else [(b, ctx, 16) for b in (1, 8, 32, 64) for ctx in (1024, 8192, 32768) if b * ctx <= 64 * 16384]
         + [(8, 8192, 256)]
     )
-    return [Paged(dt, b, ctx, blk, 32, 8, 128) for dt in dtypes for b, ctx, blk in grid]
+    return [Case("paged", "decode", True, dt, b, ctx, 32, 8, 128, blk) for dt in dtypes for b, ctx, blk in grid]
 
 
 # ---- providers ---------------------------------------------------------------------------------------
@@ -178,7 +157,7 @@ def usable(provider: str, device: str, op: str) -> tuple[bool, str]:
     return common.provider_usable(provider, device, op)
 
 
-def dense_impl(provider: str, c: Dense):
+def dense_impl(provider: str, c: Case):
     """out = f(q, k, v) with q (b, s, h, d) and k, v (b, s, hkv, d)."""
     if provider == "torch":
 
@@ -195,28 +174,28 @@ def dense_impl(provider: str, c: Dense):
     return lambda q, k, v: ops.attention(q, k, v, causal=c.causal, backend=provider)
 
 
-def paged_inputs(c: Paged, device: str):
+def paged_inputs(c: Case, device: str):
     """Caches with every sequence's blocks scattered (a random permutation of the physical blocks)."""
     g = torch.Generator().manual_seed(0)
-    dt = DTYPES[c.dtype]
-    nblk = (c.ctx + c.block - 1) // c.block
+    dt = common.DTYPES[c.dtype]
+    nblk = (c.s + c.block - 1) // c.block
     num_blocks = c.b * nblk
     k_cache = torch.randn(num_blocks, c.block, c.hkv, c.d, generator=g).to(device, dt)
     v_cache = torch.randn(num_blocks, c.block, c.hkv, c.d, generator=g).to(device, dt)
     block_table = torch.randperm(num_blocks, generator=g).reshape(c.b, nblk).to(device, torch.int32)
-    seqlens = torch.full((c.b,), c.ctx, dtype=torch.int32, device=device)
+    seqlens = torch.full((c.b,), c.s, dtype=torch.int32, device=device)
     q = torch.randn(c.b, 1, c.h, c.d, generator=g).to(device, dt)
     return q, k_cache, v_cache, block_table, seqlens
 
 
-def paged_impl(provider: str, c: Paged):
+def paged_impl(provider: str, c: Case):
     if provider == "torch":
 
         def gather_sdpa(q, k_cache, v_cache, block_table, seqlens):
-            # Every sequence holds c.ctx tokens here, so one gather + one SDPA covers the batch.
+            # Every sequence holds c.s tokens here, so one gather + one SDPA covers the batch.
             idx = block_table.long()
-            k = k_cache[idx].reshape(c.b, -1, c.hkv, c.d)[:, : c.ctx]
-            v = v_cache[idx].reshape(c.b, -1, c.hkv, c.d)[:, : c.ctx]
+            k = k_cache[idx].reshape(c.b, -1, c.hkv, c.d)[:, : c.s]
+            v = v_cache[idx].reshape(c.b, -1, c.hkv, c.d)[:, : c.s]
             o = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=c.hkv != c.h
             )
@@ -226,46 +205,31 @@ def paged_impl(provider: str, c: Paged):
     return lambda *args: ops.paged_attention(*args, backend=provider)
 
 
-def setup(c, device: str):
+def setup(c: Case, device: str):
+    if c.kind == "paged":
+        return common.against_torch(lambda p: paged_impl(p, c), paged_inputs(c, device), tolerance=TOLERANCE)
     g = torch.Generator().manual_seed(0)
-    dt = DTYPES[c.dtype]
-    if isinstance(c, Dense):
+    dt = common.DTYPES[c.dtype]
 
-        def t(*shape):
-            return torch.randn(*shape, generator=g).to(device, dt).requires_grad_(c.mode == "fwd_bwd")
+    def t(*shape):
+        return torch.randn(*shape, generator=g).to(device, dt).requires_grad_(c.mode == "fwd_bwd")
 
-        args = (t(c.b, c.s, c.h, c.d), t(c.b, c.s, c.hkv, c.d), t(c.b, c.s, c.hkv, c.d))
-        grads = torch.randn(c.b, c.s, c.h, c.d, generator=g).to(device, dt)
-        impl_of = dense_impl
-    else:
-        args, grads, impl_of = paged_inputs(c, device), None, paged_impl
-    with torch.no_grad():
-        ref = impl_of("torch", c)(*args)
-
-    def provider(p):
-        impl = impl_of(p, c)
-        with torch.no_grad():
-            check = common.check_close(impl(*args), ref, TOLERANCE) if p != "torch" else ""
-        return common.Timed(common.fwd_or_fwd_bwd(impl, args, getattr(c, "mode", "fwd"), grads=grads), check)
-
-    return provider
+    qkv = (t(c.b, c.s, c.h, c.d), t(c.b, c.s, c.hkv, c.d), t(c.b, c.s, c.hkv, c.d))
+    dout = torch.randn(c.b, c.s, c.h, c.d, generator=g).to(device, dt)
+    return common.against_torch(lambda p: dense_impl(p, c), qkv, c.mode, grads=dout, tolerance=TOLERANCE)
 
 
 # ---- main --------------------------------------------------------------------------------------------
 
 
 def main(argv=None) -> int:
-    p = common.parser("attention", __doc__, PROVIDERS)
+    p = common.parser("attention", __doc__, PROVIDERS, dtypes="fp32,bf16 on CPU, bf16 on CUDA")
     p.add_argument("--kinds", default="dense,paged")
-    p.add_argument(
-        "--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default: fp32,bf16 on CPU, bf16 on CUDA)"
-    )
     p.add_argument("--modes", default=None, help="dense: fwd,fwd_bwd (default: fwd on CPU, both on CUDA)")
     p.add_argument("--causal", default=None, help="dense: causal,full (default: causal on CPU, both on CUDA)")
     p.add_argument("--seqlens", default=None, help="dense seqlens, e.g. 512,2048")
     p.add_argument("--heads", default=None, help="CPU dense: n_heads[/n_kv_heads], e.g. 8 or 9/3 (default 9/3)")
     a = p.parse_args(argv)
-    common.require_device("attention", a.device)
     dev = "cuda" if a.device.startswith("cuda") else "cpu"
     kinds = common.split_list(a.kinds, "", KIND_OPS, "kind")
     wanted = common.split_list(a.providers, "", PROVIDERS, "provider")
@@ -276,16 +240,8 @@ def main(argv=None) -> int:
         for kind in kinds
     }
     cases = (dense_cases(a, dev) if "dense" in kinds else []) + (paged_cases(a, dev) if "paged" in kinds else [])
-    return common.run(
-        "attention",
-        a,
-        cases,
-        lambda c: setup(c, a.device),
-        providers=lambda c: providers[c.labels["kind"]],
-        columns=COLUMNS,
-        flops=lambda c: attn_flops(c) if isinstance(c, Dense) else None,
-        bytes_moved=lambda c: paged_bytes(c) if isinstance(c, Paged) else None,
-    )
+    kw = dict(columns=COLUMNS, flops=attn_flops, bytes_moved=paged_bytes)
+    return common.run("attention", a, cases, setup, providers=lambda c: providers[c.kind], **kw)
 
 
 if __name__ == "__main__":

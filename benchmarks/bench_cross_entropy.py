@@ -38,8 +38,6 @@ import torch.nn.functional as F
 from plm_engine.ops import backends
 from plm_engine.ops.cross_entropy import cross_entropy, linear_cross_entropy
 
-DTYPES = common.DTYPES
-PROVIDERS = ("torch", "cpu", "triton", "cuda")
 SPEED_SHAPES = {
     "cpu": [(1024, 32000), (256, 131072), (4096, 49152)],
     "cuda": [(8192, 32000), (4096, 131072), (8192, 49152), (2048, 262144)],
@@ -61,47 +59,28 @@ COLUMNS = [
     "loss",
     "check",
 ]
-TABLE_COLUMNS = [
-    "part",
-    "dtype",
-    "shape",
-    "provider",
-    "ms",
-    "gbps",
-    "speedup_vs_torch",
-    "peak_mb",
-    "peak_vs_torch",
-    "check",
-]
+TABLE_COLUMNS = [c for c in COLUMNS if c not in ("op", "loss")]
 
 
 @dataclass(frozen=True)
-class Speed:
+class Case:
+    part: str  # "speed" (the loss and gradient of (n, v) logits) | "memory" (the LM head's peak memory)
     dtype: str
     n: int
     v: int
+    d: int = 0  # memory: the hidden size
 
     @property
     def labels(self) -> dict:
-        return {"op": "cross_entropy", "part": "speed_fwd_bwd", "dtype": self.dtype, "shape": f"{self.n}x{self.v}"}
-
-
-@dataclass(frozen=True)
-class Memory:
-    dtype: str
-    n: int
-    v: int
-    d: int
-
-    @property
-    def labels(self) -> dict:
+        if self.part == "speed":
+            return {"op": "cross_entropy", "part": "speed_fwd_bwd", "dtype": self.dtype, "shape": f"{self.n}x{self.v}"}
         shape = f"N{self.n}xV{self.v}xd{self.d}"
         return {"op": "linear_cross_entropy", "part": "peak_memory_fwd_bwd", "dtype": self.dtype, "shape": shape}
 
 
-def ce_bytes(c) -> int | None:
+def ce_bytes(c: Case) -> int | None:
     """Logits read once, their gradient written once."""
-    return 2 * c.n * c.v * DTYPES[c.dtype].itemsize if isinstance(c, Speed) else None
+    return 2 * c.n * c.v * common.DTYPES[c.dtype].itemsize if c.part == "speed" else None
 
 
 def backend_for(device: str) -> str | None:
@@ -113,9 +92,9 @@ def backend_for(device: str) -> str | None:
 # ---- part 1: speed ------------------------------------------------------------------------------------
 
 
-def speed_setup(c: Speed, device: str):
+def speed_setup(c: Case, device: str):
     g = torch.Generator().manual_seed(0)
-    logits = (torch.randn(c.n, c.v, generator=g) * 3).to(device, DTYPES[c.dtype]).requires_grad_()
+    logits = (torch.randn(c.n, c.v, generator=g) * 3).to(device, common.DTYPES[c.dtype]).requires_grad_()
     target = torch.randint(0, c.v, (c.n,), generator=g).to(device)
 
     def step(provider):
@@ -184,7 +163,7 @@ def _reset_rss_peak() -> bool:
 def mem_child(variant: str, device: str, n: int, v: int, d: int, dtype: str) -> None:
     """Runs one variant and prints {"peak_bytes", "loss", "gh_sum"} as JSON (the parent's subprocess)."""
     _peak_bytes.device = device
-    dt = DTYPES[dtype]
+    dt = common.DTYPES[dtype]
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(n, d, generator=g).to(device, dt).requires_grad_()
     weight = (torch.randn(v, d, generator=g) / d**0.5).to(device, dt).requires_grad_()
@@ -218,7 +197,7 @@ def mem_child(variant: str, device: str, n: int, v: int, d: int, dtype: str) -> 
     )
 
 
-def memory_setup(c: Memory, device: str):
+def memory_setup(c: Case, device: str):
     """Runs every variant in its own process first; provider(variant) then gives its row (the peaks and
     the check are relative to the torch variant's)."""
     res = {}
@@ -252,7 +231,7 @@ def memory_setup(c: Memory, device: str):
 
 
 def main(argv=None) -> int:
-    p = common.parser("cross_entropy", __doc__, PROVIDERS)
+    p = common.parser("cross_entropy", __doc__)
     p.add_argument("--part", default="speed,memory", help="comma list of speed,memory")
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--shapes", default=None, help="speed part: comma list of NxV (default: a fixed set per device)")
@@ -265,22 +244,21 @@ def main(argv=None) -> int:
     if a._mem_child:
         mem_child(a._mem_child, a.device, a.tokens, a.vocab, a.hidden, a.dtype)
         return 0
-    common.require_device("cross_entropy", a.device)
     dev = "cuda" if a.device.startswith("cuda") else "cpu"
     parts = common.split_list(a.part, "", ("speed", "memory"), "part")
     shapes = common.parse_shapes(a.shapes) if a.shapes else [(256, 8192)] if a.quick else SPEED_SHAPES[dev]
-    cases = [Speed(a.dtype, n, v) for n, v in shapes] if "speed" in parts else []
+    cases = [Case("speed", a.dtype, n, v) for n, v in shapes] if "speed" in parts else []
     if "memory" in parts:
-        cases.append(Memory(a.dtype, *((1024, 8192, 128) if a.quick else (a.tokens, a.vocab, a.hidden))))
-    fused = common.usable_providers(
-        "cross_entropy", common.split_list(a.providers, "", PROVIDERS, "provider"), a.device, "cross_entropy_fwd"
-    )
+        cases.append(Case("memory", a.dtype, *((1024, 8192, 128) if a.quick else (a.tokens, a.vocab, a.hidden))))
+    wanted = common.split_list(a.providers, "", common.KERNEL_PROVIDERS, "provider")
+    fused = common.usable_providers("cross_entropy", wanted, a.device, "cross_entropy_fwd")
+    setups = {"speed": speed_setup, "memory": memory_setup}
     return common.run(
         "cross_entropy",
         a,
         cases,
-        lambda c: speed_setup(c, a.device) if isinstance(c, Speed) else memory_setup(c, a.device),
-        providers=lambda c: fused if isinstance(c, Speed) else MEM_VARIANTS,
+        lambda c, device: setups[c.part](c, device),
+        providers=lambda c: fused if c.part == "speed" else MEM_VARIANTS,
         columns=COLUMNS,
         table=TABLE_COLUMNS,
         bytes_moved=ce_bytes,

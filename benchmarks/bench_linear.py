@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from plm_engine import ops
 from plm_engine.ops.linear import cpu_kernel_isa
 
-DTYPES = common.DTYPES
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 # SmolLM2-135M: hidden 576, 9 query / 3 kv heads of 64, intermediate 1536, vocab 49152. (name, N, K);
 # "k" is one unfused k or v projection.
@@ -62,20 +61,7 @@ COLUMNS = [
     "read_gbps",
     "bw_frac",
 ]
-TABLE_COLUMNS = [
-    "layer",
-    "shape",
-    "m",
-    "dtype",
-    "provider",
-    "ms",
-    "gbps",
-    "read_gbps",
-    "bw_frac",
-    "speedup_vs_torch",
-    "speedup_vs_torch_fp32",
-    "check",
-]
+TABLE_COLUMNS = [c for c in COLUMNS if c not in ("op", "isa", "ms_best")]
 
 
 @dataclass(frozen=True)
@@ -92,7 +78,7 @@ class Case:
 
     @property
     def weight_bytes(self) -> int:
-        return self.n * self.k * DTYPES[self.dtype].itemsize
+        return self.n * self.k * common.DTYPES[self.dtype].itemsize
 
 
 def providers(c: Case) -> list[str]:
@@ -101,11 +87,11 @@ def providers(c: Case) -> list[str]:
     return ["torch", "cpu", "_read"] + ([] if c.dtype == "fp32" else ["_torch_fp32"])
 
 
-def setup(c: Case):
+def setup(c: Case, device: str):
     g = torch.Generator().manual_seed(0)
     w32 = torch.randn(c.n, c.k, generator=g) * c.k**-0.5
     x32 = torch.randn(c.m, c.k, generator=g)
-    x, w = x32.to(DTYPES[c.dtype]), w32.to(DTYPES[c.dtype])
+    x, w = x32.to(common.DTYPES[c.dtype]), w32.to(common.DTYPES[c.dtype])
     ref = F.linear(x.float(), w.float())
 
     def provider(p):
@@ -159,7 +145,7 @@ def main(argv=None) -> int:
     layers = [
         lay for lay in LAYERS if lay[0] in common.split_list(",".join(names), "", [n for n, _, _ in LAYERS], "layer")
     ]
-    dtypes = common.split_list(a.dtypes, "", DTYPES, "dtype")
+    dtypes = common.split_list(a.dtypes, "", common.DTYPES, "dtype")
     big = torch.ones(64 << 20)  # 256 MB: the bandwidth of memory proper
     big_ms = statistics.median(common.time_cpu_ms(big.sum, min_run_time=a.min_time) for _ in range(3))
     print(

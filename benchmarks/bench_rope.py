@@ -11,9 +11,8 @@ Cases: layout (half = NeoX/Llama rotate_half, interleaved = GPT-J) x mode (fwd, 
 dtype x shape (batch x seqlen x q_heads x k_heads x head_dim). fwd_inplace is ours only (eager has no
 in-place form); its speedup is against eager's out-of-place forward.
 
-Reported per case and provider: median ms, GB/s by rope_bytes() (q, k read and written once, plus the
-cos/sin rows used), and the speedup over the torch provider measured in the same run. Rows are
-appended to <out-dir>/rope.csv (default benchmarks/results/rope.csv).
+rope_bytes() is what GB/s counts: q and k read and written once, plus the cos/sin rows used. The
+harness (benchmarks/common.py) appends the rows to <out-dir>/rope.csv.
 
     python benchmarks/bench_rope.py                     # CPU (or CUDA if present), full set
     python benchmarks/bench_rope.py --quick --no-csv    # smoke test
@@ -22,16 +21,14 @@ appended to <out-dir>/rope.csv (default benchmarks/results/rope.csv).
 
 from __future__ import annotations
 
+import itertools
 import sys
-from dataclasses import dataclass
 
 import common
 import torch
 
 from plm_engine.ops.rope import rope, rope_cos_sin
 
-DTYPES = common.DTYPES
-PROVIDERS = ("torch", "cpu", "triton", "cuda")
 SHAPES = {
     # (batch, seqlen, q_heads, k_heads, head_dim): a Llama-3-8B-like prefill, SmolLM2 (9/3 heads of 64)
     # prefill, and a batched decode step (one token per sequence).
@@ -44,33 +41,19 @@ DEFAULT_DTYPES = {"cpu": "fp32,bf16", "cuda": "bf16,fp16,fp32"}
 COLUMNS = ["op", "variant", "mode", "dtype", "shape", "provider", "ms", "gbps", "speedup_vs_torch", "check"]
 
 
-@dataclass(frozen=True)
-class Case:
-    interleaved: bool
-    mode: str  # "fwd" | "fwd_inplace" | "fwd_bwd"
-    dtype: str  # key of DTYPES
-    batch: int
-    seqlen: int
-    hq: int
-    hk: int
-    head_dim: int
+class Case(common.Case):
+    """variant: half (NeoX/Llama rotate_half) | interleaved (GPT-J); shape: (batch, seqlen, q_heads,
+    k_heads, head_dim)."""
 
-    @property
-    def labels(self) -> dict:
-        return {
-            "op": "rope",
-            "variant": "interleaved" if self.interleaved else "half",
-            "mode": self.mode,
-            "dtype": self.dtype,
-            "shape": f"{self.batch}x{self.seqlen}x{self.hq}x{self.hk}x{self.head_dim}",
-        }
+    interleaved = property(lambda self: self.variant == "interleaved")
+    batch, seqlen, hq, hk, head_dim = (property(lambda self, i=i: self.shape[i]) for i in range(5))
 
 
 def rope_bytes(c: Case) -> int:
     """Bytes a perfect kernel moves: q and k read and written once, and the fp32 cos/sin rows of the
     positions used (seqlen rows of head_dim / 2 each). fwd_bwd adds the backward: dq, dk read, dq, dk
     written, the cos/sin rows again."""
-    e = DTYPES[c.dtype].itemsize
+    e = common.DTYPES[c.dtype].itemsize
     qk = c.batch * c.seqlen * (c.hq + c.hk) * c.head_dim * e
     tables = 2 * c.seqlen * (c.head_dim // 2) * 4
     one_pass = 2 * qk + tables
@@ -110,7 +93,7 @@ def ours_rope(c: Case, backend: str, cos, sin):
 
 def setup(c: Case, device: str):
     g = torch.Generator(device="cpu").manual_seed(0)
-    dt = DTYPES[c.dtype]
+    dt = common.DTYPES[c.dtype]
     grad = c.mode == "fwd_bwd"
     q = torch.randn(c.batch, c.seqlen, c.hq, c.head_dim, generator=g).to(device, dt).requires_grad_(grad)
     k = torch.randn(c.batch, c.seqlen, c.hk, c.head_dim, generator=g).to(device, dt).requires_grad_(grad)
@@ -118,19 +101,12 @@ def setup(c: Case, device: str):
     widen = (lambda t: t.repeat_interleave(2, -1)) if c.interleaved else (lambda t: torch.cat((t, t), -1))
     cos_full, sin_full = widen(cos).to(dt), widen(sin).to(dt)
     grads = [torch.randn(q.shape, generator=g).to(device, dt), torch.randn(k.shape, generator=g).to(device, dt)]
-    eager = eager_rope(c, cos_full, sin_full)  # also the baseline of in place: eager has no in-place form
-    with torch.no_grad():
-        ref = eager(q, k)
 
-    def provider(p):
-        impl = eager if p == "torch" else ours_rope(c, p, cos, sin)
-        with torch.no_grad():
-            check = common.check_close(impl(q.detach().clone(), k.detach().clone()), ref) if p != "torch" else ""
-        # In place rotates its own copies every call (the values drift, the cost does not).
-        args = (q.detach().clone(), k.detach().clone()) if c.mode == "fwd_inplace" else (q, k)
-        return common.Timed(common.fwd_or_fwd_bwd(impl, args, c.mode, grads=grads), check)
+    def impl_of(p):  # eager is also the baseline of in place: it has no in-place form
+        return eager_rope(c, cos_full, sin_full) if p == "torch" else ours_rope(c, p, cos, sin)
 
-    return provider
+    # In place rotates its own copies every call (the values drift, the cost does not).
+    return common.against_torch(impl_of, (q, k), c.mode, grads=grads, inplace=c.mode == "fwd_inplace")
 
 
 # ---- main ----------------------------------------------------------------------------------------------
@@ -141,38 +117,17 @@ def cases(a) -> list[Case]:
     shapes = common.parse_shapes(a.shapes) if a.shapes else SHAPES[(dev, a.quick)]
     if any(len(s) != 5 for s in shapes):
         raise SystemExit("--shapes takes BxSxHQxHKxD entries")
-    dtypes = common.split_list(a.dtypes, DEFAULT_DTYPES[dev], DTYPES, "dtype")
-    return [
-        Case(variant == "interleaved", mode, dt, *shape)
-        for shape in shapes
-        for dt in dtypes
-        for variant in a.variants.split(",")
-        for mode in a.modes.split(",")
-    ]
+    dtypes = common.split_list(a.dtypes, DEFAULT_DTYPES[dev], common.DTYPES, "dtype")
+    axes = itertools.product(shapes, dtypes, a.variants.split(","), a.modes.split(","))
+    return [Case("rope", variant, mode, dt, shape) for shape, dt, variant, mode in axes]
 
 
 def main(argv=None) -> int:
-    p = common.parser("rope", __doc__, PROVIDERS)
+    modes, shapes = "fwd,fwd_inplace,fwd_bwd", "BxSxHQxHKxD, e.g. 1x2048x32x8x128"
+    p = common.parser("rope", __doc__, dtypes="fp32,bf16 on CPU, bf16,fp16,fp32 on CUDA", modes=modes, shapes=shapes)
     p.add_argument("--variants", default="half,interleaved")
-    p.add_argument("--modes", default="fwd,fwd_inplace,fwd_bwd")
-    p.add_argument(
-        "--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default: fp32,bf16 on CPU, +fp16 on CUDA)"
-    )
-    p.add_argument("--shapes", default=None, help="comma list of BxSxHQxHKxD, e.g. 1x2048x32x8x128")
     a = p.parse_args(argv)
-    common.require_device("rope", a.device)
-    providers = common.usable_providers(
-        "rope", common.split_list(a.providers, "", PROVIDERS, "provider"), a.device, "rope"
-    )
-    return common.run(
-        "rope",
-        a,
-        cases(a),
-        lambda c: setup(c, a.device),
-        providers=lambda c: providers,
-        columns=COLUMNS,
-        bytes_moved=rope_bytes,
-    )
+    return common.run("rope", a, cases(a), setup, op="rope", columns=COLUMNS, bytes_moved=rope_bytes)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,7 @@ Providers (same process, same inputs):
   cuda     plm_engine's CUDA C++ kernels (CUDA tensors)
 Cases: mode (fwd, fwd_bwd) x causal x dtype x shape (rows x cols; causal: (rows / cols) x cols x cols).
 
-Reported per case and provider: median ms, GB/s by softmax_bytes() (every tensor read or written once)
-and the speedup over torch measured in the same run. Rows are appended to <out-dir>/softmax.csv.
+Bytes moved: softmax_bytes() (one read or write per tensor). Rows: <out-dir>/softmax.csv.
 
     python benchmarks/bench_softmax.py                     # CPU (or CUDA if present)
     python benchmarks/bench_softmax.py --quick --no-csv    # smoke test
@@ -18,15 +17,12 @@ and the speedup over torch measured in the same run. Rows are appended to <out-d
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 
 import common
 import torch
 
 from plm_engine.ops.softmax import softmax
 
-DTYPES = common.DTYPES
-PROVIDERS = ("torch", "cpu", "triton", "cuda")
 SCALE = 0.125
 SHAPES = {
     # Attention-score rows (1024-4096), vocabulary-sized rows (32768) and the longest promised (131072).
@@ -39,22 +35,22 @@ QUICK = [((256, 1024), False), ((8, 32000), False), ((64, 512), True)]
 COLUMNS = ["op", "mode", "causal", "dtype", "shape", "provider", "ms", "gbps", "speedup_vs_torch", "check"]
 
 
-@dataclass(frozen=True)
-class Case:
-    mode: str  # "fwd" | "fwd_bwd"
-    causal: bool
-    dtype: str
-    shape: tuple  # (rows, n), or (batch, sq, sk) scores when causal
+class Case(common.Case):
+    """variant: causal | plain (recorded as the causal column); shape: (rows, n), or (batch, sq, sk)
+    scores when causal."""
+
+    causal = property(lambda self: self.variant == "causal")
 
     @property
     def labels(self) -> dict:
-        shape = "x".join(map(str, self.shape))
-        return {"op": "softmax", "mode": self.mode, "causal": self.causal, "dtype": self.dtype, "shape": shape}
+        labels = super().labels
+        del labels["variant"]
+        return {**labels, "causal": self.causal}
 
 
 def softmax_bytes(c: Case) -> int:
     """fwd reads x and writes y; bwd reads dy and y and writes dx: one tensor per access."""
-    act = DTYPES[c.dtype].itemsize
+    act = common.DTYPES[c.dtype].itemsize
     for d in c.shape:
         act *= d
     return 2 * act if c.mode == "fwd" else 5 * act
@@ -77,19 +73,10 @@ def softmax_impl(c: Case, provider: str):
 
 def setup(c: Case, device: str):
     g = torch.Generator().manual_seed(0)
-    dt = DTYPES[c.dtype]
+    dt = common.DTYPES[c.dtype]
     x = (torch.randn(c.shape, generator=g) * 4).to(device, dt).requires_grad_(c.mode == "fwd_bwd")
     dy = torch.randn(c.shape, generator=g).to(device, dt)
-    with torch.no_grad():
-        ref = torch_softmax(x, c.causal)
-
-    def provider(p):
-        impl = softmax_impl(c, p)
-        with torch.no_grad():
-            check = common.check_close(impl(x), ref) if p != "torch" else ""
-        return common.Timed(common.fwd_or_fwd_bwd(impl, (x,), c.mode, grads=dy), check)
-
-    return provider
+    return common.against_torch(lambda p: softmax_impl(c, p), (x,), c.mode, grads=dy)
 
 
 def cases(a) -> list[Case]:
@@ -103,34 +90,16 @@ def cases(a) -> list[Case]:
     for (rows, n), causal in shapes:
         # Causal cases are square score matrices (batch, n, n), or one (1, rows, n) block of them.
         shape = (rows // n, n, n) if causal and rows >= n else ((1, rows, n) if causal else (rows, n))
-        for dt in common.split_list(a.dtypes, "fp32,bf16,fp16", DTYPES, "dtype"):
-            out += [Case(mode, causal, dt, shape) for mode in a.modes.split(",")]
+        for dt in common.split_list(a.dtypes, "fp32,bf16,fp16", common.DTYPES, "dtype"):
+            out += [Case("softmax", "causal" if causal else "plain", mode, dt, shape) for mode in a.modes.split(",")]
     return out
 
 
 def main(argv=None) -> int:
-    p = common.parser("softmax", __doc__, PROVIDERS)
-    p.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default: all three)")
-    p.add_argument(
-        "--shapes",
-        default=None,
-        help="comma list of ROWSxN (not causal), e.g. 4096x4096; default: a fixed set per device, causal included",
-    )
-    p.add_argument("--modes", default="fwd,fwd_bwd")
+    shapes = "ROWSxN (not causal), e.g. 4096x4096; causal cases only in the default set"
+    p = common.parser("softmax", __doc__, dtypes="fp32,bf16,fp16", modes="fwd,fwd_bwd", shapes=shapes)
     a = p.parse_args(argv)
-    common.require_device("softmax", a.device)
-    providers = common.usable_providers(
-        "softmax", common.split_list(a.providers, "", PROVIDERS, "provider"), a.device, "softmax_fwd"
-    )
-    return common.run(
-        "softmax",
-        a,
-        cases(a),
-        lambda c: setup(c, a.device),
-        providers=lambda c: providers,
-        columns=COLUMNS,
-        bytes_moved=softmax_bytes,
-    )
+    return common.run("softmax", a, cases(a), setup, op="softmax_fwd", columns=COLUMNS, bytes_moved=softmax_bytes)
 
 
 if __name__ == "__main__":

@@ -31,20 +31,28 @@ SIZES = {
 }
 
 
+def model_config(size: str, seq: int):
+    """Our GPT-2 config of this size (HF's GPT2Config below matches it field by field)."""
+    from plm_engine.models import ModelConfig
+
+    hidden, layers, heads, vocab = SIZES[size]
+    return ModelConfig(
+        arch="gpt2",
+        vocab_size=vocab,
+        hidden_size=hidden,
+        n_layers=layers,
+        n_heads=heads,
+        max_position_embeddings=max(seq, 1024),
+    )
+
+
 def build(provider: str, size: str, seq: int, device: str):
     hidden, layers, heads, vocab = SIZES[size]
     torch.manual_seed(0)
     if provider == "plm_engine":
-        from plm_engine.models import ModelConfig, Transformer
+        from plm_engine.models import Transformer
 
-        cfg = ModelConfig(
-            arch="gpt2",
-            vocab_size=vocab,
-            hidden_size=hidden,
-            n_layers=layers,
-            n_heads=heads,
-            max_position_embeddings=max(seq, 1024),
-        )
+        cfg = model_config(size, seq)
         return Transformer(cfg).to(device).train(), cfg
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -156,7 +164,6 @@ class Case:
 def setup(args, providers):
     """Runs every provider first (each in its own process on CPU: a clean peak RSS, no allocator state
     shared), so that each row can carry its speedup over HF and its MFU."""
-    from plm_engine.models import ModelConfig
     from plm_engine.training.metrics import flops_per_token, peak_flops
 
     results = {}
@@ -170,15 +177,7 @@ def setup(args, providers):
             proc.start()
             results[provider] = q.get()
             proc.join()
-    hidden, layers, heads, vocab = SIZES[args.size]
-    mc = ModelConfig(
-        arch="gpt2",
-        vocab_size=vocab,
-        hidden_size=hidden,
-        n_layers=layers,
-        n_heads=heads,
-        max_position_embeddings=max(args.seq, 1024),
-    )
+    mc = model_config(args.size, args.seq)
     peak = peak_flops(torch.device(args.device), args.precision)
     base = results.get("hf")
 
@@ -215,7 +214,7 @@ def main(argv=None) -> int:
         "train",
         args,
         [Case(args.size, args.batch, args.seq, args.precision)],
-        lambda c: setup(args, providers),
+        lambda c, device: setup(args, providers),
         providers=lambda c: providers,
         columns=COLUMNS,
         table=[c for c in COLUMNS if c not in ("bench", "params", "peak_flops")],

@@ -6,7 +6,7 @@ A benchmark script describes its cases and how each provider runs one; `run` doe
     p.add_argument("--shapes", ...)                        # the script's own case options
     args = p.parse_args(argv)
 
-    def setup(case):                                       # inputs once per case, shared by providers
+    def setup(case, device):                               # inputs once per case, shared by providers
         x = ...
         def provider(name):                                # -> Timed(fn, check) or a dict of metrics
             return common.Timed(lambda: op(x, backend=name), check=common.check_close(...))
@@ -89,14 +89,9 @@ def git_commit() -> str:
 
 
 def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown cpu"
+    from plm_engine.info import _cpu_name  # the name `plm-engine info` prints
+
+    return _cpu_name()
 
 
 def cpu_flags() -> str:
@@ -296,8 +291,27 @@ def print_json_lines(rows: Iterable[dict]) -> None:
 # ---- the harness: cases x providers -> rows ------------------------------------------------------------
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# PyTorch itself, then plm_engine's backends: what the kernel benchmarks compare.
+KERNEL_PROVIDERS = ("torch", "cpu", "triton", "cuda")
 # How far a provider's forward may be from the baseline's, relative to the largest reference value.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 5e-3}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One case of a kernel benchmark. Its labels (the CSV columns that say what was measured) are its
+    fields, the shape written AxBxC; a benchmark subclasses it to name the parts of its shape."""
+
+    op: str
+    variant: str
+    mode: str  # "fwd" | "fwd_bwd" | ...
+    dtype: str  # a key of DTYPES
+    shape: tuple[int, ...]
+
+    @property
+    def labels(self) -> dict:
+        shape = "x".join(map(str, self.shape))
+        return {"op": self.op, "variant": self.variant, "mode": self.mode, "dtype": self.dtype, "shape": shape}
 
 
 @dataclass
@@ -309,13 +323,28 @@ class Timed:
     check: str = ""
 
 
-def parser(name: str, doc: str, providers: Sequence[str]) -> argparse.ArgumentParser:
-    """The options every harness benchmark takes; the script adds the options that choose its cases."""
+def parser(
+    name: str,
+    doc: str,
+    providers: Sequence[str] = KERNEL_PROVIDERS,
+    dtypes: str | None = None,
+    modes: str | None = None,
+    shapes: str | None = None,
+) -> argparse.ArgumentParser:
+    """The options every harness benchmark takes; the script adds the other options that choose its cases.
+    When given: dtypes, the default of --dtypes (a comma list of fp32, bf16, fp16); modes, the default of
+    --modes; shapes, what --shapes takes (e.g. "ROWSxN, e.g. 4096x4096")."""
     p = argparse.ArgumentParser(
         prog=f"bench_{name}.py", description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--device", default=default_device(), help="cpu or cuda (default: cuda if available)")
     p.add_argument("--quick", action="store_true", help="small cases and short timing (a smoke test)")
+    if dtypes is not None:
+        p.add_argument("--dtypes", default=None, help=f"comma list of fp32,bf16,fp16 (default: {dtypes})")
+    if modes is not None:
+        p.add_argument("--modes", default=modes, help=f"comma list of {modes}")
+    if shapes is not None:
+        p.add_argument("--shapes", default=None, help=f"comma list of {shapes} (default: a set per device)")
     p.add_argument(
         "--providers",
         default=",".join(providers),
@@ -337,6 +366,7 @@ def parser(name: str, doc: str, providers: Sequence[str]) -> argparse.ArgumentPa
     p.add_argument("--out-dir", default=str(RESULTS_DIR), help=f"where {name}.csv is appended")
     p.add_argument("--no-csv", action="store_true", help="do not append to the CSV")
     p.add_argument("--json", action="store_true", help="print rows as JSON lines instead of a table")
+    p.set_defaults(known_providers=tuple(providers))
     return p
 
 
@@ -417,6 +447,33 @@ def fwd_or_fwd_bwd(impl: Callable, args: Sequence, mode: str, inputs: Sequence =
     return step
 
 
+def against_torch(
+    impl_of: Callable[[str], Callable],
+    args: Sequence,
+    mode: str = "fwd",
+    inputs: Sequence = (),
+    grads=None,
+    tolerance: dict | None = None,
+    inplace: bool = False,
+) -> Callable[[str], Timed]:
+    """The provider(name) of a setup() whose providers all run impl_of(name)(*args): each one's output is
+    checked against impl_of("torch")'s, then timed as fwd_or_fwd_bwd. An in-place impl gets copies of
+    args (the check's and the timed ones), so the shared inputs never change."""
+    with torch.no_grad():
+        ref = impl_of("torch")(*args)
+
+    def copies():
+        return [t.detach().clone() for t in args] if inplace else args
+
+    def provider(name: str) -> Timed:
+        impl = impl_of(name)
+        with torch.no_grad():
+            check = check_close(impl(*copies()), ref, tolerance) if name != "torch" else ""
+        return Timed(fwd_or_fwd_bwd(impl, copies(), mode, inputs, grads), check)
+
+    return provider
+
+
 def _warn(name: str, what: str, e: Exception) -> None:
     print(f"bench_{name}: {what}: {e!r}", file=sys.stderr)
     traceback.print_exc(limit=3)
@@ -426,9 +483,10 @@ def run(
     name: str,
     args: argparse.Namespace,
     cases: Iterable,
-    setup: Callable[[object], Callable[[str], Timed | dict]],
+    setup: Callable[[object, str], Callable[[str], Timed | dict]],
     *,
-    providers: Callable[[object], Sequence[str]],
+    op: str | None = None,
+    providers: Callable[[object], Sequence[str]] | None = None,
     columns: Sequence[str],
     table: Sequence[str] | None = None,
     bytes_moved: Callable[[object], float | None] | None = None,
@@ -442,10 +500,12 @@ def run(
     status: 1 if any provider failed or its check found a mismatch, else 0.
 
     cases: objects with a `labels` dict (the case's columns, e.g. op, dtype, shape).
-    setup(case): makes the case's inputs once and returns provider(name) -> Timed(fn, check), or a dict
-      of metrics for a provider that measures itself (it becomes the row as is).
-    providers(case): the providers to run for the case. A name starting with "_" is timed but not
-      reported (a yardstick that `derive` reads, e.g. the memory read bandwidth).
+    setup(case, device): makes the case's inputs once and returns provider(name) -> Timed(fn, check), or
+      a dict of metrics for a provider that measures itself (it becomes the row as is).
+    op: the plm_engine op (e.g. "norm_fwd") whose backends are the providers: --providers minus those
+      that cannot run it here (each reported once, with why).
+    providers(case): instead of op, the providers to run for each case. A name starting with "_" is timed
+      but not reported (a yardstick that `derive` reads, e.g. the memory read bandwidth).
     columns: the CSV columns after ENV_COLUMNS (a new file's header; an existing file keeps its own).
     bytes_moved / flops (case -> number or None): give each timed row gbps / tflops.
     derive(case, provider, ms_by_provider, times_by_provider): more columns for a row.
@@ -453,6 +513,11 @@ def run(
     timer: fn -> ms (default: time_ms on args.device, shorter with --quick).
     """
     device = args.device
+    require_device(name, device)
+    if providers is None:
+        wanted = split_list(args.providers, "", args.known_providers, "provider")
+        usable = usable_providers(name, wanted, device, op)
+        providers = lambda case: usable
     env = env_info(device)
     csv_path = Path(args.out_dir) / f"{name}.csv"
     timer = timer or (lambda fn: time_ms(fn, device, quick=args.quick))
@@ -467,7 +532,7 @@ def run(
             )
             break
         try:
-            make = setup(case)
+            make = setup(case, device)
         except Exception as e:  # e.g. out of memory for the largest shapes: the other cases still run
             failures += 1
             _warn(name, f"could not set up {case.labels}", e)

@@ -42,7 +42,7 @@ def test_run_times_every_provider_and_writes_rows(tmp_path):
     timings = {"torch": 2.0, "fast": 0.5, "_yardstick": 1.0}
     seen = []
 
-    def setup(case):
+    def setup(case, device):
         def provider(p):
             if p == "model":  # a provider that measures itself
                 return {"ms": 7.0, "check": "ok"}
@@ -86,7 +86,7 @@ def test_run_times_every_provider_and_writes_rows(tmp_path):
 
 
 def test_run_survives_a_broken_provider_and_reports_failure(tmp_path, capsys):
-    def setup(case):
+    def setup(case, device):
         def provider(p):
             if p == "broken":
                 raise RuntimeError("no kernel")
@@ -114,7 +114,7 @@ def test_time_budget_stops_starting_cases(tmp_path, capsys):
         "toy",
         _args(tmp_path, argv=["--time-budget", "0.05", "--no-csv"]),
         [Case(1), Case(2)],
-        lambda c: lambda p: common.Timed(lambda: None),
+        lambda c, device: lambda p: common.Timed(lambda: None),
         providers=lambda c: ["torch"],
         columns=["op", "shape", "provider", "ms"],
         timer=lambda fn: time.sleep(0.1) or 1.0,
