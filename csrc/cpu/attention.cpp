@@ -76,20 +76,27 @@ struct Seq {
 
 int64_t n_tiles(int64_t n) { return (n + BN - 1) / BN; }
 
+// What the forward and the backward share: q, k, v and their layout, the mask and the scale.
 template <typename T>
-struct FwdArgs {
+struct QkvArgs {
   const T* q;
   const T* k;
   const T* v;
+  int64_t h, hkv, d;
+  int64_t q_row, q_head, k_row, k_head, v_row, v_head;  // element strides
+  int64_t lse_head;
+  bool causal;
+  float scale;
+  float qscale;  // softmax scale * log2(e): scores come out in log2 units for exp2
+};
+
+template <typename T>
+struct FwdArgs : QkvArgs<T> {
   T* out;
   float* lse;
   float* kt;  // packed keys: per (seq, kv head) ceil(sk / BN) tiles of (d, BN) fp32
   float* vf;  // fp32 values per (seq, kv head): (sk, d), contiguous (see run_fwd)
-  int64_t h, hkv, d;
-  int64_t q_row, q_head, k_row, k_head, v_row, v_head;  // element strides
-  int64_t out_row, lse_head;
-  bool causal;
-  float qscale;  // softmax scale * log2(e): scores come out in log2 units for exp2
+  int64_t out_row;
 };
 
 // Scratch layout of a dense/varlen or paged forward worker, in floats.
@@ -114,11 +121,8 @@ struct PagedArgs {
 };
 
 template <typename T>
-struct BwdArgs {
+struct BwdArgs : QkvArgs<T> {
   const T* dout;
-  const T* q;
-  const T* k;
-  const T* v;
   const T* out;
   const float* lse;
   T* dq;
@@ -134,11 +138,8 @@ struct BwdArgs {
   float* lse2;   // per (seq, head, query tile): BN values of lse * log2(e) (+inf: no visible key / padding)
   float* delta;  // same layout: D = rowsum(dO * O)
   float* ds;     // dS^T tiles (BN keys x BN queries) per (seq, head, key tile, query tile), or nullptr
-  int64_t h, hkv, d;
-  int64_t q_row, q_head, k_row, k_head, v_row, v_head, o_row, o_head, do_row, do_head, lse_head;
+  int64_t o_row, o_head, do_row, do_head;
   int64_t dq_row, dq_head, dk_row, dk_head, dv_row, dv_head;
-  bool causal;
-  float scale, qscale;
 };
 
 // Pass 1 stores its dS^T tiles for pass 2 when they take at most this many MiB (h * sq * sk * 4 bytes,
@@ -298,14 +299,11 @@ void run_bwd(BwdArgs<T> a, std::vector<Seq>& seqs, const at::TensorOptions& fopt
 }
 
 template <typename T>
-FwdArgs<T> fwd_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
-                    bool causal, double scale) {
-  FwdArgs<T> a{};
+void fill_qkv(QkvArgs<T>& a, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& lse, bool causal,
+              double scale) {
   a.q = q.data_ptr<T>();
   a.k = k.data_ptr<T>();
   a.v = v.data_ptr<T>();
-  a.out = out.data_ptr<T>();
-  a.lse = lse.data_ptr<float>();
   a.h = q.size(-2);
   a.hkv = k.size(-2);
   a.d = q.size(-1);
@@ -315,35 +313,34 @@ FwdArgs<T> fwd_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   a.k_head = k.stride(-2);
   a.v_row = v.stride(-3);
   a.v_head = v.stride(-2);
-  a.out_row = a.h * a.d;
+  a.lse_head = lse.stride(-2);  // (b, h, sq) dense, (h, total_q) packed
   a.causal = causal;
+  a.scale = static_cast<float>(scale);
   a.qscale = static_cast<float>(scale) * kLog2e;
+}
+
+template <typename T>
+FwdArgs<T> fwd_args(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out, Tensor& lse, bool causal,
+                    double scale) {
+  FwdArgs<T> a{};
+  fill_qkv<T>(a, q, k, v, lse, causal, scale);
+  a.out = out.data_ptr<T>();
+  a.lse = lse.data_ptr<float>();
+  a.out_row = a.h * a.d;
   return a;
 }
 
 template <typename T>
-BwdArgs<T> bwd_args(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                    const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
-                    bool causal, double scale) {
+BwdArgs<T> bwd_args(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                    const Tensor& lse, Tensor& dq, Tensor& dk, Tensor& dv, bool causal, double scale) {
   BwdArgs<T> a{};
+  fill_qkv<T>(a, q, k, v, lse, causal, scale);
   a.dout = dout.data_ptr<T>();
-  a.q = q.data_ptr<T>();
-  a.k = k.data_ptr<T>();
-  a.v = v.data_ptr<T>();
   a.out = out.data_ptr<T>();
   a.lse = lse.data_ptr<float>();
   a.dq = dq.data_ptr<T>();
   a.dk = dk.data_ptr<T>();
   a.dv = dv.data_ptr<T>();
-  a.h = q.size(-2);
-  a.hkv = k.size(-2);
-  a.d = q.size(-1);
-  a.q_row = q.stride(-3);
-  a.q_head = q.stride(-2);
-  a.k_row = k.stride(-3);
-  a.k_head = k.stride(-2);
-  a.v_row = v.stride(-3);
-  a.v_head = v.stride(-2);
   a.o_row = out.stride(-3);
   a.o_head = out.stride(-2);
   a.do_row = dout.stride(-3);
@@ -354,9 +351,6 @@ BwdArgs<T> bwd_args(const at::Tensor& dout, const at::Tensor& q, const at::Tenso
   a.dk_head = dk.stride(-2);
   a.dv_row = dv.stride(-3);
   a.dv_head = dv.stride(-2);
-  a.causal = causal;
-  a.scale = static_cast<float>(scale);
-  a.qscale = static_cast<float>(scale) * kLog2e;
   return a;
 }
 
@@ -436,7 +430,6 @@ std::tuple<Tensor, Tensor> attn_fwd(const Tensor& q, const Tensor& k, const Tens
   dispatch_float(q.scalar_type(), "attention (CPU)", [&](auto tag) {
     using T = decltype(tag);
     FwdArgs<T> a = fwd_args<T>(q, k, v, out, lse, causal, scale);
-    a.lse_head = lse.stride(-2);
     run_fwd(a, seqs, f32);
   });
   return {out, lse};
@@ -460,7 +453,6 @@ std::tuple<Tensor, Tensor, Tensor> attn_bwd(const Tensor& dout, const Tensor& q,
   dispatch_float(q.scalar_type(), "attention (CPU)", [&](auto tag) {
     using T = decltype(tag);
     BwdArgs<T> a = bwd_args<T>(dO, q, k, v, o, l, dq, dk, dv, causal, scale);
-    a.lse_head = l.stride(-2);
     run_bwd(a, seqs, q.options().dtype(at::kFloat));
   });
   return {dq, dk, dv};

@@ -37,13 +37,13 @@ def _check_tensor(name, t, like=None):
         raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
     if not t.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if like is not None:
-        if t.shape != like.shape:
-            raise ValueError(f"{name} shape {tuple(t.shape)} differs from {tuple(like.shape)}")
-        if t.dtype != like.dtype:
-            raise ValueError(f"{name} dtype {t.dtype} differs from {like.dtype}")
-        if t.device != like.device:
-            raise ValueError(f"{name} is on {t.device} but the other input is on {like.device}")
+    if like is None:
+        return
+    for what, mine, other in (("shape", tuple(t.shape), tuple(like.shape)), ("dtype", t.dtype, like.dtype)):
+        if mine != other:
+            raise ValueError(f"{name} {what} {mine} differs from {other}")
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but the other input is on {like.device}")
 
 
 def _unsupported(x: torch.Tensor) -> dict[str, str]:

@@ -48,10 +48,9 @@ def _check_args(name, x, weight, bias, residual, eps):
     if bias is not None and bias.dtype != weight.dtype:
         raise ValueError(f"{name}: bias dtype {bias.dtype} differs from weight dtype {weight.dtype}")
     if residual is not None:
-        if residual.shape != x.shape:
-            raise ValueError(f"{name}: residual shape {tuple(residual.shape)} differs from x shape {tuple(x.shape)}")
-        if residual.dtype != x.dtype:
-            raise ValueError(f"{name}: residual dtype {residual.dtype} differs from x dtype {x.dtype}")
+        for what, r, want in (("shape", tuple(residual.shape), tuple(x.shape)), ("dtype", residual.dtype, x.dtype)):
+            if r != want:
+                raise ValueError(f"{name}: residual {what} {r} differs from x {what} {want}")
         if residual.device != x.device:
             raise ValueError(f"{name}: residual is on {residual.device} but x is on {x.device}")
     if not eps >= 0:
