@@ -93,24 +93,22 @@ def test_splits_env_override(monkeypatch):
     )
 
 
+def _check_triton(seed, dtype, seqlens, sq, h, hkv, d, block_size, what):
+    q, kc, vc, bt, cs = paged_case(HERE, dtype, seqlens, sq, h, hkv, d, block_size, torch.Generator().manual_seed(seed))
+    out = ops.paged_attention(q, kc, vc, bt, cs, backend="triton")
+    _check_vs_ref(out, q, kc, vc, bt, cs, seqlens, what)
+
+
 @needs_triton
 def test_long_context():
     """4096 cached tokens in 16 shuffled blocks of 256, one sequence, GQA 4:1, head_dim 128."""
-    g = torch.Generator().manual_seed(5)
-    seqlens = [4096]
-    q, kc, vc, bt, cs = paged_case(HERE, torch.bfloat16, seqlens, 1, 4, 1, 128, 256, g)
-    out = ops.paged_attention(q, kc, vc, bt, cs, backend="triton")
-    _check_vs_ref(out, q, kc, vc, bt, cs, seqlens, "triton long context")
+    _check_triton(5, torch.bfloat16, [4096], 1, 4, 1, 128, 256, "triton long context")
 
 
 @needs_triton
 def test_large_group_several_row_tiles():
     """MQA with 24 query heads x 3 new tokens = 72 rows per kv head: more than one row tile."""
-    g = torch.Generator().manual_seed(6)
-    seqlens = [3, 50]
-    q, kc, vc, bt, cs = paged_case(HERE, torch.float16, seqlens, 3, 24, 1, 40, 32, g)
-    out = ops.paged_attention(q, kc, vc, bt, cs, backend="triton")
-    _check_vs_ref(out, q, kc, vc, bt, cs, seqlens, "triton row tiles")
+    _check_triton(6, torch.float16, [3, 50], 3, 24, 1, 40, 32, "triton row tiles")
 
 
 @needs_triton
