@@ -157,12 +157,7 @@ def test_triton_bad_input():
         pa.launch_write_kv_cache(q[:, 0, :1], q[:, 0, :1], kc, vc, torch.zeros(2, dtype=torch.int32))
 
 
-def test_cuda_kernels_registered():
-    mod, why = extension.load()
-    if mod is None:
-        pytest.skip(why)
-    if not extension.cuda_built():
-        pytest.skip("plm_engine._C was built without nvcc: no CUDA kernels to check")
+def test_cuda_kernels_registered(cuda_build):
     for op in ("paged_attn", "write_kv_cache"):
         assert extension.has_kernel(op, "CUDA"), f"_C has CUDA kernels but none for plm_engine::{op}"
 
