@@ -13,13 +13,15 @@ raises a clear error for CPU tensors (checking there costs nothing).
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
 from plm_engine.ops import contracts
 from plm_engine.ops.contracts import cross_entropy as contract
-from plm_engine.ops.triton.common import check_device, require
+from plm_engine.ops.triton.common import check_device, require, signature
 from plm_engine.ops.triton.guard import device_guard
 from plm_engine.ops.triton.spec import KernelSpec
 
@@ -162,26 +164,11 @@ def kernel_specs() -> list[KernelSpec]:
     """Every (kernel, config) cross_entropy_config can pick, with and without label smoothing."""
     specs = []
     blocks = sorted({cross_entropy_config(128 << i) for i in range(12)})
+    scalars = {"T_ptr": "*i64", "LOSS_ptr": "*fp32", "n_cols": "i32", "ignore_index": "i64", "label_smoothing": "fp32"}
     for tt in _TT:
-        for block, warps in blocks:
-            for smoothing in (False, True):
-                specs.append(
-                    KernelSpec(
-                        name=f"cross_entropy[BLOCK_N={block},SMOOTHING={smoothing},{tt}]",
-                        fn=_cross_entropy_kernel,
-                        signature={
-                            "X_ptr": f"*{tt}",
-                            "DX_ptr": f"*{tt}",
-                            "T_ptr": "*i64",
-                            "LOSS_ptr": "*fp32",
-                            "n_cols": "i32",
-                            "ignore_index": "i64",
-                            "label_smoothing": "fp32",
-                            "BLOCK_N": "constexpr",
-                            "HAS_SMOOTHING": "constexpr",
-                        },
-                        constexprs={"BLOCK_N": block, "HAS_SMOOTHING": smoothing},
-                        num_warps=warps,
-                    )
-                )
+        types = signature(_cross_entropy_kernel, {"X_ptr": f"*{tt}", "DX_ptr": f"*{tt}", **scalars})
+        for (block, warps), smoothing in itertools.product(blocks, (False, True)):
+            name = f"cross_entropy[BLOCK_N={block},SMOOTHING={smoothing},{tt}]"
+            flags = {"BLOCK_N": block, "HAS_SMOOTHING": smoothing}
+            specs.append(KernelSpec(name, _cross_entropy_kernel, types, flags, num_warps=warps))
     return specs

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from plm_engine.ops import contracts
 from plm_engine.ops.contracts import softmax as contract
-from plm_engine.ops.triton.common import check_device, require
+from plm_engine.ops.triton.common import check_device, require, signature
 from plm_engine.ops.triton.guard import device_guard
 from plm_engine.ops.triton.spec import KernelSpec
 
@@ -178,43 +178,18 @@ def kernel_specs() -> list[KernelSpec]:
     sizes = [MIN_BLOCK_N << i for i in range((SINGLE_MAX_N // MIN_BLOCK_N).bit_length())] + [SINGLE_MAX_N * 2]
     specs = []
     for tt in _TT:
+        fwd = signature(_softmax_fwd_kernel, {"X_ptr": f"*{tt}", "Y_ptr": f"*{tt}", "n_cols": "i32", "scale": "fp32"})
+        fwd.update(seqlen_q="i32", causal_shift="i32")
+        bwd = signature(_softmax_bwd_kernel, {"DY_ptr": f"*{tt}", "Y_ptr": f"*{tt}", "DX_ptr": f"*{tt}"})
+        bwd.update(n_cols="i32", scale="fp32")
         for n in sizes:
             block, warps, single = softmax_config(n)
+            config = f"BLOCK_N={block},SINGLE={single}"
             for causal in (False, True):
+                flags = {"CAUSAL": causal, "BLOCK_N": block, "SINGLE": single}
                 specs.append(
-                    KernelSpec(
-                        name=f"softmax_fwd[BLOCK_N={block},SINGLE={single},CAUSAL={causal},{tt}]",
-                        fn=_softmax_fwd_kernel,
-                        signature={
-                            "X_ptr": f"*{tt}",
-                            "Y_ptr": f"*{tt}",
-                            "n_cols": "i32",
-                            "seqlen_q": "i32",
-                            "causal_shift": "i32",
-                            "scale": "fp32",
-                            "CAUSAL": "constexpr",
-                            "BLOCK_N": "constexpr",
-                            "SINGLE": "constexpr",
-                        },
-                        constexprs={"CAUSAL": causal, "BLOCK_N": block, "SINGLE": single},
-                        num_warps=warps,
-                    )
+                    KernelSpec(f"softmax_fwd[{config},CAUSAL={causal},{tt}]", _softmax_fwd_kernel, fwd, flags, warps)
                 )
-            specs.append(
-                KernelSpec(
-                    name=f"softmax_bwd[BLOCK_N={block},SINGLE={single},{tt}]",
-                    fn=_softmax_bwd_kernel,
-                    signature={
-                        "DY_ptr": f"*{tt}",
-                        "Y_ptr": f"*{tt}",
-                        "DX_ptr": f"*{tt}",
-                        "n_cols": "i32",
-                        "scale": "fp32",
-                        "BLOCK_N": "constexpr",
-                        "SINGLE": "constexpr",
-                    },
-                    constexprs={"BLOCK_N": block, "SINGLE": single},
-                    num_warps=warps,
-                )
-            )
+            flags = {"BLOCK_N": block, "SINGLE": single}
+            specs.append(KernelSpec(f"softmax_bwd[{config},{tt}]", _softmax_bwd_kernel, bwd, flags, warps))
     return specs
