@@ -1,10 +1,5 @@
-// The kernels of activations.cu, in a header of their own so that the
-// tests can also compile them as host code under csrc/testing/cuda_emu.h and check them on a machine
-// without a GPU (tests/ops/test_cuda_emulated.py). No ATen or CUDA runtime in here.
+// SwiGLU and GELU kernels of activations.cu (kernel headers: cuda/common.cuh).
 #pragma once
-
-#include <cmath>
-#include <cstdint>
 
 #include "cuda/common.cuh"
 

@@ -1,11 +1,6 @@
-// The norm kernels of norms.cu (design notes there) and their launch geometry, in a header of their
-// own so that the tests can also compile them as host code under csrc/testing/cuda_emu.h and check them
-// on a machine without a GPU (tests/ops/test_cuda_emulated.py). No ATen or CUDA runtime in here.
+// The norm kernels of norms.cu (design notes there) and their launch geometry (kernel headers:
+// cuda/common.cuh).
 #pragma once
-
-#include <algorithm>
-#include <cmath>
-#include <limits>
 
 #include "cuda/common.cuh"
 

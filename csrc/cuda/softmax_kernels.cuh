@@ -1,17 +1,10 @@
-// The kernels of softmax.cu and their block size, in a header of their own so that the
-// tests can also compile them as host code under csrc/testing/cuda_emu.h and check them on a machine
-// without a GPU (tests/ops/test_cuda_emulated.py). No ATen or CUDA runtime in here.
+// The kernels of softmax.cu and their block size (kernel headers: cuda/common.cuh).
 #pragma once
-
-#include <cstdint>
-#include <limits>
 
 #include "cuda/common.cuh"
 
 namespace plm_engine {
 namespace {
-
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // Merges two online-softmax partials (m, s): s is a sum of exp(v - m). A partial with m = -inf is
 // empty; guarding it avoids exp(-inf - -inf) = NaN.
