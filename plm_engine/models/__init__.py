@@ -6,7 +6,8 @@ model = Transformer(ModelConfig.preset("gpt2-tiny"))  # from scratch
 """
 
 from plm_engine.models.config import ModelConfig
-from plm_engine.models.loading import load_model, save_pretrained
+from plm_engine.models.hf_checkpoint import save_pretrained
+from plm_engine.models.loading import load_model
 from plm_engine.models.transformer import ModelOutput, Transformer
 
 

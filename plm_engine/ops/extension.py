@@ -1,8 +1,8 @@
 """The compiled extension plm_engine._C: loading it, and what it provides here.
 
-_C registers its kernels under torch.ops.plm_engine (TORCH_LIBRARY in csrc/bindings.cpp) for the CPU
-and, when compiled with nvcc, the CUDA dispatch keys. Fake impls and autograd for those ops are
-registered in Python by the op family modules (e.g. plm_engine/ops/norms.py).
+_C registers its kernels under torch.ops.plm_engine for the CPU and, when compiled with nvcc, the CUDA
+dispatch keys (one pattern for every family: csrc/bindings.cpp's header). Fake impls and autograd for
+those ops are Python's: plm_engine/ops/contracts, registered by plm_engine.ops.backends.
 """
 
 from __future__ import annotations
