@@ -82,7 +82,7 @@ def set_cpu_isa(name: str) -> None:
 
 # The C++ CPU op families. Each runs its own build of one source for the current ISA (csrc/cpu/simd.h);
 # avx512_bf16 adds dot-product paths only where a family has one (the linear kernel's VDPBF16PS).
-CPU_FAMILIES = ("norms", "rope", "softmax", "cross_entropy", "activations", "attention", "linear")
+CPU_FAMILIES = ("norms", "rope", "softmax", "cross_entropy", "activations", "attention", "linear", "token_mask")
 
 
 def cpu_family_isas() -> dict[str, str]:
