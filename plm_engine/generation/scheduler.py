@@ -42,6 +42,7 @@ from plm_engine.generation.sampler import SamplingParams
 if TYPE_CHECKING:
     import torch
 
+    from plm_engine.generation.structured import GrammarMatcher
     from plm_engine.models.tokenizer import StreamDecoder
 
 
@@ -71,7 +72,7 @@ class Sequence:
     # Engine-side state: penalty slot, seeded generator, grammar matcher, stream decoder and text, log-probs.
     slot: int | None = None
     generator: torch.Generator | None = None
-    matcher: object = None  # a structured-output grammar matcher (generation/structured.py)
+    matcher: GrammarMatcher | None = None  # structured output (generation/structured.py)
     decoder: StreamDecoder | None = None
     text: str = ""
     emitted_len: int = 0

@@ -11,9 +11,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from plm_engine.ops.token_mask import apply_token_bitmask_fake, check_args
+from plm_engine.ops.contracts.token_mask import apply_token_bitmask_fake, check_args
+from plm_engine.ops.triton.common import check_device
 from plm_engine.ops.triton.guard import device_guard
-from plm_engine.ops.triton.rope import _check_device
 from plm_engine.ops.triton.spec import KernelSpec
 
 # ---- jit kernels -----------------------------------------------------------------------------------
@@ -64,7 +64,7 @@ def apply_token_bitmask_(logits: Tensor, bitmask: Tensor, rows: Tensor | None) -
     """Disallowed logits of logits (n, vocab) -> -inf, per packed int32 bitmask (m, ceil(vocab / 32))
     and rows (m,) (or None: row i)."""
     what = "triton_apply_token_bitmask_"
-    _check_device(logits, what)
+    check_device(logits, what)
     check_args(what, logits, bitmask, rows)
     m, vocab = bitmask.shape[0], logits.shape[1]
     if m == 0 or vocab == 0:
