@@ -60,9 +60,9 @@ void apply_token_bitmask_cpu(Tensor logits, const Tensor& bitmask, const std::op
   const int64_t groups = static_cast<int64_t>(starts.size()) - 1;
   const int64_t sl = logits.stride(0), sm = bitmask.stride(0);
   const int32_t* words = bitmask.const_data_ptr<int32_t>();
-  // About 256K logits per task at least (a few rows of a 50k vocabulary): a row that fits in cache takes
-  // ~10 us, less than waking a thread, while large batches (mostly -inf stores, bound by memory
-  // bandwidth) still spread over the cores.
+  // About 256K logits per task at least (a few rows of a 50k vocabulary): a row that fits in cache is
+  // cheaper than waking a thread (benchmarks/results/NOTES.md), while large batches (mostly -inf stores,
+  // bound by memory bandwidth) still spread over the cores.
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / vocab);
   PLM_DISPATCH_FLOAT_TYPES(logits.scalar_type(), "apply_token_bitmask_cpu", [&] {
     scalar_t* base = logits.mutable_data_ptr<scalar_t>();

@@ -17,6 +17,8 @@ _C registers plm_engine::apply_token_bitmask_ (CPU), Triton plm_engine::triton_a
 
 from __future__ import annotations
 
+import torch
+
 from plm_engine.ops import backends, checks
 from plm_engine.ops.contracts import token_mask as contract
 from plm_engine.ops.reference import apply_token_bitmask_ref
@@ -26,7 +28,13 @@ bitmask_words = contract.bitmask_words
 check_args = contract.check_args
 
 
-def apply_token_bitmask_(logits, bitmask, rows=None, *, backend=None):
+def apply_token_bitmask_(
+    logits: torch.Tensor,
+    bitmask: torch.Tensor,
+    rows: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
     """Sets the logits of disallowed tokens to -inf, in place; returns logits.
 
     logits: (n, vocab); bitmask: (m, ceil(vocab / 32)) int32 packed allow-bits; rows: (m,) logits row
