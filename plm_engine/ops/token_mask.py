@@ -2,14 +2,8 @@
 
 A grammar engine (llguidance, see plm_engine/generation/structured.py) fills one packed bitmask row per
 constrained sequence on the host; the sampler copies the rows to the device once per step and this op
-applies them to the step's logits. The contract (csrc/token_mask.h), shared by every backend:
-  apply_token_bitmask_(logits!, bitmask, rows?) -> ()
-logits (n, vocab) fp32/fp16/bf16 with a unit last stride (any row stride), changed in place; bitmask
-(m, ceil(vocab / 32)) int32 with a unit last stride (any row stride, so it may be a view into a packed
-host-to-device buffer): token j of mask row i is allowed iff bit j % 32 of word j // 32 is set (least
-significant bit first, the layout llguidance and xgrammar fill); rows (m,) int32/int64: the logits row
-of each mask row, or None for m == n and row i -> i. Rows not listed and allowed tokens are untouched;
-a row listed twice gets the intersection of its masks.
+applies them to the step's logits. The backend op and its layout: plm_engine/ops/contracts/token_mask.py.
+This module checks the arguments (once, for every backend) and picks the backend.
 
 _C registers plm_engine::apply_token_bitmask_ (CPU), Triton plm_engine::triton_apply_token_bitmask_
 (GPU; CPU tensors under TRITON_INTERPRET=1). No CUDA C++ kernel: on a GPU the Triton kernel runs.
@@ -19,35 +13,22 @@ from __future__ import annotations
 
 import torch
 
-from plm_engine.ops import backends, checks, extension
+from plm_engine.ops import backends, checks
+from plm_engine.ops.contracts import token_mask as contract
+from plm_engine.ops.contracts.token_mask import bitmask_words
 from plm_engine.ops.reference import apply_token_bitmask_ref
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+__all__ = ["apply_token_bitmask_", "bitmask_words"]
+
 _OP = "apply_token_bitmask_"
+backends.register_family(contract, (_OP,), "plm_engine.ops.triton.token_mask")
 
 
-def apply_token_bitmask_fake(logits, bitmask, rows):
-    return None
-
-
-def _register_cpp_ops() -> None:
-    extension.load()
-    torch.library.register_fake("plm_engine::" + _OP)(apply_token_bitmask_fake)
-
-
-backends.register_family((_OP,), _register_cpp_ops, "plm_engine.ops.triton.token_mask")
-
-
-def bitmask_words(vocab_size: int) -> int:
-    """int32 words per mask row for a vocabulary of vocab_size tokens."""
-    return (vocab_size + 31) // 32
-
-
-def check_args(fn: str, logits, bitmask, rows) -> None:
-    """Metadata checks of every backend's arguments (never reads tensor values)."""
+def _check_args(fn: str, logits, bitmask, rows) -> None:
+    """The argument contract, metadata only (never reads tensor values)."""
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         raise ValueError(f"{fn}: logits must be a 2-D (n, vocab) tensor, got {getattr(logits, 'shape', logits)!r}")
-    if logits.dtype not in KERNEL_DTYPES:
+    if logits.dtype not in contract.KERNEL_DTYPES:
         raise ValueError(f"{fn}: logits must be float32/float16/bfloat16, got {logits.dtype}")
     if logits.shape[1] > 1 and logits.stride(1) != 1:
         raise ValueError(f"{fn}: logits must be contiguous in its last dim, got strides {logits.stride()}")
@@ -93,7 +74,7 @@ def apply_token_bitmask_(logits, bitmask, rows=None, *, backend=None):
     backend: "triton" | "cpu" | "torch" | None (automatic; see plm_engine.ops.backends).
     """
     fn = "apply_token_bitmask_"
-    check_args(fn, logits, bitmask, rows)
+    _check_args(fn, logits, bitmask, rows)
     if rows is not None and rows.numel() and checks.value_checks():
         lo, hi = int(rows.min()), int(rows.max())
         if lo < 0 or hi >= logits.shape[0]:
