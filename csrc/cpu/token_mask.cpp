@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <torch/library.h>
 #include <torch/types.h>
 
 #include <algorithm>
@@ -41,8 +42,6 @@ std::vector<int64_t> row_indices(const std::optional<Tensor>& rows, int64_t m, i
   return out;
 }
 
-}  // namespace
-
 void apply_token_bitmask_cpu(Tensor logits, const Tensor& bitmask, const std::optional<Tensor>& rows) {
   check_token_bitmask_args(logits, bitmask, rows);
   const int64_t n = logits.size(0), vocab = logits.size(1), m = bitmask.size(0);
@@ -77,4 +76,9 @@ void apply_token_bitmask_cpu(Tensor logits, const Tensor& bitmask, const std::op
   });
 }
 
+}  // namespace
 }  // namespace plm_engine
+
+TORCH_LIBRARY_IMPL(plm_engine, CPU, m) {
+  m.impl("apply_token_bitmask_", &plm_engine::apply_token_bitmask_cpu);
+}
