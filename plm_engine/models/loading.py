@@ -121,7 +121,12 @@ def _strip(name: str) -> str:
 
 def build_from_tensors(config: ModelConfig, tensors, dtype: torch.dtype, device, source: str) -> Transformer:
     """A Transformer whose parameters are the HF-named tensors (a mapping name -> tensor, read lazily),
-    built on the meta device and assigned in place. source names the file(s) in errors."""
+    built on the meta device and assigned in place. source names the file(s) in errors. Encoder-decoder
+    configs give a Seq2SeqTransformer (models/seq2seq_hf.py)."""
+    if config.is_encoder_decoder:
+        from plm_engine.models import seq2seq_hf
+
+        return seq2seq_hf.build(config, tensors, dtype, device, source)
     names = {_strip(k): k for k in tensors.keys()}
     if config.arch == "bert":  # BertModel has a pooler and no MLM head, BertForMaskedLM the reverse
         config = config.replace(
@@ -231,6 +236,7 @@ def load_gguf(path, dtype=None, device=None) -> Transformer:
 
 def load_model(name_or_path, dtype=None, device=None) -> Transformer:
     """A model from a named default ("smollm2-135m", "minilm-l6"), a HF folder or a .gguf file, in eval mode.
+    Encoder-decoder folders (BART, mBART, Marian, T5) give a Seq2SeqTransformer.
 
     dtype: None -> float32 on CPU, the checkpoint's 16-bit dtype on CUDA. load_model.last_load_seconds
     records how long the last load took.
@@ -249,6 +255,10 @@ def load_model(name_or_path, dtype=None, device=None) -> Transformer:
 def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     """The model's tensors under transformers' names (q/k/v and gate/up split, GPT-2 Conv1D transposed)."""
     c = model.config
+    if c.is_encoder_decoder:
+        from plm_engine.models import seq2seq_hf
+
+        return seq2seq_hf.hf_state_dict(model)
     ours = model.state_dict()
     prefix = _hf_prefix(c)
     out = {}
@@ -279,7 +289,7 @@ def save_pretrained(model: Transformer, path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     c = model.config
     hf = c.to_hf()
-    hf["torch_dtype"] = str(model.tok_embed.weight.dtype).removeprefix("torch.")
+    hf["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     tensors = {k: v.cpu() for k, v in hf_state_dict(model).items()}
     for name, write in (
         ("model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"})),
