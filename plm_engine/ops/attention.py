@@ -15,6 +15,15 @@ Backend ops (the contract every backend implements; csrc/attention.h for the C++
   attn_varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale) -> (dq, dk, dv)
   paged_attn(q, k_cache, v_cache, block_table, cache_seqlens, scale) -> out
   write_kv_cache(k, v, k_cache!, v_cache!, slot_mapping) -> ()
+With T5's relative position bias (plm_engine/ops/position_bias.py), separate ops, so that the plain ones
+stay exactly as they are; table (num_buckets, n_heads) fp32, buckets int32 (2 * max_distance + 1,):
+  attn_rpb_fwd(q, k, v, table, buckets, causal, scale) -> (out, lse)
+  attn_rpb_bwd(dout, q, k, v, out, lse, table, buckets, causal, scale) -> (dq, dk, dv, dtable)
+  attn_varlen_rpb_fwd(q, k, v, table, buckets, cu_q, cu_k, max_q, max_k, causal, scale) -> (out, lse)
+  attn_varlen_rpb_bwd(dout, q, k, v, out, lse, table, buckets, cu_q, cu_k, max_q, max_k, causal, scale)
+      -> (dq, dk, dv, dtable)
+  paged_attn_rpb(q, k_cache, v_cache, block_table, cache_seqlens, table, buckets, scale) -> out
+A backend without them runs biased calls on the reference (automatic choice) or says so (explicit).
 Triton registers them as plm_engine::triton_<name> (plm_engine/ops/triton/attention.py and
 paged_attention.py); _C as plm_engine::<name>: the attention ops and their backward on CPU, paged_attn and
 write_kv_cache on CPU and CUDA.
@@ -27,12 +36,22 @@ import weakref
 import torch
 
 from plm_engine.ops import backends, checks, extension
+from plm_engine.ops.position_bias import RelativePositionBias, check_position_bias, relative_position_bucket
 from plm_engine.ops.reference import (
     attention_ref,
     attention_varlen_ref,
     paged_attention_ref,
     write_kv_cache_ref,
 )
+
+__all__ = [
+    "RelativePositionBias",
+    "attention",
+    "attention_varlen",
+    "paged_attention",
+    "relative_position_bucket",
+    "write_kv_cache",
+]
 
 MAX_HEAD_DIM = 256
 GPU_DTYPES = (torch.float16, torch.bfloat16)
@@ -67,6 +86,26 @@ def write_kv_cache_fake(k, v, k_cache, v_cache, slot_mapping):
     return None
 
 
+def attn_rpb_fwd_fake(q, k, v, table, buckets, causal, scale):
+    return attn_fwd_fake(q, k, v, causal, scale)
+
+
+def attn_rpb_bwd_fake(dout, q, k, v, out, lse, table, buckets, causal, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(table)
+
+
+def attn_varlen_rpb_fwd_fake(q, k, v, table, buckets, cu_q, cu_k, max_q, max_k, causal, scale):
+    return attn_varlen_fwd_fake(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale)
+
+
+def attn_varlen_rpb_bwd_fake(dout, q, k, v, out, lse, table, buckets, cu_q, cu_k, max_q, max_k, causal, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(table)
+
+
+def paged_attn_rpb_fake(q, k_cache, v_cache, block_table, cache_seqlens, table, buckets, scale):
+    return torch.empty_like(q)
+
+
 def register_attn_autograd(fwd_op, bwd_op, varlen: bool) -> None:
     """Wires bwd_op (flash-attention backward from the saved out and lse) as the backward of fwd_op."""
     n_meta = 5 if varlen else 2  # non-tensor-gradient inputs after q, k, v
@@ -85,6 +124,33 @@ def register_attn_autograd(fwd_op, bwd_op, varlen: bool) -> None:
     torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
 
 
+def register_attn_rpb_autograd(fwd_op, bwd_op) -> None:
+    """The same for the relative-position-bias ops (inputs q, k, v, table, buckets, *meta): gradients
+    for q, k, v and the table."""
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, table, buckets = inputs[:5]
+        out, lse = output
+        ctx.meta = inputs[5:]
+        ctx.save_for_backward(q, k, v, out, lse, table, buckets)
+
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, table, buckets = ctx.saved_tensors
+        dq, dk, dv, dtable = bwd_op(dout.contiguous(), q, k, v, out, lse, table, buckets, *ctx.meta)
+        return (dq, dk, dv, dtable, None) + (None,) * len(ctx.meta)
+
+    torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
+
+
+_RPB_OPS = (
+    ("attn_rpb_fwd", attn_rpb_fwd_fake),
+    ("attn_rpb_bwd", attn_rpb_bwd_fake),
+    ("attn_varlen_rpb_fwd", attn_varlen_rpb_fwd_fake),
+    ("attn_varlen_rpb_bwd", attn_varlen_rpb_bwd_fake),
+    ("paged_attn_rpb", paged_attn_rpb_fake),
+)
+
+
 def _register_cpp_ops() -> None:
     extension.load()
     lib = torch.ops.plm_engine
@@ -99,10 +165,21 @@ def _register_cpp_ops() -> None:
         torch.library.register_fake("plm_engine::" + name)(fake)
     register_attn_autograd("plm_engine::attn_fwd", lib.attn_bwd.default, varlen=False)
     register_attn_autograd("plm_engine::attn_varlen_fwd", lib.attn_varlen_bwd.default, varlen=True)
+    if extension.has_kernel("attn_rpb_fwd", "CPU"):  # a _C built before the bias ops has none of them
+        for name, fake in _RPB_OPS:
+            torch.library.register_fake("plm_engine::" + name)(fake)
+        register_attn_rpb_autograd("plm_engine::attn_rpb_fwd", lib.attn_rpb_bwd.default)
+        register_attn_rpb_autograd("plm_engine::attn_varlen_rpb_fwd", lib.attn_varlen_rpb_bwd.default)
 
 
-backends.register_family(("attn_fwd", "attn_varlen_fwd"), _register_cpp_ops, "plm_engine.ops.triton.attention")
-backends.register_family(("paged_attn", "write_kv_cache"), _register_cpp_ops, "plm_engine.ops.triton.paged_attention")
+backends.register_family(
+    ("attn_fwd", "attn_varlen_fwd", "attn_rpb_fwd", "attn_varlen_rpb_fwd"),
+    _register_cpp_ops,
+    "plm_engine.ops.triton.attention",
+)
+backends.register_family(
+    ("paged_attn", "write_kv_cache", "paged_attn_rpb"), _register_cpp_ops, "plm_engine.ops.triton.paged_attention"
+)
 
 
 def backend_op(name: str, backend: str):
@@ -214,21 +291,46 @@ def _unsupported(q: torch.Tensor, head_dim_limit_triton: int = 256) -> dict[str,
     return out
 
 
+# Backends whose kernels do not take the relative position bias yet: biased calls skip them.
+_RPB_PENDING = {
+    "triton": "the Triton kernels do not take a relative position bias yet",
+}
+
+
+def _rpb_unsupported(q: torch.Tensor) -> dict[str, str]:
+    out = _unsupported(q)
+    for name, why in _RPB_PENDING.items():
+        out.setdefault(name, why)
+    return out
+
+
 # ---- public functions -----------------------------------------------------------------------------
 
 
-def attention(q, k, v, causal=False, softmax_scale=None, return_lse=False, *, backend=None):
+def attention(q, k, v, causal=False, softmax_scale=None, return_lse=False, *, position_bias=None, backend=None):
     """Flash attention. q: (batch, seqlen_q, n_heads, head_dim); k, v: (batch, seqlen_k, n_kv_heads,
     head_dim). Returns out (like q), and with return_lse also lse (batch, n_heads, seqlen_q) fp32.
 
     softmax_scale defaults to head_dim ** -0.5. Differentiable in q, k, v. A query whose keys are all
     masked (causal with seqlen_q > seqlen_k) gets zeros and lse = -inf.
+    position_bias: a RelativePositionBias (T5) added to the scaled scores inside the kernels, before
+    the causal mask; differentiable in its table too.
     backend: "triton" | "cuda" | "cpu" | "torch" | None (automatic; see plm_engine.ops.backends).
     """
     _check_qkv("attention", q, k, v, n_lead=2)
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"attention: batch of k ({k.shape[0]}) != batch of q ({q.shape[0]})")
     scale = _scale(softmax_scale, q.shape[-1])
+    if position_bias is not None:
+        table, buckets = check_position_bias("attention", position_bias, q.shape[-2], q.device)
+        unsupported = _rpb_unsupported(q)
+        unsupported.setdefault("cuda", "no CUDA C++ kernel for dense attention (use triton)")
+        chosen = backends.choose(q.device, "attn_rpb_fwd", backend, unsupported)
+        if chosen == "torch" or q.numel() == 0 or k.shape[1] == 0:
+            out, lse = attention_ref(q, k, v, causal, scale, return_lse=True, position_bias=position_bias)
+            return (out, lse.float()) if return_lse else out
+        out, lse = backend_op("attn_rpb_fwd", chosen)(q, k, v, table, buckets, bool(causal), scale)
+        return (out, lse) if return_lse else out
     unsupported = _unsupported(q)
     unsupported.setdefault("cuda", "no CUDA C++ kernel for dense attention (use triton)")
     chosen = backends.choose(q.device, "attn_fwd", backend, unsupported)
@@ -251,6 +353,7 @@ def attention_varlen(
     softmax_scale=None,
     return_lse=False,
     *,
+    position_bias=None,
     backend=None,
 ):
     """Flash attention over packed variable-length sequences, with no padding.
@@ -258,7 +361,8 @@ def attention_varlen(
     q: (total_q, n_heads, head_dim); k, v: (total_k, n_kv_heads, head_dim); cu_seqlens_q/_k: int32
     (batch + 1,) offsets of each sequence (0, len0, len0 + len1, ...); max_seqlen_q/_k: the longest
     sequence (computed from cu_seqlens when omitted, which reads them on the host). Returns out (like q)
-    and with return_lse also lse (n_heads, total_q) fp32.
+    and with return_lse also lse (n_heads, total_q) fp32. position_bias: as attention's, positions
+    counted within each sequence.
     """
     _check_qkv("attention_varlen", q, k, v, n_lead=1)
     mq = _check_cu_seqlens("attention_varlen", "cu_seqlens_q", cu_seqlens_q, q.shape[0])
@@ -281,6 +385,20 @@ def attention_varlen(
             f"the longest sequences ({mq}, {mk})"
         )
     scale = _scale(softmax_scale, q.shape[-1])
+    if position_bias is not None:
+        table, buckets = check_position_bias("attention_varlen", position_bias, q.shape[-2], q.device)
+        unsupported = _rpb_unsupported(q)
+        unsupported.setdefault("cuda", "no CUDA C++ kernel for varlen attention (use triton)")
+        chosen = backends.choose(q.device, "attn_varlen_rpb_fwd", backend, unsupported)
+        if chosen == "torch" or q.numel() == 0:
+            out, lse = attention_varlen_ref(
+                q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, True, position_bias
+            )
+            return (out, lse.float()) if return_lse else out
+        out, lse = backend_op("attn_varlen_rpb_fwd", chosen)(
+            q, k, v, table, buckets, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal), scale
+        )
+        return (out, lse) if return_lse else out
     unsupported = _unsupported(q)
     unsupported.setdefault("cuda", "no CUDA C++ kernel for varlen attention (use triton)")
     chosen = backends.choose(q.device, "attn_varlen_fwd", backend, unsupported)
@@ -324,7 +442,9 @@ def _check_paged(fn, k_cache, v_cache, block_table, q_like):
             raise ValueError(f"{fn}: block_table is on {block_table.device} but q is on {q_like.device}")
 
 
-def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, softmax_scale=None, *, backend=None):
+def paged_attention(
+    q, k_cache, v_cache, block_table, cache_seqlens, softmax_scale=None, *, position_bias=None, backend=None
+):
     """Attention of the newest tokens of each sequence over a paged KV cache (decode and chunked prefill).
 
     q: (batch, seqlen_q, n_heads, head_dim) — the last seqlen_q tokens of each sequence, whose K/V are
@@ -332,6 +452,8 @@ def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, softmax_sca
     block_size a power of two <= 256; block_table: (batch, max_blocks) int32, logical -> physical block;
     cache_seqlens: (batch,) int32, tokens cached per sequence including the new ones (>= seqlen_q).
     Causal, bottom-right aligned. Returns (batch, seqlen_q, n_heads, head_dim) like q. Forward only.
+    position_bias: a RelativePositionBias (T5 decoder self-attention), query i of sequence b at position
+    cache_seqlens[b] - seqlen_q + i, key j at j.
     """
     fn = "paged_attention"
     _check_paged(fn, k_cache, v_cache, block_table, q)
@@ -368,6 +490,14 @@ def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, softmax_sca
             )
         _seen.remember("paged", value_key, block_table, cache_seqlens)
     scale = _scale(softmax_scale, q.shape[-1])
+    if position_bias is not None:
+        table, buckets = check_position_bias(fn, position_bias, q.shape[-2], q.device)
+        chosen = backends.choose(q.device, "paged_attn_rpb", backend, _rpb_unsupported(q))
+        if chosen == "torch" or q.numel() == 0:
+            return paged_attention_ref(q, k_cache, v_cache, block_table, cache_seqlens, scale, position_bias)
+        return backend_op("paged_attn_rpb", chosen)(
+            q, k_cache, v_cache, block_table, cache_seqlens, table.detach(), buckets, scale
+        )
     chosen = backends.choose(q.device, "paged_attn", backend, _unsupported(q))
     if chosen == "torch" or q.numel() == 0:
         return paged_attention_ref(q, k_cache, v_cache, block_table, cache_seqlens, scale)
