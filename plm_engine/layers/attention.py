@@ -94,10 +94,7 @@ class Attention(nn.Module):
         return self.out(o.reshape(*lead, h * d))
 
     def _score_kwargs(self, ctx: AttentionContext) -> dict:
-        kw = {"softmax_scale": self.softmax_scale}
-        if ctx.position_bias is not None:
-            kw["position_bias"] = ctx.position_bias
-        return kw
+        return {"softmax_scale": self.softmax_scale, "position_bias": ctx.position_bias}
 
     def _paged(self, q, k, v, ctx: AttentionContext, layer: int, kw: dict) -> torch.Tensor:
         """q, k, v: (total, heads, head_dim) packed new tokens; writes k/v to the cache, then attends."""
