@@ -21,6 +21,7 @@ import torch
 
 CAUSAL_SPECIALS = ("<|endoftext|>",)
 BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+SEQ2SEQ_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")  # BART's ids 0-3, then the mask
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -162,13 +163,16 @@ class TextTokenizer:
 def train_bpe(files: Sequence[str], vocab_size: int, style: str = "causal") -> TextTokenizer:
     """A byte-level BPE trained on `files` with the `tokenizers` library (GPT-2's scheme: no unknown
     tokens, every byte representable). style "causal" adds <|endoftext|> as bos/eos/pad; "bert" adds
-    [PAD] [UNK] [CLS] [SEP] [MASK]."""
+    [PAD] [UNK] [CLS] [SEP] [MASK]; "seq2seq" adds BART's <s> <pad> </s> <unk> and <mask>, with a
+    post-processor that ends an encoder input with </s> (when a caller asks for special tokens)."""
     import tokenizers
-    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
     if vocab_size < 300:
         raise ValueError(f"train_bpe: vocab_size {vocab_size} leaves no room for merges beyond 256 bytes")
-    specials = CAUSAL_SPECIALS if style == "causal" else BERT_SPECIALS
+    if style not in ("causal", "bert", "seq2seq"):
+        raise ValueError(f"train_bpe: style must be 'causal', 'bert' or 'seq2seq', got {style!r}")
+    specials = {"causal": CAUSAL_SPECIALS, "bert": BERT_SPECIALS, "seq2seq": SEQ2SEQ_SPECIALS}[style]
     core = tokenizers.Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
@@ -181,8 +185,12 @@ def train_bpe(files: Sequence[str], vocab_size: int, style: str = "causal") -> T
     core.train(list(files), trainer)
     if style == "causal":
         roles = {"bos_token": specials[0], "eos_token": specials[0], "pad_token": specials[0]}
-    else:
+    elif style == "bert":
         roles = dict(zip(("pad_token", "unk_token", "cls_token", "sep_token", "mask_token"), specials))
+    else:
+        roles = dict(zip(("bos_token", "pad_token", "eos_token", "unk_token", "mask_token"), specials))
+        eos = core.token_to_id("</s>")
+        core.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", eos)])
     return TextTokenizer(core, roles)
 
 
