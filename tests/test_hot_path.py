@@ -157,6 +157,31 @@ def test_engine_step_forwards_read_nothing(llama, monkeypatch):
     assert [len(o.token_ids) for o in outs] == [6, 6]
 
 
+def test_seq2seq_engine_forwards_read_nothing(monkeypatch):
+    """Encoder-decoder models in the engine: the encoder pass, its cross-attention keys/values and the
+    decoder's forwards read no host value either."""
+    from plm_engine.generation.engine import Engine
+    from plm_engine.generation.sampler import SamplingParams
+    from plm_engine.models.seq2seq import Seq2SeqTransformer
+
+    torch.manual_seed(0)
+    model = Seq2SeqTransformer(ModelConfig.preset("bart-tiny")).eval()
+    engine = Engine(model, tokenizer=None, max_num_seqs=4, kv_cache_tokens=256, block_size=16, cuda_graphs=False)
+    for name in ("encode", "cross_kv", "forward_tokens"):
+        fn = getattr(model, name)
+
+        def guarded(*args, _fn=fn, **kwargs):
+            with NoHostReads():
+                return _fn(*args, **kwargs)
+
+        monkeypatch.setattr(model, name, guarded)
+    with production_checks():
+        outs = engine.generate(
+            [list(range(5, 30)), list(range(7, 12))], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+        )
+    assert [len(o.token_ids) for o in outs] == [6, 6]
+
+
 def test_compile_fullgraph_decode_and_training_step(llama):
     """torch.compile(fullgraph=True) traces the decode forward and a training forward with no graph break,
     and computes what eager does."""
