@@ -214,7 +214,10 @@ def test_compile_fullgraph_decode_and_training_step(llama):
         torch.testing.assert_close(g, p.grad)
 
 
-@pytest.mark.parametrize("objective, model", [("clm", "gpt2-tiny"), ("mlm", "bert-tiny"), ("classify", "bert-tiny")])
+@pytest.mark.parametrize(
+    "objective, model",
+    [("clm", "gpt2-tiny"), ("mlm", "bert-tiny"), ("classify", "bert-tiny"), ("seq2seq", "bart-tiny")],
+)
 def test_trainer_forward_backward_read_nothing(tmp_path, objective, model):
     """The trainer's micro-batch forward and backward, for every objective: its batches are checked and
     laid out on the host (padding layout, MLM label positions), so the step reads no device value."""
@@ -249,7 +252,7 @@ def test_trainer_forward_backward_read_nothing(tmp_path, objective, model):
     trainer = Trainer(cfg)
     epoch, indices = trainer.sampler.next_batch()
     batch = trainer._collate(indices, epoch, trainer.train_set)
-    if objective == "classify":
+    if objective in ("classify", "seq2seq"):  # seq2seq: the noised sources differ in length
         assert "layout" in batch, "the test needs a padded batch"
     trainer.forward_module.train()
     with production_checks(), NoHostReads():

@@ -121,10 +121,10 @@ class Seq2SeqGeneration:
             n_layers = len(sources[0].k)
             cat = lambda parts: parts[0] if len(parts) == 1 else torch.cat(parts)
             cross = CrossKV(
-                [cat([src.k[layer] for src in sources]) for layer in range(n_layers)],
-                [cat([src.v[layer] for src in sources]) for layer in range(n_layers)],
                 torch.tensor(cu, dtype=torch.int32, device=self.device),
                 max(src.length for src in sources),
+                k=[cat([src.k[layer] for src in sources]) for layer in range(n_layers)],
+                v=[cat([src.v[layer] for src in sources]) for layer in range(n_layers)],
             )
             self._batches[key] = cross
             while len(self._batches) > self._BATCH_CACHE:

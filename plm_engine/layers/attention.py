@@ -44,14 +44,17 @@ class AttentionContext:
 
 @dataclass
 class CrossKV:
-    """The encoder side of cross-attention: per decoder layer, the keys and values of the encoder's output,
-    packed (total_src, n_heads, head_dim) with cu_seqlens (batch + 1,) int32 in the order of the decoder's
-    sequences. Computed once per source (per request when generating), never written to the paged cache."""
+    """The encoder side of cross-attention, packed (total_src, ...) with cu_seqlens (batch + 1,) int32 in
+    the order of the decoder's sequences. Either the encoder's output `memory` (total_src, dim), which each
+    decoder layer projects to its keys/values inside its own forward (training: FSDP gathers a layer's
+    weights only there), or those keys/values precomputed per decoder layer, k[layer] / v[layer]
+    (total_src, n_heads, head_dim) (generation: once per request, never written to the paged cache)."""
 
-    k: list[torch.Tensor]
-    v: list[torch.Tensor]
     cu_seqlens: torch.Tensor
     max_seqlen: int
+    memory: torch.Tensor | None = None
+    k: list[torch.Tensor] | None = None
+    v: list[torch.Tensor] | None = None
 
 
 class Attention(nn.Module):
@@ -148,10 +151,11 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, cross: CrossKV, layer: int):
         """x: (total_tgt, dim) packed decoder tokens, sequence i at cu_seqlens[i]:cu_seqlens[i+1]."""
         q = self.q(x).view(x.shape[0], self.n_heads, self.head_dim)
+        k, v = self.project_kv(cross.memory) if cross.k is None else (cross.k[layer], cross.v[layer])
         o = ops.attention_varlen(
             q,
-            cross.k[layer],
-            cross.v[layer],
+            k,
+            v,
             cu_seqlens,
             cross.cu_seqlens,
             max_seqlen,

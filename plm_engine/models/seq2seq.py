@@ -271,9 +271,10 @@ class Seq2SeqTransformer(nn.Module):
         return self._finish(x, residual, self.enc_final_norm)
 
     def cross_kv(self, enc: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> CrossKV:
-        """Every decoder layer's keys and values of the encoder output enc (total_src, hidden)."""
+        """Every decoder layer's keys and values of the encoder output enc (total_src, hidden), computed
+        now: for decoding many steps against one source (generation)."""
         kv = [block.cross.project_kv(enc) for block in self.decoder]
-        return CrossKV([k for k, _ in kv], [v for _, v in kv], cu_seqlens, max_seqlen)
+        return CrossKV(cu_seqlens, max_seqlen, k=[k for k, _ in kv], v=[v for _, v in kv])
 
     def _decode(self, ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         x, residual = self._embed(ids, positions, decoder=True), None
@@ -334,7 +335,7 @@ class Seq2SeqTransformer(nn.Module):
                 cu_seqlens=tgt.cu_seqlens,
                 max_seqlen=tgt.max_seqlen,
                 position_bias=self._bias(decoder=True),
-                cross=self.cross_kv(enc, src.cu_seqlens, src.max_seqlen),
+                cross=CrossKV(src.cu_seqlens, src.max_seqlen, memory=enc),  # each layer projects its own k/v
             )
             h = self._decode(tgt.ids, tgt.positions, ctx)
             shape = decoder_input_ids.shape

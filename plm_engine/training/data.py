@@ -345,6 +345,71 @@ def mask_tokens(
     return out, labels
 
 
+def noise_span_mask(n: int, density: float, mean_span: float, generator: torch.Generator) -> torch.Tensor:
+    """(n,) bool: which of n tokens to corrupt, in spans: round(n * density) tokens in as many spans as
+    Poisson(mean_span) lengths (BART's) take to cover them, the noise and the kept tokens each split at
+    random cut points into that many runs (T5's random_spans_noise_mask), then interleaved, starting with
+    noise or kept at random. At least one token is corrupted and one kept (n >= 2)."""
+    if n < 2:
+        raise ValueError(f"noise_span_mask: need at least 2 tokens, got {n}")
+    n_noise = min(max(round(n * density), 1), n - 1)
+    draws = torch.poisson(torch.full((n_noise,), float(mean_span)), generator=generator).clamp_min(1).cumsum(0)
+    n_spans = int((draws < n_noise).sum()) + 1
+    n_spans = min(n_spans, n_noise, n - n_noise)
+
+    def runs(total: int) -> list[int]:  # total split into n_spans positive parts
+        cuts = sorted((torch.randperm(total - 1, generator=generator)[: n_spans - 1] + 1).tolist())
+        return [b - a for a, b in zip([0, *cuts], [*cuts, total])]
+
+    noise, keep = runs(n_noise), runs(n - n_noise)
+    noise_first = bool(torch.randint(2, (1,), generator=generator))
+    mask = torch.zeros(n, dtype=torch.bool)
+    pos = 0
+    for k, z in zip(keep, noise):
+        if noise_first:
+            mask[pos : pos + z] = True
+            pos += z + k
+        else:
+            mask[pos + k : pos + k + z] = True
+            pos += k + z
+    return mask
+
+
+def permute_sentences(ids: torch.Tensor, sentence_ends: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """BART's sentence permutation: ids (S,) cut after every token in sentence_ends (a sorted int64 tensor
+    of the tokens that end a sentence or a line), the pieces shuffled."""
+    ends = torch.isin(ids, sentence_ends).nonzero().squeeze(1) + 1
+    bounds = [0, *[int(e) for e in ends if e < len(ids)], len(ids)]
+    pieces = [ids[a:b] for a, b in zip(bounds, bounds[1:])]
+    order = torch.randperm(len(pieces), generator=generator).tolist()
+    return torch.cat([pieces[i] for i in order])
+
+
+def denoising_source(
+    ids: torch.Tensor,
+    mask_id: int,
+    eos_id: int,
+    generator: torch.Generator,
+    density: float = 0.3,
+    mean_span: float = 3.0,
+    sentence_ends: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """BART's denoising input for the text ids (S,): optionally the sentences permuted, then text
+    infilling: spans of about mean_span tokens covering `density` of the text each become one <mask>;
+    then </s>. The model learns to write the original back (labels: ids + </s>)."""
+    if sentence_ends is not None:
+        ids = permute_sentences(ids, sentence_ends, generator)
+    noise = noise_span_mask(len(ids), density, mean_span, generator)
+    starts = noise & ~_previous(noise)  # the first token of each span stays, as <mask>
+    out = torch.where(starts, torch.full_like(ids, mask_id), ids)[~noise | starts]
+    return torch.cat([out, torch.tensor([eos_id])])
+
+
+def _previous(mask: torch.Tensor) -> torch.Tensor:
+    """mask shifted right by one (False first): whether the previous token is set."""
+    return torch.cat([torch.zeros(1, dtype=torch.bool), mask[:-1]])
+
+
 @dataclass
 class Example:
     ids: list[int]
