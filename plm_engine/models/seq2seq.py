@@ -349,29 +349,26 @@ class Seq2SeqTransformer(nn.Module):
             logits = _unpack(tgt, self._lm_logits(h), shape) if want_logits else None
             return ModelOutput(logits=logits, loss=loss, hidden_states=_unpack(tgt, h, shape))
 
+    def _check_ids(self, name: str, ids, mask, vocab: int) -> None:
+        c = self.config
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(
+                f"{name} must be an integer tensor (batch, seqlen), got "
+                f"{getattr(ids, 'dtype', type(ids).__name__)} {tuple(getattr(ids, 'shape', ()))}"
+            )
+        if mask is not None and tuple(mask.shape) != tuple(ids.shape):
+            raise ValueError(f"the mask of {name} must have its shape {tuple(ids.shape)}, got {tuple(mask.shape)}")
+        if c.positions != "relative" and ids.shape[1] > c.max_position_embeddings:
+            raise ValueError(f"{name} has {ids.shape[1]} tokens; the model's context is {c.max_position_embeddings}")
+        if checks.value_checks() and ids.numel():  # values: where data enters, not in the trainer's step
+            lo, hi = (int(v) for v in torch.aminmax(ids))
+            if lo < 0 or hi >= vocab:
+                raise ValueError(f"{name}: token id {lo if lo < 0 else hi} is out of range for a vocabulary of {vocab}")
+
     def _check_inputs(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, labels) -> None:
         c = self.config
-        for name, ids, mask, vocab in (
-            ("input_ids", input_ids, attention_mask, c.vocab_size),
-            ("decoder_input_ids", decoder_input_ids, decoder_attention_mask, c.decoder_vocab_size),
-        ):
-            if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
-                raise ValueError(
-                    f"{name} must be an integer tensor (batch, seqlen), got "
-                    f"{getattr(ids, 'dtype', type(ids).__name__)} {tuple(getattr(ids, 'shape', ()))}"
-                )
-            if mask is not None and tuple(mask.shape) != tuple(ids.shape):
-                raise ValueError(f"the mask of {name} must have its shape {tuple(ids.shape)}, got {tuple(mask.shape)}")
-            if c.positions != "relative" and ids.shape[1] > c.max_position_embeddings:
-                raise ValueError(
-                    f"{name} has {ids.shape[1]} tokens; the model's context is {c.max_position_embeddings}"
-                )
-            if checks.value_checks() and ids.numel():  # values: where data enters, not in the trainer's step
-                lo, hi = (int(v) for v in torch.aminmax(ids))
-                if lo < 0 or hi >= vocab:
-                    raise ValueError(
-                        f"{name}: token id {lo if lo < 0 else hi} is out of range for a vocabulary of {vocab}"
-                    )
+        self._check_ids("input_ids", input_ids, attention_mask, c.vocab_size)
+        self._check_ids("decoder_input_ids", decoder_input_ids, decoder_attention_mask, c.decoder_vocab_size)
         if decoder_input_ids.shape[0] != input_ids.shape[0]:
             raise ValueError(
                 f"input_ids has {input_ids.shape[0]} rows but decoder_input_ids {decoder_input_ids.shape[0]}"
@@ -395,7 +392,7 @@ class Seq2SeqTransformer(nn.Module):
         checks. Returns each row's new tokens, up to and including the first end-of-sequence token. For
         serving, plm_engine.generation.Engine runs these models over its paged cache."""
         c = self.config
-        self._check_inputs(input_ids, attention_mask, input_ids[:, :1], None, None)
+        self._check_ids("input_ids", input_ids, attention_mask, c.vocab_size)
         src = _pack(input_ids, attention_mask, None)
         with checks.trusted():
             cross = self.cross_kv(
