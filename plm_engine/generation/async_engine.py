@@ -141,6 +141,7 @@ class AsyncEngine:
         last = None
         async for out in self.stream(prompt, params, request_id, truncate_prompt_tokens):
             last = out
+        assert last is not None, "stream() always ends with the request's final output"
         return last
 
     def stats(self) -> dict:

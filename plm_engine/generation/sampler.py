@@ -139,7 +139,7 @@ class Sampler:
         """A penalty slot for a request, filled from its prompt and the tokens it generated so far."""
         if not self._free_slots:
             raise RuntimeError(f"Sampler: all {self.max_slots} penalty slots are in use")
-        if self._counts is None:
+        if self._counts is None or self._prompt_mask is None:
             self._counts = torch.zeros(self.max_slots, self.vocab_size, dtype=torch.int32, device=self.device)
             self._prompt_mask = torch.zeros(self.max_slots, self.vocab_size, dtype=torch.bool, device=self.device)
         s = self._free_slots.pop()

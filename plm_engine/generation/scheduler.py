@@ -20,9 +20,15 @@ import enum
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from plm_engine.generation.block_manager import BlockManager
 from plm_engine.generation.sampler import SamplingParams
+
+if TYPE_CHECKING:
+    import torch
+
+    from plm_engine.models.tokenizer import StreamDecoder
 
 
 class Status(enum.Enum):
@@ -50,8 +56,8 @@ class Sequence:
     finish_time: float | None = None
     # Engine-side state: penalty slot, seeded generator, stream decoder and text, log-probs.
     slot: int | None = None
-    generator: object = None
-    decoder: object = None
+    generator: torch.Generator | None = None
+    decoder: StreamDecoder | None = None
     text: str = ""
     emitted_len: int = 0
     logprobs: list | None = None

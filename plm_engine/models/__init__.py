@@ -19,7 +19,7 @@ def build_model(config: ModelConfig) -> Transformer | Seq2SeqTransformer:
 
 
 def load_tokenizer(name_or_path):
-    """The tokenizer of a named default model, a HF folder or a .gguf file (see models.registry)."""
+    """The tokenizer of a HF folder, a .gguf file, a packaged name or a Hub id (see models.registry)."""
     from plm_engine.models.registry import load_tokenizer as _load
 
     return _load(name_or_path)

@@ -235,8 +235,10 @@ def load_gguf(path, dtype=None, device=None) -> Transformer:
 
 
 def load_model(name_or_path, dtype=None, device=None) -> Transformer:
-    """A model from a named default ("smollm2-135m", "minilm-l6"), a HF folder or a .gguf file, in eval mode.
-    Encoder-decoder folders (BART, mBART, Marian, T5) give a Seq2SeqTransformer.
+    """A model, in eval mode, from a HF folder or a .gguf file, a packaged name ("smollm2-135m",
+    "minilm-l6") or a Hugging Face Hub id ("HuggingFaceTB/SmolLM2-135M-Instruct"), tried in that order
+    (models.registry.resolve); ModelNotFoundError when it names none of them. Encoder-decoder folders
+    (BART, mBART, Marian, T5) give a Seq2SeqTransformer.
 
     dtype: None -> float32 on CPU, the checkpoint's 16-bit dtype on CUDA. load_model.last_load_seconds
     records how long the last load took.

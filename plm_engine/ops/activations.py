@@ -117,7 +117,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return _row_major(t.reshape(-1, t.shape[-1] if t.dim() else 1))
 
 
-def swiglu(gate, up, *, backend=None):
+def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """silu(gate) * up, elementwise: gate, up (..., n) of one shape and dtype -> (..., n).
 
     The fused gate_up layout is welcome: `gate, up = gate_up.chunk(2, dim=-1)` are passed as views.
@@ -132,7 +132,7 @@ def swiglu(gate, up, *, backend=None):
     return fwd(_rows(gate), _rows(up)).view(gate.shape)
 
 
-def gelu(x, approximate="none", *, backend=None):
+def gelu(x: torch.Tensor, approximate: str = "none", *, backend: str | None = None) -> torch.Tensor:
     """GELU(x) = x * Phi(x) elementwise, (...) -> (...): exact erf form ("none") or tanh form ("tanh"),
     as torch.nn.functional.gelu."""
     _check_tensor("gelu: x", x)

@@ -233,7 +233,7 @@ class _SeenValues:
     check is always one that already passed on identical values.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._last: dict[str, tuple] = {}
 
     def seen(self, what: str, key: tuple, *tensors: torch.Tensor) -> bool:
@@ -307,7 +307,17 @@ def _rpb_unsupported(q: torch.Tensor) -> dict[str, str]:
 # ---- public functions -----------------------------------------------------------------------------
 
 
-def attention(q, k, v, causal=False, softmax_scale=None, return_lse=False, *, position_bias=None, backend=None):
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    return_lse: bool = False,
+    *,
+    position_bias: RelativePositionBias | None = None,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Flash attention. q: (batch, seqlen_q, n_heads, head_dim); k, v: (batch, seqlen_k, n_kv_heads,
     head_dim). Returns out (like q), and with return_lse also lse (batch, n_heads, seqlen_q) fp32.
 
@@ -342,20 +352,20 @@ def attention(q, k, v, causal=False, softmax_scale=None, return_lse=False, *, po
 
 
 def attention_varlen(
-    q,
-    k,
-    v,
-    cu_seqlens_q,
-    cu_seqlens_k,
-    max_seqlen_q=None,
-    max_seqlen_k=None,
-    causal=False,
-    softmax_scale=None,
-    return_lse=False,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    return_lse: bool = False,
     *,
-    position_bias=None,
-    backend=None,
-):
+    position_bias: RelativePositionBias | None = None,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Flash attention over packed variable-length sequences, with no padding.
 
     q: (total_q, n_heads, head_dim); k, v: (total_k, n_kv_heads, head_dim); cu_seqlens_q/_k: int32
@@ -443,8 +453,16 @@ def _check_paged(fn, k_cache, v_cache, block_table, q_like):
 
 
 def paged_attention(
-    q, k_cache, v_cache, block_table, cache_seqlens, softmax_scale=None, *, position_bias=None, backend=None
-):
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    softmax_scale: float | None = None,
+    *,
+    position_bias: RelativePositionBias | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
     """Attention of the newest tokens of each sequence over a paged KV cache (decode and chunked prefill).
 
     q: (batch, seqlen_q, n_heads, head_dim) — the last seqlen_q tokens of each sequence, whose K/V are
@@ -504,7 +522,15 @@ def paged_attention(
     return backend_op("paged_attn", chosen)(q, k_cache, v_cache, block_table, cache_seqlens, scale)
 
 
-def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, backend=None):
+def write_kv_cache(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    *,
+    backend: str | None = None,
+) -> None:
     """Stores new keys/values into the paged caches, in place.
 
     k, v: (num_tokens, n_kv_heads, head_dim); slot_mapping: (num_tokens,) int32/int64, token t goes to

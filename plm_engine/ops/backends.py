@@ -18,6 +18,7 @@ import functools
 import importlib
 import importlib.util
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -87,11 +88,11 @@ def availability(backend: str, device: torch.device, op: str) -> tuple[bool, str
 
 # Per (op, backend): a function that makes the backend's ops callable (imports a Triton module, registers
 # fake impls and autograd for _C ops). Op families register them; prepare() runs each at most once.
-_PREPARERS: dict[tuple[str, str], object] = {}
+_PREPARERS: dict[tuple[str, str], Callable[[], object]] = {}
 _PREPARED: set[tuple[str, str]] = set()
 
 
-def register_preparer(op: str, backend_names: tuple[str, ...], fn) -> None:
+def register_preparer(op: str, backend_names: tuple[str, ...], fn: Callable[[], object]) -> None:
     for b in backend_names:
         _PREPARERS[(op, b)] = fn
 

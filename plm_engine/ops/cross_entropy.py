@@ -98,8 +98,8 @@ class _FusedCrossEntropy(torch.autograd.Function):
         (dlogits,) = ctx.saved_tensors
         if dloss.dim() == 1 and dloss.numel() and dloss.stride(0) == 0:
             # "mean"/"sum": one upstream value broadcast to every row. A 0-dim factor keeps the in-place
-            # multiply in dlogits' dtype; an fp32 (N, 1) factor on 16-bit dlogits takes a promotion path
-            # measured 25x slower (1857 vs 70 ms at 4096 x 49152 bf16).
+            # multiply in dlogits' dtype; an fp32 (N, 1) factor on 16-bit dlogits takes a far slower
+            # promotion path (figures in benchmarks/results/NOTES.md).
             return dlogits.mul_(dloss[0]), None, None, None, None, None
         return dlogits.mul_(dloss.unsqueeze(1)), None, None, None, None, None
 
@@ -154,8 +154,15 @@ def _reduce(loss_rows, valid, reduction, shape, dtype):
 
 
 def cross_entropy(
-    logits, target, ignore_index=-100, label_smoothing=0.0, reduction="mean", *, inplace_backward=False, backend=None
-):
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    *,
+    inplace_backward: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
     """Cross-entropy of logits (..., V) against class indices target (...), fused with its gradient.
 
     Same loss as F.cross_entropy (label smoothing included), fp32 math for fp16/bf16 logits, result in
@@ -185,8 +192,8 @@ def cross_entropy(
 def default_chunk_size(n_tokens: int, vocab: int, hidden: int) -> int:
     """Token rows per chunk: about as many logits per chunk as the hidden states hold (Liger's rule),
     a power of two, at least 1024: every chunk re-reads the (V, d) weight three times (logits, grad_hidden,
-    grad_weight), so small chunks turn the head into a memory-bound loop (measured on CPU, 2 threads,
-    N=1024, V=8192, d=256, fwd+bwd: 64 rows 138 ms, 256 rows 89 ms, 1024 rows 82 ms, unfused 160 ms).
+    grad_weight), so small chunks turn the head into a memory-bound loop (figures in
+    benchmarks/results/NOTES.md).
     At SmolLM2's head (V=49152) a 1024-row chunk is 200 MB of fp32 logits, still a small part of the
     unfused (N, V) logits and their gradient."""
     rows = -(-n_tokens * hidden // max(vocab, 1))
@@ -302,17 +309,17 @@ def _linear_ce_chunks_impl(
 
 
 def linear_cross_entropy(
-    hidden,
-    weight,
-    target,
-    bias=None,
-    ignore_index=-100,
-    label_smoothing=0.0,
-    reduction="mean",
-    chunk_size=None,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
     *,
-    backend=None,
-):
+    backend: str | None = None,
+) -> torch.Tensor:
     """cross_entropy(hidden @ weight.T + bias, target) without ever holding the (N, V) logits.
 
     hidden: (..., d); weight: (V, d) (the LM head / tied embedding); bias: (V,) or None; target:
@@ -327,6 +334,7 @@ def linear_cross_entropy(
         dtype = torch.get_autocast_dtype(hidden.device.type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
+    t: torch.Tensor | None  # the loops below check hidden and weight, then the optional bias
     for label, t in (("hidden", hidden), ("weight", weight)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise ValueError(f"{name}: {label} must be a floating-point tensor")

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import functools
 import importlib
+import types
 
 import torch
 
 
 @functools.cache
-def load() -> tuple[object | None, str]:
+def load() -> tuple[types.ModuleType | None, str]:
     """Imports plm_engine._C once. Returns (module or None, reason it is missing)."""
     try:
         mod = importlib.import_module("plm_engine._C")
@@ -27,7 +28,8 @@ def load() -> tuple[object | None, str]:
 @functools.cache
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether torch.ops.plm_engine.<op> has a kernel for dispatch_key ("CPU" or "CUDA"). Cached: the
-    dispatcher lookup costs ~50 us, paid per op call otherwise, and _C's registrations never change."""
+    dispatcher lookup costs more than a small op, paid per op call otherwise, and _C's registrations
+    never change."""
     if load()[0] is None:
         return False
     try:

@@ -131,7 +131,15 @@ def _norm(name, is_rms, x, weight, bias, eps, residual, backend):
     return y if residual is None else (y, h.view(shape))
 
 
-def layer_norm(x, weight, bias=None, eps=1e-5, residual=None, *, backend=None):
+def layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    residual: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """LayerNorm over the last dim of x: (..., n) -> (..., n), fp32 statistics.
 
     With residual (same shape and dtype as x) computes h = x + residual first and returns (norm(h), h),
@@ -141,7 +149,14 @@ def layer_norm(x, weight, bias=None, eps=1e-5, residual=None, *, backend=None):
     return _norm("layer_norm", False, x, weight, bias, eps, residual, backend)
 
 
-def rms_norm(x, weight, eps=1e-6, residual=None, *, backend=None):
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    residual: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm over the last dim of x: (..., n) -> (..., n), fp32 statistics.
 
     With residual returns (norm(x + residual), x + residual). weight: (n,), x's dtype or float32.

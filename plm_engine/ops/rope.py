@@ -74,12 +74,12 @@ def rope_inv_freq(head_dim: int, theta: float = 10000.0, scaling: dict | None = 
 
 
 def rope_cos_sin(
-    positions,
+    positions: int | torch.Tensor,
     head_dim: int,
     theta: float = 10000.0,
     scaling: dict | None = None,
     dtype: torch.dtype = torch.float32,
-    device=None,
+    device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables for rope(): each (len(positions), head_dim / 2).
 
@@ -270,7 +270,17 @@ def _unsupported(q, cos) -> dict[str, str]:
     return {}
 
 
-def rope(q, k, cos, sin, interleaved=False, position_ids=None, inplace=False, *, backend=None):
+def rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    interleaved: bool = False,
+    position_ids: torch.Tensor | None = None,
+    inplace: bool = False,
+    *,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary position embedding of q and k; returns (q_out, k_out).
 
     q: (batch, seqlen, q_heads, head_dim) or packed varlen (total_tokens, q_heads, head_dim);

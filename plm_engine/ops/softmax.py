@@ -87,7 +87,9 @@ def _check_args(x, dim, scale, causal):
             raise ValueError(f"softmax: causal=True normalises over the last (key) dim; got dim={dim}")
 
 
-def softmax(x, dim=-1, scale=1.0, causal=False, *, backend=None):
+def softmax(
+    x: torch.Tensor, dim: int = -1, scale: float = 1.0, causal: bool = False, *, backend: str | None = None
+) -> torch.Tensor:
     """softmax(scale * x) along `dim`: same shape and dtype as x, fp32 math.
 
     A row of all -inf gives zeros (not NaN). causal=True: x is (..., sq, sk) attention scores and key

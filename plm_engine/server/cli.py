@@ -25,7 +25,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Serve a model over the OpenAI API: /v1/completions, /v1/chat/completions, "
         "/v1/embeddings, /v1/models, /health, /metrics.",
     )
-    s.add_argument("--model", default="smollm2-135m", help="generation model: a named default, HF folder or .gguf")
+    s.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="generation model: a HF folder, a .gguf file, a packaged name or a Hub id (org/name)",
+    )
     s.add_argument("--tokenizer", default=None, help="tokenizer name or path (default: the model's)")
     s.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
     s.add_argument("--embedding-model", default=None, help="also serve /v1/embeddings with this encoder (minilm-l6)")

@@ -11,6 +11,7 @@ none in tl.math across triton 3.6-3.9) and does not cancel for large negative x.
 """
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -361,7 +362,10 @@ def kernel_specs() -> list[KernelSpec]:
         for block_n in _BLOCK_N_CLASSES:
             cfg = launch_config(block_n)
             tile = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, INTERPRET=False)
-            variants = [("swiglu_fwd", _swiglu_fwd_kernel, {}), ("swiglu_bwd", _swiglu_bwd_kernel, {})]
+            variants: list[tuple[str, Any, dict[str, bool]]] = [  # Any: a triton.jit kernel
+                ("swiglu_fwd", _swiglu_fwd_kernel, {}),
+                ("swiglu_bwd", _swiglu_bwd_kernel, {}),
+            ]
             for tanh in (False, True):
                 form = "tanh" if tanh else "erf"
                 variants += [

@@ -904,8 +904,8 @@ _GPU_CONFIGS_UNALIGNED = {
         128: AttnConfig(32, 32, 8, 1),
     },
 }
-# Interpreter (CPU tests): a program instance costs about 1 ms of Python and numpy's work on a tile
-# little, so mid-sized tiles are fastest (3x faster than 32 x 16). BLOCK_M != BLOCK_N, both ways
+# Interpreter (CPU tests): a program instance costs a fixed slice of Python time and numpy's work on a
+# tile little, so mid-sized tiles are fastest (see benchmarks/results/NOTES.md). BLOCK_M != BLOCK_N, both ways
 # round, so the tests cover diagonal blocks that are not square.
 _INTERPRET_CONFIGS = {
     "fwd": AttnConfig(64, 32, 4, 1),

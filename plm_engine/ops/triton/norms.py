@@ -416,7 +416,8 @@ def _bwd_row_groups(device: torch.device, rows: int, warps_per_group: int) -> in
 
     On a GPU: about 16 warps per SM in all, which fits in one wave whenever a thread needs <= 128
     registers (report-kernels shows every shipped backward does) while other programs hide each one's
-    memory latency. Under the interpreter a few programs keep tests fast (about 1 ms each).
+    memory latency. Under the interpreter a few programs keep tests fast (each costs a fixed slice of Python
+    time: benchmarks/results/NOTES.md).
     """
     if device.type == "cuda":
         groups = _sm_count(device.index if device.index is not None else torch.cuda.current_device())

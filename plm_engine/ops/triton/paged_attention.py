@@ -264,7 +264,8 @@ ROW_TILES = (16, 32, 64)
 _PROGRAMS_PER_SM = 4
 _MIN_SPLIT_TOKENS = 256
 MAX_SPLITS = 64
-# Under the interpreter: two splits, so the tests run the merge, and small tiles (about 1 ms per program).
+# Under the interpreter: two splits, so the tests run the merge, and small tiles (interpreter costs:
+# benchmarks/results/NOTES.md).
 _INTERPRET_SPLITS = 2
 _INTERPRET_BLOCK_N = 16
 # Tokens per program of write_kv_cache: BLOCK_H * BLOCK_D elements, 8 per thread of 4 warps.
