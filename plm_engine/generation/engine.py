@@ -190,6 +190,7 @@ class Engine:
             raise ValueError("Engine: stop strings need a tokenizer")
         idx = next(self._ids)
         rid = str(request_id) if request_id is not None else f"req-{idx}"
+        seq: Sequence
         if self.seq2seq is not None:
             seq = self.seq2seq.sequence(ids, rid, idx, params, max_tokens)
         else:
@@ -302,7 +303,7 @@ class Engine:
 
     def _request_prompt(self, seq: Sequence) -> list[int]:
         """The prompt as the request gave it: an encoder-decoder model's source, not its decoder prompt."""
-        return seq.encoder_token_ids if self.seq2seq is not None else seq.prompt_token_ids
+        return self.seq2seq.source_ids(seq) if self.seq2seq is not None else seq.prompt_token_ids
 
     def _append_token(self, seq: Sequence, tok: int, lp: dict | None, now: float) -> RequestOutput:
         seq.token_ids.append(tok)

@@ -28,6 +28,7 @@ import torch
 from plm_engine.generation.sampler import SamplingParams
 from plm_engine.generation.scheduler import Sequence
 from plm_engine.layers.attention import CrossKV
+from plm_engine.models.seq2seq import Seq2SeqTransformer
 
 
 @dataclass(eq=False)
@@ -54,10 +55,11 @@ class Seq2SeqGeneration:
 
     _BATCH_CACHE = 2  # batch compositions kept (the prefill's and the decode's)
 
-    def __init__(self, model):
+    def __init__(self, model: Seq2SeqTransformer) -> None:
         c = model.config
         if c.decoder_start_token_id is None:
             raise ValueError("Engine: this encoder-decoder config has no decoder_start_token_id")
+        self.start_id = int(c.decoder_start_token_id)
         self.model = model
         self.config = c
         self.device = next(model.parameters()).device
@@ -77,11 +79,13 @@ class Seq2SeqGeneration:
             )
         return min(params.max_tokens, context_len - 1, cache_tokens)
 
-    def sequence(self, ids: list[int], request_id: str, seq_idx: int, params: SamplingParams, max_tokens: int):
+    def sequence(
+        self, ids: list[int], request_id: str, seq_idx: int, params: SamplingParams, max_tokens: int
+    ) -> Seq2SeqSequence:
         return Seq2SeqSequence(
             request_id=request_id,
             seq_idx=seq_idx,
-            prompt_token_ids=[int(self.config.decoder_start_token_id)],
+            prompt_token_ids=[self.start_id],
             params=params,
             max_tokens=max_tokens,
             encoder_token_ids=list(ids),
@@ -89,25 +93,34 @@ class Seq2SeqGeneration:
 
     # ---- the encoder (engine.step, for the admitted sequences) --------------------------------------
 
-    def encode(self, seqs: list[Seq2SeqSequence]) -> None:
+    @staticmethod
+    def source_ids(seq: Sequence) -> list[int]:
+        """The request's prompt: the encoder's input."""
+        if not isinstance(seq, Seq2SeqSequence):
+            raise TypeError(f"an encoder-decoder engine got a {type(seq).__name__}, not a Seq2SeqSequence")
+        return seq.encoder_token_ids
+
+    def encode(self, seqs: list[Sequence]) -> None:
         """Runs the encoder once over the sources not encoded yet (packed, one forward) and keeps each
         source's cross-attention keys and values."""
         todo = [s for s in seqs if s.seq_idx not in self._sources]
         if not todo:
             return
-        lens = [len(s.encoder_token_ids) for s in todo]
+        sources = [self.source_ids(s) for s in todo]
+        lens = [len(ids) for ids in sources]
         cu = [0]
         for n in lens:
             cu.append(cu[-1] + n)
         dev = self.device
-        ids = torch.tensor([t for s in todo for t in s.encoder_token_ids], dtype=torch.int64, device=dev)
+        ids = torch.tensor([t for src in sources for t in src], dtype=torch.int64, device=dev)
         positions = torch.tensor([p for n in lens for p in range(n)], dtype=torch.int64, device=dev)
         cu_t = torch.tensor(cu, dtype=torch.int32, device=dev)
         enc = self.model.encode(ids, cu_t, max(lens), positions)
         kv = self.model.cross_kv(enc, cu_t, max(lens))
+        ks, vs = kv.k or [], kv.v or []
         for i, s in enumerate(todo):
             a, b = cu[i], cu[i + 1]
-            self._sources[s.seq_idx] = _Source([k[a:b] for k in kv.k], [v[a:b] for v in kv.v])
+            self._sources[s.seq_idx] = _Source([k[a:b] for k in ks], [v[a:b] for v in vs])
 
     def forward_inputs(self, seqs: list[Sequence]) -> dict:
         """ModelRunner's hook: forward_tokens' cross=CrossKV for these sequences, in this order."""
