@@ -184,9 +184,12 @@ class Seq2SeqTransformer(nn.Module):
     # ---- parameters -------------------------------------------------------------------------------
 
     def reset_parameters(self) -> None:
-        """GPT-2 style init for training from scratch: N(0, 0.02), residual output projections scaled by
-        1/sqrt(2 * layers), zero biases, unit norms."""
+        """Init for training from scratch: GPT-2's N(0, 0.02), residual output projections scaled by
+        1/sqrt(2 * layers), zero biases, unit norms; but the query/key/value projections get
+        N(0, 1/hidden) (as T5's keys and values), so that attention is not uniform at the start: a small
+        model then finds the source-target alignment (cross-attention copying) in far fewer steps."""
         std, n = 0.02, self.config.n_layers + self.config.n_decoder_layers
+        qkv_std = self.config.hidden_size**-0.5
         for name, p in self.named_parameters():
             if p.is_meta:
                 continue
@@ -196,6 +199,8 @@ class Seq2SeqTransformer(nn.Module):
                 nn.init.ones_(p)
             elif name.endswith(("attn.out.weight", "cross.out.weight", "mlp.down.weight")):
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * n))
+            elif name.endswith(("attn.qkv.weight", "cross.q.weight", "cross.kv.weight")):
+                nn.init.normal_(p, 0.0, qkv_std)
             else:
                 nn.init.normal_(p, 0.0, std)
 
