@@ -113,7 +113,8 @@ class ModelConfig:
         self.decoder_vocab_size = self.decoder_vocab_size or self.vocab_size
         self.positions = self.positions or ("relative" if t5 else "learned")
         self.pre_norm = t5 if self.pre_norm is None else self.pre_norm
-        self.embed_norm = (not t5 and not self.pre_norm) if self.embed_norm is None else self.embed_norm
+        # BART and mBART normalise the embeddings (layernorm_embedding); Marian and T5 do not.
+        self.embed_norm = (not t5 and self.positions == "learned") if self.embed_norm is None else self.embed_norm
         self.final_logits_bias = (not t5) if self.final_logits_bias is None else self.final_logits_bias
         if self.n_kv_heads != self.n_heads:
             raise ValueError("ModelConfig: encoder-decoder models have no grouped-query attention (n_kv_heads)")
