@@ -291,15 +291,14 @@ def _unsupported(q: torch.Tensor, head_dim_limit_triton: int = 256) -> dict[str,
     return out
 
 
-# Backends whose kernels do not take the relative position bias yet: biased calls skip them.
-_RPB_PENDING = {
-    "triton": "the Triton kernels do not take a relative position bias yet",
-}
+# Per biased op, the backends whose kernels do not take the relative position bias (yet): biased calls
+# skip them.
+_RPB_PENDING: dict[str, dict[str, str]] = {}
 
 
-def _rpb_unsupported(q: torch.Tensor) -> dict[str, str]:
+def _rpb_unsupported(q: torch.Tensor, op: str) -> dict[str, str]:
     out = _unsupported(q)
-    for name, why in _RPB_PENDING.items():
+    for name, why in _RPB_PENDING.get(op, {}).items():
         out.setdefault(name, why)
     return out
 
@@ -323,7 +322,7 @@ def attention(q, k, v, causal=False, softmax_scale=None, return_lse=False, *, po
     scale = _scale(softmax_scale, q.shape[-1])
     if position_bias is not None:
         table, buckets = check_position_bias("attention", position_bias, q.shape[-2], q.device)
-        unsupported = _rpb_unsupported(q)
+        unsupported = _rpb_unsupported(q, "attn_rpb_fwd")
         unsupported.setdefault("cuda", "no CUDA C++ kernel for dense attention (use triton)")
         chosen = backends.choose(q.device, "attn_rpb_fwd", backend, unsupported)
         if chosen == "torch" or q.numel() == 0 or k.shape[1] == 0:
@@ -387,7 +386,7 @@ def attention_varlen(
     scale = _scale(softmax_scale, q.shape[-1])
     if position_bias is not None:
         table, buckets = check_position_bias("attention_varlen", position_bias, q.shape[-2], q.device)
-        unsupported = _rpb_unsupported(q)
+        unsupported = _rpb_unsupported(q, "attn_varlen_rpb_fwd")
         unsupported.setdefault("cuda", "no CUDA C++ kernel for varlen attention (use triton)")
         chosen = backends.choose(q.device, "attn_varlen_rpb_fwd", backend, unsupported)
         if chosen == "torch" or q.numel() == 0:
@@ -492,7 +491,7 @@ def paged_attention(
     scale = _scale(softmax_scale, q.shape[-1])
     if position_bias is not None:
         table, buckets = check_position_bias(fn, position_bias, q.shape[-2], q.device)
-        chosen = backends.choose(q.device, "paged_attn_rpb", backend, _rpb_unsupported(q))
+        chosen = backends.choose(q.device, "paged_attn_rpb", backend, _rpb_unsupported(q, "paged_attn_rpb"))
         if chosen == "torch" or q.numel() == 0:
             return paged_attention_ref(q, k_cache, v_cache, block_table, cache_seqlens, scale, position_bias)
         return backend_op("paged_attn_rpb", chosen)(

@@ -29,7 +29,11 @@ from tests.utils import device_backends, max_err
 
 def rpb_backends(op: str) -> list:
     """device_backends(op) without the backends whose kernels do not take the bias yet."""
-    return [p for p in device_backends(op) if p.values[1] not in sys.modules["plm_engine.ops.attention"]._RPB_PENDING]
+    return [
+        p
+        for p in device_backends(op)
+        if p.values[1] not in sys.modules["plm_engine.ops.attention"]._RPB_PENDING.get(op, {})
+    ]
 
 
 DENSE = rpb_backends("attn_rpb_fwd")
@@ -107,6 +111,7 @@ DENSE_SHAPES = [
     (1, 1, 45, 3, 3, 40, 16, 24),  # a decode-like row; distances past max_distance
     (1, 37, 23, 2, 1, 32, 12, 10),  # seqlen_q > seqlen_k: causal rows with no key
     (2, 30, 61, 4, 4, 16, 8, 6),  # seqlen_k > seqlen_q; a tiny exact range
+    (1, 130, 140, 2, 1, 16, 6, 7),  # tiles far off the diagonal lie in one bucket
 ]
 
 
