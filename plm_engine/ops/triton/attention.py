@@ -29,6 +29,12 @@ and dQ grids run the heaviest query blocks (the last ones) first, to shorten the
 Variable length: the same kernels with IS_VARLEN: a sequence's rows start at cu_seqlens[b] instead of
 b * stride_batch, the grid is sized by max_seqlen and programs past their sequence's end return.
 
+Relative position bias (T5; HAS_BIAS): every kernel that forms scores adds bias[h, clamp(key - query
+position, -max_distance, max_distance)], one fp32 row per head of table[bucket, h] * log2(e) that the
+launcher builds from the bucket table and lookup (plm_engine/ops/position_bias.py): a gather from a
+row of a few hundred floats per score, no (seqlen x seqlen) bias. dtable: see _bwd. Without a bias the
+bias arguments are None, which Triton turns into constexprs: the plain kernels compile as before.
+
 head_dim: any multiple of 8 up to 256; the kernels work on BLOCK_D = next_pow2(head_dim) (>= 16, the
 smallest tl.dot size) columns and mask the rest. Strides are passed for every tensor; only the last
 dimension has to be contiguous, so a q sliced out of a fused QKV projection is read in place.
@@ -749,10 +755,10 @@ def _attn_bwd_dq_inner(
             first = _rel_pos(start_n, m0 + BLOCK_M - 1 + shift, max_distance)
             last = _rel_pos(start_n + BLOCK_N - 1, m0 + shift, max_distance)
             if tl.load(Buckets + first) == tl.load(Buckets + last):
-                tl.atomic_add(DBias + first, tl.sum(tl.sum(ds, 1), 0))
+                tl.atomic_add(DBias + first, tl.sum(tl.sum(ds, 1), 0), sem="relaxed")
             else:
                 ok = ((m0 + offs_m)[:, None] < seqlen_q) & (cols[None, :] < seqlen_k)
-                tl.atomic_add(DBias + rel, ds, mask=ok)
+                tl.atomic_add(DBias + rel, ds, mask=ok, sem="relaxed")
     return dq
 
 
@@ -1008,10 +1014,37 @@ _INTERPRET_CONFIGS = {
 }
 
 
-# The bias variants hold one more (BLOCK_M x BLOCK_N) tile of bias values, its relative-position
-# indices, and (dQ) the atomics' addresses: where the plain configuration leaves too little register
-# headroom, smaller tiles. Keyed (kernel, BLOCK_D, aligned); report-kernels compiles every entry.
-_BIAS_CONFIGS: dict[tuple[str, int, bool], AttnConfig] = {}
+# Relative position bias variants (HAS_BIAS), aligned launches only (the launchers realign other
+# inputs). Each (BLOCK_M x BLOCK_N) score tile also gathers as many bias values, through as many
+# 64-bit addresses, and dQ issues the dtable atomics: the plain tiles reach 255 registers or spill, so
+# these are the largest that report-kernels compiles for sm_80 and sm_90 at <= 240 registers with no
+# spill. Forward: half the keys per tile (or half the queries where the halved keys still did not
+# fit); dQ: 64-row query tiles; dK/dV: two pipeline stages instead of three (three reached 255 even
+# at 16 x 64 for head_dim 32) and half the keys, from head_dim 128 one stage (no room for a second
+# K/V tile in flight). BLOCK_D 16 keeps the plain forward and dQ tiles.
+_BIAS_CONFIGS = {
+    "fwd": {
+        16: _GPU_CONFIGS["fwd"][16],
+        32: AttnConfig(128, 64, 8, 3),
+        64: AttnConfig(64, 64, 8, 3),
+        128: AttnConfig(64, 64, 8, 3),
+        256: AttnConfig(32, 32, 8, 2),
+    },
+    "bwd_dq": {
+        16: _GPU_CONFIGS["bwd_dq"][16],
+        32: AttnConfig(64, 32, 8, 3),
+        64: AttnConfig(64, 16, 8, 3),
+        128: AttnConfig(64, 32, 8, 2),
+        256: AttnConfig(32, 32, 8, 2),
+    },
+    "bwd_dkdv": {
+        16: AttnConfig(32, 64, 8, 2),
+        32: AttnConfig(32, 64, 8, 2),
+        64: AttnConfig(32, 32, 8, 2),
+        128: AttnConfig(16, 32, 8, 1),
+        256: AttnConfig(16, 16, 8, 1),
+    },
+}
 
 
 def block_d_for(head_dim: int) -> int:
@@ -1026,20 +1059,20 @@ def launch_config(
 
     aligned: whether the launch is 16-divisible in everything that shapes its tile loads (_aligned);
     report-kernels compiles the aligned table as align16 and the unaligned one as align1. bias: the
-    relative-position-bias variant (HAS_BIAS), where _BIAS_CONFIGS overrides the tables."""
+    relative-position-bias variant (HAS_BIAS), aligned only: _BIAS_CONFIGS."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if head_dim % 8 or not 8 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"head_dim must be a multiple of 8 in [8, {MAX_HEAD_DIM}], got {head_dim}")
     if interpret:
         return _INTERPRET_CONFIGS[kernel]
+    if bias and kernel in _BIAS_CONFIGS:
+        if not aligned:
+            raise ValueError(f"the bias variant of {kernel} runs aligned only (the launchers realign its inputs)")
+        return _BIAS_CONFIGS[kernel][block_d_for(head_dim)]
     table = (_GPU_CONFIGS if aligned else _GPU_CONFIGS_UNALIGNED)[kernel]
     if block_d_for(head_dim) not in table:
         raise ValueError(f"no unaligned {kernel} configuration for head_dim {head_dim}: launch it aligned")
-    if bias:
-        override = _BIAS_CONFIGS.get((kernel, block_d_for(head_dim), aligned))
-        if override is not None:
-            return override
     return table[block_d_for(head_dim)]
 
 
@@ -1176,7 +1209,15 @@ def _fwd(q, k, v, cu_q, cu_k, batch, max_q, max_k, causal, scale, varlen, bias: 
     out_buf = _out_buffer(out)
     interpret = _interpreted()
     strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out_buf, varlen))
-    cfg = _config("fwd", d, interpret, _aligned((q, k, v, out_buf, lse), strides), bias is not None)
+    aligned = _aligned((q, k, v, out_buf, lse), strides)
+    if bias is not None and not aligned:
+        # The bias variants ship aligned configurations only (the unaligned loads' 64-bit addresses
+        # and the bias gather do not fit in registers together): run them on 16-aligned copies.
+        q, k, v = (_realigned(t) for t in (q, k, v))
+        out_buf = _realigned(out, copy=False)
+        strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out_buf, varlen))
+        aligned = True
+    cfg = _config("fwd", d, interpret, aligned, bias is not None)
     grid = (triton.cdiv(max_q, cfg.block_m), h, batch)
     cu_q = cu_q if varlen else q  # dense: never read
     cu_k = cu_k if varlen else q
@@ -1229,8 +1270,9 @@ def _bwd(dout, q, k, v, out, lse, cu_q, cu_k, batch, max_q, max_k, causal, scale
     tiles = (q, k, v, out, dout, dq_buf, dk_buf, dv_buf)
     aligned = _aligned((*tiles, lse), [s for t in tiles for s in _strides(t, varlen)])
     has_bias = bias is not None
-    if not aligned and block_d_for(d) not in _GPU_CONFIGS_UNALIGNED["bwd_dkdv"]:
-        # No unaligned configuration fits: run the aligned one on 16-aligned copies instead.
+    if not aligned and (has_bias or block_d_for(d) not in _GPU_CONFIGS_UNALIGNED["bwd_dkdv"]):
+        # No unaligned configuration fits (or, with a bias, ships): run the aligned one on 16-aligned
+        # copies instead.
         q, k, v, out, dout = (_realigned(t) for t in (q, k, v, out, dout))
         dq_buf, dk_buf, dv_buf = (_realigned(t, copy=False) for t in (dq, dk, dv))
         lse = lse if lse.data_ptr() % 16 == 0 else lse.clone()
@@ -1627,6 +1669,8 @@ def kernel_specs() -> list[KernelSpec]:
     specs = []
     for aligned, alignment in ((True, 16), (False, 1)):
         for head_dim, causal, varlen, bias in variants:
+            if bias and not aligned:  # the launchers realign such inputs (_fwd, _bwd)
+                continue
             types = _types("bf16", bias)
             for kernel, fn in kernels.items():
                 if not aligned and block_d_for(head_dim) not in _GPU_CONFIGS_UNALIGNED[kernel]:

@@ -310,6 +310,8 @@ def paged_config(n_rows: int, head_dim: int, interpret: bool = False, bias: bool
         raise ValueError(f"head_dim must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
     block_d = max(16, triton.next_power_of_2(head_dim))
     tiles = ROW_TILES if block_d < 256 else tuple(m for m in ROW_TILES if m <= 32)
+    if bias:
+        tiles = tuple(m for m in tiles if m <= _BIAS_MAX_BLOCK_M.get(block_d, m))
     block_m = next((m for m in tiles if m >= n_rows), tiles[-1])
     if interpret:
         return PagedConfig(block_m, _INTERPRET_BLOCK_N, block_d, 4, 1)
@@ -321,14 +323,27 @@ def paged_config(n_rows: int, head_dim: int, interpret: bool = False, bias: bool
         cfg = PagedConfig(block_m, 16 if block_m >= 64 else 32, block_d, 8, 2)
     else:
         cfg = PagedConfig(block_m, 16, block_d, 8, 2)
-    if bias and (block_d, block_m) in _BIAS_BLOCK_N:
-        cfg = PagedConfig(block_m, _BIAS_BLOCK_N[block_d, block_m], block_d, cfg.num_warps, cfg.num_stages)
+    if bias and (block_d, block_m) in _BIAS_TILES:
+        block_n, stages = _BIAS_TILES[block_d, block_m]
+        cfg = PagedConfig(block_m, block_n, block_d, cfg.num_warps, stages)
     return cfg
 
 
-# Keys per tile of the bias variant where the plain one's leaves too little register headroom, by
-# (BLOCK_D, BLOCK_M); report-kernels compiles every bias variant.
-_BIAS_BLOCK_N: dict[tuple[int, int], int] = {}
+# The bias variant gathers a (BLOCK_M x BLOCK_N) tile of bias values through as many 64-bit addresses:
+# where the plain tiles then pass 240 registers (or spill) in report-kernels' align1 specialisation,
+# fewer keys per tile, fewer pipeline stages at head_dim 256, and at most 32 (head_dim 128) or 16
+# (head_dim 256) query rows per tile (16 keys is tl.dot's minimum; larger groups take more row tiles).
+_BIAS_MAX_BLOCK_M = {128: 32, 256: 16}
+_BIAS_TILES = {  # (BLOCK_D, BLOCK_M) -> (BLOCK_N, num_stages)
+    (16, 64): (32, 2),
+    (32, 32): (32, 2),
+    (32, 64): (16, 2),
+    (64, 16): (32, 2),
+    (64, 32): (16, 2),
+    (64, 64): (16, 2),
+    (128, 32): (16, 2),
+    (256, 16): (16, 1),
+}
 
 
 def write_config(n_kv_heads: int, head_dim: int) -> tuple[int, int, int]:
@@ -702,8 +717,8 @@ def kernel_specs() -> list[KernelSpec]:
     bias_types = split_types | {"Bias_ptr": "*fp32", "max_distance": i32}
     specs = []
     for head_dim in (16, 32, 64, 128, 256):
-        for block_m in sorted({paged_config(m, head_dim).block_m for m in ROW_TILES}):
-            for bias in (False, True):
+        for bias in (False, True):
+            for block_m in sorted({paged_config(m, head_dim, bias=bias).block_m for m in ROW_TILES}):
                 cfg = paged_config(block_m, head_dim, bias=bias)
                 flags = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, INTERPRET=False)
                 flags |= dict(HAS_BIAS=bias) | ({} if bias else dict(Bias_ptr=None, max_distance=None))
