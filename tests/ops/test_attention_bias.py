@@ -219,6 +219,20 @@ def test_bwd_reference_matches_autograd():
     torch.testing.assert_close(dtable_v.double(), dtable, rtol=1e-5, atol=1e-6)
 
 
+def test_bias_after_inference_mode_still_trains():
+    """The memoised bucket lookup first built under inference_mode is still usable by autograd."""
+    g = torch.Generator().manual_seed(4)
+    q, k = torch.randn(1, 5, 2, 16, generator=g), torch.randn(1, 6, 2, 16, generator=g)
+    table = torch.randn(14, 2, generator=g)
+    with torch.inference_mode():  # 14 buckets / 31: parameters no other test uses, so this call builds it
+        ops.attention(q, k, k, position_bias=ops.RelativePositionBias(table, True, 31))
+    leaf = table.clone().requires_grad_()
+    for backend in backends.usable_backends(torch.device("cpu"), "attn_rpb_fwd"):
+        out = ops.attention(q, k, k, position_bias=ops.RelativePositionBias(leaf, True, 31), backend=backend)
+        (dtable,) = torch.autograd.grad(out.sum(), leaf)
+        assert torch.isfinite(dtable).all()
+
+
 def test_bad_position_bias():
     q, k = torch.randn(1, 4, 2, 16), torch.randn(1, 4, 2, 16)
     with pytest.raises(TypeError, match="RelativePositionBias"):
