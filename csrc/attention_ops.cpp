@@ -1,6 +1,4 @@
-// Schemas of the attention ops and the argument checks shared by their CPU and CUDA kernels.
-// The kernels register themselves: csrc/cpu/attention.cpp (CPU: all of them), csrc/cuda/paged_attention.cu
-// (CUDA: paged_attn, write_kv_cache).
+// The attention family's schemas and the argument checks its CPU and CUDA entry points share (attention.h).
 #include <torch/library.h>
 
 #include "attention.h"
@@ -131,7 +129,7 @@ TORCH_LIBRARY_FRAGMENT(plm_engine, m) {
   m.def("paged_attn(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor cache_seqlens,"
         " float scale) -> Tensor");
   m.def("write_kv_cache(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
-  // With T5's relative position bias (plm_engine/ops/attention.py's docstring).
+  // With T5's relative position bias (plm_engine/ops/contracts/attention.py, paged_attention.py).
   m.def("attn_rpb_fwd(Tensor q, Tensor k, Tensor v, Tensor table, Tensor buckets, bool causal, float scale)"
         " -> (Tensor, Tensor)");
   m.def("attn_rpb_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor table,"

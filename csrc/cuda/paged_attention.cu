@@ -53,6 +53,7 @@
 #include <limits>
 
 #include "attention.h"
+#include "common/dispatch.h"
 #include "cuda/paged_attention_kernels.cuh"
 
 namespace plm_engine {
@@ -98,21 +99,6 @@ void launch_paged(const PagedParams& p, int rows, dim3 grid, int64_t n_out_rows,
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
-
-// Calls fn with a value of the C++ type of dtype (float32, float16 or bfloat16: what the checks allow).
-template <typename Fn>
-void dispatch_float(at::ScalarType dtype, Fn&& fn) {
-  switch (dtype) {
-    case at::kFloat: fn(float{}); break;
-    case at::kHalf: fn(at::Half{}); break;
-    case at::kBFloat16: fn(at::BFloat16{}); break;
-    default: TORCH_CHECK(false, "write_kv_cache (CUDA): unsupported dtype ", dtype);
-  }
-}
-
-}  // namespace
-
-namespace {
 
 Tensor paged_attn_impl(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& block_table,
                        const Tensor& cache_seqlens, double scale, const Tensor* bias_rows) {
@@ -191,8 +177,6 @@ Tensor paged_attn_impl(const Tensor& q, const Tensor& k_cache, const Tensor& v_c
   return out;
 }
 
-}  // namespace
-
 Tensor paged_attn_cuda(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& block_table,
                        const Tensor& cache_seqlens, double scale) {
   return paged_attn_impl(q, k_cache, v_cache, block_table, cache_seqlens, scale, nullptr);
@@ -241,9 +225,9 @@ void write_kv_cache_cuda(const Tensor& k, const Tensor& v, Tensor k_cache, Tenso
                       cuda::is_aligned(p.v_cache, 16);
   const dim3 grid(static_cast<unsigned>(ceil_div<int64_t>(n_tokens, kWarps)));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  dispatch_float(k.scalar_type(), [&](auto in_tag) {
+  dispatch_float(k.scalar_type(), "write_kv_cache (CUDA)", [&](auto in_tag) {
     using Tin = decltype(in_tag);
-    dispatch_float(k_cache.scalar_type(), [&](auto out_tag) {
+    dispatch_float(k_cache.scalar_type(), "write_kv_cache (CUDA)", [&](auto out_tag) {
       using Tout = decltype(out_tag);
       if (packed) {
         write_kv_cache_kernel<Tin, Tout, 8><<<grid, kThreads, 0, stream>>>(p);
@@ -255,6 +239,7 @@ void write_kv_cache_cuda(const Tensor& k, const Tensor& v, Tensor k_cache, Tenso
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+}  // namespace
 }  // namespace plm_engine
 
 TORCH_LIBRARY_IMPL(plm_engine, CUDA, m) {

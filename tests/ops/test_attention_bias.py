@@ -5,12 +5,9 @@ reference."""
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 
-import plm_engine.ops.attention  # noqa: F401  (the module; ops.attention is the function)
 from plm_engine import ops
 from plm_engine.ops import backends
 from plm_engine.ops.position_bias import bias_from_lookup, bucket_lookup
@@ -26,19 +23,9 @@ from plm_engine.ops.reference import (
 from tests.ops.test_attention import check_2x, paged_case, rand, varlen_case
 from tests.utils import device_backends, max_err
 
-
-def rpb_backends(op: str) -> list:
-    """device_backends(op) without the backends whose kernels do not take the bias yet."""
-    return [
-        p
-        for p in device_backends(op)
-        if p.values[1] not in sys.modules["plm_engine.ops.attention"]._RPB_PENDING.get(op, {})
-    ]
-
-
-DENSE = rpb_backends("attn_rpb_fwd")
-VARLEN = rpb_backends("attn_varlen_rpb_fwd")
-PAGED = rpb_backends("paged_attn_rpb")
+DENSE = device_backends("attn_rpb_fwd")
+VARLEN = device_backends("attn_varlen_rpb_fwd")
+PAGED = device_backends("paged_attn_rpb")
 
 BUCKET_PARAMS = [(True, 32, 128), (False, 32, 128), (True, 8, 20), (False, 6, 9), (True, 33, 50), (False, 64, 300)]
 
