@@ -72,6 +72,10 @@ class Seq2SeqGeneration:
     def max_tokens(self, ids: list[int], params: SamplingParams, context_len: int, cache_tokens: int) -> int:
         """Checks a source prompt; the most tokens the request may generate. The decoder holds the start
         token plus the output (the last one never fed back), within its context and the cache."""
+        if params.prompt_logprobs is not None:
+            raise ValueError(
+                "Engine: prompt_logprobs need a decoder-only model (an encoder-decoder does not score its source)"
+            )
         if len(ids) > self.source_limit:
             raise ValueError(
                 f"Engine: the prompt has {len(ids)} tokens but the encoder's context holds {self.source_limit}; "

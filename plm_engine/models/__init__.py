@@ -8,7 +8,8 @@ model = build_model(ModelConfig.preset("t5-tiny"))    # the right class for any 
 """
 
 from plm_engine.models.config import ModelConfig
-from plm_engine.models.loading import load_model, save_pretrained
+from plm_engine.models.hf_checkpoint import save_pretrained
+from plm_engine.models.loading import load_model
 from plm_engine.models.seq2seq import Seq2SeqTransformer
 from plm_engine.models.transformer import ModelOutput, Transformer
 

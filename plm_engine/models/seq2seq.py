@@ -222,8 +222,8 @@ class Seq2SeqTransformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def save_pretrained(self, path):
-        """config.json + model.safetensors under transformers' names (models.loading.save_pretrained)."""
-        from plm_engine.models.loading import save_pretrained
+        """config.json + model.safetensors under transformers' names (models.hf_checkpoint.save_pretrained)."""
+        from plm_engine.models.hf_checkpoint import save_pretrained
 
         return save_pretrained(self, path)
 

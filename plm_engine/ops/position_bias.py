@@ -102,10 +102,14 @@ def bucket_lookup(bidirectional: bool, num_buckets: int, max_distance: int, devi
     lut = _LUT_CACHE.get(key)
     if lut is not None:
         return lut
-    rel = torch.arange(-max_distance, max_distance + 1, device=device)
-    lut = relative_position_bucket(rel, bidirectional, num_buckets, max_distance).to(torch.int32)
-    if not _capturing_or_compiling():
-        _LUT_CACHE[key] = lut
+    if _capturing_or_compiling():
+        rel = torch.arange(-max_distance, max_distance + 1, device=device)
+        return relative_position_bucket(rel, bidirectional, num_buckets, max_distance).to(torch.int32)
+    # A normal tensor even when first asked for under inference_mode: autograd saves it for backward.
+    with torch.inference_mode(False):
+        rel = torch.arange(-max_distance, max_distance + 1, device=device)
+        lut = relative_position_bucket(rel, bidirectional, num_buckets, max_distance).to(torch.int32)
+    _LUT_CACHE[key] = lut
     return lut
 
 
