@@ -157,15 +157,17 @@ def test_engine_step_forwards_read_nothing(llama, monkeypatch):
     assert [len(o.token_ids) for o in outs] == [6, 6]
 
 
-def test_seq2seq_engine_forwards_read_nothing(monkeypatch):
+@pytest.mark.parametrize("preset", ["bart-tiny", "t5-tiny"])
+def test_seq2seq_engine_forwards_read_nothing(monkeypatch, preset):
     """Encoder-decoder models in the engine: the encoder pass, its cross-attention keys/values and the
-    decoder's forwards read no host value either."""
+    decoder's forwards (T5: relative position bias in the kernels, paged decode included) read no host
+    value either."""
     from plm_engine.generation.engine import Engine
     from plm_engine.generation.sampler import SamplingParams
     from plm_engine.models.seq2seq import Seq2SeqTransformer
 
     torch.manual_seed(0)
-    model = Seq2SeqTransformer(ModelConfig.preset("bart-tiny")).eval()
+    model = Seq2SeqTransformer(ModelConfig.preset(preset)).eval()
     engine = Engine(model, tokenizer=None, max_num_seqs=4, kv_cache_tokens=256, block_size=16, cuda_graphs=False)
     for name in ("encode", "cross_kv", "forward_tokens"):
         fn = getattr(model, name)
@@ -216,7 +218,13 @@ def test_compile_fullgraph_decode_and_training_step(llama):
 
 @pytest.mark.parametrize(
     "objective, model",
-    [("clm", "gpt2-tiny"), ("mlm", "bert-tiny"), ("classify", "bert-tiny"), ("seq2seq", "bart-tiny")],
+    [
+        ("clm", "gpt2-tiny"),
+        ("mlm", "bert-tiny"),
+        ("classify", "bert-tiny"),
+        ("seq2seq", "bart-tiny"),
+        ("seq2seq", "t5-tiny"),
+    ],
 )
 def test_trainer_forward_backward_read_nothing(tmp_path, objective, model):
     """The trainer's micro-batch forward and backward, for every objective: its batches are checked and
