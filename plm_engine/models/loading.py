@@ -20,7 +20,12 @@ from plm_engine.models.transformer import Transformer
 
 def build_from_tensors(config: ModelConfig, tensors, dtype: torch.dtype, device, source: str) -> Transformer:
     """A Transformer whose parameters are the HF-named tensors (a mapping name -> tensor, read lazily),
-    built on the meta device and assigned in place. source names the file(s) in errors."""
+    built on the meta device and assigned in place. source names the file(s) in errors. Encoder-decoder
+    configs give a Seq2SeqTransformer (models/seq2seq_hf.py)."""
+    if config.is_encoder_decoder:
+        from plm_engine.models import seq2seq_hf
+
+        return seq2seq_hf.build(config, tensors, dtype, device, source)
     names = {strip_prefix(k): k for k in tensors.keys()}
     if config.arch == "bert":  # BertModel has a pooler and no MLM head, BertForMaskedLM the reverse
         config = config.replace(
@@ -131,7 +136,8 @@ def load_gguf(path, dtype=None, device=None) -> Transformer:
 def load_model(name_or_path, dtype=None, device=None) -> Transformer:
     """A model, in eval mode, from a HF folder or a .gguf file, a packaged name ("smollm2-135m",
     "minilm-l6") or a Hugging Face Hub id ("HuggingFaceTB/SmolLM2-135M-Instruct"), tried in that order
-    (models.registry.resolve); ModelNotFoundError when it names none of them.
+    (models.registry.resolve); ModelNotFoundError when it names none of them. Encoder-decoder folders
+    (BART, mBART, Marian, T5) give a Seq2SeqTransformer.
 
     dtype: None -> float32 on CPU, the checkpoint's 16-bit dtype on CUDA. load_model.last_load_seconds
     records how long the last load took.
