@@ -1276,7 +1276,7 @@ def _bwd(dout, q, k, v, out, lse, cu_q, cu_k, batch, max_q, max_k, causal, scale
             dv_buf,
             cu_q,
             cu_k,
-            bias.rows if has_bias else None,
+            bias.rows if bias is not None else None,
             *common,
             *_strides(dk_buf, varlen),
             *_strides(dv_buf, varlen),
@@ -1286,7 +1286,7 @@ def _bwd(dout, q, k, v, out, lse, cu_q, cu_k, batch, max_q, max_k, causal, scale
             group,
             scale,
             scale * LOG2E,
-            bias.max_distance if has_bias else None,
+            bias.max_distance if bias is not None else None,
             **_flags(d, cfg, causal, varlen, interpret, has_bias),
         )
 
@@ -1301,8 +1301,8 @@ def _bwd(dout, q, k, v, out, lse, cu_q, cu_k, batch, max_q, max_k, causal, scale
             dq_buf,
             cu_q,
             cu_k,
-            bias.rows if has_bias else None,
-            bias.buckets if has_bias else None,
+            bias.rows if bias is not None else None,
+            bias.buckets if bias is not None else None,
             dbias,
             *common,
             *_strides(dq_buf, varlen),
@@ -1312,7 +1312,7 @@ def _bwd(dout, q, k, v, out, lse, cu_q, cu_k, batch, max_q, max_k, causal, scale
             group,
             scale,
             scale * LOG2E,
-            bias.max_distance if has_bias else None,
+            bias.max_distance if bias is not None else None,
             **_flags(d, cfg, causal, varlen, interpret, has_bias),
         )
     return _finish(dq, dq_buf), _finish(dk, dk_buf), _finish(dv, dv_buf), dbias

@@ -431,6 +431,7 @@ def launch_paged_attn(
         return out
     bias_rows = max_distance = None
     if table is not None:
+        assert buckets is not None  # checked with table above
         bias_rows = (table.t()[:, buckets.long()] * LOG2E).contiguous()  # (n_heads, 2 * max_distance + 1)
         max_distance = (buckets.numel() - 1) // 2
     group = n_heads // n_kv_heads
@@ -655,8 +656,11 @@ def kernel_specs() -> list[KernelSpec]:
         for bias in (False, True):
             for block_m in sorted({paged_config(m, head_dim, bias=bias).block_m for m in ROW_TILES}):
                 cfg = paged_config(block_m, head_dim, bias=bias)
-                flags = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, INTERPRET=False)
-                flags |= dict(HAS_BIAS=bias) | ({} if bias else dict(Bias_ptr=None, max_distance=None))
+                flags: dict[str, object] = dict(
+                    BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, INTERPRET=False, HAS_BIAS=bias
+                )
+                if not bias:
+                    flags |= dict(Bias_ptr=None, max_distance=None)
                 specs.append(
                     KernelSpec(
                         f"paged_attn_split[BLOCK_M={cfg.block_m},BLOCK_N={cfg.block_n},BLOCK_D={cfg.block_d},"
