@@ -8,10 +8,14 @@ sit at the top level in both.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from plm_engine.models.config import ModelConfig
-from plm_engine.models.seq2seq import Seq2SeqTransformer
+
+if TYPE_CHECKING:
+    from plm_engine.models.seq2seq import Seq2SeqTransformer
 
 _TOP_LEVEL = ("lm_head.", "final_logits_bias")
 
@@ -104,47 +108,21 @@ def _prefix(c: ModelConfig) -> str:
     return "" if c.arch == "t5" else "model."
 
 
-def _strip(name: str) -> str:
+def strip_prefix(name: str) -> str:
+    """An HF tensor name without BART's "model." trunk prefix (T5's names have none)."""
     return name[len("model.") :] if name.startswith("model.") else name
 
 
-def build(config: ModelConfig, tensors, dtype: torch.dtype, device, source: str) -> Seq2SeqTransformer:
-    """A Seq2SeqTransformer whose parameters are the HF-named tensors (a mapping name -> tensor, read
-    lazily), built on the meta device and assigned in place. source names the file(s) in errors."""
-    names = {_strip(k): k for k in tensors.keys()}
-    if not config.tie_word_embeddings or "lm_head.weight" in names:
-        # As transformers 5 loads them: a head that is absent, or equal to the target embedding, is tied.
-        embed = "decoder.embed_tokens.weight" if not config.share_embeddings else "shared.weight"
-        embed = embed if embed in names else "encoder.embed_tokens.weight"
-        head = tensors[names["lm_head.weight"]] if "lm_head.weight" in names else None
-        tied = head is None or (embed in names and torch.equal(head, tensors[names[embed]]))
-        config = config.replace(tie_word_embeddings=tied)
-    with torch.device("meta"):
-        model = Seq2SeqTransformer(config)
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    state = {}
-    for ours, hf_names, mode in param_map(config):
-        if mode == "first":
-            hf_names = [next((n for n in hf_names if n in names), hf_names[0])]
-        missing = [n for n in hf_names if n not in names]
-        if missing and ours == "final_logits_bias":  # transformers treats a missing one as zeros
-            state[ours] = torch.zeros(shapes[ours], dtype=dtype, device=device)
-            continue
-        if missing:
-            raise ValueError(
-                f"{source}: checkpoint has no tensor {missing[0]!r} (needed for {ours}) for a "
-                f"{config.hf_architecture()} with {config.n_layers} + {config.n_decoder_layers} layers"
-            )
-        parts = [tensors[names[n]] for n in hf_names]
-        t = torch.cat(parts, 0) if mode == "cat" else parts[0].reshape(-1) if mode == "row" else parts[0]
-        if tuple(t.shape) != shapes[ours]:
-            raise ValueError(
-                f"{source}: tensor {', '.join(names[n] for n in hf_names)} has shape {tuple(parts[0].shape)}, "
-                f"which does not fit the config (expected {ours} {shapes[ours]})"
-            )
-        state[ours] = t.to(device=device, dtype=dtype).contiguous()
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
+def tie_from_tensors(config: ModelConfig, tensors, names: dict[str, str]) -> ModelConfig:
+    """config with tie_word_embeddings as the checkpoint's tensors say (names: stripped -> HF name).
+    As transformers 5 loads them: a head that is absent, or equal to the target embedding, is tied."""
+    if config.tie_word_embeddings and "lm_head.weight" not in names:
+        return config
+    embed = "decoder.embed_tokens.weight" if not config.share_embeddings else "shared.weight"
+    embed = embed if embed in names else "encoder.embed_tokens.weight"
+    head = tensors[names["lm_head.weight"]] if "lm_head.weight" in names else None
+    tied = head is None or (embed in names and torch.equal(head, tensors[names[embed]]))
+    return config.replace(tie_word_embeddings=tied)
 
 
 def hf_state_dict(model: Seq2SeqTransformer) -> dict[str, torch.Tensor]:
