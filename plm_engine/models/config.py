@@ -13,7 +13,14 @@ Two encoder-decoder families share one Seq2SeqTransformer (plm_engine.models.seq
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass, field
+from importlib import resources
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
 ARCHS = ("gpt2", "bert", "llama", "bart", "t5")
 SEQ2SEQ_ARCHS = ("bart", "t5")
@@ -491,121 +498,6 @@ def _num_labels(hf: dict) -> int:
     return len(hf.get("id2label") or {}) or hf.get("num_labels", 2)
 
 
-PRESETS: dict[str, dict] = {
-    # tiny models for tests and demos
-    "gpt2-tiny": dict(arch="gpt2", vocab_size=512, hidden_size=64, n_layers=2, n_heads=4, max_position_embeddings=256),
-    "bert-tiny": dict(
-        arch="bert",
-        vocab_size=512,
-        hidden_size=64,
-        n_layers=2,
-        n_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=256,
-        type_vocab_size=2,
-        pooler=True,
-        mlm_head=True,
-        norm_eps=1e-12,
-    ),
-    "llama-tiny": dict(
-        arch="llama",
-        vocab_size=512,
-        hidden_size=64,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        intermediate_size=160,
-        max_position_embeddings=256,
-        norm_eps=1e-6,
-        tie_word_embeddings=False,
-    ),
-    "bart-tiny": dict(
-        arch="bart",
-        vocab_size=512,
-        hidden_size=64,
-        n_layers=2,
-        n_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=256,
-        pad_token_id=1,
-        bos_token_id=0,
-        eos_token_id=2,
-        decoder_start_token_id=2,
-    ),
-    "t5-tiny": dict(
-        arch="t5",
-        vocab_size=512,
-        hidden_size=64,
-        n_layers=2,
-        n_heads=4,
-        head_dim=16,
-        intermediate_size=128,
-        activation="geglu",
-        max_position_embeddings=256,
-        norm_eps=1e-6,
-        scale_decoder_outputs=True,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    ),
-    # small models for the CPU demos and benchmarks
-    # mBART's layout (pre-norm): trained from scratch on a CPU budget, post-norm BART's decoder settles on
-    # a plain language model that ignores the encoder; pre-norm learns to read the source early.
-    "mbart-small-cpu": dict(
-        arch="bart",
-        vocab_size=8192,
-        hidden_size=256,
-        n_layers=3,
-        n_heads=4,
-        intermediate_size=1024,
-        max_position_embeddings=512,
-        pre_norm=True,
-        pad_token_id=1,
-        bos_token_id=0,
-        eos_token_id=2,
-        decoder_start_token_id=2,
-        extra={"model_type": "mbart"},
-    ),
-    "gpt2-small-cpu": dict(
-        arch="gpt2", vocab_size=8192, hidden_size=256, n_layers=6, n_heads=8, max_position_embeddings=512
-    ),
-    # the shapes of real checkpoints
-    "gpt2": dict(
-        arch="gpt2",
-        vocab_size=50257,
-        hidden_size=768,
-        n_layers=12,
-        n_heads=12,
-        max_position_embeddings=1024,
-        bos_token_id=50256,
-        eos_token_id=50256,
-    ),
-    "smollm2-135m": dict(
-        arch="llama",
-        vocab_size=49152,
-        hidden_size=576,
-        n_layers=30,
-        n_heads=9,
-        n_kv_heads=3,
-        intermediate_size=1536,
-        max_position_embeddings=8192,
-        norm_eps=1e-5,
-        rope_theta=100000.0,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-    ),
-    "minilm-l6": dict(
-        arch="bert",
-        vocab_size=30522,
-        hidden_size=384,
-        n_layers=6,
-        n_heads=12,
-        intermediate_size=1536,
-        max_position_embeddings=512,
-        norm_eps=1e-12,
-        type_vocab_size=2,
-        pooler=True,
-        pad_token_id=0,
-    ),
-}
+# The named configs (tiny test models, small CPU demo models, the shapes of real checkpoints) are data:
+# presets.toml beside this file, one table per preset.
+PRESETS: dict[str, dict] = tomllib.loads(resources.files(__package__).joinpath("presets.toml").read_text())
