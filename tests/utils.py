@@ -23,6 +23,16 @@ def max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return (a.double() - ref.double()).abs().max().item() if a.numel() else 0.0
 
 
+def assert_logits_match(out: torch.Tensor, ref: torch.Tensor, keep: torch.Tensor, what: str, pad) -> None:
+    """fp32 logits of our model against transformers' at the kept (unpadded) positions, to 1e-4 of the logit
+    scale; with padding, our padded positions are zeros."""
+    err = (out[keep] - ref[keep]).abs().max().item()
+    scale = ref[keep].abs().max().item()
+    assert err <= 1e-4 * scale, f"{what} pad={pad}: max |diff| {err:.3g} vs logit scale {scale:.3g}"
+    if pad:
+        assert (out[~keep] == 0).all(), "padding positions must come back as zeros"
+
+
 def assert_2x_rule(ours: torch.Tensor, ref: torch.Tensor, torch_lowp: torch.Tensor, dtype=None, what=""):
     """FlashAttention's rule: our error vs a high-precision reference is at most 2x PyTorch's error
     when PyTorch runs the same computation in the same low precision (plus a small atol)."""

@@ -11,24 +11,13 @@ import torch
 
 from plm_engine.generation import Engine, SamplingParams
 from plm_engine.models import load_model
+from tests.tiny_models import VOCAB, bart_kwargs, bart_tiny_with_tokenizer, t5_kwargs
 
 transformers = pytest.importorskip("transformers")
 
-V = 320
+V = VOCAB
 MAX_NEW = 16
-BART = dict(
-    vocab_size=V,
-    d_model=64,
-    encoder_layers=2,
-    decoder_layers=2,
-    encoder_attention_heads=4,
-    decoder_attention_heads=4,
-    encoder_ffn_dim=96,
-    decoder_ffn_dim=96,
-    max_position_embeddings=64,
-    dropout=0.0,
-    forced_eos_token_id=None,
-)
+BART = bart_kwargs(decoder_layers=2, ffn=96)
 
 
 def hf_model(family: str):
@@ -38,21 +27,10 @@ def hf_model(family: str):
     if family == "marian":
         cfg = dict(BART, pad_token_id=V - 1, decoder_start_token_id=V - 1, eos_token_id=0, scale_embedding=True)
         return t.MarianMTModel(t.MarianConfig(**cfg))
-    cfg = t.T5Config(
-        vocab_size=V,
-        d_model=64,
-        d_kv=16,
-        d_ff=96,
-        num_layers=2,
-        num_heads=4,
-        feed_forward_proj="gated-gelu",
-        relative_attention_num_buckets=16,
-        relative_attention_max_distance=12,
-        dropout_rate=0.0,
-        decoder_start_token_id=0,
-        n_positions=64,
+    cfg = t5_kwargs(
+        d_kv=16, d_ff=96, feed_forward_proj="gated-gelu", relative_attention_max_distance=12, n_positions=64
     )
-    return t.T5ForConditionalGeneration(cfg)
+    return t.T5ForConditionalGeneration(t.T5Config(**cfg))
 
 
 @pytest.fixture(scope="module", params=["bart", "marian", "t5"])
@@ -146,20 +124,9 @@ def test_bad_prompts_are_clear_errors(pair):
 def test_cli_generate_with_a_seq2seq_folder(tmp_path, capsys):
     """`plm-engine generate --model <folder>`: a tiny BART saved with a tokenizer streams its answer."""
     from plm_engine.generation import cli
-    from plm_engine.models import ModelConfig, build_model
-    from plm_engine.training import data as D
+    from plm_engine.models import build_model
 
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("the king and the queen speak of love and war and night\n" * 50)
-    tok = D.train_bpe([str(corpus)], 300, style="seq2seq")
-    c = ModelConfig.preset(
-        "bart-tiny",
-        vocab_size=tok.vocab_size,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        decoder_start_token_id=tok.eos_token_id,
-    )
+    tok, c = bart_tiny_with_tokenizer(tmp_path)
     torch.manual_seed(0)
     folder = tmp_path / "model"
     build_model(c).save_pretrained(folder)

@@ -12,45 +12,32 @@ import pytest
 import torch
 
 from plm_engine.models import ModelConfig, Transformer, load_model
-from tests.utils import assert_2x_rule
+from tests.tiny_models import randomize, saved_random_hf
+from tests.utils import assert_2x_rule, assert_logits_match
 
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 320
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128)
+BERT = dict(COMMON, intermediate_size=112, hidden_dropout_prob=0, attention_probs_dropout_prob=0)
 
 
 def _hf_configs():
     t = transformers
-    common = dict(
-        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128
-    )
     return {
-        "gpt2": lambda: t.GPT2LMHeadModel(
-            t.GPT2Config(
-                vocab_size=VOCAB,
-                n_embd=64,
-                n_layer=2,
-                n_head=4,
-                n_positions=128,
-                resid_pdrop=0,
-                embd_pdrop=0,
-                attn_pdrop=0,
-            )
-        ),
-        "bert": lambda: t.BertForMaskedLM(
-            t.BertConfig(**common, intermediate_size=112, hidden_dropout_prob=0, attention_probs_dropout_prob=0)
-        ),
+        "gpt2": lambda: t.GPT2LMHeadModel(t.GPT2Config(**COMMON, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)),
+        "bert": lambda: t.BertForMaskedLM(t.BertConfig(**BERT)),
         "llama-gqa": lambda: t.LlamaForCausalLM(
             t.LlamaConfig(
-                **common, intermediate_size=112, num_key_value_heads=2, rope_theta=5e4, tie_word_embeddings=False
+                **COMMON, intermediate_size=112, num_key_value_heads=2, rope_theta=5e4, tie_word_embeddings=False
             )
         ),
         "qwen2-bias": lambda: t.Qwen2ForCausalLM(
-            t.Qwen2Config(**common, intermediate_size=112, num_key_value_heads=1, tie_word_embeddings=True)
+            t.Qwen2Config(**COMMON, intermediate_size=112, num_key_value_heads=1, tie_word_embeddings=True)
         ),
         "llama3-scaling": lambda: t.LlamaForCausalLM(
             t.LlamaConfig(
-                **{**common, "max_position_embeddings": 256},
+                **{**COMMON, "max_position_embeddings": 256},
                 intermediate_size=112,
                 num_key_value_heads=4,
                 rope_scaling={
@@ -66,22 +53,9 @@ def _hf_configs():
     }
 
 
-def _randomize(model: torch.nn.Module) -> None:
-    """HF init leaves biases at 0 and norm weights at 1: perturb everything so a mapping error shows."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-
-
 @pytest.fixture(scope="module", params=list(_hf_configs()))
 def pair(request, tmp_path_factory):
-    torch.manual_seed(0)
-    hf = _hf_configs()[request.param]().eval()
-    _randomize(hf)
-    path = tmp_path_factory.mktemp(request.param)
-    hf.save_pretrained(path)
-    return request.param, hf, path
+    return saved_random_hf(request.param, _hf_configs()[request.param], tmp_path_factory)
 
 
 def _inputs(b=3, s=21, pad=None):
@@ -112,12 +86,7 @@ def test_fp32_logits_match_transformers(pair, pad):
     with torch.no_grad():
         out = ours(ids, attention_mask=mask if pad else None).logits
     ref = _hf_logits(hf, ids, mask)
-    keep = mask.bool()
-    err = (out[keep] - ref[keep]).abs().max().item()
-    scale = ref[keep].abs().max().item()
-    assert err <= 1e-4 * scale, f"{name} pad={pad}: max |diff| {err:.3g} vs logit scale {scale:.3g}"
-    if pad:
-        assert (out[~keep] == 0).all(), "padding positions must come back as zeros"
+    assert_logits_match(out, ref, mask.bool(), name, pad)
 
 
 def test_bf16_follows_2x_rule(pair):
@@ -182,18 +151,9 @@ def test_mlm_loss_matches_transformers(pair):
 
 def test_classification_matches_transformers(tmp_path):
     t = transformers
-    cfg = t.BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=112,
-        hidden_dropout_prob=0,
-        attention_probs_dropout_prob=0,
-        num_labels=3,
-    )
+    cfg = t.BertConfig(**BERT, num_labels=3)
     hf = t.BertForSequenceClassification(cfg).eval()
-    _randomize(hf)
+    randomize(hf)
     hf.save_pretrained(tmp_path)
     ours = load_model(tmp_path)
     assert ours.config.num_labels == 3

@@ -15,41 +15,20 @@ import pytest
 import torch
 
 from plm_engine.models import ModelConfig, Seq2SeqTransformer, build_model, load_model
+from tests.tiny_models import VOCAB, bart_kwargs, saved_random_hf, t5_kwargs
+from tests.utils import assert_logits_match
 
 transformers = pytest.importorskip("transformers")
 
-VOCAB = 320
-BART_COMMON = dict(
-    vocab_size=VOCAB,
-    d_model=64,
-    encoder_layers=2,
-    decoder_layers=3,
-    encoder_attention_heads=4,
-    decoder_attention_heads=4,
-    encoder_ffn_dim=112,
-    decoder_ffn_dim=112,
-    max_position_embeddings=64,
-    dropout=0.0,
-    forced_eos_token_id=None,
-)
+BART_COMMON = bart_kwargs(decoder_layers=3, ffn=112)
 
 
 def hf_models() -> dict:
     """name -> a builder of a random-init transformers model (the families and their variants)."""
     t = transformers
-    t5 = dict(
-        vocab_size=VOCAB,
-        d_model=64,
-        d_kv=8,  # heads x d_kv = 32 != d_model: the projections are not square
-        d_ff=112,
-        num_layers=2,
-        num_decoder_layers=3,
-        num_heads=4,
-        relative_attention_num_buckets=16,
-        relative_attention_max_distance=20,  # short, so the log-spaced buckets are exercised
-        dropout_rate=0.0,
-        decoder_start_token_id=0,
-    )
+    # heads x d_kv = 32 != d_model: the projections are not square; a short max distance, so the log-spaced
+    # buckets are exercised
+    t5 = t5_kwargs(d_kv=8, d_ff=112, num_decoder_layers=3, relative_attention_max_distance=20)
     marian = dict(BART_COMMON, pad_token_id=VOCAB - 1, decoder_start_token_id=VOCAB - 1, eos_token_id=0)
     return {
         "bart": lambda: t.BartForConditionalGeneration(t.BartConfig(**BART_COMMON)),
@@ -75,27 +54,9 @@ def _untie(model):
     return model
 
 
-def randomize(model: torch.nn.Module) -> None:
-    """Perturb every parameter and final_logits_bias (HF inits biases to 0 and norms to 1), so a mapping
-    error shows."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.requires_grad:  # not Marian's frozen sinusoidal tables
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-        for name, b in model.named_buffers():
-            if name.endswith("final_logits_bias"):
-                b.add_(torch.randn(b.shape, generator=g))
-
-
 @pytest.fixture(scope="module", params=list(hf_models()))
 def pair(request, tmp_path_factory):
-    torch.manual_seed(0)
-    hf = hf_models()[request.param]().eval()
-    randomize(hf)
-    path = tmp_path_factory.mktemp(request.param)
-    hf.save_pretrained(path)
-    return request.param, hf, path
+    return saved_random_hf(request.param, hf_models()[request.param], tmp_path_factory)
 
 
 def batch(hf, pad: bool):
@@ -124,12 +85,7 @@ def test_fp32_logits_match_transformers(pair, pad):
     with torch.no_grad():
         out = ours(src, attention_mask=sm if pad else None, decoder_input_ids=tgt, decoder_attention_mask=tm).logits
     ref = hf_logits(hf, src, sm, tgt, tm)
-    keep = tm.bool()
-    err = (out[keep] - ref[keep]).abs().max().item()
-    scale = ref[keep].abs().max().item()
-    assert err <= 1e-4 * scale, f"{name} pad={pad}: max |diff| {err:.3g} vs logit scale {scale:.3g}"
-    if pad:
-        assert (out[~keep] == 0).all(), "padding positions must come back as zeros"
+    assert_logits_match(out, ref, tm.bool(), name, pad)
 
 
 def test_config_variant_is_what_transformers_built(pair):

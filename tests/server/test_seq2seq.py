@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests.server.conftest import ServerThread
+from tests.tiny_models import bart_tiny_with_tokenizer
 
 PROMPTS = ["the king speaks of war", "love and night"]
 MAX_TOKENS = 8
@@ -16,24 +17,14 @@ MAX_TOKENS = 8
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     from plm_engine.generation import AsyncEngine, Engine, SamplingParams
-    from plm_engine.models import ModelConfig, build_model
+    from plm_engine.models import build_model
     from plm_engine.models.tokenizer import Tokenizer
     from plm_engine.server import create_app
-    from plm_engine.training import data as D
 
     tmp = tmp_path_factory.mktemp("seq2seq")
-    corpus = tmp / "corpus.txt"
-    corpus.write_text("the king and the queen speak of love and war and night\n" * 50)
-    D.train_bpe([str(corpus)], 300, style="seq2seq").save(str(tmp / "tok"))
+    trained, config = bart_tiny_with_tokenizer(tmp)
+    trained.save(str(tmp / "tok"))
     tok = Tokenizer.from_folder(tmp / "tok")
-    config = ModelConfig.preset(
-        "bart-tiny",
-        vocab_size=tok.vocab_size,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        decoder_start_token_id=tok.eos_token_id,
-    )
     torch.manual_seed(0)
     model = build_model(config).eval()
     with torch.no_grad():  # larger random weights than the training init, so the greedy answer varies
