@@ -53,7 +53,12 @@ def test_not_selected():  # not marked cuda: -m cuda leaves it out
 """
 
 
-def _run_suite(tmp_path, tests_file, timeout, **env):
+def _run_suite(tmp_path, sleep_s: int, timeout, **env) -> tuple[str, Path]:
+    """Runs the suite CPU-only on FAKE_TESTS (test_hangs sleeping sleep_s): it must exit 1, since test_hangs
+    fails or is stopped. Returns the log and the unpacked archive's folder."""
+    tests_file = tmp_path / "fake_cuda_tests" / "test_fake.py"
+    tests_file.parent.mkdir()
+    tests_file.write_text(FAKE_TESTS.replace("SLEEP", str(sleep_s)))
     out = tmp_path / "out"
     full_env = {
         **os.environ,
@@ -67,7 +72,9 @@ def _run_suite(tmp_path, tests_file, timeout, **env):
     proc = subprocess.run(
         ["bash", str(SCRIPT), str(out)], env=full_env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
     )
-    return proc, out
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 1, log
+    return log, _unpack(out, tmp_path / "unpacked")
 
 
 def _unpack(out: Path, dest: Path) -> Path:
@@ -95,21 +102,15 @@ def _junit_cases(path: Path) -> dict[str, str]:
 
 @needs_bash
 def test_dry_run(tmp_path):
-    tests_file = tmp_path / "fake_cuda_tests" / "test_fake.py"
-    tests_file.parent.mkdir()
-    tests_file.write_text(FAKE_TESTS.replace("SLEEP", "60"))
-    proc, out = _run_suite(
+    log, stage = _run_suite(
         tmp_path,
-        tests_file,
+        60,
         timeout=240,
         SUITE_TEST_TIMEOUT_S="3",
         SUITE_RANDOM_MODEL="1",
         SUITE_GEN_PRESET="llama-tiny",
         SUITE_ONLY="info selfcheck tests benches",
     )
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 1, log  # test_hangs fails on its timeout: the suite says so
-    stage = _unpack(out, tmp_path / "unpacked")
     summary = (stage / "summary.md").read_text()
     status = _status(summary)
 
@@ -149,21 +150,15 @@ def test_dry_run(tmp_path):
 def test_stopped_tests_still_leave_a_junit_report(tmp_path):
     """pytest stopped by the phase's time limit (TERM, as `timeout` sends it) in the middle of a test: the
     results so far are in cuda_tests.jsonl and cuda_tests.xml, and the archive is written."""
-    tests_file = tmp_path / "fake_cuda_tests" / "test_fake.py"
-    tests_file.parent.mkdir()
-    tests_file.write_text(FAKE_TESTS.replace("SLEEP", "300"))
-    proc, out = _run_suite(
+    log, stage = _run_suite(
         tmp_path,
-        tests_file,
+        300,
         timeout=120,
         SUITE_TEST_TIMEOUT_S="200",
         SUITE_TESTS_S="20",
         SUITE_BENCH_RESERVE_S="0",
         SUITE_ONLY="tests",
     )
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 1, log
-    stage = _unpack(out, tmp_path / "unpacked")
     status = _status((stage / "summary.md").read_text())
     cases = _junit_cases(stage / "cuda_tests.xml")
     if status["cuda_tests"] == "FAILED (timeout 20 s)":

@@ -67,23 +67,20 @@ def test_unknown_architecture(tmp_path):
         load_model(tmp_path)
 
 
-def test_wrong_shape_names_the_tensor(llama_folder, tmp_path):
+@pytest.mark.parametrize(
+    "key,grow,error",
+    [
+        ("intermediate_size", 8, r"model.layers.0.mlp.gate_proj.weight.*does not fit"),  # a wrong shape
+        ("num_hidden_layers", 1, r"no tensor 'layers.2.input_layernorm.weight'"),  # a missing tensor
+    ],
+)
+def test_config_that_does_not_fit_the_checkpoint_names_the_tensor(llama_folder, tmp_path, key, grow, error):
     path, _ = llama_folder
     shutil.copy(path / "model.safetensors", tmp_path)
     cfg = json.loads((path / "config.json").read_text())
-    cfg["intermediate_size"] += 8
+    cfg[key] += grow
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"model.layers.0.mlp.gate_proj.weight.*does not fit"):
-        load_model(tmp_path)
-
-
-def test_missing_tensor_names_it(llama_folder, tmp_path):
-    path, _ = llama_folder
-    shutil.copy(path / "model.safetensors", tmp_path)
-    cfg = json.loads((path / "config.json").read_text())
-    cfg["num_hidden_layers"] += 1
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"no tensor 'layers.2.input_layernorm.weight'"):
+    with pytest.raises(ValueError, match=error):
         load_model(tmp_path)
 
 
