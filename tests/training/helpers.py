@@ -31,9 +31,8 @@ def write_corpus(folder: str, n_files: int = 3, lines: int = 300, seed: int = 0)
     return paths
 
 
-def tiny_config(tmp, data, **kw):
-    from plm_engine.training.config import TrainConfig
-
+def tiny_settings(out_dir, data, **kw) -> dict:
+    """The [train] settings of a 10-step BPE run of gpt2-tiny on data, writing to out_dir (kw overrides)."""
     base = dict(
         objective="clm",
         model="gpt2-tiny",
@@ -47,14 +46,19 @@ def tiny_config(tmp, data, **kw):
         warmup_steps=2,
         eval_every=0,
         eval_batches=2,
-        out_dir=str(tmp),
-        cache_dir=str(tmp) + "_cache",
+        out_dir=str(out_dir),
+        cache_dir=str(out_dir) + "_cache",
         progress=False,
         plot=False,
         seed=0,
     )
-    base.update(kw)
-    return TrainConfig(**base)
+    return {**base, **kw}
+
+
+def tiny_config(tmp, data, **kw):
+    from plm_engine.training.config import TrainConfig
+
+    return TrainConfig(**tiny_settings(tmp, data, **kw))
 
 
 def losses(log_path: str, split: str = "train") -> dict[int, float]:

@@ -13,31 +13,14 @@ import time
 import pytest
 
 from plm_engine.training import checkpoint as ckpt
-from tests.training.helpers import losses, write_corpus
+from tests.training.helpers import losses, tiny_settings, write_corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def write_config(path, data, out_dir, **kw) -> str:
-    cfg = dict(
-        objective="clm",
-        model="gpt2-tiny",
-        data=data,
-        tokenizer="bpe",
-        bpe_vocab_size=320,
-        seq_len=32,
-        batch_size=4,
-        max_steps=6,
-        lr=3e-3,
-        warmup_steps=2,
-        eval_every=3,
-        eval_batches=2,
-        out_dir=out_dir,
-        cache_dir=str(path) + "_cache",
-        progress=False,
-        plot=False,
-    )
-    cfg.update(kw)
+    defaults = dict(max_steps=6, eval_every=3, cache_dir=str(path) + "_cache")
+    cfg = tiny_settings(out_dir, data, **{**defaults, **kw})
     lines = ["[train]"] + [f"{k} = {json.dumps(v)}" for k, v in cfg.items()]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
