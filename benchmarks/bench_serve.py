@@ -104,26 +104,17 @@ class ServerProcess:
         self.log.close()
 
 
-def start_ours(args, workdir: Path, extra: tuple[str, ...] = ()) -> tuple[ServerProcess, str]:
+def start_ours(
+    args, workdir: Path, extra: tuple[str, ...] = (), name: str = "plm_engine", log_name: str = "plm_engine.log"
+) -> tuple[ServerProcess, str]:
+    """`plm-engine serve` on a free port with the run's model, concurrency and KV-cache size (+ extra flags)."""
     port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "plm_engine.server.cli",
-        "serve",
-        "--model",
-        args.model,
-        "--port",
-        str(port),
-        "--max-num-seqs",
-        str(max(args.max_concurrency, 1)),
-        "--log-level",
-        "warning",
-    ]
+    cmd = [sys.executable, "-m", "plm_engine.cli", "serve", "--model", args.model, "--port", str(port)]
+    cmd += ["--max-num-seqs", str(max(args.max_concurrency, 1)), "--log-level", "warning"]
     if args.kv_cache_tokens:
         cmd += ["--kv-cache-tokens", str(args.kv_cache_tokens)]
     cmd += list(extra)
-    return ServerProcess("plm_engine", cmd, port, workdir / "plm_engine.log"), args.model
+    return ServerProcess(name, cmd, port, workdir / log_name), args.model
 
 
 def write_hf_folder(model_name: str, folder: Path) -> Path:
@@ -420,15 +411,8 @@ def run_big_prompt(args) -> int:
         "p99_ratio",
         "load_avg",
     ]
-    if args.json:
-        print(json.dumps(row, indent=2))
-    else:
-        common.print_table(
-            [row], columns, title=f"{args.model}: ITL of {BIG_PROMPT_STREAMS} streams without / with 1 MiB prompts"
-        )
-    if not args.no_csv:
-        path = common.append_csv(Path(args.out_dir) / "serve_big_prompt.csv", [row], list(row))
-        print(f"appended 1 row to {path}", file=sys.stderr)
+    title = f"{args.model}: ITL of {BIG_PROMPT_STREAMS} streams without / with 1 MiB prompts"
+    common.report_rows(args, [row], columns, title, "serve_big_prompt.csv")
     ok = big_sent > 0 and statuses == {400} and row["p99_ratio"] <= 2.0
     return 0 if ok else 1
 
@@ -536,14 +520,8 @@ def run_shared_prefix(args) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_serve_prefix_") as tmp:
         for caching in (True, False):
             name = "plm_engine prefix-caching" if caching else "plm_engine no-prefix-caching"
-            port = free_port()
-            cmd = [sys.executable, "-m", "plm_engine.server.cli", "serve", "--model", args.model]
-            cmd += ["--port", str(port), "--max-num-seqs", str(args.max_concurrency), "--log-level", "warning"]
-            if args.kv_cache_tokens:
-                cmd += ["--kv-cache-tokens", str(args.kv_cache_tokens)]
-            if not caching:
-                cmd.append("--no-prefix-caching")
-            server = ServerProcess(name, cmd, port, Path(tmp) / f"server_{int(caching)}.log")
+            extra = () if caching else ("--no-prefix-caching",)
+            server, _ = start_ours(args, Path(tmp), extra, name=name, log_name=f"server_{int(caching)}.log")
             try:
                 server.wait_ready(args.startup_timeout)
                 print(f"[{name}] {len(requests)} requests, {args.max_concurrency} concurrent ...", file=sys.stderr)
@@ -571,21 +549,14 @@ def run_shared_prefix(args) -> int:
     on["ttft_p50_ratio"] = on["ttft_p50_ms"] / off["ttft_p50_ms"]  # < 1: caching answers sooner
     on["speedup_output_tok_s"] = on["output_tok_per_s"] / off["output_tok_per_s"]
     off["ttft_p50_ratio"] = off["speedup_output_tok_s"] = 1.0
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        common.print_table(
-            rows,
-            SHARED_PREFIX_COLUMNS,
-            title=f"shared prefix, {args.model}: a ~{args.prefix_len}-token system prompt + {args.num_prompts} "
-            f"questions, {args.max_concurrency} concurrent; ratios are caching on / off",
-        )
-    if not args.no_csv:
-        columns = list(env) + ["model", "num_prompts", "prefix_len", "max_concurrency", "output_len"]
-        columns += [c for c in SHARED_PREFIX_COLUMNS if c not in columns]
-        columns += ["mean_output_tokens", "req_per_s", "itl_p50_ms", "itl_p99_ms", "first_error"]
-        path = common.append_csv(Path(args.out_dir) / "serve_shared_prefix.csv", rows, columns)
-        print(f"appended {len(rows)} rows to {path}", file=sys.stderr)
+    title = (
+        f"shared prefix, {args.model}: a ~{args.prefix_len}-token system prompt + {args.num_prompts} "
+        f"questions, {args.max_concurrency} concurrent; ratios are caching on / off"
+    )
+    columns = list(env) + ["model", "num_prompts", "prefix_len", "max_concurrency", "output_len"]
+    columns += [c for c in SHARED_PREFIX_COLUMNS if c not in columns]
+    columns += ["mean_output_tokens", "req_per_s", "itl_p50_ms", "itl_p99_ms", "first_error"]
+    common.report_rows(args, rows, SHARED_PREFIX_COLUMNS, title, "serve_shared_prefix.csv", columns)
     return 0 if all(r["failed"] == 0 for r in rows) else 1
 
 
@@ -702,46 +673,13 @@ def main(argv=None) -> int:
         ours["ttft_p50_ratio"] = ours["ttft_p50_ms"] / base["ttft_p50_ms"]
         base["speedup_output_tok_s"] = 1.0
     print(f"baseline: {baseline}", file=sys.stderr)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        common.print_table(
-            rows,
-            COLUMNS,
-            title=f"serving {args.model}: {args.num_prompts} requests, "
-            f"{args.max_concurrency} concurrent, baseline = {baseline}",
-        )
-    if not args.no_csv:
-        columns = list(env) + [
-            "server",
-            "model",
-            "baseline",
-            "num_prompts",
-            "max_concurrency",
-            "request_rate",
-            "input_len",
-            "output_len",
-            "range_ratio",
-            "load_avg",
-            "completed",
-            "failed",
-            "duration_s",
-            "req_per_s",
-            "output_tok_per_s",
-            "total_tok_per_s",
-            "mean_prompt_tokens",
-            "mean_output_tokens",
-            "ttft_p50_ms",
-            "ttft_p99_ms",
-            "itl_p50_ms",
-            "itl_p99_ms",
-            "tpot_mean_ms",
-            "speedup_output_tok_s",
-            "ttft_p50_ratio",
-            "first_error",
-        ]
-        path = common.append_csv(Path(args.out_dir) / "serve.csv", rows, columns)
-        print(f"appended {len(rows)} rows to {path}", file=sys.stderr)
+    columns = list(env) + ["server", "model", "baseline", "num_prompts", "max_concurrency", "request_rate"]
+    columns += ["input_len", "output_len", "range_ratio"] + [c for c in COLUMNS if c != "server"]
+    columns += ["total_tok_per_s", "mean_prompt_tokens", "mean_output_tokens", "ttft_p50_ratio", "first_error"]
+    title = (
+        f"serving {args.model}: {args.num_prompts} requests, {args.max_concurrency} concurrent, baseline = {baseline}"
+    )
+    common.report_rows(args, rows, COLUMNS, title, "serve.csv", columns)
     return 0 if all(r["failed"] == 0 for r in rows) else 1
 
 

@@ -283,6 +283,20 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -
     return "\n".join(lines)
 
 
+def report_rows(
+    args, rows: Sequence[dict], table_columns: Sequence[str], title: str, csv_name: str, csv_columns=None
+) -> None:
+    """A whole-run report: the rows as indented JSON (--json) or a table, then appended to
+    <--out-dir>/csv_name unless --no-csv (csv_columns: the header of a new file, default the first row's keys)."""
+    if args.json:
+        print(json.dumps(list(rows), indent=2))
+    else:
+        print_table(rows, table_columns, title=title)
+    if not args.no_csv:
+        path = append_csv(Path(args.out_dir) / csv_name, rows, csv_columns)
+        print(f"appended {len(rows)} {'row' if len(rows) == 1 else 'rows'} to {path}", file=sys.stderr)
+
+
 def print_json_lines(rows: Iterable[dict]) -> None:
     for r in rows:
         print(json.dumps(r), flush=True)

@@ -154,6 +154,23 @@ def test_append_csv_keeps_an_old_header(tmp_path, capsys):
     assert "new" in err and "triton" not in err  # environment columns an old file lacks are no news
 
 
+@pytest.mark.parametrize("as_json", [False, True], ids=["table", "json"])
+def test_report_rows_prints_then_appends(tmp_path, capsys, as_json):
+    """A whole-run report (bench_serve's modes): JSON or a table on stdout, the rows appended to the CSV."""
+    args = argparse.Namespace(json=as_json, no_csv=False, out_dir=str(tmp_path))
+    rows = [{"server": "ours", "req_per_s": 2.5}, {"server": "theirs", "req_per_s": 1.25}]
+    common.report_rows(args, rows, ["server", "req_per_s"], "toy run", "toy.csv", ["server", "req_per_s", "x"])
+    common.report_rows(args, rows[:1], ["server"], "toy run", "toy.csv")
+    out, err = capsys.readouterr()
+    assert ('"req_per_s": 1.25' in out) == as_json and ("toy run" in out) != as_json
+    assert "appended 2 rows to" in err and "appended 1 row to" in err
+    got = _rows(tmp_path / "toy.csv")
+    assert [r["server"] for r in got] == ["ours", "theirs", "ours"] and list(got[0]) == ["server", "req_per_s", "x"]
+    args.no_csv = True
+    common.report_rows(args, rows, ["server"], "toy run", "toy.csv")
+    assert len(_rows(tmp_path / "toy.csv")) == 3
+
+
 # ---- the kernel benchmarks, smallest cases ----------------------------------------------------------------
 
 SMOKE = {
