@@ -326,7 +326,7 @@ def main(argv=None) -> int:
         p.error("--duration, --clients and --malformed-per-s must be positive, --max-tokens >= 4")
 
     port = free_port()
-    cmd = [sys.executable, "-m", "plm_engine.server.cli", "serve", "--model", args.model, "--port", str(port)]
+    cmd = [sys.executable, "-m", "plm_engine.cli", "serve", "--model", args.model, "--port", str(port)]
     cmd += ["--served-model-name", "soak", "--max-num-seqs", str(args.max_num_seqs), "--log-level", "warning"]
     cmd += ["--max-body-bytes", str(args.max_body_bytes)]
     if args.tokenizer:

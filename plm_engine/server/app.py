@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
 import inspect
 import json
@@ -541,6 +542,18 @@ class _Server:
         finally:
             admission.close()
 
+    def _chunk(self, rid: str, kind: str, created: int, choices: list, usage: dict | None = None) -> dict:
+        """One streamed chunk of request rid: a text_completion or a chat.completion.chunk."""
+        return {
+            "id": rid,
+            "object": kind,
+            "created": created,
+            "model": self.model_name,
+            "system_fingerprint": self.fingerprint,
+            "choices": choices,
+            "usage": usage,
+        }
+
     def _sse(self, jobs, request_id: str, t0: float, first_chunks, to_chunks, usage_chunk) -> StreamingResponse:
         """The streaming response: headers and `first_chunks` at once, then the engine's deltas; an error
         after the headers is reported in-band (as OpenAI does) and the stream still ends with [DONE]."""
@@ -611,16 +624,7 @@ class _Server:
 
         created, offsets, counts = int(time.time()), {i: len(echo.get(i, "")) for i, _, _ in jobs}, {}
 
-        def chunk(choices, usage=None):
-            return {
-                "id": rid,
-                "object": "text_completion",
-                "created": created,
-                "model": self.model_name,
-                "system_fingerprint": self.fingerprint,
-                "choices": choices,
-                "usage": usage,
-            }
+        chunk = functools.partial(self._chunk, rid, "text_completion", created)
 
         pending_echo = dict(echo) if want_lp else {}  # echoed with the prompt's log-probs in the first delta
 
@@ -757,16 +761,7 @@ class _Server:
 
         created, counts = int(time.time()), {}
 
-        def chunk(choices, usage=None):
-            return {
-                "id": rid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": self.model_name,
-                "system_fingerprint": self.fingerprint,
-                "choices": choices,
-                "usage": usage,
-            }
+        chunk = functools.partial(self._chunk, rid, "chat.completion.chunk", created)
 
         def to_chunks(i, out):
             counts[i] = counts.get(i, 0) + len(out.new_token_ids)

@@ -225,16 +225,3 @@ def run(args) -> int:
     server = _graceful_server(uvicorn_config(app, args))
     server.run()
     return 0 if server.started else 1
-
-
-def main(argv=None) -> int:
-    """`python -m plm_engine.server.cli ...`: the serve command on its own (until plm_engine.cli wires it)."""
-    p = argparse.ArgumentParser(prog="plm-engine")
-    sub = p.add_subparsers(dest="command", required=True)
-    add_parser(sub)
-    args = p.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -65,7 +65,7 @@ def test_sigterm_with_a_stream_in_flight_exits_cleanly(tmp_path, smollm2_tokeniz
     cmd = [
         sys.executable,
         "-m",
-        "plm_engine.server.cli",
+        "plm_engine.cli",
         "serve",
         "--model",
         str(folder),
