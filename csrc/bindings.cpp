@@ -8,9 +8,9 @@
 //                            kernels index (shapes, dtypes, devices, strides): a direct torch.ops call
 //                            never reads out of bounds. The argument contract itself (value ranges, eps,
 //                            scale, ...) is checked once, by the public op in plm_engine/ops/<family>.py.
-//   csrc/cpu/<family>.cpp    the CPU entry points (file-local), registered at the end of the file with
-//                            TORCH_LIBRARY_IMPL(plm_engine, CPU, m).
-//   csrc/cuda/<family>.cu    the same for CUDA: TORCH_LIBRARY_IMPL(plm_engine, CUDA, m); its kernels live in
+//   csrc/cpu/<family>.cpp    the CPU entry points (file-local, plm_engine::cpu_<op>), registered at the end of
+//                            the file with PLM_REGISTER_KERNELS(CPU, cpu, <op>, ...) (common/register.h).
+//   csrc/cuda/<family>.cu    the same for CUDA: cuda_<op>, PLM_REGISTER_KERNELS(CUDA, cuda, ...); its kernels live in
 //                            cuda/<family>_kernels.cuh (also compiled on the CPU by tests/cuda_emu.py).
 //
 // Nothing else registers (tests/ops/test_norms_registration.py checks it). One exception: an op with no

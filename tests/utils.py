@@ -56,8 +56,8 @@ def cpu_backends(op: str) -> list:
     return params
 
 
-_IMPL_BLOCK_RE = re.compile(r"TORCH_LIBRARY_IMPL\(\s*plm_engine\s*,\s*(\w+)\s*,\s*\w+\s*\)\s*\{")
-_IMPL_RE = re.compile(r"\.impl\(\s*\"(\w+)\"")
+# A kernel file's registration (csrc/common/register.h): PLM_REGISTER_KERNELS(KEY, prefix, op, op, ...).
+_REGISTER_RE = re.compile(r"^PLM_REGISTER_KERNELS\(\s*(\w+)\s*,\s*\w+\s*,([\w\s,]*)\)", re.M)
 _DEF_RE = re.compile(r"\.def\(\s*\"(\w+)\(")
 
 
@@ -68,18 +68,13 @@ def _csrc_files() -> list[Path]:
 
 @functools.cache
 def csrc_kernel_table() -> dict[str, frozenset[str]]:
-    """{dispatch key: _C ops with a kernel for it}, read from csrc's TORCH_LIBRARY_IMPL(plm_engine, KEY, m)
-    blocks: what a full build registers (the real CI and GPU builds compile csrc/cuda), whether or not
+    """{dispatch key: _C ops with a kernel for it}, read from csrc's PLM_REGISTER_KERNELS(KEY, prefix, ops...)
+    lines: what a full build registers (the real CI and GPU builds compile csrc/cuda), whether or not
     this machine's _C was built with nvcc. Empty when the sources are absent (an installed package)."""
     table: dict[str, set[str]] = {}
     for path in _csrc_files():
-        text = path.read_text()
-        for m in _IMPL_BLOCK_RE.finditer(text):
-            depth, i = 1, m.end()
-            while depth and i < len(text):  # the block's matching closing brace
-                depth += {"{": 1, "}": -1}.get(text[i], 0)
-                i += 1
-            table.setdefault(m[1], set()).update(_IMPL_RE.findall(text[m.end() : i]))
+        for key, ops in _REGISTER_RE.findall(path.read_text()):
+            table.setdefault(key, set()).update(op.strip() for op in ops.split(","))
     return {key: frozenset(ops) for key, ops in table.items()}
 
 

@@ -23,6 +23,7 @@
 #include "common/cpu_convert.h"
 #include "common/cpu_memory.h"
 #include "common/dispatch.h"
+#include "common/register.h"
 #include "cpu/isa.h"
 #include "cpu/simd.h"
 
@@ -161,7 +162,7 @@ Shape2d flat_shape(std::initializer_list<const Tensor*> ts) {
   return {1, rows * n};
 }
 
-Tensor swiglu_fwd_cpu(const Tensor& gate, const Tensor& up) {
+Tensor cpu_swiglu_fwd(const Tensor& gate, const Tensor& up) {
   check_activation_args({{"gate", &gate}, {"up", &up}});
   Tensor y = cpu::empty_output(gate.sizes(), gate.options());
   const Shape2d s = flat_shape({&gate, &up, &y});
@@ -178,7 +179,7 @@ Tensor swiglu_fwd_cpu(const Tensor& gate, const Tensor& up) {
   return y;
 }
 
-std::tuple<Tensor, Tensor> swiglu_bwd_cpu(const Tensor& dy, const Tensor& gate, const Tensor& up) {
+std::tuple<Tensor, Tensor> cpu_swiglu_bwd(const Tensor& dy, const Tensor& gate, const Tensor& up) {
   check_activation_args({{"gate", &gate}, {"up", &up}, {"dy", &dy}});
   Tensor dg = cpu::empty_output(gate.sizes(), gate.options());
   Tensor du = cpu::empty_output(gate.sizes(), gate.options());
@@ -200,7 +201,7 @@ std::tuple<Tensor, Tensor> swiglu_bwd_cpu(const Tensor& dy, const Tensor& gate, 
   return {dg, du};
 }
 
-Tensor gelu_fwd_cpu(const Tensor& x, const std::string& approximate) {
+Tensor cpu_gelu_fwd(const Tensor& x, const std::string& approximate) {
   check_activation_args({{"x", &x}});
   const bool tanh = approximate == "tanh";
   Tensor y = cpu::empty_output(x.sizes(), x.options());
@@ -227,7 +228,7 @@ Tensor gelu_fwd_cpu(const Tensor& x, const std::string& approximate) {
   return y;
 }
 
-Tensor gelu_bwd_cpu(const Tensor& dy, const Tensor& x, const std::string& approximate) {
+Tensor cpu_gelu_bwd(const Tensor& dy, const Tensor& x, const std::string& approximate) {
   check_activation_args({{"x", &x}, {"dy", &dy}});
   const bool tanh = approximate == "tanh";
   Tensor dx = cpu::empty_output(x.sizes(), x.options());
@@ -258,9 +259,4 @@ Tensor gelu_bwd_cpu(const Tensor& dy, const Tensor& x, const std::string& approx
 }  // namespace
 }  // namespace plm_engine
 
-TORCH_LIBRARY_IMPL(plm_engine, CPU, m) {
-  m.impl("swiglu_fwd", &plm_engine::swiglu_fwd_cpu);
-  m.impl("swiglu_bwd", &plm_engine::swiglu_bwd_cpu);
-  m.impl("gelu_fwd", &plm_engine::gelu_fwd_cpu);
-  m.impl("gelu_bwd", &plm_engine::gelu_bwd_cpu);
-}
+PLM_REGISTER_KERNELS(CPU, cpu, swiglu_fwd, swiglu_bwd, gelu_fwd, gelu_bwd)

@@ -57,6 +57,7 @@
 
 #include "attention.h"
 #include "common/dispatch.h"
+#include "common/register.h"
 #include "cpu/isa.h"
 #include "cpu/simd.h"
 
@@ -546,24 +547,24 @@ std::tuple<Tensor, Tensor, Tensor> attn_bwd(const Tensor& dout, const Tensor& q,
   return {dq, dk, dv};
 }
 
-std::tuple<Tensor, Tensor> attn_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, double scale) {
+std::tuple<Tensor, Tensor> cpu_attn_fwd(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, double scale) {
   return attn_fwd(q, k, v, nullptr, nullptr, 0, 0, causal, scale);
 }
 
-std::tuple<Tensor, Tensor> attn_varlen_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
+std::tuple<Tensor, Tensor> cpu_attn_varlen_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
                                                const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
                                                int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
                                                double scale) {
   return attn_fwd(q, k, v, &cu_seqlens_q, &cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale);
 }
 
-std::tuple<Tensor, Tensor, Tensor> attn_bwd_cpu(const Tensor& dout, const Tensor& q, const Tensor& k,
+std::tuple<Tensor, Tensor, Tensor> cpu_attn_bwd(const Tensor& dout, const Tensor& q, const Tensor& k,
                                                 const Tensor& v, const Tensor& out, const Tensor& lse, bool causal,
                                                 double scale) {
   return attn_bwd(dout, q, k, v, out, lse, nullptr, nullptr, 0, 0, causal, scale);
 }
 
-std::tuple<Tensor, Tensor, Tensor> attn_varlen_bwd_cpu(const Tensor& dout, const Tensor& q, const Tensor& k,
+std::tuple<Tensor, Tensor, Tensor> cpu_attn_varlen_bwd(const Tensor& dout, const Tensor& q, const Tensor& k,
                                                        const Tensor& v, const Tensor& out, const Tensor& lse,
                                                        const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
                                                        int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
@@ -635,19 +636,19 @@ Tensor paged_attn(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
   return out;
 }
 
-Tensor paged_attn_cpu(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& block_table,
+Tensor cpu_paged_attn(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& block_table,
                       const Tensor& cache_seqlens, double scale) {
   return paged_attn(q, k_cache, v_cache, block_table, cache_seqlens, scale, nullptr);
 }
 
-std::tuple<Tensor, Tensor> attn_rpb_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& table,
+std::tuple<Tensor, Tensor> cpu_attn_rpb_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& table,
                                             const Tensor& buckets, bool causal, double scale) {
   check_bias_args(table, buckets, q);
   const BiasRows bias(table, buckets);
   return attn_fwd(q, k, v, nullptr, nullptr, 0, 0, causal, scale, &bias.args);
 }
 
-std::tuple<Tensor, Tensor> attn_varlen_rpb_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
+std::tuple<Tensor, Tensor> cpu_attn_varlen_rpb_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
                                                    const Tensor& table, const Tensor& buckets,
                                                    const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
                                                    int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
@@ -657,7 +658,7 @@ std::tuple<Tensor, Tensor> attn_varlen_rpb_fwd_cpu(const Tensor& q, const Tensor
   return attn_fwd(q, k, v, &cu_seqlens_q, &cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, &bias.args);
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> attn_rpb_bwd_cpu(const Tensor& dout, const Tensor& q, const Tensor& k,
+std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_attn_rpb_bwd(const Tensor& dout, const Tensor& q, const Tensor& k,
                                                             const Tensor& v, const Tensor& out, const Tensor& lse,
                                                             const Tensor& table, const Tensor& buckets, bool causal,
                                                             double scale) {
@@ -669,7 +670,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attn_rpb_bwd_cpu(const Tensor& dout, 
   return {dq, dk, dv, dtable};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> attn_varlen_rpb_bwd_cpu(
+std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_attn_varlen_rpb_bwd(
     const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
     const Tensor& table, const Tensor& buckets, const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
     int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double scale) {
@@ -682,14 +683,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attn_varlen_rpb_bwd_cpu(
   return {dq, dk, dv, dtable};
 }
 
-Tensor paged_attn_rpb_cpu(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& block_table,
+Tensor cpu_paged_attn_rpb(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& block_table,
                           const Tensor& cache_seqlens, const Tensor& table, const Tensor& buckets, double scale) {
   check_bias_args(table, buckets, q);
   const BiasRows bias(table, buckets);
   return paged_attn(q, k_cache, v_cache, block_table, cache_seqlens, scale, &bias.args);
 }
 
-void write_kv_cache_cpu(const Tensor& k, const Tensor& v, Tensor k_cache, Tensor v_cache, const Tensor& slot_mapping) {
+void cpu_write_kv_cache(const Tensor& k, const Tensor& v, Tensor k_cache, Tensor v_cache, const Tensor& slot_mapping) {
   check_write_kv_args(k, v, k_cache, v_cache, slot_mapping);
   const Tensor kk = k.to(k_cache.scalar_type()), vv = v.to(k_cache.scalar_type());
   const Tensor slots = slot_mapping.to(at::kLong);
@@ -720,16 +721,5 @@ void write_kv_cache_cpu(const Tensor& k, const Tensor& v, Tensor k_cache, Tensor
 }  // namespace
 }  // namespace plm_engine
 
-TORCH_LIBRARY_IMPL(plm_engine, CPU, m) {
-  m.impl("attn_fwd", &plm_engine::attn_fwd_cpu);
-  m.impl("attn_bwd", &plm_engine::attn_bwd_cpu);
-  m.impl("attn_varlen_fwd", &plm_engine::attn_varlen_fwd_cpu);
-  m.impl("attn_varlen_bwd", &plm_engine::attn_varlen_bwd_cpu);
-  m.impl("paged_attn", &plm_engine::paged_attn_cpu);
-  m.impl("write_kv_cache", &plm_engine::write_kv_cache_cpu);
-  m.impl("attn_rpb_fwd", &plm_engine::attn_rpb_fwd_cpu);
-  m.impl("attn_rpb_bwd", &plm_engine::attn_rpb_bwd_cpu);
-  m.impl("attn_varlen_rpb_fwd", &plm_engine::attn_varlen_rpb_fwd_cpu);
-  m.impl("attn_varlen_rpb_bwd", &plm_engine::attn_varlen_rpb_bwd_cpu);
-  m.impl("paged_attn_rpb", &plm_engine::paged_attn_rpb_cpu);
-}
+PLM_REGISTER_KERNELS(CPU, cpu, attn_fwd, attn_bwd, attn_varlen_fwd, attn_varlen_bwd, paged_attn, write_kv_cache,
+                               attn_rpb_fwd, attn_rpb_bwd, attn_varlen_rpb_fwd, attn_varlen_rpb_bwd, paged_attn_rpb)

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "common/dispatch.h"
+#include "common/register.h"
 #include "cpu/isa.h"
 #include "cpu/simd.h"
 #include "cross_entropy.h"
@@ -56,7 +57,7 @@ Tensor run(const Tensor& logits, const Tensor& target, const Tensor& dlogits, in
   return loss;
 }
 
-std::tuple<Tensor, Tensor> cross_entropy_fwd_cpu(const Tensor& logits, const Tensor& target, int64_t ignore_index,
+std::tuple<Tensor, Tensor> cpu_cross_entropy_fwd(const Tensor& logits, const Tensor& target, int64_t ignore_index,
                                                  double label_smoothing) {
   check_cross_entropy_args(logits, target);
   Tensor dlogits = at::empty_like(logits);
@@ -64,7 +65,7 @@ std::tuple<Tensor, Tensor> cross_entropy_fwd_cpu(const Tensor& logits, const Ten
   return {loss, dlogits};
 }
 
-Tensor cross_entropy_fwd_inplace_cpu(const Tensor& logits, const Tensor& target, int64_t ignore_index,
+Tensor cpu_cross_entropy_fwd_inplace(const Tensor& logits, const Tensor& target, int64_t ignore_index,
                                      double label_smoothing) {
   check_cross_entropy_args(logits, target);
   return run(logits, target, logits, ignore_index, label_smoothing);
@@ -73,7 +74,4 @@ Tensor cross_entropy_fwd_inplace_cpu(const Tensor& logits, const Tensor& target,
 }  // namespace
 }  // namespace plm_engine
 
-TORCH_LIBRARY_IMPL(plm_engine, CPU, m) {
-  m.impl("cross_entropy_fwd", &plm_engine::cross_entropy_fwd_cpu);
-  m.impl("cross_entropy_fwd_inplace", &plm_engine::cross_entropy_fwd_inplace_cpu);
-}
+PLM_REGISTER_KERNELS(CPU, cpu, cross_entropy_fwd, cross_entropy_fwd_inplace)

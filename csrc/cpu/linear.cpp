@@ -40,6 +40,7 @@
 #include <vector>
 
 #include "common/dispatch.h"
+#include "common/register.h"
 #include "cpu/isa.h"
 #include "cpu/simd.h"
 #include "linear.h"
@@ -283,7 +284,7 @@ void linear_kernel(const Tensor& x, const Tensor& w, const float* bias, Tensor& 
   });
 }
 
-Tensor linear_fwd_cpu(const Tensor& x_in, const Tensor& w_in, const std::optional<Tensor>& bias_in) {
+Tensor cpu_linear_fwd(const Tensor& x_in, const Tensor& w_in, const std::optional<Tensor>& bias_in) {
   check_linear_args(x_in, w_in, bias_in);
   // The kernel reads rows with a unit stride: a strided x is copied once (small at decode); a strided
   // weight too (a full copy: plm_engine.ops.linear sends those to F.linear instead).
@@ -302,6 +303,4 @@ Tensor linear_fwd_cpu(const Tensor& x_in, const Tensor& w_in, const std::optiona
 }  // namespace
 }  // namespace plm_engine
 
-TORCH_LIBRARY_IMPL(plm_engine, CPU, m) {
-  m.impl("linear_fwd", &plm_engine::linear_fwd_cpu);
-}
+PLM_REGISTER_KERNELS(CPU, cpu, linear_fwd)

@@ -34,6 +34,7 @@
 
 #include "common/cpu_memory.h"
 #include "common/dispatch.h"
+#include "common/register.h"
 #include "cpu/isa.h"
 #include "cpu/simd.h"
 #include "norms.h"
@@ -126,7 +127,7 @@ bool use_streaming_stores(int64_t out_bytes) {
   return out_bytes >= kStreamMinBytes && huge_pages_enabled();
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd_cpu(const Tensor& x, const Tensor& weight,
+std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_norm_fwd(const Tensor& x, const Tensor& weight,
                                                         const std::optional<Tensor>& bias,
                                                         const std::optional<Tensor>& residual, double eps,
                                                         bool is_rms) {
@@ -161,7 +162,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd_cpu(const Tensor& x, const T
   return {y, h, mean, rstd};
 }
 
-std::tuple<Tensor, Tensor, Tensor> norm_bwd_cpu(const Tensor& dy, const std::optional<Tensor>& dh,
+std::tuple<Tensor, Tensor, Tensor> cpu_norm_bwd(const Tensor& dy, const std::optional<Tensor>& dh,
                                                 const Tensor& h, const Tensor& weight, const Tensor& mean,
                                                 const Tensor& rstd, bool has_bias, bool is_rms) {
   check_norm_bwd_args(dy, dh, h, weight, mean, rstd, is_rms);
@@ -204,7 +205,4 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd_cpu(const Tensor& dy, const std::opt
 }  // namespace
 }  // namespace plm_engine
 
-TORCH_LIBRARY_IMPL(plm_engine, CPU, m) {
-  m.impl("norm_fwd", &plm_engine::norm_fwd_cpu);
-  m.impl("norm_bwd", &plm_engine::norm_bwd_cpu);
-}
+PLM_REGISTER_KERNELS(CPU, cpu, norm_fwd, norm_bwd)

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "common/cpu_memory.h"
+#include "common/register.h"
 #include "cpu/isa.h"
 #include "cpu/simd.h"
 #include "rope.h"
@@ -93,7 +94,7 @@ void rope_cpu_kernel(const Tensor& q, const Tensor& k, Tensor& q_out, Tensor& k_
   }
 }
 
-std::tuple<Tensor, Tensor> rope_cpu(const Tensor& q, const Tensor& k, const Tensor& cos, const Tensor& sin,
+std::tuple<Tensor, Tensor> cpu_rope(const Tensor& q, const Tensor& k, const Tensor& cos, const Tensor& sin,
                                     const std::optional<Tensor>& positions, bool interleaved, bool conjugate) {
   check_rope_args(q, k, cos, sin, positions);
   // Fresh outputs of 32 MiB and more (a long prefill's q) get huge pages: see common/cpu_memory.h.
@@ -103,8 +104,8 @@ std::tuple<Tensor, Tensor> rope_cpu(const Tensor& q, const Tensor& k, const Tens
   return {q_out, k_out};
 }
 
-void rope_inplace_cpu(Tensor& q, Tensor& k, const Tensor& cos, const Tensor& sin,
-                      const std::optional<Tensor>& positions, bool interleaved, bool conjugate) {
+void cpu_rope_(Tensor& q, Tensor& k, const Tensor& cos, const Tensor& sin, const std::optional<Tensor>& positions,
+               bool interleaved, bool conjugate) {
   check_rope_args(q, k, cos, sin, positions);
   rope_cpu_kernel(q, k, q, k, cos, sin, positions, interleaved, conjugate);
 }
@@ -112,7 +113,4 @@ void rope_inplace_cpu(Tensor& q, Tensor& k, const Tensor& cos, const Tensor& sin
 }  // namespace
 }  // namespace plm_engine
 
-TORCH_LIBRARY_IMPL(plm_engine, CPU, m) {
-  m.impl("rope", &plm_engine::rope_cpu);
-  m.impl("rope_", &plm_engine::rope_inplace_cpu);
-}
+PLM_REGISTER_KERNELS(CPU, cpu, rope, rope_)

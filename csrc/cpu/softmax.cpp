@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "common/dispatch.h"
+#include "common/register.h"
 #include "cpu/isa.h"
 #include "cpu/simd.h"
 #include "softmax.h"
@@ -26,7 +27,7 @@ namespace {
 #define PLM_SIMD_KERNELS "cpu/softmax_kernels.inc"
 #include "cpu/simd_instantiate.inc"
 
-Tensor softmax_fwd_cpu(const Tensor& x, double scale, bool causal) {
+Tensor cpu_softmax_fwd(const Tensor& x, double scale, bool causal) {
   check_softmax_fwd_args(x);
   const int64_t batch = x.size(0), sq = x.size(1), sk = x.size(2);
   Tensor y = at::empty_like(x);
@@ -42,7 +43,7 @@ Tensor softmax_fwd_cpu(const Tensor& x, double scale, bool causal) {
   return y;
 }
 
-Tensor softmax_bwd_cpu(const Tensor& dy, const Tensor& y, double scale) {
+Tensor cpu_softmax_bwd(const Tensor& dy, const Tensor& y, double scale) {
   check_softmax_bwd_args(dy, y);
   const int64_t rows = y.size(0) * y.size(1), n = y.size(2);
   Tensor dx = at::empty_like(y);
@@ -62,7 +63,4 @@ Tensor softmax_bwd_cpu(const Tensor& dy, const Tensor& y, double scale) {
 }  // namespace
 }  // namespace plm_engine
 
-TORCH_LIBRARY_IMPL(plm_engine, CPU, m) {
-  m.impl("softmax_fwd", &plm_engine::softmax_fwd_cpu);
-  m.impl("softmax_bwd", &plm_engine::softmax_bwd_cpu);
-}
+PLM_REGISTER_KERNELS(CPU, cpu, softmax_fwd, softmax_bwd)

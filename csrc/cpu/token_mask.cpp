@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "common/dispatch.h"
+#include "common/register.h"
 #include "cpu/isa.h"
 #include "cpu/simd.h"
 #include "token_mask.h"
@@ -42,7 +43,7 @@ std::vector<int64_t> row_indices(const std::optional<Tensor>& rows, int64_t m, i
   return out;
 }
 
-void apply_token_bitmask_cpu(Tensor logits, const Tensor& bitmask, const std::optional<Tensor>& rows) {
+void cpu_apply_token_bitmask_(Tensor logits, const Tensor& bitmask, const std::optional<Tensor>& rows) {
   check_token_bitmask_args(logits, bitmask, rows);
   const int64_t n = logits.size(0), vocab = logits.size(1), m = bitmask.size(0);
   if (m == 0 || vocab == 0) return;
@@ -79,6 +80,4 @@ void apply_token_bitmask_cpu(Tensor logits, const Tensor& bitmask, const std::op
 }  // namespace
 }  // namespace plm_engine
 
-TORCH_LIBRARY_IMPL(plm_engine, CPU, m) {
-  m.impl("apply_token_bitmask_", &plm_engine::apply_token_bitmask_cpu);
-}
+PLM_REGISTER_KERNELS(CPU, cpu, apply_token_bitmask_)

@@ -16,6 +16,7 @@
 
 #include "activations.h"
 #include "common/dispatch.h"
+#include "common/register.h"
 #include "cuda/activations_kernels.cuh"
 
 namespace plm_engine {
@@ -64,14 +65,14 @@ void launch(std::initializer_list<const Tensor*> inputs, std::initializer_list<T
   });
 }
 
-Tensor swiglu_fwd_cuda(const Tensor& gate, const Tensor& up) {
+Tensor cuda_swiglu_fwd(const Tensor& gate, const Tensor& up) {
   check_activation_args({{"gate", &gate}, {"up", &up}});
   Tensor y = at::empty(gate.sizes(), gate.options());
   launch({&gate, &up}, {&y}, SwigluFwd{});
   return y;
 }
 
-std::tuple<Tensor, Tensor> swiglu_bwd_cuda(const Tensor& dy, const Tensor& gate, const Tensor& up) {
+std::tuple<Tensor, Tensor> cuda_swiglu_bwd(const Tensor& dy, const Tensor& gate, const Tensor& up) {
   check_activation_args({{"gate", &gate}, {"up", &up}, {"dy", &dy}});
   Tensor dg = at::empty(gate.sizes(), gate.options());
   Tensor du = at::empty(gate.sizes(), gate.options());
@@ -79,7 +80,7 @@ std::tuple<Tensor, Tensor> swiglu_bwd_cuda(const Tensor& dy, const Tensor& gate,
   return {dg, du};
 }
 
-Tensor gelu_fwd_cuda(const Tensor& x, const std::string& approximate) {
+Tensor cuda_gelu_fwd(const Tensor& x, const std::string& approximate) {
   check_activation_args({{"x", &x}});
   Tensor y = at::empty(x.sizes(), x.options());
   if (approximate == "tanh") {
@@ -90,7 +91,7 @@ Tensor gelu_fwd_cuda(const Tensor& x, const std::string& approximate) {
   return y;
 }
 
-Tensor gelu_bwd_cuda(const Tensor& dy, const Tensor& x, const std::string& approximate) {
+Tensor cuda_gelu_bwd(const Tensor& dy, const Tensor& x, const std::string& approximate) {
   check_activation_args({{"x", &x}, {"dy", &dy}});
   Tensor dx = at::empty(x.sizes(), x.options());
   if (approximate == "tanh") {
@@ -104,9 +105,4 @@ Tensor gelu_bwd_cuda(const Tensor& dy, const Tensor& x, const std::string& appro
 }  // namespace
 }  // namespace plm_engine
 
-TORCH_LIBRARY_IMPL(plm_engine, CUDA, m) {
-  m.impl("swiglu_fwd", &plm_engine::swiglu_fwd_cuda);
-  m.impl("swiglu_bwd", &plm_engine::swiglu_bwd_cuda);
-  m.impl("gelu_fwd", &plm_engine::gelu_fwd_cuda);
-  m.impl("gelu_bwd", &plm_engine::gelu_bwd_cuda);
-}
+PLM_REGISTER_KERNELS(CUDA, cuda, swiglu_fwd, swiglu_bwd, gelu_fwd, gelu_bwd)

@@ -34,6 +34,7 @@
 #include <torch/types.h>
 
 #include "common/dispatch.h"
+#include "common/register.h"
 #include "cuda/norms_kernels.cuh"
 #include "norms.h"
 
@@ -104,7 +105,7 @@ void launch_bwd(const T* dy, const T* dh, const T* h, const W* w, const float* m
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd_cuda(const Tensor& x, const Tensor& weight,
+std::tuple<Tensor, Tensor, Tensor, Tensor> cuda_norm_fwd(const Tensor& x, const Tensor& weight,
                                                          const std::optional<Tensor>& bias,
                                                          const std::optional<Tensor>& residual, double eps,
                                                          bool is_rms) {
@@ -148,7 +149,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd_cuda(const Tensor& x, const 
   return {y, h, mean, rstd};
 }
 
-std::tuple<Tensor, Tensor, Tensor> norm_bwd_cuda(const Tensor& dy, const std::optional<Tensor>& dh,
+std::tuple<Tensor, Tensor, Tensor> cuda_norm_bwd(const Tensor& dy, const std::optional<Tensor>& dh,
                                                  const Tensor& h, const Tensor& weight, const Tensor& mean,
                                                  const Tensor& rstd, bool has_bias, bool is_rms) {
   check_norm_bwd_args(dy, dh, h, weight, mean, rstd, is_rms);
@@ -193,7 +194,4 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd_cuda(const Tensor& dy, const std::op
 }  // namespace
 }  // namespace plm_engine
 
-TORCH_LIBRARY_IMPL(plm_engine, CUDA, m) {
-  m.impl("norm_fwd", &plm_engine::norm_fwd_cuda);
-  m.impl("norm_bwd", &plm_engine::norm_bwd_cuda);
-}
+PLM_REGISTER_KERNELS(CUDA, cuda, norm_fwd, norm_bwd)

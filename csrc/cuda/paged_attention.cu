@@ -54,6 +54,7 @@
 
 #include "attention.h"
 #include "common/dispatch.h"
+#include "common/register.h"
 #include "cuda/paged_attention_kernels.cuh"
 
 namespace plm_engine {
@@ -177,12 +178,12 @@ Tensor paged_attn_impl(const Tensor& q, const Tensor& k_cache, const Tensor& v_c
   return out;
 }
 
-Tensor paged_attn_cuda(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& block_table,
+Tensor cuda_paged_attn(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& block_table,
                        const Tensor& cache_seqlens, double scale) {
   return paged_attn_impl(q, k_cache, v_cache, block_table, cache_seqlens, scale, nullptr);
 }
 
-Tensor paged_attn_rpb_cuda(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& block_table,
+Tensor cuda_paged_attn_rpb(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& block_table,
                            const Tensor& cache_seqlens, const Tensor& table, const Tensor& buckets, double scale) {
   check_bias_args(table, buckets, q);
   TORCH_CHECK(buckets.numel() <= 2 * 65536 + 1, "paged_attn_rpb (CUDA): max_distance must be <= 65536");
@@ -192,7 +193,7 @@ Tensor paged_attn_rpb_cuda(const Tensor& q, const Tensor& k_cache, const Tensor&
   return paged_attn_impl(q, k_cache, v_cache, block_table, cache_seqlens, scale, &rows);
 }
 
-void write_kv_cache_cuda(const Tensor& k, const Tensor& v, Tensor k_cache, Tensor v_cache,
+void cuda_write_kv_cache(const Tensor& k, const Tensor& v, Tensor k_cache, Tensor v_cache,
                          const Tensor& slot_mapping) {
   check_write_kv_args(k, v, k_cache, v_cache, slot_mapping);
   TORCH_CHECK(k_cache.is_cuda(), "write_kv_cache_cuda: the caches must be CUDA tensors, got ", k_cache.device());
@@ -242,8 +243,4 @@ void write_kv_cache_cuda(const Tensor& k, const Tensor& v, Tensor k_cache, Tenso
 }  // namespace
 }  // namespace plm_engine
 
-TORCH_LIBRARY_IMPL(plm_engine, CUDA, m) {
-  m.impl("paged_attn", &plm_engine::paged_attn_cuda);
-  m.impl("paged_attn_rpb", &plm_engine::paged_attn_rpb_cuda);
-  m.impl("write_kv_cache", &plm_engine::write_kv_cache_cuda);
-}
+PLM_REGISTER_KERNELS(CUDA, cuda, paged_attn, paged_attn_rpb, write_kv_cache)

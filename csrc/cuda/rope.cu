@@ -17,6 +17,7 @@
 #include <initializer_list>
 
 #include "common/dispatch.h"
+#include "common/register.h"
 #include "cuda/rope_kernels.cuh"
 #include "rope.h"
 
@@ -88,7 +89,7 @@ void rope_cuda_kernel(const Tensor& q, const Tensor& k, Tensor& q_out, Tensor& k
   });
 }
 
-std::tuple<Tensor, Tensor> rope_cuda(const Tensor& q, const Tensor& k, const Tensor& cos, const Tensor& sin,
+std::tuple<Tensor, Tensor> cuda_rope(const Tensor& q, const Tensor& k, const Tensor& cos, const Tensor& sin,
                                      const std::optional<Tensor>& positions, bool interleaved, bool conjugate) {
   check_rope_args(q, k, cos, sin, positions);
   Tensor q_out = at::empty(q.sizes(), q.options());
@@ -97,8 +98,8 @@ std::tuple<Tensor, Tensor> rope_cuda(const Tensor& q, const Tensor& k, const Ten
   return {q_out, k_out};
 }
 
-void rope_inplace_cuda(Tensor& q, Tensor& k, const Tensor& cos, const Tensor& sin,
-                       const std::optional<Tensor>& positions, bool interleaved, bool conjugate) {
+void cuda_rope_(Tensor& q, Tensor& k, const Tensor& cos, const Tensor& sin, const std::optional<Tensor>& positions,
+                bool interleaved, bool conjugate) {
   check_rope_args(q, k, cos, sin, positions);
   rope_cuda_kernel(q, k, q, k, cos, sin, positions, interleaved, conjugate);
 }
@@ -106,7 +107,4 @@ void rope_inplace_cuda(Tensor& q, Tensor& k, const Tensor& cos, const Tensor& si
 }  // namespace
 }  // namespace plm_engine
 
-TORCH_LIBRARY_IMPL(plm_engine, CUDA, m) {
-  m.impl("rope", &plm_engine::rope_cuda);
-  m.impl("rope_", &plm_engine::rope_inplace_cuda);
-}
+PLM_REGISTER_KERNELS(CUDA, cuda, rope, rope_)

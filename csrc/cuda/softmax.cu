@@ -12,13 +12,14 @@
 #include <cuda_fp16.h>
 
 #include "common/dispatch.h"
+#include "common/register.h"
 #include "cuda/softmax_kernels.cuh"
 #include "softmax.h"
 
 namespace plm_engine {
 namespace {
 
-Tensor softmax_fwd_cuda(const Tensor& x, double scale, bool causal) {
+Tensor cuda_softmax_fwd(const Tensor& x, double scale, bool causal) {
   check_softmax_fwd_args(x);
   const c10::cuda::CUDAGuard guard(x.device());
   Tensor y = at::empty_like(x);
@@ -34,7 +35,7 @@ Tensor softmax_fwd_cuda(const Tensor& x, double scale, bool causal) {
   return y;
 }
 
-Tensor softmax_bwd_cuda(const Tensor& dy, const Tensor& y, double scale) {
+Tensor cuda_softmax_bwd(const Tensor& dy, const Tensor& y, double scale) {
   check_softmax_bwd_args(dy, y);
   const c10::cuda::CUDAGuard guard(y.device());
   Tensor dx = at::empty_like(y);
@@ -54,7 +55,4 @@ Tensor softmax_bwd_cuda(const Tensor& dy, const Tensor& y, double scale) {
 }  // namespace
 }  // namespace plm_engine
 
-TORCH_LIBRARY_IMPL(plm_engine, CUDA, m) {
-  m.impl("softmax_fwd", &plm_engine::softmax_fwd_cuda);
-  m.impl("softmax_bwd", &plm_engine::softmax_bwd_cuda);
-}
+PLM_REGISTER_KERNELS(CUDA, cuda, softmax_fwd, softmax_bwd)

@@ -78,7 +78,7 @@ def test_torch_compile_matches_eager():
 def test_csrc_kernel_table():
     """Every op with a CUDA kernel is a defined op that also has a CPU kernel; the norms have both."""
     table = utils.csrc_kernel_table()
-    assert table, "no TORCH_LIBRARY_IMPL blocks found under csrc/"
+    assert table, "no PLM_REGISTER_KERNELS lines found under csrc/"
     defined = utils.csrc_defined_ops()
     assert table["CPU"] <= defined and table["CUDA"] <= defined
     assert table["CUDA"] <= table["CPU"], table["CUDA"] - table["CPU"]
@@ -123,7 +123,9 @@ def test_one_registration_pattern():
         assert "TORCH_LIBRARY(" not in text, f"{rel}: schemas go in a TORCH_LIBRARY_FRAGMENT of a *_ops.cpp"
         if "TORCH_LIBRARY_FRAGMENT(" in text or utils._DEF_RE.search(text):
             assert rel.endswith("_ops.cpp"), f"{rel} defines op schemas: they belong in csrc/<family>_ops.cpp"
-        for key in utils._IMPL_BLOCK_RE.findall(text):
+        if "TORCH_LIBRARY_IMPL(" in text:
+            assert rel == "common/register.h", f"{rel}: kernels register with PLM_REGISTER_KERNELS (register.h)"
+        for key, _ in utils._REGISTER_RE.findall(text):
             folder = {"CPU": "cpu/", "CUDA": "cuda/"}.get(key)
             assert folder and rel.startswith(folder), f"{rel} registers {key} kernels outside csrc/{folder}"
     for family in families:
