@@ -537,35 +537,37 @@ inline void syncwarp_at(const char* file, int line, unsigned mask = 0xffffffffu)
 
 // ---- atomics: plain read-modify-writes (one OS thread; a fiber never switches inside one) --------
 
+namespace plm_emu {
+namespace detail {
+// *p = update(*p), returning the old value: every atomic below.
+template <typename T, typename F>
+inline T read_modify_write(T* p, F update) {
+  const T old = *p;
+  *p = update(old);
+  return old;
+}
+}  // namespace detail
+}  // namespace plm_emu
+
 template <typename T>
 inline T atomicAdd(T* p, T v) {
-  const T old = *p;
-  *p = old + v;
-  return old;
+  return plm_emu::detail::read_modify_write(p, [v](T old) { return old + v; });
 }
 template <typename T>
 inline T atomicMax(T* p, T v) {
-  const T old = *p;
-  *p = old < v ? v : old;
-  return old;
+  return plm_emu::detail::read_modify_write(p, [v](T old) { return old < v ? v : old; });
 }
 template <typename T>
 inline T atomicMin(T* p, T v) {
-  const T old = *p;
-  *p = v < old ? v : old;
-  return old;
+  return plm_emu::detail::read_modify_write(p, [v](T old) { return v < old ? v : old; });
 }
 template <typename T>
 inline T atomicExch(T* p, T v) {
-  const T old = *p;
-  *p = v;
-  return old;
+  return plm_emu::detail::read_modify_write(p, [v](T) { return v; });
 }
 template <typename T>
 inline T atomicCAS(T* p, T compare, T v) {
-  const T old = *p;
-  if (old == compare) *p = v;
-  return old;
+  return plm_emu::detail::read_modify_write(p, [compare, v](T old) { return old == compare ? v : old; });
 }
 
 // ---- device math and bit casts used by the kernels, as host functions -----------------------------
@@ -579,26 +581,23 @@ inline float __saturatef(float x) { return x < 0.f ? 0.f : (x > 1.f ? 1.f : x); 
 // The standard normal CDF through erfc, which keeps its relative accuracy in the lower tail.
 inline float normcdff(float x) { return 0.5f * std::erfc(-x * 0.70710678118654752f); }
 
-inline float __uint_as_float(unsigned u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
+namespace plm_emu {
+namespace detail {
+// The bits of v as a To (CUDA's __x_as_y intrinsics).
+template <typename To, typename From>
+inline To bits_as(From v) {
+  static_assert(sizeof(To) == sizeof(From));
+  To out;
+  std::memcpy(&out, &v, sizeof out);
+  return out;
 }
-inline unsigned __float_as_uint(float f) {
-  unsigned u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
-inline float __int_as_float(int i) {
-  float f;
-  std::memcpy(&f, &i, sizeof f);
-  return f;
-}
-inline int __float_as_int(float f) {
-  int i;
-  std::memcpy(&i, &f, sizeof i);
-  return i;
-}
+}  // namespace detail
+}  // namespace plm_emu
+
+inline float __uint_as_float(unsigned u) { return plm_emu::detail::bits_as<float>(u); }
+inline unsigned __float_as_uint(float f) { return plm_emu::detail::bits_as<unsigned>(f); }
+inline float __int_as_float(int i) { return plm_emu::detail::bits_as<float>(i); }
+inline int __float_as_int(float f) { return plm_emu::detail::bits_as<int>(f); }
 
 // CUDA's unqualified integer and float min/max overloads.
 inline int min(int a, int b) { return a < b ? a : b; }

@@ -63,16 +63,32 @@ void bwd(const T* dy, const T* dh, const T* h, const W* w, const float* mean, co
   emu_launch(reduce_partials_kernel<W>, rgrid, rblock, 0, dwp, dbp, dw, db, groups, ni);
 }
 
-// Same dispatch as norms.cu: W is T or fp32; 16-byte packs when n and every pointer allow them.
+// Same dispatch as norms.cu: W is T or fp32; 16-byte packs (V = pack_width<T>) when n, every data pointer
+// (16 bytes) and every weight/bias pointer (weight_pack_align) allow them, else V = 1. Calls
+// fn(T{}, W{}, std::integral_constant<int, V>{}).
 template <typename Fn>
-void dispatch_tw(Dtype t, Dtype w, Fn&& fn) {
+void dispatch_tw(Dtype t, Dtype w, int64_t n, std::initializer_list<const void*> data,
+                 std::initializer_list<const void*> params, Fn&& fn) {
   dispatch(t, [&](auto t_tag) {
     using T = decltype(t_tag);
     if constexpr (!std::is_same_v<T, double>) {
+      auto with_w = [&](auto w_tag) {
+        using W = decltype(w_tag);
+        constexpr int kVec = plm_engine::pack_width<T>();
+        constexpr int kWAlign = plm_engine::weight_pack_align<T, W>();
+        bool vec = n % kVec == 0;
+        for (const void* p : data) vec = vec && plm_engine::cuda::is_aligned(p, 16);
+        for (const void* p : params) vec = vec && plm_engine::cuda::is_aligned(p, kWAlign);
+        if (vec) {
+          fn(T{}, W{}, std::integral_constant<int, kVec>{});
+        } else {
+          fn(T{}, W{}, std::integral_constant<int, 1>{});
+        }
+      };
       if (w == Dtype::kF32) {
-        fn(T{}, float{});
+        with_w(float{});
       } else {
-        fn(T{}, T{});
+        with_w(T{});
       }
     }
   });
@@ -82,50 +98,26 @@ void dispatch_tw(Dtype t, Dtype w, Fn&& fn) {
 
 void norm_fwd(Dtype t, Dtype w, const void* x, const void* residual, const void* weight, const void* bias, void* y,
               void* h, float* mean, float* rstd, int64_t rows, int64_t n, float eps, bool is_rms, int64_t max_blocks) {
-  dispatch_tw(t, w, [&](auto t_tag, auto w_tag) {
+  dispatch_tw(t, w, n, {x, residual, y, h}, {weight, bias}, [&](auto t_tag, auto w_tag, auto vec_tag) {
     using T = decltype(t_tag);
     using W = decltype(w_tag);
-    using plm_engine::cuda::is_aligned;
-    constexpr int kVec = plm_engine::pack_width<T>();
-    constexpr int kWAlign = plm_engine::weight_pack_align<T, W>();
-    const bool vec = n % kVec == 0 && is_aligned(x, 16) && is_aligned(residual, 16) && is_aligned(y, 16) &&
-                     is_aligned(h, 16) && is_aligned(weight, kWAlign) && is_aligned(bias, kWAlign);
-    auto args = [&](auto vec_tag) {
-      constexpr int V = decltype(vec_tag)::value;
-      fwd<T, W, V>(static_cast<const T*>(x), static_cast<const T*>(residual), static_cast<const W*>(weight),
-                   static_cast<const W*>(bias), static_cast<T*>(y), static_cast<T*>(h), mean, rstd, rows, n, eps,
-                   is_rms, max_blocks);
-    };
-    if (vec) {
-      args(std::integral_constant<int, kVec>{});
-    } else {
-      args(std::integral_constant<int, 1>{});
-    }
+    fwd<T, W, decltype(vec_tag)::value>(static_cast<const T*>(x), static_cast<const T*>(residual),
+                                        static_cast<const W*>(weight), static_cast<const W*>(bias),
+                                        static_cast<T*>(y), static_cast<T*>(h), mean, rstd, rows, n, eps, is_rms,
+                                        max_blocks);
   });
 }
 
 void norm_bwd(Dtype t, Dtype w, const void* dy, const void* dh, const void* h, const void* weight, const float* mean,
               const float* rstd, void* dx, void* dw, void* db, int64_t rows, int64_t n, bool is_rms,
               int64_t bwd_blocks) {
-  dispatch_tw(t, w, [&](auto t_tag, auto w_tag) {
+  dispatch_tw(t, w, n, {dy, dh, h, dx}, {weight}, [&](auto t_tag, auto w_tag, auto vec_tag) {
     using T = decltype(t_tag);
     using W = decltype(w_tag);
-    using plm_engine::cuda::is_aligned;
-    constexpr int kVec = plm_engine::pack_width<T>();
-    constexpr int kWAlign = plm_engine::weight_pack_align<T, W>();
-    const bool vec = n % kVec == 0 && is_aligned(dy, 16) && is_aligned(dh, 16) && is_aligned(h, 16) &&
-                     is_aligned(dx, 16) && is_aligned(weight, kWAlign);
-    auto args = [&](auto vec_tag) {
-      constexpr int V = decltype(vec_tag)::value;
-      bwd<T, W, V>(static_cast<const T*>(dy), static_cast<const T*>(dh), static_cast<const T*>(h),
-                   static_cast<const W*>(weight), mean, rstd, static_cast<T*>(dx), static_cast<W*>(dw),
-                   static_cast<W*>(db), rows, n, is_rms, bwd_blocks);
-    };
-    if (vec) {
-      args(std::integral_constant<int, kVec>{});
-    } else {
-      args(std::integral_constant<int, 1>{});
-    }
+    bwd<T, W, decltype(vec_tag)::value>(static_cast<const T*>(dy), static_cast<const T*>(dh),
+                                        static_cast<const T*>(h), static_cast<const W*>(weight), mean, rstd,
+                                        static_cast<T*>(dx), static_cast<W*>(dw), static_cast<W*>(db), rows, n,
+                                        is_rms, bwd_blocks);
   });
 }
 
