@@ -49,6 +49,8 @@ class Engine:
     Tokenizer, a name or path, or None (loaded with a named model; without one prompts must be token ids
     and outputs have no text). kv_cache_tokens: cache size in tokens (default: a share of free memory,
     capped at max_num_seqs full contexts). max_prefill_tokens: prefill chunk size per step.
+    compile, num_threads: the CPU decode step compiled per batch bucket, and torch's CPU threads
+    (defaults: PLM_ENGINE_COMPILE, PLM_ENGINE_NUM_THREADS or the physical cores; see ModelRunner).
     """
 
     def __init__(
@@ -62,6 +64,8 @@ class Engine:
         block_size: int = 16,
         max_prefill_tokens: int = 2048,
         cuda_graphs: bool = True,
+        compile: bool | None = None,
+        num_threads: int | None = None,
     ):
         if isinstance(dtype, str):
             dtype = {
@@ -94,7 +98,9 @@ class Engine:
         self.config = model.config
         if self.config.arch == "bert":
             raise ValueError("Engine: generation needs a causal model (llama or gpt2), got a bert encoder")
-        self.runner = ModelRunner(model, max_num_seqs, kv_cache_tokens, block_size, cuda_graphs)
+        self.runner = ModelRunner(
+            model, max_num_seqs, kv_cache_tokens, block_size, cuda_graphs, compile=compile, num_threads=num_threads
+        )
         r = self.runner
         self.device, self.dtype, self.context_len = r.device, r.dtype, r.context_len
         self.block_size, self.cache_tokens = r.block_size, r.cache_tokens
