@@ -219,7 +219,7 @@ def ours_overhead(eng, prompt, steps=16):
     eng.add_request(prompt, greedy(steps + 8))
     for _ in range(4):  # prefill, then warm decode steps
         eng.step()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:  # kineto logs to fd 2
         t = time.perf_counter()
         for _ in range(steps):
             eng.step()

@@ -81,6 +81,10 @@ class CompiledDecode(DecodeGraphs):
         # Built before tracing, the RoPE tables are graph inputs; traced, they would be recomputed per step.
         if model.config.arch == "llama":
             model.rope_tables(self.device)
+        # The cache's block count varies with the memory free when an engine starts: left symbolic, it
+        # does not change the compiled code, and inductor's on-disk cache serves every engine of the model.
+        for t in kv_cache.k + kv_cache.v:
+            torch._dynamo.mark_dynamic(t, 0)
         self.compiled: dict[int, object] = {}
 
     def _compiled(self, bucket: int):
@@ -90,12 +94,15 @@ class CompiledDecode(DecodeGraphs):
             self.compiled[bucket] = fn
         return fn
 
+    # Both modes, whatever the caller's: the compiled entry is only valid under the global state it was
+    # compiled in (guards on grad mode are not evaluated once compiled, see below).
+    @torch.no_grad()
     @torch.inference_mode()
     def run(self, input_ids, positions, slots, block_rows, cache_seqlens) -> torch.Tensor:
         """Logits (n, vocab) of one decode step of n sequences, through the bucket's compiled forward."""
         n = len(input_ids)
         b = self.fill(input_ids, positions, slots, block_rows, cache_seqlens)
-        logits = self._compiled(b)(
+        args = (
             self.model,
             self.kv_cache,
             self.input_ids[:b],
@@ -105,4 +112,17 @@ class CompiledDecode(DecodeGraphs):
             self.cache_seqlens[:b],
             self.cu_seqlens[: b + 1],
         )
-        return logits[:n]
+        if b not in self.compiled:
+            return self._compiled(b)(*args)[:n]
+        # Each bucket's function has one compiled entry, always called with the same model, cache and
+        # buffers (only their values change): its guards can only pass, and checking them (hundreds of
+        # parameters) would cost more than some of the step's kernels.
+        try:
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                return self.compiled[b](*args)[:n]
+        except RuntimeError as e:
+            # torch.compile declines its cached code under a Python-level tracer or profiler
+            # (sys.settrace / sys.setprofile: a debugger) and would recompile: run eagerly instead.
+            if "skip_guard_eval_unsafe" not in str(e):
+                raise
+        return self._forward(b)[:n]

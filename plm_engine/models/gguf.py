@@ -578,7 +578,7 @@ def _load_tensors(reader, arch: str, hf_config: dict, dtype: torch.dtype, path: 
 # (and a mapped cache file is never rewritten in place). An unreadable entry is rebuilt; a cache that
 # cannot be written is skipped with a warning.
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 CACHE_MIN_BYTES = 16 << 20  # smaller files read in well under a second: not worth the disk space
 
 
@@ -616,6 +616,47 @@ def _atomic_write(dest: Path, write) -> None:
 
 def _warn(msg: str) -> None:
     print(f"plm_engine: {msg}", file=sys.stderr)
+
+
+# Tensors the model concatenates into one parameter (loading.build_from_tensors: q/k/v into qkv,
+# gate/up into up) are stored concatenated, and read back as row views of that one block: the model's
+# parameter is then the mapped block itself, with no copy at load.
+_FUSED_GROUPS = (
+    ("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),
+)
+
+
+def _fuse(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, list]]:
+    """(tensors to store, {stored name: [[HF name, rows], ...]}) with each complete group concatenated."""
+    out = {k: v.contiguous() for k, v in tensors.items()}
+    fused = {}
+    for name in list(out):
+        m = re.fullmatch(r"(.*\.)([a-z_]+\.[a-z_]+)\.(weight|bias)", name)
+        if m is None:
+            continue
+        prefix, module, kind = m.groups()
+        for fused_module, parts in _FUSED_GROUPS:
+            if module != parts[0]:
+                continue
+            names = [f"{prefix}{p}.{kind}" for p in parts]
+            if all(n in out for n in names) and len({(out[n].dtype, out[n].shape[1:]) for n in names}) == 1:
+                key = f"{prefix}{fused_module}.{kind}"
+                fused[key] = [[n, out[n].shape[0]] for n in names]
+                out[key] = torch.cat([out.pop(n) for n in names])
+    return out, fused
+
+
+def _unfuse(stored: dict[str, torch.Tensor], fused: dict[str, list]) -> dict[str, torch.Tensor]:
+    out = dict(stored)
+    for key, parts in fused.items():
+        block, start = out.pop(key), 0
+        for name, rows in parts:
+            out[name] = block.narrow(0, start, rows)
+            start += rows
+        if start != block.shape[0]:
+            raise ValueError(f"cached block {key} has {block.shape[0]} rows, its parts {start}")
+    return out
 
 
 class _CacheEntry:
@@ -673,9 +714,11 @@ class _CacheEntry:
                 if not tfile.exists():
                     return None
                 with safe_open(str(tfile), framework="pt") as f:
-                    if (f.metadata() or {}).get("sha256") != self.digest:
+                    info = f.metadata() or {}
+                    if info.get("sha256") != self.digest:
                         return None
-                    tensors = {k: f.get_tensor(k) for k in f.keys()}
+                    stored = {k: f.get_tensor(k) for k in f.keys()}
+                tensors = _unfuse(stored, json.loads(info.get("fused", "{}")))
             tok = meta["tokenizer"]
             return GGUFCheckpoint(
                 path=path,
@@ -690,27 +733,24 @@ class _CacheEntry:
             return None
 
     def store(self, ckpt: GGUFCheckpoint, dtype: torch.dtype, with_tensors: bool) -> None:
+        """Writes the entry after a miss (whatever was there was absent, stale or damaged)."""
         try:
-            meta_file = self.folder / "meta.json"
-            if not meta_file.exists():
-                meta = {
-                    "version": CACHE_VERSION,
-                    "sha256": self.digest,
-                    "architecture": ckpt.architecture,
-                    "hf_config": ckpt.hf_config,
-                    "chat_template": ckpt.chat_template,
-                    "metadata": ckpt.metadata,
-                    "tokenizer": None if ckpt.tokenizer is None else dataclasses.asdict(ckpt.tokenizer),
-                }
-                text = json.dumps(meta)
-                _atomic_write(meta_file, lambda tmp: Path(tmp).write_text(text))
-            if with_tensors and not self._tensor_file(dtype).exists():
+            meta = {
+                "version": CACHE_VERSION,
+                "sha256": self.digest,
+                "architecture": ckpt.architecture,
+                "hf_config": ckpt.hf_config,
+                "chat_template": ckpt.chat_template,
+                "metadata": ckpt.metadata,
+                "tokenizer": None if ckpt.tokenizer is None else dataclasses.asdict(ckpt.tokenizer),
+            }
+            text = json.dumps(meta)
+            _atomic_write(self.folder / "meta.json", lambda tmp: Path(tmp).write_text(text))
+            if with_tensors:
                 from safetensors.torch import save_file
 
-                tensors = {k: v.contiguous() for k, v in ckpt.tensors.items()}
-                _atomic_write(
-                    self._tensor_file(dtype),
-                    lambda tmp: save_file(tensors, tmp, metadata={"sha256": self.digest, "source": str(ckpt.path)}),
-                )
+                tensors, fused = _fuse(ckpt.tensors)
+                info = {"sha256": self.digest, "source": str(ckpt.path), "fused": json.dumps(fused)}
+                _atomic_write(self._tensor_file(dtype), lambda tmp: save_file(tensors, tmp, metadata=info))
         except (OSError, TypeError, ValueError) as e:  # disk full, read-only, metadata JSON cannot hold
             _warn(f"could not cache {ckpt.path} under {self.folder} ({e}); it will be read directly")

@@ -119,6 +119,23 @@ def _strip(name: str) -> str:
     return name
 
 
+def _cat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat(parts, 0), without a copy when the parts are consecutive row blocks of one tensor (as a
+    cached GGUF returns q/k/v and gate/up: models/gguf.py)."""
+    first = parts[0]
+    adjacent = all(
+        p.is_contiguous()
+        and p.dtype == first.dtype
+        and p.device == first.device
+        and p.shape[1:] == first.shape[1:]
+        and p.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        for p in parts
+    ) and all(b.data_ptr() == a.data_ptr() + a.nbytes for a, b in zip(parts, parts[1:]))
+    if not adjacent:
+        return torch.cat(parts, 0)
+    return first.as_strided((sum(p.shape[0] for p in parts), *first.shape[1:]), first.stride())
+
+
 def build_from_tensors(config: ModelConfig, tensors, dtype: torch.dtype, device, source: str) -> Transformer:
     """A Transformer whose parameters are the HF-named tensors (a mapping name -> tensor, read lazily),
     built on the meta device and assigned in place. source names the file(s) in errors."""
@@ -139,7 +156,7 @@ def build_from_tensors(config: ModelConfig, tensors, dtype: torch.dtype, device,
                 f"{config.hf_architecture()} with {config.n_layers} layers"
             )
         parts = [tensors[names[n]] for n in hf_names]
-        t = parts[0].t() if mode == "T" else torch.cat(parts, 0) if mode == "cat" else parts[0]
+        t = parts[0].t() if mode == "T" else _cat_rows(parts) if mode == "cat" else parts[0]
         if tuple(t.shape) != shapes[ours]:
             raise ValueError(
                 f"{source}: tensor {', '.join(names[n] for n in hf_names)} has shape "

@@ -59,6 +59,17 @@ def test_warm_read_comes_from_the_cache(tmp_path, cache, monkeypatch, dtype):
         assert torch.equal(again.tensors["model.norm.weight"], cold.tensors["model.norm.weight"])
         meta_only = G.read_gguf(path, dtype=dtype, with_tensors=False)
         assert meta_only.tensors == {} and meta_only.hf_config == cold.hf_config
+    # q/k/v (and gate/up) come back as consecutive rows of one stored block, which the model takes as
+    # its fused parameter without a copy.
+    from plm_engine.models.loading import _cat_rows
+
+    parts = [warm.tensors[f"model.layers.1.self_attn.{x}_proj.weight"] for x in "qkv"]
+    fused = _cat_rows(parts)
+    assert fused.data_ptr() == parts[0].data_ptr() and torch.equal(fused, torch.cat(parts))
+    gate_up = [warm.tensors[f"model.layers.0.mlp.{x}_proj.weight"] for x in ("gate", "up")]
+    assert _cat_rows(gate_up).data_ptr() == gate_up[0].data_ptr()
+    apart = [cold.tensors["model.layers.0.mlp.up_proj.weight"], cold.tensors["model.layers.0.mlp.gate_proj.weight"]]
+    assert torch.equal(_cat_rows(apart), torch.cat(apart))
 
 
 def test_new_content_damaged_entry_and_switch(tmp_path, cache, monkeypatch):
@@ -119,4 +130,6 @@ def test_smollm2_warm_load_reads_no_gguf(monkeypatch, tmp_path):
         model = load_model("smollm2-135m")
     w = model.layers[3].mlp.down.weight
     assert torch.equal(w, direct.tensors["model.layers.3.mlp.down_proj.weight"])
+    qkv = [direct.tensors[f"model.layers.3.self_attn.{x}_proj.weight"] for x in "qkv"]
+    assert torch.equal(model.layers[3].attn.qkv.weight, torch.cat(qkv))
     assert torch.equal(model.tok_embed.weight, direct.tensors["model.embed_tokens.weight"])
