@@ -1,9 +1,10 @@
 # The README's commands. Each creates (or reuses) the virtual environment in $(VENV) first.
 #   make demo   set up, then stream a chat answer from the default model (plm-engine generate)
 #   make selfcheck  set up, then `plm-engine info` and the self-check of every op on every backend
-#   make test   set up, then the test suite (all but the slow full kernel-resource report)
+#   make test   set up, then the test suite (all but the slow full kernel-resource report); lists the slowest tests
 #   make test-all   the test suite including tests marked slow
 #   make bench  set up, then the kernel benchmarks on this machine
+#   make lint   set up, then ruff (lint and format check) and mypy (config in pyproject.toml), as pre-commit does
 PYTHON ?= python3
 VENV ?= .venv
 # torch 2.14.1 is the CUDA 13.0 build: with it (and nvcc) the CUDA kernels of _C compile, GPU or not.
@@ -36,10 +37,10 @@ selfcheck: setup
 	$(BIN)/plm-engine selfcheck
 
 test: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" --durations=15
 
 test-all: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 bench: setup
 	$(BIN)/python benchmarks/bench_norms.py
@@ -47,6 +48,7 @@ bench: setup
 lint: setup
 	$(BIN)/python -m ruff check plm_engine tests benchmarks setup.py
 	$(BIN)/python -m ruff format --check plm_engine tests benchmarks setup.py
+	$(BIN)/python -m mypy
 
 clean:
 	rm -rf build dist *.egg-info plm_engine/_C*.so

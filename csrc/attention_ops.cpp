@@ -1,6 +1,4 @@
-// Schemas of the attention ops and the argument checks shared by their CPU and CUDA kernels.
-// The kernels register themselves: csrc/cpu/attention.cpp (CPU: all of them), csrc/cuda/paged_attention.cu
-// (CUDA: paged_attn, write_kv_cache).
+// The attention family's schemas and the argument checks its CPU and CUDA entry points share (attention.h).
 #include <torch/library.h>
 
 #include "attention.h"

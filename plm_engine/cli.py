@@ -73,8 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from plm_engine.models.registry import ModelNotFoundError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ModelNotFoundError as e:  # a --model (or --init, --tokenizer) that names nothing we can get
+        print(f"plm-engine {args.command}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

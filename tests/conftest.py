@@ -9,6 +9,8 @@ import os
 # Every value check runs everywhere in the tests (plm_engine/ops/checks.py), also inside the engine and the
 # trainer; tests of the hot-path rule switch it off where they need production behaviour.
 os.environ.setdefault("PLM_ENGINE_DEBUG_CHECKS", "1")
+# No test reaches the network: a Hub id that is not in the cache fails at once instead of retrying.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Engines decode eagerly in the tests: compiling the CPU decode step costs seconds per engine. The tests
 # that prove the compiled step (tests/generation/test_model_runner.py) ask for it with compile=True.
 os.environ.setdefault("PLM_ENGINE_COMPILE", "0")

@@ -3,8 +3,8 @@
 //
 // A buffer of 32 MiB or more comes straight from mmap (glibc's mmap threshold never grows past 32 MiB),
 // so the first touch of each 4 KiB page faults and zeroes it: for a 64 MiB output that costs several
-// times an elementwise kernel itself (GELU fp32 8192 x 1536: 32 ms with 4 KiB pages, 11 ms with the
-// hint). MADV_HUGEPAGE on the not-yet-touched buffer makes each fault map (and zero) 2 MiB at once.
+// times an elementwise kernel itself (figures in benchmarks/results/NOTES.md). MADV_HUGEPAGE on the
+// not-yet-touched buffer makes each fault map (and zero) 2 MiB at once.
 // It is only a hint: no effect when THP is "never", and it changes no data. It is what PyTorch's
 // THP_MEM_ALLOC_ENABLE=1 does for every allocation; here it applies to our large outputs only.
 // Smaller buffers are mostly reused heap memory, where the hint measured slower.

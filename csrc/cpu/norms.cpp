@@ -11,18 +11,19 @@
 // accumulated per fixed chunk of rows and summed in chunk order, so results do not depend on the thread
 // count.
 //
-// Memory-bound tricks, measured on a 2-core AVX-512 machine (fp32 4096x4096; benchmarks/bench_norms.py):
+// Memory-bound tricks, each kept because benchmarks/bench_norms.py showed it paying off (figures and
+// machine in benchmarks/results/NOTES.md):
 //  - transparent huge pages for fresh large outputs (empty_output): first-touch page faults on a fresh
-//    64 MiB buffer cost several times the kernel itself (~3x faster forward with them);
+//    64 MiB buffer cost several times the kernel itself;
 //  - non-temporal (streaming) stores for outputs far larger than the caches (kStreamMinBytes): a normal
 //    store first reads the line it overwrites (read-for-ownership). On reused memory this made the
-//    forward ~1.4x faster; on freshly faulted huge pages it is neutral; on outputs that could stay in
+//    forward faster; on freshly faulted huge pages it is neutral; on outputs that could stay in
 //    L3, and on fresh 4 KiB pages (no huge pages), it is slower, so neither streams;
 //  - software prefetch of the next row was slower than the hardware prefetchers: not used.
-#include <ATen/Dispatch_v2.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <torch/library.h>
 #include <torch/types.h>
 
 #include <algorithm>
@@ -31,11 +32,11 @@
 #include <type_traits>
 #include <vector>
 
-#include "common/checks.h"
 #include "common/cpu_memory.h"
+#include "common/dispatch.h"
 #include "cpu/isa.h"
 #include "cpu/simd.h"
-#include "ops.h"
+#include "norms.h"
 
 namespace plm_engine {
 namespace {
@@ -81,9 +82,9 @@ struct NormBwdArgs {
 
 // Outputs at least this large (in total) are written with non-temporal stores. Twice a typical last-level
 // cache (32 MiB per CCX / socket slice): such outputs cannot stay cached for the next op anyway, so
-// skipping the read-for-ownership is free bandwidth (~1.4x on the forward with reused memory). Smaller
-// outputs are stored normally: they partly stay in L3, where the next op (and the allocator's next
-// reuse of the same memory) finds them; streaming them measured up to 1.4x slower at 32 MiB of output.
+// skipping the read-for-ownership is free bandwidth. Smaller outputs are stored normally: they partly
+// stay in L3, where the next op (and the allocator's next reuse of the same memory) finds them;
+// streaming them was slower (benchmarks/results/NOTES.md).
 // (sysconf's L3 size is no guide: in a VM it can report the whole host socket.)
 constexpr int64_t kStreamMinBytes = int64_t{64} << 20;
 
@@ -118,34 +119,18 @@ using cpu::huge_pages_enabled;
 
 // Non-temporal stores for this many output bytes? Only for outputs past kStreamMinBytes, and only when
 // they get huge pages: a fresh 4 KiB page is zeroed by the kernel at first touch and is still in cache,
-// so streaming over it writes each line twice (LayerNorm forward without huge pages: 0.8x eager with
-// streaming, 0.9-1.0x without). Zeroing a 2 MiB page leaves little of it in L2, and streaming is then
+// so streaming over it writes each line twice (slower than without streaming: benchmarks/results/NOTES.md).
+// Zeroing a 2 MiB page leaves little of it in L2, and streaming is then
 // neutral to faster.
 bool use_streaming_stores(int64_t out_bytes) {
   return out_bytes >= kStreamMinBytes && huge_pages_enabled();
 }
 
-// Input dtype T in {float, Half, BFloat16} (the checks reject the rest), weight dtype W in {float, T}.
-#define PLM_DISPATCH_NORM_TYPES(XT, WT, NAME, ...)   \
-  AT_DISPATCH_V2(XT, NAME, AT_WRAP([&] {             \
-                   using T = scalar_t;               \
-                   if ((WT) == at::kFloat) {         \
-                     using W = float;                \
-                     __VA_ARGS__();                  \
-                   } else {                          \
-                     using W = T;                    \
-                     __VA_ARGS__();                  \
-                   }                                 \
-                 }),                                 \
-                 at::kFloat, at::kHalf, at::kBFloat16)
-
-}  // namespace
-
 std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd_cpu(const Tensor& x, const Tensor& weight,
                                                         const std::optional<Tensor>& bias,
                                                         const std::optional<Tensor>& residual, double eps,
                                                         bool is_rms) {
-  check_norm_fwd_args(x, weight, bias, residual, eps);
+  check_norm_fwd_args(x, weight, bias, residual);
   const int64_t rows = x.size(0), n = x.size(1);
   auto f32 = x.options().dtype(at::kFloat);
   Tensor y = empty_output(x);
@@ -216,4 +201,10 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd_cpu(const Tensor& dy, const std::opt
   return {dx, dw, db};
 }
 
+}  // namespace
 }  // namespace plm_engine
+
+TORCH_LIBRARY_IMPL(plm_engine, CPU, m) {
+  m.impl("norm_fwd", &plm_engine::norm_fwd_cpu);
+  m.impl("norm_bwd", &plm_engine::norm_bwd_cpu);
+}

@@ -53,6 +53,7 @@
 #include <limits>
 
 #include "attention.h"
+#include "common/dispatch.h"
 #include "cuda/paged_attention_kernels.cuh"
 
 namespace plm_engine {
@@ -98,19 +99,6 @@ void launch_paged(const PagedParams& p, int rows, dim3 grid, int64_t n_out_rows,
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
-
-// Calls fn with a value of the C++ type of dtype (float32, float16 or bfloat16: what the checks allow).
-template <typename Fn>
-void dispatch_float(at::ScalarType dtype, Fn&& fn) {
-  switch (dtype) {
-    case at::kFloat: fn(float{}); break;
-    case at::kHalf: fn(at::Half{}); break;
-    case at::kBFloat16: fn(at::BFloat16{}); break;
-    default: TORCH_CHECK(false, "write_kv_cache (CUDA): unsupported dtype ", dtype);
-  }
-}
-
-}  // namespace
 
 Tensor paged_attn_cuda(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& block_table,
                        const Tensor& cache_seqlens, double scale) {
@@ -218,9 +206,9 @@ void write_kv_cache_cuda(const Tensor& k, const Tensor& v, Tensor k_cache, Tenso
                       cuda::is_aligned(p.v_cache, 16);
   const dim3 grid(static_cast<unsigned>(ceil_div<int64_t>(n_tokens, kWarps)));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  dispatch_float(k.scalar_type(), [&](auto in_tag) {
+  dispatch_float(k.scalar_type(), "write_kv_cache (CUDA)", [&](auto in_tag) {
     using Tin = decltype(in_tag);
-    dispatch_float(k_cache.scalar_type(), [&](auto out_tag) {
+    dispatch_float(k_cache.scalar_type(), "write_kv_cache (CUDA)", [&](auto out_tag) {
       using Tout = decltype(out_tag);
       if (packed) {
         write_kv_cache_kernel<Tin, Tout, 8><<<grid, kThreads, 0, stream>>>(p);
@@ -232,6 +220,7 @@ void write_kv_cache_cuda(const Tensor& k, const Tensor& v, Tensor k_cache, Tenso
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+}  // namespace
 }  // namespace plm_engine
 
 TORCH_LIBRARY_IMPL(plm_engine, CUDA, m) {

@@ -1,27 +1,13 @@
-// The kernels of paged_attention.cu (paged decode attention, KV-cache write), in a header of their own
-// so that the tests can also compile them as host code under csrc/testing/cuda_emu.h and check them on
-// a machine without a GPU (tests/ops/test_cuda_emulated.py). No ATen or CUDA runtime in here.
+// Paged decode attention and the KV-cache write, the kernels of paged_attention.cu (kernel headers:
+// cuda/common.cuh).
 #pragma once
 
 #include <cuda_fp16.h>
-
-#include <cmath>
-#include <cstdint>
-#include <limits>
 
 #include "cuda/common.cuh"
 
 namespace plm_engine {
 namespace {
-
-using cuda::ceil_div;
-using cuda::from_float;
-using cuda::kFullMask;
-using cuda::kWarpSize;
-using cuda::load_pack;
-using cuda::Pack;
-using cuda::store_pack;
-using cuda::to_float;
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * kWarpSize;
@@ -30,7 +16,6 @@ constexpr int kMinSplitTokens = 256;
 constexpr int kBlocksPerSm = 4;
 constexpr int kVec = 8;  // elements per 16-byte load of a 16-bit K/V row
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Test-only: forces the number of KV splits (the Triton backend reads the same variable).
 constexpr const char* kSplitsEnv = "PLM_ENGINE_PAGED_ATTN_SPLITS";
 

@@ -16,7 +16,11 @@ DTYPES = ("float32", "bfloat16", "float16")
 def add_parser(subparsers) -> argparse.ArgumentParser:
     s = subparsers.add_parser("generate", help="stream a continuation of a prompt (default model smollm2-135m)")
     s.add_argument("prompt", help="the prompt text")
-    s.add_argument("--model", default="smollm2-135m", help="model name, HF folder or .gguf path (default: %(default)s)")
+    s.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="a HF folder, a .gguf file, a packaged name or a Hugging Face Hub id (org/name) (default: %(default)s)",
+    )
     s.add_argument("--max-tokens", type=int, default=128, help="new tokens at most (default: %(default)s)")
     s.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: %(default)s)")
     s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: off)")
@@ -91,6 +95,7 @@ def run(args) -> int:
         print("\n[interrupted]", file=sys.stderr)
         return 130
     end = time.perf_counter()
+    assert final is not None, "the request's final output ends the loop"
     sys.stdout.write("\n")
     n_prompt, n_gen = final.num_prompt_tokens, len(final.token_ids)
     ttft = (first or end) - start

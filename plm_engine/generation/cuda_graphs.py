@@ -59,7 +59,7 @@ class DecodeGraphs:
         self.cu_seqlens = torch.arange(mb + 1, dtype=torch.int32, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
-        self._pool = None
+        self._pool: torch.cuda.graphs._POOL_HANDLE | None = None
 
     def bucket_for(self, n: int) -> int | None:
         """The smallest bucket that holds n rows, or None when n exceeds the largest."""

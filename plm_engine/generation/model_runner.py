@@ -137,7 +137,8 @@ class ModelRunner:
         """One packed forward over the prefill chunks; logits of the chunks that end a prompt, and their
         sequences (in that order)."""
         bs = self.block_size
-        ids, pos, slots, cu, lens, rows, index, seqs = [], [], [], [0], [], [], [], []
+        ids, slots, cu, lens, rows, index, seqs = [], [], [0], [], [], [], []
+        pos: list[int] = []
         for ch in chunks:
             seq, a, b = ch.seq, ch.start, ch.start + ch.length
             ids += seq.token_ids[a:b]

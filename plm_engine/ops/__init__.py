@@ -14,10 +14,12 @@ from plm_engine.ops.linear import linear
 from plm_engine.ops.norms import layer_norm, rms_norm
 from plm_engine.ops.rope import rope, rope_cos_sin, rope_inv_freq
 from plm_engine.ops.softmax import softmax
+from plm_engine.ops.token_mask import apply_token_bitmask_
 
 __all__ = [
     "BACKENDS",
     "BackendUnavailable",
+    "apply_token_bitmask_",
     "attention",
     "attention_varlen",
     "cross_entropy",

@@ -8,25 +8,20 @@ Layouts (FlashAttention's):
 GQA/MQA: query head h reads kv head h // (n_heads // n_kv_heads); K/V are never repeated in memory.
 Causal masks are aligned bottom-right (key j is visible to query i iff j <= i + seqlen_k - seqlen_q).
 
-Backend ops (the contract every backend implements; csrc/attention.h for the C++ side):
-  attn_fwd(q, k, v, causal, scale) -> (out, lse)                         lse (batch, n_heads, seqlen_q) fp32
-  attn_bwd(dout, q, k, v, out, lse, causal, scale) -> (dq, dk, dv)
-  attn_varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale) -> (out, lse)   lse (n_heads, total_q)
-  attn_varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale) -> (dq, dk, dv)
-  paged_attn(q, k_cache, v_cache, block_table, cache_seqlens, scale) -> out
-  write_kv_cache(k, v, k_cache!, v_cache!, slot_mapping) -> ()
-Triton registers them as plm_engine::triton_<name> (plm_engine/ops/triton/attention.py and
-paged_attention.py); _C as plm_engine::<name>: the attention ops and their backward on CPU, paged_attn and
-write_kv_cache on CPU and CUDA.
+Backend ops: attn_fwd / attn_bwd / attn_varlen_fwd / attn_varlen_bwd (plm_engine/ops/contracts/attention.py)
+and paged_attn / write_kv_cache (contracts/paged_attention.py). Triton registers them as
+plm_engine::triton_<name> (plm_engine/ops/triton/attention.py and paged_attention.py); _C as
+plm_engine::<name>: the attention ops and their backward on CPU, paged_attn and write_kv_cache on CPU and
+CUDA. This module validates the arguments (once, for every backend) and picks the backend.
 """
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
-from plm_engine.ops import backends, checks, extension
+from plm_engine.ops import backends, checks
+from plm_engine.ops.contracts import attention as contract
+from plm_engine.ops.contracts import paged_attention as paged
 from plm_engine.ops.reference import (
     attention_ref,
     attention_varlen_ref,
@@ -34,75 +29,8 @@ from plm_engine.ops.reference import (
     write_kv_cache_ref,
 )
 
-MAX_HEAD_DIM = 256
-GPU_DTYPES = (torch.float16, torch.bfloat16)
-CPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-# ---- fake impls and autograd, shared by the C++ and Triton ops ---------------------------------------
-
-
-def attn_fwd_fake(q, k, v, causal, scale):
-    b, sq, h, _ = q.shape
-    return torch.empty_like(q), q.new_empty((b, h, sq), dtype=torch.float32)
-
-
-def attn_bwd_fake(dout, q, k, v, out, lse, causal, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def attn_varlen_fwd_fake(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
-    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
-
-
-def attn_varlen_bwd_fake(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def paged_attn_fake(q, k_cache, v_cache, block_table, cache_seqlens, scale):
-    return torch.empty_like(q)
-
-
-def write_kv_cache_fake(k, v, k_cache, v_cache, slot_mapping):
-    return None
-
-
-def register_attn_autograd(fwd_op, bwd_op, varlen: bool) -> None:
-    """Wires bwd_op (flash-attention backward from the saved out and lse) as the backward of fwd_op."""
-    n_meta = 5 if varlen else 2  # non-tensor-gradient inputs after q, k, v
-
-    def setup_context(ctx, inputs, output):
-        q, k, v = inputs[:3]
-        out, lse = output
-        ctx.meta = inputs[3:]
-        ctx.save_for_backward(q, k, v, out, lse)
-
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = bwd_op(dout.contiguous(), q, k, v, out, lse, *ctx.meta)
-        return (dq, dk, dv) + (None,) * (n_meta + 1) if varlen else (dq, dk, dv, None, None)
-
-    torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
-
-
-def _register_cpp_ops() -> None:
-    extension.load()
-    lib = torch.ops.plm_engine
-    for name, fake in (
-        ("attn_fwd", attn_fwd_fake),
-        ("attn_bwd", attn_bwd_fake),
-        ("attn_varlen_fwd", attn_varlen_fwd_fake),
-        ("attn_varlen_bwd", attn_varlen_bwd_fake),
-        ("paged_attn", paged_attn_fake),
-        ("write_kv_cache", write_kv_cache_fake),
-    ):
-        torch.library.register_fake("plm_engine::" + name)(fake)
-    register_attn_autograd("plm_engine::attn_fwd", lib.attn_bwd.default, varlen=False)
-    register_attn_autograd("plm_engine::attn_varlen_fwd", lib.attn_varlen_bwd.default, varlen=True)
-
-
-backends.register_family(("attn_fwd", "attn_varlen_fwd"), _register_cpp_ops, "plm_engine.ops.triton.attention")
-backends.register_family(("paged_attn", "write_kv_cache"), _register_cpp_ops, "plm_engine.ops.triton.paged_attention")
+backends.register_family(contract, ("attn_fwd", "attn_varlen_fwd"), "plm_engine.ops.triton.attention")
+backends.register_family(paged, ("paged_attn", "write_kv_cache"), "plm_engine.ops.triton.paged_attention")
 
 
 def backend_op(name: str, backend: str):
@@ -137,43 +65,8 @@ def _check_heads(fn, h, d, hkv, d_k):
         raise ValueError(f"{fn}: q head_dim {d} != k head_dim {d_k}")
     if hkv == 0 or h % hkv != 0:
         raise ValueError(f"{fn}: n_heads ({h}) must be a multiple of n_kv_heads ({hkv})")
-    if d % 8 != 0 or not 8 <= d <= MAX_HEAD_DIM:
-        raise ValueError(f"{fn}: head_dim must be a multiple of 8 in [8, {MAX_HEAD_DIM}], got {d}")
-
-
-def _host_checks_allowed(t: torch.Tensor) -> bool:
-    """Value checks (cu_seqlens order, block ids, slots) read the tensor on the host: only where data
-    enters, never in the hot path, under torch.compile or in CUDA-graph capture (ops/checks.py)."""
-    return checks.value_checks()
-
-
-class _SeenValues:
-    """Remembers the tensors whose values passed a host-side check, by identity and version counter.
-
-    A decode step calls paged_attention / write_kv_cache once per layer with the same block_table,
-    cache_seqlens and slot_mapping; reading them on the host every time costs more than the kernel.
-    Any in-place change bumps the tensor's version, and a new tensor is a new object, so a skipped
-    check is always one that already passed on identical values.
-    """
-
-    def __init__(self):
-        self._last: dict[str, tuple] = {}
-
-    def seen(self, what: str, key: tuple, *tensors: torch.Tensor) -> bool:
-        if any(t.is_inference() for t in tensors):  # no version counter: always check
-            return False
-        entry = self._last.get(what)
-        if entry is None or entry[0] != key or len(entry[1]) != len(tensors):
-            return False
-        return all(ref() is t and t._version == ver for (ref, ver), t in zip(entry[1], tensors, strict=True))
-
-    def remember(self, what: str, key: tuple, *tensors: torch.Tensor) -> None:
-        if any(t.is_inference() for t in tensors):
-            return
-        self._last[what] = (key, tuple((weakref.ref(t), t._version) for t in tensors))
-
-
-_seen = _SeenValues()
+    if d % 8 != 0 or not 8 <= d <= contract.MAX_HEAD_DIM:
+        raise ValueError(f"{fn}: head_dim must be a multiple of 8 in [8, {contract.MAX_HEAD_DIM}], got {d}")
 
 
 def _check_cu_seqlens(fn, name, cu, total):
@@ -182,7 +75,7 @@ def _check_cu_seqlens(fn, name, cu, total):
             f"{fn}: {name} must be a 1-d int32 tensor of batch + 1 offsets, got "
             f"{getattr(cu, 'dtype', type(cu))} {tuple(getattr(cu, 'shape', ()))}"
         )
-    if _host_checks_allowed(cu):
+    if checks.value_checks():
         c = cu.tolist()
         if c[0] != 0 or c[-1] != total or any(b < a for a, b in zip(c, c[1:])):
             raise ValueError(
@@ -204,10 +97,10 @@ def _scale(softmax_scale, d):
 
 def _unsupported(q: torch.Tensor, head_dim_limit_triton: int = 256) -> dict[str, str]:
     out = {}
-    if q.dtype not in CPU_DTYPES:
+    if q.dtype not in contract.CPU_DTYPES:
         why = f"the fused kernels take float16/bfloat16 (float32 on the CPU), got {q.dtype}"
         return dict.fromkeys(("triton", "cuda", "cpu"), why)
-    if q.device.type == "cuda" and q.dtype not in GPU_DTYPES:
+    if q.device.type == "cuda" and q.dtype not in contract.GPU_DTYPES:
         out["triton"] = out["cuda"] = f"the GPU kernels take float16/bfloat16, got {q.dtype}"
     if q.shape[-1] > head_dim_limit_triton:
         out["triton"] = f"head_dim {q.shape[-1]} > {head_dim_limit_triton}"
@@ -217,7 +110,16 @@ def _unsupported(q: torch.Tensor, head_dim_limit_triton: int = 256) -> dict[str,
 # ---- public functions -----------------------------------------------------------------------------
 
 
-def attention(q, k, v, causal=False, softmax_scale=None, return_lse=False, *, backend=None):
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    return_lse: bool = False,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Flash attention. q: (batch, seqlen_q, n_heads, head_dim); k, v: (batch, seqlen_k, n_kv_heads,
     head_dim). Returns out (like q), and with return_lse also lse (batch, n_heads, seqlen_q) fp32.
 
@@ -240,19 +142,19 @@ def attention(q, k, v, causal=False, softmax_scale=None, return_lse=False, *, ba
 
 
 def attention_varlen(
-    q,
-    k,
-    v,
-    cu_seqlens_q,
-    cu_seqlens_k,
-    max_seqlen_q=None,
-    max_seqlen_k=None,
-    causal=False,
-    softmax_scale=None,
-    return_lse=False,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    return_lse: bool = False,
     *,
-    backend=None,
-):
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Flash attention over packed variable-length sequences, with no padding.
 
     q: (total_q, n_heads, head_dim); k, v: (total_k, n_kv_heads, head_dim); cu_seqlens_q/_k: int32
@@ -275,6 +177,8 @@ def attention_varlen(
     max_seqlen_k = int(max_seqlen_k) if max_seqlen_k is not None else mk
     if max_seqlen_q is None or max_seqlen_k is None:
         raise ValueError("attention_varlen: pass max_seqlen_q and max_seqlen_k during CUDA-graph capture")
+    if max_seqlen_q < 0 or max_seqlen_k < 0:
+        raise ValueError(f"attention_varlen: max_seqlen_q/k must be >= 0, got {max_seqlen_q}, {max_seqlen_k}")
     if mq is not None and (max_seqlen_q < mq or max_seqlen_k < mk):
         raise ValueError(
             f"attention_varlen: max_seqlen_q/k ({max_seqlen_q}, {max_seqlen_k}) are smaller than "
@@ -312,8 +216,8 @@ def _check_paged(fn, k_cache, v_cache, block_table, q_like):
             f"{tuple(v_cache.shape)} must match"
         )
     bs = k_cache.shape[1]
-    if bs < 1 or bs & (bs - 1) or bs > 256:
-        raise ValueError(f"{fn}: block_size must be a power of two up to 256, got {bs}")
+    if bs < 1 or bs & (bs - 1) or bs > paged.MAX_BLOCK_SIZE:
+        raise ValueError(f"{fn}: block_size must be a power of two up to {paged.MAX_BLOCK_SIZE}, got {bs}")
     if block_table is not None:
         if block_table.dtype != torch.int32 or block_table.dim() != 2:
             raise ValueError(
@@ -324,7 +228,16 @@ def _check_paged(fn, k_cache, v_cache, block_table, q_like):
             raise ValueError(f"{fn}: block_table is on {block_table.device} but q is on {q_like.device}")
 
 
-def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, softmax_scale=None, *, backend=None):
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    softmax_scale: float | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
     """Attention of the newest tokens of each sequence over a paged KV cache (decode and chunked prefill).
 
     q: (batch, seqlen_q, n_heads, head_dim) — the last seqlen_q tokens of each sequence, whose K/V are
@@ -350,8 +263,7 @@ def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, softmax_sca
             f"{fn}: cache_seqlens must be int32 ({b},) on {q.device}, got {cache_seqlens.dtype} "
             f"{tuple(cache_seqlens.shape)} on {cache_seqlens.device}"
         )
-    value_key = (q.shape[1], k_cache.shape[0], k_cache.shape[1])
-    if _host_checks_allowed(cache_seqlens) and b > 0 and not _seen.seen("paged", value_key, block_table, cache_seqlens):
+    if b > 0 and checks.value_checks():
         lens = cache_seqlens.tolist()
         bs, nb, cap = k_cache.shape[1], k_cache.shape[0], block_table.shape[1] * k_cache.shape[1]
         if min(lens) < q.shape[1] or max(lens) > cap:
@@ -366,7 +278,6 @@ def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, softmax_sca
                 f"{fn}: block_table holds block ids outside [0, {nb}) in the used blocks "
                 f"(min {int(ids.min())}, max {int(ids.max())})"
             )
-        _seen.remember("paged", value_key, block_table, cache_seqlens)
     scale = _scale(softmax_scale, q.shape[-1])
     chosen = backends.choose(q.device, "paged_attn", backend, _unsupported(q))
     if chosen == "torch" or q.numel() == 0:
@@ -374,7 +285,15 @@ def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, softmax_sca
     return backend_op("paged_attn", chosen)(q, k_cache, v_cache, block_table, cache_seqlens, scale)
 
 
-def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, backend=None):
+def write_kv_cache(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    *,
+    backend: str | None = None,
+) -> None:
     """Stores new keys/values into the paged caches, in place.
 
     k, v: (num_tokens, n_kv_heads, head_dim); slot_mapping: (num_tokens,) int32/int64, token t goes to
@@ -403,14 +322,8 @@ def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, backend=None):
             f"{slot_mapping.dtype} {tuple(slot_mapping.shape)} on {slot_mapping.device}"
         )
     n_slots = k_cache.shape[0] * k_cache.shape[1]
-    if (
-        _host_checks_allowed(slot_mapping)
-        and slot_mapping.numel()
-        and not _seen.seen("slots", (n_slots,), slot_mapping)
-    ):
-        if int(slot_mapping.max()) >= n_slots:
-            raise ValueError(f"{fn}: slot {int(slot_mapping.max())} is out of range for a cache of {n_slots} slots")
-        _seen.remember("slots", (n_slots,), slot_mapping)
+    if slot_mapping.numel() and checks.value_checks() and int(slot_mapping.max()) >= n_slots:
+        raise ValueError(f"{fn}: slot {int(slot_mapping.max())} is out of range for a cache of {n_slots} slots")
     chosen = backends.choose(k.device, "write_kv_cache", backend, _unsupported(k_cache[:, 0]))
     if chosen == "torch" or k.shape[0] == 0:
         write_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping)

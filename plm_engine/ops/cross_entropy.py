@@ -1,6 +1,6 @@
 """Fused cross-entropy and the chunked LM-head + cross-entropy (linear_cross_entropy), on every backend.
 
-Every fused backend implements the same pair of kernel ops (contract in csrc/cross_entropy.h):
+Every fused backend implements the same pair of kernel ops (plm_engine/ops/contracts/cross_entropy.py):
   cross_entropy_fwd(logits, target, ignore_index, label_smoothing) -> (loss, dlogits)
   cross_entropy_fwd_inplace(logits!, target, ignore_index, label_smoothing) -> loss
 on (N, V) contiguous logits and (N,) int64 targets; loss is each row's fp32 loss and dlogits the
@@ -23,53 +23,13 @@ from __future__ import annotations
 
 import torch
 
-from plm_engine.ops import backends, checks, extension
+from plm_engine.ops import backends, checks
+from plm_engine.ops.contracts import cross_entropy as contract
 from plm_engine.ops.reference import cross_entropy_ref, linear_cross_entropy_ref
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REDUCTIONS = ("mean", "sum", "none")
 
-
-# ---- registration helpers shared by the C++ and Triton ops -----------------------------------------
-
-
-def cross_entropy_fwd_fake(logits, target, ignore_index, label_smoothing):
-    return logits.new_empty((logits.shape[0],), dtype=torch.float32), torch.empty_like(logits)
-
-
-def cross_entropy_fwd_inplace_fake(logits, target, ignore_index, label_smoothing):
-    return logits.new_empty((logits.shape[0],), dtype=torch.float32)
-
-
-def register_autograd(fwd_op) -> None:
-    """Makes fwd_op (cross_entropy_fwd schema) differentiable in the logits: grad = dlogits * dloss.
-
-    This is the traceable, out-of-place form used when the op is called directly (torch.compile,
-    opcheck). The public cross_entropy goes through _FusedCrossEntropy, which scales the saved buffer
-    in place instead and so never allocates a second (N, V) tensor.
-    """
-
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output[1])
-
-    def backward(ctx, dloss, _ddlogits):
-        (dlogits,) = ctx.saved_tensors
-        if dloss is None:
-            return torch.zeros_like(dlogits), None, None, None
-        return (dlogits * dloss.unsqueeze(1)).to(dlogits.dtype), None, None, None
-
-    torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
-
-
-def _register_cpp_ops() -> None:
-    """Fake impls and autograd for the _C cross-entropy ops."""
-    extension.load()
-    torch.library.register_fake("plm_engine::cross_entropy_fwd")(cross_entropy_fwd_fake)
-    torch.library.register_fake("plm_engine::cross_entropy_fwd_inplace")(cross_entropy_fwd_inplace_fake)
-    register_autograd("plm_engine::cross_entropy_fwd")
-
-
-backends.register_family(("cross_entropy_fwd",), _register_cpp_ops, "plm_engine.ops.triton.cross_entropy")
+backends.register_family(contract, ("cross_entropy_fwd",), "plm_engine.ops.triton.cross_entropy")
 
 
 def fused_ops(backend: str):
@@ -98,8 +58,8 @@ class _FusedCrossEntropy(torch.autograd.Function):
         (dlogits,) = ctx.saved_tensors
         if dloss.dim() == 1 and dloss.numel() and dloss.stride(0) == 0:
             # "mean"/"sum": one upstream value broadcast to every row. A 0-dim factor keeps the in-place
-            # multiply in dlogits' dtype; an fp32 (N, 1) factor on 16-bit dlogits takes a promotion path
-            # measured 25x slower (1857 vs 70 ms at 4096 x 49152 bf16).
+            # multiply in dlogits' dtype; an fp32 (N, 1) factor on 16-bit dlogits takes a far slower
+            # promotion path (figures in benchmarks/results/NOTES.md).
             return dlogits.mul_(dloss[0]), None, None, None, None, None
         return dlogits.mul_(dloss.unsqueeze(1)), None, None, None, None, None
 
@@ -133,7 +93,7 @@ def _check_common(name, target, lead_shape, device, n_classes, ignore_index, lab
 
 
 def _unsupported(dtype) -> dict[str, str]:
-    if dtype in KERNEL_DTYPES:
+    if dtype in contract.KERNEL_DTYPES:
         return {}
     why = f"the fused kernels take float32/float16/bfloat16, got {dtype}"
     return dict.fromkeys(("triton", "cuda", "cpu"), why)
@@ -154,8 +114,15 @@ def _reduce(loss_rows, valid, reduction, shape, dtype):
 
 
 def cross_entropy(
-    logits, target, ignore_index=-100, label_smoothing=0.0, reduction="mean", *, inplace_backward=False, backend=None
-):
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    *,
+    inplace_backward: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
     """Cross-entropy of logits (..., V) against class indices target (...), fused with its gradient.
 
     Same loss as F.cross_entropy (label smoothing included), fp32 math for fp16/bf16 logits, result in
@@ -185,8 +152,8 @@ def cross_entropy(
 def default_chunk_size(n_tokens: int, vocab: int, hidden: int) -> int:
     """Token rows per chunk: about as many logits per chunk as the hidden states hold (Liger's rule),
     a power of two, at least 1024: every chunk re-reads the (V, d) weight three times (logits, grad_hidden,
-    grad_weight), so small chunks turn the head into a memory-bound loop (measured on CPU, 2 threads,
-    N=1024, V=8192, d=256, fwd+bwd: 64 rows 138 ms, 256 rows 89 ms, 1024 rows 82 ms, unfused 160 ms).
+    grad_weight), so small chunks turn the head into a memory-bound loop (figures in
+    benchmarks/results/NOTES.md).
     At SmolLM2's head (V=49152) a 1024-row chunk is 200 MB of fp32 logits, still a small part of the
     unfused (N, V) logits and their gradient."""
     rows = -(-n_tokens * hidden // max(vocab, 1))
@@ -302,17 +269,17 @@ def _linear_ce_chunks_impl(
 
 
 def linear_cross_entropy(
-    hidden,
-    weight,
-    target,
-    bias=None,
-    ignore_index=-100,
-    label_smoothing=0.0,
-    reduction="mean",
-    chunk_size=None,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
     *,
-    backend=None,
-):
+    backend: str | None = None,
+) -> torch.Tensor:
     """cross_entropy(hidden @ weight.T + bias, target) without ever holding the (N, V) logits.
 
     hidden: (..., d); weight: (V, d) (the LM head / tied embedding); bias: (V,) or None; target:
@@ -327,6 +294,7 @@ def linear_cross_entropy(
         dtype = torch.get_autocast_dtype(hidden.device.type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
+    t: torch.Tensor | None  # the loops below check hidden and weight, then the optional bias
     for label, t in (("hidden", hidden), ("weight", weight)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise ValueError(f"{name}: {label} must be a floating-point tensor")

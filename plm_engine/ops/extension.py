@@ -1,20 +1,21 @@
 """The compiled extension plm_engine._C: loading it, and what it provides here.
 
-_C registers its kernels under torch.ops.plm_engine (TORCH_LIBRARY in csrc/bindings.cpp) for the CPU
-and, when compiled with nvcc, the CUDA dispatch keys. Fake impls and autograd for those ops are
-registered in Python by the op family modules (e.g. plm_engine/ops/norms.py).
+_C registers its kernels under torch.ops.plm_engine for the CPU and, when compiled with nvcc, the CUDA
+dispatch keys (one pattern for every family: csrc/bindings.cpp's header). Fake impls and autograd for
+those ops are Python's: plm_engine/ops/contracts, registered by plm_engine.ops.backends.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import types
 
 import torch
 
 
 @functools.cache
-def load() -> tuple[object | None, str]:
+def load() -> tuple[types.ModuleType | None, str]:
     """Imports plm_engine._C once. Returns (module or None, reason it is missing)."""
     try:
         mod = importlib.import_module("plm_engine._C")
@@ -27,7 +28,8 @@ def load() -> tuple[object | None, str]:
 @functools.cache
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether torch.ops.plm_engine.<op> has a kernel for dispatch_key ("CPU" or "CUDA"). Cached: the
-    dispatcher lookup costs ~50 us, paid per op call otherwise, and _C's registrations never change."""
+    dispatcher lookup costs more than a small op, paid per op call otherwise, and _C's registrations
+    never change."""
     if load()[0] is None:
         return False
     try:
@@ -80,7 +82,7 @@ def set_cpu_isa(name: str) -> None:
 
 # The C++ CPU op families. Each runs its own build of one source for the current ISA (csrc/cpu/simd.h);
 # avx512_bf16 adds dot-product paths only where a family has one (the linear kernel's VDPBF16PS).
-CPU_FAMILIES = ("norms", "rope", "softmax", "cross_entropy", "activations", "attention", "linear")
+CPU_FAMILIES = ("norms", "rope", "softmax", "cross_entropy", "activations", "attention", "linear", "token_mask")
 
 
 def cpu_family_isas() -> dict[str, str]:

@@ -23,18 +23,14 @@ import torch
 import torch.nn.functional as F
 
 from plm_engine.ops import backends, extension
+from plm_engine.ops.contracts import linear as contract
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Per ISA of the C++ kernel (cpu_kernel_isa()) and dtype: the largest row count M (x's leading dims
-# multiplied) for which the automatic choice takes the kernel; F.linear beyond. How it was measured:
-# benchmarks/bench_linear.py --rows 1,2,4,8,16,32,64 --dtypes fp32,bf16,fp16 (SmolLM2-135M's layers,
-# torch's default threads, kernel and F.linear interleaved in one process), once per ISA with
-# PLM_ENGINE_CPU_ISA set; AVX2 on an AVX-512 machine capped to AVX2 for both sides (ATEN_CPU_CAPABILITY=
-# avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2). The limit is the largest measured M at
-# which one decode step's linear layers (30 x (qkv + o + gate_up + down) + lm_head) take clearly less
-# time with the kernel than with F.linear. "avx512" and "avx512_bf16" run the same fp32 and fp16 code;
-# their bf16 differs (W widened + FMA, or VDPBF16PS). F.linear's bf16 was measured with AMX there, so
-# the bf16 limits are conservative for CPUs without it. The generic build is never chosen automatically.
+# multiplied) for which the automatic choice takes the kernel; F.linear beyond. The limit is where one
+# decode step's linear layers (SmolLM2-135M's) stop taking clearly less time with the kernel than with
+# F.linear, in benchmarks/bench_linear.py; how it was measured, and on what CPU, is in
+# benchmarks/results/NOTES.md. "avx512" and "avx512_bf16" run the same fp32 and fp16 code; their bf16
+# differs (W widened + FMA, or VDPBF16PS). The generic build is never chosen automatically.
 KERNEL_MAX_ROWS = {
     "avx2": {torch.float32: 8, torch.bfloat16: 64, torch.float16: 64},
     "avx512": {torch.float32: 16, torch.bfloat16: 4, torch.float16: 8},
@@ -42,36 +38,7 @@ KERNEL_MAX_ROWS = {
 }
 
 
-# ---- registration --------------------------------------------------------------------------------
-
-
-def linear_fwd_fake(x, weight, bias):
-    return x.new_empty((x.shape[0], weight.shape[0]))
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, bias = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.has_bias = bias is not None
-
-
-def _backward(ctx, dy):
-    """Plain matmuls in the inputs' dtype: dx = dy @ W, dW = dy^T x, db = sum of dy over the rows."""
-    x, weight = ctx.saved_tensors
-    dx = dy @ weight if ctx.needs_input_grad[0] else None
-    dw = dy.t() @ x if ctx.needs_input_grad[1] else None
-    db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-    return dx, dw, db
-
-
-def _register_cpp_ops() -> None:
-    """Fake impl and autograd for torch.ops.plm_engine.linear_fwd (defined by _C)."""
-    extension.load()
-    torch.library.register_fake("plm_engine::linear_fwd")(linear_fwd_fake)
-    torch.library.register_autograd("plm_engine::linear_fwd", _backward, setup_context=_setup_context)
-
-
-backends.register_preparer("linear_fwd", ("cpu",), _register_cpp_ops)
+backends.register_family(contract, ("linear_fwd",))
 
 
 def linear_op():
@@ -82,7 +49,7 @@ def linear_op():
 
 def cpu_kernel_isa() -> str:
     """ "avx512_bf16" | "avx512" | "avx2" | "generic" ("neon" on aarch64): the build the C++ kernel runs
-    with now ("" without _C). Not cached: it follows extension.set_cpu_isa() (a call into _C, ~0.1 us).
+    with now ("" without _C). Not cached: it follows extension.set_cpu_isa() (a cheap call into _C).
     The kernel reads the same cpu::cpu_isa() at every call (torch.ops.plm_engine.linear_cpu_isa())."""
     if not extension.has_kernel("linear_fwd", "CPU"):
         return ""
@@ -130,7 +97,7 @@ _NO_GPU_KERNEL = "linear has no Triton/CUDA kernel: CUDA tensors use F.linear (c
 
 def _unsupported(x: torch.Tensor, weight: torch.Tensor, rows: int, automatic: bool) -> dict[str, str]:
     out = {"triton": _NO_GPU_KERNEL, "cuda": _NO_GPU_KERNEL}
-    if x.dtype not in KERNEL_DTYPES:
+    if x.dtype not in contract.KERNEL_DTYPES:
         out["cpu"] = f"the C++ linear kernel takes float32/float16/bfloat16, got {x.dtype}"
     elif automatic:
         # Where F.linear is as fast or faster (many rows: its blocked GEMM; a generic build; a strided
@@ -213,7 +180,9 @@ def _fast_linear(x, weight, bias):
     return kernel(x.reshape(rows, x.shape[-1]), weight, bias).view(*lead, weight.shape[0])
 
 
-def linear(x, weight, bias=None, *, backend=None):
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, backend: str | None = None
+) -> torch.Tensor:
     """y = x @ weight.T + bias: x (..., K), weight (N, K) (nn.Linear's layout), bias (N,) or None ->
     y (..., N) in x's dtype; x, weight and bias share one dtype and device.
 

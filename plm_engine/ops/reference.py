@@ -311,3 +311,19 @@ def write_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping):
     slots = slot_mapping[keep].long()
     k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
     v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
+
+
+def apply_token_bitmask_ref(logits, bitmask, rows=None):
+    """Structured output's token mask, in place: logits (n, vocab); bitmask (m, ceil(vocab / 32)) int32,
+    token j of mask row i allowed iff bit j % 32 (least significant first) of word j // 32 is set; rows
+    (m,): the logits row of each mask row (None: row i). Disallowed logits become -inf; a row listed
+    twice gets the intersection of its masks. Returns logits."""
+    n, vocab = logits.shape
+    m = bitmask.shape[0]
+    idx = torch.arange(m, device=logits.device) if rows is None else rows.long()
+    bits = torch.arange(32, device=logits.device)
+    allowed = ((bitmask.long()[:, :, None] >> bits) & 1).flatten(1)[:, :vocab]  # (m, vocab) 0/1
+    disallowed = torch.zeros(n, vocab, dtype=torch.int32, device=logits.device)
+    disallowed.index_add_(0, idx, (1 - allowed).to(torch.int32))
+    logits.masked_fill_(disallowed > 0, float("-inf"))
+    return logits

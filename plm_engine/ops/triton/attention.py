@@ -1,6 +1,6 @@
 """Triton FlashAttention-2: dense and variable-length (packed) attention, forward and backward.
 
-The contract is plm_engine/ops/attention.py's (layouts, GQA head mapping h -> h // group, bottom-right
+The contract is plm_engine/ops/contracts/attention.py's (layouts, GQA head mapping h -> h // group, bottom-right
 causal alignment, lse in natural-log units, fully masked query rows -> zeros and lse = -inf).
 
 Forward (_attn_fwd_kernel): one program per (query block of BLOCK_M rows, head, sequence). It streams
@@ -50,7 +50,6 @@ interpreter's bf16 tl.dot.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -58,31 +57,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from plm_engine.ops.attention import (
-    MAX_HEAD_DIM,
-    attn_bwd_fake,
-    attn_fwd_fake,
-    attn_varlen_bwd_fake,
-    attn_varlen_fwd_fake,
-    register_attn_autograd,
-)
+from plm_engine.ops import backends, contracts
+from plm_engine.ops.contracts import attention as contract
+from plm_engine.ops.contracts.attention import MAX_HEAD_DIM
+from plm_engine.ops.triton.common import check_device, require, round_to, signature
 from plm_engine.ops.triton.guard import device_guard
 from plm_engine.ops.triton.spec import KernelSpec
 
 LOG2E = math.log2(math.e)  # host side; the kernels spell it out (no globals in @triton.jit)
 
 # ---- jit helpers -------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _cast(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
-    """fp32 -> dtype, rounding to nearest-even also under the interpreter (which truncates to bf16)."""
-    if INTERPRET and dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(dtype)
 
 
 @triton.jit
@@ -103,7 +87,7 @@ def _load_tile(ptrs, rows, n_rows, offs_d, MASK_ROWS: tl.constexpr, HEAD_DIM: tl
 
 @triton.jit
 def _store_tile(ptrs, x, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRET: tl.constexpr):
-    x = _cast(x, ptrs.dtype.element_ty, INTERPRET)
+    x = round_to(x, ptrs.dtype.element_ty, INTERPRET)
     if BLOCK_D == HEAD_DIM:
         tl.store(ptrs, x, mask=(rows < n_rows)[:, None])
     else:
@@ -206,7 +190,7 @@ def _attn_fwd_inner(
             HEAD_DIM,
             BLOCK_D,
         )
-        acc = tl.dot(_cast(p, v.dtype, INTERPRET), v, acc * alpha[:, None])
+        acc = tl.dot(round_to(p, v.dtype, INTERPRET), v, acc * alpha[:, None])
         m_i = m_new
     return acc, l_i, m_i
 
@@ -457,11 +441,11 @@ def _attn_bwd_dkdv_inner(
             HEAD_DIM,
             BLOCK_D,
         )
-        dv = tl.dot(_cast(p_t, do.dtype, INTERPRET), do, dv)
+        dv = tl.dot(round_to(p_t, do.dtype, INTERPRET), do, dv)
         delta = tl.load(Delta + rows, mask=row_ok, other=0.0)
         dp_t = tl.dot(v, tl.trans(do))
         ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(_cast(ds_t, q.dtype, INTERPRET), q, dk)
+        dk = tl.dot(round_to(ds_t, q.dtype, INTERPRET), q, dk)
     return dk, dv
 
 
@@ -680,7 +664,7 @@ def _attn_bwd_dq_inner(
             p = tl.where(keep, p, 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(_cast(ds, k.dtype, INTERPRET), k, dq)
+        dq = tl.dot(round_to(ds, k.dtype, INTERPRET), k, dq)
     return dq
 
 
@@ -904,8 +888,8 @@ _GPU_CONFIGS_UNALIGNED = {
         128: AttnConfig(32, 32, 8, 1),
     },
 }
-# Interpreter (CPU tests): a program instance costs about 1 ms of Python and numpy's work on a tile
-# little, so mid-sized tiles are fastest (3x faster than 32 x 16). BLOCK_M != BLOCK_N, both ways
+# Interpreter (CPU tests): a program instance costs a fixed slice of Python time and numpy's work on a
+# tile little, so mid-sized tiles are fastest (see benchmarks/results/NOTES.md). BLOCK_M != BLOCK_N, both ways
 # round, so the tests cover diagonal blocks that are not square.
 _INTERPRET_CONFIGS = {
     "fwd": AttnConfig(64, 32, 4, 1),
@@ -940,40 +924,21 @@ def launch_config(kernel: str, head_dim: int, interpret: bool = False, aligned: 
 # ---- launchers ---------------------------------------------------------------------------------------
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 _GRID_YZ_LIMIT = 65535  # CUDA's limit on gridDim.y / gridDim.z (heads, batch)
 
 
 def _check_qkv(what: str, q: Tensor, k: Tensor, v: Tensor, n_lead: int) -> None:
+    # Memory safety only (the public op checks the argument contract): what the kernels index and launch.
+    check_device(q, what)
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != n_lead + 2:
-            raise ValueError(f"{what}: {name} must have {n_lead + 2} dims, got shape {tuple(t.shape)}")
-        if t.dtype != q.dtype or t.device != q.device:
-            raise ValueError(f"{what}: {name} is {t.dtype} on {t.device}, q is {q.dtype} on {q.device}")
-    if q.device.type == "cuda":
-        if q.dtype not in (torch.float16, torch.bfloat16):
-            raise ValueError(f"{what}: the GPU kernels take float16/bfloat16, got {q.dtype}")
-    elif not (q.device.type == "cpu" and _interpreted()):
-        raise RuntimeError(
-            f"{what}: Triton kernels need CUDA tensors, got {q.device} "
-            "(CPU tensors only run with TRITON_INTERPRET=1, for tests)"
-        )
-    elif q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"{what}: takes float16/bfloat16 (float32 under the interpreter), got {q.dtype}")
-    if k.shape != v.shape:
-        raise ValueError(f"{what}: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
+        require(t.dim() == n_lead + 2, what, f"{name} must have {n_lead + 2} dims, got shape {tuple(t.shape)}")
+        require(t.device == q.device, what, f"{name} is on {t.device}, q is on {q.device}")
+    require(k.shape == v.shape, what, f"k {tuple(k.shape)} and v {tuple(v.shape)} differ")
     h, d, hkv = q.shape[-2], q.shape[-1], k.shape[-2]
-    if k.shape[-1] != d:
-        raise ValueError(f"{what}: q head_dim {d} != k head_dim {k.shape[-1]}")
-    if hkv == 0 or h % hkv:
-        raise ValueError(f"{what}: n_heads ({h}) must be a multiple of n_kv_heads ({hkv})")
-    if d % 8 or not 8 <= d <= MAX_HEAD_DIM:
-        raise ValueError(f"{what}: head_dim must be a multiple of 8 in [8, {MAX_HEAD_DIM}], got {d}")
-    if h > _GRID_YZ_LIMIT:
-        raise ValueError(f"{what}: at most {_GRID_YZ_LIMIT} heads, got {h}")
+    require(k.shape[-1] == d, what, f"q head_dim {d} != k head_dim {k.shape[-1]}")
+    require(hkv > 0 and h % hkv == 0, what, f"n_heads ({h}) must be a multiple of n_kv_heads ({hkv})")
+    require(d <= MAX_HEAD_DIM, what, f"head_dim must be at most {MAX_HEAD_DIM}, got {d}")
+    require(h <= _GRID_YZ_LIMIT, what, f"at most {_GRID_YZ_LIMIT} heads, got {h}")
 
 
 def _rows_contiguous(t: Tensor) -> Tensor:
@@ -1044,7 +1009,7 @@ def _fwd(q, k, v, cu_q, cu_k, batch, max_q, max_k, causal, scale, varlen):
         return out, lse
     q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
     out_buf = _out_buffer(out)
-    interpret = _interpreted()
+    interpret = backends.triton_interpreted()
     strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out_buf, varlen))
     cfg = launch_config("fwd", d, interpret, _aligned((q, k, v, out_buf, lse), strides))
     grid = (triton.cdiv(max_q, cfg.block_m), h, batch)
@@ -1091,7 +1056,7 @@ def _bwd(dout, q, k, v, out, lse, cu_q, cu_k, batch, max_q, max_k, causal, scale
         lse = lse if lse.data_ptr() % 16 == 0 else lse.clone()
         aligned = True
     delta = torch.empty_like(lse)
-    interpret = _interpreted()
+    interpret = backends.triton_interpreted()
     cu_q = cu_q if varlen else q
     cu_k = cu_k if varlen else q
     lse_strides = _lse_strides(lse, varlen)
@@ -1167,36 +1132,35 @@ def _bwd(dout, q, k, v, out, lse, cu_q, cu_k, batch, max_q, max_k, causal, scale
 
 def _check_dense(what, q, k, v):
     _check_qkv(what, q, k, v, n_lead=2)
-    if k.shape[0] != q.shape[0]:
-        raise ValueError(f"{what}: batch of k ({k.shape[0]}) != batch of q ({q.shape[0]})")
-    if q.shape[0] > _GRID_YZ_LIMIT:
-        raise ValueError(f"{what}: batch at most {_GRID_YZ_LIMIT}, got {q.shape[0]}")
+    require(k.shape[0] == q.shape[0], what, f"batch of k ({k.shape[0]}) != batch of q ({q.shape[0]})")
+    require(q.shape[0] <= _GRID_YZ_LIMIT, what, f"batch at most {_GRID_YZ_LIMIT}, got {q.shape[0]}")
 
 
-def _check_varlen(what, q, k, v, cu_q, cu_k, max_q, max_k):
+def _check_varlen(what, q, k, v, cu_q, cu_k):
     _check_qkv(what, q, k, v, n_lead=1)
     for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
-        if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1 or cu.device != q.device:
-            raise ValueError(
-                f"{what}: {name} must be a 1-d int32 tensor on {q.device}, got {cu.dtype} "
-                f"{tuple(cu.shape)} on {cu.device}"
-            )
-    if cu_q.numel() != cu_k.numel():
-        raise ValueError(f"{what}: cu_seqlens_q ({cu_q.numel()}) and cu_seqlens_k ({cu_k.numel()}) lengths differ")
-    if cu_q.numel() - 1 > _GRID_YZ_LIMIT:
-        raise ValueError(f"{what}: at most {_GRID_YZ_LIMIT} sequences, got {cu_q.numel() - 1}")
-    if max_q < 0 or max_k < 0:
-        raise ValueError(f"{what}: max_seqlen_q/k must be >= 0, got {max_q}, {max_k}")
+        require(
+            cu.dim() == 1 and cu.numel() >= 1 and cu.device == q.device,
+            what,
+            f"{name} must be a 1-d tensor on {q.device}, got {tuple(cu.shape)} on {cu.device}",
+        )
+    require(
+        cu_q.numel() == cu_k.numel(),
+        what,
+        f"cu_seqlens_q ({cu_q.numel()}) and cu_seqlens_k ({cu_k.numel()}) lengths differ",
+    )
+    require(cu_q.numel() - 1 <= _GRID_YZ_LIMIT, what, f"at most {_GRID_YZ_LIMIT} sequences, got {cu_q.numel() - 1}")
 
 
 def _check_grad_inputs(what, dout, out, lse, q, lse_shape):
-    if dout.shape != q.shape or out.shape != q.shape or dout.dtype != q.dtype or out.dtype != q.dtype:
-        raise ValueError(
-            f"{what}: dout {dout.dtype} {tuple(dout.shape)} and out {out.dtype} {tuple(out.shape)} "
-            f"must match q {q.dtype} {tuple(q.shape)}"
-        )
-    if tuple(lse.shape) != tuple(lse_shape) or lse.dtype != torch.float32:
-        raise ValueError(f"{what}: lse must be float32 {tuple(lse_shape)}, got {lse.dtype} {tuple(lse.shape)}")
+    require(
+        dout.shape == q.shape and out.shape == q.shape,
+        what,
+        f"dout {tuple(dout.shape)} and out {tuple(out.shape)} must have q's shape {tuple(q.shape)}",
+    )
+    require(
+        tuple(lse.shape) == tuple(lse_shape), what, f"lse must have shape {tuple(lse_shape)}, got {tuple(lse.shape)}"
+    )
 
 
 # ---- custom ops: registration --------------------------------------------------------------------------
@@ -1236,7 +1200,7 @@ def triton_attn_varlen_fwd(
 ) -> tuple[Tensor, Tensor]:
     """Packed q: (total_q, n_heads, head_dim), k/v: (total_k, n_kv_heads, head_dim), cu_seqlens int32
     (batch + 1,) -> (out like q, lse (n_heads, total_q) fp32). max_seqlen_* must bound every sequence."""
-    _check_varlen("triton_attn_varlen_fwd", q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    _check_varlen("triton_attn_varlen_fwd", q, k, v, cu_seqlens_q, cu_seqlens_k)
     return _fwd(
         q,
         k,
@@ -1269,7 +1233,7 @@ def triton_attn_varlen_bwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv) of triton_attn_varlen_fwd."""
     what = "triton_attn_varlen_bwd"
-    _check_varlen(what, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    _check_varlen(what, q, k, v, cu_seqlens_q, cu_seqlens_k)
     _check_grad_inputs(what, dout, out, lse, q, (q.shape[1], q.shape[0]))
     return _bwd(
         dout,
@@ -1289,20 +1253,10 @@ def triton_attn_varlen_bwd(
     )
 
 
-triton_attn_fwd.register_fake(attn_fwd_fake)
-triton_attn_bwd.register_fake(attn_bwd_fake)
-triton_attn_varlen_fwd.register_fake(attn_varlen_fwd_fake)
-triton_attn_varlen_bwd.register_fake(attn_varlen_bwd_fake)
-register_attn_autograd(triton_attn_fwd, triton_attn_bwd, varlen=False)
-register_attn_autograd(triton_attn_varlen_fwd, triton_attn_varlen_bwd, varlen=True)
+contracts.register(contract, "triton_")
 
 
 # ---- shipped configurations, for report-kernels ----------------------------------------------------------
-
-
-def _signature(fn, types: dict[str, str]) -> dict[str, str]:
-    """Every argument of fn in order: pointers/scalars from `types`, the rest constexpr."""
-    return {name: types.get(name, "constexpr") for name in fn.arg_names}
 
 
 def _types(dt: str) -> dict[str, str]:
@@ -1347,7 +1301,7 @@ def kernel_specs() -> list[KernelSpec]:
                     f"attn_{kernel}[hd={head_dim},BLOCK_M={cfg.block_m},BLOCK_N={cfg.block_n},"
                     f"{'causal' if causal else 'full'},{'varlen' if varlen else 'dense'},bf16]"
                 )
-                specs.append(KernelSpec(name, fn, _signature(fn, types), flags, warps, stages, (alignment,)))
+                specs.append(KernelSpec(name, fn, signature(fn, types), flags, warps, stages, (alignment,)))
         for block_d in BLOCK_DS:
             if not aligned and block_d not in _GPU_CONFIGS_UNALIGNED["bwd_preprocess"]:
                 continue
@@ -1358,7 +1312,7 @@ def kernel_specs() -> list[KernelSpec]:
                         f"attn_bwd_preprocess[hd={block_d},BLOCK_M={cfg.block_m},"
                         f"{'varlen' if varlen else 'dense'},bf16]",
                         _attn_bwd_preprocess_kernel,
-                        _signature(_attn_bwd_preprocess_kernel, types),
+                        signature(_attn_bwd_preprocess_kernel, types),
                         dict(HEAD_DIM=block_d, BLOCK_D=block_d, BLOCK_M=cfg.block_m, IS_VARLEN=varlen),
                         cfg.num_warps,
                         cfg.num_stages,

@@ -46,5 +46,5 @@ def patch_bf16_dot() -> None:
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
         return orig(self, up(a), up(b), d, input_precision, max_num_imprecise_acc)
 
-    create_dot._plm_patched = True
+    create_dot._plm_patched = True  # type: ignore[attr-defined]  # a marker on a function object
     builder.create_dot = create_dot
