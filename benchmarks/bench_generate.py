@@ -167,7 +167,7 @@ def cpu_isa() -> str:
 # ---- plm_engine -------------------------------------------------------------------------------------
 
 
-def new_engine(model, tok, args, device):
+def new_engine(model, tok, args, device, threads):
     cache = args.streams * (args.prefill_tokens + args.decode_tokens + 64)
     return Engine(
         model,
@@ -176,6 +176,7 @@ def new_engine(model, tok, args, device):
         kv_cache_tokens=cache,
         cuda_graphs=device.startswith("cuda"),
         compile=None if args.compile is None else args.compile == "1",
+        num_threads=threads or None,
     )
 
 
@@ -253,6 +254,19 @@ def llama_quantize(llama_cpp, src: Path, dst: Path, ftype: int) -> None:
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize({src} -> {dst}, ftype {ftype}) failed with {rc}")
+
+
+@contextlib.contextmanager
+def env_var(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 @contextlib.contextmanager
@@ -650,7 +664,7 @@ def main(argv=None) -> int:
     engines = {}
     if "plm_engine" in providers:
         for name, m in models.items():
-            engines[name] = new_engine(m, tok, args, dev)
+            engines[name] = new_engine(m, tok, args, dev, max(threads_list))
             # Warm-up: compiles (or captures) the buckets the cases use.
             engines[name].generate(stream_prompts[:1], greedy(4))
             engines[name].generate(stream_prompts, greedy(4))
@@ -722,6 +736,8 @@ def main(argv=None) -> int:
             batch=batch,
             prompt_tokens=len(long_prompt) if case == "prefill" else len(prompt_ids),
         )
+        if case == "streams" and provider == "llama_cpp":
+            r["note"] = f"one llama_batch of {batch} sequences per step (batched API)"
         if case == "decode_b1" and cpu:
             wb = weight_bytes(models[prec]) if provider == "plm_engine" else llamas[prec].model_bytes
             r["weight_gbps"] = round(wb * r["tok_s"] / 1e9, 2)
@@ -762,7 +778,8 @@ def main(argv=None) -> int:
         for name, m in models.items():
             if name == "float32":
                 continue
-            q = compare_greedy(base, m, tok)
+            with env_var("PLM_ENGINE_COMPILE", "0"):  # 16 prompts: eager, no compile of another bucket
+                q = compare_greedy(base, m, tok)
             row(
                 "quality",
                 "plm_engine",

@@ -4,18 +4,21 @@ An eager decode step calls ~10 ops per layer from Python: at batch 1 on a small 
 costs as much as the kernels. Here the model's decode forward is compiled once per bucket with
 inductor's C++ wrapper: the whole step is one C++ function that calls the kernels (our custom ops
 through the dispatcher, inductor's fused code for the glue) with no Python in between. The padding
-into static-shape buckets is DecodeGraphs' (cuda_graphs.py), so each bucket's graph has fixed shapes.
+into buckets is DecodeGraphs' (cuda_graphs.py), so each bucket's graph has fixed shapes (but for the
+KV cache's block count, left symbolic).
 
 Compilation is lazy (a bucket compiles the first time a batch of its size runs) and goes through
 inductor's on-disk caches (FX graph and AOTAutograd caches), so a second process reuses the code.
 The step runs under torch.inference_mode(): no autograd dispatch (and no Python autograd wrapper of a
-custom op) runs per kernel call.
+custom op) runs per kernel call. Where compiling fails (no C++ compiler, say), the runner warns once
+and decodes eagerly.
 """
 
 from __future__ import annotations
 
 import os
 import types
+import warnings
 
 import torch
 
@@ -86,6 +89,7 @@ class CompiledDecode(DecodeGraphs):
         for t in kv_cache.k + kv_cache.v:
             torch._dynamo.mark_dynamic(t, 0)
         self.compiled: dict[int, object] = {}
+        self.failed: str | None = None  # why compiling failed, once it has (then every step is eager)
 
     def _compiled(self, bucket: int):
         fn = self.compiled.get(bucket)
@@ -112,8 +116,19 @@ class CompiledDecode(DecodeGraphs):
             self.cache_seqlens[:b],
             self.cu_seqlens[: b + 1],
         )
+        if self.failed is not None:
+            return self._forward(b)[:n]
         if b not in self.compiled:
-            return self._compiled(b)(*args)[:n]
+            try:
+                return self._compiled(b)(*args)[:n]
+            except Exception as e:  # fullgraph: a failed compile raises before any kernel ran
+                self.failed = f"{type(e).__name__}: {e}"
+                warnings.warn(
+                    f"plm_engine: compiling the CPU decode step failed, decoding eagerly ({self.failed[:300]})",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                return self._forward(b)[:n]
         # Each bucket's function has one compiled entry, always called with the same model, cache and
         # buffers (only their values change): its guards can only pass, and checking them (hundreds of
         # parameters) would cost more than some of the step's kernels.

@@ -132,3 +132,21 @@ def test_threads_default_to_physical_cores(tiny, monkeypatch, keep_threads):
     monkeypatch.delenv("PLM_ENGINE_NUM_THREADS")
     with pytest.raises(ValueError, match="num_threads"):
         Engine(tiny, kv_cache_tokens=64, compile=False, num_threads=0)
+
+
+def test_failed_compile_warns_and_decodes_eagerly(tiny, monkeypatch):
+    def broken(fn, **kwargs):
+        def run(*args, **kw):
+            raise RuntimeError("no C++ compiler")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    prompts = [[3, 4, 5], [6, 7]]
+    p = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    eng = Engine(tiny, kv_cache_tokens=256, max_num_seqs=2, compile=True)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        got = eng.generate(prompts, p)
+    assert eng.graphs.failed is not None
+    ref = Engine(tiny, kv_cache_tokens=256, max_num_seqs=2, compile=False).generate(prompts, p)
+    assert [o.token_ids for o in got] == [o.token_ids for o in ref]
