@@ -563,12 +563,9 @@ def main(argv=None) -> int:
     env = common.env_info(dev)
     tok = load_tokenizer(args.model)
     dtypes = args.dtypes.split(",")
-    models, load_s = {}, {}
-    for name in dtypes:
-        load_model(args.model, dtype=getattr(torch, name), device=dev)  # fills the on-disk GGUF cache
-        t = time.perf_counter()
+    models = {}
+    for name in dtypes:  # the first load fills the on-disk GGUF cache; the load case times later ones
         models[name] = load_model(args.model, dtype=getattr(torch, name), device=dev)
-        load_s[name] = time.perf_counter() - t
     base = models.get("float32") or load_model(args.model, dtype=torch.float32, device=dev)
     vocab = base.config.vocab_size
     prompt_ids = tok.encode(PROMPT)
@@ -583,6 +580,7 @@ def main(argv=None) -> int:
 
     # llama.cpp: the same GGUF, up-cast by its own quantizer, loaded once per precision.
     llamas: dict[str, LlamaCpp] = {}
+    llama_args: dict[str, tuple] = {}  # precision -> LlamaCpp's arguments, to time fresh loads
     tmp = tempfile.TemporaryDirectory(prefix="bench_generate_")
     llama_cpp = llama_cpp_module() if "llama_cpp" in providers else None
     if "llama_cpp" in providers and not cpu:
@@ -606,14 +604,15 @@ def main(argv=None) -> int:
                         llama_quantize(llama_cpp, found.path, path, ftypes[prec])
                 # Q4_1 without weight repacking: llama.cpp 0.3.36's repacked (AMX) Q4_1 path segfaults on
                 # an AVX-512/AMX Xeon; F32/F16 are never repacked.
-                llamas[prec] = LlamaCpp(
+                llama_args[prec] = (
                     llama_cpp,
                     path,
                     args.streams,
                     args.prefill_tokens + args.decode_tokens + 64,
                     max(threads_list),
-                    repack=prec != "Q4_1",
+                    prec != "Q4_1",
                 )
+                llamas[prec] = LlamaCpp(*llama_args[prec])
             info = llama_cpp.llama_print_system_info().decode(errors="replace")
             notes.append(f"llama_cpp {getattr(llama_cpp, '__version__', '?')}: {info.strip()}")
             # Same model, same prompt: greedy tokens must agree at F32 (a sanity check of the comparison).
@@ -627,13 +626,15 @@ def main(argv=None) -> int:
                 same = next((i for i, (a, b) in enumerate(zip(ours_toks, theirs)) if a != b), 16)
                 notes.append(f"greedy check: plm_engine fp32 and llama.cpp F32 agree on {same}/16 tokens")
 
-    read_bw = {t: None for t in threads_list}
+    # Read bandwidth: measured in every repeat too (the machine's load changes), median per thread count.
+    read_samples: dict[int, list[float]] = {t: [] for t in threads_list}
     membw = {}
     for t in threads_list:
         if cpu:
             torch.set_num_threads(t)
-        read_bw[t] = measure_read_bw(dev)
+        read_samples[t].append(measure_read_bw(dev))
         membw[t] = measure_membw(dev)
+    read_bw = {}
 
     rows = []
 
@@ -648,7 +649,7 @@ def main(argv=None) -> int:
             "dtype": precision,
             "batch": batch,
             "requests": batch,
-            "read_gbps": round(read_bw[threads], 2) if cpu else None,
+            "read_gbps": round(read_bw[threads], 2) if cpu and threads in read_bw else None,
             "membw_gbps": round(membw[threads], 2),
             **res,
             **extra,
@@ -675,13 +676,28 @@ def main(argv=None) -> int:
     def add(key, res):
         samples.setdefault(key, []).append(res)
 
-    for _ in range(args.repeats):
+    pairs = [(d, LLAMA_PAIR.get(d)) for d in dtypes] + ([(None, "Q4_1")] if "Q4_1" in llamas else [])
+    top = max(threads_list) if cpu else 0
+    for rep in range(args.repeats):
+        if "load" in cases:  # warm loads (the GGUF cache filled above), ours then theirs, all threads
+            if cpu:
+                torch.set_num_threads(top)
+            for ours_name, their_name in pairs:
+                if ours_name is not None and "plm_engine" in providers:
+                    t0 = time.perf_counter()
+                    load_model(args.model, dtype=getattr(torch, ours_name), device=dev)
+                    add(("load", "plm_engine", ours_name, top), dict(load_s=time.perf_counter() - t0))
+                if their_name in llama_args:
+                    fresh = LlamaCpp(*llama_args[their_name])
+                    add(("load", "llama_cpp", their_name, top), dict(load_s=fresh.load_s))
+                    fresh.close()
         for t in threads_list:
             if cpu:
                 torch.set_num_threads(t)
+                if rep:
+                    read_samples[t].append(measure_read_bw(dev))
             for ll in llamas.values():
                 ll.set_threads(t)
-            pairs = [(d, LLAMA_PAIR.get(d)) for d in dtypes] + ([(None, "Q4_1")] if "Q4_1" in llamas else [])
             for ours_name, their_name in pairs:
                 eng = engines.get(ours_name)
                 ll = llamas.get(their_name)
@@ -711,20 +727,7 @@ def main(argv=None) -> int:
                 if "overhead" in cases and eng is not None and cpu:
                     add(("overhead", "plm_engine", ours_name, t), ours_overhead(eng, prompt_ids))
 
-    if "load" in cases:
-        for name in dtypes:
-            if "plm_engine" in providers:
-                row(
-                    "load",
-                    "plm_engine",
-                    name,
-                    dict(load_s=load_s[name]),
-                    max(threads_list) if cpu else 0,
-                    note="load_model, warm (GGUF cache filled)",
-                )
-        for prec, ll in llamas.items():
-            row("load", "llama_cpp", prec, dict(load_s=ll.load_s), max(threads_list), note="model + context")
-
+    read_bw = {t: statistics.median(v) for t, v in read_samples.items()}
     for (case, provider, prec, t), res in samples.items():
         batch = args.streams if case == "streams" else 1
         r = row(
@@ -738,6 +741,8 @@ def main(argv=None) -> int:
         )
         if case == "streams" and provider == "llama_cpp":
             r["note"] = f"one llama_batch of {batch} sequences per step (batched API)"
+        if case == "load":
+            r["note"] = "load_model, warm (GGUF cache filled)" if provider == "plm_engine" else "model + context"
         if case == "decode_b1" and cpu:
             wb = weight_bytes(models[prec]) if provider == "plm_engine" else llamas[prec].model_bytes
             r["weight_gbps"] = round(wb * r["tok_s"] / 1e9, 2)

@@ -4,8 +4,9 @@ An eager decode step calls ~10 ops per layer from Python: at batch 1 on a small 
 costs as much as the kernels. Here the model's decode forward is compiled once per bucket with
 inductor's C++ wrapper: the whole step is one C++ function that calls the kernels (our custom ops
 through the dispatcher, inductor's fused code for the glue) with no Python in between. The padding
-into buckets is DecodeGraphs' (cuda_graphs.py), so each bucket's graph has fixed shapes (but for the
-KV cache's block count, left symbolic).
+into buckets is DecodeGraphs' (cuda_graphs.py), so each bucket's graph has fixed shapes. (The KV cache's
+block count is one of them: left symbolic, it would cost ~0.3 ms a step for SmolLM2's 60 cache tensors;
+ModelRunner rounds its default instead, so that the disk cache serves the next start.)
 
 Compilation is lazy (a bucket compiles the first time a batch of its size runs) and goes through
 inductor's on-disk caches (FX graph and AOTAutograd caches), so a second process reuses the code.
@@ -84,10 +85,6 @@ class CompiledDecode(DecodeGraphs):
         # Built before tracing, the RoPE tables are graph inputs; traced, they would be recomputed per step.
         if model.config.arch == "llama":
             model.rope_tables(self.device)
-        # The cache's block count varies with the memory free when an engine starts: left symbolic, it
-        # does not change the compiled code, and inductor's on-disk cache serves every engine of the model.
-        for t in kv_cache.k + kv_cache.v:
-            torch._dynamo.mark_dynamic(t, 0)
         self.compiled: dict[int, object] = {}
         self.failed: str | None = None  # why compiling failed, once it has (then every step is eager)
 

@@ -131,7 +131,12 @@ class ModelRunner:
         else:
             budget = min(int(_available_cpu_bytes() * _CPU_MEMORY_FRACTION), _CPU_CACHE_CAP_BYTES)
         tokens = min(budget // per_token, max_num_seqs * self.context_len)
-        return max(tokens // self.block_size * self.block_size, self.block_size)
+        blocks = max(tokens // self.block_size, 1)
+        # Rounded down to three significant bits (at most 1/8 less): the free memory differs a little from
+        # one start to the next, and the compiled CPU decode step is specialised to the cache's size, so a
+        # round size lets inductor's disk cache serve the next start.
+        blocks = blocks >> max(blocks.bit_length() - 3, 0) << max(blocks.bit_length() - 3, 0)
+        return blocks * self.block_size
 
     def prefill(self, chunks: list[Chunk]) -> tuple[torch.Tensor, list[Sequence]]:
         """One packed forward over the prefill chunks; logits of the chunks that end a prompt, and their

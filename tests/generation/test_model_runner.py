@@ -150,3 +150,16 @@ def test_failed_compile_warns_and_decodes_eagerly(tiny, monkeypatch):
     assert eng.graphs.failed is not None
     ref = Engine(tiny, kv_cache_tokens=256, max_num_seqs=2, compile=False).generate(prompts, p)
     assert [o.token_ids for o in got] == [o.token_ids for o in ref]
+
+
+def test_default_cache_size_is_round(tiny, monkeypatch):
+    """The default KV cache (a share of free memory) is rounded down to three significant bits of blocks,
+    so the compiled step (specialised to the cache size) is found in inductor's disk cache next start."""
+    import plm_engine.generation.model_runner as mr
+
+    per_token = 2 * tiny.config.n_layers * tiny.config.n_kv_heads * tiny.config.head_dim * 4
+    sizes = []
+    for free_tokens in (1000, 1013, 1100):
+        monkeypatch.setattr(mr, "_available_cpu_bytes", lambda n=free_tokens: n * per_token * 10)
+        sizes.append(Engine(tiny, compile=False, block_size=16).runner.num_blocks)
+    assert sizes == [56, 56, 64]  # 62, 63 and 68 blocks fit
