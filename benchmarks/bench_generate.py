@@ -11,8 +11,8 @@ Providers:
   hf           transformers generate on the same weights (our model saved with save_pretrained)
 Cases, at every --threads count (1 and all physical cores by default). plm_engine and llama.cpp runs
 interleave, --repeats times; each row is the median, and ratios come from the same run:
-  load        seconds to load: plm_engine load_model(--model, dtype) a second time (warm: the on-disk GGUF
-              cache filled); llama.cpp its model and a context from its GGUF file
+  load        seconds to load: plm_engine load_model(--model, dtype) warm (the on-disk GGUF cache filled
+              by a first load); llama.cpp its model and a context from its GGUF file (mmap, its default)
   decode_b1   one prompt, greedy, --decode-tokens tokens: decode tok/s after the first token (prefill and
               the first token not timed); weight GB/s = bytes of weights read per step x steps/s, against
               the read bandwidth measured here (a large reduction, same threads)
@@ -649,7 +649,7 @@ def main(argv=None) -> int:
             "dtype": precision,
             "batch": batch,
             "requests": batch,
-            "read_gbps": round(read_bw[threads], 2) if cpu and threads in read_bw else None,
+            "read_gbps": round(read_bw[threads], 2) if threads in read_bw else None,
             "membw_gbps": round(membw[threads], 2),
             **res,
             **extra,
@@ -743,7 +743,7 @@ def main(argv=None) -> int:
             r["note"] = f"one llama_batch of {batch} sequences per step (batched API)"
         if case == "load":
             r["note"] = "load_model, warm (GGUF cache filled)" if provider == "plm_engine" else "model + context"
-        if case == "decode_b1" and cpu:
+        if case == "decode_b1":
             wb = weight_bytes(models[prec]) if provider == "plm_engine" else llamas[prec].model_bytes
             r["weight_gbps"] = round(wb * r["tok_s"] / 1e9, 2)
             r["bw_util"] = round(r["weight_gbps"] / r["read_gbps"], 3)
