@@ -13,9 +13,11 @@
 //   csrc/cuda/<family>.cu    the same for CUDA: TORCH_LIBRARY_IMPL(plm_engine, CUDA, m); its kernels live in
 //                            cuda/<family>_kernels.cuh (also compiled on the CPU by tests/cuda_emu.py).
 //
-// Nothing else registers: fake (meta) impls and autograd are Python's (plm_engine/ops/contracts, given
-// to the _C ops by plm_engine.ops.backends when a family's cpu/cuda backend is first chosen). ops.h lists
-// the families and their files.
+// Nothing else registers (tests/ops/test_norms_registration.py checks it). One exception: an op with no
+// tensor argument has no device to dispatch on, so its schema is defined with its implementation
+// (linear_ops.cpp's linear_cpu_isa). Fake (meta) impls and autograd are Python's (plm_engine/ops/contracts,
+// given to the _C ops by plm_engine.ops.backends when a family's cpu/cuda backend is first chosen).
+// ops.h lists the families and their files.
 #include <torch/extension.h>
 
 #include "cpu/isa.h"

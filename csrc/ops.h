@@ -9,6 +9,7 @@
 //   attention       attention.h           attention_ops.cpp       cpu/attention.cpp      cuda/paged_attention.cu
 //                                                                                        (paged ops only)
 //   linear          linear.h              linear_ops.cpp          cpu/linear.cpp         -
+//   token_mask      token_mask.h          token_mask_ops.cpp      cpu/token_mask.cpp     - (Triton on GPUs)
 //
 // The device entry points are file-local to their kernel files, so no header declares them; this one
 // includes every family header, which keeps them compiling together.
@@ -21,3 +22,4 @@
 #include "norms.h"
 #include "rope.h"
 #include "softmax.h"
+#include "token_mask.h"

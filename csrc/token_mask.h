@@ -1,5 +1,5 @@
-// Token bitmask (structured output): declarations shared by token_mask_ops.cpp (schema, checks, CPU
-// registration) and cpu/token_mask.cpp.
+// Token bitmask (structured output): the contract, and the argument checks of its entry point
+// (token_mask_ops.cpp). Kernel: cpu/token_mask.cpp (CPU); on GPUs the Triton kernel runs.
 //
 //   apply_token_bitmask_(logits!, bitmask, rows?)
 // logits (n, vocab) fp32/fp16/bf16 with a unit last stride (any row stride), changed in place;
@@ -17,9 +17,8 @@ namespace plm_engine {
 
 using at::Tensor;
 
-// Shape, dtype and device checks of every backend's arguments; the CPU kernel also range-checks rows.
+// Shapes, dtypes, devices and strides: what the kernel indexes (plm_engine.ops.token_mask checks the
+// rest). The CPU kernel also range-checks the rows, which it reads anyway.
 void check_token_bitmask_args(const Tensor& logits, const Tensor& bitmask, const std::optional<Tensor>& rows);
-
-void apply_token_bitmask_cpu(Tensor logits, const Tensor& bitmask, const std::optional<Tensor>& rows);
 
 }  // namespace plm_engine

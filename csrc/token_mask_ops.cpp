@@ -1,5 +1,4 @@
-// Token bitmask op schema, argument checks and CPU registration (the kernel: cpu/token_mask.cpp; the
-// GPU implementation is Triton's, plm_engine/ops/triton/token_mask.py; fake impl: plm_engine/ops/token_mask.py).
+// The token-mask family's schema and the argument checks of its entry point (contract in token_mask.h).
 #include <torch/library.h>
 
 #include "common/checks.h"
@@ -37,5 +36,3 @@ void check_token_bitmask_args(const Tensor& logits, const Tensor& bitmask, const
 TORCH_LIBRARY_FRAGMENT(plm_engine, m) {
   m.def("apply_token_bitmask_(Tensor(a!) logits, Tensor bitmask, Tensor? rows) -> ()");
 }
-
-TORCH_LIBRARY_IMPL(plm_engine, CPU, m) { m.impl("apply_token_bitmask_", &plm_engine::apply_token_bitmask_cpu); }

@@ -24,6 +24,13 @@
 //  - Decode processes all query heads of a KV head together (rows = seqlen_q x group), so each cached
 //    K/V row is read from memory once, and splits long contexts into chunks (flash-decoding) so that
 //    batch 1 keeps every core busy; the partial results are merged in a second pass.
+//  - T5's relative position bias (the *_rpb ops): per head, the bias of every relative position in
+//    [-max_distance, max_distance] (table[bucket, head], precomputed once per call, in log2 units),
+//    padded by BN on both sides with the end values (BiasArgs), so a tile row's BN biases are one
+//    contiguous, unmasked window whatever the clamp does. The backward's pass 1 sums dS^T into a
+//    padded row per (head, key tile) in the same coordinate, folds it onto relative positions, and a
+//    final fixed-order pass adds those into the table's buckets: dtable is bit-identical for any
+//    thread count too.
 //  - Tasks are handed out dynamically (an atomic counter inside at::parallel_for), heaviest first, so
 //    causal attention's uneven tiles balance. Every task's arithmetic depends only on the shapes, so
 //    results are bit-identical for any thread count.
@@ -72,6 +79,20 @@ struct Seq {
   int64_t qt_off = 0, st_off = 0;  // backward: packed Q^T / dO^T panels, per-row lse2 / D
   int64_t dq_off = 0, dk_off = 0, dv_off = 0;
   int64_t ds_off = 0;  // backward: stored dS^T tiles
+  int64_t db_off = 0;  // backward with a bias: per-(head, key tile) dS sums per relative position
+};
+
+// T5's relative position bias as the tile kernels read it (ext == nullptr: no bias). Per head, `len` =
+// 2 * (md + BN) + 1 floats: ext[x + md + BN] = table[buckets[clamp(x, -md, md) + md], head] * log2(e)
+// for the relative position x = key - query in [-(md + BN), md + BN]; rev the same at -x (the
+// backward's transposed tiles, whose rows are keys).
+struct BiasArgs {
+  const float* ext = nullptr;
+  const float* rev = nullptr;
+  float* dpart = nullptr;  // backward: per (sequence, head, key tile), 2 * md + 1 dS sums (Seq::db_off)
+  int64_t md = 0, len = 0;
+  const int32_t* buckets = nullptr;  // backward: the bucket of each relative position, and
+  float* dtable = nullptr;           // the (num_buckets, n_heads) gradient they are summed into
 };
 
 int64_t n_tiles(int64_t n) { return (n + BN - 1) / BN; }
@@ -88,6 +109,7 @@ struct QkvArgs {
   bool causal;
   float scale;
   float qscale;  // softmax scale * log2(e): scores come out in log2 units for exp2
+  BiasArgs bias;
 };
 
 template <typename T>
@@ -118,6 +140,7 @@ struct PagedArgs {
   int64_t sq, h, hkv, d, bs_log2, max_blocks, splits, chunk, rows_total, row_tiles;
   int64_t q_b, q_s, q_h;
   float qscale;
+  BiasArgs bias;
 };
 
 template <typename T>
@@ -153,12 +176,18 @@ int64_t ds_budget_bytes() {
 }
 
 // Scratch of a backward worker, in floats: two (BN, d) operand tiles, two (BN, BN) score tiles, two
-// (BN, d) accumulators.
+// (BN, d) accumulators, and with a bias one padded row of dS sums (BiasArgs::len).
 struct BwdScratch {
-  float *x, *y, *s, *dp, *acc1, *acc2;
-  static int64_t floats(int64_t d) { return 4 * BN * d + 2 * BN * BN; }
+  float *x, *y, *s, *dp, *acc1, *acc2, *bacc;
+  static int64_t floats(int64_t d, int64_t bias_len = 0) { return 4 * BN * d + 2 * BN * BN + bias_len; }
   BwdScratch(float* base, int64_t d)
-      : x(base), y(x + BN * d), s(y + BN * d), dp(s + BN * BN), acc1(dp + BN * BN), acc2(acc1 + BN * d) {}
+      : x(base),
+        y(x + BN * d),
+        s(y + BN * d),
+        dp(s + BN * BN),
+        acc1(dp + BN * BN),
+        acc2(acc1 + BN * d),
+        bacc(acc2 + BN * d) {}
 };
 
 #define PLM_SIMD_KERNELS "cpu/attention_kernels.inc"
@@ -232,12 +261,14 @@ void run_fwd(FwdArgs<T> a, std::vector<Seq>& seqs, const at::TensorOptions& fopt
 template <typename T>
 void run_bwd(BwdArgs<T> a, std::vector<Seq>& seqs, const at::TensorOptions& fopts) {
   const int64_t d = a.d, group = a.h / a.hkv, nseq = static_cast<int64_t>(seqs.size());
-  int64_t kt_total = 0, qt_total = 0, st_total = 0, ds_total = 0;
+  int64_t kt_total = 0, qt_total = 0, st_total = 0, ds_total = 0, db_total = 0;
   for (Seq& sd : seqs) {
     sd.kt_off = kt_total;
     sd.qt_off = qt_total;
     sd.st_off = st_total;
     sd.ds_off = ds_total;
+    sd.db_off = db_total;
+    db_total += a.h * n_tiles(sd.sk) * (2 * a.bias.md + 1);
     kt_total += a.hkv * n_tiles(sd.sk) * d * BN;
     qt_total += a.h * n_tiles(sd.sq) * d * BN;
     st_total += a.h * n_tiles(sd.sq) * BN;
@@ -263,6 +294,10 @@ void run_bwd(BwdArgs<T> a, std::vector<Seq>& seqs, const at::TensorOptions& fopt
   a.kf = kf.data_ptr<float>();
   a.lse2 = lse2.data_ptr<float>();
   a.delta = delta.data_ptr<float>();
+  // Every (sequence, head, key tile) slot is written by exactly one pass-1 task (keys no query sees
+  // included: their tasks still run and write zeros), so no zero fill is needed.
+  const at::Tensor dpart = at::empty({a.bias.ext != nullptr ? db_total : 0}, fopts);
+  a.bias.dpart = a.bias.ext != nullptr ? dpart.data_ptr<float>() : nullptr;
   // Pre-pass: K rows and K^T / V^T tiles (head = kv head) and Q^T / dO^T panels, Q / dO rows, lse2 and
   // D (head = -1 - head).
   std::vector<Task> prep;
@@ -287,7 +322,8 @@ void run_bwd(BwdArgs<T> a, std::vector<Seq>& seqs, const at::TensorOptions& fopt
     }
   }
   std::stable_sort(tasks.begin(), tasks.end(), [](const Task& x, const Task& y) { return x.cost > y.cost; });
-  parallel_tasks(static_cast<int64_t>(tasks.size()), BwdScratch::floats(d), [&](int64_t t, float* scratch) {
+  const int64_t bias_len = a.bias.ext != nullptr ? a.bias.len : 0;
+  parallel_tasks(static_cast<int64_t>(tasks.size()), BwdScratch::floats(d, bias_len), [&](int64_t t, float* scratch) {
     PLM_CPU_CALL(bwd_dkdv_task, a, seqs[tasks[t].seq], tasks[t].head, tasks[t].tile, scratch);
   });
   // Pass 2: dQ per (sequence, head, query tile), the most keys first.
@@ -296,7 +332,56 @@ void run_bwd(BwdArgs<T> a, std::vector<Seq>& seqs, const at::TensorOptions& fopt
     if (store_ds) PLM_CPU_CALL(bwd_dq_stored_task, a, seqs[tasks[t].seq], tasks[t].head, tasks[t].tile, scratch);
     else PLM_CPU_CALL(bwd_dq_task, a, seqs[tasks[t].seq], tasks[t].head, tasks[t].tile, scratch);
   });
+  if (a.bias.ext == nullptr) return;
+  // dtable[bucket(p), head] += pass 1's sums for relative position p, over sequences and key tiles in
+  // order: one head per task, so each table column has one writer.
+  const int64_t width = 2 * a.bias.md + 1;
+  at::parallel_for(0, a.h, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> sums(width);
+    for (int64_t hh = begin; hh < end; ++hh) {
+      std::fill(sums.begin(), sums.end(), 0.f);
+      for (const Seq& sd : seqs) {
+        const int64_t nkt = n_tiles(sd.sk);
+        for (int64_t t = 0; t < nkt; ++t) {
+          const float* part = a.bias.dpart + sd.db_off + (hh * nkt + t) * width;
+          for (int64_t p = 0; p < width; ++p) sums[p] += part[p];
+        }
+      }
+      for (int64_t p = 0; p < width; ++p) a.bias.dtable[a.bias.buckets[p] * a.h + hh] += sums[p];
+    }
+  });
 }
+
+// The bias rows of one call (BiasArgs), and the buffers behind them.
+struct BiasRows {
+  at::Tensor ext, rev;
+  BiasArgs args;
+
+  BiasRows(const at::Tensor& table, const at::Tensor& buckets) {
+    const int64_t nb = table.size(0), h = table.size(1), md = (buckets.numel() - 1) / 2;
+    const int64_t len = 2 * (md + BN) + 1;
+    ext = at::empty({h, len}, table.options());
+    rev = at::empty({h, len}, table.options());
+    const float* tab = table.data_ptr<float>();
+    const int32_t* bk = buckets.data_ptr<int32_t>();
+    float* e = ext.data_ptr<float>();
+    float* r = rev.data_ptr<float>();
+    for (int64_t hh = 0; hh < h; ++hh) {
+      for (int64_t x = -(md + BN); x <= md + BN; ++x) {
+        const int32_t b = bk[std::clamp(x, -md, md) + md];
+        TORCH_CHECK(b >= 0 && b < nb, "position bias buckets must lie in [0, ", nb, "), got ", b);
+        e[hh * len + x + md + BN] = tab[b * h + hh] * kLog2e;
+        r[hh * len - x + md + BN] = e[hh * len + x + md + BN];
+      }
+    }
+    args.ext = e;
+    args.rev = r;
+    args.md = md;
+    args.len = len;
+    args.buckets = bk;
+  }
+};
+
 
 template <typename T>
 void fill_qkv(QkvArgs<T>& a, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& lse, bool causal,
@@ -419,7 +504,8 @@ std::vector<Seq> make_seqs(const Tensor& q, const Tensor& k, const Tensor& v, co
 }
 
 std::tuple<Tensor, Tensor> attn_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor* cu_q,
-                                    const Tensor* cu_k, int64_t max_q, int64_t max_k, bool causal, double scale) {
+                                    const Tensor* cu_k, int64_t max_q, int64_t max_k, bool causal, double scale,
+                                    const BiasArgs* bias = nullptr) {
   check_attn_args(q, k, v, cu_q != nullptr ? 1 : 2);
   if (cu_q != nullptr) check_varlen_args(q, k, *cu_q, *cu_k);
   const int64_t h = q.size(-2);
@@ -430,6 +516,7 @@ std::tuple<Tensor, Tensor> attn_fwd(const Tensor& q, const Tensor& k, const Tens
   dispatch_float(q.scalar_type(), "attention (CPU)", [&](auto tag) {
     using T = decltype(tag);
     FwdArgs<T> a = fwd_args<T>(q, k, v, out, lse, causal, scale);
+    if (bias != nullptr) a.bias = *bias;
     run_fwd(a, seqs, f32);
   });
   return {out, lse};
@@ -438,7 +525,7 @@ std::tuple<Tensor, Tensor> attn_fwd(const Tensor& q, const Tensor& k, const Tens
 std::tuple<Tensor, Tensor, Tensor> attn_bwd(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                                             const Tensor& out, const Tensor& lse, const Tensor* cu_q,
                                             const Tensor* cu_k, int64_t max_q, int64_t max_k, bool causal,
-                                            double scale) {
+                                            double scale, const BiasArgs* bias = nullptr) {
   const bool packed = cu_q != nullptr;
   check_attn_args(q, k, v, packed ? 1 : 2);
   if (packed) check_varlen_args(q, k, *cu_q, *cu_k);
@@ -453,6 +540,7 @@ std::tuple<Tensor, Tensor, Tensor> attn_bwd(const Tensor& dout, const Tensor& q,
   dispatch_float(q.scalar_type(), "attention (CPU)", [&](auto tag) {
     using T = decltype(tag);
     BwdArgs<T> a = bwd_args<T>(dO, q, k, v, o, l, dq, dk, dv, causal, scale);
+    if (bias != nullptr) a.bias = *bias;
     run_bwd(a, seqs, q.options().dtype(at::kFloat));
   });
   return {dq, dk, dv};
@@ -483,8 +571,8 @@ std::tuple<Tensor, Tensor, Tensor> attn_varlen_bwd_cpu(const Tensor& dout, const
   return attn_bwd(dout, q, k, v, out, lse, &cu_seqlens_q, &cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale);
 }
 
-Tensor paged_attn_cpu(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& block_table,
-                      const Tensor& cache_seqlens, double scale) {
+Tensor paged_attn(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& block_table,
+                  const Tensor& cache_seqlens, double scale, const BiasArgs* bias) {
   check_paged_args(q, k_cache, v_cache, block_table, cache_seqlens);
   const int64_t b = q.size(0), sq = q.size(1), h = q.size(2), d = q.size(3), hkv = k_cache.size(2);
   const int64_t nb = k_cache.size(0), bs = k_cache.size(1), max_blocks = block_table.size(1);
@@ -533,6 +621,7 @@ Tensor paged_attn_cpu(const Tensor& q, const Tensor& k_cache, const Tensor& v_ca
     a.q_s = q.stride(1);
     a.q_h = q.stride(2);
     a.qscale = static_cast<float>(scale) * kLog2e;
+    if (bias != nullptr) a.bias = *bias;
     // Tasks are (batch, kv head, row tile, split) in index order: every task of a batch row costs
     // about the same, so no sorting is needed.
     parallel_tasks(base * splits, Scratch::floats(d), [&](int64_t t, float* scratch) {
@@ -544,6 +633,60 @@ Tensor paged_attn_cpu(const Tensor& q, const Tensor& k_cache, const Tensor& v_ca
     });
   });
   return out;
+}
+
+Tensor paged_attn_cpu(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& block_table,
+                      const Tensor& cache_seqlens, double scale) {
+  return paged_attn(q, k_cache, v_cache, block_table, cache_seqlens, scale, nullptr);
+}
+
+std::tuple<Tensor, Tensor> attn_rpb_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& table,
+                                            const Tensor& buckets, bool causal, double scale) {
+  check_bias_args(table, buckets, q);
+  const BiasRows bias(table, buckets);
+  return attn_fwd(q, k, v, nullptr, nullptr, 0, 0, causal, scale, &bias.args);
+}
+
+std::tuple<Tensor, Tensor> attn_varlen_rpb_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                   const Tensor& table, const Tensor& buckets,
+                                                   const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
+                                                   int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
+                                                   double scale) {
+  check_bias_args(table, buckets, q);
+  const BiasRows bias(table, buckets);
+  return attn_fwd(q, k, v, &cu_seqlens_q, &cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, &bias.args);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> attn_rpb_bwd_cpu(const Tensor& dout, const Tensor& q, const Tensor& k,
+                                                            const Tensor& v, const Tensor& out, const Tensor& lse,
+                                                            const Tensor& table, const Tensor& buckets, bool causal,
+                                                            double scale) {
+  check_bias_args(table, buckets, q);
+  BiasRows bias(table, buckets);
+  Tensor dtable = at::zeros_like(table);
+  bias.args.dtable = dtable.data_ptr<float>();
+  auto [dq, dk, dv] = attn_bwd(dout, q, k, v, out, lse, nullptr, nullptr, 0, 0, causal, scale, &bias.args);
+  return {dq, dk, dv, dtable};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> attn_varlen_rpb_bwd_cpu(
+    const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
+    const Tensor& table, const Tensor& buckets, const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double scale) {
+  check_bias_args(table, buckets, q);
+  BiasRows bias(table, buckets);
+  Tensor dtable = at::zeros_like(table);
+  bias.args.dtable = dtable.data_ptr<float>();
+  auto [dq, dk, dv] = attn_bwd(dout, q, k, v, out, lse, &cu_seqlens_q, &cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                               causal, scale, &bias.args);
+  return {dq, dk, dv, dtable};
+}
+
+Tensor paged_attn_rpb_cpu(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& block_table,
+                          const Tensor& cache_seqlens, const Tensor& table, const Tensor& buckets, double scale) {
+  check_bias_args(table, buckets, q);
+  const BiasRows bias(table, buckets);
+  return paged_attn(q, k_cache, v_cache, block_table, cache_seqlens, scale, &bias.args);
 }
 
 void write_kv_cache_cpu(const Tensor& k, const Tensor& v, Tensor k_cache, Tensor v_cache, const Tensor& slot_mapping) {
@@ -584,4 +727,9 @@ TORCH_LIBRARY_IMPL(plm_engine, CPU, m) {
   m.impl("attn_varlen_bwd", &plm_engine::attn_varlen_bwd_cpu);
   m.impl("paged_attn", &plm_engine::paged_attn_cpu);
   m.impl("write_kv_cache", &plm_engine::write_kv_cache_cpu);
+  m.impl("attn_rpb_fwd", &plm_engine::attn_rpb_fwd_cpu);
+  m.impl("attn_rpb_bwd", &plm_engine::attn_rpb_bwd_cpu);
+  m.impl("attn_varlen_rpb_fwd", &plm_engine::attn_varlen_rpb_fwd_cpu);
+  m.impl("attn_varlen_rpb_bwd", &plm_engine::attn_varlen_rpb_bwd_cpu);
+  m.impl("paged_attn_rpb", &plm_engine::paged_attn_rpb_cpu);
 }

@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <torch/library.h>
 #include <torch/types.h>
 
 #include <algorithm>
@@ -41,8 +42,6 @@ std::vector<int64_t> row_indices(const std::optional<Tensor>& rows, int64_t m, i
   return out;
 }
 
-}  // namespace
-
 void apply_token_bitmask_cpu(Tensor logits, const Tensor& bitmask, const std::optional<Tensor>& rows) {
   check_token_bitmask_args(logits, bitmask, rows);
   const int64_t n = logits.size(0), vocab = logits.size(1), m = bitmask.size(0);
@@ -60,9 +59,9 @@ void apply_token_bitmask_cpu(Tensor logits, const Tensor& bitmask, const std::op
   const int64_t groups = static_cast<int64_t>(starts.size()) - 1;
   const int64_t sl = logits.stride(0), sm = bitmask.stride(0);
   const int32_t* words = bitmask.const_data_ptr<int32_t>();
-  // About 256K logits per task at least (a few rows of a 50k vocabulary): a row that fits in cache takes
-  // ~10 us, less than waking a thread, while large batches (mostly -inf stores, bound by memory
-  // bandwidth) still spread over the cores.
+  // About 256K logits per task at least (a few rows of a 50k vocabulary): a row that fits in cache is
+  // cheaper than waking a thread (benchmarks/results/NOTES.md), while large batches (mostly -inf stores,
+  // bound by memory bandwidth) still spread over the cores.
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / vocab);
   PLM_DISPATCH_FLOAT_TYPES(logits.scalar_type(), "apply_token_bitmask_cpu", [&] {
     scalar_t* base = logits.mutable_data_ptr<scalar_t>();
@@ -77,4 +76,9 @@ void apply_token_bitmask_cpu(Tensor logits, const Tensor& bitmask, const std::op
   });
 }
 
+}  // namespace
 }  // namespace plm_engine
+
+TORCH_LIBRARY_IMPL(plm_engine, CPU, m) {
+  m.impl("apply_token_bitmask_", &plm_engine::apply_token_bitmask_cpu);
+}

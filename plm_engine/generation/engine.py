@@ -23,6 +23,7 @@ from plm_engine.generation.block_manager import BlockManager
 from plm_engine.generation.model_runner import ModelRunner
 from plm_engine.generation.sampler import Sampler, SamplingParams
 from plm_engine.generation.scheduler import Scheduler, Sequence
+from plm_engine.generation.seq2seq import Seq2SeqGeneration
 from plm_engine.generation.structured import GrammarCompiler
 from plm_engine.ops import checks
 
@@ -50,7 +51,8 @@ class RequestOutput:
 class Engine:
     """Continuous-batching generator. Not thread-safe: use AsyncEngine to drive it from asyncio.
 
-    model: a model name or path for plm_engine.load_model, or a loaded Transformer. tokenizer: a
+    model: a model name or path for plm_engine.load_model, or a loaded Transformer or Seq2SeqTransformer
+    (encoder-decoder: the prompt is the encoder's source; see generation/seq2seq.py). tokenizer: a
     Tokenizer, a name or path, or None (loaded with a named model; without one prompts must be token ids
     and outputs have no text). kv_cache_tokens: cache size in tokens (default: a share of free memory,
     capped at max_num_seqs full contexts). max_prefill_tokens: prefill chunk size per step.
@@ -106,8 +108,16 @@ class Engine:
         self.config = model.config
         if self.config.arch == "bert":
             raise ValueError("Engine: generation needs a causal model (llama or gpt2), got a bert encoder")
+        self.seq2seq = Seq2SeqGeneration(model) if self.config.is_encoder_decoder else None
         self.runner = ModelRunner(
-            model, max_num_seqs, kv_cache_tokens, block_size, cuda_graphs, compile=compile, num_threads=num_threads
+            model,
+            max_num_seqs,
+            kv_cache_tokens,
+            block_size,
+            cuda_graphs,
+            compile=compile,
+            num_threads=num_threads,
+            forward_inputs=self.seq2seq.forward_inputs if self.seq2seq is not None else None,
         )
         r = self.runner
         self.device, self.dtype, self.context_len = r.device, r.dtype, r.context_len
@@ -117,13 +127,13 @@ class Engine:
             self.block_manager,
             max_num_seqs=max_num_seqs,
             max_prefill_tokens=max_prefill_tokens,
-            enable_prefix_caching=enable_prefix_caching,
+            # A decoder's K/V depend on its source, and every decoder prompt is the start token: nothing to share.
+            enable_prefix_caching=enable_prefix_caching and self.seq2seq is None,
         )
         self.eos_token_ids = self._eos_ids()
-        self.sampler = Sampler(
-            self.config.vocab_size, max_slots=max_num_seqs, device=self.device, eos_token_ids=self.eos_token_ids
-        )
-        self.grammars = GrammarCompiler(self.tokenizer, self.config.vocab_size, self.eos_token_ids)
+        vocab = self.config.lm_vocab_size  # what the LM head scores (an encoder-decoder's target vocabulary)
+        self.sampler = Sampler(vocab, max_slots=max_num_seqs, device=self.device, eos_token_ids=self.eos_token_ids)
+        self.grammars = GrammarCompiler(self.tokenizer, vocab, self.eos_token_ids)
 
         self._seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
@@ -185,26 +195,34 @@ class Engine:
             ids = ids[-trunc:]
         if not ids:
             raise ValueError("Engine: the prompt is empty (no tokens)")
-        limit = min(self.context_len, self.cache_tokens)
-        if len(ids) >= limit:
-            where = "context" if self.context_len <= self.cache_tokens else "KV cache"
-            raise ValueError(
-                f"Engine: the prompt has {len(ids)} tokens but the {where} holds {limit}, which leaves "
-                f"no room to generate; shorten it or set truncate_prompt_tokens"
-            )
+        if self.seq2seq is not None:  # the prompt is the encoder's; the decoder starts from its start token
+            max_tokens = self.seq2seq.max_tokens(ids, params, self.context_len, self.cache_tokens)
+        else:
+            limit = min(self.context_len, self.cache_tokens)
+            if len(ids) >= limit:
+                where = "context" if self.context_len <= self.cache_tokens else "KV cache"
+                raise ValueError(
+                    f"Engine: the prompt has {len(ids)} tokens but the {where} holds {limit}, which leaves "
+                    f"no room to generate; shorten it or set truncate_prompt_tokens"
+                )
+            # Total tokens never exceed the context; the last sampled token is never fed back, so the cache
+            # holds at most prompt + max_tokens - 1 of them.
+            max_tokens = min(params.max_tokens, self.context_len - len(ids), self.cache_tokens - len(ids) + 1)
         if params.stop and self.tokenizer is None:
             raise ValueError("Engine: stop strings need a tokenizer")
-        bad = next((t for t in params.logit_bias or () if t >= self.config.vocab_size), None)
+        vocab = self.config.lm_vocab_size
+        bad = next((t for t in params.logit_bias or () if t >= vocab), None)
         if bad is not None:
-            raise ValueError(f"Engine: logit_bias token id {bad} is out of range [0, {self.config.vocab_size})")
+            raise ValueError(f"Engine: logit_bias token id {bad} is out of range [0, {vocab})")
         if params.structured is not None and self.tokenizer is None:
             raise ValueError("Engine: structured output needs a tokenizer")
-        # Total tokens never exceed the context; the last sampled token is never fed back, so the cache
-        # holds at most prompt + max_tokens - 1 of them.
-        max_tokens = min(params.max_tokens, self.context_len - len(ids), self.cache_tokens - len(ids) + 1)
         idx = next(self._ids)
         rid = str(request_id) if request_id is not None else f"req-{idx}"
-        seq = Sequence(request_id=rid, seq_idx=idx, prompt_token_ids=ids, params=params, max_tokens=max_tokens)
+        seq: Sequence
+        if self.seq2seq is not None:
+            seq = self.seq2seq.sequence(ids, rid, idx, params, max_tokens)
+        else:
+            seq = Sequence(request_id=rid, seq_idx=idx, prompt_token_ids=ids, params=params, max_tokens=max_tokens)
         if params.seed is not None:
             seq.generator = self.sampler.new_generator(params.seed)
         if params.structured is not None:
@@ -222,7 +240,7 @@ class Engine:
             raise ValueError(f"Engine: request id {seq.request_id!r} is already in use")
         self.scheduler.add(seq)
         self._seqs[seq.request_id] = seq
-        self._counters["prompt_tokens_total"] += seq.num_prompt_tokens
+        self._counters["prompt_tokens_total"] += len(self._request_prompt(seq))
         return seq.request_id
 
     def add_request(
@@ -286,6 +304,8 @@ class Engine:
         # Prompts were checked in add_request and the step's tables are built here: the forwards read no
         # tensor values on the host (ops/checks.py), so they can run under CUDA graphs or torch.compile.
         with checks.trusted():
+            if self.seq2seq is not None and sched.admitted:
+                self.seq2seq.encode(sched.admitted)  # once per request: its cross-attention keys/values
             if sched.prefill:
                 lg, seqs = self.runner.prefill(sched.prefill)
                 if seqs:
@@ -324,6 +344,12 @@ class Engine:
         self.scheduler.finish(seq, reason)
         self.sampler.release_slot(seq.slot)
         seq.slot = None
+        if self.seq2seq is not None:
+            self.seq2seq.release(seq)
+
+    def _request_prompt(self, seq: Sequence) -> list[int]:
+        """The prompt as the request gave it: an encoder-decoder model's source, not its decoder prompt."""
+        return self.seq2seq.source_ids(seq) if self.seq2seq is not None else seq.prompt_token_ids
 
     def _append_token(self, seq: Sequence, tok: int, lp: dict | None, now: float) -> RequestOutput:
         seq.token_ids.append(tok)
@@ -397,7 +423,7 @@ class Engine:
     def _output(self, seq: Sequence, new_ids: list[int], new_text: str) -> RequestOutput:
         return RequestOutput(
             request_id=seq.request_id,
-            prompt_token_ids=seq.prompt_token_ids,
+            prompt_token_ids=self._request_prompt(seq),
             token_ids=seq.output_token_ids,
             text=seq.text[: seq.emitted_len] if not seq.finished else seq.text,
             new_token_ids=new_ids,
@@ -405,7 +431,7 @@ class Engine:
             finished=seq.finished,
             finish_reason=seq.finish_reason,
             logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
-            num_prompt_tokens=seq.num_prompt_tokens,
+            num_prompt_tokens=len(self._request_prompt(seq)),
             prompt_logprobs=seq.prompt_logprobs,
             metrics=dict(
                 arrival_time=seq.arrival_time, first_token_time=seq.first_token_time, finish_time=seq.finish_time

@@ -83,7 +83,9 @@ class ModelRunner:
     contexts), rounded up to whole blocks of block_size tokens. compile: on the CPU, run decode steps
     through a torch.compile'd forward per batch bucket (default: PLM_ENGINE_COMPILE, on unless "0").
     num_threads: on the CPU, torch's intra-op threads (default: PLM_ENGINE_NUM_THREADS, else the
-    physical cores); set for the whole process.
+    physical cores); set for the whole process. forward_inputs: for encoder-decoder
+    models, a callable (a forward's sequences, in batch order) -> forward_tokens' extra keyword
+    arguments (their cross-attention keys/values, generation/seq2seq.py); decode then runs eagerly.
     """
 
     def __init__(
@@ -95,14 +97,17 @@ class ModelRunner:
         cuda_graphs: bool = True,
         compile: bool | None = None,
         num_threads: int | None = None,
+        forward_inputs=None,
     ):
         self.model = model
+        self.forward_inputs = forward_inputs
         self.config = model.config
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.context_len = int(self.config.max_position_embeddings)
         self.block_size = block_size
-        per_token = 2 * self.config.n_layers * self.config.n_kv_heads * self.config.head_dim * p.element_size()
+        kv_layers = self.config.n_decoder_layers or self.config.n_layers  # the layers that hold a KV cache
+        per_token = 2 * kv_layers * self.config.n_kv_heads * self.config.head_dim * p.element_size()
         if kv_cache_tokens is None:
             kv_cache_tokens = self._default_cache_tokens(per_token, max_num_seqs)
         if kv_cache_tokens < block_size:
@@ -118,9 +123,9 @@ class ModelRunner:
             threads = cpu_threads(num_threads)
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
-            if compile_enabled(compile):
+            if compile_enabled(compile) and forward_inputs is None:
                 self.graphs = CompiledDecode(model, self.kv_cache, max_num_seqs, self.max_blocks_per_seq)
-        elif cuda_graphs and self.device.type == "cuda":
+        elif cuda_graphs and self.device.type == "cuda" and forward_inputs is None:
             self.graphs = DecodeGraphs(model, self.kv_cache, max_num_seqs, self.max_blocks_per_seq, device=self.device)
             self.graphs.capture()
 
@@ -170,12 +175,14 @@ class ModelRunner:
             seq_bounds=tuple(cu),
         )
         logits_index = torch.tensor(index or [cu[-1] - 1], dtype=torch.int64, device=dev)
+        extra = self.forward_inputs([ch.seq for ch in chunks]) if self.forward_inputs else {}
         logits = self.model.forward_tokens(
             torch.tensor(ids, dtype=torch.int64, device=dev),
             torch.tensor(pos, dtype=torch.int64, device=dev),
             self.kv_cache,
             batch,
             logits_index=logits_index,
+            **extra,
         )
         for ch in chunks:
             ch.seq.num_cached += ch.length
@@ -209,6 +216,7 @@ class ModelRunner:
                 torch.tensor(pos, dtype=torch.int64, device=dev),
                 self.kv_cache,
                 batch,
+                **(self.forward_inputs(seqs) if self.forward_inputs else {}),
             )
         for s in seqs:
             s.num_cached += 1

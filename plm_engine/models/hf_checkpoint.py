@@ -119,8 +119,13 @@ def strip_prefix(name: str) -> str:
 
 
 def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
-    """The model's tensors under transformers' names (q/k/v and gate/up split, GPT-2 Conv1D transposed)."""
+    """The model's tensors under transformers' names (q/k/v and gate/up split, GPT-2 Conv1D transposed).
+    Encoder-decoder models (a Seq2SeqTransformer) map through models/seq2seq_hf.py."""
     c = model.config
+    if c.is_encoder_decoder:
+        from plm_engine.models import seq2seq_hf
+
+        return seq2seq_hf.hf_state_dict(model)
     ours = model.state_dict()
     prefix = hf_prefix(c)
     out = {}
@@ -151,7 +156,7 @@ def save_pretrained(model: Transformer, path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     c = model.config
     hf = c.to_hf()
-    hf["torch_dtype"] = str(model.tok_embed.weight.dtype).removeprefix("torch.")
+    hf["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     tensors = {k: v.cpu() for k, v in hf_state_dict(model).items()}
     for name, write in (
         ("model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"})),

@@ -12,9 +12,12 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from plm_engine.models import seq2seq_hf
 from plm_engine.models.config import ModelConfig
 from plm_engine.models.hf_checkpoint import param_map, strip_prefix
+from plm_engine.models.seq2seq import Seq2SeqTransformer
 from plm_engine.models.transformer import Transformer
 
 
@@ -35,27 +38,46 @@ def _cat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
     return first.as_strided((sum(p.shape[0] for p in parts), *first.shape[1:]), first.stride())
 
 
-def build_from_tensors(config: ModelConfig, tensors, dtype: torch.dtype, device, source: str) -> Transformer:
-    """A Transformer whose parameters are the HF-named tensors (a mapping name -> tensor, read lazily),
-    built on the meta device and assigned in place. source names the file(s) in errors."""
-    names = {strip_prefix(k): k for k in tensors.keys()}
-    if config.arch == "bert":  # BertModel has a pooler and no MLM head, BertForMaskedLM the reverse
-        config = config.replace(
-            pooler="pooler.dense.weight" in names, mlm_head="cls.predictions.transform.dense.weight" in names
-        )
+def build_from_tensors(config: ModelConfig, tensors, dtype: torch.dtype, device, source: str) -> nn.Module:
+    """The model whose parameters are the HF-named tensors (a mapping name -> tensor, read lazily): a
+    Transformer, or a Seq2SeqTransformer for encoder-decoder configs. Built on the meta device and
+    assigned in place; source names the file(s) in errors."""
+    if config.is_encoder_decoder:
+        names = {seq2seq_hf.strip_prefix(k): k for k in tensors.keys()}
+        config = seq2seq_hf.tie_from_tensors(config, tensors, names)
+        model_class, mapping = Seq2SeqTransformer, seq2seq_hf.param_map(config)
+        layers = f"{config.n_layers} + {config.n_decoder_layers} layers"
+    else:
+        names = {strip_prefix(k): k for k in tensors.keys()}
+        if config.arch == "bert":  # BertModel has a pooler and no MLM head, BertForMaskedLM the reverse
+            config = config.replace(
+                pooler="pooler.dense.weight" in names, mlm_head="cls.predictions.transform.dense.weight" in names
+            )
+        model_class, mapping = Transformer, param_map(config)
+        layers = f"{config.n_layers} layers"
     with torch.device("meta"):
-        model = Transformer(config)
+        model = model_class(config)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state = {}
-    for ours, hf_names, mode in param_map(config):
+    for ours, hf_names, mode in mapping:
+        if mode == "first":  # one of several names (a shared embedding saved under either)
+            hf_names = [next((n for n in hf_names if n in names), hf_names[0])]
         missing = [n for n in hf_names if n not in names]
+        if missing and ours == "final_logits_bias":  # transformers treats a missing one as zeros
+            state[ours] = torch.zeros(shapes[ours], dtype=dtype, device=device)
+            continue
         if missing:
             raise ValueError(
                 f"{source}: checkpoint has no tensor {missing[0]!r} (needed for {ours}) for a "
-                f"{config.hf_architecture()} with {config.n_layers} layers"
+                f"{config.hf_architecture()} with {layers}"
             )
         parts = [tensors[names[n]] for n in hf_names]
-        t = parts[0].t() if mode == "T" else _cat_rows(parts) if mode == "cat" else parts[0]
+        if mode == "T":
+            t = parts[0].t()
+        elif mode == "cat":
+            t = _cat_rows(parts)
+        else:
+            t = parts[0].reshape(-1) if mode == "row" else parts[0]
         if tuple(t.shape) != shapes[ours]:
             raise ValueError(
                 f"{source}: tensor {', '.join(names[n] for n in hf_names)} has shape "
@@ -148,7 +170,8 @@ def load_gguf(path, dtype=None, device=None) -> Transformer:
 def load_model(name_or_path, dtype=None, device=None) -> Transformer:
     """A model, in eval mode, from a HF folder or a .gguf file, a packaged name ("smollm2-135m",
     "minilm-l6") or a Hugging Face Hub id ("HuggingFaceTB/SmolLM2-135M-Instruct"), tried in that order
-    (models.registry.resolve); ModelNotFoundError when it names none of them.
+    (models.registry.resolve); ModelNotFoundError when it names none of them. Encoder-decoder folders
+    (BART, mBART, Marian, T5) give a Seq2SeqTransformer.
 
     dtype: None -> float32 on CPU, the checkpoint's 16-bit dtype on CUDA. load_model.last_load_seconds
     records how long the last load took.

@@ -7,7 +7,14 @@ y = ops.layer_norm(x, w, backend="torch")        # the PyTorch reference
 """
 
 from plm_engine.ops.activations import gelu, swiglu
-from plm_engine.ops.attention import attention, attention_varlen, paged_attention, write_kv_cache
+from plm_engine.ops.attention import (
+    RelativePositionBias,
+    attention,
+    attention_varlen,
+    paged_attention,
+    relative_position_bucket,
+    write_kv_cache,
+)
 from plm_engine.ops.backends import BACKENDS, BackendUnavailable, usable_backends
 from plm_engine.ops.cross_entropy import cross_entropy, linear_cross_entropy
 from plm_engine.ops.linear import linear
@@ -19,6 +26,7 @@ from plm_engine.ops.token_mask import apply_token_bitmask_
 __all__ = [
     "BACKENDS",
     "BackendUnavailable",
+    "RelativePositionBias",
     "apply_token_bitmask_",
     "attention",
     "attention_varlen",
@@ -28,6 +36,7 @@ __all__ = [
     "linear",
     "linear_cross_entropy",
     "paged_attention",
+    "relative_position_bucket",
     "rms_norm",
     "rope",
     "rope_cos_sin",

@@ -13,6 +13,10 @@ and paged_attn / write_kv_cache (contracts/paged_attention.py). Triton registers
 plm_engine::triton_<name> (plm_engine/ops/triton/attention.py and paged_attention.py); _C as
 plm_engine::<name>: the attention ops and their backward on CPU, paged_attn and write_kv_cache on CPU and
 CUDA. This module validates the arguments (once, for every backend) and picks the backend.
+
+T5's relative position bias (position_bias=RelativePositionBias(...), plm_engine/ops/position_bias.py) goes
+to separate backend ops, so the plain ones stay exactly as they are: attn_rpb_fwd / attn_varlen_rpb_fwd
+(contracts/attention.py) and paged_attn_rpb (contracts/paged_attention.py).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 from plm_engine.ops import backends, checks
 from plm_engine.ops.contracts import attention as contract
 from plm_engine.ops.contracts import paged_attention as paged
+from plm_engine.ops.position_bias import RelativePositionBias, check_position_bias, relative_position_bucket
 from plm_engine.ops.reference import (
     attention_ref,
     attention_varlen_ref,
@@ -29,8 +34,21 @@ from plm_engine.ops.reference import (
     write_kv_cache_ref,
 )
 
-backends.register_family(contract, ("attn_fwd", "attn_varlen_fwd"), "plm_engine.ops.triton.attention")
-backends.register_family(paged, ("paged_attn", "write_kv_cache"), "plm_engine.ops.triton.paged_attention")
+backends.register_family(
+    contract, ("attn_fwd", "attn_varlen_fwd", "attn_rpb_fwd", "attn_varlen_rpb_fwd"), "plm_engine.ops.triton.attention"
+)
+backends.register_family(
+    paged, ("paged_attn", "paged_attn_rpb", "write_kv_cache"), "plm_engine.ops.triton.paged_attention"
+)
+
+__all__ = [
+    "RelativePositionBias",
+    "attention",
+    "attention_varlen",
+    "paged_attention",
+    "relative_position_bucket",
+    "write_kv_cache",
+]
 
 
 def backend_op(name: str, backend: str):
@@ -118,6 +136,7 @@ def attention(
     softmax_scale: float | None = None,
     return_lse: bool = False,
     *,
+    position_bias: RelativePositionBias | None = None,
     backend: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Flash attention. q: (batch, seqlen_q, n_heads, head_dim); k, v: (batch, seqlen_k, n_kv_heads,
@@ -125,6 +144,8 @@ def attention(
 
     softmax_scale defaults to head_dim ** -0.5. Differentiable in q, k, v. A query whose keys are all
     masked (causal with seqlen_q > seqlen_k) gets zeros and lse = -inf.
+    position_bias: a RelativePositionBias (T5) added to the scaled scores inside the kernels, before
+    the causal mask; differentiable in its table too.
     backend: "triton" | "cuda" | "cpu" | "torch" | None (automatic; see plm_engine.ops.backends).
     """
     _check_qkv("attention", q, k, v, n_lead=2)
@@ -133,6 +154,14 @@ def attention(
     scale = _scale(softmax_scale, q.shape[-1])
     unsupported = _unsupported(q)
     unsupported.setdefault("cuda", "no CUDA C++ kernel for dense attention (use triton)")
+    if position_bias is not None:
+        table, buckets = check_position_bias("attention", position_bias, q.shape[-2], q.device)
+        chosen = backends.choose(q.device, "attn_rpb_fwd", backend, unsupported)
+        if chosen == "torch" or q.numel() == 0 or k.shape[1] == 0:
+            out, lse = attention_ref(q, k, v, causal, scale, return_lse=True, position_bias=position_bias)
+            return (out, lse.float()) if return_lse else out
+        out, lse = backend_op("attn_rpb_fwd", chosen)(q, k, v, table, buckets, bool(causal), scale)
+        return (out, lse) if return_lse else out
     chosen = backends.choose(q.device, "attn_fwd", backend, unsupported)
     if chosen == "torch" or q.numel() == 0 or k.shape[1] == 0:
         out, lse = attention_ref(q, k, v, causal, scale, return_lse=True)
@@ -153,6 +182,7 @@ def attention_varlen(
     softmax_scale: float | None = None,
     return_lse: bool = False,
     *,
+    position_bias: RelativePositionBias | None = None,
     backend: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Flash attention over packed variable-length sequences, with no padding.
@@ -160,7 +190,8 @@ def attention_varlen(
     q: (total_q, n_heads, head_dim); k, v: (total_k, n_kv_heads, head_dim); cu_seqlens_q/_k: int32
     (batch + 1,) offsets of each sequence (0, len0, len0 + len1, ...); max_seqlen_q/_k: the longest
     sequence (computed from cu_seqlens when omitted, which reads them on the host). Returns out (like q)
-    and with return_lse also lse (n_heads, total_q) fp32.
+    and with return_lse also lse (n_heads, total_q) fp32. position_bias: as attention's, positions
+    counted within each sequence.
     """
     _check_qkv("attention_varlen", q, k, v, n_lead=1)
     mq = _check_cu_seqlens("attention_varlen", "cu_seqlens_q", cu_seqlens_q, q.shape[0])
@@ -187,6 +218,18 @@ def attention_varlen(
     scale = _scale(softmax_scale, q.shape[-1])
     unsupported = _unsupported(q)
     unsupported.setdefault("cuda", "no CUDA C++ kernel for varlen attention (use triton)")
+    if position_bias is not None:
+        table, buckets = check_position_bias("attention_varlen", position_bias, q.shape[-2], q.device)
+        chosen = backends.choose(q.device, "attn_varlen_rpb_fwd", backend, unsupported)
+        if chosen == "torch" or q.numel() == 0:
+            out, lse = attention_varlen_ref(
+                q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, True, position_bias
+            )
+            return (out, lse.float()) if return_lse else out
+        out, lse = backend_op("attn_varlen_rpb_fwd", chosen)(
+            q, k, v, table, buckets, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal), scale
+        )
+        return (out, lse) if return_lse else out
     chosen = backends.choose(q.device, "attn_varlen_fwd", backend, unsupported)
     if chosen == "torch" or q.numel() == 0:
         out, lse = attention_varlen_ref(
@@ -236,6 +279,7 @@ def paged_attention(
     cache_seqlens: torch.Tensor,
     softmax_scale: float | None = None,
     *,
+    position_bias: RelativePositionBias | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Attention of the newest tokens of each sequence over a paged KV cache (decode and chunked prefill).
@@ -245,6 +289,8 @@ def paged_attention(
     block_size a power of two <= 256; block_table: (batch, max_blocks) int32, logical -> physical block;
     cache_seqlens: (batch,) int32, tokens cached per sequence including the new ones (>= seqlen_q).
     Causal, bottom-right aligned. Returns (batch, seqlen_q, n_heads, head_dim) like q. Forward only.
+    position_bias: a RelativePositionBias (T5 decoder self-attention), query i of sequence b at position
+    cache_seqlens[b] - seqlen_q + i, key j at j.
     """
     fn = "paged_attention"
     _check_paged(fn, k_cache, v_cache, block_table, q)
@@ -279,6 +325,14 @@ def paged_attention(
                 f"(min {int(ids.min())}, max {int(ids.max())})"
             )
     scale = _scale(softmax_scale, q.shape[-1])
+    if position_bias is not None:
+        table, buckets = check_position_bias(fn, position_bias, q.shape[-2], q.device)
+        chosen = backends.choose(q.device, "paged_attn_rpb", backend, _unsupported(q))
+        if chosen == "torch" or q.numel() == 0:
+            return paged_attention_ref(q, k_cache, v_cache, block_table, cache_seqlens, scale, position_bias)
+        return backend_op("paged_attn_rpb", chosen)(
+            q, k_cache, v_cache, block_table, cache_seqlens, table.detach(), buckets, scale
+        )
     chosen = backends.choose(q.device, "paged_attn", backend, _unsupported(q))
     if chosen == "torch" or q.numel() == 0:
         return paged_attention_ref(q, k_cache, v_cache, block_table, cache_seqlens, scale)

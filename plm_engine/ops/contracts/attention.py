@@ -11,6 +11,16 @@ Backend ops (csrc/attention.h says the same for C++):
   attn_bwd(dout, q, k, v, out, lse, causal, scale) -> (dq, dk, dv)
   attn_varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale) -> (out, lse)   lse (n_heads, total_q)
   attn_varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale) -> (dq, dk, dv)
+With T5's relative position bias added to the scaled scores inside the kernels (plm_engine/ops/
+position_bias.py), separate ops, so that the plain ones stay exactly as they are:
+  attn_rpb_fwd(q, k, v, table, buckets, causal, scale) -> (out, lse)
+  attn_rpb_bwd(dout, q, k, v, out, lse, table, buckets, causal, scale) -> (dq, dk, dv, dtable)
+  attn_varlen_rpb_fwd(q, k, v, table, buckets, cu_q, cu_k, max_q, max_k, causal, scale) -> (out, lse)
+  attn_varlen_rpb_bwd(dout, q, k, v, out, lse, table, buckets, cu_q, cu_k, max_q, max_k, causal, scale)
+      -> (dq, dk, dv, dtable)
+  table (num_buckets, n_heads) fp32 contiguous, dtable like it; buckets int32 (2 * max_distance + 1,): the
+  bucket of relative position r = key - query position at index r + max_distance, r clamped to
+  [-max_distance, max_distance]. Positions bottom-right aligned: query i sits at i + seqlen_k - seqlen_q.
 """
 
 from __future__ import annotations
@@ -41,11 +51,31 @@ def attn_varlen_bwd_fake(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, caus
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
+def attn_rpb_fwd_fake(q, k, v, table, buckets, causal, scale):
+    return attn_fwd_fake(q, k, v, causal, scale)
+
+
+def attn_rpb_bwd_fake(dout, q, k, v, out, lse, table, buckets, causal, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(table)
+
+
+def attn_varlen_rpb_fwd_fake(q, k, v, table, buckets, cu_q, cu_k, max_q, max_k, causal, scale):
+    return attn_varlen_fwd_fake(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale)
+
+
+def attn_varlen_rpb_bwd_fake(dout, q, k, v, out, lse, table, buckets, cu_q, cu_k, max_q, max_k, causal, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(table)
+
+
 FAKES = {
     "attn_fwd": attn_fwd_fake,
     "attn_bwd": attn_bwd_fake,
     "attn_varlen_fwd": attn_varlen_fwd_fake,
     "attn_varlen_bwd": attn_varlen_bwd_fake,
+    "attn_rpb_fwd": attn_rpb_fwd_fake,
+    "attn_rpb_bwd": attn_rpb_bwd_fake,
+    "attn_varlen_rpb_fwd": attn_varlen_rpb_fwd_fake,
+    "attn_varlen_rpb_bwd": attn_varlen_rpb_bwd_fake,
 }
 
 
@@ -54,6 +84,9 @@ def register_autograd(prefix: str) -> None:
     <prefix>attn[_varlen]_fwd."""
     for fwd, bwd in (("attn_fwd", "attn_bwd"), ("attn_varlen_fwd", "attn_varlen_bwd")):
         torch.library.register_autograd(qualname(prefix, fwd), _backward(op(prefix, bwd)), setup_context=_setup)
+    # The bias ops: the same with (table, buckets) after q, k, v, and a gradient for the table.
+    for fwd, bwd in (("attn_rpb_fwd", "attn_rpb_bwd"), ("attn_varlen_rpb_fwd", "attn_varlen_rpb_bwd")):
+        torch.library.register_autograd(qualname(prefix, fwd), _backward_rpb(op(prefix, bwd)), setup_context=_setup_rpb)
 
 
 def _setup(ctx, inputs, output):
@@ -68,5 +101,21 @@ def _backward(bwd_op):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = bwd_op(dout.contiguous(), q, k, v, out, lse, *ctx.meta)
         return (dq, dk, dv) + (None,) * len(ctx.meta)
+
+    return backward
+
+
+def _setup_rpb(ctx, inputs, output):
+    q, k, v, table, buckets = inputs[:5]
+    out, lse = output
+    ctx.meta = inputs[5:]
+    ctx.save_for_backward(q, k, v, out, lse, table, buckets)
+
+
+def _backward_rpb(bwd_op):
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, table, buckets = ctx.saved_tensors
+        dq, dk, dv, dtable = bwd_op(dout.contiguous(), q, k, v, out, lse, table, buckets, *ctx.meta)
+        return (dq, dk, dv, dtable, None) + (None,) * len(ctx.meta)
 
     return backward

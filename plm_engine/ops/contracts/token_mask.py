@@ -1,20 +1,20 @@
-"""The token-mask family's contract (structured output): disallowed logits -> -inf, in place.
+"""The token-mask family's contract: structured output's allow-list applied to logits, in place.
 
-Backend op (csrc/token_mask.h says the same for C++; plm_engine/ops/token_mask.py documents the layout):
+Backend op (csrc/token_mask.h says the same for C++):
   apply_token_bitmask_(logits!, bitmask, rows?) -> ()
-_C registers plm_engine::apply_token_bitmask_ (CPU), Triton plm_engine::triton_apply_token_bitmask_.
+logits (n, vocab) fp32/fp16/bf16 with a unit last stride (any row stride), changed in place; bitmask
+(m, ceil(vocab / 32)) int32 with a unit last stride (any row stride, so it may be a view into a packed
+host-to-device buffer): token j of mask row i is allowed iff bit j % 32 of word j // 32 is set (least
+significant bit first, the layout llguidance and xgrammar fill); rows (m,) int32/int64: the logits row
+of each mask row, or None for m == n and row i -> i. Rows not listed and allowed tokens are untouched;
+a row listed twice gets the intersection of its masks. No gradient: it runs on sampling logits.
 """
 
 from __future__ import annotations
 
 import torch
 
-OP = "apply_token_bitmask_"
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def apply_token_bitmask_fake(logits, bitmask, rows):
-    return None
 
 
 def bitmask_words(vocab_size: int) -> int:
@@ -22,50 +22,12 @@ def bitmask_words(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
 
-def check_args(fn: str, logits, bitmask, rows) -> None:
-    """Metadata checks of every backend's arguments (never reads tensor values)."""
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-        raise ValueError(f"{fn}: logits must be a 2-D (n, vocab) tensor, got {getattr(logits, 'shape', logits)!r}")
-    if logits.dtype not in KERNEL_DTYPES:
-        raise ValueError(f"{fn}: logits must be float32/float16/bfloat16, got {logits.dtype}")
-    if logits.shape[1] > 1 and logits.stride(1) != 1:
-        raise ValueError(f"{fn}: logits must be contiguous in its last dim, got strides {logits.stride()}")
-    words = bitmask_words(logits.shape[1])
-    if (
-        not isinstance(bitmask, torch.Tensor)
-        or bitmask.dtype != torch.int32
-        or bitmask.dim() != 2
-        or bitmask.shape[1] != words
-    ):
-        raise ValueError(
-            f"{fn}: bitmask must be int32 (m, {words}) for a vocabulary of {logits.shape[1]}, got "
-            f"{getattr(bitmask, 'dtype', type(bitmask).__name__)} {tuple(getattr(bitmask, 'shape', ()))}"
-        )
-    if bitmask.shape[1] > 1 and bitmask.stride(1) != 1:
-        raise ValueError(f"{fn}: bitmask must be contiguous in its last dim, got strides {bitmask.stride()}")
-    if bitmask.device != logits.device:
-        raise ValueError(f"{fn}: bitmask is on {bitmask.device} but logits are on {logits.device}")
-    m = bitmask.shape[0]
-    if rows is None:
-        if m != logits.shape[0]:
-            raise ValueError(f"{fn}: without rows, bitmask needs one row per logits row ({logits.shape[0]}), got {m}")
-        return
-    if (
-        not isinstance(rows, torch.Tensor)
-        or rows.dtype not in (torch.int32, torch.int64)
-        or rows.dim() != 1
-        or rows.shape[0] != m
-    ):
-        raise ValueError(
-            f"{fn}: rows must be ({m},) int32/int64, one per bitmask row, got "
-            f"{getattr(rows, 'dtype', type(rows).__name__)} {tuple(getattr(rows, 'shape', ()))}"
-        )
-    if rows.device != logits.device:
-        raise ValueError(f"{fn}: rows are on {rows.device} but logits are on {logits.device}")
+def apply_token_bitmask_fake(logits, bitmask, rows):
+    return None
 
 
 FAKES = {"apply_token_bitmask_": apply_token_bitmask_fake}
 
 
 def register_autograd(prefix: str) -> None:
-    """An in-place mask of sampling logits: no gradient to wire."""
+    """Nothing to wire: the mask is applied to sampling logits, never differentiated."""

@@ -21,6 +21,11 @@ head's group against one contiguous range of the sequence's keys:
     num_splits comes from the grid size vs the SM count, so one long sequence still fills the GPU.
   - Causal, bottom-right: query i of a sequence of L cached tokens sees keys t <= L - seqlen_q + i. The
     key range stops after the last key the tile's last query sees.
+  - Relative position bias (T5's decoder, HAS_BIAS): each row adds its head's bias row, indexed by the
+    key's position relative to the query's clamped to [-max_distance, max_distance] (one fp32 vector
+    of 2 * max_distance + 1 values per head, table[bucket, h] * log2(e), built by the launcher from
+    the bucket table and lookup). Without a bias the bias arguments are None, which Triton makes
+    constexpr: the plain kernel compiles exactly as it would without them.
 
 write_kv_cache: one program per token copies its (n_kv_heads, head_dim) rows to flat slot
 slot_mapping[t] (block * block_size + offset), cast to the cache dtype; negative slots are padding.
@@ -64,6 +69,7 @@ def _paged_attn_split_kernel(
     O_ptr,
     PO_ptr,
     PLSE_ptr,
+    Bias_ptr,
     stride_qb,
     stride_qs,
     stride_qh,
@@ -83,10 +89,12 @@ def _paged_attn_split_kernel(
     page_shift,
     num_splits,
     qk_scale,
+    max_distance,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     INTERPRET: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
     """Program (b, kvh * m_tiles + row tile, split). n_rows = group * seqlen_q query rows per kv head."""
     b = tl.program_id(0)
@@ -129,6 +137,8 @@ def _paged_attn_split_kernel(
     page_mask = (1 << page_shift) - 1
     bt_row = BT_ptr + b64 * stride_bt
     kv_off = kvh.to(tl.int64) * stride_khead
+    if HAS_BIAS:  # each row's head's bias row, at relative position 0
+        bias_rows = Bias_ptr + head * (2 * max_distance + 1) + max_distance
     for t0 in range(start, end, BLOCK_N):
         t = t0 + offs_n
         t_ok = t < end
@@ -145,6 +155,9 @@ def _paged_attn_split_kernel(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k)) * qk_scale  # log2 units
+        if HAS_BIAS:
+            rel = tl.minimum(tl.maximum(t[None, :] - last_key[:, None], -max_distance), max_distance)
+            s += tl.load(bias_rows[:, None] + rel, mask=row_ok[:, None], other=0.0)
         s = tl.where((t[None, :] <= last_key[:, None]) & t_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # A row with no visible key yet keeps m = -inf: subtract 0 so exp2 gives 0, not NaN.
@@ -273,7 +286,7 @@ class PagedConfig:
     num_stages: int
 
 
-def paged_config(n_rows: int, head_dim: int, interpret: bool = False) -> PagedConfig:
+def paged_config(n_rows: int, head_dim: int, interpret: bool = False, bias: bool = False) -> PagedConfig:
     """The one place that maps (query rows per kv head = group * seqlen_q, head_dim) to a launch layout.
 
     BLOCK_D is head_dim's next power of two (>= 16, tl.dot's minimum). A thread holds its share of the
@@ -282,22 +295,48 @@ def paged_config(n_rows: int, head_dim: int, interpret: bool = False) -> PagedCo
     the one with no 16-byte alignment (scalar loads, one 64-bit address per element): 8 warps from
     head_dim 128 (or 64 rows), fewer keys per tile as BLOCK_M x BLOCK_D grows, and at most 32 rows
     of head_dim 256 per tile. Two pipeline stages keep the next tile's gathered K/V loads in flight
-    while the current one is multiplied (the kernel is bound by those reads).
+    while the current one is multiplied (the kernel is bound by those reads). bias: the relative
+    position bias variant (HAS_BIAS), which gathers one more (BLOCK_M x BLOCK_N) tile; see
+    _BIAS_BLOCK_N.
     """
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"head_dim must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
     block_d = max(16, triton.next_power_of_2(head_dim))
     tiles = ROW_TILES if block_d < 256 else tuple(m for m in ROW_TILES if m <= 32)
+    if bias:
+        tiles = tuple(m for m in tiles if m <= _BIAS_MAX_BLOCK_M.get(block_d, m))
     block_m = next((m for m in tiles if m >= n_rows), tiles[-1])
     if interpret:
         return PagedConfig(block_m, _INTERPRET_BLOCK_N, block_d, 4, 1)
     if block_d <= 32 or (block_d == 64 and block_m <= 32):
-        return PagedConfig(block_m, 64, block_d, 4, 2)
-    if block_d == 64:
-        return PagedConfig(block_m, 32, block_d, 8, 2)
-    if block_d == 128:
-        return PagedConfig(block_m, 16 if block_m >= 64 else 32, block_d, 8, 2)
-    return PagedConfig(block_m, 16, block_d, 8, 2)
+        cfg = PagedConfig(block_m, 64, block_d, 4, 2)
+    elif block_d == 64:
+        cfg = PagedConfig(block_m, 32, block_d, 8, 2)
+    elif block_d == 128:
+        cfg = PagedConfig(block_m, 16 if block_m >= 64 else 32, block_d, 8, 2)
+    else:
+        cfg = PagedConfig(block_m, 16, block_d, 8, 2)
+    if bias and (block_d, block_m) in _BIAS_TILES:
+        block_n, stages = _BIAS_TILES[block_d, block_m]
+        cfg = PagedConfig(block_m, block_n, block_d, cfg.num_warps, stages)
+    return cfg
+
+
+# The bias variant gathers a (BLOCK_M x BLOCK_N) tile of bias values through as many 64-bit addresses:
+# where the plain tiles then pass 240 registers (or spill) in report-kernels' align1 specialisation,
+# fewer keys per tile, fewer pipeline stages at head_dim 256, and at most 32 (head_dim 128) or 16
+# (head_dim 256) query rows per tile (16 keys is tl.dot's minimum; larger groups take more row tiles).
+_BIAS_MAX_BLOCK_M = {128: 32, 256: 16}
+_BIAS_TILES = {  # (BLOCK_D, BLOCK_M) -> (BLOCK_N, num_stages)
+    (16, 64): (32, 2),
+    (32, 32): (32, 2),
+    (32, 64): (16, 2),
+    (64, 16): (32, 2),
+    (64, 32): (16, 2),
+    (64, 64): (16, 2),
+    (128, 32): (16, 2),
+    (256, 16): (16, 1),
+}
 
 
 def write_config(n_kv_heads: int, head_dim: int) -> tuple[int, int, int]:
@@ -356,9 +395,13 @@ def launch_paged_attn(
     cache_seqlens: Tensor,
     scale: float,
     num_splits: int | None = None,
+    table: Tensor | None = None,
+    buckets: Tensor | None = None,
 ) -> Tensor:
-    """paged_attn's launcher; num_splits (tests only) overrides choose_num_splits."""
-    what = "triton_paged_attn"
+    """paged_attn's launcher; num_splits (tests only) overrides choose_num_splits. table (num_buckets,
+    n_heads) fp32 and buckets (the int32 lookup of plm_engine/ops/position_bias.py): T5's relative
+    position bias (paged_attn_rpb)."""
+    what = "triton_paged_attn" if table is None else "triton_paged_attn_rpb"
     _check_caches(k_cache, v_cache, what)
     _, block_size, n_kv_heads, cache_head_dim = k_cache.shape
     require(q.dim() == 4, what, f"q must be (batch, seqlen_q, n_heads, head_dim), got {tuple(q.shape)}")
@@ -374,13 +417,27 @@ def launch_paged_attn(
     _check_vector(block_table, "block_table", (batch, block_table.shape[1]), q, what)
     _check_vector(cache_seqlens, "cache_seqlens", (batch,), q, what)
 
+    if table is not None:
+        if table.dtype != torch.float32 or tuple(table.shape[1:]) != (n_heads,) or table.device != q.device:
+            raise ValueError(
+                f"{what}: table must be float32 (num_buckets, {n_heads}) on {q.device}, got {table.dtype} "
+                f"{tuple(table.shape)} on {table.device}"
+            )
+        if buckets is None or buckets.dtype != torch.int32 or buckets.dim() != 1 or buckets.numel() % 2 == 0:
+            raise ValueError(f"{what}: buckets must be an int32 (2 * max_distance + 1,) lookup")
+
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if q.numel() == 0:
         return out
+    bias_rows = max_distance = None
+    if table is not None:
+        assert buckets is not None  # checked with table above
+        bias_rows = (table.t()[:, buckets.long()] * LOG2E).contiguous()  # (n_heads, 2 * max_distance + 1)
+        max_distance = (buckets.numel() - 1) // 2
     group = n_heads // n_kv_heads
     n_rows = group * seqlen_q
     interpret = q.device.type != "cuda"
-    cfg = paged_config(n_rows, head_dim, interpret)
+    cfg = paged_config(n_rows, head_dim, interpret, bias=table is not None)
     m_tiles = triton.cdiv(n_rows, cfg.block_m)
     programs = batch * n_kv_heads * m_tiles
     if num_splits is None:
@@ -403,6 +460,7 @@ def launch_paged_attn(
             out,
             part_out,
             part_lse,
+            bias_rows,
             q.stride(0),
             q.stride(1),
             q.stride(2),
@@ -422,10 +480,12 @@ def launch_paged_attn(
             block_size.bit_length() - 1,
             num_splits,
             scale * LOG2E,
+            max_distance,
             BLOCK_M=cfg.block_m,
             BLOCK_N=cfg.block_n,
             BLOCK_D=cfg.block_d,
             INTERPRET=backends.triton_interpreted(),
+            HAS_BIAS=table is not None,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
@@ -502,6 +562,23 @@ def write_kv_cache(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_
     launch_write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
 
 
+@torch.library.custom_op("plm_engine::triton_paged_attn_rpb", mutates_args=())
+def paged_attn_rpb(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_table: Tensor,
+    cache_seqlens: Tensor,
+    table: Tensor,
+    buckets: Tensor,
+    scale: float,
+) -> Tensor:
+    """paged_attn with T5's relative position bias: table fp32 (num_buckets, n_heads), buckets int32
+    (2 * max_distance + 1,) lookup (plm_engine/ops/position_bias.py); query i of sequence b sits at
+    cache_seqlens[b] - seqlen_q + i."""
+    return launch_paged_attn(q, k_cache, v_cache, block_table, cache_seqlens, scale, table=table, buckets=buckets)
+
+
 contracts.register(contract, "triton_")
 
 
@@ -573,20 +650,28 @@ def kernel_specs() -> list[KernelSpec]:
         "n_kv_heads": i32,
         "head_dim": i32,
     }
+    bias_types = split_types | {"Bias_ptr": "*fp32", "max_distance": i32}
     specs = []
     for head_dim in (16, 32, 64, 128, 256):
-        for block_m in sorted({paged_config(m, head_dim).block_m for m in ROW_TILES}):
-            cfg = paged_config(block_m, head_dim)
-            specs.append(
-                KernelSpec(
-                    f"paged_attn_split[BLOCK_M={cfg.block_m},BLOCK_N={cfg.block_n},BLOCK_D={cfg.block_d},bf16]",
-                    _paged_attn_split_kernel,
-                    signature(_paged_attn_split_kernel, split_types),
-                    dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, INTERPRET=False),
-                    cfg.num_warps,
-                    cfg.num_stages,
+        for bias in (False, True):
+            for block_m in sorted({paged_config(m, head_dim, bias=bias).block_m for m in ROW_TILES}):
+                cfg = paged_config(block_m, head_dim, bias=bias)
+                flags: dict[str, object] = dict(
+                    BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, INTERPRET=False, HAS_BIAS=bias
                 )
-            )
+                if not bias:
+                    flags |= dict(Bias_ptr=None, max_distance=None)
+                specs.append(
+                    KernelSpec(
+                        f"paged_attn_split[BLOCK_M={cfg.block_m},BLOCK_N={cfg.block_n},BLOCK_D={cfg.block_d},"
+                        f"{'bias,' if bias else ''}bf16]",
+                        _paged_attn_split_kernel,
+                        signature(_paged_attn_split_kernel, bias_types if bias else split_types),
+                        flags,
+                        cfg.num_warps,
+                        cfg.num_stages,
+                    )
+                )
         block_d = paged_config(1, head_dim).block_d
         specs.append(
             KernelSpec(

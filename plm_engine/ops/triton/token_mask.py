@@ -1,6 +1,6 @@
 """Triton token bitmask: disallowed logits -> -inf, in place.
 
-The contract is plm_engine/ops/token_mask.py's (csrc/token_mask.h). One program covers BLOCK_V tokens of
+The contract is plm_engine/ops/contracts/token_mask.py's. One program covers BLOCK_V tokens of
 one mask row: it reads BLOCK_V / 32 mask words and stores -inf where a bit is clear. The logits are never
 read, and allowed tokens are never written, so the kernel moves vocab / 8 bytes of mask per row plus
 the disallowed logits it writes.
@@ -11,8 +11,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from plm_engine.ops.contracts.token_mask import apply_token_bitmask_fake, check_args
-from plm_engine.ops.triton.common import check_device
+from plm_engine.ops import contracts
+from plm_engine.ops.contracts import token_mask as contract
+from plm_engine.ops.triton.common import check_device, require, signature
 from plm_engine.ops.triton.guard import device_guard
 from plm_engine.ops.triton.spec import KernelSpec
 
@@ -64,9 +65,27 @@ def apply_token_bitmask_(logits: Tensor, bitmask: Tensor, rows: Tensor | None) -
     """Disallowed logits of logits (n, vocab) -> -inf, per packed int32 bitmask (m, ceil(vocab / 32))
     and rows (m,) (or None: row i)."""
     what = "triton_apply_token_bitmask_"
+    # Memory safety only (the public op checks the argument contract): what the kernel indexes.
     check_device(logits, what)
-    check_args(what, logits, bitmask, rows)
-    m, vocab = bitmask.shape[0], logits.shape[1]
+    require(
+        logits.dim() == 2 and (logits.shape[1] <= 1 or logits.stride(1) == 1),
+        what,
+        "logits must be (n, vocab), rows contiguous",
+    )
+    words = contract.bitmask_words(logits.shape[1])
+    require(
+        bitmask.dim() == 2 and bitmask.shape[1] == words and (words <= 1 or bitmask.stride(1) == 1),
+        what,
+        f"bitmask must be (m, {words}) with contiguous rows, got {tuple(bitmask.shape)}",
+    )
+    m = bitmask.shape[0]
+    if rows is None:
+        require(m == logits.shape[0], what, f"without rows, bitmask needs one row per logits row, got {m}")
+    else:
+        require(rows.shape == (m,), what, f"rows must be ({m},), got {tuple(rows.shape)}")
+    for t in (bitmask, rows):
+        require(t is None or t.device == logits.device, what, f"every tensor must be on {logits.device}")
+    vocab = logits.shape[1]
     if m == 0 or vocab == 0:
         return
     block_v = _block_v(vocab)
@@ -84,7 +103,7 @@ def apply_token_bitmask_(logits: Tensor, bitmask: Tensor, rows: Tensor | None) -
         )
 
 
-apply_token_bitmask_.register_fake(apply_token_bitmask_fake)
+contracts.register(contract, "triton_")
 
 
 # ---- shipped configurations, for report-kernels ----------------------------------------------------
@@ -94,25 +113,10 @@ def kernel_specs() -> list[KernelSpec]:
     """The full-size tile, with and without row indices, in bf16 and fp32."""
     specs = []
     for dt in ("bf16", "fp32"):
+        types = {"L_ptr": f"*{dt}", "M_ptr": "*i32", "R_ptr": "*i64", "stride_l_row": "i32", "stride_m_row": "i32"}
+        types = signature(_apply_token_bitmask_kernel, {**types, "vocab": "i32"})
         for has_rows in (False, True):
-            signature = {
-                "L_ptr": f"*{dt}",
-                "M_ptr": "*i32",
-                "R_ptr": "*i64",
-                "stride_l_row": "i32",
-                "stride_m_row": "i32",
-                "vocab": "i32",
-                "HAS_ROWS": "constexpr",
-                "BLOCK_V": "constexpr",
-            }
-            specs.append(
-                KernelSpec(
-                    f"apply_token_bitmask[BLOCK_V={_BLOCK_V},rows={has_rows},{dt}]",
-                    _apply_token_bitmask_kernel,
-                    signature,
-                    dict(HAS_ROWS=has_rows, BLOCK_V=_BLOCK_V),
-                    _NUM_WARPS,
-                    1,
-                )
-            )
+            name = f"apply_token_bitmask[BLOCK_V={_BLOCK_V},rows={has_rows},{dt}]"
+            flags = dict(HAS_ROWS=has_rows, BLOCK_V=_BLOCK_V)
+            specs.append(KernelSpec(name, _apply_token_bitmask_kernel, types, flags, _NUM_WARPS, 1))
     return specs
