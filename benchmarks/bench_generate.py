@@ -10,7 +10,7 @@ Providers:
                F16). Skipped with a note when llama_cpp is not installed.
   hf           transformers generate on the same weights (our model saved with save_pretrained)
 Cases, at every --threads count (1 and all physical cores by default). plm_engine and llama.cpp runs
-interleave, --repeats times; each row is the median, and ratios come from the same run:
+interleave, --repeats times; each row is the median, and vs_llama_cpp the median of the per-repeat ratios:
   load        seconds to load: plm_engine load_model(--model, dtype) warm (the on-disk GGUF cache filled
               by a first load); llama.cpp its model and a context from its GGUF file (mmap, its default)
   decode_b1   one prompt, greedy, --decode-tokens tokens: decode tok/s after the first token (prefill and
@@ -537,7 +537,9 @@ def main(argv=None) -> int:
     ap.add_argument("--streams", type=int, default=8)
     ap.add_argument("--prefill-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--compile", choices=["0", "1"], default=None, help="plm_engine's compiled CPU decode step")
+    ap.add_argument(
+        "--compile", choices=["0", "1"], default="1", help="plm_engine's compiled CPU decode step (default on here)"
+    )
     ap.add_argument("--requests", type=int, default=32, help="throughput case")
     ap.add_argument("--hf-batch", type=int, default=8, help="throughput case")
     ap.add_argument("--quick", action="store_true", help="16 decode tokens, 1 repeat (smoke run)")
@@ -763,7 +765,11 @@ def main(argv=None) -> int:
             None,
         )
         if other is not None:
-            r["vs_llama_cpp"] = round(r["tok_s"] / other["tok_s"], 3)
+            # The median of the per-repeat ratios: both sides of a ratio ran back to back, under the same
+            # load from whatever else the machine was running.
+            ours = samples[(r["case"], "plm_engine", r["precision"], r["threads"])]
+            theirs = samples[(r["case"], "llama_cpp", other["precision"], r["threads"])]
+            r["vs_llama_cpp"] = round(statistics.median(a["tok_s"] / b["tok_s"] for a, b in zip(ours, theirs)), 3)
     for r in rows:
         if r["case"] == "load" and r["provider"] == "plm_engine":
             other = next(

@@ -11,9 +11,6 @@ import os
 os.environ.setdefault("PLM_ENGINE_DEBUG_CHECKS", "1")
 # No test reaches the network: a Hub id that is not in the cache fails at once instead of retrying.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# Engines decode eagerly in the tests: compiling the CPU decode step costs seconds per engine. The tests
-# that prove the compiled step (tests/generation/test_model_runner.py) ask for it with compile=True.
-os.environ.setdefault("PLM_ENGINE_COMPILE", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -81,7 +81,7 @@ class ModelRunner:
 
     kv_cache_tokens: cache size in tokens (default: a share of free memory, capped at max_num_seqs full
     contexts), rounded up to whole blocks of block_size tokens. compile: on the CPU, run decode steps
-    through a torch.compile'd forward per batch bucket (default: PLM_ENGINE_COMPILE, on unless "0").
+    through a torch.compile'd forward per batch bucket (default: PLM_ENGINE_COMPILE, off unless "1").
     num_threads: on the CPU, torch's intra-op threads (default: PLM_ENGINE_NUM_THREADS, else the
     physical cores); set for the whole process. forward_inputs: for encoder-decoder
     models, a callable (a forward's sequences, in batch order) -> forward_tokens' extra keyword
