@@ -715,7 +715,9 @@ class _CacheEntry:
                     return None
                 with safe_open(str(tfile), framework="pt") as f:
                     info = f.metadata() or {}
-                    if info.get("sha256") != self.digest:
+                    # The version too: a tensor file of an older layout (q/k/v not yet stored as one
+                    # block) would still load, but with a copy of every fused block at each load.
+                    if info.get("sha256") != self.digest or info.get("version") != str(CACHE_VERSION):
                         return None
                     stored = {k: f.get_tensor(k) for k in f.keys()}
                 tensors = _unfuse(stored, json.loads(info.get("fused", "{}")))
@@ -750,7 +752,12 @@ class _CacheEntry:
                 from safetensors.torch import save_file
 
                 tensors, fused = _fuse(ckpt.tensors)
-                info = {"sha256": self.digest, "source": str(ckpt.path), "fused": json.dumps(fused)}
+                info = {
+                    "version": str(CACHE_VERSION),
+                    "sha256": self.digest,
+                    "source": str(ckpt.path),
+                    "fused": json.dumps(fused),
+                }
                 _atomic_write(self._tensor_file(dtype), lambda tmp: save_file(tensors, tmp, metadata=info))
         except (OSError, TypeError, ValueError) as e:  # disk full, read-only, metadata JSON cannot hold
             _warn(f"could not cache {ckpt.path} under {self.folder} ({e}); it will be read directly")

@@ -87,6 +87,16 @@ def test_new_content_damaged_entry_and_switch(tmp_path, cache, monkeypatch):
     entry = cache / G.file_sha256(path)
     (entry / "float32.safetensors").write_bytes(b"garbage")
     _same(G.read_gguf(path), second)
+    # A tensor file of another cache version (an older layout) is a miss too, and gets rewritten.
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(entry / "float32.safetensors"), framework="pt") as f:
+        info, stored = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(stored, str(entry / "float32.safetensors"), metadata={**info, "version": "1"})
+    _same(G.read_gguf(path), second)
+    with safe_open(str(entry / "float32.safetensors"), framework="pt") as f:
+        assert f.metadata()["version"] == str(G.CACHE_VERSION)
     meta = json.loads((entry / "meta.json").read_text())
     (entry / "meta.json").write_text(json.dumps({**meta, "version": -1}))
     _same(G.read_gguf(path), second)
