@@ -8,7 +8,8 @@ Providers:
                own quantizer (llama_model_quantize, ALL_F32 / MOSTLY_F16, allow_requantize) to F32 and
                F16, the precisions compared with ours (our float32 against F32, bfloat16/float16 against
                F16). Skipped with a note when llama_cpp is not installed.
-  hf           transformers generate on the same weights (our model saved with save_pretrained)
+  hf           transformers generate on the same weights (our model saved with save_pretrained), in each of
+               --hf-dtypes; hf_static: the same with its static KV cache (unless --skip-static)
 Cases, at every --threads count (1 and all physical cores by default). plm_engine and llama.cpp runs
 interleave, --repeats times; each row is the median, and vs_llama_cpp the median of the per-repeat ratios:
   load        seconds to load: plm_engine load_model(--model, dtype) warm (the on-disk GGUF cache filled
@@ -390,17 +391,17 @@ def hf_generate(hf, ids, mask, n, **kw):
         )
 
 
-def hf_decode_b1(hf, prompt_ids, n, device):
+def hf_decode_b1(hf, prompt_ids, n, device, **kw):
     ids = torch.tensor([prompt_ids], device=device)
     mask = torch.ones_like(ids)
-    hf_generate(hf, ids, mask, 8)  # warm-up
+    hf_generate(hf, ids, mask, 8, **kw)  # warm-up
     sync(device)
     t = time.perf_counter()
-    hf_generate(hf, ids, mask, 1)
+    hf_generate(hf, ids, mask, 1, **kw)
     sync(device)
     t1 = time.perf_counter() - t
     t = time.perf_counter()
-    out = hf_generate(hf, ids, mask, n)
+    out = hf_generate(hf, ids, mask, n, **kw)
     sync(device)
     tn = time.perf_counter() - t
     assert out.shape[1] == len(prompt_ids) + n
@@ -479,6 +480,11 @@ def write_csv(path: Path, rows, columns) -> Path:
     return common.append_csv(path, rows, columns)
 
 
+def dtypes_arg_check(names: list[str]) -> list[str]:
+    """The names that are not a weight dtype this benchmark runs."""
+    return [n for n in names if n not in ("float32", "bfloat16", "float16")]
+
+
 def median_row(results: list[dict]) -> dict:
     """The median of each numeric field over repeats (other fields from the first)."""
     out = dict(results[0])
@@ -540,6 +546,8 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--compile", choices=["0", "1"], default="1", help="plm_engine's compiled CPU decode step (default on here)"
     )
+    ap.add_argument("--hf-dtypes", default="float32", help="HF transformers' weight dtypes (comma-separated)")
+    ap.add_argument("--skip-static", action="store_true", help="no HF rows with the static KV cache")
     ap.add_argument("--requests", type=int, default=32, help="throughput case")
     ap.add_argument("--hf-batch", type=int, default=8, help="throughput case")
     ap.add_argument("--quick", action="store_true", help="16 decode tokens, 1 repeat (smoke run)")
@@ -552,6 +560,9 @@ def main(argv=None) -> int:
     if args.prefill_tokens < 1 or args.decode_tokens < 2 or args.streams < 1 or args.repeats < 1:
         ap.error("--prefill-tokens >= 1, --decode-tokens >= 2, --streams >= 1 and --repeats >= 1")
     providers = set(args.providers.split(","))
+    hf_dtypes = args.hf_dtypes.split(",")
+    for name in dtypes_arg_check(args.dtypes.split(",") + hf_dtypes):
+        ap.error(f"unknown dtype {name!r} (float32, bfloat16 or float16)")
     cases = set(args.cases.split(","))
     dev = args.device
     cpu = dev == "cpu"
@@ -805,13 +816,19 @@ def main(argv=None) -> int:
 
         with tempfile.TemporaryDirectory() as d:
             base.save_pretrained(d)
-            hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).to(dev).eval()
-            for t in threads_list:
-                if cpu:
-                    torch.set_num_threads(t)
-                if "decode_b1" in cases:
-                    row("decode_b1", "hf", "float32", hf_decode_b1(hf, prompt_ids, args.decode_tokens, dev), t)
-            del hf
+            for name in hf_dtypes:
+                hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=getattr(torch, name)).to(dev).eval()
+                for t in threads_list if "decode_b1" in cases else []:
+                    if cpu:
+                        torch.set_num_threads(t)
+                    row("decode_b1", "hf", name, hf_decode_b1(hf, prompt_ids, args.decode_tokens, dev), t)
+                    if not args.skip_static:
+                        try:
+                            res = hf_decode_b1(hf, prompt_ids, args.decode_tokens, dev, cache_implementation="static")
+                        except Exception as e:  # not every transformers/device combination supports it
+                            res = dict(note=f"failed: {type(e).__name__}: {e}"[:200])
+                        row("decode_b1", "hf_static", name, res, t)
+                del hf
     if "throughput" in cases:
         rngt = random.Random(0)
         prompts = [[rngt.randrange(100, vocab) for _ in range(rngt.randint(16, 256))] for _ in range(args.requests)]
@@ -833,15 +850,12 @@ def main(argv=None) -> int:
 
             with tempfile.TemporaryDirectory() as d:
                 base.save_pretrained(d)
-                hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).to(dev).eval()
-                row(
-                    "throughput",
-                    "hf",
-                    "float32",
-                    hf_throughput(hf, prompts, out_lens, args.hf_batch, dev),
-                    t,
-                    batch=args.hf_batch,
-                )
+                for name in hf_dtypes:
+                    hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=getattr(torch, name))
+                    hf = hf.to(dev).eval()
+                    res = hf_throughput(hf, prompts, out_lens, args.hf_batch, dev)
+                    row("throughput", "hf", name, res, t, batch=args.hf_batch)
+                    del hf
     for r in rows:  # the older columns, for the CSV's earlier rows
         if r["case"] in ("decode_b1", "streams"):
             r["decode_tok_s"] = r.get("tok_s")
