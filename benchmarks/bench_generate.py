@@ -1,33 +1,44 @@
-"""Generation benchmark: plm_engine's Engine against HF transformers `generate`, same weights, same run.
+"""Generation benchmark: plm_engine's Engine against llama.cpp and HF transformers, same weights, same run.
 
 Providers:
-  plm_engine   Engine (paged KV cache, continuous batching; CUDA graphs on GPU)
-  hf           transformers generate, dynamic cache (the same weights: our model saved with save_pretrained)
-  hf_static    transformers generate with cache_implementation="static" (batch-1 only; skipped if it fails)
-Cases:
-  decode_b1    one prompt, greedy, --decode-tokens new tokens: time to first token (prompt + first token)
-               and decode tokens/s = (n - 1) / (time after the first token)
-  throughput   --requests requests, prompt lengths uniform in 16..256 and output lengths in 16..128
-               (ignore_eos), all submitted at once; tokens/s = requested output tokens / wall time.
-               HF runs them in input order in left-padded batches of --hf-batch, each batch generating its
-               longest output length (the extra tokens it makes are not counted).
-  quality      (dtypes other than float32) the greedy continuations of fixed prompts against fp32:
-               prompts whose first 16 tokens are identical, mean / max |log-prob difference|
-Also reported: weight bandwidth = bytes of weights read per decode step (every parameter once; an untied
-input embedding is only gathered, so it is left out) x decode steps/s, against the memory bandwidth
-measured here by a large copy (bytes read + written) with the same thread count.
+  plm_engine   Engine (paged KV cache, continuous batching; the decode step compiled per batch bucket on
+               the CPU, CUDA graphs on a GPU)
+  llama_cpp    llama.cpp through llama-cpp-python (pip install 'plm_engine[bench]'; CPU only), on the same
+               GGUF: the default model's file as shipped (Q4_1, a reference row) and up-cast by llama.cpp's
+               own quantizer (llama_model_quantize, ALL_F32 / MOSTLY_F16, allow_requantize) to F32 and
+               F16, the precisions compared with ours (our float32 against F32, bfloat16/float16 against
+               F16). Skipped with a note when llama_cpp is not installed.
+  hf           transformers generate on the same weights (our model saved with save_pretrained), in each of
+               --hf-dtypes; hf_static: the same with its static KV cache (unless --skip-static)
+Cases, at every --threads count (1 and all physical cores by default). plm_engine and llama.cpp runs
+interleave, --repeats times; each row is the median, and vs_llama_cpp the median of the per-repeat ratios:
+  load        seconds to load: plm_engine load_model(--model, dtype) warm (the on-disk GGUF cache filled
+              by a first load); llama.cpp its model and a context from its GGUF file (mmap, its default)
+  decode_b1   one prompt, greedy, --decode-tokens tokens: decode tok/s after the first token (prefill and
+              the first token not timed); weight GB/s = bytes of weights read per step x steps/s, against
+              the read bandwidth measured here (a large reduction, same threads)
+  streams     --streams prompts decoding together (llama.cpp: one llama_batch, one sequence id per
+              stream): output tok/s over all streams after the first token
+  prefill     one prompt of --prefill-tokens tokens: prompt tok/s of the forward that processes it (and
+              picks its first token)
+  overhead    plm_engine: host overhead of a batch-1 decode step = its wall time minus the self CPU time of
+              the compute ops in it (plm_engine:: kernels and aten compute ops, torch.profiler), as a share
+              of the step; the compiled step's small fused glue kernels count as overhead (conservative)
+  quality     (dtypes other than float32) greedy continuations of fixed prompts against float32
+  throughput  (only with --cases ...,throughput) random request mix, plm_engine vs HF (older case)
 
-Rows go to benchmarks/results/generate.csv (dtype in every row).
-
-    python benchmarks/bench_generate.py                          # CPU, float32 and bfloat16
-    python benchmarks/bench_generate.py --quick --no-csv         # smoke run
+    python benchmarks/bench_generate.py --no-csv                       # CPU: everything, CSV not written
+    python benchmarks/bench_generate.py --quick --no-csv               # smoke run
     python benchmarks/bench_generate.py --device cuda --dtypes bfloat16 --out-dir $OUT --json
+Rows go to benchmarks/results/generate.csv unless --no-csv (new columns are added to an older header).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import contextlib
+import ctypes
+import os
 import random
 import statistics
 import sys
@@ -41,27 +52,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from plm_engine.generation import Engine, SamplingParams  # noqa: E402
+from plm_engine.generation.model_runner import physical_cores  # noqa: E402
 from plm_engine.generation.quality import compare_greedy  # noqa: E402
 
 PROMPT = (
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
     "movable metal type with an oil-based ink and a wooden press. Within a few decades"
 )
+# llama.cpp's name for the precision ours is compared with.
+LLAMA_PAIR = {"float32": "F32", "bfloat16": "F16", "float16": "F16"}
 COLUMNS = common.ENV_COLUMNS + [
     "case",
     "provider",
     "model",
+    "precision",
     "dtype",
     "batch",
     "requests",
     "prompt_tokens",
     "gen_tokens",
     "ttft_ms",
+    "tok_s",
     "decode_tok_s",
     "throughput_tok_s",
+    "load_s",
     "wall_s",
+    "repeats",
+    "vs_llama_cpp",
+    "host_overhead",
+    "step_ms",
     "weight_gbps",
     "membw_gbps",
+    "read_gbps",
     "bw_util",
     "speedup_vs_hf_fp32",
     "n_identical",
@@ -69,6 +91,25 @@ COLUMNS = common.ENV_COLUMNS + [
     "max_abs_logprob_diff",
     "note",
 ]
+# aten ops that compute (their self time is kernel time); everything else in a step is host work.
+COMPUTE_ATEN = {
+    "aten::mm",
+    "aten::addmm",
+    "aten::bmm",
+    "aten::embedding",
+    "aten::index_select",
+    "aten::index",
+    "aten::argmax",
+    "aten::max",
+    "aten::topk",
+    "aten::sort",
+    "aten::_softmax",
+    "aten::_log_softmax",
+    "aten::cat",
+    "aten::add",
+    "aten::mul",
+    "aten::sum",
+}
 
 
 def sync(device):
@@ -90,7 +131,26 @@ def measure_membw(device: str, mib: int = 256, reps: int = 5) -> float:
     return 2 * src.numel() * 4 / statistics.median(times[1:]) / 1e9
 
 
+def measure_read_bw(device: str, mib: int = 512, reps: int = 5) -> float:
+    """GB/s read by the fastest of a few full reductions over a buffer larger than the caches (the
+    highest is taken: the goal compares our decode with the best read speed this machine shows)."""
+    x = torch.randn(mib * 2**20 // 4, device=device)
+    best = 0.0
+    for fn in (lambda: x.sum(), lambda: x.amax(), lambda: torch.dot(x, x)):
+        times = []
+        for _ in range(reps + 1):
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            times.append(time.perf_counter() - t)
+        best = max(best, x.numel() * 4 / statistics.median(times[1:]) / 1e9)
+    return best
+
+
 def weight_bytes(model) -> int:
+    """Bytes of weights a decode step reads: every parameter once; an untied input embedding is only
+    gathered, so it is left out."""
     seen, total = set(), 0
     skip = None if model.lm_head is None else model.tok_embed.weight.data_ptr()
     for p in model.parameters():
@@ -101,51 +161,227 @@ def weight_bytes(model) -> int:
     return total
 
 
+def cpu_isa() -> str:
+    return common.cpu_flags()
+
+
 # ---- plm_engine -------------------------------------------------------------------------------------
 
 
-def ours_decode_b1(model, tok, prompt_ids, n, device):
-    eng = Engine(
+def new_engine(model, tok, args, device, threads):
+    cache = args.streams * (args.prefill_tokens + args.decode_tokens + 64)
+    return Engine(
         model,
         tokenizer=tok,
-        max_num_seqs=1,
-        kv_cache_tokens=len(prompt_ids) + n + 64,
+        max_num_seqs=max(args.streams, 1),
+        kv_cache_tokens=cache,
         cuda_graphs=device.startswith("cuda"),
+        compile=None if args.compile is None else args.compile == "1",
+        num_threads=threads or None,
     )
-    eng.generate([prompt_ids], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))  # warm-up
-    t0 = time.perf_counter()
-    eng.add_request(prompt_ids, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
-    first = None
-    while eng.has_unfinished():
-        outs = eng.step()
-        if first is None and any(o.new_token_ids for o in outs):
-            first = time.perf_counter()
-    end = time.perf_counter()
-    return dict(ttft_ms=(first - t0) * 1e3, decode_tok_s=(n - 1) / (end - first), gen_tokens=n)
 
 
-def ours_throughput(model, tok, prompts, out_lens, device):
-    total = sum(len(p) + o for p, o in zip(prompts, out_lens))
-    eng = Engine(
-        model,
-        tokenizer=tok,
-        max_num_seqs=len(prompts),
-        kv_cache_tokens=total + 16 * len(prompts),
-        cuda_graphs=device.startswith("cuda"),
-    )
-    eng.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
-    params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for o in out_lens]
+def greedy(n):
+    return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+
+
+def ours_decode(eng, prompts, n, device):
+    """Output tok/s of len(prompts) streams decoding together, after their prefill and first token."""
+    for p in prompts:
+        eng.add_request(p, greedy(n))
+    eng.step()  # every prompt prefilled, first tokens sampled (the prompts fit one prefill chunk)
+    sync(device)
     t = time.perf_counter()
-    outs = eng.generate(prompts, params)
+    steps = 0
+    while eng.has_unfinished():
+        eng.step()
+        steps += 1
+    sync(device)
     wall = time.perf_counter() - t
-    gen = sum(len(o.token_ids) for o in outs)
-    assert gen == sum(out_lens), (gen, sum(out_lens))
-    return dict(
-        throughput_tok_s=gen / wall, wall_s=wall, gen_tokens=gen, note=f"preemptions={eng.stats()['num_preemptions']}"
+    if steps != n - 1:
+        raise RuntimeError(f"expected {n - 1} decode steps, ran {steps}")
+    return dict(tok_s=len(prompts) * steps / wall, step_ms=wall / steps * 1e3, gen_tokens=n)
+
+
+def ours_prefill(eng, prompt, device):
+    eng.add_request(prompt, greedy(1))
+    sync(device)
+    t = time.perf_counter()
+    while eng.has_unfinished():
+        eng.step()
+    sync(device)
+    wall = time.perf_counter() - t
+    return dict(tok_s=len(prompt) / wall, wall_s=wall)
+
+
+def ours_overhead(eng, prompt, steps=16):
+    """Host share of batch-1 decode steps: step wall time minus the compute ops' self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    eng.add_request(prompt, greedy(steps + 8))
+    for _ in range(4):  # prefill, then warm decode steps
+        eng.step()
+    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:  # kineto logs to fd 2
+        t = time.perf_counter()
+        for _ in range(steps):
+            eng.step()
+        wall = time.perf_counter() - t
+    while eng.has_unfinished():
+        eng.step()
+    kernel_us = sum(
+        e.self_cpu_time_total for e in prof.key_averages() if e.key.startswith("plm_engine::") or e.key in COMPUTE_ATEN
     )
+    host = max(wall - kernel_us / 1e6, 0.0)
+    return dict(host_overhead=host / wall, step_ms=wall / steps * 1e3, note=f"host {host / steps * 1e3:.2f} ms/step")
 
 
-# ---- HF transformers ------------------------------------------------------------------------------
+# ---- llama.cpp --------------------------------------------------------------------------------------
+
+
+def llama_cpp_module():
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    return llama_cpp
+
+
+def llama_quantize(llama_cpp, src: Path, dst: Path, ftype: int) -> None:
+    """src up-cast (or re-quantized) to ftype by llama.cpp's own quantizer."""
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.allow_requantize = True
+    params.nthread = physical_cores()
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize({src} -> {dst}, ftype {ftype}) failed with {rc}")
+
+
+@contextlib.contextmanager
+def env_var(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """llama.cpp logs every load to fd 2; this keeps the benchmark's output readable."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+class LlamaCpp:
+    """A llama.cpp model and context driven through the low-level bindings: one llama_batch per step,
+    one sequence id per stream, greedy argmax over the returned logits (numpy)."""
+
+    def __init__(self, llama_cpp, path: Path, n_seq: int, n_ctx_seq: int, threads: int, repack: bool = True):
+        import numpy as np
+
+        self.L, self.np = llama_cpp, np
+        L = llama_cpp
+        t = time.perf_counter()
+        with quiet_stderr():
+            mp = L.llama_model_default_params()
+            mp.use_extra_bufts = repack
+            self.model = L.llama_model_load_from_file(str(path).encode(), mp)
+            if not self.model:
+                raise RuntimeError(f"llama.cpp could not load {path}")
+            cp = L.llama_context_default_params()
+            cp.n_seq_max = n_seq
+            cp.n_ctx = n_seq * n_ctx_seq
+            cp.n_batch = max(512, n_ctx_seq)
+            cp.n_ubatch = max(512, n_ctx_seq)
+            cp.n_threads = cp.n_threads_batch = threads
+            self.ctx = L.llama_init_from_model(self.model, cp)
+            if not self.ctx:
+                raise RuntimeError(f"llama.cpp could not create a context for {path}")
+        self.load_s = time.perf_counter() - t
+        self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
+        self.model_bytes = int(L.llama_model_size(self.model))
+        self.batch = L.llama_batch_init(max(512, n_ctx_seq) * n_seq, 0, n_seq)
+
+    def close(self):
+        L = self.L
+        with quiet_stderr():
+            L.llama_batch_free(self.batch)
+            L.llama_free(self.ctx)
+            L.llama_model_free(self.model)
+
+    def set_threads(self, n: int):
+        with quiet_stderr():
+            self.L.llama_set_n_threads(self.ctx, n, n)
+
+    def clear(self):
+        self.L.llama_memory_clear(self.L.llama_get_memory(self.ctx), True)
+
+    def _decode(self, items):
+        """items: (token, position, seq_id, wants_logits); returns argmax tokens of the rows with logits."""
+        b = self.batch
+        b.n_tokens = len(items)
+        for i, (tok, pos, seq, want) in enumerate(items):
+            b.token[i] = tok
+            b.pos[i] = pos
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = seq
+            b.logits[i] = want
+        rc = self.L.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with {rc}")
+        out = []
+        for i, (_, _, _, want) in enumerate(items):
+            if want:
+                ptr = self.L.llama_get_logits_ith(self.ctx, i)
+                out.append(int(self.np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).argmax()))
+        return out
+
+    def prefill(self, prompts):
+        items = []
+        for s, p in enumerate(prompts):
+            items += [(t, i, s, i == len(p) - 1) for i, t in enumerate(p)]
+        return self._decode(items)
+
+    def decode(self, prompts, n):
+        """Output tok/s of the streams after their prefill and first token (n tokens each)."""
+        self.clear()
+        toks = self.prefill(prompts)
+        pos = [len(p) for p in prompts]
+        t = time.perf_counter()
+        for _ in range(n - 1):
+            toks = self._decode([(tok, pos[s], s, True) for s, tok in enumerate(toks)])
+            pos = [q + 1 for q in pos]
+        wall = time.perf_counter() - t
+        return dict(tok_s=len(prompts) * (n - 1) / wall, step_ms=wall / (n - 1) * 1e3, gen_tokens=n)
+
+    def prefill_speed(self, prompt):
+        self.clear()
+        t = time.perf_counter()
+        self.prefill([prompt])
+        wall = time.perf_counter() - t
+        return dict(tok_s=len(prompt) / wall, wall_s=wall)
+
+    def greedy_tokens(self, prompt, n):
+        self.clear()
+        toks = [self.prefill([prompt])[0]]
+        for i in range(n - 1):
+            toks += self._decode([(toks[-1], len(prompt) + i, 0, True)])
+        return toks
+
+
+# ---- HF transformers --------------------------------------------------------------------------------
 
 
 def hf_generate(hf, ids, mask, n, **kw):
@@ -169,7 +405,7 @@ def hf_decode_b1(hf, prompt_ids, n, device, **kw):
     sync(device)
     tn = time.perf_counter() - t
     assert out.shape[1] == len(prompt_ids) + n
-    return dict(ttft_ms=t1 * 1e3, decode_tok_s=(n - 1) / (tn - t1), gen_tokens=n)
+    return dict(ttft_ms=t1 * 1e3, tok_s=(n - 1) / (tn - t1), gen_tokens=n)
 
 
 def hf_throughput(hf, prompts, out_lens, batch, device):
@@ -186,14 +422,111 @@ def hf_throughput(hf, prompts, out_lens, batch, device):
     sync(device)
     wall = time.perf_counter() - t
     return dict(
-        throughput_tok_s=sum(out_lens) / wall,
+        tok_s=sum(out_lens) / wall,
         wall_s=wall,
         gen_tokens=sum(out_lens),
         note=f"batches of {batch}; {made} tokens made, {sum(out_lens)} counted",
     )
 
 
-# ---- driver ---------------------------------------------------------------------------------------
+def ours_throughput(model, tok, prompts, out_lens, device):
+    total = sum(len(p) + o for p, o in zip(prompts, out_lens))
+    eng = Engine(
+        model,
+        tokenizer=tok,
+        max_num_seqs=len(prompts),
+        kv_cache_tokens=total + 16 * len(prompts),
+        cuda_graphs=device.startswith("cuda"),
+    )
+    eng.generate([prompts[0]], greedy(4))  # warm-up
+    params = [greedy(o) for o in out_lens]
+    t = time.perf_counter()
+    outs = eng.generate(prompts, params)
+    wall = time.perf_counter() - t
+    gen = sum(len(o.token_ids) for o in outs)
+    assert gen == sum(out_lens), (gen, sum(out_lens))
+    return dict(tok_s=gen / wall, wall_s=wall, gen_tokens=gen, note=f"preemptions={eng.stats()['num_preemptions']}")
+
+
+# ---- output -----------------------------------------------------------------------------------------
+
+
+def print_plain_table(rows, columns, title=None, file=None):
+    """Fixed-width text: every cell printed whole, whatever the terminal width or a pipe."""
+    file = file or sys.stdout
+    cells = [[common.fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    if title:
+        print(title, file=file)
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip(), file=file)
+    print("  ".join("-" * w for w in widths), file=file)
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip(), file=file)
+
+
+def write_csv(path: Path, rows, columns) -> Path:
+    """Appends rows; an older file whose header lacks some columns is rewritten with them added."""
+    if path.exists() and path.stat().st_size > 0:
+        old = common.read_csv(path)
+        with path.open(newline="") as f:
+            header = next(iter(f), "").strip().split(",")
+        missing = [c for c in columns if c not in header]
+        if missing:
+            merged = header + missing
+            tmp = path.with_suffix(".tmp")
+            tmp.unlink(missing_ok=True)
+            common.append_csv(tmp, old, merged)
+            tmp.replace(path)
+    return common.append_csv(path, rows, columns)
+
+
+def dtypes_arg_check(names: list[str]) -> list[str]:
+    """The names that are not a weight dtype this benchmark runs."""
+    return [n for n in names if n not in ("float32", "bfloat16", "float16")]
+
+
+def median_row(results: list[dict]) -> dict:
+    """The median of each numeric field over repeats (other fields from the first)."""
+    out = dict(results[0])
+    for k, v in results[0].items():
+        if isinstance(v, float):
+            out[k] = statistics.median(r[k] for r in results)
+    out["repeats"] = len(results)
+    return out
+
+
+def goal_lines(rows) -> list[str]:
+    """The issue's goals, from this run's rows."""
+    lines = []
+    for r in rows:
+        if r.get("vs_llama_cpp") not in (None, ""):
+            ok = r["vs_llama_cpp"] >= 1.0
+            lines.append(
+                f"{r['case']:<9} {r['precision']:>8} vs llama.cpp {LLAMA_PAIR.get(r['precision'], '?'):>3} "
+                f"@{r['threads']} threads: {r['vs_llama_cpp']:.2f}x (goal >= 1.0) {'OK' if ok else 'NOT MET'}"
+            )
+        if r["case"] == "decode_b1" and r["provider"] == "plm_engine" and r.get("bw_util") not in (None, ""):
+            ok = r["bw_util"] >= 0.85
+            lines.append(
+                f"decode_b1 {r['precision']:>8} weight bandwidth @{r['threads']} threads: {r['weight_gbps']:.1f} GB/s"
+                f" = {r['bw_util']:.0%} of read {r['read_gbps']:.1f} GB/s (goal >= 85%) {'OK' if ok else 'NOT MET'}"
+            )
+        if r["case"] == "overhead" and r.get("host_overhead") is not None:
+            ok = r["host_overhead"] <= 0.10
+            lines.append(
+                f"overhead  {r['precision']:>8} batch-1 step @{r['threads']} threads: host {r['host_overhead']:.1%} of"
+                f" {r['step_ms']:.1f} ms (goal <= 10%) {'OK' if ok else 'NOT MET'}"
+            )
+        if r["case"] == "load" and r["provider"] == "plm_engine" and r.get("load_s") is not None:
+            ok = r["load_s"] <= 0.5
+            lines.append(
+                f"load      {r['precision']:>8} load_model warm: {r['load_s']:.2f} s (goal <= 0.5 s) "
+                f"{'OK' if ok else 'NOT MET'}"
+            )
+    return lines
+
+
+# ---- driver -----------------------------------------------------------------------------------------
 
 
 def main(argv=None) -> int:
@@ -201,144 +534,373 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--device", default=common.default_device())
     ap.add_argument("--dtypes", default="float32,bfloat16", help="our engine's weight dtypes (comma-separated)")
-    ap.add_argument("--hf-dtypes", default="float32", help="HF's weight dtypes (comma-separated)")
+    ap.add_argument("--providers", default="plm_engine,llama_cpp,hf")
+    ap.add_argument(
+        "--cases", default="load,decode_b1,streams,prefill,overhead,quality", help="plus throughput (HF mix)"
+    )
+    ap.add_argument("--threads", default="1,all", help="CPU thread counts (comma-separated; 'all' = physical cores)")
     ap.add_argument("--decode-tokens", type=int, default=64)
-    ap.add_argument("--requests", type=int, default=32)
-    ap.add_argument("--hf-batch", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--skip-hf", action="store_true")
-    ap.add_argument("--skip-static", action="store_true", help="skip HF with the static cache")
-    ap.add_argument("--quick", action="store_true", help="8 requests, 16 decode tokens (smoke run)")
+    ap.add_argument("--streams", type=int, default=8)
+    ap.add_argument("--prefill-tokens", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--compile", choices=["0", "1"], default="1", help="plm_engine's compiled CPU decode step (default on here)"
+    )
+    ap.add_argument("--hf-dtypes", default="float32", help="HF transformers' weight dtypes (comma-separated)")
+    ap.add_argument("--skip-static", action="store_true", help="no HF rows with the static KV cache")
+    ap.add_argument("--requests", type=int, default=32, help="throughput case")
+    ap.add_argument("--hf-batch", type=int, default=8, help="throughput case")
+    ap.add_argument("--quick", action="store_true", help="16 decode tokens, 1 repeat (smoke run)")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON lines")
     ap.add_argument("--no-csv", action="store_true")
     ap.add_argument("--out-dir", default=str(common.RESULTS_DIR))
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.quick:
-        args.requests, args.decode_tokens = min(args.requests, 8), min(args.decode_tokens, 16)
-    import transformers
+        args.decode_tokens, args.repeats, args.requests = min(args.decode_tokens, 16), 1, min(args.requests, 8)
+    if args.prefill_tokens < 1 or args.decode_tokens < 2 or args.streams < 1 or args.repeats < 1:
+        ap.error("--prefill-tokens >= 1, --decode-tokens >= 2, --streams >= 1 and --repeats >= 1")
+    providers = set(args.providers.split(","))
+    hf_dtypes = args.hf_dtypes.split(",")
+    for name in dtypes_arg_check(args.dtypes.split(",") + hf_dtypes):
+        ap.error(f"unknown dtype {name!r} (float32, bfloat16 or float16)")
+    cases = set(args.cases.split(","))
+    dev = args.device
+    cpu = dev == "cpu"
+    all_threads = physical_cores()
+    threads_list = [all_threads if t == "all" else int(t) for t in args.threads.split(",")] if cpu else [0]
+    threads_list = list(dict.fromkeys(threads_list))
 
     from plm_engine.models import load_model, load_tokenizer
+    from plm_engine.models.registry import resolve
 
-    dev = args.device
     env = common.env_info(dev)
     tok = load_tokenizer(args.model)
-    base = load_model(args.model, dtype=torch.float32, device=dev)
+    dtypes = args.dtypes.split(",")
+    models = {}
+    for name in dtypes:  # the first load fills the on-disk GGUF cache; the load case times later ones
+        models[name] = load_model(args.model, dtype=getattr(torch, name), device=dev)
+    base = models.get("float32") or load_model(args.model, dtype=torch.float32, device=dev)
+    vocab = base.config.vocab_size
     prompt_ids = tok.encode(PROMPT)
     rng = random.Random(0)
-    lo, hi = 16, (256 if not args.quick else 64)
-    vocab_lo = 100  # skip the special / control tokens at the start of the vocabulary
-    prompts = [
-        [rng.randrange(vocab_lo, base.config.vocab_size) for _ in range(rng.randint(lo, hi))]
-        for _ in range(args.requests)
+    stream_prompts = [prompt_ids] + [
+        [rng.randrange(100, vocab) for _ in range(len(prompt_ids))] for _ in range(args.streams - 1)
     ]
-    out_lens = [rng.randint(16, 128 if not args.quick else 32) for _ in range(args.requests)]
-    membw = measure_membw(dev)
+    long_prompt = (tok.encode(PROMPT * (1 + args.prefill_tokens // max(len(prompt_ids), 1))))[: args.prefill_tokens]
+    if len(long_prompt) < args.prefill_tokens:
+        long_prompt += [rng.randrange(100, vocab) for _ in range(args.prefill_tokens - len(long_prompt))]
+    notes = []
+
+    # llama.cpp: the same GGUF, up-cast by its own quantizer, loaded once per precision.
+    llamas: dict[str, LlamaCpp] = {}
+    llama_args: dict[str, tuple] = {}  # precision -> LlamaCpp's arguments, to time fresh loads
+    tmp = tempfile.TemporaryDirectory(prefix="bench_generate_")
+    llama_cpp = llama_cpp_module() if "llama_cpp" in providers else None
+    if "llama_cpp" in providers and not cpu:
+        notes.append("llama_cpp: skipped (the comparison runs on the CPU)")
+    elif "llama_cpp" in providers and llama_cpp is None:
+        notes.append("llama_cpp: skipped, llama_cpp is not installed (pip install 'plm_engine[bench]')")
+    elif llama_cpp is not None:
+        found = resolve(args.model)
+        if found.kind != "gguf":
+            notes.append(f"llama_cpp: skipped, {args.model} is not a GGUF model")
+        else:
+            with quiet_stderr():
+                llama_cpp.llama_backend_init()
+            wanted = {LLAMA_PAIR[d] for d in dtypes if d in LLAMA_PAIR} | {"Q4_1"}
+            ftypes = {"F32": llama_cpp.LLAMA_FTYPE_ALL_F32, "F16": llama_cpp.LLAMA_FTYPE_MOSTLY_F16}
+            for prec in sorted(wanted):
+                path = found.path
+                if prec in ftypes:
+                    path = Path(tmp.name) / f"model-{prec}.gguf"
+                    with quiet_stderr():
+                        llama_quantize(llama_cpp, found.path, path, ftypes[prec])
+                # Q4_1 without weight repacking: llama.cpp 0.3.36's repacked (AMX) Q4_1 path segfaults on
+                # an AVX-512/AMX Xeon; F32/F16 are never repacked.
+                llama_args[prec] = (
+                    llama_cpp,
+                    path,
+                    args.streams,
+                    args.prefill_tokens + args.decode_tokens + 64,
+                    max(threads_list),
+                    prec != "Q4_1",
+                )
+                llamas[prec] = LlamaCpp(*llama_args[prec])
+            info = llama_cpp.llama_print_system_info().decode(errors="replace")
+            notes.append(f"llama_cpp {getattr(llama_cpp, '__version__', '?')}: {info.strip()}")
+            # Same model, same prompt: greedy tokens must agree at F32 (a sanity check of the comparison).
+            ours_toks = (
+                Engine(base, tokenizer=tok, max_num_seqs=1, kv_cache_tokens=512, compile=False)
+                .generate([prompt_ids], greedy(16))[0]
+                .token_ids
+            )
+            if "F32" in llamas:
+                theirs = llamas["F32"].greedy_tokens(prompt_ids, 16)
+                same = next((i for i, (a, b) in enumerate(zip(ours_toks, theirs)) if a != b), 16)
+                notes.append(f"greedy check: plm_engine fp32 and llama.cpp F32 agree on {same}/16 tokens")
+
+    # Read bandwidth: measured in every repeat too (the machine's load changes), median per thread count.
+    read_samples: dict[int, list[float]] = {t: [] for t in threads_list}
+    membw = {}
+    for t in threads_list:
+        if cpu:
+            torch.set_num_threads(t)
+        read_samples[t].append(measure_read_bw(dev))
+        membw[t] = measure_membw(dev)
+    read_bw = {}
+
     rows = []
 
-    def row(case, provider, dtype, res, batch, model=None):
+    def row(case, provider, precision, res, threads, batch=1, **extra):
         r = {
             **env,
+            "threads": threads if cpu else "",
             "case": case,
             "provider": provider,
             "model": args.model,
-            "dtype": dtype,
+            "precision": precision,
+            "dtype": precision,
             "batch": batch,
-            "requests": args.requests if case == "throughput" else 1,
-            "membw_gbps": round(membw, 2),
+            "requests": batch,
+            "read_gbps": round(read_bw[threads], 2) if threads in read_bw else None,
+            "membw_gbps": round(membw[threads], 2),
             **res,
+            **extra,
         }
-        if case == "decode_b1" and model is not None:
-            r["weight_gbps"] = round(weight_bytes(model) * res["decode_tok_s"] / 1e9, 2)
-            r["bw_util"] = round(r["weight_gbps"] / membw, 3)
-        r["prompt_tokens"] = len(prompt_ids) if case == "decode_b1" else sum(map(len, prompts))
-        for k in (
-            "ttft_ms",
-            "decode_tok_s",
-            "throughput_tok_s",
-            "wall_s",
-            "mean_abs_logprob_diff",
-            "max_abs_logprob_diff",
-        ):
-            if isinstance(r.get(k), float):
-                r[k] = round(r[k], 4)
+        for k, v in list(r.items()):
+            if isinstance(v, float):
+                r[k] = round(v, 4)
         rows.append(r)
-        print({k: r[k] for k in r if k not in env}, file=sys.stderr, flush=True)
+        shown = {k: r.get(k) for k in ("case", "provider", "precision", "threads", "tok_s", "load_s", "host_overhead")}
+        print({k: v for k, v in shown.items() if v is not None}, file=sys.stderr, flush=True)
         return r
 
-    hf_ref = {}
-    if not args.skip_hf:
-        with tempfile.TemporaryDirectory() as d:
-            base.save_pretrained(d)
-            for name in args.hf_dtypes.split(","):
-                dt = getattr(torch, name)
-                hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dt).to(dev).eval()
-                r = row("decode_b1", "hf", name, hf_decode_b1(hf, prompt_ids, args.decode_tokens, dev), 1)
-                hf_ref.setdefault(("decode_b1", name), r["decode_tok_s"])
-                if not args.skip_static:
-                    try:
-                        res = hf_decode_b1(hf, prompt_ids, args.decode_tokens, dev, cache_implementation="static")
-                        row("decode_b1", "hf_static", name, res, 1)
-                    except Exception as e:  # not every transformers/device combination supports it
-                        row("decode_b1", "hf_static", name, dict(note=f"failed: {type(e).__name__}: {e}"[:200]), 1)
-                r = row(
-                    "throughput", "hf", name, hf_throughput(hf, prompts, out_lens, args.hf_batch, dev), args.hf_batch
-                )
-                hf_ref.setdefault(("throughput", name), r["throughput_tok_s"])
-                del hf
+    engines = {}
+    if "plm_engine" in providers:
+        for name, m in models.items():
+            engines[name] = new_engine(m, tok, args, dev, max(threads_list))
+            # Warm-up: compiles (or captures) the buckets the cases use.
+            engines[name].generate(stream_prompts[:1], greedy(4))
+            engines[name].generate(stream_prompts, greedy(4))
 
-    for name in args.dtypes.split(","):
-        dt = getattr(torch, name)
-        model = base if dt == torch.float32 else copy.deepcopy(base).to(dt)
-        quality = {}
-        if dt != torch.float32:
-            q = compare_greedy(base, model, tok)
-            quality = {k: q[k] for k in ("n_identical", "mean_abs_logprob_diff", "max_abs_logprob_diff")}
+    # Interleaved repeats: per thread count, per precision, ours then theirs, each case.
+    samples: dict[tuple, list[dict]] = {}
+
+    def add(key, res):
+        samples.setdefault(key, []).append(res)
+
+    pairs = [(d, LLAMA_PAIR.get(d)) for d in dtypes] + ([(None, "Q4_1")] if "Q4_1" in llamas else [])
+    top = max(threads_list) if cpu else 0
+    for rep in range(args.repeats):
+        if "load" in cases:  # warm loads (the GGUF cache filled above), ours then theirs, all threads
+            if cpu:
+                torch.set_num_threads(top)
+            for ours_name, their_name in pairs:
+                if ours_name is not None and "plm_engine" in providers:
+                    t0 = time.perf_counter()
+                    load_model(args.model, dtype=getattr(torch, ours_name), device=dev)
+                    add(("load", "plm_engine", ours_name, top), dict(load_s=time.perf_counter() - t0))
+                if their_name in llama_args:
+                    fresh = LlamaCpp(*llama_args[their_name])
+                    add(("load", "llama_cpp", their_name, top), dict(load_s=fresh.load_s))
+                    fresh.close()
+        for t in threads_list:
+            if cpu:
+                torch.set_num_threads(t)
+                if rep:
+                    read_samples[t].append(measure_read_bw(dev))
+            for ll in llamas.values():
+                ll.set_threads(t)
+            for ours_name, their_name in pairs:
+                eng = engines.get(ours_name)
+                ll = llamas.get(their_name)
+                if "decode_b1" in cases:
+                    if eng is not None:
+                        add(
+                            ("decode_b1", "plm_engine", ours_name, t),
+                            ours_decode(eng, stream_prompts[:1], args.decode_tokens, dev),
+                        )
+                    if ll is not None:
+                        add(
+                            ("decode_b1", "llama_cpp", their_name, t), ll.decode(stream_prompts[:1], args.decode_tokens)
+                        )
+                if "streams" in cases:
+                    if eng is not None:
+                        add(
+                            ("streams", "plm_engine", ours_name, t),
+                            ours_decode(eng, stream_prompts, args.decode_tokens, dev),
+                        )
+                    if ll is not None:
+                        add(("streams", "llama_cpp", their_name, t), ll.decode(stream_prompts, args.decode_tokens))
+                if "prefill" in cases:
+                    if eng is not None:
+                        add(("prefill", "plm_engine", ours_name, t), ours_prefill(eng, long_prompt, dev))
+                    if ll is not None:
+                        add(("prefill", "llama_cpp", their_name, t), ll.prefill_speed(long_prompt))
+                if "overhead" in cases and eng is not None and cpu:
+                    add(("overhead", "plm_engine", ours_name, t), ours_overhead(eng, prompt_ids))
+
+    read_bw = {t: statistics.median(v) for t, v in read_samples.items()}
+    for (case, provider, prec, t), res in samples.items():
+        batch = args.streams if case == "streams" else 1
+        r = row(
+            case,
+            provider,
+            prec,
+            median_row(res),
+            t,
+            batch=batch,
+            prompt_tokens=len(long_prompt) if case == "prefill" else len(prompt_ids),
+        )
+        if case == "streams" and provider == "llama_cpp":
+            r["note"] = f"one llama_batch of {batch} sequences per step (batched API)"
+        if case == "load":
+            r["note"] = "load_model, warm (GGUF cache filled)" if provider == "plm_engine" else "model + context"
+        if case == "decode_b1":
+            wb = weight_bytes(models[prec]) if provider == "plm_engine" else llamas[prec].model_bytes
+            r["weight_gbps"] = round(wb * r["tok_s"] / 1e9, 2)
+            r["bw_util"] = round(r["weight_gbps"] / r["read_gbps"], 3)
+    for r in rows:
+        if r["provider"] != "plm_engine" or r["precision"] not in LLAMA_PAIR or r.get("tok_s") is None:
+            continue
+        other = next(
+            (
+                o
+                for o in rows
+                if o["provider"] == "llama_cpp"
+                and o["case"] == r["case"]
+                and o["threads"] == r["threads"]
+                and o["precision"] == LLAMA_PAIR[r["precision"]]
+                and o.get("tok_s")
+            ),
+            None,
+        )
+        if other is not None:
+            # The median of the per-repeat ratios: both sides of a ratio ran back to back, under the same
+            # load from whatever else the machine was running.
+            ours = samples[(r["case"], "plm_engine", r["precision"], r["threads"])]
+            theirs = samples[(r["case"], "llama_cpp", other["precision"], r["threads"])]
+            r["vs_llama_cpp"] = round(statistics.median(a["tok_s"] / b["tok_s"] for a, b in zip(ours, theirs)), 3)
+    for r in rows:
+        if r["case"] == "load" and r["provider"] == "plm_engine":
+            other = next(
+                (
+                    o
+                    for o in rows
+                    if o["case"] == "load"
+                    and o["provider"] == "llama_cpp"
+                    and o["precision"] == LLAMA_PAIR.get(r["precision"])
+                ),
+                None,
+            )
+            if other is not None:
+                r["note"] += f"; llama.cpp {other['precision']} {other['load_s']:.2f} s"
+
+    if "quality" in cases:
+        for name, m in models.items():
+            if name == "float32":
+                continue
+            with env_var("PLM_ENGINE_COMPILE", "0"):  # 16 prompts: eager, no compile of another bucket
+                q = compare_greedy(base, m, tok)
             row(
                 "quality",
                 "plm_engine",
                 name,
-                dict(quality, note=f"{q['n_prompts']} prompts x {q['n_tokens']} greedy tokens vs float32"),
-                1,
+                {k: q[k] for k in ("n_identical", "mean_abs_logprob_diff", "max_abs_logprob_diff")}
+                | dict(note=f"{q['n_prompts']} prompts x {q['n_tokens']} greedy tokens vs float32"),
+                max(threads_list) if cpu else 0,
             )
-        r = row(
-            "decode_b1", "plm_engine", name, ours_decode_b1(model, tok, prompt_ids, args.decode_tokens, dev), 1, model
-        )
-        if ("decode_b1", "float32") in hf_ref:
-            r["speedup_vs_hf_fp32"] = round(r["decode_tok_s"] / hf_ref[("decode_b1", "float32")], 3)
-        r = row("throughput", "plm_engine", name, ours_throughput(model, tok, prompts, out_lens, dev), args.requests)
-        if ("throughput", "float32") in hf_ref:
-            r["speedup_vs_hf_fp32"] = round(r["throughput_tok_s"] / hf_ref[("throughput", "float32")], 3)
-    for r in rows:
-        if r["provider"] == "hf" and r["dtype"] == "float32" and r["case"] in ("decode_b1", "throughput"):
-            r["speedup_vs_hf_fp32"] = 1.0
+
+    if "hf" in providers and ("decode_b1" in cases or "throughput" in cases):
+        import transformers
+
+        with tempfile.TemporaryDirectory() as d:
+            base.save_pretrained(d)
+            for name in hf_dtypes:
+                hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=getattr(torch, name)).to(dev).eval()
+                for t in threads_list if "decode_b1" in cases else []:
+                    if cpu:
+                        torch.set_num_threads(t)
+                    row("decode_b1", "hf", name, hf_decode_b1(hf, prompt_ids, args.decode_tokens, dev), t)
+                    if not args.skip_static:
+                        try:
+                            res = hf_decode_b1(hf, prompt_ids, args.decode_tokens, dev, cache_implementation="static")
+                        except Exception as e:  # not every transformers/device combination supports it
+                            res = dict(note=f"failed: {type(e).__name__}: {e}"[:200])
+                        row("decode_b1", "hf_static", name, res, t)
+                del hf
+    if "throughput" in cases:
+        rngt = random.Random(0)
+        prompts = [[rngt.randrange(100, vocab) for _ in range(rngt.randint(16, 256))] for _ in range(args.requests)]
+        out_lens = [rngt.randint(16, 128) for _ in range(args.requests)]
+        t = max(threads_list)
+        if cpu:
+            torch.set_num_threads(t)
+        for name, m in models.items():
+            row(
+                "throughput",
+                "plm_engine",
+                name,
+                ours_throughput(m, tok, prompts, out_lens, dev),
+                t,
+                batch=args.requests,
+            )
+        if "hf" in providers:
+            import transformers
+
+            with tempfile.TemporaryDirectory() as d:
+                base.save_pretrained(d)
+                for name in hf_dtypes:
+                    hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=getattr(torch, name))
+                    hf = hf.to(dev).eval()
+                    res = hf_throughput(hf, prompts, out_lens, args.hf_batch, dev)
+                    row("throughput", "hf", name, res, t, batch=args.hf_batch)
+                    del hf
+    for r in rows:  # the older columns, for the CSV's earlier rows
+        if r["case"] in ("decode_b1", "streams"):
+            r["decode_tok_s"] = r.get("tok_s")
+        if r["case"] == "throughput":
+            r["throughput_tok_s"] = r.get("tok_s")
+
+    for ll in llamas.values():
+        ll.close()
+    tmp.cleanup()
 
     if not args.no_csv:
-        path = common.append_csv(Path(args.out_dir) / "generate.csv", rows, COLUMNS)
+        path = write_csv(Path(args.out_dir) / "generate.csv", rows, COLUMNS)
         print(f"appended {len(rows)} rows to {path}", file=sys.stderr)
     if args.json:
         common.print_json_lines(rows)
-    else:
-        common.print_table(
-            rows,
-            [
-                "case",
-                "provider",
-                "dtype",
-                "batch",
-                "ttft_ms",
-                "decode_tok_s",
-                "throughput_tok_s",
-                "weight_gbps",
-                "bw_util",
-                "speedup_vs_hf_fp32",
-                "n_identical",
-                "mean_abs_logprob_diff",
-                "note",
-            ],
-            title=f"generate: {args.model} on {dev}",
-        )
+        return 0
+    print_plain_table(
+        rows,
+        [
+            "case",
+            "provider",
+            "precision",
+            "threads",
+            "batch",
+            "tok_s",
+            "vs_llama_cpp",
+            "step_ms",
+            "weight_gbps",
+            "bw_util",
+            "host_overhead",
+            "load_s",
+            "n_identical",
+            "mean_abs_logprob_diff",
+            "note",
+        ],
+        title=f"generate: {args.model} on {dev}: {env['device_name']}; medians of {args.repeats} interleaved repeats",
+    )
+    print()
+    for line in notes:
+        print(line)
+    if cpu:
+        print(f"read bandwidth (GB/s) by threads: {', '.join(f'{t}: {read_bw[t]:.1f}' for t in threads_list)}")
+    print()
+    for line in goal_lines(rows):
+        print(line)
     return 0
 
 

@@ -58,6 +58,8 @@ class Engine:
     capped at max_num_seqs full contexts). max_prefill_tokens: prefill chunk size per step.
     enable_prefix_caching: reuse the cached K/V of full blocks a new prompt shares with earlier ones
     (scheduler.py; stats() counts the tokens looked up and reused).
+    compile, num_threads: the CPU decode step compiled per batch bucket, and torch's CPU threads
+    (defaults: PLM_ENGINE_COMPILE, PLM_ENGINE_NUM_THREADS or the physical cores; see ModelRunner).
     """
 
     def __init__(
@@ -72,6 +74,8 @@ class Engine:
         max_prefill_tokens: int = 2048,
         cuda_graphs: bool = True,
         enable_prefix_caching: bool = True,
+        compile: bool | None = None,
+        num_threads: int | None = None,
     ):
         if isinstance(dtype, str):
             dtype = {
@@ -111,6 +115,8 @@ class Engine:
             kv_cache_tokens,
             block_size,
             cuda_graphs,
+            compile=compile,
+            num_threads=num_threads,
             forward_inputs=self.seq2seq.forward_inputs if self.seq2seq is not None else None,
         )
         r = self.runner

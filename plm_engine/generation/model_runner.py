@@ -1,8 +1,9 @@
 """The model runner: owns the model's KV cache and runs the forwards of one engine step.
 
-It sizes and allocates the paged cache, captures CUDA graphs for the decode batch sizes on a GPU, and
-turns the scheduler's work (prefill chunks, decode sequences) into the packed tensors of one
-forward_tokens call each. It knows nothing about requests, sampling or text: the engine does.
+It sizes and allocates the paged cache, runs each decode step as one unit (CUDA graphs per batch-size
+bucket on a GPU, a torch.compile'd forward per bucket on the CPU: compiled_decode.py), sets the CPU
+thread count, and turns the scheduler's work (prefill chunks, decode sequences) into the packed tensors
+of one forward_tokens call each. It knows nothing about requests, sampling or text: the engine does.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 
 import torch
 
+from plm_engine.generation.compiled_decode import CompiledDecode, compile_enabled
 from plm_engine.generation.cuda_graphs import DecodeGraphs
 from plm_engine.generation.scheduler import Chunk, Sequence
 from plm_engine.layers.kv_cache import PagedBatch
@@ -33,11 +35,55 @@ def _available_cpu_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+def physical_cores() -> int:
+    """Physical cores among the CPUs this process may run on (sched_getaffinity and the /sys topology:
+    SMT siblings count once); the number of allowed CPUs where the topology cannot be read."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+    cores = set()
+    for cpu in cpus:
+        base = f"/sys/devices/system/cpu/cpu{cpu}/topology/"
+        try:
+            with open(base + "physical_package_id") as f:
+                package = f.read().strip()
+            with open(base + "core_id") as f:
+                core = f.read().strip()
+        except OSError:
+            return len(cpus)
+        cores.add((package, core))
+    return max(len(cores), 1)
+
+
+def cpu_threads(num_threads: int | None = None) -> int:
+    """The thread count for CPU work: num_threads, else PLM_ENGINE_NUM_THREADS, else the physical cores.
+    One thread per core: a second thread on an SMT sibling shares the core's load ports and caches, and
+    the bandwidth-bound decode step gains nothing from it."""
+    if num_threads is None:
+        env = os.environ.get("PLM_ENGINE_NUM_THREADS", "").strip()
+        if env:
+            try:
+                num_threads = int(env)
+            except ValueError:
+                raise ValueError(f"PLM_ENGINE_NUM_THREADS must be an integer >= 1, got {env!r}") from None
+            if num_threads < 1:
+                raise ValueError(f"PLM_ENGINE_NUM_THREADS must be an integer >= 1, got {env!r}")
+    if num_threads is None:
+        return physical_cores()
+    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
+        raise ValueError(f"num_threads must be an integer >= 1, got {num_threads!r}")
+    return num_threads
+
+
 class ModelRunner:
-    """A causal model, its paged KV cache and (on a GPU) its decode CUDA graphs.
+    """A causal model, its paged KV cache and its decode step as one unit (CUDA graphs or compiled).
 
     kv_cache_tokens: cache size in tokens (default: a share of free memory, capped at max_num_seqs full
-    contexts), rounded up to whole blocks of block_size tokens. forward_inputs: for encoder-decoder
+    contexts), rounded up to whole blocks of block_size tokens. compile: on the CPU, run decode steps
+    through a torch.compile'd forward per batch bucket (default: PLM_ENGINE_COMPILE, off unless "1").
+    num_threads: on the CPU, torch's intra-op threads (default: PLM_ENGINE_NUM_THREADS, else the
+    physical cores); set for the whole process. forward_inputs: for encoder-decoder
     models, a callable (a forward's sequences, in batch order) -> forward_tokens' extra keyword
     arguments (their cross-attention keys/values, generation/seq2seq.py); decode then runs eagerly.
     """
@@ -49,6 +95,8 @@ class ModelRunner:
         kv_cache_tokens: int | None = None,
         block_size: int = 16,
         cuda_graphs: bool = True,
+        compile: bool | None = None,
+        num_threads: int | None = None,
         forward_inputs=None,
     ):
         self.model = model
@@ -71,7 +119,13 @@ class ModelRunner:
         self.cache_tokens = self.num_blocks * block_size
         self.max_blocks_per_seq = math.ceil(min(self.context_len, self.cache_tokens) / block_size)
         self.graphs = None
-        if cuda_graphs and self.device.type == "cuda" and forward_inputs is None:
+        if self.device.type == "cpu":
+            threads = cpu_threads(num_threads)
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+            if compile_enabled(compile) and forward_inputs is None:
+                self.graphs = CompiledDecode(model, self.kv_cache, max_num_seqs, self.max_blocks_per_seq)
+        elif cuda_graphs and self.device.type == "cuda" and forward_inputs is None:
             self.graphs = DecodeGraphs(model, self.kv_cache, max_num_seqs, self.max_blocks_per_seq, device=self.device)
             self.graphs.capture()
 
@@ -82,7 +136,12 @@ class ModelRunner:
         else:
             budget = min(int(_available_cpu_bytes() * _CPU_MEMORY_FRACTION), _CPU_CACHE_CAP_BYTES)
         tokens = min(budget // per_token, max_num_seqs * self.context_len)
-        return max(tokens // self.block_size * self.block_size, self.block_size)
+        blocks = max(tokens // self.block_size, 1)
+        # Rounded down to three significant bits (at most 1/8 less): the free memory differs a little from
+        # one start to the next, and the compiled CPU decode step is specialised to the cache's size, so a
+        # round size lets inductor's disk cache serve the next start.
+        blocks = blocks >> max(blocks.bit_length() - 3, 0) << max(blocks.bit_length() - 3, 0)
+        return blocks * self.block_size
 
     def prefill(self, chunks: list[Chunk]) -> tuple[torch.Tensor, list[Sequence]]:
         """One packed forward over the prefill chunks; logits of the chunks that end a prompt, and their

@@ -8,6 +8,11 @@
 Supported architectures: "llama" (Llama 2/3, SmolLM2, Mistral), "qwen2" (q/k/v biases) and "gpt2".
 Tensors are dequantized one at a time (F32, F16, BF16, Q8_0, Q4_0, Q4_1, and whatever else
 `gguf.quants.dequantize` implements), so memory stays near one copy of the weights beyond the mmap.
+
+Reading a GGUF costs seconds in Python (gguf's reader parses every vocabulary entry; its numpy
+dequantization makes several passes per block), so what read_gguf returns for a large file is cached on
+disk: the metadata as JSON and the tensors per dtype as safetensors, keyed by the file's SHA-256 (see
+"on-disk cache" below; PLM_ENGINE_GGUF_CACHE=0 turns it off). A warm read maps the safetensors file.
 Layout differences from HF checkpoints undone here:
   - GGUF lists dims in ggml's ne order (fastest first); torch shapes are the reverse;
   - llama.cpp's converter permutes the rows of Llama q_proj/k_proj (weights and biases) so that HF's
@@ -17,9 +22,14 @@ Layout differences from HF checkpoints undone here:
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
 import os
 import re
+import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,11 +90,24 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, with_
 
     Raises FileNotFoundError for a missing file and ValueError (naming the file, and the tensor when
     one is at fault) for a non-GGUF or truncated file, an unsupported architecture or quantization,
-    and tensors that are missing, unexpected or of the wrong shape.
+    and tensors that are missing, unexpected or of the wrong shape. Files of CACHE_MIN_BYTES or more go
+    through the on-disk cache (cached tensors are copy-on-write maps of the cache file).
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"read_gguf: dtype must be a floating torch.dtype, got {dtype!r}")
     path = Path(path)
+    entry = _CacheEntry.of(path)
+    if entry is not None:
+        ckpt = entry.load(path, dtype, with_tensors)
+        if ckpt is not None:
+            return ckpt
+    ckpt = _read_gguf(path, dtype, with_tensors)
+    if entry is not None:
+        entry.store(ckpt, dtype, with_tensors)
+    return ckpt
+
+
+def _read_gguf(path: Path, dtype: torch.dtype, with_tensors: bool) -> GGUFCheckpoint:
     reader = open_reader(path)
     meta = _scalar_metadata(reader)
     arch = meta.get("general.architecture")
@@ -110,8 +133,16 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, with_
 def read_gguf_tokenizer(path: str | os.PathLike) -> GGUFTokenizerInfo:
     """Only the tokenizer metadata of a GGUF file (no tensors are read); ValueError if it has none."""
     path = Path(path)
-    reader = open_reader(path)
-    info = _tokenizer_info(reader, _scalar_metadata(reader), path)
+    entry = _CacheEntry.of(path)
+    if entry is not None:
+        ckpt = entry.load(path, torch.float32, with_tensors=False)
+        if ckpt is None:
+            ckpt = _read_gguf(path, torch.float32, with_tensors=False)
+            entry.store(ckpt, torch.float32, with_tensors=False)
+        info = ckpt.tokenizer
+    else:
+        reader = open_reader(path)
+        info = _tokenizer_info(reader, _scalar_metadata(reader), path)
     if info is None:
         raise ValueError(f"{path}: the GGUF file has no tokenizer metadata (tokenizer.ggml.model / tokens)")
     return info
@@ -536,3 +567,197 @@ def _load_tensors(reader, arch: str, hf_config: dict, dtype: torch.dtype, path: 
             f"{' ...' if len(missing) > 5 else ''} ({len(missing)} missing)"
         )
     return tensors
+
+
+# ---- on-disk cache ----------------------------------------------------------------------------------
+# <root>/gguf/<sha256 of the file>/meta.json          architecture, HF config, metadata, tokenizer
+# <root>/gguf/<sha256 of the file>/<dtype>.safetensors the HF-named tensors read_gguf returns
+# <root>/gguf/by-stat/<key of path, size, mtime, inode> the file's SHA-256, so a warm read hashes nothing
+# root: PLM_ENGINE_CACHE_DIR, else $XDG_CACHE_HOME/plm_engine, else ~/.cache/plm_engine. Every file is
+# written to a temporary name and renamed into place, so concurrent readers never see a partial file
+# (and a mapped cache file is never rewritten in place). An unreadable entry is rebuilt; a cache that
+# cannot be written is skipped with a warning.
+
+CACHE_VERSION = 2
+CACHE_MIN_BYTES = 16 << 20  # smaller files read in well under a second: not worth the disk space
+
+
+def cache_root() -> Path | None:
+    """The cache directory, or None when PLM_ENGINE_GGUF_CACHE is "0" (off)."""
+    if os.environ.get("PLM_ENGINE_GGUF_CACHE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    root = os.environ.get("PLM_ENGINE_CACHE_DIR")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "plm_engine"
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write(dest: Path, write) -> None:
+    """write(tmp_path) into dest's folder, then rename onto dest."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _warn(msg: str) -> None:
+    print(f"plm_engine: {msg}", file=sys.stderr)
+
+
+# Tensors the model concatenates into one parameter (loading.build_from_tensors: q/k/v into qkv,
+# gate/up into up) are stored concatenated, and read back as row views of that one block: the model's
+# parameter is then the mapped block itself, with no copy at load.
+_FUSED_GROUPS = (
+    ("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),
+)
+
+
+def _fuse(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, list]]:
+    """(tensors to store, {stored name: [[HF name, rows], ...]}) with each complete group concatenated."""
+    out = {k: v.contiguous() for k, v in tensors.items()}
+    fused = {}
+    for name in list(out):
+        m = re.fullmatch(r"(.*\.)([a-z_]+\.[a-z_]+)\.(weight|bias)", name)
+        if m is None:
+            continue
+        prefix, module, kind = m.groups()
+        for fused_module, parts in _FUSED_GROUPS:
+            if module != parts[0]:
+                continue
+            names = [f"{prefix}{p}.{kind}" for p in parts]
+            if all(n in out for n in names) and len({(out[n].dtype, out[n].shape[1:]) for n in names}) == 1:
+                key = f"{prefix}{fused_module}.{kind}"
+                fused[key] = [[n, out[n].shape[0]] for n in names]
+                out[key] = torch.cat([out.pop(n) for n in names])
+    return out, fused
+
+
+def _unfuse(stored: dict[str, torch.Tensor], fused: dict[str, list]) -> dict[str, torch.Tensor]:
+    out = dict(stored)
+    for key, parts in fused.items():
+        block, start = out.pop(key), 0
+        for name, rows in parts:
+            out[name] = block.narrow(0, start, rows)
+            start += rows
+        if start != block.shape[0]:
+            raise ValueError(f"cached block {key} has {block.shape[0]} rows, its parts {start}")
+    return out
+
+
+class _CacheEntry:
+    """One GGUF file's cache folder."""
+
+    def __init__(self, folder: Path, digest: str):
+        self.folder, self.digest = folder, digest
+
+    @classmethod
+    def of(cls, path: Path) -> _CacheEntry | None:
+        """The entry of a GGUF file, or None (cache off, file small, missing or not a GGUF: read_gguf
+        then reads it directly and reports any error)."""
+        root = cache_root()
+        if root is None:
+            return None
+        try:
+            st = path.stat()
+            if not path.is_file() or st.st_size < CACHE_MIN_BYTES:
+                return None
+            with open(path, "rb") as f:
+                if f.read(4) != GGUF_MAGIC:
+                    return None
+        except OSError:
+            return None
+        ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_dev}"
+        stat_file = root / "gguf" / "by-stat" / hashlib.sha256(ident.encode()).hexdigest()
+        digest = None
+        try:
+            digest = stat_file.read_text().strip()
+        except OSError:
+            pass
+        if not digest or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            digest = file_sha256(path)
+            try:
+                _atomic_write(stat_file, lambda tmp: Path(tmp).write_text(digest))
+            except OSError as e:
+                _warn(f"GGUF cache disabled: cannot write {stat_file.parent} ({e})")
+                return None
+        return cls(root / "gguf" / digest, digest)
+
+    def _tensor_file(self, dtype: torch.dtype) -> Path:
+        return self.folder / f"{str(dtype).removeprefix('torch.')}.safetensors"
+
+    def load(self, path: Path, dtype: torch.dtype, with_tensors: bool) -> GGUFCheckpoint | None:
+        """What _read_gguf(path, dtype, with_tensors) returns, from the cache; None on a miss."""
+        try:
+            meta = json.loads((self.folder / "meta.json").read_text())
+            if meta.get("version") != CACHE_VERSION or meta.get("sha256") != self.digest:
+                return None
+            tensors = {}
+            if with_tensors:
+                from safetensors import safe_open
+
+                tfile = self._tensor_file(dtype)
+                if not tfile.exists():
+                    return None
+                with safe_open(str(tfile), framework="pt") as f:
+                    info = f.metadata() or {}
+                    # The version too: a tensor file of an older layout (q/k/v not yet stored as one
+                    # block) would still load, but with a copy of every fused block at each load.
+                    if info.get("sha256") != self.digest or info.get("version") != str(CACHE_VERSION):
+                        return None
+                    stored = {k: f.get_tensor(k) for k in f.keys()}
+                tensors = _unfuse(stored, json.loads(info.get("fused", "{}")))
+            tok = meta["tokenizer"]
+            return GGUFCheckpoint(
+                path=path,
+                architecture=meta["architecture"],
+                hf_config={**meta["hf_config"], "torch_dtype": str(dtype).removeprefix("torch.")},
+                tensors=tensors,
+                tokenizer=None if tok is None else GGUFTokenizerInfo(**{**tok, "path": str(path)}),
+                chat_template=meta["chat_template"],
+                metadata=meta["metadata"],
+            )
+        except Exception:  # a missing, partial or foreign entry is a miss: it gets rebuilt
+            return None
+
+    def store(self, ckpt: GGUFCheckpoint, dtype: torch.dtype, with_tensors: bool) -> None:
+        """Writes the entry after a miss (whatever was there was absent, stale or damaged)."""
+        try:
+            meta = {
+                "version": CACHE_VERSION,
+                "sha256": self.digest,
+                "architecture": ckpt.architecture,
+                "hf_config": ckpt.hf_config,
+                "chat_template": ckpt.chat_template,
+                "metadata": ckpt.metadata,
+                "tokenizer": None if ckpt.tokenizer is None else dataclasses.asdict(ckpt.tokenizer),
+            }
+            text = json.dumps(meta)
+            _atomic_write(self.folder / "meta.json", lambda tmp: Path(tmp).write_text(text))
+            if with_tensors:
+                from safetensors.torch import save_file
+
+                tensors, fused = _fuse(ckpt.tensors)
+                info = {
+                    "version": str(CACHE_VERSION),
+                    "sha256": self.digest,
+                    "source": str(ckpt.path),
+                    "fused": json.dumps(fused),
+                }
+                _atomic_write(self._tensor_file(dtype), lambda tmp: save_file(tensors, tmp, metadata=info))
+        except (OSError, TypeError, ValueError) as e:  # disk full, read-only, metadata JSON cannot hold
+            _warn(f"could not cache {ckpt.path} under {self.folder} ({e}); it will be read directly")

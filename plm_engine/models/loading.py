@@ -21,6 +21,23 @@ from plm_engine.models.seq2seq import Seq2SeqTransformer
 from plm_engine.models.transformer import Transformer
 
 
+def _cat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat(parts, 0), without a copy when the parts are consecutive row blocks of one tensor (as a
+    cached GGUF returns q/k/v and gate/up: models/gguf.py)."""
+    first = parts[0]
+    adjacent = all(
+        p.is_contiguous()
+        and p.dtype == first.dtype
+        and p.device == first.device
+        and p.shape[1:] == first.shape[1:]
+        and p.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        for p in parts
+    ) and all(b.data_ptr() == a.data_ptr() + a.nbytes for a, b in zip(parts, parts[1:]))
+    if not adjacent:
+        return torch.cat(parts, 0)
+    return first.as_strided((sum(p.shape[0] for p in parts), *first.shape[1:]), first.stride())
+
+
 def build_from_tensors(config: ModelConfig, tensors, dtype: torch.dtype, device, source: str) -> nn.Module:
     """The model whose parameters are the HF-named tensors (a mapping name -> tensor, read lazily): a
     Transformer, or a Seq2SeqTransformer for encoder-decoder configs. Built on the meta device and
@@ -58,7 +75,7 @@ def build_from_tensors(config: ModelConfig, tensors, dtype: torch.dtype, device,
         if mode == "T":
             t = parts[0].t()
         elif mode == "cat":
-            t = torch.cat(parts, 0)
+            t = _cat_rows(parts)
         else:
             t = parts[0].reshape(-1) if mode == "row" else parts[0]
         if tuple(t.shape) != shapes[ours]:
