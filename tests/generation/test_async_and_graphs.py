@@ -52,9 +52,16 @@ def test_async_stream_generate_and_cancel(model):
             n += 1
             if n == 3:
                 break
-        # a cancelled consumer task too
+
+        # a cancelled consumer task too, cancelled once it runs (a fixed sleep raced the engine under load)
+        async def until(cond):
+            deadline = time.monotonic() + 60
+            while not cond() and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+
+        await until(lambda: aeng.stats()["num_running"] == 0)  # the stream above is aborted
         task = asyncio.ensure_future(aeng.generate([4, 5], long))
-        await asyncio.sleep(0.05)
+        await until(lambda: aeng.stats()["num_running"] == 1)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
