@@ -262,13 +262,14 @@ def _check_paged(fn, k_cache, v_cache, block_table, q_like):
     if bs < 1 or bs & (bs - 1) or bs > paged.MAX_BLOCK_SIZE:
         raise ValueError(f"{fn}: block_size must be a power of two up to {paged.MAX_BLOCK_SIZE}, got {bs}")
     if block_table is not None:
-        if block_table.dtype != torch.int32 or block_table.dim() != 2:
-            raise ValueError(
-                f"{fn}: block_table must be (batch, max_blocks) int32, got {block_table.dtype} "
-                f"{tuple(block_table.shape)}"
-            )
-        if block_table.device != q_like.device:
-            raise ValueError(f"{fn}: block_table is on {block_table.device} but q is on {q_like.device}")
+        checks.require_tensor(
+            fn,
+            "block_table",
+            block_table,
+            lambda t: t.dtype == torch.int32 and t.dim() == 2,
+            "(batch, max_blocks) int32",
+        )
+        checks.require_same_device(fn, "block_table", block_table, "q", q_like)
 
 
 def paged_attention(
