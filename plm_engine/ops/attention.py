@@ -125,6 +125,33 @@ def _unsupported(q: torch.Tensor, head_dim_limit_triton: int = 256) -> dict[str,
     return out
 
 
+# Per flash-attention function: its backend op without and with a position bias, its reference, and the
+# kind of attention (for the reason no CUDA C++ kernel runs it).
+_FLASH_OPS = {
+    "attention": ("attn_fwd", "attn_rpb_fwd", attention_ref, "dense"),
+    "attention_varlen": ("attn_varlen_fwd", "attn_varlen_rpb_fwd", attention_varlen_ref, "varlen"),
+}
+
+
+def _flash_forward(fn, q, k, v, seq_args, causal, softmax_scale, position_bias, backend, empty):
+    """The dispatch attention and attention_varlen share -> (out, fp32 lse). The backend op takes
+    (q, k, v, [table, buckets], *seq_args, causal, scale); the reference, which runs where no kernel
+    applies (the torch backend, or `empty` inputs), (q, k, v, *seq_args, causal, scale, return_lse,
+    position_bias)."""
+    op, op_rpb, ref, kind = _FLASH_OPS[fn]
+    scale = _scale(softmax_scale, q.shape[-1])
+    unsupported = _unsupported(q)
+    unsupported.setdefault("cuda", f"no CUDA C++ kernel for {kind} attention (use triton)")
+    bias = ()
+    if position_bias is not None:
+        op, bias = op_rpb, check_position_bias(fn, position_bias, q.shape[-2], q.device)
+    chosen = backends.choose(q.device, op, backend, unsupported)
+    if chosen == "torch" or empty:
+        out, lse = ref(q, k, v, *seq_args, causal, scale, True, position_bias)
+        return out, lse.float()
+    return backend_op(op, chosen)(q, k, v, *bias, *seq_args, bool(causal), scale)
+
+
 # ---- public functions -----------------------------------------------------------------------------
 
 
@@ -151,22 +178,8 @@ def attention(
     _check_qkv("attention", q, k, v, n_lead=2)
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"attention: batch of k ({k.shape[0]}) != batch of q ({q.shape[0]})")
-    scale = _scale(softmax_scale, q.shape[-1])
-    unsupported = _unsupported(q)
-    unsupported.setdefault("cuda", "no CUDA C++ kernel for dense attention (use triton)")
-    if position_bias is not None:
-        table, buckets = check_position_bias("attention", position_bias, q.shape[-2], q.device)
-        chosen = backends.choose(q.device, "attn_rpb_fwd", backend, unsupported)
-        if chosen == "torch" or q.numel() == 0 or k.shape[1] == 0:
-            out, lse = attention_ref(q, k, v, causal, scale, return_lse=True, position_bias=position_bias)
-            return (out, lse.float()) if return_lse else out
-        out, lse = backend_op("attn_rpb_fwd", chosen)(q, k, v, table, buckets, bool(causal), scale)
-        return (out, lse) if return_lse else out
-    chosen = backends.choose(q.device, "attn_fwd", backend, unsupported)
-    if chosen == "torch" or q.numel() == 0 or k.shape[1] == 0:
-        out, lse = attention_ref(q, k, v, causal, scale, return_lse=True)
-        return (out, lse.float()) if return_lse else out
-    out, lse = backend_op("attn_fwd", chosen)(q, k, v, bool(causal), scale)
+    empty = q.numel() == 0 or k.shape[1] == 0
+    out, lse = _flash_forward("attention", q, k, v, (), causal, softmax_scale, position_bias, backend, empty)
     return (out, lse) if return_lse else out
 
 
@@ -215,29 +228,9 @@ def attention_varlen(
             f"attention_varlen: max_seqlen_q/k ({max_seqlen_q}, {max_seqlen_k}) are smaller than "
             f"the longest sequences ({mq}, {mk})"
         )
-    scale = _scale(softmax_scale, q.shape[-1])
-    unsupported = _unsupported(q)
-    unsupported.setdefault("cuda", "no CUDA C++ kernel for varlen attention (use triton)")
-    if position_bias is not None:
-        table, buckets = check_position_bias("attention_varlen", position_bias, q.shape[-2], q.device)
-        chosen = backends.choose(q.device, "attn_varlen_rpb_fwd", backend, unsupported)
-        if chosen == "torch" or q.numel() == 0:
-            out, lse = attention_varlen_ref(
-                q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, True, position_bias
-            )
-            return (out, lse.float()) if return_lse else out
-        out, lse = backend_op("attn_varlen_rpb_fwd", chosen)(
-            q, k, v, table, buckets, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal), scale
-        )
-        return (out, lse) if return_lse else out
-    chosen = backends.choose(q.device, "attn_varlen_fwd", backend, unsupported)
-    if chosen == "torch" or q.numel() == 0:
-        out, lse = attention_varlen_ref(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, return_lse=True
-        )
-        return (out, lse.float()) if return_lse else out
-    out, lse = backend_op("attn_varlen_fwd", chosen)(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal), scale
+    seq_args = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    out, lse = _flash_forward(
+        "attention_varlen", q, k, v, seq_args, causal, softmax_scale, position_bias, backend, q.numel() == 0
     )
     return (out, lse) if return_lse else out
 
@@ -262,13 +255,14 @@ def _check_paged(fn, k_cache, v_cache, block_table, q_like):
     if bs < 1 or bs & (bs - 1) or bs > paged.MAX_BLOCK_SIZE:
         raise ValueError(f"{fn}: block_size must be a power of two up to {paged.MAX_BLOCK_SIZE}, got {bs}")
     if block_table is not None:
-        if block_table.dtype != torch.int32 or block_table.dim() != 2:
-            raise ValueError(
-                f"{fn}: block_table must be (batch, max_blocks) int32, got {block_table.dtype} "
-                f"{tuple(block_table.shape)}"
-            )
-        if block_table.device != q_like.device:
-            raise ValueError(f"{fn}: block_table is on {block_table.device} but q is on {q_like.device}")
+        checks.require_tensor(
+            fn,
+            "block_table",
+            block_table,
+            lambda t: t.dtype == torch.int32 and t.dim() == 2,
+            "(batch, max_blocks) int32",
+        )
+        checks.require_same_device(fn, "block_table", block_table, "q", q_like)
 
 
 def paged_attention(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from collections.abc import Callable
 
 import torch
 
@@ -37,6 +38,20 @@ def set_debug(on: bool) -> bool:
     global _debug
     prev, _debug = _debug, bool(on)
     return prev
+
+
+def require_tensor(fn: str, name: str, t: object, ok: Callable[[torch.Tensor], bool], expected: str) -> None:
+    """Metadata check: raises `fn: name must be <expected>, got <dtype> <shape>` unless t is a tensor for
+    which ok(t) holds."""
+    if not isinstance(t, torch.Tensor) or not ok(t):
+        got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{fn}: {name} must be {expected}, got {got}")
+
+
+def require_same_device(fn: str, name: str, t: torch.Tensor, like_name: str, like: torch.Tensor) -> None:
+    """Metadata check: t is on like's device."""
+    if t.device != like.device:
+        raise ValueError(f"{fn}: {name} is on {t.device} but {like_name} is on {like.device}")
 
 
 class _Trusted:

@@ -33,37 +33,29 @@ def _check_args(fn: str, logits, bitmask, rows) -> None:
     if logits.shape[1] > 1 and logits.stride(1) != 1:
         raise ValueError(f"{fn}: logits must be contiguous in its last dim, got strides {logits.stride()}")
     words = bitmask_words(logits.shape[1])
-    if (
-        not isinstance(bitmask, torch.Tensor)
-        or bitmask.dtype != torch.int32
-        or bitmask.dim() != 2
-        or bitmask.shape[1] != words
-    ):
-        raise ValueError(
-            f"{fn}: bitmask must be int32 (m, {words}) for a vocabulary of {logits.shape[1]}, got "
-            f"{getattr(bitmask, 'dtype', type(bitmask).__name__)} {tuple(getattr(bitmask, 'shape', ()))}"
-        )
+    checks.require_tensor(
+        fn,
+        "bitmask",
+        bitmask,
+        lambda t: t.dtype == torch.int32 and t.dim() == 2 and t.shape[1] == words,
+        f"int32 (m, {words}) for a vocabulary of {logits.shape[1]}",
+    )
     if bitmask.shape[1] > 1 and bitmask.stride(1) != 1:
         raise ValueError(f"{fn}: bitmask must be contiguous in its last dim, got strides {bitmask.stride()}")
-    if bitmask.device != logits.device:
-        raise ValueError(f"{fn}: bitmask is on {bitmask.device} but logits are on {logits.device}")
+    checks.require_same_device(fn, "bitmask", bitmask, "logits", logits)
     m = bitmask.shape[0]
     if rows is None:
         if m != logits.shape[0]:
             raise ValueError(f"{fn}: without rows, bitmask needs one row per logits row ({logits.shape[0]}), got {m}")
         return
-    if (
-        not isinstance(rows, torch.Tensor)
-        or rows.dtype not in (torch.int32, torch.int64)
-        or rows.dim() != 1
-        or rows.shape[0] != m
-    ):
-        raise ValueError(
-            f"{fn}: rows must be ({m},) int32/int64, one per bitmask row, got "
-            f"{getattr(rows, 'dtype', type(rows).__name__)} {tuple(getattr(rows, 'shape', ()))}"
-        )
-    if rows.device != logits.device:
-        raise ValueError(f"{fn}: rows are on {rows.device} but logits are on {logits.device}")
+    checks.require_tensor(
+        fn,
+        "rows",
+        rows,
+        lambda t: t.dtype in (torch.int32, torch.int64) and t.dim() == 1 and t.shape[0] == m,
+        f"({m},) int32/int64, one per bitmask row",
+    )
+    checks.require_same_device(fn, "rows", rows, "logits", logits)
 
 
 def apply_token_bitmask_(

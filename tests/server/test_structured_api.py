@@ -18,22 +18,12 @@ import httpx
 import openai
 import pytest
 
-from tests.server.conftest import SMOLLM2_GGUF, ServerThread, tiny_llama
+from tests.server.conftest import BOUNDED_SCHEMA, SMOLLM2_GGUF, ServerThread, tiny_llama
 
 pytest.importorskip("llguidance", reason="structured output needs llguidance (the serve extra)")
 jsonschema = pytest.importorskip("jsonschema")
 
 MODEL = "tiny-llama"
-BOUNDED = {
-    "type": "object",
-    "properties": {
-        "color": {"enum": ["red", "green", "blue"]},
-        "ok": {"type": "boolean"},
-        "n": {"type": "integer", "minimum": 0, "maximum": 99},
-    },
-    "required": ["color", "ok", "n"],
-    "additionalProperties": False,
-}
 
 
 @pytest.fixture(scope="module")
@@ -58,15 +48,15 @@ def chat(srv, **kw):
 
 
 def test_response_format_json_schema_and_json_object(served):
-    rf = {"type": "json_schema", "json_schema": {"name": "thing", "schema": BOUNDED, "strict": True}}
+    rf = {"type": "json_schema", "json_schema": {"name": "thing", "schema": BOUNDED_SCHEMA, "strict": True}}
     for temperature in (0, 1.0):
         r = chat(served, response_format=rf, temperature=temperature, seed=1)
         c = r.choices[0]
-        jsonschema.validate(json.loads(c.message.content), BOUNDED)
+        jsonschema.validate(json.loads(c.message.content), BOUNDED_SCHEMA)
         assert c.finish_reason == "stop"
     # Streaming: the deltas add up to valid JSON too.
     stream = chat(served, response_format=rf, temperature=0, stream=True)
-    jsonschema.validate(json.loads("".join(ch.choices[0].delta.content or "" for ch in stream)), BOUNDED)
+    jsonschema.validate(json.loads("".join(ch.choices[0].delta.content or "" for ch in stream)), BOUNDED_SCHEMA)
     # json_object: a random model may ramble inside the object, but whatever it writes is a JSON object
     # prefix; with the budget it needs it closes it.
     r = chat(served, response_format={"type": "json_object"}, temperature=0, max_tokens=200)
@@ -84,10 +74,10 @@ def test_vllm_guided_fields_and_llama_cpp_grammar(served):
         model=MODEL, prompt="Code:", max_tokens=12, temperature=0.9, extra_body={"guided_regex": r"[A-Z]{2}-[0-9]{3}"}
     )
     assert re.fullmatch(r"[A-Z]{2}-[0-9]{3}", r.choices[0].text)
-    r = comp.create(model=MODEL, prompt="JSON:", max_tokens=60, extra_body={"guided_json": BOUNDED})
-    jsonschema.validate(json.loads(r.choices[0].text), BOUNDED)
-    r = comp.create(model=MODEL, prompt="JSON:", max_tokens=60, extra_body={"guided_json": json.dumps(BOUNDED)})
-    jsonschema.validate(json.loads(r.choices[0].text), BOUNDED)
+    r = comp.create(model=MODEL, prompt="JSON:", max_tokens=60, extra_body={"guided_json": BOUNDED_SCHEMA})
+    jsonschema.validate(json.loads(r.choices[0].text), BOUNDED_SCHEMA)
+    r = comp.create(model=MODEL, prompt="JSON:", max_tokens=60, extra_body={"guided_json": json.dumps(BOUNDED_SCHEMA)})
+    jsonschema.validate(json.loads(r.choices[0].text), BOUNDED_SCHEMA)
     gbnf = 'root ::= "(" [1-9] ("," [1-9])? ")"'
     for field in ("guided_grammar", "grammar"):
         r = comp.create(model=MODEL, prompt="Pair:", max_tokens=12, extra_body={field: gbnf})
