@@ -68,7 +68,12 @@ def run(args) -> int:
     finally:
         trainer.close()
     if trainer.dist.is_main:
+        from plm_engine.training.metrics import classification_report
+
         print(json.dumps(summary, indent=2))
+        report = classification_report(summary)
+        if report:
+            print(report)
     if summary.get("interrupted"):
         return 128 + int(summary["interrupted"])  # the shell's convention for death by a signal
     return 0
