@@ -78,7 +78,10 @@ EVAL_PLAYS = (
 
 # Whole training plays set aside as a validation split when a run selects its checkpoint by eval
 # (TrainConfig.keep_best): one per genre, so choosing a step never looks at the held-out EVAL_PLAYS.
-VAL_PLAYS = ("much_ado_about_nothing", "henry_iv_part_1", "macbeth")
+# Each stands alone: no characters or story shared with a held-out play (as Henry IV's are with
+# Henry V, or Antony and Cleopatra's with Julius Caesar), so what the model gives up for validation is
+# not what the baselines, fitted on every training play, keep over it on the held-out plays.
+VAL_PLAYS = ("much_ado_about_nothing", "john", "macbeth")
 
 
 def texts_dir() -> str:
