@@ -17,8 +17,7 @@ Derived figures (formulas in attn_flops / paged_bytes):
            the backward counts 2.5x the forward (five matmuls), so fwd_bwd = 3.5x the forward, as in
            FlashAttention's benchmarks.
   GB/s     bytes of K and V read (every cached token once) + q read + out written.
-Each row also has the speedup over the torch provider measured in the same run. Rows are appended to
-<out-dir>/attention.csv (default benchmarks/results/attention.csv).
+Rows: <out-dir>/attention.csv, with the speedup over torch measured in the same run.
 
     python benchmarks/bench_attention.py --device cpu                 # the CPU grid
     python benchmarks/bench_attention.py --quick --no-csv             # smoke test (seconds)
@@ -27,115 +26,64 @@ Each row also has the speedup over the torch provider measured in the same run. 
 
 from __future__ import annotations
 
-import argparse
 import sys
-import time
-import traceback
 from dataclasses import dataclass
-from pathlib import Path
 
+import common
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+from plm_engine import ops
 
-from plm_engine import ops  # noqa: E402
-from plm_engine.ops import backends  # noqa: E402
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DENSE_PROVIDERS = ("torch", "flash", "cpu", "triton")
-PAGED_PROVIDERS = ("torch", "cpu", "triton", "cuda")
-COLUMNS = [
-    *common.ENV_COLUMNS,
-    "kind",
-    "mode",
-    "causal",
-    "dtype",
-    "shape",
-    "provider",
-    "ms",
-    "tflops",
-    "gbps",
-    "speedup_vs_torch",
-    "check",
-]
-TABLE_COLUMNS = [
-    "kind",
-    "mode",
-    "causal",
-    "dtype",
-    "shape",
-    "provider",
-    "ms",
-    "tflops",
-    "gbps",
-    "speedup_vs_torch",
-    "check",
-]
+# Dense outputs accumulate over thousands of keys: a looser bf16 check than the elementwise ops'.
+TOLERANCE = {**common.TOLERANCE, torch.bfloat16: 3e-2}
+PROVIDERS = ("torch", "flash", "cpu", "triton", "cuda")
+KIND_PROVIDERS = {"dense": ("torch", "flash", "cpu", "triton"), "paged": ("torch", "cpu", "triton", "cuda")}
+KIND_OPS = {"dense": "attn_fwd", "paged": "paged_attn"}
+COLUMNS = ["kind", "mode", "causal", "dtype", "shape", "provider", "ms", "tflops", "gbps", "speedup_vs_torch", "check"]
 CUDA_TOKENS = 16384
 
 
 @dataclass(frozen=True)
-class Dense:
-    mode: str  # "fwd" | "fwd_bwd"
+class Case:
+    kind: str  # "dense" | "paged" (decode: one query token per sequence)
+    mode: str  # dense: "fwd" | "fwd_bwd"; paged: "decode"
     causal: bool
     dtype: str
     b: int
-    s: int
+    s: int  # dense: seqlen; paged: tokens cached per sequence
     h: int
     hkv: int
     d: int
+    block: int = 0  # paged: tokens per cache block
 
     @property
     def labels(self) -> dict:
-        return {
-            "kind": "dense",
-            "mode": self.mode,
-            "causal": self.causal,
-            "dtype": self.dtype,
-            "shape": f"b{self.b} s{self.s} h{self.h}/{self.hkv} d{self.d}",
-        }
+        shape = f"s{self.s}" if self.kind == "dense" else f"ctx{self.s} blk{self.block}"
+        shape = f"b{self.b} {shape} h{self.h}/{self.hkv} d{self.d}"
+        return {"kind": self.kind, "mode": self.mode, "causal": self.causal, "dtype": self.dtype, "shape": shape}
 
 
-@dataclass(frozen=True)
-class Paged:
-    dtype: str
-    b: int
-    ctx: int
-    block: int
-    h: int
-    hkv: int
-    d: int
-
-    @property
-    def labels(self) -> dict:
-        return {
-            "kind": "paged",
-            "mode": "decode",
-            "causal": True,
-            "dtype": self.dtype,
-            "shape": f"b{self.b} ctx{self.ctx} blk{self.block} h{self.h}/{self.hkv} d{self.d}",
-        }
-
-
-def attn_flops(c: Dense) -> float:
-    """Matmul FLOPs: QK^T and PV are 2 * sq * sk * d each per head; causal (sq == sk) does half;
+def attn_flops(c: Case) -> float | None:
+    """Dense: matmul FLOPs. QK^T and PV are 2 * sq * sk * d each per head; causal (sq == sk) does half;
     the backward is 2.5x the forward (dV, dP, dS->dQ, dK: five matmuls against the forward's two)."""
+    if c.kind != "dense":
+        return None
     f = 4.0 * c.b * c.h * c.s * c.s * c.d / (2 if c.causal else 1)
     return f if c.mode == "fwd" else 3.5 * f
 
 
-def paged_bytes(c: Paged) -> float:
-    """Every cached K and V row read once, q read and out written once."""
-    e = DTYPES[c.dtype].itemsize
-    return (2 * c.b * c.ctx * c.hkv * c.d + 2 * c.b * c.h * c.d) * e
+def paged_bytes(c: Case) -> float | None:
+    """Paged: every cached K and V row read once, q read and out written once."""
+    if c.kind != "paged":
+        return None
+    return (2 * c.b * c.s * c.hkv * c.d + 2 * c.b * c.h * c.d) * common.DTYPES[c.dtype].itemsize
 
 
 # ---- cases -------------------------------------------------------------------------------------------
 
 
-def dense_cases(a, dev: str) -> list[Dense]:
+def dense_cases(a, dev: str) -> list[Case]:
     dtypes = (a.dtypes or ("fp32,bf16" if dev == "cpu" else "bf16")).split(",")
     modes = (a.modes or ("fwd" if dev == "cpu" else "fwd,fwd_bwd")).split(",")
     causals = [c == "causal" for c in (a.causal or ("causal" if dev == "cpu" else "causal,full")).split(",")]
@@ -146,7 +94,7 @@ def dense_cases(a, dev: str) -> list[Dense]:
             for s in seqlens:
                 for causal in causals:
                     for mode in modes:
-                        out.append(Dense(mode, causal, dt, 1, s, *cpu_heads(a), 64))
+                        out.append(Case("dense", mode, causal, dt, 1, s, *cpu_heads(a), 64))
         return out
     seqlens = (
         [int(s) for s in a.seqlens.split(",")]
@@ -159,7 +107,8 @@ def dense_cases(a, dev: str) -> list[Dense]:
             for s in seqlens:
                 for causal in causals:
                     for mode in modes:
-                        out.append(Dense(mode, causal, dt, max(1, CUDA_TOKENS // s), s, 2048 // d, 2048 // d, d))
+                        b, h = max(1, CUDA_TOKENS // s), 2048 // d
+                        out.append(Case("dense", mode, causal, dt, b, s, h, h, d))
     return out
 
 
@@ -169,7 +118,7 @@ def cpu_heads(a) -> tuple[int, int]:
     return int(h), int(hkv or h)
 
 
-def paged_cases(a, dev: str) -> list[Paged]:
+def paged_cases(a, dev: str) -> list[Case]:
     dtypes = (a.dtypes or ("fp32,bf16" if dev == "cpu" else "bf16")).split(",")
     if dev == "cpu":
         # SmolLM2-135M: 9 query heads, 3 KV heads, head_dim 64
@@ -178,7 +127,7 @@ def paged_cases(a, dev: str) -> list[Paged]:
             if a.quick
             else [(1, 1024, 16), (1, 8192, 256), (4, 2048, 16), (16, 1024, 16), (16, 4096, 64), (16, 8192, 128)]
         )
-        return [Paged(dt, b, ctx, blk, 9, 3, 64) for dt in dtypes for b, ctx, blk in grid]
+        return [Case("paged", "decode", True, dt, b, ctx, 9, 3, 64, blk) for dt in dtypes for b, ctx, blk in grid]
     # Llama-8B-like: 32 query heads, 8 KV heads, head_dim 128
     grid = (
         [(8, 4096, 16)]
@@ -186,7 +135,7 @@ def paged_cases(a, dev: str) -> list[Paged]:
         else [(b, ctx, 16) for b in (1, 8, 32, 64) for ctx in (1024, 8192, 32768) if b * ctx <= 64 * 16384]
         + [(8, 8192, 256)]
     )
-    return [Paged(dt, b, ctx, blk, 32, 8, 128) for dt in dtypes for b, ctx, blk in grid]
+    return [Case("paged", "decode", True, dt, b, ctx, 32, 8, 128, blk) for dt in dtypes for b, ctx, blk in grid]
 
 
 # ---- providers ---------------------------------------------------------------------------------------
@@ -200,19 +149,15 @@ def flash_attn_func():
     return f
 
 
-def usable(provider: str, kind: str, device: str) -> tuple[bool, str]:
-    if provider == "torch":
-        return True, ""
+def usable(provider: str, device: str, op: str) -> tuple[bool, str]:
     if provider == "flash":
-        if kind != "dense" or not device.startswith("cuda"):
+        if op != "attn_fwd" or not device.startswith("cuda"):
             return False, "flash-attn runs dense attention on CUDA"
         return (True, "") if flash_attn_func() is not None else (False, "flash-attn is not installed")
-    if provider == "triton" and device == "cpu":
-        return False, "Triton runs on CUDA tensors (the CPU interpreter is for tests)"
-    return backends.availability(provider, torch.device(device), "attn_fwd" if kind == "dense" else "paged_attn")
+    return common.provider_usable(provider, device, op)
 
 
-def dense_impl(provider: str, c: Dense):
+def dense_impl(provider: str, c: Case):
     """out = f(q, k, v) with q (b, s, h, d) and k, v (b, s, hkv, d)."""
     if provider == "torch":
 
@@ -229,46 +174,28 @@ def dense_impl(provider: str, c: Dense):
     return lambda q, k, v: ops.attention(q, k, v, causal=c.causal, backend=provider)
 
 
-def dense_inputs(c: Dense, device: str):
-    g = torch.Generator().manual_seed(0)
-    dt = DTYPES[c.dtype]
-
-    def t(*shape):
-        return torch.randn(*shape, generator=g).to(device, dt).requires_grad_(c.mode == "fwd_bwd")
-
-    q, k, v = t(c.b, c.s, c.h, c.d), t(c.b, c.s, c.hkv, c.d), t(c.b, c.s, c.hkv, c.d)
-    dout = torch.randn(c.b, c.s, c.h, c.d, generator=g).to(device, dt)
-    return (q, k, v), dout
-
-
-def dense_runner(impl, c: Dense, qkv, dout):
-    if c.mode == "fwd":
-        return lambda: impl(*qkv)
-    return lambda: torch.autograd.grad(impl(*qkv), qkv, dout)
-
-
-def paged_inputs(c: Paged, device: str):
+def paged_inputs(c: Case, device: str):
     """Caches with every sequence's blocks scattered (a random permutation of the physical blocks)."""
     g = torch.Generator().manual_seed(0)
-    dt = DTYPES[c.dtype]
-    nblk = (c.ctx + c.block - 1) // c.block
+    dt = common.DTYPES[c.dtype]
+    nblk = (c.s + c.block - 1) // c.block
     num_blocks = c.b * nblk
     k_cache = torch.randn(num_blocks, c.block, c.hkv, c.d, generator=g).to(device, dt)
     v_cache = torch.randn(num_blocks, c.block, c.hkv, c.d, generator=g).to(device, dt)
     block_table = torch.randperm(num_blocks, generator=g).reshape(c.b, nblk).to(device, torch.int32)
-    seqlens = torch.full((c.b,), c.ctx, dtype=torch.int32, device=device)
+    seqlens = torch.full((c.b,), c.s, dtype=torch.int32, device=device)
     q = torch.randn(c.b, 1, c.h, c.d, generator=g).to(device, dt)
     return q, k_cache, v_cache, block_table, seqlens
 
 
-def paged_impl(provider: str, c: Paged):
+def paged_impl(provider: str, c: Case):
     if provider == "torch":
 
         def gather_sdpa(q, k_cache, v_cache, block_table, seqlens):
-            # Every sequence holds c.ctx tokens here, so one gather + one SDPA covers the batch.
+            # Every sequence holds c.s tokens here, so one gather + one SDPA covers the batch.
             idx = block_table.long()
-            k = k_cache[idx].reshape(c.b, -1, c.hkv, c.d)[:, : c.ctx]
-            v = v_cache[idx].reshape(c.b, -1, c.hkv, c.d)[:, : c.ctx]
+            k = k_cache[idx].reshape(c.b, -1, c.hkv, c.d)[:, : c.s]
+            v = v_cache[idx].reshape(c.b, -1, c.hkv, c.d)[:, : c.s]
             o = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=c.hkv != c.h
             )
@@ -278,160 +205,43 @@ def paged_impl(provider: str, c: Paged):
     return lambda *args: ops.paged_attention(*args, backend=provider)
 
 
-def check(out, ref, dtype) -> str:
-    """A provider's output against torch's: a fast wrong kernel is no result."""
-    tol = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}[dtype]
-    err = (out.detach().float() - ref.detach().float()).abs().max().item()
-    return "ok" if err <= tol * max(1.0, ref.detach().float().abs().max().item()) else f"mismatch {err:.2g}"
+def setup(c: Case, device: str):
+    if c.kind == "paged":
+        return common.against_torch(lambda p: paged_impl(p, c), paged_inputs(c, device), tolerance=TOLERANCE)
+    g = torch.Generator().manual_seed(0)
+    dt = common.DTYPES[c.dtype]
+
+    def t(*shape):
+        return torch.randn(*shape, generator=g).to(device, dt).requires_grad_(c.mode == "fwd_bwd")
+
+    qkv = (t(c.b, c.s, c.h, c.d), t(c.b, c.s, c.hkv, c.d), t(c.b, c.s, c.hkv, c.d))
+    dout = torch.randn(c.b, c.s, c.h, c.d, generator=g).to(device, dt)
+    return common.against_torch(lambda p: dense_impl(p, c), qkv, c.mode, grads=dout, tolerance=TOLERANCE)
 
 
 # ---- main --------------------------------------------------------------------------------------------
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--device", default=common.default_device(), help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--quick", action="store_true", help="one small case per kind, short timing (CI smoke test)")
+def main(argv=None) -> int:
+    p = common.parser("attention", __doc__, PROVIDERS, dtypes="fp32,bf16 on CPU, bf16 on CUDA")
     p.add_argument("--kinds", default="dense,paged")
-    p.add_argument("--providers", default=None, help="comma list (default: every provider usable on the device)")
-    p.add_argument(
-        "--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default: fp32,bf16 on CPU, bf16 on CUDA)"
-    )
     p.add_argument("--modes", default=None, help="dense: fwd,fwd_bwd (default: fwd on CPU, both on CUDA)")
     p.add_argument("--causal", default=None, help="dense: causal,full (default: causal on CPU, both on CUDA)")
     p.add_argument("--seqlens", default=None, help="dense seqlens, e.g. 512,2048")
     p.add_argument("--heads", default=None, help="CPU dense: n_heads[/n_kv_heads], e.g. 8 or 9/3 (default 9/3)")
-    p.add_argument(
-        "--repeat",
-        type=int,
-        default=1,
-        help="time each case this many rounds, providers interleaved, keeping each one's best median",
-    )
-    p.add_argument(
-        "--time-budget",
-        type=float,
-        default=None,
-        help="stop starting new cases after this many seconds (the rows so far are kept)",
-    )
-    p.add_argument("--out-dir", default=str(common.RESULTS_DIR), help="where attention.csv is appended")
-    p.add_argument("--no-csv", action="store_true", help="do not append to the CSV")
-    p.add_argument("--json", action="store_true", help="print rows as JSON lines instead of a table")
-    return p.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    a = parse_args(argv)
-    device = a.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        print("bench_attention: no CUDA device here; use --device cpu", file=sys.stderr)
-        return 2
-    dev = "cuda" if device.startswith("cuda") else "cpu"
-    env = common.env_info(device)
-    csv_path = Path(a.out_dir) / "attention.csv"
-    start = time.monotonic()
-    all_rows, failures = [], 0
-    work = []
-    kinds = a.kinds.split(",")
-    if "dense" in kinds:
-        work += [("dense", c) for c in dense_cases(a, dev)]
-    if "paged" in kinds:
-        work += [("paged", c) for c in paged_cases(a, dev)]
-    wanted = a.providers.split(",") if a.providers else None
-    skipped_note = set()
-    for kind, c in work:
-        if a.time_budget is not None and time.monotonic() - start > a.time_budget:
-            print(
-                f"bench_attention: time budget of {a.time_budget:.0f} s spent; skipping the other cases",
-                file=sys.stderr,
-            )
-            break
-        providers = []
-        for p in DENSE_PROVIDERS if kind == "dense" else PAGED_PROVIDERS:
-            if wanted is not None and p not in wanted:
-                continue
-            ok, why = usable(p, kind, device)
-            if ok:
-                providers.append(p)
-            elif (p, kind) not in skipped_note:
-                skipped_note.add((p, kind))
-                print(f"bench_attention: skipping provider {p} for {kind}: {why}", file=sys.stderr)
-        fns, checks, best = {}, {}, {}
-        try:
-            if kind == "dense":
-                qkv, dout = dense_inputs(c, device)
-                with torch.no_grad():
-                    ref = dense_impl("torch", c)(*qkv)
-                impls = {p: dense_impl(p, c) for p in providers}
-            else:
-                args = paged_inputs(c, device)
-                ref = paged_impl("torch", c)(*args)
-                impls = {p: paged_impl(p, c) for p in providers}
-        except Exception as e:  # e.g. out of memory for the largest shapes
-            failures += 1
-            print(f"bench_attention: could not set up {c.labels}: {e!r}", file=sys.stderr)
-            continue
-        for p, impl in impls.items():
-            try:
-                if kind == "dense":
-                    if p != "torch":
-                        with torch.no_grad():
-                            checks[p] = check(impl(*qkv), ref, DTYPES[c.dtype])
-                    fns[p] = dense_runner(impl, c, qkv, dout)
-                else:
-                    if p != "torch":
-                        checks[p] = check(impl(*args), ref, DTYPES[c.dtype])
-                    fns[p] = lambda impl=impl, args=args: impl(*args)
-            except Exception as e:  # a broken provider must not stop the others
-                failures += 1
-                print(f"bench_attention: {p} failed on {c.labels}: {e!r}", file=sys.stderr)
-                traceback.print_exc(limit=3)
-        del ref
-        for _ in range(max(1, a.repeat)):
-            for p, fn in fns.items():
-                try:
-                    ms = common.time_ms(fn, device, quick=a.quick)
-                except Exception as e:
-                    failures += 1
-                    print(f"bench_attention: timing {p} failed on {c.labels}: {e!r}", file=sys.stderr)
-                    continue
-                best[p] = min(ms, best.get(p, float("inf")))
-        rows = []
-        for p, ms in best.items():
-            sec = ms / 1e3
-            rows.append(
-                {
-                    **env,
-                    **c.labels,
-                    "provider": p,
-                    "ms": round(ms, 4),
-                    "tflops": round(attn_flops(c) / sec / 1e12, 4) if kind == "dense" else "",
-                    "gbps": round(paged_bytes(c) / sec / 1e9, 2) if kind == "paged" else "",
-                    "speedup_vs_torch": round(best["torch"] / ms, 3) if "torch" in best else "",
-                    "check": checks.get(p, ""),
-                }
-            )
-        if a.json:
-            common.print_json_lines(rows)
-        else:
-            for r in rows:
-                fig = f"{r['tflops']:8.3f} TFLOP/s" if kind == "dense" else f"{r['gbps']:8.1f} GB/s"
-                print(
-                    f"{r['kind']:>5} {r['mode']:>7} {'causal' if r['causal'] else 'full':>6} {r['dtype']:>4} "
-                    f"{r['shape']:>28} {r['provider']:>6} {r['ms']:9.3f} ms {fig}  "
-                    f"x{common.fmt(r['speedup_vs_torch'])} {r['check']}",
-                    file=sys.stderr,
-                )
-        if not a.no_csv:
-            common.append_csv(csv_path, rows, COLUMNS)  # per case, so a run cut short keeps what it measured
-        all_rows += rows
-        del fns, impls
-    if not a.json:
-        common.print_table(all_rows, TABLE_COLUMNS, title=f"attention on {env['device_name']} ({env['commit']})")
-    if not a.no_csv and all_rows:
-        print(f"appended {len(all_rows)} rows to {csv_path}", file=sys.stderr)
-    return 1 if failures else 0
+    a = p.parse_args(argv)
+    dev = "cuda" if a.device.startswith("cuda") else "cpu"
+    kinds = common.split_list(a.kinds, "", KIND_OPS, "kind")
+    wanted = common.split_list(a.providers, "", PROVIDERS, "provider")
+    providers = {
+        kind: common.usable_providers(
+            "attention", [p for p in wanted if p in KIND_PROVIDERS[kind]], a.device, KIND_OPS[kind], usable
+        )
+        for kind in kinds
+    }
+    cases = (dense_cases(a, dev) if "dense" in kinds else []) + (paged_cases(a, dev) if "paged" in kinds else [])
+    kw = dict(columns=COLUMNS, flops=attn_flops, bytes_moved=paged_bytes)
+    return common.run("attention", a, cases, setup, providers=lambda c: providers[c.kind], **kw)
 
 
 if __name__ == "__main__":

@@ -29,26 +29,23 @@ import json
 import resource
 import subprocess
 import sys
-from pathlib import Path
+from dataclasses import dataclass
 
+import common
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+from plm_engine.ops import backends
+from plm_engine.ops.cross_entropy import cross_entropy, linear_cross_entropy
 
-from plm_engine.ops import backends  # noqa: E402
-from plm_engine.ops.cross_entropy import cross_entropy, linear_cross_entropy  # noqa: E402
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-PROVIDERS = ("torch", "cpu", "triton", "cuda")
 SPEED_SHAPES = {
     "cpu": [(1024, 32000), (256, 131072), (4096, 49152)],
     "cuda": [(8192, 32000), (4096, 131072), (8192, 49152), (2048, 262144)],
 }
 MEM_VARIANTS = ("torch", "ce_fused", "ce_inplace", "linear_ce")
+# Gradients of softmax probabilities: bf16/fp16 round every logit, so their bound is looser than fp32's.
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 COLUMNS = [
-    *common.ENV_COLUMNS,
     "op",
     "part",
     "dtype",
@@ -62,23 +59,28 @@ COLUMNS = [
     "loss",
     "check",
 ]
-TABLE_COLUMNS = [
-    "part",
-    "dtype",
-    "shape",
-    "provider",
-    "ms",
-    "gbps",
-    "speedup_vs_torch",
-    "peak_mb",
-    "peak_vs_torch",
-    "check",
-]
+TABLE_COLUMNS = [c for c in COLUMNS if c not in ("op", "loss")]
 
 
-def ce_bytes(n: int, v: int, itemsize: int) -> int:
+@dataclass(frozen=True)
+class Case:
+    part: str  # "speed" (the loss and gradient of (n, v) logits) | "memory" (the LM head's peak memory)
+    dtype: str
+    n: int
+    v: int
+    d: int = 0  # memory: the hidden size
+
+    @property
+    def labels(self) -> dict:
+        if self.part == "speed":
+            return {"op": "cross_entropy", "part": "speed_fwd_bwd", "dtype": self.dtype, "shape": f"{self.n}x{self.v}"}
+        shape = f"N{self.n}xV{self.v}xd{self.d}"
+        return {"op": "linear_cross_entropy", "part": "peak_memory_fwd_bwd", "dtype": self.dtype, "shape": shape}
+
+
+def ce_bytes(c: Case) -> int | None:
     """Logits read once, their gradient written once."""
-    return 2 * n * v * itemsize
+    return 2 * c.n * c.v * common.DTYPES[c.dtype].itemsize if c.part == "speed" else None
 
 
 def backend_for(device: str) -> str | None:
@@ -90,64 +92,27 @@ def backend_for(device: str) -> str | None:
 # ---- part 1: speed ------------------------------------------------------------------------------------
 
 
-def _ce_step(provider, logits, target):
-    """Forward + backward of the mean loss w.r.t. the logits."""
+def speed_setup(c: Case, device: str):
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(c.n, c.v, generator=g) * 3).to(device, common.DTYPES[c.dtype]).requires_grad_()
+    target = torch.randint(0, c.v, (c.n,), generator=g).to(device)
 
-    def step():
+    def step(provider):
+        """Forward + backward of the mean loss w.r.t. the logits."""
         if provider == "torch":
             loss = F.cross_entropy(logits, target)
         else:
             loss = cross_entropy(logits, target, backend=provider)
-        return torch.autograd.grad(loss, logits)
+        return torch.autograd.grad(loss, logits)[0]
 
-    return step
+    ref = step("torch")
 
+    def provider(p):
+        # Each row's gradient of the mean is 1/n of its softmax: compare them at the softmax's scale.
+        check = common.check_close(step(p) * c.n, ref * c.n, TOLERANCE) if p != "torch" else ""
+        return common.Timed(lambda: step(p), check)
 
-def speed(a, env) -> list[dict]:
-    dev = "cuda" if a.device.startswith("cuda") else "cpu"
-    shapes = [(256, 8192)] if a.quick else SPEED_SHAPES[dev]
-    if a.shapes:
-        shapes = [tuple(int(d) for d in s.split("x")) for s in a.shapes.split(",")]
-    providers = ["torch"] + [
-        p
-        for p in PROVIDERS[1:]
-        if backends.availability(p, torch.device(a.device), "cross_entropy_fwd")[0]
-        and not (p == "triton" and dev == "cpu")
-    ]
-    rows = []
-    for n, v in shapes:
-        dt = DTYPES[a.dtype]
-        g = torch.Generator().manual_seed(0)
-        logits = (torch.randn(n, v, generator=g) * 3).to(a.device, dt).requires_grad_()
-        target = torch.randint(0, v, (n,), generator=g).to(a.device)
-        ref_loss = F.cross_entropy(logits, target)
-        (ref_grad,) = torch.autograd.grad(ref_loss, logits)
-        best, checks = {}, {}
-        for p in providers:
-            step = _ce_step(p, logits, target)
-            if p != "torch":
-                (grad,) = step()
-                err = (grad.float() - ref_grad.float()).abs().max().item() / ref_grad.float().abs().max().item()
-                checks[p] = "ok" if err < (1e-4 if dt == torch.float32 else 2e-2) else f"mismatch {err:.2g}"
-            best[p] = common.time_ms(step, a.device, quick=a.quick)
-        gb = ce_bytes(n, v, dt.itemsize) / 1e9
-        for p, ms in best.items():
-            rows.append(
-                {
-                    **env,
-                    "op": "cross_entropy",
-                    "part": "speed_fwd_bwd",
-                    "dtype": a.dtype,
-                    "shape": f"{n}x{v}",
-                    "provider": p,
-                    "ms": round(ms, 4),
-                    "gbps": round(gb / (ms / 1e3), 2),
-                    "speedup_vs_torch": round(best["torch"] / ms, 3),
-                    "check": checks.get(p, ""),
-                }
-            )
-        del logits, ref_grad
-    return rows
+    return provider
 
 
 # ---- part 2: peak memory (one subprocess per variant) ---------------------------------------------------
@@ -198,7 +163,7 @@ def _reset_rss_peak() -> bool:
 def mem_child(variant: str, device: str, n: int, v: int, d: int, dtype: str) -> None:
     """Runs one variant and prints {"peak_bytes", "loss", "gh_sum"} as JSON (the parent's subprocess)."""
     _peak_bytes.device = device
-    dt = DTYPES[dtype]
+    dt = common.DTYPES[dtype]
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(n, d, generator=g).to(device, dt).requires_grad_()
     weight = (torch.randn(v, d, generator=g) / d**0.5).to(device, dt).requires_grad_()
@@ -232,94 +197,72 @@ def mem_child(variant: str, device: str, n: int, v: int, d: int, dtype: str) -> 
     )
 
 
-def memory(a, env) -> list[dict]:
-    n, v, d = (1024, 8192, 128) if a.quick else (a.tokens, a.vocab, a.hidden)
+def memory_setup(c: Case, device: str):
+    """Runs every variant in its own process first; provider(variant) then gives its row (the peaks and
+    the check are relative to the torch variant's)."""
     res = {}
     for variant in MEM_VARIANTS:
-        cmd = [
-            sys.executable,
-            __file__,
-            "--_mem-child",
-            variant,
-            "--device",
-            a.device,
-            "--tokens",
-            str(n),
-            "--vocab",
-            str(v),
-            "--hidden",
-            str(d),
-            "--dtype",
-            a.dtype,
-        ]
+        cmd = [sys.executable, __file__, "--_mem-child", variant, "--device", device, "--dtype", c.dtype]
+        cmd += ["--tokens", str(c.n), "--vocab", str(c.v), "--hidden", str(c.d)]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             print(f"bench_cross_entropy: {variant} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
             continue
         res[variant] = json.loads(out.stdout.strip().splitlines()[-1])
-    rows = []
     base = res.get("torch")
-    for variant, r in res.items():
+
+    def provider(variant):
+        r = res[variant]
         check = ""
         if base is not None and variant != "torch":
-            same = (
-                abs(r["loss"] - base["loss"]) <= 1e-3 * abs(base["loss"])
-                and abs(r["gh_sum"] - base["gh_sum"]) <= 1e-2 * base["gh_sum"]
-                and abs(r["gw_sum"] - base["gw_sum"]) <= 1e-2 * base["gw_sum"]
+            same = abs(r["loss"] - base["loss"]) <= 1e-3 * abs(base["loss"]) and all(
+                abs(r[k] - base[k]) <= 1e-2 * base[k] for k in ("gh_sum", "gw_sum")
             )
             check = "ok" if same else "mismatch"
-        rows.append(
-            {
-                **env,
-                "op": "linear_cross_entropy",
-                "part": "peak_memory_fwd_bwd",
-                "dtype": a.dtype,
-                "shape": f"N{n}xV{v}xd{d}",
-                "provider": variant,
-                "peak_mb": round(r["peak_bytes"] / 2**20, 1),
-                # A step can fit in memory the process already held (peak 0): no ratio then.
-                "peak_vs_torch": round(r["peak_bytes"] / base["peak_bytes"], 3)
-                if base and base["peak_bytes"] > 0
-                else "",
-                "loss": round(r["loss"], 6),
-                "check": check,
-            }
-        )
-    return rows
+        return {
+            "peak_mb": round(r["peak_bytes"] / 2**20, 1),
+            # A step can fit in memory the process already held (peak 0): no ratio then.
+            "peak_vs_torch": round(r["peak_bytes"] / base["peak_bytes"], 3) if base and base["peak_bytes"] > 0 else "",
+            "loss": round(r["loss"], 6),
+            "check": check,
+        }
+
+    return provider
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default=common.default_device())
-    p.add_argument("--quick", action="store_true", help="small shapes, short timing (smoke test)")
+    p = common.parser("cross_entropy", __doc__)
     p.add_argument("--part", default="speed,memory", help="comma list of speed,memory")
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--shapes", default=None, help="speed part: comma list of NxV (default: a fixed set per device)")
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--vocab", type=int, default=49152)
     p.add_argument("--hidden", type=int, default=576)
-    p.add_argument("--out-dir", default=str(common.RESULTS_DIR))
-    p.add_argument("--no-csv", action="store_true")
     p.add_argument("--_mem-child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     a.dtype = a.dtype or ("bf16" if a.device.startswith("cuda") else "fp32")
     if a._mem_child:
         mem_child(a._mem_child, a.device, a.tokens, a.vocab, a.hidden, a.dtype)
         return 0
-    if a.device.startswith("cuda") and not torch.cuda.is_available():
-        print("bench_cross_entropy: no CUDA device here; use --device cpu", file=sys.stderr)
-        return 2
-    env = common.env_info(a.device)
-    rows = []
-    parts = a.part.split(",")
-    if "speed" in parts:
-        rows += speed(a, env)
+    dev = "cuda" if a.device.startswith("cuda") else "cpu"
+    parts = common.split_list(a.part, "", ("speed", "memory"), "part")
+    shapes = common.parse_shapes(a.shapes) if a.shapes else [(256, 8192)] if a.quick else SPEED_SHAPES[dev]
+    cases = [Case("speed", a.dtype, n, v) for n, v in shapes] if "speed" in parts else []
     if "memory" in parts:
-        rows += memory(a, env)
-    if not a.no_csv and rows:
-        common.append_csv(Path(a.out_dir) / "cross_entropy.csv", rows, COLUMNS)
-    common.print_table(rows, TABLE_COLUMNS, title=f"cross-entropy on {env['device_name']} ({env['commit']})")
-    return 0
+        cases.append(Case("memory", a.dtype, *((1024, 8192, 128) if a.quick else (a.tokens, a.vocab, a.hidden))))
+    wanted = common.split_list(a.providers, "", common.KERNEL_PROVIDERS, "provider")
+    fused = common.usable_providers("cross_entropy", wanted, a.device, "cross_entropy_fwd")
+    setups = {"speed": speed_setup, "memory": memory_setup}
+    return common.run(
+        "cross_entropy",
+        a,
+        cases,
+        lambda c, device: setups[c.part](c, device),
+        providers=lambda c: fused if c.part == "speed" else MEM_VARIANTS,
+        columns=COLUMNS,
+        table=TABLE_COLUMNS,
+        bytes_moved=ce_bytes,
+    )
 
 
 if __name__ == "__main__":

@@ -20,6 +20,16 @@ after the other, so each has the machine to itself; the client (this process) on
     python benchmarks/bench_serve.py --num-prompts 8 --max-concurrency 4 --no-csv --json
     python benchmarks/bench_serve.py --no-baseline                # our server only
 Rows are appended to benchmarks/results/serve.csv.
+
+--big-prompt (issue 16 point 3) measures something else, our server only: the inter-token latency of 8
+running streams (temperature 0, ignore_eos, --big-prompt-tokens each) without and with a concurrent
+client sending 1 MiB prompts back to back (each is tokenized, then refused for its length). The
+server tokenizes off the event loop with the GIL released, so the streams should barely notice:
+    p99 ratio = p99 ITL with the big prompts / p99 ITL without them      (target <= 2)
+The two conditions alternate for --big-prompt-rounds rounds in one server process; gaps are pooled
+per condition. Rows go to benchmarks/results/serve_big_prompt.csv.
+
+    python benchmarks/bench_serve.py --big-prompt                  # smollm2-135m
 """
 
 from __future__ import annotations
@@ -94,7 +104,7 @@ class ServerProcess:
         self.log.close()
 
 
-def start_ours(args, workdir: Path) -> tuple[ServerProcess, str]:
+def start_ours(args, workdir: Path, extra: tuple[str, ...] = ()) -> tuple[ServerProcess, str]:
     port = free_port()
     cmd = [
         sys.executable,
@@ -112,6 +122,7 @@ def start_ours(args, workdir: Path) -> tuple[ServerProcess, str]:
     ]
     if args.kv_cache_tokens:
         cmd += ["--kv-cache-tokens", str(args.kv_cache_tokens)]
+    cmd += list(extra)
     return ServerProcess("plm_engine", cmd, port, workdir / "plm_engine.log"), args.model
 
 
@@ -292,6 +303,292 @@ def summarize(results: list[Result], duration: float) -> dict:
     }
 
 
+# ---- big prompt vs running streams (issue 16 point 3) ----------------------------------------------------
+
+BIG_PROMPT_BYTES = 1 << 20
+BIG_PROMPT_STREAMS = 8
+
+
+def big_prompt_text(n_bytes: int = BIG_PROMPT_BYTES) -> str:
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu ".split()
+    text = " ".join(words[i % len(words)] + str(i % 97) for i in range(n_bytes // 6))
+    return text[:n_bytes]
+
+
+async def _stream_stamps(client, url: str, model: str, max_tokens: int, i: int) -> list[float]:
+    body = {
+        "model": model,
+        "prompt": f"Stream {i}: tell me a long story about the number {i}.",
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    stamps = []
+    async with client.stream("POST", url + "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"stream {i}: HTTP {r.status_code}: {(await r.aread())[:200]!r}")
+        async for line in r.aiter_lines():
+            if line.startswith("data: {") and '"text":""' not in line:
+                stamps.append(time.perf_counter())
+    return stamps
+
+
+async def _big_prompt_phase(url: str, model: str, max_tokens: int, with_big: bool, body: bytes) -> dict:
+    """ITLs of BIG_PROMPT_STREAMS streams; with_big: a client sends `body` back to back meanwhile."""
+    import httpx
+
+    sent, latencies, statuses = 0, [], set()
+    limits = httpx.Limits(max_connections=BIG_PROMPT_STREAMS + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600), limits=limits) as client:
+        streams = [
+            asyncio.create_task(_stream_stamps(client, url, model, max_tokens, i)) for i in range(BIG_PROMPT_STREAMS)
+        ]
+
+        async def big_sender():
+            nonlocal sent
+            while not all(t.done() for t in streams):
+                t0 = time.perf_counter()
+                r = await client.post(
+                    url + "/v1/completions", content=body, headers={"content-type": "application/json"}
+                )
+                latencies.append(time.perf_counter() - t0)
+                statuses.add(r.status_code)
+                sent += 1
+
+        sender = asyncio.create_task(big_sender()) if with_big else None
+        stamps = await asyncio.gather(*streams)
+        if sender is not None:
+            await sender
+    itl = [b - a for s in stamps for a, b in zip(s, s[1:])]
+    return {"itl": itl, "big_sent": sent, "big_latency": latencies, "big_statuses": sorted(statuses)}
+
+
+def run_big_prompt(args) -> int:
+    env = common.env_info(args.device)
+    text = big_prompt_text()
+    body = json.dumps({"model": args.model, "prompt": text, "max_tokens": 4}).encode()
+    pooled = {False: [], True: []}
+    big_sent, big_latency, statuses = 0, [], set()
+    with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
+        extra = ("--max-body-bytes", str(2 * BIG_PROMPT_BYTES), "--max-num-seqs", str(BIG_PROMPT_STREAMS))
+        server, model = start_ours(args, Path(tmp), extra)
+        try:
+            server.wait_ready(args.startup_timeout)
+            load_before = os.getloadavg()[0]
+            asyncio.run(_big_prompt_phase(server.url, model, 4, False, body))  # warm-up, untimed
+            for r in range(args.big_prompt_rounds):
+                for with_big in (False, True):
+                    print(
+                        f"[big-prompt] round {r + 1}, {'with' if with_big else 'without'} 1 MiB prompts",
+                        file=sys.stderr,
+                    )
+                    res = asyncio.run(_big_prompt_phase(server.url, model, args.big_prompt_tokens, with_big, body))
+                    pooled[with_big] += res["itl"]
+                    big_sent += res["big_sent"]
+                    big_latency += res["big_latency"]
+                    statuses.update(res["big_statuses"])
+            load_avg = (load_before + os.getloadavg()[0]) / 2
+        finally:
+            server.stop()
+    row = {
+        **env,
+        "model": args.model,
+        "streams": BIG_PROMPT_STREAMS,
+        "tokens_per_stream": args.big_prompt_tokens,
+        "rounds": args.big_prompt_rounds,
+        "big_prompt_bytes": BIG_PROMPT_BYTES,
+        "big_prompts_sent": big_sent,
+        "big_prompt_status": "/".join(map(str, sorted(statuses))),
+        "big_prompt_latency_p50_ms": pct(big_latency, 50) * 1e3,
+        "load_avg": load_avg,
+        "itl_p50_ms_without": pct(pooled[False], 50) * 1e3,
+        "itl_p99_ms_without": pct(pooled[False], 99) * 1e3,
+        "itl_p50_ms_with": pct(pooled[True], 50) * 1e3,
+        "itl_p99_ms_with": pct(pooled[True], 99) * 1e3,
+        "itl_max_ms_with": max(pooled[True]) * 1e3 if pooled[True] else float("nan"),
+        "p99_ratio": pct(pooled[True], 99) / pct(pooled[False], 99),
+    }
+    columns = [
+        "big_prompts_sent",
+        "big_prompt_latency_p50_ms",
+        "itl_p50_ms_without",
+        "itl_p99_ms_without",
+        "itl_p50_ms_with",
+        "itl_p99_ms_with",
+        "itl_max_ms_with",
+        "p99_ratio",
+        "load_avg",
+    ]
+    if args.json:
+        print(json.dumps(row, indent=2))
+    else:
+        common.print_table(
+            [row], columns, title=f"{args.model}: ITL of {BIG_PROMPT_STREAMS} streams without / with 1 MiB prompts"
+        )
+    if not args.no_csv:
+        path = common.append_csv(Path(args.out_dir) / "serve_big_prompt.csv", [row], list(row))
+        print(f"appended 1 row to {path}", file=sys.stderr)
+    ok = big_sent > 0 and statuses == {400} and row["p99_ratio"] <= 2.0
+    return 0 if ok else 1
+
+
+# ---- shared-prefix workload: prefix caching on vs off -------------------------------------------------
+
+SHARED_PREFIX_COLUMNS = [
+    "server",
+    "load_avg",
+    "completed",
+    "failed",
+    "mean_prompt_tokens",
+    "prefix_hit_rate",
+    "duration_s",
+    "output_tok_per_s",
+    "total_tok_per_s",
+    "ttft_p50_ms",
+    "ttft_p99_ms",
+    "tpot_mean_ms",
+    "ttft_p50_ratio",
+    "speedup_output_tok_s",
+]
+
+
+def make_shared_prefix_requests(args) -> tuple[list[Request], Request]:
+    """--num-prompts short questions after one shared system prompt of about --prefix-len tokens (random
+    token ids decoded to text), and an unrelated warm-up request that leaves nothing useful cached."""
+    from plm_engine.models import load_tokenizer
+
+    tok = load_tokenizer(args.model)
+    rng = random.Random(args.seed)
+    special = {t for t in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) if t is not None}
+    vocab = [i for i in range(100, tok.vocab_size) if i not in special]
+
+    def text(n: int) -> str:
+        return tok.decode([rng.choice(vocab) for _ in range(n)])
+
+    system = "System: " + text(args.prefix_len) + "\n\n"
+    questions = [
+        Request(f"{system}Question {i + 1}: {text(rng.randint(8, 24))}\nAnswer:", args.output_len)
+        for i in range(args.num_prompts)
+    ]
+    return questions, Request(text(64), 2)
+
+
+def _scrape_prefix_hit_rate(url: str) -> float:
+    """Tokens reused / tokens looked up, from the server's /metrics counters whose names contain
+    prefix_cache_hits and prefix_cache_queries (NaN when it exports none)."""
+    import httpx
+
+    sums = {"prefix_cache_hits": 0.0, "prefix_cache_queries": 0.0}
+    found = set()
+    try:
+        body = httpx.get(url + "/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return float("nan")
+    for line in body.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        name, _, value = line.rpartition(" ")
+        for key in sums:
+            if key in name.split("{")[0] and not name.split("{")[0].endswith("_created"):
+                sums[key] += float(value)
+                found.add(key)
+    if len(found) < 2 or not sums["prefix_cache_queries"]:
+        return float("nan")
+    return sums["prefix_cache_hits"] / sums["prefix_cache_queries"]
+
+
+class _IgnoreEos:
+    """An httpx client whose request bodies also carry ignore_eos (vLLM's extra, as its benchmark does
+    for random text): every answer has its full length whatever the model makes of the question."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def stream(self, method: str, url: str, json: dict, **kw):
+        return self.client.stream(method, url, json={**json, "ignore_eos": True}, **kw)
+
+
+async def _run_shared_prefix_load(url: str, model: str, requests: list[Request], warmup: Request, args):
+    import httpx
+
+    sem = asyncio.Semaphore(args.max_concurrency)
+    limits = httpx.Limits(max_connections=args.max_concurrency + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(args.request_timeout), limits=limits) as http:
+        client = _IgnoreEos(http)
+
+        async def one(req: Request) -> Result:
+            async with sem:
+                return await send(client, url, model, req)
+
+        await send(client, url, model, warmup)  # untimed; shares no prefix with the workload
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(one(r) for r in requests))
+        return results, time.perf_counter() - t0
+
+
+def run_shared_prefix(args) -> int:
+    """Our server twice on the same shared-prefix requests, prefix caching on then off (--no-prefix-caching),
+    all requests sent at once with at most --max-concurrency in flight. Rows go to serve_shared_prefix.csv."""
+    requests, warmup = make_shared_prefix_requests(args)
+    env = common.env_info(args.device)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_serve_prefix_") as tmp:
+        for caching in (True, False):
+            name = "plm_engine prefix-caching" if caching else "plm_engine no-prefix-caching"
+            port = free_port()
+            cmd = [sys.executable, "-m", "plm_engine.server.cli", "serve", "--model", args.model]
+            cmd += ["--port", str(port), "--max-num-seqs", str(args.max_concurrency), "--log-level", "warning"]
+            if args.kv_cache_tokens:
+                cmd += ["--kv-cache-tokens", str(args.kv_cache_tokens)]
+            if not caching:
+                cmd.append("--no-prefix-caching")
+            server = ServerProcess(name, cmd, port, Path(tmp) / f"server_{int(caching)}.log")
+            try:
+                server.wait_ready(args.startup_timeout)
+                print(f"[{name}] {len(requests)} requests, {args.max_concurrency} concurrent ...", file=sys.stderr)
+                load_before = os.getloadavg()[0]
+                results, duration = asyncio.run(_run_shared_prefix_load(server.url, args.model, requests, warmup, args))
+                load_avg = (load_before + os.getloadavg()[0]) / 2
+                hit_rate = _scrape_prefix_hit_rate(server.url)
+            finally:
+                server.stop()
+            rows.append(
+                {
+                    **env,
+                    "server": name,
+                    "model": args.model,
+                    "num_prompts": args.num_prompts,
+                    "prefix_len": args.prefix_len,
+                    "max_concurrency": args.max_concurrency,
+                    "output_len": args.output_len,
+                    "load_avg": load_avg,
+                    "prefix_hit_rate": hit_rate,
+                    **summarize(results, duration),
+                }
+            )
+    on, off = rows
+    on["ttft_p50_ratio"] = on["ttft_p50_ms"] / off["ttft_p50_ms"]  # < 1: caching answers sooner
+    on["speedup_output_tok_s"] = on["output_tok_per_s"] / off["output_tok_per_s"]
+    off["ttft_p50_ratio"] = off["speedup_output_tok_s"] = 1.0
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        common.print_table(
+            rows,
+            SHARED_PREFIX_COLUMNS,
+            title=f"shared prefix, {args.model}: a ~{args.prefix_len}-token system prompt + {args.num_prompts} "
+            f"questions, {args.max_concurrency} concurrent; ratios are caching on / off",
+        )
+    if not args.no_csv:
+        columns = list(env) + ["model", "num_prompts", "prefix_len", "max_concurrency", "output_len"]
+        columns += [c for c in SHARED_PREFIX_COLUMNS if c not in columns]
+        columns += ["mean_output_tokens", "req_per_s", "itl_p50_ms", "itl_p99_ms", "first_error"]
+        path = common.append_csv(Path(args.out_dir) / "serve_shared_prefix.csv", rows, columns)
+        print(f"appended {len(rows)} rows to {path}", file=sys.stderr)
+    return 0 if all(r["failed"] == 0 for r in rows) else 1
+
+
 # ---- main ----------------------------------------------------------------------------------------------
 
 COLUMNS = [
@@ -330,13 +627,36 @@ def main(argv=None) -> int:
     p.add_argument("--no-csv", action="store_true")
     p.add_argument("--out-dir", default=str(common.RESULTS_DIR))
     p.add_argument("--quick", action="store_true", help="smoke run: 4 prompts, 8 output tokens, concurrency 4")
+    p.add_argument(
+        "--big-prompt",
+        action="store_true",
+        help="instead: p99 ITL of 8 streams without / with concurrent 1 MiB prompts (our server only)",
+    )
+    p.add_argument("--big-prompt-tokens", type=int, default=64, help="--big-prompt: tokens per stream")
+    p.add_argument("--big-prompt-rounds", type=int, default=2, help="--big-prompt: alternations of the two conditions")
+    p.add_argument(
+        "--shared-prefix",
+        type=int,
+        nargs="?",
+        const=1000,
+        default=None,
+        metavar="TOKENS",
+        dest="prefix_len",
+        help="instead: a ~TOKENS-token (default 1000) system prompt + --num-prompts questions, prefix caching on vs off",
+    )
     args = p.parse_args(argv)
+    if args.big_prompt:
+        if args.big_prompt_tokens < 2 or args.big_prompt_rounds < 1:
+            p.error("--big-prompt-tokens must be >= 2 and --big-prompt-rounds >= 1")
+        return run_big_prompt(args)
     if args.quick:
         args.num_prompts, args.output_len, args.max_concurrency = 4, 8, 4
     if not 0 <= args.range_ratio < 1:
         p.error(f"--range-ratio must be in [0, 1), got {args.range_ratio}")
     if args.num_prompts < 1 or args.max_concurrency < 1:
         p.error("--num-prompts and --max-concurrency must be >= 1")
+    if args.prefix_len is not None:
+        return run_shared_prefix(args)
 
     import transformers
 

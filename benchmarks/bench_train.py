@@ -14,18 +14,15 @@ own child process and reports its peak resident set size (ru_maxrss), which incl
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing as mp
 import resource
 import statistics
 import sys
 import time
-from pathlib import Path
+from dataclasses import dataclass
 
+import common
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
 
 SIZES = {
     # (hidden, layers, heads, vocab): GPT-2 shapes, reduced for a CPU run
@@ -34,20 +31,28 @@ SIZES = {
 }
 
 
+def model_config(size: str, seq: int):
+    """Our GPT-2 config of this size (HF's GPT2Config below matches it field by field)."""
+    from plm_engine.models import ModelConfig
+
+    hidden, layers, heads, vocab = SIZES[size]
+    return ModelConfig(
+        arch="gpt2",
+        vocab_size=vocab,
+        hidden_size=hidden,
+        n_layers=layers,
+        n_heads=heads,
+        max_position_embeddings=max(seq, 1024),
+    )
+
+
 def build(provider: str, size: str, seq: int, device: str):
     hidden, layers, heads, vocab = SIZES[size]
     torch.manual_seed(0)
     if provider == "plm_engine":
-        from plm_engine.models import ModelConfig, Transformer
+        from plm_engine.models import Transformer
 
-        cfg = ModelConfig(
-            arch="gpt2",
-            vocab_size=vocab,
-            hidden_size=hidden,
-            n_layers=layers,
-            n_heads=heads,
-            max_position_embeddings=max(seq, 1024),
-        )
+        cfg = model_config(size, seq)
         return Transformer(cfg).to(device).train(), cfg
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -119,9 +124,76 @@ def run_provider(provider: str, args, queue=None) -> dict:
     return out
 
 
+COLUMNS = [
+    "bench",
+    "provider",
+    "size",
+    "batch",
+    "seq",
+    "precision",
+    "step_ms",
+    "tokens_per_s",
+    "speedup_vs_hf",
+    "mfu",
+    "peak_mem_mib",
+    "first_loss",
+    "last_loss",
+    "params",
+    "peak_flops",
+]
+
+
+@dataclass(frozen=True)
+class Case:
+    size: str
+    batch: int
+    seq: int
+    precision: str
+
+    @property
+    def labels(self) -> dict:
+        return {
+            "bench": "train_step",
+            "size": self.size,
+            "batch": self.batch,
+            "seq": self.seq,
+            "precision": self.precision,
+        }
+
+
+def setup(args, providers):
+    """Runs every provider first (each in its own process on CPU: a clean peak RSS, no allocator state
+    shared), so that each row can carry its speedup over HF and its MFU."""
+    from plm_engine.training.metrics import flops_per_token, peak_flops
+
+    results = {}
+    for provider in providers:
+        if args.device.startswith("cuda"):
+            results[provider] = run_provider(provider, args)
+        else:
+            ctx = mp.get_context("spawn")
+            q = ctx.Queue()
+            proc = ctx.Process(target=run_provider, args=(provider, args, q))
+            proc.start()
+            results[provider] = q.get()
+            proc.join()
+    mc = model_config(args.size, args.seq)
+    peak = peak_flops(torch.device(args.device), args.precision)
+    base = results.get("hf")
+
+    def provider(name):
+        r = dict(results[name])
+        del r["provider"]
+        r["mfu"] = r["tokens_per_s"] * flops_per_token(mc, args.seq, r["params"]) / peak
+        r["peak_flops"] = peak
+        r["speedup_vs_hf"] = r["tokens_per_s"] / base["tokens_per_s"] if base else ""
+        return r
+
+    return provider
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default=common.default_device())
+    p = common.parser("train", __doc__, ("plm_engine", "hf"))
     p.add_argument("--size", default=None, choices=sorted(SIZES), help="default: cpu-small on CPU, gpt2 on GPU")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--seq", type=int, default=None)
@@ -129,96 +201,25 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--providers", default="plm_engine,hf")
-    p.add_argument("--json", action="store_true", help="print rows as JSON lines")
-    p.add_argument("--no-csv", action="store_true")
-    p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
-    p.add_argument("--quick", action="store_true", help="smoke run: 2 timed steps after 1 warm-up")
     args = p.parse_args(argv)
-    if args.quick:
+    if args.quick:  # smoke run: 2 timed steps after 1 warm-up
         args.steps, args.warmup = 2, 1
+    common.require_device("train", args.device)
     cuda = args.device.startswith("cuda")
     args.size = args.size or ("gpt2" if cuda else "cpu-small")
     args.batch = args.batch or (16 if cuda else 8)
     args.seq = args.seq or (1024 if cuda else 128)
-
-    env = common.env_info(args.device)
-    rows = []
-    for provider in args.providers.split(","):
-        if cuda:
-            r = run_provider(provider, args)
-        else:  # own process each: a clean peak RSS, no allocator state shared between providers
-            ctx = mp.get_context("spawn")
-            q = ctx.Queue()
-            proc = ctx.Process(target=run_provider, args=(provider, args, q))
-            proc.start()
-            r = q.get()
-            proc.join()
-        rows.append(r)
-
-    from plm_engine.models import ModelConfig
-    from plm_engine.training.metrics import flops_per_token, peak_flops
-
-    hidden, layers, heads, vocab = SIZES[args.size]
-    mc = ModelConfig(
-        arch="gpt2",
-        vocab_size=vocab,
-        hidden_size=hidden,
-        n_layers=layers,
-        n_heads=heads,
-        max_position_embeddings=max(args.seq, 1024),
+    providers = common.split_list(args.providers, "", ("plm_engine", "hf"), "provider")
+    return common.run(
+        "train",
+        args,
+        [Case(args.size, args.batch, args.seq, args.precision)],
+        lambda c, device: setup(args, providers),
+        providers=lambda c: providers,
+        columns=COLUMNS,
+        table=[c for c in COLUMNS if c not in ("bench", "params", "peak_flops")],
+        baseline="hf",
     )
-    peak = peak_flops(torch.device(args.device), args.precision)
-    base = next((r for r in rows if r["provider"] == "hf"), None)
-    for r in rows:
-        fpt = flops_per_token(mc, args.seq, r["params"])
-        r.update(
-            env,
-            bench="train_step",
-            size=args.size,
-            batch=args.batch,
-            seq=args.seq,
-            precision=args.precision,
-            mfu=r["tokens_per_s"] * fpt / peak,
-            peak_flops=peak,
-            speedup_vs_hf=(r["tokens_per_s"] / base["tokens_per_s"]) if base else "",
-        )
-    cols = [
-        "provider",
-        "size",
-        "batch",
-        "seq",
-        "precision",
-        "step_ms",
-        "tokens_per_s",
-        "speedup_vs_hf",
-        "mfu",
-        "peak_mem_mib",
-        "first_loss",
-        "last_loss",
-    ]
-    if args.json:
-        common.print_json_lines(rows)
-    else:
-        common.print_table(rows, cols, title=f"training step, {env['device_name']}")
-    if not args.no_csv:
-        common.append_csv(
-            Path(args.out_dir) / "train.csv",
-            rows,
-            [
-                "timestamp",
-                "commit",
-                "device",
-                "device_name",
-                "torch",
-                "threads",
-                "bench",
-                *cols,
-                "params",
-                "peak_flops",
-            ],
-        )
-    return 0
 
 
 if __name__ == "__main__":

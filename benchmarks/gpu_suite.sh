@@ -412,7 +412,7 @@ bench_args() {
       [[ -n "$GEN_WHY" ]] && { B_WHY=$GEN_WHY; return; }
       B_ARGS=(--device "$dev" --model "$GEN_MODEL" --quick --skip-static --dtypes bfloat16 --hf-dtypes bfloat16) ;;
     bench_serve)
-      has_py fastapi uvicorn httpx transformers || { B_WHY="needs fastapi, uvicorn, httpx and transformers"; return; }
+      has_py fastapi uvicorn httpx transformers prometheus_client || { B_WHY="needs fastapi, uvicorn, httpx, prometheus_client and transformers"; return; }
       prepare_gen_model
       [[ -n "$GEN_WHY" ]] && { B_WHY=$GEN_WHY; return; }
       B_ARGS=(--device "$dev" --model "$GEN_MODEL" --quick) ;;
@@ -421,13 +421,21 @@ bench_args() {
   esac
 }
 
+# defines_option SCRIPT OPTION: whether the script takes --OPTION, itself or through the harness's shared
+# options (benchmarks/common.py's parser(), which every script that calls it gets).
+defines_option() {
+  grep -q -- "\"$2\"" "$1" && return 0
+  grep -q "common.parser(" "$1" && grep -q -- "\"$2\"" "$(dirname "$1")/common.py"
+}
+export -f defines_option
+
 # A dry run checks each option the suite would pass against the options the script defines.
 check_options() {  # script args...
   local script=$1 a missing=()
   shift
   for a in "$@"; do
     [[ "$a" == --* ]] || continue
-    grep -q -- "\"$a\"" "$script" || missing+=("$a")
+    defines_option "$script" "$a" || missing+=("$a")
   done
   if ((${#missing[@]})); then echo "$script does not define: ${missing[*]}"; return 1; fi
   echo "every option is defined in $script"
@@ -465,7 +473,7 @@ else
       continue
     fi
     ((share < 30)) && share=30
-    grep -q -- '"--time-budget"' "benchmarks/$b.py" && B_ARGS+=(--time-budget $((share * 3 / 4)))
+    defines_option "benchmarks/$b.py" --time-budget && B_ARGS+=(--time-budget $((share * 3 / 4)))
     BENCH_ROWS+=("$b")
     if [[ $HAVE_GPU == 1 ]]; then
       step "$b" "$share" "$PYTHON" "benchmarks/$b.py" "${B_ARGS[@]}" --out-dir "$STAGE"

@@ -1,5 +1,5 @@
-// Fused activations (SwiGLU, GELU): declarations shared by activation_ops.cpp (schemas, checks, CPU
-// registration), cpu/activations.cpp and cuda/activations.cu.
+// Fused activations (SwiGLU, GELU): the contract every device implements, and the argument checks their
+// entry points share (activation_ops.cpp). Kernels: cpu/activations.cpp (CPU), cuda/activations.cu (CUDA).
 //
 // Every tensor argument is 2-D (rows, n) with a unit last stride and any row stride, so the two halves
 // of a fused gate_up projection can be passed as views without a copy; all share one shape, dtype
@@ -9,26 +9,17 @@
 //   gelu_fwd(x, approximate)      y = x * Phi(x), Phi exact (erf) for "none", tanh form for "tanh"
 //   gelu_bwd(dy, x, approximate)  dx
 #pragma once
-#include <ATen/Dispatch.h>
 #include <torch/types.h>
 
-#include <string>
-#include <tuple>
-
-#include "common/dispatch.h"
+#include <initializer_list>
+#include <utility>
 
 namespace plm_engine {
 
 using at::Tensor;
 
-void check_activation_arg(const Tensor& t, const Tensor& like, const char* name);
-// true for "tanh", false for "none"; anything else is an error.
-bool gelu_is_tanh(const std::string& approximate);
-
-Tensor swiglu_fwd_cpu(const Tensor& gate, const Tensor& up);
-std::tuple<Tensor, Tensor> swiglu_bwd_cpu(const Tensor& dy, const Tensor& gate, const Tensor& up);
-Tensor gelu_fwd_cpu(const Tensor& x, const std::string& approximate);
-Tensor gelu_bwd_cpu(const Tensor& dy, const Tensor& x, const std::string& approximate);
+// Every tensor 2-D, of the first one's shape, dtype (fp32, fp16, bf16) and device, with a unit last
+// stride: what the kernels index (plm_engine.ops.activations checks the rest).
+void check_activation_args(std::initializer_list<std::pair<const char*, const Tensor*>> named);
 
 }  // namespace plm_engine
-

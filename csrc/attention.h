@@ -1,46 +1,33 @@
-// Attention kernels of _C: declarations and the shared argument checks (attention_ops.cpp).
-// Contract (shapes, causal alignment, lse layout): plm_engine/ops/attention.py's module docstring.
+// Attention (dense, varlen, paged decode, KV-cache write): the argument checks the entry points share
+// (attention_ops.cpp). Contract (shapes, causal alignment, lse layout): plm_engine/ops/contracts/
+// attention.py and paged_attention.py. Kernels: cpu/attention.cpp (CPU: every op),
+// cuda/paged_attention.cu (CUDA: paged_attn, write_kv_cache).
+//   attn_fwd(q, k, v, causal, scale) -> (out, lse)     q (b, sq, h, d), k/v (b, sk, hkv, d); lse (b, h, sq) fp32
+//   attn_bwd(dout, q, k, v, out, lse, causal, scale) -> (dq, dk, dv)
+//   attn_varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale) -> (out, lse)
+//                                                       q (tq, h, d), k/v (tk, hkv, d); lse (h, tq) fp32
+//   attn_varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale) -> (dq, dk, dv)
+//   paged_attn(q, k_cache, v_cache, block_table, cache_seqlens, scale) -> out
+//                                                       caches (num_blocks, block_size, hkv, d)
+//   write_kv_cache(k, v, k_cache!, v_cache!, slot_mapping) -> ()
+// With T5's relative position bias: table (num_buckets, n_heads) fp32, buckets int32 (2 * max_distance + 1,)
+// (contracts/attention.py and paged_attention.py); CPU: all of them, CUDA: paged_attn_rpb.
+//   attn_rpb_fwd(q, k, v, table, buckets, causal, scale) -> (out, lse)
+//   attn_rpb_bwd(dout, q, k, v, out, lse, table, buckets, causal, scale) -> (dq, dk, dv, dtable)
+//   attn_varlen_rpb_fwd(q, k, v, table, buckets, cu_q, cu_k, max_q, max_k, causal, scale) -> (out, lse)
+//   attn_varlen_rpb_bwd(dout, q, k, v, out, lse, table, buckets, cu_q, cu_k, max_q, max_k, causal, scale)
+//       -> (dq, dk, dv, dtable)
+//   paged_attn_rpb(q, k_cache, v_cache, block_table, cache_seqlens, table, buckets, scale) -> out
 #pragma once
 #include <torch/types.h>
-
-#include <tuple>
 
 namespace plm_engine {
 
 using at::Tensor;
 
-// q (b, sq, h, d), k/v (b, sk, hkv, d), last dim contiguous -> out (b, sq, h, d), lse (b, h, sq) fp32.
-std::tuple<Tensor, Tensor> attn_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
-                                        double scale);
-// q (tq, h, d), k/v (tk, hkv, d), cu_seqlens int32 (batch + 1) -> out (tq, h, d), lse (h, tq) fp32.
-std::tuple<Tensor, Tensor> attn_varlen_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
-                                               const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
-                                               int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
-                                               double scale);
-// Gradients of attn_fwd_cpu from dout (like q) and its saved out and lse -> (dq, dk, dv) like q, k, v.
-std::tuple<Tensor, Tensor, Tensor> attn_bwd_cpu(const Tensor& dout, const Tensor& q, const Tensor& k,
-                                                const Tensor& v, const Tensor& out, const Tensor& lse, bool causal,
-                                                double scale);
-// Gradients of attn_varlen_fwd_cpu.
-std::tuple<Tensor, Tensor, Tensor> attn_varlen_bwd_cpu(const Tensor& dout, const Tensor& q, const Tensor& k,
-                                                       const Tensor& v, const Tensor& out, const Tensor& lse,
-                                                       const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
-                                                       int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
-                                                       double scale);
-// q (b, sq, h, d); caches (num_blocks, block_size, hkv, d); block_table (b, max_blocks) int32;
-// cache_seqlens (b,) int32 -> out (b, sq, h, d).
-Tensor paged_attn_cpu(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& block_table,
-                      const Tensor& cache_seqlens, double scale);
-void write_kv_cache_cpu(const Tensor& k, const Tensor& v, Tensor k_cache, Tensor v_cache,
-                        const Tensor& slot_mapping);
-#ifdef PLM_ENGINE_WITH_CUDA
-Tensor paged_attn_cuda(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& block_table,
-                       const Tensor& cache_seqlens, double scale);
-void write_kv_cache_cuda(const Tensor& k, const Tensor& v, Tensor k_cache, Tensor v_cache,
-                         const Tensor& slot_mapping);
-#endif
-
-// Shape / dtype / device checks (values such as block ids are checked in Python, off the hot path).
+// Shapes, dtypes, devices and strides: what the kernels index (plm_engine.ops.attention checks the rest).
+// The CPU kernels also check the cu_seqlens, block ids and slots they read anyway; on a GPU such values
+// are checked in Python, where data enters.
 void check_attn_args(const Tensor& q, const Tensor& k, const Tensor& v, int64_t lead_dims);
 // dout and out shaped and typed like q, lse fp32 of lse_shape.
 void check_attn_bwd_args(const Tensor& dout, const Tensor& out, const Tensor& lse, const Tensor& q,
@@ -48,6 +35,8 @@ void check_attn_bwd_args(const Tensor& dout, const Tensor& out, const Tensor& ls
 void check_varlen_args(const Tensor& q, const Tensor& k, const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k);
 void check_paged_args(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& block_table,
                       const Tensor& cache_seqlens);
+// table fp32 (num_buckets, n_heads of q) and buckets int32 (2 * max_distance + 1,), contiguous, on q's device.
+void check_bias_args(const Tensor& table, const Tensor& buckets, const Tensor& q);
 void check_write_kv_args(const Tensor& k, const Tensor& v, const Tensor& k_cache, const Tensor& v_cache,
                          const Tensor& slot_mapping);
 

@@ -1,6 +1,4 @@
-// Schemas of the attention ops and the argument checks shared by their CPU and CUDA kernels.
-// The kernels register themselves: csrc/cpu/attention.cpp (CPU: all of them), csrc/cuda/paged_attention.cu
-// (CUDA: paged_attn, write_kv_cache).
+// The attention family's schemas and the argument checks its CPU and CUDA entry points share (attention.h).
 #include <torch/library.h>
 
 #include "attention.h"
@@ -81,6 +79,19 @@ void check_paged_args(const Tensor& q, const Tensor& k_cache, const Tensor& v_ca
   PLM_CHECK_CONTIGUOUS(cache_seqlens);
 }
 
+void check_bias_args(const Tensor& table, const Tensor& buckets, const Tensor& q) {
+  TORCH_CHECK(table.scalar_type() == at::kFloat && table.dim() == 2 && table.size(1) == q.size(-2),
+              "position bias table must be float32 (num_buckets, ", q.size(-2), "), got ", table.scalar_type(), " ",
+              table.sizes());
+  TORCH_CHECK(buckets.scalar_type() == at::kInt && buckets.dim() == 1 && buckets.numel() % 2 == 1,
+              "position bias buckets must be int32 (2 * max_distance + 1,), got ", buckets.scalar_type(), " ",
+              buckets.sizes());
+  PLM_CHECK_SAME_DEVICE(table, q);
+  PLM_CHECK_SAME_DEVICE(buckets, q);
+  PLM_CHECK_CONTIGUOUS(table);
+  PLM_CHECK_CONTIGUOUS(buckets);
+}
+
 void check_write_kv_args(const Tensor& k, const Tensor& v, const Tensor& k_cache, const Tensor& v_cache,
                          const Tensor& slot_mapping) {
   TORCH_CHECK(k_cache.dim() == 4, "k_cache must be (num_blocks, block_size, n_kv_heads, head_dim), got ",
@@ -118,4 +129,16 @@ TORCH_LIBRARY_FRAGMENT(plm_engine, m) {
   m.def("paged_attn(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor cache_seqlens,"
         " float scale) -> Tensor");
   m.def("write_kv_cache(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
+  // With T5's relative position bias (plm_engine/ops/contracts/attention.py, paged_attention.py).
+  m.def("attn_rpb_fwd(Tensor q, Tensor k, Tensor v, Tensor table, Tensor buckets, bool causal, float scale)"
+        " -> (Tensor, Tensor)");
+  m.def("attn_rpb_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor table,"
+        " Tensor buckets, bool causal, float scale) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("attn_varlen_rpb_fwd(Tensor q, Tensor k, Tensor v, Tensor table, Tensor buckets, Tensor cu_seqlens_q,"
+        " Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal, float scale) -> (Tensor, Tensor)");
+  m.def("attn_varlen_rpb_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor table,"
+        " Tensor buckets, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k,"
+        " bool causal, float scale) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("paged_attn_rpb(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor cache_seqlens,"
+        " Tensor table, Tensor buckets, float scale) -> Tensor");
 }

@@ -1,28 +1,27 @@
-// The op schemas of the plm_engine:: namespace and their CPU / CUDA kernels. Fake (meta) impls and
-// autograd are registered from Python (plm_engine/ops/extension.py), next to the public functions.
+// plm_engine._C: the Python module (build and CPU-ISA queries, below) and, through the other files, the
+// torch.ops.plm_engine ops. How a kernel is registered, the one way every op family does it:
+//
+//   csrc/<family>.h          the family's contract (the ops, shapes, dtypes) and the declarations of its
+//                            argument checks; included by the family's files below.
+//   csrc/<family>_ops.cpp    TORCH_LIBRARY_FRAGMENT(plm_engine, m): the family's op schemas (m.def), and
+//                            the argument checks its device entry points share. The checks cover what the
+//                            kernels index (shapes, dtypes, devices, strides): a direct torch.ops call
+//                            never reads out of bounds. The argument contract itself (value ranges, eps,
+//                            scale, ...) is checked once, by the public op in plm_engine/ops/<family>.py.
+//   csrc/cpu/<family>.cpp    the CPU entry points (file-local), registered at the end of the file with
+//                            TORCH_LIBRARY_IMPL(plm_engine, CPU, m).
+//   csrc/cuda/<family>.cu    the same for CUDA: TORCH_LIBRARY_IMPL(plm_engine, CUDA, m); its kernels live in
+//                            cuda/<family>_kernels.cuh (also compiled on the CPU by tests/cuda_emu.py).
+//
+// Nothing else registers (tests/ops/test_norms_registration.py checks it). One exception: an op with no
+// tensor argument has no device to dispatch on, so its schema is defined with its implementation
+// (linear_ops.cpp's linear_cpu_isa). Fake (meta) impls and autograd are Python's (plm_engine/ops/contracts,
+// given to the _C ops by plm_engine.ops.backends when a family's cpu/cuda backend is first chosen).
+// ops.h lists the families and their files.
 #include <torch/extension.h>
 
 #include "cpu/isa.h"
 #include "ops.h"
-
-TORCH_LIBRARY(plm_engine, m) {
-  m.def("norm_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, float eps, bool is_rms)"
-        " -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("norm_bwd(Tensor dy, Tensor? dh, Tensor h, Tensor weight, Tensor mean, Tensor rstd,"
-        " bool has_bias, bool is_rms) -> (Tensor, Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(plm_engine, CPU, m) {
-  m.impl("norm_fwd", &plm_engine::norm_fwd_cpu);
-  m.impl("norm_bwd", &plm_engine::norm_bwd_cpu);
-}
-
-#ifdef PLM_ENGINE_WITH_CUDA
-TORCH_LIBRARY_IMPL(plm_engine, CUDA, m) {
-  m.impl("norm_fwd", &plm_engine::norm_fwd_cuda);
-  m.impl("norm_bwd", &plm_engine::norm_bwd_cuda);
-}
-#endif
 
 namespace {
 bool cuda_built() {

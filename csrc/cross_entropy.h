@@ -12,22 +12,16 @@
 //     the same, writing dlogits over the logits (each row is read before it is overwritten), so no
 //     second (N, V) buffer exists.
 // The CPU entry points reject targets outside [0, V) (other than ignore_index) before any work.
+// Kernels: cpu/cross_entropy.cpp (CPU).
 #pragma once
 #include <torch/types.h>
-
-#include <tuple>
 
 namespace plm_engine {
 
 using at::Tensor;
 
-std::tuple<Tensor, Tensor> cross_entropy_fwd_cpu(const Tensor& logits, const Tensor& target, int64_t ignore_index,
-                                                 double label_smoothing);
-Tensor cross_entropy_fwd_inplace_cpu(const Tensor& logits, const Tensor& target, int64_t ignore_index,
-                                     double label_smoothing);
-
-// Validation of shapes/dtypes/devices and label_smoothing (cross_entropy_ops.cpp); target values are
-// checked separately by the device code (reading them is a device sync on CUDA).
-void check_cross_entropy_args(const Tensor& logits, const Tensor& target, double label_smoothing);
+// Shapes, dtypes, devices and contiguity: what the kernels index (plm_engine.ops.cross_entropy checks the
+// rest). The CPU kernels also check the target values, which they read anyway.
+void check_cross_entropy_args(const Tensor& logits, const Tensor& target);
 
 }  // namespace plm_engine

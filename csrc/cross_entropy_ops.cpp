@@ -1,4 +1,5 @@
-// Schemas, argument checks and CPU registration of the fused cross-entropy (contract in cross_entropy.h).
+// The cross-entropy family's schemas and the argument checks of its entry points (contract in
+// cross_entropy.h).
 #include <torch/library.h>
 
 #include "common/checks.h"
@@ -6,7 +7,7 @@
 
 namespace plm_engine {
 
-void check_cross_entropy_args(const Tensor& logits, const Tensor& target, double label_smoothing) {
+void check_cross_entropy_args(const Tensor& logits, const Tensor& target) {
   PLM_CHECK_DIM(logits, 2);
   PLM_CHECK_FLOAT(logits);
   PLM_CHECK_CONTIGUOUS(logits);
@@ -17,8 +18,6 @@ void check_cross_entropy_args(const Tensor& logits, const Tensor& target, double
               logits.size(0), " rows");
   PLM_CHECK_SAME_DEVICE(target, logits);
   PLM_CHECK_CONTIGUOUS(target);
-  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, "label_smoothing must be in [0, 1], got ",
-              label_smoothing);
 }
 
 }  // namespace plm_engine
@@ -28,9 +27,4 @@ TORCH_LIBRARY_FRAGMENT(plm_engine, m) {
         " -> (Tensor, Tensor)");
   m.def("cross_entropy_fwd_inplace(Tensor(a!) logits, Tensor target, int ignore_index, float label_smoothing)"
         " -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(plm_engine, CPU, m) {
-  m.impl("cross_entropy_fwd", &plm_engine::cross_entropy_fwd_cpu);
-  m.impl("cross_entropy_fwd_inplace", &plm_engine::cross_entropy_fwd_inplace_cpu);
 }

@@ -1,25 +1,9 @@
-// Linear op schema, argument checks and CPU registration; the kernel is in cpu/linear.cpp. There is no
-// CUDA kernel: on GPUs plm_engine.ops.linear calls F.linear (cuBLAS). Fake impl and autograd come from
-// plm_engine/ops/linear.py.
-//   linear_fwd(x, weight, bias) -> y   x (M, K), weight (N, K), bias (N,) or None; y (M, N) = x @ W^T + b
-//                                      in x's dtype (fp32, fp16 or bf16, all inputs alike), fp32 math
-//   linear_cpu_isa() -> str            the instruction set the CPU kernel runs with now (cpu::cpu_isa(),
-//                                      followed at run time): "avx512_bf16" | "avx512" | "avx2" |
-//                                      "generic" ("neon" on aarch64)
+// The linear family's schemas and the argument checks of its entry point (contract in linear.h).
 #include <torch/library.h>
 
-#include <optional>
-#include <string>
+#include "linear.h"
 
 namespace plm_engine {
-
-using at::Tensor;
-
-// cpu/linear.cpp
-Tensor linear_fwd_cpu_impl(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias);
-std::string linear_cpu_isa();
-
-namespace {
 
 void check_linear_args(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2, "linear: x must have 2 dims (M, K), got ", x.dim());
@@ -40,17 +24,10 @@ void check_linear_args(const Tensor& x, const Tensor& weight, const std::optiona
   }
 }
 
-Tensor linear_fwd_cpu(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {
-  check_linear_args(x, weight, bias);
-  return linear_fwd_cpu_impl(x, weight, bias);
-}
-
-}  // namespace
 }  // namespace plm_engine
 
 TORCH_LIBRARY_FRAGMENT(plm_engine, m) {
   m.def("linear_fwd(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  // No tensor argument, so no device to dispatch on: defined with its one implementation.
   m.def("linear_cpu_isa() -> str", &plm_engine::linear_cpu_isa);
 }
-
-TORCH_LIBRARY_IMPL(plm_engine, CPU, m) { m.impl("linear_fwd", &plm_engine::linear_fwd_cpu); }

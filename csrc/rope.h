@@ -1,5 +1,5 @@
-// Rotary position embedding (RoPE) kernels: declarations shared by rope_ops.cpp (schemas, checks,
-// CPU registration), cpu/rope.cpp and cuda/rope.cu.
+// Rotary position embedding (RoPE): the contract every device implements, and the argument checks their
+// entry points share (rope_ops.cpp). Kernels: cpu/rope.cpp (CPU), cuda/rope.cu (CUDA).
 //
 // Contract of both ops (plm_engine/ops/rope.py builds these arguments from the public call):
 //   q (batch, seqlen, q_heads, head_dim), k (batch, seqlen, k_heads, head_dim): same dtype (fp32, fp16,
@@ -15,21 +15,14 @@
 #include <torch/types.h>
 
 #include <optional>
-#include <tuple>
 
 namespace plm_engine {
 
 using at::Tensor;
 
+// Shapes, dtypes, devices and strides: what the kernels index (plm_engine.ops.rope checks the rest). The
+// CPU kernel also checks the positions against the table, which it reads anyway.
 void check_rope_args(const Tensor& q, const Tensor& k, const Tensor& cos, const Tensor& sin,
                      const std::optional<Tensor>& positions);
-
-// Writes the rotation of (q, k) into (q_out, k_out), which may be q and k themselves.
-void rope_cpu_kernel(const Tensor& q, const Tensor& k, Tensor& q_out, Tensor& k_out, const Tensor& cos,
-                     const Tensor& sin, const std::optional<Tensor>& positions, bool interleaved, bool conjugate);
-std::tuple<Tensor, Tensor> rope_cpu(const Tensor& q, const Tensor& k, const Tensor& cos, const Tensor& sin,
-                                    const std::optional<Tensor>& positions, bool interleaved, bool conjugate);
-void rope_inplace_cpu(Tensor& q, Tensor& k, const Tensor& cos, const Tensor& sin,
-                      const std::optional<Tensor>& positions, bool interleaved, bool conjugate);
 
 }  // namespace plm_engine

@@ -1,5 +1,5 @@
-// RoPE op schemas, argument checks and CPU registration. The CUDA kernels register themselves in
-// cuda/rope.cu; fake impls and autograd are registered from plm_engine/ops/rope.py.
+// The RoPE family's schemas and the argument checks its CPU and CUDA entry points share (contract in
+// rope.h).
 #include <torch/library.h>
 
 #include "common/checks.h"
@@ -48,9 +48,4 @@ TORCH_LIBRARY_FRAGMENT(plm_engine, m) {
         " -> (Tensor, Tensor)");
   m.def("rope_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, Tensor? positions, bool interleaved,"
         " bool conjugate) -> ()");
-}
-
-TORCH_LIBRARY_IMPL(plm_engine, CPU, m) {
-  m.impl("rope", &plm_engine::rope_cpu);
-  m.impl("rope_", &plm_engine::rope_inplace_cpu);
 }

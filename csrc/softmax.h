@@ -1,5 +1,6 @@
-// Softmax (with scale and a bottom-right causal mask): kernel entry points, argument checks, and the
-// vectorisable fp32 helpers the CPU softmax and cross-entropy kernels share.
+// Softmax (with scale and a bottom-right causal mask): the contract every device implements, the argument
+// checks their entry points share (softmax_ops.cpp), and the causal-mask rule the CPU kernels (softmax
+// and cross-entropy's shared cpu/softmax_kernels.inc) use. Kernels: cpu/softmax.cpp, cuda/softmax.cu.
 //
 // Contract (every device):
 //   softmax_fwd(x, scale, causal) -> y
@@ -9,28 +10,18 @@
 //   softmax_bwd(dy, y, scale) -> dx = scale * y * (dy - sum(dy * y)) over the last dim.
 //     Masked and -inf positions have y = 0, so their gradient is 0 with no mask needed.
 #pragma once
-#include <ATen/Dispatch.h>
 #include <torch/types.h>
 
 #include <algorithm>
 #include <cstdint>
 
-#include "common/dispatch.h"
-
 namespace plm_engine {
 
 using at::Tensor;
 
-Tensor softmax_fwd_cpu(const Tensor& x, double scale, bool causal);
-Tensor softmax_bwd_cpu(const Tensor& dy, const Tensor& y, double scale);
-#ifdef PLM_ENGINE_WITH_CUDA
-Tensor softmax_fwd_cuda(const Tensor& x, double scale, bool causal);
-Tensor softmax_bwd_cuda(const Tensor& dy, const Tensor& y, double scale);
-#endif
-
-// Shared validation (softmax_ops.cpp), used by both devices.
-void check_softmax_fwd_args(const Tensor& x, double scale);
-void check_softmax_bwd_args(const Tensor& dy, const Tensor& y, double scale);
+// Shapes, dtypes and contiguity: what the kernels index (plm_engine.ops.softmax checks the rest).
+void check_softmax_fwd_args(const Tensor& x);
+void check_softmax_bwd_args(const Tensor& dy, const Tensor& y);
 
 // Number of keys query row i of a (sq, sk) causal score matrix may see: keys 0 .. i + sk - sq.
 inline int64_t causal_keys(int64_t i, int64_t sq, int64_t sk) {

@@ -157,6 +157,33 @@ def test_engine_step_forwards_read_nothing(llama, monkeypatch):
     assert [len(o.token_ids) for o in outs] == [6, 6]
 
 
+@pytest.mark.parametrize("preset", ["bart-tiny", "t5-tiny"])
+def test_seq2seq_engine_forwards_read_nothing(monkeypatch, preset):
+    """Encoder-decoder models in the engine: the encoder pass, its cross-attention keys/values and the
+    decoder's forwards (T5: relative position bias in the kernels, paged decode included) read no host
+    value either."""
+    from plm_engine.generation.engine import Engine
+    from plm_engine.generation.sampler import SamplingParams
+    from plm_engine.models.seq2seq import Seq2SeqTransformer
+
+    torch.manual_seed(0)
+    model = Seq2SeqTransformer(ModelConfig.preset(preset)).eval()
+    engine = Engine(model, tokenizer=None, max_num_seqs=4, kv_cache_tokens=256, block_size=16, cuda_graphs=False)
+    for name in ("encode", "cross_kv", "forward_tokens"):
+        fn = getattr(model, name)
+
+        def guarded(*args, _fn=fn, **kwargs):
+            with NoHostReads():
+                return _fn(*args, **kwargs)
+
+        monkeypatch.setattr(model, name, guarded)
+    with production_checks():
+        outs = engine.generate(
+            [list(range(5, 30)), list(range(7, 12))], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+        )
+    assert [len(o.token_ids) for o in outs] == [6, 6]
+
+
 def test_compile_fullgraph_decode_and_training_step(llama):
     """torch.compile(fullgraph=True) traces the decode forward and a training forward with no graph break,
     and computes what eager does."""
@@ -189,7 +216,16 @@ def test_compile_fullgraph_decode_and_training_step(llama):
         torch.testing.assert_close(g, p.grad)
 
 
-@pytest.mark.parametrize("objective, model", [("clm", "gpt2-tiny"), ("mlm", "bert-tiny"), ("classify", "bert-tiny")])
+@pytest.mark.parametrize(
+    "objective, model",
+    [
+        ("clm", "gpt2-tiny"),
+        ("mlm", "bert-tiny"),
+        ("classify", "bert-tiny"),
+        ("seq2seq", "bart-tiny"),
+        ("seq2seq", "t5-tiny"),
+    ],
+)
 def test_trainer_forward_backward_read_nothing(tmp_path, objective, model):
     """The trainer's micro-batch forward and backward, for every objective: its batches are checked and
     laid out on the host (padding layout, MLM label positions), so the step reads no device value."""
@@ -224,7 +260,7 @@ def test_trainer_forward_backward_read_nothing(tmp_path, objective, model):
     trainer = Trainer(cfg)
     epoch, indices = trainer.sampler.next_batch()
     batch = trainer._collate(indices, epoch, trainer.train_set)
-    if objective == "classify":
+    if objective in ("classify", "seq2seq"):  # seq2seq: the noised sources differ in length
         assert "layout" in batch, "the test needs a padded batch"
     trainer.forward_module.train()
     with production_checks(), NoHostReads():

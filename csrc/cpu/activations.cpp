@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <torch/library.h>
 #include <torch/types.h>
 
 #include <algorithm>
@@ -21,6 +22,7 @@
 #include "activations.h"
 #include "common/cpu_convert.h"
 #include "common/cpu_memory.h"
+#include "common/dispatch.h"
 #include "cpu/isa.h"
 #include "cpu/simd.h"
 
@@ -159,11 +161,8 @@ Shape2d flat_shape(std::initializer_list<const Tensor*> ts) {
   return {1, rows * n};
 }
 
-}  // namespace
-
 Tensor swiglu_fwd_cpu(const Tensor& gate, const Tensor& up) {
-  check_activation_arg(gate, gate, "gate");
-  check_activation_arg(up, gate, "up");
+  check_activation_args({{"gate", &gate}, {"up", &up}});
   Tensor y = cpu::empty_output(gate.sizes(), gate.options());
   const Shape2d s = flat_shape({&gate, &up, &y});
   const int64_t sg = s.rows > 1 ? gate.stride(0) : 0, su = s.rows > 1 ? up.stride(0) : 0;
@@ -180,9 +179,7 @@ Tensor swiglu_fwd_cpu(const Tensor& gate, const Tensor& up) {
 }
 
 std::tuple<Tensor, Tensor> swiglu_bwd_cpu(const Tensor& dy, const Tensor& gate, const Tensor& up) {
-  check_activation_arg(gate, gate, "gate");
-  check_activation_arg(up, gate, "up");
-  check_activation_arg(dy, gate, "dy");
+  check_activation_args({{"gate", &gate}, {"up", &up}, {"dy", &dy}});
   Tensor dg = cpu::empty_output(gate.sizes(), gate.options());
   Tensor du = cpu::empty_output(gate.sizes(), gate.options());
   const Shape2d s = flat_shape({&dy, &gate, &up, &dg});
@@ -204,8 +201,8 @@ std::tuple<Tensor, Tensor> swiglu_bwd_cpu(const Tensor& dy, const Tensor& gate, 
 }
 
 Tensor gelu_fwd_cpu(const Tensor& x, const std::string& approximate) {
-  check_activation_arg(x, x, "x");
-  const bool tanh = gelu_is_tanh(approximate);
+  check_activation_args({{"x", &x}});
+  const bool tanh = approximate == "tanh";
   Tensor y = cpu::empty_output(x.sizes(), x.options());
   const Shape2d s = flat_shape({&x, &y});
   const int64_t sx = s.rows > 1 ? x.stride(0) : 0;
@@ -231,9 +228,8 @@ Tensor gelu_fwd_cpu(const Tensor& x, const std::string& approximate) {
 }
 
 Tensor gelu_bwd_cpu(const Tensor& dy, const Tensor& x, const std::string& approximate) {
-  check_activation_arg(x, x, "x");
-  check_activation_arg(dy, x, "dy");
-  const bool tanh = gelu_is_tanh(approximate);
+  check_activation_args({{"x", &x}, {"dy", &dy}});
+  const bool tanh = approximate == "tanh";
   Tensor dx = cpu::empty_output(x.sizes(), x.options());
   const Shape2d s = flat_shape({&dy, &x, &dx});
   const int64_t sd = s.rows > 1 ? dy.stride(0) : 0, sx = s.rows > 1 ? x.stride(0) : 0;
@@ -259,4 +255,12 @@ Tensor gelu_bwd_cpu(const Tensor& dy, const Tensor& x, const std::string& approx
   return dx;
 }
 
+}  // namespace
 }  // namespace plm_engine
+
+TORCH_LIBRARY_IMPL(plm_engine, CPU, m) {
+  m.impl("swiglu_fwd", &plm_engine::swiglu_fwd_cpu);
+  m.impl("swiglu_bwd", &plm_engine::swiglu_bwd_cpu);
+  m.impl("gelu_fwd", &plm_engine::gelu_fwd_cpu);
+  m.impl("gelu_bwd", &plm_engine::gelu_bwd_cpu);
+}

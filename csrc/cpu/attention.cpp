@@ -24,6 +24,13 @@
 //  - Decode processes all query heads of a KV head together (rows = seqlen_q x group), so each cached
 //    K/V row is read from memory once, and splits long contexts into chunks (flash-decoding) so that
 //    batch 1 keeps every core busy; the partial results are merged in a second pass.
+//  - T5's relative position bias (the *_rpb ops): per head, the bias of every relative position in
+//    [-max_distance, max_distance] (table[bucket, head], precomputed once per call, in log2 units),
+//    padded by BN on both sides with the end values (BiasArgs), so a tile row's BN biases are one
+//    contiguous, unmasked window whatever the clamp does. The backward's pass 1 sums dS^T into a
+//    padded row per (head, key tile) in the same coordinate, folds it onto relative positions, and a
+//    final fixed-order pass adds those into the table's buckets: dtable is bit-identical for any
+//    thread count too.
 //  - Tasks are handed out dynamically (an atomic counter inside at::parallel_for), heaviest first, so
 //    causal attention's uneven tiles balance. Every task's arithmetic depends only on the shapes, so
 //    results are bit-identical for any thread count.
@@ -49,7 +56,7 @@
 #include <vector>
 
 #include "attention.h"
-#include "common/checks.h"
+#include "common/dispatch.h"
 #include "cpu/isa.h"
 #include "cpu/simd.h"
 
@@ -72,24 +79,46 @@ struct Seq {
   int64_t qt_off = 0, st_off = 0;  // backward: packed Q^T / dO^T panels, per-row lse2 / D
   int64_t dq_off = 0, dk_off = 0, dv_off = 0;
   int64_t ds_off = 0;  // backward: stored dS^T tiles
+  int64_t db_off = 0;  // backward with a bias: per-(head, key tile) dS sums per relative position
+};
+
+// T5's relative position bias as the tile kernels read it (ext == nullptr: no bias). Per head, `len` =
+// 2 * (md + BN) + 1 floats: ext[x + md + BN] = table[buckets[clamp(x, -md, md) + md], head] * log2(e)
+// for the relative position x = key - query in [-(md + BN), md + BN]; rev the same at -x (the
+// backward's transposed tiles, whose rows are keys).
+struct BiasArgs {
+  const float* ext = nullptr;
+  const float* rev = nullptr;
+  float* dpart = nullptr;  // backward: per (sequence, head, key tile), 2 * md + 1 dS sums (Seq::db_off)
+  int64_t md = 0, len = 0;
+  const int32_t* buckets = nullptr;  // backward: the bucket of each relative position, and
+  float* dtable = nullptr;           // the (num_buckets, n_heads) gradient they are summed into
 };
 
 int64_t n_tiles(int64_t n) { return (n + BN - 1) / BN; }
 
+// What the forward and the backward share: q, k, v and their layout, the mask and the scale.
 template <typename T>
-struct FwdArgs {
+struct QkvArgs {
   const T* q;
   const T* k;
   const T* v;
+  int64_t h, hkv, d;
+  int64_t q_row, q_head, k_row, k_head, v_row, v_head;  // element strides
+  int64_t lse_head;
+  bool causal;
+  float scale;
+  float qscale;  // softmax scale * log2(e): scores come out in log2 units for exp2
+  BiasArgs bias;
+};
+
+template <typename T>
+struct FwdArgs : QkvArgs<T> {
   T* out;
   float* lse;
   float* kt;  // packed keys: per (seq, kv head) ceil(sk / BN) tiles of (d, BN) fp32
   float* vf;  // fp32 values per (seq, kv head): (sk, d), contiguous (see run_fwd)
-  int64_t h, hkv, d;
-  int64_t q_row, q_head, k_row, k_head, v_row, v_head;  // element strides
-  int64_t out_row, lse_head;
-  bool causal;
-  float qscale;  // softmax scale * log2(e): scores come out in log2 units for exp2
+  int64_t out_row;
 };
 
 // Scratch layout of a dense/varlen or paged forward worker, in floats.
@@ -111,14 +140,12 @@ struct PagedArgs {
   int64_t sq, h, hkv, d, bs_log2, max_blocks, splits, chunk, rows_total, row_tiles;
   int64_t q_b, q_s, q_h;
   float qscale;
+  BiasArgs bias;
 };
 
 template <typename T>
-struct BwdArgs {
+struct BwdArgs : QkvArgs<T> {
   const T* dout;
-  const T* q;
-  const T* k;
-  const T* v;
   const T* out;
   const float* lse;
   T* dq;
@@ -134,11 +161,8 @@ struct BwdArgs {
   float* lse2;   // per (seq, head, query tile): BN values of lse * log2(e) (+inf: no visible key / padding)
   float* delta;  // same layout: D = rowsum(dO * O)
   float* ds;     // dS^T tiles (BN keys x BN queries) per (seq, head, key tile, query tile), or nullptr
-  int64_t h, hkv, d;
-  int64_t q_row, q_head, k_row, k_head, v_row, v_head, o_row, o_head, do_row, do_head, lse_head;
+  int64_t o_row, o_head, do_row, do_head;
   int64_t dq_row, dq_head, dk_row, dk_head, dv_row, dv_head;
-  bool causal;
-  float scale, qscale;
 };
 
 // Pass 1 stores its dS^T tiles for pass 2 when they take at most this many MiB (h * sq * sk * 4 bytes,
@@ -152,12 +176,18 @@ int64_t ds_budget_bytes() {
 }
 
 // Scratch of a backward worker, in floats: two (BN, d) operand tiles, two (BN, BN) score tiles, two
-// (BN, d) accumulators.
+// (BN, d) accumulators, and with a bias one padded row of dS sums (BiasArgs::len).
 struct BwdScratch {
-  float *x, *y, *s, *dp, *acc1, *acc2;
-  static int64_t floats(int64_t d) { return 4 * BN * d + 2 * BN * BN; }
+  float *x, *y, *s, *dp, *acc1, *acc2, *bacc;
+  static int64_t floats(int64_t d, int64_t bias_len = 0) { return 4 * BN * d + 2 * BN * BN + bias_len; }
   BwdScratch(float* base, int64_t d)
-      : x(base), y(x + BN * d), s(y + BN * d), dp(s + BN * BN), acc1(dp + BN * BN), acc2(acc1 + BN * d) {}
+      : x(base),
+        y(x + BN * d),
+        s(y + BN * d),
+        dp(s + BN * BN),
+        acc1(dp + BN * BN),
+        acc2(acc1 + BN * d),
+        bacc(acc2 + BN * d) {}
 };
 
 #define PLM_SIMD_KERNELS "cpu/attention_kernels.inc"
@@ -174,6 +204,26 @@ void parallel_tasks(int64_t n, int64_t scratch_floats, const F& fn) {
     std::vector<float> scratch(scratch_floats);
     for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) fn(t, scratch.data());
   });
+}
+
+// A unit of work: one (sequence, head, tile), and how many keys (or queries) it visits.
+struct Task {
+  int64_t seq, head, tile, cost;
+};
+
+// Every (sequence, head, query tile), the most keys first: the order parallel_tasks hands them out in.
+std::vector<Task> query_tile_tasks(const std::vector<Seq>& seqs, int64_t h, bool causal) {
+  std::vector<Task> tasks;
+  for (int64_t s = 0; s < static_cast<int64_t>(seqs.size()); ++s) {
+    const Seq& sd = seqs[s];
+    for (int64_t i0 = 0; i0 < sd.sq; i0 += BM) {
+      const int64_t last = std::min(i0 + BM, sd.sq) - 1;
+      const int64_t keys = causal ? std::clamp(last + sd.sk - sd.sq + 1, int64_t(0), sd.sk) : sd.sk;
+      for (int64_t hh = 0; hh < h; ++hh) tasks.push_back({s, hh, i0, keys});
+    }
+  }
+  std::stable_sort(tasks.begin(), tasks.end(), [](const Task& x, const Task& y) { return x.cost > y.cost; });
+  return tasks;
 }
 
 template <typename T>
@@ -202,31 +252,23 @@ void run_fwd(FwdArgs<T> a, std::vector<Seq>& seqs, const at::TensorOptions& fopt
     PLM_CPU_CALL(pack_task, a, seqs[packs[t].seq], packs[t].kvh, packs[t].tile);
   });
   // Main pass: (sequence, head, query tile), the most keys first.
-  struct Task { int64_t seq, head, i0, cost; };
-  std::vector<Task> tasks;
-  for (int64_t s = 0; s < static_cast<int64_t>(seqs.size()); ++s) {
-    const Seq& sd = seqs[s];
-    for (int64_t i0 = 0; i0 < sd.sq; i0 += BM) {
-      const int64_t last = std::min(i0 + BM, sd.sq) - 1;
-      const int64_t keys = a.causal ? std::clamp(last + sd.sk - sd.sq + 1, int64_t(0), sd.sk) : sd.sk;
-      for (int64_t hh = 0; hh < a.h; ++hh) tasks.push_back({s, hh, i0, keys});
-    }
-  }
-  std::stable_sort(tasks.begin(), tasks.end(), [](const Task& x, const Task& y) { return x.cost > y.cost; });
+  const std::vector<Task> tasks = query_tile_tasks(seqs, a.h, a.causal);
   parallel_tasks(static_cast<int64_t>(tasks.size()), Scratch::floats(d), [&](int64_t t, float* scratch) {
-    PLM_CPU_CALL(fwd_task, a, seqs[tasks[t].seq], tasks[t].head, tasks[t].i0, scratch);
+    PLM_CPU_CALL(fwd_task, a, seqs[tasks[t].seq], tasks[t].head, tasks[t].tile, scratch);
   });
 }
 
 template <typename T>
 void run_bwd(BwdArgs<T> a, std::vector<Seq>& seqs, const at::TensorOptions& fopts) {
   const int64_t d = a.d, group = a.h / a.hkv, nseq = static_cast<int64_t>(seqs.size());
-  int64_t kt_total = 0, qt_total = 0, st_total = 0, ds_total = 0;
+  int64_t kt_total = 0, qt_total = 0, st_total = 0, ds_total = 0, db_total = 0;
   for (Seq& sd : seqs) {
     sd.kt_off = kt_total;
     sd.qt_off = qt_total;
     sd.st_off = st_total;
     sd.ds_off = ds_total;
+    sd.db_off = db_total;
+    db_total += a.h * n_tiles(sd.sk) * (2 * a.bias.md + 1);
     kt_total += a.hkv * n_tiles(sd.sk) * d * BN;
     qt_total += a.h * n_tiles(sd.sq) * d * BN;
     st_total += a.h * n_tiles(sd.sq) * BN;
@@ -252,7 +294,10 @@ void run_bwd(BwdArgs<T> a, std::vector<Seq>& seqs, const at::TensorOptions& fopt
   a.kf = kf.data_ptr<float>();
   a.lse2 = lse2.data_ptr<float>();
   a.delta = delta.data_ptr<float>();
-  struct Task { int64_t seq, head, tile, cost; };
+  // Every (sequence, head, key tile) slot is written by exactly one pass-1 task (keys no query sees
+  // included: their tasks still run and write zeros), so no zero fill is needed.
+  const at::Tensor dpart = at::empty({a.bias.ext != nullptr ? db_total : 0}, fopts);
+  a.bias.dpart = a.bias.ext != nullptr ? dpart.data_ptr<float>() : nullptr;
   // Pre-pass: K rows and K^T / V^T tiles (head = kv head) and Q^T / dO^T panels, Q / dO rows, lse2 and
   // D (head = -1 - head).
   std::vector<Task> prep;
@@ -277,45 +322,73 @@ void run_bwd(BwdArgs<T> a, std::vector<Seq>& seqs, const at::TensorOptions& fopt
     }
   }
   std::stable_sort(tasks.begin(), tasks.end(), [](const Task& x, const Task& y) { return x.cost > y.cost; });
-  parallel_tasks(static_cast<int64_t>(tasks.size()), BwdScratch::floats(d), [&](int64_t t, float* scratch) {
+  const int64_t bias_len = a.bias.ext != nullptr ? a.bias.len : 0;
+  parallel_tasks(static_cast<int64_t>(tasks.size()), BwdScratch::floats(d, bias_len), [&](int64_t t, float* scratch) {
     PLM_CPU_CALL(bwd_dkdv_task, a, seqs[tasks[t].seq], tasks[t].head, tasks[t].tile, scratch);
   });
   // Pass 2: dQ per (sequence, head, query tile), the most keys first.
-  tasks.clear();
-  for (int64_t s = 0; s < nseq; ++s) {
-    const Seq& sd = seqs[s];
-    for (int64_t i0 = 0; i0 < sd.sq; i0 += BM) {
-      const int64_t last = std::min(i0 + BM, sd.sq) - 1;
-      const int64_t keys = a.causal ? std::clamp(last + sd.sk - sd.sq + 1, int64_t(0), sd.sk) : sd.sk;
-      for (int64_t hh = 0; hh < a.h; ++hh) tasks.push_back({s, hh, i0, keys});
-    }
-  }
-  std::stable_sort(tasks.begin(), tasks.end(), [](const Task& x, const Task& y) { return x.cost > y.cost; });
+  tasks = query_tile_tasks(seqs, a.h, a.causal);
   parallel_tasks(static_cast<int64_t>(tasks.size()), BwdScratch::floats(d), [&](int64_t t, float* scratch) {
     if (store_ds) PLM_CPU_CALL(bwd_dq_stored_task, a, seqs[tasks[t].seq], tasks[t].head, tasks[t].tile, scratch);
     else PLM_CPU_CALL(bwd_dq_task, a, seqs[tasks[t].seq], tasks[t].head, tasks[t].tile, scratch);
   });
+  if (a.bias.ext == nullptr) return;
+  // dtable[bucket(p), head] += pass 1's sums for relative position p, over sequences and key tiles in
+  // order: one head per task, so each table column has one writer.
+  const int64_t width = 2 * a.bias.md + 1;
+  at::parallel_for(0, a.h, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> sums(width);
+    for (int64_t hh = begin; hh < end; ++hh) {
+      std::fill(sums.begin(), sums.end(), 0.f);
+      for (const Seq& sd : seqs) {
+        const int64_t nkt = n_tiles(sd.sk);
+        for (int64_t t = 0; t < nkt; ++t) {
+          const float* part = a.bias.dpart + sd.db_off + (hh * nkt + t) * width;
+          for (int64_t p = 0; p < width; ++p) sums[p] += part[p];
+        }
+      }
+      for (int64_t p = 0; p < width; ++p) a.bias.dtable[a.bias.buckets[p] * a.h + hh] += sums[p];
+    }
+  });
 }
 
-template <typename F>
-void dispatch_dtype(at::ScalarType st, const F& fn) {
-  switch (st) {
-    case at::kFloat: fn(float{}); break;
-    case at::kHalf: fn(c10::Half{}); break;
-    case at::kBFloat16: fn(c10::BFloat16{}); break;
-    default: TORCH_CHECK(false, "attention: unsupported dtype ", st);
+// The bias rows of one call (BiasArgs), and the buffers behind them.
+struct BiasRows {
+  at::Tensor ext, rev;
+  BiasArgs args;
+
+  BiasRows(const at::Tensor& table, const at::Tensor& buckets) {
+    const int64_t nb = table.size(0), h = table.size(1), md = (buckets.numel() - 1) / 2;
+    const int64_t len = 2 * (md + BN) + 1;
+    ext = at::empty({h, len}, table.options());
+    rev = at::empty({h, len}, table.options());
+    const float* tab = table.data_ptr<float>();
+    const int32_t* bk = buckets.data_ptr<int32_t>();
+    float* e = ext.data_ptr<float>();
+    float* r = rev.data_ptr<float>();
+    for (int64_t hh = 0; hh < h; ++hh) {
+      for (int64_t x = -(md + BN); x <= md + BN; ++x) {
+        const int32_t b = bk[std::clamp(x, -md, md) + md];
+        TORCH_CHECK(b >= 0 && b < nb, "position bias buckets must lie in [0, ", nb, "), got ", b);
+        e[hh * len + x + md + BN] = tab[b * h + hh] * kLog2e;
+        r[hh * len - x + md + BN] = e[hh * len + x + md + BN];
+      }
+    }
+    args.ext = e;
+    args.rev = r;
+    args.md = md;
+    args.len = len;
+    args.buckets = bk;
   }
-}
+};
+
 
 template <typename T>
-FwdArgs<T> fwd_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
-                    bool causal, double scale) {
-  FwdArgs<T> a{};
+void fill_qkv(QkvArgs<T>& a, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& lse, bool causal,
+              double scale) {
   a.q = q.data_ptr<T>();
   a.k = k.data_ptr<T>();
   a.v = v.data_ptr<T>();
-  a.out = out.data_ptr<T>();
-  a.lse = lse.data_ptr<float>();
   a.h = q.size(-2);
   a.hkv = k.size(-2);
   a.d = q.size(-1);
@@ -325,35 +398,34 @@ FwdArgs<T> fwd_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   a.k_head = k.stride(-2);
   a.v_row = v.stride(-3);
   a.v_head = v.stride(-2);
-  a.out_row = a.h * a.d;
+  a.lse_head = lse.stride(-2);  // (b, h, sq) dense, (h, total_q) packed
   a.causal = causal;
+  a.scale = static_cast<float>(scale);
   a.qscale = static_cast<float>(scale) * kLog2e;
+}
+
+template <typename T>
+FwdArgs<T> fwd_args(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out, Tensor& lse, bool causal,
+                    double scale) {
+  FwdArgs<T> a{};
+  fill_qkv<T>(a, q, k, v, lse, causal, scale);
+  a.out = out.data_ptr<T>();
+  a.lse = lse.data_ptr<float>();
+  a.out_row = a.h * a.d;
   return a;
 }
 
 template <typename T>
-BwdArgs<T> bwd_args(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                    const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
-                    bool causal, double scale) {
+BwdArgs<T> bwd_args(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                    const Tensor& lse, Tensor& dq, Tensor& dk, Tensor& dv, bool causal, double scale) {
   BwdArgs<T> a{};
+  fill_qkv<T>(a, q, k, v, lse, causal, scale);
   a.dout = dout.data_ptr<T>();
-  a.q = q.data_ptr<T>();
-  a.k = k.data_ptr<T>();
-  a.v = v.data_ptr<T>();
   a.out = out.data_ptr<T>();
   a.lse = lse.data_ptr<float>();
   a.dq = dq.data_ptr<T>();
   a.dk = dk.data_ptr<T>();
   a.dv = dv.data_ptr<T>();
-  a.h = q.size(-2);
-  a.hkv = k.size(-2);
-  a.d = q.size(-1);
-  a.q_row = q.stride(-3);
-  a.q_head = q.stride(-2);
-  a.k_row = k.stride(-3);
-  a.k_head = k.stride(-2);
-  a.v_row = v.stride(-3);
-  a.v_head = v.stride(-2);
   a.o_row = out.stride(-3);
   a.o_head = out.stride(-2);
   a.do_row = dout.stride(-3);
@@ -364,9 +436,6 @@ BwdArgs<T> bwd_args(const at::Tensor& dout, const at::Tensor& q, const at::Tenso
   a.dk_head = dk.stride(-2);
   a.dv_row = dv.stride(-3);
   a.dv_head = dv.stride(-2);
-  a.causal = causal;
-  a.scale = static_cast<float>(scale);
-  a.qscale = static_cast<float>(scale) * kLog2e;
   return a;
 }
 
@@ -397,81 +466,101 @@ void paged_merge(const PagedArgs<T>& a, T* out, int64_t t) {
   for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<T>(acc[c] * inv);
 }
 
-}  // namespace
-
-std::tuple<Tensor, Tensor> attn_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, double scale) {
-  check_attn_args(q, k, v, 2);
-  const int64_t b = q.size(0), sq = q.size(1), h = q.size(2), d = q.size(3), sk = k.size(1);
-  Tensor out = at::empty({b, sq, h, d}, q.options());
-  Tensor lse = at::empty({b, h, sq}, q.options().dtype(at::kFloat));
+// The sequences of a call. Dense (cu_q == nullptr): sequence i is batch row i, with q.size(1) queries and
+// k.size(1) keys. Packed: rows cu_q[i] .. cu_q[i + 1] of q and cu_k[i] .. cu_k[i + 1] of k and v, checked
+// here since every row access reads them. A sequence's element offsets are its first row times stride(0):
+// the batch stride of a dense tensor, the row stride of a packed one. lse is (b, h, sq) dense, (h, total_q)
+// packed. The gradients, when given, are laid out like q, k, v.
+std::vector<Seq> make_seqs(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
+                           const Tensor* cu_q, const Tensor* cu_k, int64_t max_q, int64_t max_k,
+                           const Tensor* dq = nullptr, const Tensor* dk = nullptr, const Tensor* dv = nullptr) {
+  const bool packed = cu_q != nullptr;
+  const int32_t* cq = packed ? cu_q->data_ptr<int32_t>() : nullptr;
+  const int32_t* ck = packed ? cu_k->data_ptr<int32_t>() : nullptr;
+  const int64_t batch = packed ? cu_q->numel() - 1 : q.size(0);
+  if (packed) {
+    TORCH_CHECK(cq[0] == 0 && ck[0] == 0 && cq[batch] == q.size(0) && ck[batch] == k.size(0),
+                "cu_seqlens must start at 0 and end at the packed lengths (", q.size(0), ", ", k.size(0), ")");
+  }
   std::vector<Seq> seqs;
-  for (int64_t i = 0; i < b; ++i)
-    seqs.push_back({i * q.stride(0), i * k.stride(0), i * v.stride(0), i * sq * h * d, i * h * sq, sq, sk});
-  dispatch_dtype(q.scalar_type(), [&](auto tag) {
+  for (int64_t i = 0; i < batch; ++i) {
+    const int64_t q0 = packed ? cq[i] : i, k0 = packed ? ck[i] : i;
+    const int64_t sq = packed ? cq[i + 1] - q0 : q.size(1), sk = packed ? ck[i + 1] - k0 : k.size(1);
+    if (packed) {
+      TORCH_CHECK(sq >= 0 && sk >= 0, "cu_seqlens must never decrease (sequence ", i, ")");
+      TORCH_CHECK(sq <= max_q && sk <= max_k, "sequence ", i, " (", sq, ", ", sk,
+                  ") is longer than max_seqlen_q/k (", max_q, ", ", max_k, ")");
+    }
+    Seq sd{q0 * q.stride(0), k0 * k.stride(0), k0 * v.stride(0), q0 * out.stride(0),
+           packed ? q0 * lse.stride(1) : q0 * lse.stride(0), sq, sk};
+    if (dq != nullptr) {
+      sd.dq_off = q0 * dq->stride(0);
+      sd.dk_off = k0 * dk->stride(0);
+      sd.dv_off = k0 * dv->stride(0);
+    }
+    seqs.push_back(sd);
+  }
+  return seqs;
+}
+
+std::tuple<Tensor, Tensor> attn_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor* cu_q,
+                                    const Tensor* cu_k, int64_t max_q, int64_t max_k, bool causal, double scale,
+                                    const BiasArgs* bias = nullptr) {
+  check_attn_args(q, k, v, cu_q != nullptr ? 1 : 2);
+  if (cu_q != nullptr) check_varlen_args(q, k, *cu_q, *cu_k);
+  const int64_t h = q.size(-2);
+  const auto f32 = q.options().dtype(at::kFloat);
+  Tensor out = at::empty(q.sizes(), q.options());
+  Tensor lse = cu_q != nullptr ? at::empty({h, q.size(0)}, f32) : at::empty({q.size(0), h, q.size(1)}, f32);
+  std::vector<Seq> seqs = make_seqs(q, k, v, out, lse, cu_q, cu_k, max_q, max_k);
+  dispatch_float(q.scalar_type(), "attention (CPU)", [&](auto tag) {
     using T = decltype(tag);
     FwdArgs<T> a = fwd_args<T>(q, k, v, out, lse, causal, scale);
-    a.lse_head = sq;
-    run_fwd(a, seqs, q.options().dtype(at::kFloat));
+    if (bias != nullptr) a.bias = *bias;
+    run_fwd(a, seqs, f32);
   });
   return {out, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor> attn_bwd(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                                            const Tensor& out, const Tensor& lse, const Tensor* cu_q,
+                                            const Tensor* cu_k, int64_t max_q, int64_t max_k, bool causal,
+                                            double scale, const BiasArgs* bias = nullptr) {
+  const bool packed = cu_q != nullptr;
+  check_attn_args(q, k, v, packed ? 1 : 2);
+  if (packed) check_varlen_args(q, k, *cu_q, *cu_k);
+  const int64_t h = q.size(-2);
+  const std::vector<int64_t> lse_shape =
+      packed ? std::vector<int64_t>{h, q.size(0)} : std::vector<int64_t>{q.size(0), h, q.size(1)};
+  check_attn_bwd_args(dout, out, lse, q, lse_shape);
+  // dout and out share the per-sequence offsets, so both are made contiguous (like q's layout).
+  const Tensor dO = dout.contiguous(), o = out.contiguous(), l = lse.contiguous();
+  Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  std::vector<Seq> seqs = make_seqs(q, k, v, o, l, cu_q, cu_k, max_q, max_k, &dq, &dk, &dv);
+  dispatch_float(q.scalar_type(), "attention (CPU)", [&](auto tag) {
+    using T = decltype(tag);
+    BwdArgs<T> a = bwd_args<T>(dO, q, k, v, o, l, dq, dk, dv, causal, scale);
+    if (bias != nullptr) a.bias = *bias;
+    run_bwd(a, seqs, q.options().dtype(at::kFloat));
+  });
+  return {dq, dk, dv};
+}
+
+std::tuple<Tensor, Tensor> attn_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, double scale) {
+  return attn_fwd(q, k, v, nullptr, nullptr, 0, 0, causal, scale);
 }
 
 std::tuple<Tensor, Tensor> attn_varlen_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
                                                const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
                                                int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
                                                double scale) {
-  check_attn_args(q, k, v, 1);
-  check_varlen_args(q, k, cu_seqlens_q, cu_seqlens_k);
-  const int64_t tq = q.size(0), h = q.size(1), d = q.size(2), tk = k.size(0);
-  const int32_t* cq = cu_seqlens_q.data_ptr<int32_t>();
-  const int32_t* ck = cu_seqlens_k.data_ptr<int32_t>();
-  const int64_t batch = cu_seqlens_q.numel() - 1;
-  // Offsets are read on every row access: a bad one would read out of bounds, so check them all.
-  TORCH_CHECK(cq[0] == 0 && ck[0] == 0 && cq[batch] == tq && ck[batch] == tk,
-              "cu_seqlens must start at 0 and end at the packed lengths (", tq, ", ", tk, ")");
-  Tensor out = at::empty({tq, h, d}, q.options());
-  Tensor lse = at::empty({h, tq}, q.options().dtype(at::kFloat));
-  std::vector<Seq> seqs;
-  for (int64_t i = 0; i < batch; ++i) {
-    const int64_t sq = cq[i + 1] - cq[i], sk = ck[i + 1] - ck[i];
-    TORCH_CHECK(sq >= 0 && sk >= 0, "cu_seqlens must never decrease (sequence ", i, ")");
-    TORCH_CHECK(sq <= max_seqlen_q && sk <= max_seqlen_k, "sequence ", i, " (", sq, ", ", sk,
-                ") is longer than max_seqlen_q/k (", max_seqlen_q, ", ", max_seqlen_k, ")");
-    seqs.push_back({cq[i] * q.stride(0), ck[i] * k.stride(0), ck[i] * v.stride(0), cq[i] * h * d, cq[i], sq, sk});
-  }
-  dispatch_dtype(q.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    FwdArgs<T> a = fwd_args<T>(q, k, v, out, lse, causal, scale);
-    a.lse_head = tq;
-    run_fwd(a, seqs, q.options().dtype(at::kFloat));
-  });
-  return {out, lse};
+  return attn_fwd(q, k, v, &cu_seqlens_q, &cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale);
 }
 
 std::tuple<Tensor, Tensor, Tensor> attn_bwd_cpu(const Tensor& dout, const Tensor& q, const Tensor& k,
                                                 const Tensor& v, const Tensor& out, const Tensor& lse, bool causal,
                                                 double scale) {
-  check_attn_args(q, k, v, 2);
-  const int64_t b = q.size(0), sq = q.size(1), h = q.size(2), sk = k.size(1);
-  check_attn_bwd_args(dout, out, lse, q, {b, h, sq});
-  // dout and out share the per-sequence offsets below, so both are made (b, sq, h, d) contiguous.
-  const Tensor dO = dout.contiguous(), o = out.contiguous(), l = lse.contiguous();
-  Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  std::vector<Seq> seqs;
-  for (int64_t i = 0; i < b; ++i) {
-    Seq sd{i * q.stride(0), i * k.stride(0), i * v.stride(0), i * o.stride(0), i * h * sq, sq, sk};
-    sd.dq_off = i * dq.stride(0);
-    sd.dk_off = i * dk.stride(0);
-    sd.dv_off = i * dv.stride(0);
-    seqs.push_back(sd);
-  }
-  dispatch_dtype(q.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    BwdArgs<T> a = bwd_args<T>(dO, q, k, v, o, l, dq, dk, dv, causal, scale);
-    a.lse_head = sq;
-    run_bwd(a, seqs, q.options().dtype(at::kFloat));
-  });
-  return {dq, dk, dv};
+  return attn_bwd(dout, q, k, v, out, lse, nullptr, nullptr, 0, 0, causal, scale);
 }
 
 std::tuple<Tensor, Tensor, Tensor> attn_varlen_bwd_cpu(const Tensor& dout, const Tensor& q, const Tensor& k,
@@ -479,40 +568,11 @@ std::tuple<Tensor, Tensor, Tensor> attn_varlen_bwd_cpu(const Tensor& dout, const
                                                        const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
                                                        int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
                                                        double scale) {
-  check_attn_args(q, k, v, 1);
-  check_varlen_args(q, k, cu_seqlens_q, cu_seqlens_k);
-  const int64_t tq = q.size(0), h = q.size(1), tk = k.size(0);
-  check_attn_bwd_args(dout, out, lse, q, {h, tq});
-  const int32_t* cq = cu_seqlens_q.data_ptr<int32_t>();
-  const int32_t* ck = cu_seqlens_k.data_ptr<int32_t>();
-  const int64_t batch = cu_seqlens_q.numel() - 1;
-  TORCH_CHECK(cq[0] == 0 && ck[0] == 0 && cq[batch] == tq && ck[batch] == tk,
-              "cu_seqlens must start at 0 and end at the packed lengths (", tq, ", ", tk, ")");
-  const Tensor dO = dout.contiguous(), o = out.contiguous(), l = lse.contiguous();
-  Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  std::vector<Seq> seqs;
-  for (int64_t i = 0; i < batch; ++i) {
-    const int64_t sq = cq[i + 1] - cq[i], sk = ck[i + 1] - ck[i];
-    TORCH_CHECK(sq >= 0 && sk >= 0, "cu_seqlens must never decrease (sequence ", i, ")");
-    TORCH_CHECK(sq <= max_seqlen_q && sk <= max_seqlen_k, "sequence ", i, " (", sq, ", ", sk,
-                ") is longer than max_seqlen_q/k (", max_seqlen_q, ", ", max_seqlen_k, ")");
-    Seq sd{cq[i] * q.stride(0), ck[i] * k.stride(0), ck[i] * v.stride(0), cq[i] * o.stride(0), cq[i], sq, sk};
-    sd.dq_off = cq[i] * dq.stride(0);
-    sd.dk_off = ck[i] * dk.stride(0);
-    sd.dv_off = ck[i] * dv.stride(0);
-    seqs.push_back(sd);
-  }
-  dispatch_dtype(q.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    BwdArgs<T> a = bwd_args<T>(dO, q, k, v, o, l, dq, dk, dv, causal, scale);
-    a.lse_head = tq;
-    run_bwd(a, seqs, q.options().dtype(at::kFloat));
-  });
-  return {dq, dk, dv};
+  return attn_bwd(dout, q, k, v, out, lse, &cu_seqlens_q, &cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale);
 }
 
-Tensor paged_attn_cpu(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& block_table,
-                      const Tensor& cache_seqlens, double scale) {
+Tensor paged_attn(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& block_table,
+                  const Tensor& cache_seqlens, double scale, const BiasArgs* bias) {
   check_paged_args(q, k_cache, v_cache, block_table, cache_seqlens);
   const int64_t b = q.size(0), sq = q.size(1), h = q.size(2), d = q.size(3), hkv = k_cache.size(2);
   const int64_t nb = k_cache.size(0), bs = k_cache.size(1), max_blocks = block_table.size(1);
@@ -537,7 +597,7 @@ Tensor paged_attn_cpu(const Tensor& q, const Tensor& k_cache, const Tensor& v_ca
   const int64_t splits = std::max<int64_t>(1, std::min((32 + base - 1) / base, (max_len + 255) / 256));
   const int64_t chunk = ((max_len + splits - 1) / splits + BN - 1) / BN * BN;
   Tensor part = at::empty({b * hkv * rows_total * splits * (d + 2)}, q.options().dtype(at::kFloat));
-  dispatch_dtype(q.scalar_type(), [&](auto tag) {
+  dispatch_float(q.scalar_type(), "attention (CPU)", [&](auto tag) {
     using T = decltype(tag);
     PagedArgs<T> a{};
     a.q = q.data_ptr<T>();
@@ -561,6 +621,7 @@ Tensor paged_attn_cpu(const Tensor& q, const Tensor& k_cache, const Tensor& v_ca
     a.q_s = q.stride(1);
     a.q_h = q.stride(2);
     a.qscale = static_cast<float>(scale) * kLog2e;
+    if (bias != nullptr) a.bias = *bias;
     // Tasks are (batch, kv head, row tile, split) in index order: every task of a batch row costs
     // about the same, so no sorting is needed.
     parallel_tasks(base * splits, Scratch::floats(d), [&](int64_t t, float* scratch) {
@@ -572,6 +633,60 @@ Tensor paged_attn_cpu(const Tensor& q, const Tensor& k_cache, const Tensor& v_ca
     });
   });
   return out;
+}
+
+Tensor paged_attn_cpu(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& block_table,
+                      const Tensor& cache_seqlens, double scale) {
+  return paged_attn(q, k_cache, v_cache, block_table, cache_seqlens, scale, nullptr);
+}
+
+std::tuple<Tensor, Tensor> attn_rpb_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& table,
+                                            const Tensor& buckets, bool causal, double scale) {
+  check_bias_args(table, buckets, q);
+  const BiasRows bias(table, buckets);
+  return attn_fwd(q, k, v, nullptr, nullptr, 0, 0, causal, scale, &bias.args);
+}
+
+std::tuple<Tensor, Tensor> attn_varlen_rpb_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                   const Tensor& table, const Tensor& buckets,
+                                                   const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
+                                                   int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
+                                                   double scale) {
+  check_bias_args(table, buckets, q);
+  const BiasRows bias(table, buckets);
+  return attn_fwd(q, k, v, &cu_seqlens_q, &cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, &bias.args);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> attn_rpb_bwd_cpu(const Tensor& dout, const Tensor& q, const Tensor& k,
+                                                            const Tensor& v, const Tensor& out, const Tensor& lse,
+                                                            const Tensor& table, const Tensor& buckets, bool causal,
+                                                            double scale) {
+  check_bias_args(table, buckets, q);
+  BiasRows bias(table, buckets);
+  Tensor dtable = at::zeros_like(table);
+  bias.args.dtable = dtable.data_ptr<float>();
+  auto [dq, dk, dv] = attn_bwd(dout, q, k, v, out, lse, nullptr, nullptr, 0, 0, causal, scale, &bias.args);
+  return {dq, dk, dv, dtable};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> attn_varlen_rpb_bwd_cpu(
+    const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
+    const Tensor& table, const Tensor& buckets, const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double scale) {
+  check_bias_args(table, buckets, q);
+  BiasRows bias(table, buckets);
+  Tensor dtable = at::zeros_like(table);
+  bias.args.dtable = dtable.data_ptr<float>();
+  auto [dq, dk, dv] = attn_bwd(dout, q, k, v, out, lse, &cu_seqlens_q, &cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                               causal, scale, &bias.args);
+  return {dq, dk, dv, dtable};
+}
+
+Tensor paged_attn_rpb_cpu(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& block_table,
+                          const Tensor& cache_seqlens, const Tensor& table, const Tensor& buckets, double scale) {
+  check_bias_args(table, buckets, q);
+  const BiasRows bias(table, buckets);
+  return paged_attn(q, k_cache, v_cache, block_table, cache_seqlens, scale, &bias.args);
 }
 
 void write_kv_cache_cpu(const Tensor& k, const Tensor& v, Tensor k_cache, Tensor v_cache, const Tensor& slot_mapping) {
@@ -602,6 +717,7 @@ void write_kv_cache_cpu(const Tensor& k, const Tensor& v, Tensor k_cache, Tensor
   });
 }
 
+}  // namespace
 }  // namespace plm_engine
 
 TORCH_LIBRARY_IMPL(plm_engine, CPU, m) {
@@ -611,4 +727,9 @@ TORCH_LIBRARY_IMPL(plm_engine, CPU, m) {
   m.impl("attn_varlen_bwd", &plm_engine::attn_varlen_bwd_cpu);
   m.impl("paged_attn", &plm_engine::paged_attn_cpu);
   m.impl("write_kv_cache", &plm_engine::write_kv_cache_cpu);
+  m.impl("attn_rpb_fwd", &plm_engine::attn_rpb_fwd_cpu);
+  m.impl("attn_rpb_bwd", &plm_engine::attn_rpb_bwd_cpu);
+  m.impl("attn_varlen_rpb_fwd", &plm_engine::attn_varlen_rpb_fwd_cpu);
+  m.impl("attn_varlen_rpb_bwd", &plm_engine::attn_varlen_rpb_bwd_cpu);
+  m.impl("paged_attn_rpb", &plm_engine::paged_attn_rpb_cpu);
 }

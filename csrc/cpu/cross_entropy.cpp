@@ -9,13 +9,14 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
 
-#include "common/checks.h"
+#include "common/dispatch.h"
 #include "cpu/isa.h"
 #include "cpu/simd.h"
 #include "cross_entropy.h"
@@ -55,11 +56,9 @@ Tensor run(const Tensor& logits, const Tensor& target, const Tensor& dlogits, in
   return loss;
 }
 
-}  // namespace
-
 std::tuple<Tensor, Tensor> cross_entropy_fwd_cpu(const Tensor& logits, const Tensor& target, int64_t ignore_index,
                                                  double label_smoothing) {
-  check_cross_entropy_args(logits, target, label_smoothing);
+  check_cross_entropy_args(logits, target);
   Tensor dlogits = at::empty_like(logits);
   Tensor loss = run(logits, target, dlogits, ignore_index, label_smoothing);
   return {loss, dlogits};
@@ -67,8 +66,14 @@ std::tuple<Tensor, Tensor> cross_entropy_fwd_cpu(const Tensor& logits, const Ten
 
 Tensor cross_entropy_fwd_inplace_cpu(const Tensor& logits, const Tensor& target, int64_t ignore_index,
                                      double label_smoothing) {
-  check_cross_entropy_args(logits, target, label_smoothing);
+  check_cross_entropy_args(logits, target);
   return run(logits, target, logits, ignore_index, label_smoothing);
 }
 
+}  // namespace
 }  // namespace plm_engine
+
+TORCH_LIBRARY_IMPL(plm_engine, CPU, m) {
+  m.impl("cross_entropy_fwd", &plm_engine::cross_entropy_fwd_cpu);
+  m.impl("cross_entropy_fwd_inplace", &plm_engine::cross_entropy_fwd_inplace_cpu);
+}

@@ -29,6 +29,7 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <torch/library.h>
 #include <torch/types.h>
 
 #include <algorithm>
@@ -38,8 +39,10 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/dispatch.h"
 #include "cpu/isa.h"
 #include "cpu/simd.h"
+#include "linear.h"
 
 namespace plm_engine {
 
@@ -280,10 +283,8 @@ void linear_kernel(const Tensor& x, const Tensor& w, const float* bias, Tensor& 
   });
 }
 
-}  // namespace
-
-// Argument checks are in linear_ops.cpp (check_linear_args); x and weight arrive 2-D with one dtype.
-Tensor linear_fwd_cpu_impl(const Tensor& x_in, const Tensor& w_in, const std::optional<Tensor>& bias_in) {
+Tensor linear_fwd_cpu(const Tensor& x_in, const Tensor& w_in, const std::optional<Tensor>& bias_in) {
+  check_linear_args(x_in, w_in, bias_in);
   // The kernel reads rows with a unit stride: a strided x is copied once (small at decode); a strided
   // weight too (a full copy: plm_engine.ops.linear sends those to F.linear instead).
   const Tensor x = x_in.contiguous(), w = w_in.contiguous();
@@ -294,11 +295,13 @@ Tensor linear_fwd_cpu_impl(const Tensor& x_in, const Tensor& w_in, const std::op
   if (bias_in.has_value()) bias_f = bias_in->to(at::kFloat).contiguous();
   const float* bias = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
   if (M == 0 || N == 0) return y;
-  AT_DISPATCH_SWITCH(x.scalar_type(), "linear_fwd_cpu",
-                     AT_DISPATCH_CASE(at::kFloat, [&] { linear_kernel<scalar_t>(x, w, bias, y); })
-                         AT_DISPATCH_CASE(at::kBFloat16, [&] { linear_kernel<scalar_t>(x, w, bias, y); })
-                             AT_DISPATCH_CASE(at::kHalf, [&] { linear_kernel<scalar_t>(x, w, bias, y); }));
+  PLM_DISPATCH_FLOAT_TYPES(x.scalar_type(), "linear_fwd_cpu", [&] { linear_kernel<scalar_t>(x, w, bias, y); });
   return y;
 }
 
+}  // namespace
 }  // namespace plm_engine
+
+TORCH_LIBRARY_IMPL(plm_engine, CPU, m) {
+  m.impl("linear_fwd", &plm_engine::linear_fwd_cpu);
+}

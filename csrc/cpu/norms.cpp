@@ -20,10 +20,10 @@
 //    forward faster; on freshly faulted huge pages it is neutral; on outputs that could stay in
 //    L3, and on fresh 4 KiB pages (no huge pages), it is slower, so neither streams;
 //  - software prefetch of the next row was slower than the hardware prefetchers: not used.
-#include <ATen/Dispatch_v2.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <torch/library.h>
 #include <torch/types.h>
 
 #include <algorithm>
@@ -32,11 +32,11 @@
 #include <type_traits>
 #include <vector>
 
-#include "common/checks.h"
 #include "common/cpu_memory.h"
+#include "common/dispatch.h"
 #include "cpu/isa.h"
 #include "cpu/simd.h"
-#include "ops.h"
+#include "norms.h"
 
 namespace plm_engine {
 namespace {
@@ -126,27 +126,11 @@ bool use_streaming_stores(int64_t out_bytes) {
   return out_bytes >= kStreamMinBytes && huge_pages_enabled();
 }
 
-// Input dtype T in {float, Half, BFloat16} (the checks reject the rest), weight dtype W in {float, T}.
-#define PLM_DISPATCH_NORM_TYPES(XT, WT, NAME, ...)   \
-  AT_DISPATCH_V2(XT, NAME, AT_WRAP([&] {             \
-                   using T = scalar_t;               \
-                   if ((WT) == at::kFloat) {         \
-                     using W = float;                \
-                     __VA_ARGS__();                  \
-                   } else {                          \
-                     using W = T;                    \
-                     __VA_ARGS__();                  \
-                   }                                 \
-                 }),                                 \
-                 at::kFloat, at::kHalf, at::kBFloat16)
-
-}  // namespace
-
 std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd_cpu(const Tensor& x, const Tensor& weight,
                                                         const std::optional<Tensor>& bias,
                                                         const std::optional<Tensor>& residual, double eps,
                                                         bool is_rms) {
-  check_norm_fwd_args(x, weight, bias, residual, eps);
+  check_norm_fwd_args(x, weight, bias, residual);
   const int64_t rows = x.size(0), n = x.size(1);
   auto f32 = x.options().dtype(at::kFloat);
   Tensor y = empty_output(x);
@@ -217,4 +201,10 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd_cpu(const Tensor& dy, const std::opt
   return {dx, dw, db};
 }
 
+}  // namespace
 }  // namespace plm_engine
+
+TORCH_LIBRARY_IMPL(plm_engine, CPU, m) {
+  m.impl("norm_fwd", &plm_engine::norm_fwd_cpu);
+  m.impl("norm_bwd", &plm_engine::norm_bwd_cpu);
+}

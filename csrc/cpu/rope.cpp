@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <torch/library.h>
 #include <torch/types.h>
 
 #include <algorithm>
@@ -16,7 +17,6 @@
 #include <cstring>
 #include <vector>
 
-#include "common/checks.h"
 #include "common/cpu_memory.h"
 #include "cpu/isa.h"
 #include "cpu/simd.h"
@@ -51,8 +51,6 @@ void rope_tokens(const T* q, const T* k, T* qo, T* ko, const C* cos, const C* si
     PLM_CPU_CALL(rope_token_range, q, k, qo, ko, cos, sin, pos, begin, end, P);
   });
 }
-
-}  // namespace
 
 void rope_cpu_kernel(const Tensor& q, const Tensor& k, Tensor& q_out, Tensor& k_out, const Tensor& cos,
                      const Tensor& sin, const std::optional<Tensor>& positions, bool interleaved, bool conjugate) {
@@ -111,4 +109,10 @@ void rope_inplace_cpu(Tensor& q, Tensor& k, const Tensor& cos, const Tensor& sin
   rope_cpu_kernel(q, k, q, k, cos, sin, positions, interleaved, conjugate);
 }
 
+}  // namespace
 }  // namespace plm_engine
+
+TORCH_LIBRARY_IMPL(plm_engine, CPU, m) {
+  m.impl("rope", &plm_engine::rope_cpu);
+  m.impl("rope_", &plm_engine::rope_inplace_cpu);
+}

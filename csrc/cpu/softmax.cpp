@@ -8,13 +8,14 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
 
-#include "common/checks.h"
+#include "common/dispatch.h"
 #include "cpu/isa.h"
 #include "cpu/simd.h"
 #include "softmax.h"
@@ -25,10 +26,8 @@ namespace {
 #define PLM_SIMD_KERNELS "cpu/softmax_kernels.inc"
 #include "cpu/simd_instantiate.inc"
 
-}  // namespace
-
 Tensor softmax_fwd_cpu(const Tensor& x, double scale, bool causal) {
-  check_softmax_fwd_args(x, scale);
+  check_softmax_fwd_args(x);
   const int64_t batch = x.size(0), sq = x.size(1), sk = x.size(2);
   Tensor y = at::empty_like(x);
   if (y.numel() == 0) return y;
@@ -44,7 +43,7 @@ Tensor softmax_fwd_cpu(const Tensor& x, double scale, bool causal) {
 }
 
 Tensor softmax_bwd_cpu(const Tensor& dy, const Tensor& y, double scale) {
-  check_softmax_bwd_args(dy, y, scale);
+  check_softmax_bwd_args(dy, y);
   const int64_t rows = y.size(0) * y.size(1), n = y.size(2);
   Tensor dx = at::empty_like(y);
   if (dx.numel() == 0) return dx;
@@ -60,4 +59,10 @@ Tensor softmax_bwd_cpu(const Tensor& dy, const Tensor& y, double scale) {
   return dx;
 }
 
+}  // namespace
 }  // namespace plm_engine
+
+TORCH_LIBRARY_IMPL(plm_engine, CPU, m) {
+  m.impl("softmax_fwd", &plm_engine::softmax_fwd_cpu);
+  m.impl("softmax_bwd", &plm_engine::softmax_bwd_cpu);
+}

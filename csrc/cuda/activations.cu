@@ -15,16 +15,11 @@
 #include <initializer_list>
 
 #include "activations.h"
+#include "common/dispatch.h"
 #include "cuda/activations_kernels.cuh"
 
 namespace plm_engine {
 namespace {
-
-// fp32, fp16, bf16: the argument checks refuse other dtypes, so no kernels are built for them.
-#define PLM_DISPATCH_KERNEL_TYPES(TYPE, NAME, ...)                                                    \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                           \
-                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)                        \
-                                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 // Launches Op over (rows, n): inputs with unit last stride and any row stride, outputs contiguous.
 template <typename Op>
@@ -36,7 +31,7 @@ void launch(std::initializer_list<const Tensor*> inputs, std::initializer_list<T
   bool packed = true;
   for (const Tensor* t : inputs) packed = packed && (rows == 1 || t->stride(0) == n);
   if (packed) n *= rows, rows = 1;
-  PLM_DISPATCH_KERNEL_TYPES(first.scalar_type(), "eltwise_cuda", [&] {
+  PLM_DISPATCH_FLOAT_TYPES(first.scalar_type(), "eltwise_cuda", [&] {
     using T = scalar_t;
     constexpr int VEC = 16 / sizeof(T);
     EltArgs<T, Op::NIN, Op::NOUT> a;
@@ -70,17 +65,14 @@ void launch(std::initializer_list<const Tensor*> inputs, std::initializer_list<T
 }
 
 Tensor swiglu_fwd_cuda(const Tensor& gate, const Tensor& up) {
-  check_activation_arg(gate, gate, "gate");
-  check_activation_arg(up, gate, "up");
+  check_activation_args({{"gate", &gate}, {"up", &up}});
   Tensor y = at::empty(gate.sizes(), gate.options());
   launch({&gate, &up}, {&y}, SwigluFwd{});
   return y;
 }
 
 std::tuple<Tensor, Tensor> swiglu_bwd_cuda(const Tensor& dy, const Tensor& gate, const Tensor& up) {
-  check_activation_arg(gate, gate, "gate");
-  check_activation_arg(up, gate, "up");
-  check_activation_arg(dy, gate, "dy");
+  check_activation_args({{"gate", &gate}, {"up", &up}, {"dy", &dy}});
   Tensor dg = at::empty(gate.sizes(), gate.options());
   Tensor du = at::empty(gate.sizes(), gate.options());
   launch({&dy, &gate, &up}, {&dg, &du}, SwigluBwd{});
@@ -88,9 +80,9 @@ std::tuple<Tensor, Tensor> swiglu_bwd_cuda(const Tensor& dy, const Tensor& gate,
 }
 
 Tensor gelu_fwd_cuda(const Tensor& x, const std::string& approximate) {
-  check_activation_arg(x, x, "x");
+  check_activation_args({{"x", &x}});
   Tensor y = at::empty(x.sizes(), x.options());
-  if (gelu_is_tanh(approximate)) {
+  if (approximate == "tanh") {
     launch({&x}, {&y}, GeluFwd<true>{});
   } else {
     launch({&x}, {&y}, GeluFwd<false>{});
@@ -99,10 +91,9 @@ Tensor gelu_fwd_cuda(const Tensor& x, const std::string& approximate) {
 }
 
 Tensor gelu_bwd_cuda(const Tensor& dy, const Tensor& x, const std::string& approximate) {
-  check_activation_arg(x, x, "x");
-  check_activation_arg(dy, x, "dy");
+  check_activation_args({{"x", &x}, {"dy", &dy}});
   Tensor dx = at::empty(x.sizes(), x.options());
-  if (gelu_is_tanh(approximate)) {
+  if (approximate == "tanh") {
     launch({&dy, &x}, {&dx}, GeluBwd<true>{});
   } else {
     launch({&dy, &x}, {&dx}, GeluBwd<false>{});

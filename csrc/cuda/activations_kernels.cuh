@@ -1,13 +1,7 @@
-// The kernels of activations.cu, in a header of their own so that the
-// tests can also compile them as host code under csrc/testing/cuda_emu.h and check them on a machine
-// without a GPU (tests/ops/test_cuda_emulated.py). No ATen or CUDA runtime in here.
+// SwiGLU and GELU kernels of activations.cu (kernel headers: cuda/common.cuh).
 #pragma once
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
-#include <cmath>
-#include <cstdint>
+#include "cuda/common.cuh"
 
 namespace plm_engine {
 namespace {
@@ -17,11 +11,6 @@ constexpr float kSqrt2Inv = 0.70710678118654752f;
 constexpr float kInvSqrt2Pi = 0.39894228040143268f;
 constexpr float kTanhK0 = 0.79788456080286536f;  // sqrt(2 / pi)
 constexpr float kTanhK1 = 0.044715f;
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
 
 // Overflow-free logistic function.
 __device__ __forceinline__ float sigmoidf(float z) {
@@ -95,9 +84,9 @@ __global__ void __launch_bounds__(kThreads) eltwise_kernel(EltArgs<T, Op::NIN, O
     for (int j = 0; j < Op::NIN; ++j) {
       const T* p = a.in[j] + r * a.in_row_stride[j] + col;
       if constexpr (VEC > 1) {
-        const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
+        const Pack<T, VEC> pk = load_pack<T, VEC>(p);
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) in[j][v] = static_cast<float>(pk.v[v]);
+        for (int v = 0; v < VEC; ++v) in[j][v] = static_cast<float>(pk.val[v]);
       } else {
         in[j][0] = static_cast<float>(*p);
       }
@@ -117,8 +106,8 @@ __global__ void __launch_bounds__(kThreads) eltwise_kernel(EltArgs<T, Op::NIN, O
       if constexpr (VEC > 1) {
         Pack<T, VEC> pk;
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) pk.v[v] = static_cast<T>(out[j][v]);
-        *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
+        for (int v = 0; v < VEC; ++v) pk.val[v] = static_cast<T>(out[j][v]);
+        store_pack<T, VEC>(p, pk);
       } else {
         *p = static_cast<T>(out[j][0]);
       }

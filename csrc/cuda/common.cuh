@@ -1,16 +1,25 @@
-// Small device helpers shared by the CUDA kernels: packed (16-byte) loads/stores, fp32 conversions,
-// and integer helpers for launch shapes.
+// What every CUDA kernel header starts from: packed (16-byte) loads/stores, fp32 conversions, warp
+// reductions and integer helpers for launch shapes.
+//
+// The kernels of cuda/<family>.cu live in cuda/<family>_kernels.cuh, a header of their own, so that the
+// tests can also compile them as host code under csrc/testing/cuda_emu.h and check them on a machine
+// without a GPU (tests/ops/test_cuda_emulated.py). So no ATen or CUDA runtime in here or in them; each
+// defines its kernels in an unnamed namespace of plm_engine, which sees the names at the end unqualified.
 #pragma once
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 
 namespace plm_engine {
 namespace cuda {
 
 constexpr int kWarpSize = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // N consecutive elements moved as one aggregate. The alignment is capped at 16 bytes, the widest
 // global access (LDG.128/STG.128): a 32-byte pack (8 fp32 weights next to 8 half activations) becomes
@@ -61,4 +70,19 @@ constexpr I ceil_div(I a, I b) {
 }
 
 }  // namespace cuda
+}  // namespace plm_engine
+
+namespace plm_engine {
+namespace {
+using cuda::ceil_div;
+using cuda::from_float;
+using cuda::kFullMask;
+using cuda::kNegInf;
+using cuda::kWarpSize;
+using cuda::load_pack;
+using cuda::Pack;
+using cuda::store_pack;
+using cuda::to_float;
+using cuda::warp_sum;
+}  // namespace
 }  // namespace plm_engine

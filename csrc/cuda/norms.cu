@@ -1,5 +1,5 @@
 // LayerNorm / RMSNorm on CUDA, with the optional fused residual add. Same math and return conventions
-// as csrc/cpu/norms.cpp (see csrc/ops.h for the contract).
+// as csrc/cpu/norms.cpp (see csrc/norms.h for the contract).
 //
 // Layout. A row is handled by a "row group" of threads: one warp when the row is short (several rows
 // per block, warp-shuffle reductions only), else one block of up to 1024 (forward) / 512 (backward)
@@ -30,10 +30,12 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
 #include <torch/types.h>
 
+#include "common/dispatch.h"
 #include "cuda/norms_kernels.cuh"
-#include "ops.h"
+#include "norms.h"
 
 namespace plm_engine {
 namespace {
@@ -102,34 +104,11 @@ void launch_bwd(const T* dy, const T* dh, const T* h, const W* w, const float* m
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// T is x's dtype, W the weight's (T or fp32). The cases are AT_DISPATCH_FLOATING_TYPES_AND2's
-// minus double: the argument checks reject float64 before dispatch, and instantiating it would compile
-// a fifth of the kernels for nothing (an `if constexpr` inside the dispatch lambda cannot prevent that,
-// the lambda is not a template).
-#define PLM_DISPATCH_NORM_CASE(ST, WT, ...)   \
-  AT_DISPATCH_CASE(ST, [&] {                  \
-    using T = scalar_t;                       \
-    if ((WT) == at::kFloat) {                 \
-      using W = float;                        \
-      __VA_ARGS__();                          \
-    } else {                                  \
-      using W = T;                            \
-      __VA_ARGS__();                          \
-    }                                         \
-  })
-#define PLM_DISPATCH_NORM_TYPES(XT, WT, NAME, ...)                         \
-  AT_DISPATCH_SWITCH(XT, NAME,                                             \
-                     PLM_DISPATCH_NORM_CASE(at::kFloat, WT, __VA_ARGS__)    \
-                     PLM_DISPATCH_NORM_CASE(at::kHalf, WT, __VA_ARGS__)     \
-                     PLM_DISPATCH_NORM_CASE(at::kBFloat16, WT, __VA_ARGS__))
-
-}  // namespace
-
 std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd_cuda(const Tensor& x, const Tensor& weight,
                                                          const std::optional<Tensor>& bias,
                                                          const std::optional<Tensor>& residual, double eps,
                                                          bool is_rms) {
-  check_norm_fwd_args(x, weight, bias, residual, eps);
+  check_norm_fwd_args(x, weight, bias, residual);
   TORCH_CHECK(x.is_cuda(), "norm_fwd_cuda: x must be a CUDA tensor, got ", x.device());
   const int64_t rows = x.size(0), n = x.size(1);
   TORCH_CHECK(n <= kMaxN, "norm_fwd_cuda: rows longer than ", kMaxN, " elements are not supported, got ", n);
@@ -211,4 +190,10 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd_cuda(const Tensor& dy, const std::op
   return {dx, dw, db};
 }
 
+}  // namespace
 }  // namespace plm_engine
+
+TORCH_LIBRARY_IMPL(plm_engine, CUDA, m) {
+  m.impl("norm_fwd", &plm_engine::norm_fwd_cuda);
+  m.impl("norm_bwd", &plm_engine::norm_bwd_cuda);
+}

@@ -1,25 +1,11 @@
-// The norm kernels of norms.cu (design notes there) and their launch geometry, in a header of their
-// own so that the tests can also compile them as host code under csrc/testing/cuda_emu.h and check them
-// on a machine without a GPU (tests/ops/test_cuda_emulated.py). No ATen or CUDA runtime in here.
+// The norm kernels of norms.cu (design notes there) and their launch geometry (kernel headers:
+// cuda/common.cuh).
 #pragma once
-
-#include <algorithm>
-#include <cmath>
-#include <limits>
 
 #include "cuda/common.cuh"
 
 namespace plm_engine {
 namespace {
-
-using cuda::ceil_div;
-using cuda::from_float;
-using cuda::kFullMask;
-using cuda::kWarpSize;
-using cuda::load_pack;
-using cuda::Pack;
-using cuda::store_pack;
-using cuda::to_float;
 
 // Forward: up to 1024 threads per row (64 registers each), 16 cached fp32 values per thread with
 // 16-byte packs, so rows up to 16384 stay in registers. With 1-element packs every value needs its

@@ -53,6 +53,7 @@
 #include <limits>
 
 #include "attention.h"
+#include "common/dispatch.h"
 #include "cuda/paged_attention_kernels.cuh"
 
 namespace plm_engine {
@@ -99,21 +100,8 @@ void launch_paged(const PagedParams& p, int rows, dim3 grid, int64_t n_out_rows,
   }
 }
 
-// Calls fn with a value of the C++ type of dtype (float32, float16 or bfloat16: what the checks allow).
-template <typename Fn>
-void dispatch_float(at::ScalarType dtype, Fn&& fn) {
-  switch (dtype) {
-    case at::kFloat: fn(float{}); break;
-    case at::kHalf: fn(at::Half{}); break;
-    case at::kBFloat16: fn(at::BFloat16{}); break;
-    default: TORCH_CHECK(false, "write_kv_cache (CUDA): unsupported dtype ", dtype);
-  }
-}
-
-}  // namespace
-
-Tensor paged_attn_cuda(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& block_table,
-                       const Tensor& cache_seqlens, double scale) {
+Tensor paged_attn_impl(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& block_table,
+                       const Tensor& cache_seqlens, double scale, const Tensor* bias_rows) {
   check_paged_args(q, k_cache, v_cache, block_table, cache_seqlens);
   TORCH_CHECK(q.is_cuda(), "paged_attn_cuda: q must be a CUDA tensor, got ", q.device());
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
@@ -173,6 +161,10 @@ Tensor paged_attn_cuda(const Tensor& q, const Tensor& k_cache, const Tensor& v_c
   while ((int64_t{1} << p.page_shift) < block_size) ++p.page_shift;
   p.num_splits = num_splits;
   p.scale_log2 = static_cast<float>(scale) * kLog2e;
+  if (bias_rows != nullptr) {
+    p.bias = bias_rows->data_ptr<float>();
+    p.max_distance = static_cast<int>((bias_rows->size(1) - 1) / 2);
+  }
 
   const dim3 grid(static_cast<unsigned>(batch), static_cast<unsigned>(n_kv_heads * row_tiles),
                   static_cast<unsigned>(num_splits));
@@ -183,6 +175,21 @@ Tensor paged_attn_cuda(const Tensor& q, const Tensor& k_cache, const Tensor& v_c
     launch_paged<at::BFloat16>(p, rows, grid, batch * seqlen_q * n_heads, stream);
   }
   return out;
+}
+
+Tensor paged_attn_cuda(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& block_table,
+                       const Tensor& cache_seqlens, double scale) {
+  return paged_attn_impl(q, k_cache, v_cache, block_table, cache_seqlens, scale, nullptr);
+}
+
+Tensor paged_attn_rpb_cuda(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& block_table,
+                           const Tensor& cache_seqlens, const Tensor& table, const Tensor& buckets, double scale) {
+  check_bias_args(table, buckets, q);
+  TORCH_CHECK(buckets.numel() <= 2 * 65536 + 1, "paged_attn_rpb (CUDA): max_distance must be <= 65536");
+  const c10::cuda::CUDAGuard guard(q.device());
+  // Per head, the bias of every clamped relative position, in log2 units like the scores.
+  const Tensor rows = (table.t().index_select(1, buckets.to(at::kLong)) * kLog2e).contiguous();
+  return paged_attn_impl(q, k_cache, v_cache, block_table, cache_seqlens, scale, &rows);
 }
 
 void write_kv_cache_cuda(const Tensor& k, const Tensor& v, Tensor k_cache, Tensor v_cache,
@@ -218,9 +225,9 @@ void write_kv_cache_cuda(const Tensor& k, const Tensor& v, Tensor k_cache, Tenso
                       cuda::is_aligned(p.v_cache, 16);
   const dim3 grid(static_cast<unsigned>(ceil_div<int64_t>(n_tokens, kWarps)));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  dispatch_float(k.scalar_type(), [&](auto in_tag) {
+  dispatch_float(k.scalar_type(), "write_kv_cache (CUDA)", [&](auto in_tag) {
     using Tin = decltype(in_tag);
-    dispatch_float(k_cache.scalar_type(), [&](auto out_tag) {
+    dispatch_float(k_cache.scalar_type(), "write_kv_cache (CUDA)", [&](auto out_tag) {
       using Tout = decltype(out_tag);
       if (packed) {
         write_kv_cache_kernel<Tin, Tout, 8><<<grid, kThreads, 0, stream>>>(p);
@@ -232,9 +239,11 @@ void write_kv_cache_cuda(const Tensor& k, const Tensor& v, Tensor k_cache, Tenso
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+}  // namespace
 }  // namespace plm_engine
 
 TORCH_LIBRARY_IMPL(plm_engine, CUDA, m) {
   m.impl("paged_attn", &plm_engine::paged_attn_cuda);
+  m.impl("paged_attn_rpb", &plm_engine::paged_attn_rpb_cuda);
   m.impl("write_kv_cache", &plm_engine::write_kv_cache_cuda);
 }

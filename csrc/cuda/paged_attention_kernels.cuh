@@ -1,27 +1,13 @@
-// The kernels of paged_attention.cu (paged decode attention, KV-cache write), in a header of their own
-// so that the tests can also compile them as host code under csrc/testing/cuda_emu.h and check them on
-// a machine without a GPU (tests/ops/test_cuda_emulated.py). No ATen or CUDA runtime in here.
+// Paged decode attention and the KV-cache write, the kernels of paged_attention.cu (kernel headers:
+// cuda/common.cuh).
 #pragma once
 
 #include <cuda_fp16.h>
-
-#include <cmath>
-#include <cstdint>
-#include <limits>
 
 #include "cuda/common.cuh"
 
 namespace plm_engine {
 namespace {
-
-using cuda::ceil_div;
-using cuda::from_float;
-using cuda::kFullMask;
-using cuda::kWarpSize;
-using cuda::load_pack;
-using cuda::Pack;
-using cuda::store_pack;
-using cuda::to_float;
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * kWarpSize;
@@ -30,7 +16,6 @@ constexpr int kMinSplitTokens = 256;
 constexpr int kBlocksPerSm = 4;
 constexpr int kVec = 8;  // elements per 16-byte load of a 16-bit K/V row
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Test-only: forces the number of KV splits (the Triton backend reads the same variable).
 constexpr const char* kSplitsEnv = "PLM_ENGINE_PAGED_ATTN_SPLITS";
 
@@ -48,6 +33,11 @@ struct PagedParams {
   int64_t bt_stride;
   int seqlen_q, n_heads, group, n_rows, row_tiles, head_dim, page_shift, num_splits;
   float scale_log2;
+  // T5's relative position bias, or nullptr: per head, 2 * max_distance + 1 fp32 values in log2 units,
+  // bias[h * (2 * max_distance + 1) + max_distance + r] for key - query position r, clamped to
+  // [-max_distance, max_distance] (plm_engine/ops/position_bias.py).
+  const float* bias = nullptr;
+  int max_distance = 0;
 };
 
 // Sum over aligned groups of WIDTH lanes; every lane of a group gets the same bits.
@@ -189,6 +179,11 @@ struct SplitKernel {
         q[r][j] = ok ? to_float(q_base[qi * p.q_stride_s + head * p.q_stride_h + j]) * p.scale_log2 : 0.f;
     }
     const int own_last_key = own < rows_here ? seqlen - p.seqlen_q + (row0 + own) / p.group : -1;
+    // The own row's bias at relative position 0 (its query's position is own_last_key).
+    const float* own_bias = p.bias != nullptr && own < rows_here
+                                ? p.bias + static_cast<int64_t>(kvh * p.group + (row0 + own) % p.group) *
+                                               (2 * p.max_distance + 1) + p.max_distance
+                                : nullptr;
 
     // This split's keys, cut after the last key the block's last query sees.
     const int last_qi = (row0 + rows_here - 1) / p.group;
@@ -233,7 +228,10 @@ struct SplitKernel {
         const float dot = reduce_rows(dots, lane);
         const int t = t0 + u * kTokensPerStep + sub;
         // t < end matters when the split ends before the row's last visible key.
-        s_own[u] = (t <= own_last_key && t < end) ? dot : kNegInf;
+        const bool visible = t <= own_last_key && t < end;
+        s_own[u] = visible ? dot : kNegInf;
+        if (own_bias != nullptr && visible)
+          s_own[u] += own_bias[max(t - own_last_key, -p.max_distance)];  // t <= own_last_key: r <= 0
       }
       float mx = m_own;
 #pragma unroll

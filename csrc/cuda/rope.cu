@@ -16,17 +16,12 @@
 #include <cstdint>
 #include <initializer_list>
 
+#include "common/dispatch.h"
 #include "cuda/rope_kernels.cuh"
 #include "rope.h"
 
 namespace plm_engine {
 namespace {
-
-// fp32, fp16, bf16: the argument checks refuse other dtypes, so no kernels are built for them.
-#define PLM_DISPATCH_KERNEL_TYPES(TYPE, NAME, ...)                                                    \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                           \
-                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)                        \
-                                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
@@ -75,7 +70,7 @@ void rope_cuda_kernel(const Tensor& q, const Tensor& k, Tensor& q_out, Tensor& k
   a.copy_pass = !q_out.is_same(q) && a.head_dim > 2 * a.half;
   const int64_t* pos = positions.has_value() ? positions->const_data_ptr<int64_t>() : nullptr;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  PLM_DISPATCH_KERNEL_TYPES(q.scalar_type(), "rope_cuda", [&] {
+  PLM_DISPATCH_FLOAT_TYPES(q.scalar_type(), "rope_cuda", [&] {
     using T = scalar_t;
     auto run = [&](auto cos_tag) {
       using C = decltype(cos_tag);

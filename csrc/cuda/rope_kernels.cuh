@@ -1,23 +1,12 @@
-// The kernels of rope.cu, in a header of their own so that the
-// tests can also compile them as host code under csrc/testing/cuda_emu.h and check them on a machine
-// without a GPU (tests/ops/test_cuda_emulated.py). No ATen or CUDA runtime in here.
+// RoPE kernels of rope.cu (kernel headers: cuda/common.cuh).
 #pragma once
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
-#include <cmath>
-#include <cstdint>
+#include "cuda/common.cuh"
 
 namespace plm_engine {
 namespace {
 
 constexpr int kThreads = 128;
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
 
 struct RopeArgs {
   int64_t q_b, q_s, q_h, k_b, k_s, k_h;      // input strides (elements)
@@ -33,9 +22,9 @@ struct RopeArgs {
 template <typename T, int N, bool ALIGNED>
 __device__ __forceinline__ void load_f32(const T* p, float (&out)[N]) {
   if constexpr (ALIGNED) {
-    const Pack<T, N> pk = *reinterpret_cast<const Pack<T, N>*>(p);
+    const Pack<T, N> pk = load_pack<T, N>(p);
 #pragma unroll
-    for (int j = 0; j < N; ++j) out[j] = static_cast<float>(pk.v[j]);
+    for (int j = 0; j < N; ++j) out[j] = static_cast<float>(pk.val[j]);
   } else {
 #pragma unroll
     for (int j = 0; j < N; ++j) out[j] = static_cast<float>(p[j]);
@@ -47,8 +36,8 @@ __device__ __forceinline__ void store_f32(T* p, const float (&in)[N]) {
   if constexpr (ALIGNED) {
     Pack<T, N> pk;
 #pragma unroll
-    for (int j = 0; j < N; ++j) pk.v[j] = static_cast<T>(in[j]);
-    *reinterpret_cast<Pack<T, N>*>(p) = pk;
+    for (int j = 0; j < N; ++j) pk.val[j] = static_cast<T>(in[j]);
+    store_pack<T, N>(p, pk);
   } else {
 #pragma unroll
     for (int j = 0; j < N; ++j) p[j] = static_cast<T>(in[j]);

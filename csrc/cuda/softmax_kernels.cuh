@@ -1,23 +1,10 @@
-// The kernels of softmax.cu and their block size, in a header of their own so that the
-// tests can also compile them as host code under csrc/testing/cuda_emu.h and check them on a machine
-// without a GPU (tests/ops/test_cuda_emulated.py). No ATen or CUDA runtime in here.
+// The kernels of softmax.cu and their block size (kernel headers: cuda/common.cuh).
 #pragma once
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
-#include <cstdint>
-#include <limits>
+#include "cuda/common.cuh"
 
 namespace plm_engine {
 namespace {
-
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(double v) { return static_cast<float>(v); }
-__device__ __forceinline__ float to_float(c10::Half v) { return static_cast<float>(v); }
-__device__ __forceinline__ float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
 
 // Merges two online-softmax partials (m, s): s is a sum of exp(v - m). A partial with m = -inf is
 // empty; guarding it avoids exp(-inf - -inf) = NaN.
@@ -55,13 +42,12 @@ __device__ __forceinline__ void block_merge(float& m, float& s) {
 
 __device__ __forceinline__ float block_sum(float v) {
   __shared__ float part[32];
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffff, v, off);
+  v = warp_sum(v);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, n_warps = blockDim.x / 32;
   if (lane == 0) part[warp] = v;
   __syncthreads();
   v = lane < n_warps ? part[lane] : 0.f;
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffff, v, off);
-  return v;
+  return warp_sum(v);
 }
 
 template <typename T>

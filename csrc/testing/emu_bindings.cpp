@@ -188,8 +188,10 @@ void rope_inplace(Tensor q, Tensor k, const Tensor& cos, const Tensor& sin, cons
 }
 
 // ---- paged attention ---- shapes as plm_engine.ops.paged_attention
+// bias_rows: PagedParams::bias as a (n_heads, 2 * max_distance + 1) fp32 tensor, or None.
 Tensor paged_attn(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& block_table,
-                  const Tensor& cache_seqlens, double scale, int64_t num_splits) {
+                  const Tensor& cache_seqlens, double scale, int64_t num_splits,
+                  const std::optional<Tensor>& bias_rows) {
   check_cpu(q, "q");
   TORCH_CHECK(q.dim() == 4 && q.stride(3) == 1 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
                   k_cache.strides() == v_cache.strides() && block_table.scalar_type() == at::kInt &&
@@ -210,6 +212,13 @@ Tensor paged_attn(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
   c.block_size = k_cache.size(1), c.n_kv_heads = k_cache.size(2);
   c.scale = static_cast<float>(scale);
   c.num_splits = static_cast<int>(num_splits);
+  if (bias_rows.has_value()) {
+    TORCH_CHECK(bias_rows->scalar_type() == at::kFloat && bias_rows->is_contiguous() && bias_rows->dim() == 2 &&
+                    bias_rows->size(0) == q.size(2) && bias_rows->size(1) % 2 == 1,
+                "plm_emu.paged_attn: bias_rows must be contiguous fp32 (n_heads, 2 * max_distance + 1)");
+    c.bias = bias_rows->const_data_ptr<float>();
+    c.max_distance = static_cast<int>((bias_rows->size(1) - 1) / 2);
+  }
   guarded([&] { plm_emu_ops::paged_attn(c); });
   return out;
 }
@@ -262,7 +271,7 @@ TORCH_LIBRARY(plm_emu, m) {
   m.def("rope_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, Tensor? positions, bool interleaved,"
         " bool conjugate) -> ()", &rope_inplace);
   m.def("paged_attn(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor cache_seqlens,"
-        " float scale, int num_splits) -> Tensor", &paged_attn);
+        " float scale, int num_splits, Tensor? bias_rows=None) -> Tensor", &paged_attn);
   m.def("write_kv_cache(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()",
         &write_kv_cache);
   m.def("selftest(str name, int out_len, int blocks, int threads) -> Tensor", &selftest);

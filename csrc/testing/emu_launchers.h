@@ -73,6 +73,8 @@ struct PagedCall {
   int64_t batch, seqlen_q, n_heads, head_dim, block_size, n_kv_heads;
   float scale;
   int num_splits;  // the GPU launcher derives it from the SM count
+  const float* bias = nullptr;  // PagedParams::bias rows, or nullptr
+  int max_distance = 0;
 };
 void paged_attn(const PagedCall& c);
 

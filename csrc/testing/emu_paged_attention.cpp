@@ -79,6 +79,8 @@ void paged_attn(const PagedCall& c) {
   while ((int64_t{1} << p.page_shift) < c.block_size) ++p.page_shift;
   p.num_splits = num_splits;
   p.scale_log2 = c.scale * kLog2e;
+  p.bias = c.bias;
+  p.max_distance = c.max_distance;
   const dim3 grid(static_cast<unsigned>(c.batch), static_cast<unsigned>(c.n_kv_heads * row_tiles),
                   static_cast<unsigned>(num_splits));
   const int64_t n_out_rows = c.batch * c.seqlen_q * c.n_heads;

@@ -6,6 +6,10 @@ from plm_engine.generation.engine import Engine, RequestOutput
 from plm_engine.generation.sampler import SamplingParams
 
 
+class EngineDeadError(RuntimeError):
+    """The step loop gave up (its step kept failing, e.g. after a CUDA error): no request can run."""
+
+
 class AsyncEngine:
     """Drives an Engine from asyncio: one background thread runs engine.step() while requests are pending.
 
@@ -18,10 +22,20 @@ class AsyncEngine:
             print(out.new_text, end="")
     """
 
-    def __init__(self, engine: Engine):
+    # A failed step fails the requests in it; this many failed steps in a row mean the engine is broken
+    # (a sticky CUDA error, a corrupted cache): it is declared dead instead of failing every new request.
+    MAX_CONSECUTIVE_STEP_FAILURES = 3
+
+    def __init__(self, engine: Engine, max_consecutive_step_failures: int = MAX_CONSECUTIVE_STEP_FAILURES):
         import threading
 
+        if max_consecutive_step_failures < 1:
+            raise ValueError(
+                f"AsyncEngine: max_consecutive_step_failures must be >= 1, got {max_consecutive_step_failures}"
+            )
         self.engine = engine
+        self.max_consecutive_step_failures = max_consecutive_step_failures
+        self.dead_error: EngineDeadError | None = None
         self._cmds: list[tuple] = []
         self._cmd_lock = threading.Lock()
         self._wake = threading.Event()
@@ -55,6 +69,8 @@ class AsyncEngine:
             cmds, self._cmds = self._cmds, []
         for kind, arg in cmds:
             if kind == "add":
+                if arg.request_id not in self._streams:  # its listener is gone (failed or cancelled): skip it
+                    continue
                 try:
                     self.engine.add_sequence(arg)
                 except Exception as e:  # e.g. a request id in use, a request larger than the cache
@@ -63,7 +79,7 @@ class AsyncEngine:
                 self.engine.abort(arg)
 
     def _run(self) -> None:
-        eng = self.engine
+        eng, failures = self.engine, 0
         while True:
             self._wake.clear()
             self._drain()
@@ -84,12 +100,29 @@ class AsyncEngine:
                 for rid in list(eng._seqs):
                     eng.abort(rid)
                 eng._pending_outputs.clear()
+                self._stats = eng.stats()
+                failures += 1
+                if failures >= self.max_consecutive_step_failures:
+                    self._die(e, failures)
+                    return
                 for rid in list(self._streams):
                     self._deliver(rid, e)
                 continue
+            failures = 0
             for out in outs:
                 self._deliver(out.request_id, out)
             self._stats = eng.stats()
+
+    def _die(self, cause: Exception, failures: int) -> None:
+        dead = EngineDeadError(
+            f"AsyncEngine: {failures} steps failed in a row, last with {type(cause).__name__}: {cause}"
+        )
+        dead.__cause__ = cause
+        self.dead_error = dead  # set before the sweep below, so stream() sees it or is swept
+        with self._cmd_lock:
+            self._cmds.clear()
+        for rid in list(self._streams):
+            self._deliver(rid, dead)
 
     # ---- the asyncio side -------------------------------------------------------------------------
 
@@ -104,6 +137,8 @@ class AsyncEngine:
         the last one with finished=True. Closing or cancelling the consumer aborts the request."""
         import asyncio
 
+        if self.dead_error is not None:
+            raise self.dead_error
         if self._stop:
             raise RuntimeError("AsyncEngine: shut down")
         seq = self.engine.make_sequence(prompt, params, request_id, truncate_prompt_tokens)
@@ -112,6 +147,9 @@ class AsyncEngine:
             raise ValueError(f"AsyncEngine: request id {rid!r} is already in use")
         q: asyncio.Queue = asyncio.Queue()
         self._streams[rid] = (asyncio.get_running_loop(), q)
+        if self.dead_error is not None:  # died while we registered: the sweep may have missed us
+            self._streams.pop(rid, None)
+            raise self.dead_error
         self._submit(("add", seq))
         done = False
         try:
@@ -149,8 +187,8 @@ class AsyncEngine:
         return dict(self._stats)
 
     def is_alive(self) -> bool:
-        """Whether the background step thread is running (False after shutdown or if it died)."""
-        return self._thread.is_alive() and not self._stop
+        """Whether the background step thread is running (False after shutdown or once it is dead)."""
+        return self._thread.is_alive() and not self._stop and self.dead_error is None
 
     def shutdown(self, timeout: float | None = 30.0) -> None:
         """Aborts in-flight requests (their streams end with finish_reason "abort") and stops the thread."""

@@ -12,6 +12,7 @@ bookkeeping (stops, text, outputs). AsyncEngine (async_engine.py) drives an Engi
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -22,7 +23,11 @@ from plm_engine.generation.block_manager import BlockManager
 from plm_engine.generation.model_runner import ModelRunner
 from plm_engine.generation.sampler import Sampler, SamplingParams
 from plm_engine.generation.scheduler import Scheduler, Sequence
+from plm_engine.generation.seq2seq import Seq2SeqGeneration
+from plm_engine.generation.structured import GrammarCompiler
 from plm_engine.ops import checks
+
+log = logging.getLogger("plm_engine.generation")
 
 
 @dataclass
@@ -40,15 +45,19 @@ class RequestOutput:
     logprobs: list[dict] | None
     num_prompt_tokens: int
     metrics: dict = field(default_factory=dict)
+    prompt_logprobs: list[dict | None] | None = None  # with params.prompt_logprobs: None for the first token
 
 
 class Engine:
     """Continuous-batching generator. Not thread-safe: use AsyncEngine to drive it from asyncio.
 
-    model: a model name or path for plm_engine.load_model, or a loaded Transformer. tokenizer: a
+    model: a model name or path for plm_engine.load_model, or a loaded Transformer or Seq2SeqTransformer
+    (encoder-decoder: the prompt is the encoder's source; see generation/seq2seq.py). tokenizer: a
     Tokenizer, a name or path, or None (loaded with a named model; without one prompts must be token ids
     and outputs have no text). kv_cache_tokens: cache size in tokens (default: a share of free memory,
     capped at max_num_seqs full contexts). max_prefill_tokens: prefill chunk size per step.
+    enable_prefix_caching: reuse the cached K/V of full blocks a new prompt shares with earlier ones
+    (scheduler.py; stats() counts the tokens looked up and reused).
     """
 
     def __init__(
@@ -62,6 +71,7 @@ class Engine:
         block_size: int = 16,
         max_prefill_tokens: int = 2048,
         cuda_graphs: bool = True,
+        enable_prefix_caching: bool = True,
     ):
         if isinstance(dtype, str):
             dtype = {
@@ -94,14 +104,30 @@ class Engine:
         self.config = model.config
         if self.config.arch == "bert":
             raise ValueError("Engine: generation needs a causal model (llama or gpt2), got a bert encoder")
-        self.runner = ModelRunner(model, max_num_seqs, kv_cache_tokens, block_size, cuda_graphs)
+        self.seq2seq = Seq2SeqGeneration(model) if self.config.is_encoder_decoder else None
+        self.runner = ModelRunner(
+            model,
+            max_num_seqs,
+            kv_cache_tokens,
+            block_size,
+            cuda_graphs,
+            forward_inputs=self.seq2seq.forward_inputs if self.seq2seq is not None else None,
+        )
         r = self.runner
         self.device, self.dtype, self.context_len = r.device, r.dtype, r.context_len
         self.block_size, self.cache_tokens = r.block_size, r.cache_tokens
         self.block_manager = BlockManager(r.num_blocks, block_size)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs=max_num_seqs, max_prefill_tokens=max_prefill_tokens)
-        self.sampler = Sampler(self.config.vocab_size, max_slots=max_num_seqs, device=self.device)
+        self.scheduler = Scheduler(
+            self.block_manager,
+            max_num_seqs=max_num_seqs,
+            max_prefill_tokens=max_prefill_tokens,
+            # A decoder's K/V depend on its source, and every decoder prompt is the start token: nothing to share.
+            enable_prefix_caching=enable_prefix_caching and self.seq2seq is None,
+        )
         self.eos_token_ids = self._eos_ids()
+        vocab = self.config.lm_vocab_size  # what the LM head scores (an encoder-decoder's target vocabulary)
+        self.sampler = Sampler(vocab, max_slots=max_num_seqs, device=self.device, eos_token_ids=self.eos_token_ids)
+        self.grammars = GrammarCompiler(self.tokenizer, vocab, self.eos_token_ids)
 
         self._seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
@@ -163,27 +189,42 @@ class Engine:
             ids = ids[-trunc:]
         if not ids:
             raise ValueError("Engine: the prompt is empty (no tokens)")
-        limit = min(self.context_len, self.cache_tokens)
-        if len(ids) >= limit:
-            where = "context" if self.context_len <= self.cache_tokens else "KV cache"
-            raise ValueError(
-                f"Engine: the prompt has {len(ids)} tokens but the {where} holds {limit}, which leaves "
-                f"no room to generate; shorten it or set truncate_prompt_tokens"
-            )
+        if self.seq2seq is not None:  # the prompt is the encoder's; the decoder starts from its start token
+            max_tokens = self.seq2seq.max_tokens(ids, params, self.context_len, self.cache_tokens)
+        else:
+            limit = min(self.context_len, self.cache_tokens)
+            if len(ids) >= limit:
+                where = "context" if self.context_len <= self.cache_tokens else "KV cache"
+                raise ValueError(
+                    f"Engine: the prompt has {len(ids)} tokens but the {where} holds {limit}, which leaves "
+                    f"no room to generate; shorten it or set truncate_prompt_tokens"
+                )
+            # Total tokens never exceed the context; the last sampled token is never fed back, so the cache
+            # holds at most prompt + max_tokens - 1 of them.
+            max_tokens = min(params.max_tokens, self.context_len - len(ids), self.cache_tokens - len(ids) + 1)
         if params.stop and self.tokenizer is None:
             raise ValueError("Engine: stop strings need a tokenizer")
-        # Total tokens never exceed the context; the last sampled token is never fed back, so the cache
-        # holds at most prompt + max_tokens - 1 of them.
-        max_tokens = min(params.max_tokens, self.context_len - len(ids), self.cache_tokens - len(ids) + 1)
+        vocab = self.config.lm_vocab_size
+        bad = next((t for t in params.logit_bias or () if t >= vocab), None)
+        if bad is not None:
+            raise ValueError(f"Engine: logit_bias token id {bad} is out of range [0, {vocab})")
+        if params.structured is not None and self.tokenizer is None:
+            raise ValueError("Engine: structured output needs a tokenizer")
         idx = next(self._ids)
         rid = str(request_id) if request_id is not None else f"req-{idx}"
-        seq = Sequence(request_id=rid, seq_idx=idx, prompt_token_ids=ids, params=params, max_tokens=max_tokens)
+        seq: Sequence
+        if self.seq2seq is not None:
+            seq = self.seq2seq.sequence(ids, rid, idx, params, max_tokens)
+        else:
+            seq = Sequence(request_id=rid, seq_idx=idx, prompt_token_ids=ids, params=params, max_tokens=max_tokens)
         if params.seed is not None:
             seq.generator = self.sampler.new_generator(params.seed)
+        if params.structured is not None:
+            seq.matcher = self.grammars.matcher(params.structured)
         if self.tokenizer is not None:
             from plm_engine.models.tokenizer import StreamDecoder
 
-            seq.decoder = StreamDecoder(self.tokenizer)
+            seq.decoder = StreamDecoder(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
         if params.logprobs is not None:
             seq.logprobs = []
         return seq
@@ -193,7 +234,7 @@ class Engine:
             raise ValueError(f"Engine: request id {seq.request_id!r} is already in use")
         self.scheduler.add(seq)
         self._seqs[seq.request_id] = seq
-        self._counters["prompt_tokens_total"] += seq.num_prompt_tokens
+        self._counters["prompt_tokens_total"] += len(self._request_prompt(seq))
         return seq.request_id
 
     def add_request(
@@ -228,6 +269,10 @@ class Engine:
             kv_blocks_total=self.block_manager.num_blocks,
             kv_blocks_used=self.block_manager.num_used,
             num_preemptions=self.scheduler.num_preemptions,
+            # prefix cache: tokens looked up, tokens reused, blocks holding cached K/V (used or evictable)
+            prefix_cache_queries=self.scheduler.prefix_cache_queries,
+            prefix_cache_hits=self.scheduler.prefix_cache_hits,
+            prefix_cache_blocks=self.block_manager.num_cached,
             **self._counters,
         )
 
@@ -244,6 +289,8 @@ class Engine:
         for seq in sched.admitted:
             if seq.params.has_penalties:
                 seq.slot = self.sampler.acquire_slot(seq.prompt_token_ids, seq.output_token_ids)
+            if seq.params.prompt_logprobs is not None and seq.prompt_logprobs is None:
+                seq.prompt_logprobs = self._score_prompt(seq.prompt_token_ids, seq.params.prompt_logprobs)
         if sched.empty:
             return outputs
 
@@ -251,6 +298,8 @@ class Engine:
         # Prompts were checked in add_request and the step's tables are built here: the forwards read no
         # tensor values on the host (ops/checks.py), so they can run under CUDA graphs or torch.compile.
         with checks.trusted():
+            if self.seq2seq is not None and sched.admitted:
+                self.seq2seq.encode(sched.admitted)  # once per request: its cross-attention keys/values
             if sched.prefill:
                 lg, seqs = self.runner.prefill(sched.prefill)
                 if seqs:
@@ -263,10 +312,20 @@ class Engine:
             return outputs
         all_logits = logits[0] if len(logits) == 1 else torch.cat(logits)
         params = [s.params for s in sampling]
-        if all(p.greedy and p.logprobs is None and s.slot is None for p, s in zip(params, sampling)):
+        if all(
+            p.greedy and p.logprobs is None and not p.changes_logits and s.slot is None
+            for p, s in zip(params, sampling)
+        ):
             tokens, lps = all_logits.argmax(dim=-1).tolist(), None
         else:
-            res = self.sampler.sample(all_logits, params, [s.slot for s in sampling], [s.generator for s in sampling])
+            res = self.sampler.sample(
+                all_logits,
+                params,
+                [s.slot for s in sampling],
+                [s.generator for s in sampling],
+                [s.matcher for s in sampling],
+                [s.num_output_tokens for s in sampling],
+            )
             tokens, lps = res.token_ids, res.logprobs
         now = time.time()
         for i, (seq, tok) in enumerate(zip(sampling, tokens)):
@@ -279,6 +338,12 @@ class Engine:
         self.scheduler.finish(seq, reason)
         self.sampler.release_slot(seq.slot)
         seq.slot = None
+        if self.seq2seq is not None:
+            self.seq2seq.release(seq)
+
+    def _request_prompt(self, seq: Sequence) -> list[int]:
+        """The prompt as the request gave it: an encoder-decoder model's source, not its decoder prompt."""
+        return self.seq2seq.source_ids(seq) if self.seq2seq is not None else seq.prompt_token_ids
 
     def _append_token(self, seq: Sequence, tok: int, lp: dict | None, now: float) -> RequestOutput:
         seq.token_ids.append(tok)
@@ -293,6 +358,13 @@ class Engine:
             reason = "stop"  # a stop token adds no text
         elif seq.decoder is not None:
             piece = seq.decoder.push(tok)
+        if seq.matcher is not None and reason is None:
+            # The grammar saw this token; once it is complete (or, which the mask prevents, broken) the
+            # sequence ends.
+            if not seq.matcher.accept(tok):
+                log.error("request %s: the grammar rejected token %d: %s", seq.request_id, tok, seq.matcher.error)
+            if seq.matcher.done:
+                reason = "stop"
         if reason is None and seq.num_output_tokens >= seq.max_tokens:
             reason = "length"
         if seq.decoder is not None:
@@ -300,8 +372,8 @@ class Engine:
                 piece += seq.decoder.flush()  # e.g. an incomplete UTF-8 character at the very end
             before = len(seq.text)
             seq.text += piece
-            if p.stop and piece:
-                cut = self._find_stop(seq.text, before, p.stop)
+            if p.stop and piece and seq.num_output_tokens >= p.min_tokens:
+                cut = self._find_stop(seq.text, before, p.stop, p.include_stop_str_in_output)
                 if cut is not None:
                     seq.text = seq.text[:cut]
                     reason = "stop"
@@ -317,19 +389,35 @@ class Engine:
         return self._output(seq, [tok], new_text)
 
     @staticmethod
-    def _find_stop(text: str, new_from: int, stops: tuple[str, ...]) -> int | None:
-        """Earliest position of a stop string that ends in the newly added text (it may start before)."""
+    def _find_stop(text: str, new_from: int, stops: tuple[str, ...], include: bool = False) -> int | None:
+        """Where the text ends at the earliest stop string that ends in the newly added text (it may
+        start before): the stop string's start, or its end when it is to be included."""
         best = None
         for s in stops:
             i = text.find(s, max(0, new_from - len(s) + 1))
-            if i != -1 and (best is None or i < best):
-                best = i
-        return best
+            if i != -1 and (best is None or i < best[0]):
+                best = (i, i + len(s))
+        return None if best is None else best[1 if include else 0]
+
+    def _score_prompt(self, ids: list[int], k: int) -> list[dict | None]:
+        """Log-probs of each prompt token given the ones before it (None for the first), with the top-k
+        alternatives: one dense forward over the prompt, one device-to-host transfer."""
+        with checks.trusted():  # the prompt was checked in make_sequence
+            logits = self.model(torch.tensor([ids], dtype=torch.long, device=self.device)).logits[0, :-1]
+        logp = torch.log_softmax(logits.float(), dim=-1)  # (len - 1, vocab): position p predicts ids[p + 1]
+        chosen = logp.gather(1, torch.tensor(ids[1:], dtype=torch.long, device=self.device)[:, None])
+        k = min(k, logp.shape[-1])
+        top_lp, top_ids = logp.topk(k, dim=-1) if k else (logp.new_zeros(len(ids) - 1, 0),) * 2
+        host = torch.cat([chosen.double(), top_ids.double(), top_lp.double()], dim=1).cpu().tolist()
+        out: list[dict | None] = [None]
+        for t, row in zip(ids[1:], host):
+            out.append({"token_id": t, "logprob": row[0], "top": list(zip(map(int, row[1 : 1 + k]), row[1 + k :]))})
+        return out
 
     def _output(self, seq: Sequence, new_ids: list[int], new_text: str) -> RequestOutput:
         return RequestOutput(
             request_id=seq.request_id,
-            prompt_token_ids=seq.prompt_token_ids,
+            prompt_token_ids=self._request_prompt(seq),
             token_ids=seq.output_token_ids,
             text=seq.text[: seq.emitted_len] if not seq.finished else seq.text,
             new_token_ids=new_ids,
@@ -337,7 +425,8 @@ class Engine:
             finished=seq.finished,
             finish_reason=seq.finish_reason,
             logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
-            num_prompt_tokens=seq.num_prompt_tokens,
+            num_prompt_tokens=len(self._request_prompt(seq)),
+            prompt_logprobs=seq.prompt_logprobs,
             metrics=dict(
                 arrival_time=seq.arrival_time, first_token_time=seq.first_token_time, finish_time=seq.finish_time
             ),

@@ -37,7 +37,9 @@ class ModelRunner:
     """A causal model, its paged KV cache and (on a GPU) its decode CUDA graphs.
 
     kv_cache_tokens: cache size in tokens (default: a share of free memory, capped at max_num_seqs full
-    contexts), rounded up to whole blocks of block_size tokens.
+    contexts), rounded up to whole blocks of block_size tokens. forward_inputs: for encoder-decoder
+    models, a callable (a forward's sequences, in batch order) -> forward_tokens' extra keyword
+    arguments (their cross-attention keys/values, generation/seq2seq.py); decode then runs eagerly.
     """
 
     def __init__(
@@ -47,14 +49,17 @@ class ModelRunner:
         kv_cache_tokens: int | None = None,
         block_size: int = 16,
         cuda_graphs: bool = True,
+        forward_inputs=None,
     ):
         self.model = model
+        self.forward_inputs = forward_inputs
         self.config = model.config
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.context_len = int(self.config.max_position_embeddings)
         self.block_size = block_size
-        per_token = 2 * self.config.n_layers * self.config.n_kv_heads * self.config.head_dim * p.element_size()
+        kv_layers = self.config.n_decoder_layers or self.config.n_layers  # the layers that hold a KV cache
+        per_token = 2 * kv_layers * self.config.n_kv_heads * self.config.head_dim * p.element_size()
         if kv_cache_tokens is None:
             kv_cache_tokens = self._default_cache_tokens(per_token, max_num_seqs)
         if kv_cache_tokens < block_size:
@@ -66,7 +71,7 @@ class ModelRunner:
         self.cache_tokens = self.num_blocks * block_size
         self.max_blocks_per_seq = math.ceil(min(self.context_len, self.cache_tokens) / block_size)
         self.graphs = None
-        if cuda_graphs and self.device.type == "cuda":
+        if cuda_graphs and self.device.type == "cuda" and forward_inputs is None:
             self.graphs = DecodeGraphs(model, self.kv_cache, max_num_seqs, self.max_blocks_per_seq, device=self.device)
             self.graphs.capture()
 
@@ -111,12 +116,14 @@ class ModelRunner:
             seq_bounds=tuple(cu),
         )
         logits_index = torch.tensor(index or [cu[-1] - 1], dtype=torch.int64, device=dev)
+        extra = self.forward_inputs([ch.seq for ch in chunks]) if self.forward_inputs else {}
         logits = self.model.forward_tokens(
             torch.tensor(ids, dtype=torch.int64, device=dev),
             torch.tensor(pos, dtype=torch.int64, device=dev),
             self.kv_cache,
             batch,
             logits_index=logits_index,
+            **extra,
         )
         for ch in chunks:
             ch.seq.num_cached += ch.length
@@ -150,6 +157,7 @@ class ModelRunner:
                 torch.tensor(pos, dtype=torch.int64, device=dev),
                 self.kv_cache,
                 batch,
+                **(self.forward_inputs(seqs) if self.forward_inputs else {}),
             )
         for s in seqs:
             s.num_cached += 1

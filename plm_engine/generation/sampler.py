@@ -3,11 +3,14 @@
 The Sampler turns one step's logits (n, vocab) into n token ids with every filter applied on the
 device; the only host transfer is the final ids (and log-probs when asked for), packed into one tensor.
 
-Order of operations (as in vLLM): penalties on the raw logits, temperature, top-k, top-p, min-p, then
-one draw. Greedy rows (temperature 0) take the argmax of the penalized logits. Random draws use the
-exponential race (argmax of p / E, E ~ Exp(1)), which samples exactly from p; a row with a seed draws
-its E from its own torch.Generator, so its tokens do not depend on which requests share the batch.
-Reported log-probs are those of the model's raw distribution (log_softmax of the unmodified logits).
+Order of operations: the logit changes first (structured output's grammar mask through our fused
+kernel, plm_engine.ops.apply_token_bitmask_; then logit_bias and min_tokens' ban on stop tokens as one
+sparse scatter-add for the whole batch), then as in vLLM penalties on those logits, temperature, top-k,
+top-p, min-p, and one draw. Greedy rows (temperature 0) take the argmax of the penalized logits. Random
+draws use the exponential race (argmax of p / E, E ~ Exp(1)), which samples exactly from p; a row with
+a seed draws its E from its own torch.Generator, so its tokens do not depend on which requests share
+the batch. Reported log-probs are those of the model's raw distribution (log_softmax of the unmodified
+logits), as vLLM reports them by default.
 """
 
 from __future__ import annotations
@@ -16,6 +19,13 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+
+from plm_engine.generation.structured import StepBitmask, StructuredOutputParams
+from plm_engine.ops import checks
+from plm_engine.ops.token_mask import apply_token_bitmask_
+
+# OpenAI's logit_bias range: larger magnitudes are clamped to it.
+LOGIT_BIAS_LIMIT = 100.0
 
 
 @dataclass
@@ -29,6 +39,14 @@ class SamplingParams:
     model's end-of-sequence tokens stop too unless ignore_eos. logprobs: report the sampled token's
     log-prob and the top-n alternatives. truncate_prompt_tokens: keep only the last k prompt tokens
     (otherwise a prompt longer than the context is an error). n: only 1 is supported.
+    min_tokens: the stop tokens (end-of-sequence unless ignore_eos, and stop_token_ids) cannot be sampled,
+    and stop strings do not match, before this many new tokens. logit_bias: {token id: bias} added to
+    the logits, each bias clamped to [-100, 100] as OpenAI does (ids are range-checked by the engine).
+    structured: a grammar the output must match (plm_engine.generation.structured); the sequence ends
+    with finish_reason "stop" once the grammar is complete. skip_special_tokens: leave special tokens
+    out of the text. include_stop_str_in_output: keep a matched stop string at the end of the text.
+    prompt_logprobs: report each prompt token's log-prob given the tokens before it, and the top-n
+    alternatives (one extra forward over the prompt when the request is first scheduled).
     """
 
     temperature: float = 1.0
@@ -46,6 +64,12 @@ class SamplingParams:
     logprobs: int | None = None
     truncate_prompt_tokens: int | None = None
     n: int = 1
+    min_tokens: int = 0
+    prompt_logprobs: int | None = None
+    logit_bias: dict[int, float] | None = None
+    structured: StructuredOutputParams | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
 
     def __post_init__(self):
         def bad(name, rule):
@@ -91,8 +115,24 @@ class SamplingParams:
         self.stop_token_ids = tuple(self.stop_token_ids)
         if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids", "a sequence of non-negative token ids")
-        if not isinstance(self.ignore_eos, bool):
-            bad("ignore_eos", "a bool")
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "a bool")
+        integer("min_tokens", 0)
+        integer("prompt_logprobs", 0, allow_none=True)
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                bad("logit_bias", "a dict {token id: bias}")
+            bias = {}
+            for t, b in self.logit_bias.items():
+                if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                    bad("logit_bias", "keyed by non-negative token ids")
+                if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b):
+                    bad("logit_bias", "a dict of finite numbers")
+                bias[t] = float(min(max(b, -LOGIT_BIAS_LIMIT), LOGIT_BIAS_LIMIT))
+            self.logit_bias = bias or None
+        if self.structured is not None and not isinstance(self.structured, StructuredOutputParams):
+            bad("structured", "a StructuredOutputParams or None")
 
     @property
     def greedy(self) -> bool:
@@ -101,6 +141,11 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    @property
+    def changes_logits(self) -> bool:
+        """Whether the sampler changes this request's logits before drawing (grammar, bias, min_tokens)."""
+        return self.structured is not None or self.logit_bias is not None or self.min_tokens > 0
 
 
 @dataclass
@@ -117,12 +162,15 @@ class Sampler:
     Penalty state lives in per-slot device tensors: slot s (one per running request that has penalties)
     holds `output_counts[s]` (how often each token was generated) and `prompt_mask[s]` (which tokens the
     prompt holds). The engine assigns slots; the sampler updates the counts with the tokens it samples.
+    eos_token_ids: the model's end-of-sequence tokens, which min_tokens holds back (unless ignore_eos).
     """
 
-    def __init__(self, vocab_size: int, max_slots: int, device=None):
+    def __init__(self, vocab_size: int, max_slots: int, device=None, eos_token_ids=()):
         self.vocab_size = vocab_size
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.max_slots = max_slots
+        self.eos_token_ids = tuple(sorted(int(t) for t in eos_token_ids))
+        self._bitmask = StepBitmask(vocab_size, self.device)
         self._counts: torch.Tensor | None = None  # (max_slots, vocab) int32, allocated on first use
         self._prompt_mask: torch.Tensor | None = None  # (max_slots, vocab) bool
         self._free_slots = list(range(max_slots - 1, -1, -1))
@@ -164,16 +212,20 @@ class Sampler:
         params: list[SamplingParams],
         slots: list[int | None] | None = None,
         generators: list[torch.Generator | None] | None = None,
+        matchers: list | None = None,
+        output_lens: list[int] | None = None,
     ) -> SampleResult:
-        """logits: (n, vocab) for n rows; params/slots/generators: one per row (slot None: no penalties;
-        generator None: the default generator). Returns the sampled ids, and log-prob dicts for rows whose
-        params ask for logprobs. One device-to-host transfer."""
+        """logits: (n, vocab) for n rows; params/slots/generators/matchers/output_lens: one per row (slot
+        None: no penalties; generator None: the default generator; matcher: the row's GrammarMatcher or
+        None; output_lens: tokens generated so far, for min_tokens). Returns the sampled ids, and
+        log-prob dicts for rows whose params ask for logprobs. One device-to-host transfer; the grammar
+        masks and the sparse logit changes are built on the host and copied to the device."""
         n = logits.shape[0]
         if len(params) != n:
             raise ValueError(f"Sampler.sample: {len(params)} params for {n} rows of logits")
         slots = slots if slots is not None else [None] * n
         generators = generators if generators is not None else [None] * n
-        tokens, lp_packed, top_n = self.sample_device(logits, params, slots, generators)
+        tokens, lp_packed, top_n = self.sample_device(logits, params, slots, generators, matchers, output_lens)
         if lp_packed is None:
             return SampleResult(tokens.tolist(), [None] * n)
         host = lp_packed.cpu()  # one transfer: ids and log-probs packed in float64
@@ -190,12 +242,17 @@ class Sampler:
             out.append({"token_id": ids[i], "logprob": float(row[1]), "top": list(zip(top_ids, top_lp))})
         return SampleResult(ids, out)
 
-    def sample_device(self, logits, params, slots, generators):
+    def sample_device(self, logits, params, slots, generators, matchers=None, output_lens=None):
         """Everything on the device. Returns (token ids (n,) int64, packed log-probs (n, 2 + 2k) float64
         or None, k)."""
         n, v = logits.shape
         raw = logits.float()
         x = raw
+        if any(p.changes_logits for p in params) or any(m is not None for m in matchers or ()):
+            # The changes are in place: keep the raw logits for log-probs, and never touch the caller's.
+            x = raw.clone() if raw is logits or any(p.logprobs is not None for p in params) else raw
+            self._apply_grammar(x, matchers)
+            self._apply_sparse(x, params, output_lens)
         if any(s is not None for s in slots) and any(p.has_penalties for p in params):
             x = self._apply_penalties(x, params, slots)
 
@@ -244,6 +301,43 @@ class Sampler:
         x = x.clone()
         x[rows] = sub
         return x
+
+    def _apply_grammar(self, x, matchers):
+        """Disallowed tokens of every constrained row -> -inf: masks filled on the host, one copy, our
+        fused kernel on the device."""
+        if not matchers:
+            return
+        rows = [i for i, m in enumerate(matchers) if m is not None]
+        if not rows:
+            return
+        bitmask, row_idx = self._bitmask.build(rows, [matchers[i] for i in rows])
+        with checks.trusted():  # the sampler built the row indices itself
+            apply_token_bitmask_(x, bitmask, row_idx)
+
+    def _apply_sparse(self, x, params, output_lens):
+        """logit_bias, and -inf on the stop tokens of rows still short of min_tokens: one scatter-add over
+        the flattened (n, vocab) logits for the whole batch."""
+        n, v = x.shape
+        flat_idx: list[int] = []
+        vals: list[float] = []
+        for i, p in enumerate(params):
+            if p.logit_bias:
+                for t, b in p.logit_bias.items():
+                    if t >= v:
+                        raise ValueError(f"Sampler: logit_bias token id {t} is out of range for a vocabulary of {v}")
+                    flat_idx.append(i * v + t)
+                    vals.append(b)
+            if p.min_tokens > 0 and (output_lens is None or output_lens[i] < p.min_tokens):
+                banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_token_ids))
+                for t in sorted(banned):
+                    if t < v:
+                        flat_idx.append(i * v + t)
+                        vals.append(float("-inf"))
+        if not flat_idx:
+            return
+        idx = torch.tensor(flat_idx, dtype=torch.long, device=x.device)
+        val = torch.tensor(vals, dtype=x.dtype, device=x.device)
+        x.view(-1).index_put_((idx,), val, accumulate=True)
 
     def _update_counts(self, tokens, slots):
         rows = [i for i, s in enumerate(slots) if s is not None]

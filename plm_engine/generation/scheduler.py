@@ -11,6 +11,20 @@ Each step the scheduler picks
 
 A sequence's tokens are prompt + output; `num_cached` of them have their K/V in the cache. After a forward
 the engine advances num_cached and appends the sampled token (only when the chunk reached the last token).
+
+Prefix caching (enable_prefix_caching, block_manager.py): a sequence being admitted takes references to
+the cached blocks of its longest full-block prefix, up to but not including its last token (which must
+be computed so its logits exist), and its first chunk starts after them. A full block is registered in
+the cache
+- when the prefill chunk that completes it is scheduled: it is computed in this step's prefill forward,
+  where every layer writes all new tokens' K/V before attending, so a sequence admitted later in the
+  same step (the n samples of one prompt) can already share it. Should that forward fail, the next
+  schedule() finds the block uncomputed, forgets it and preempts whoever relied on it;
+- when a decode step completes it: at the next schedule() (the decode forward runs after the prefill
+  forward, so a block it fills cannot be shared in the same step);
+- when its sequence finishes or is preempted, for every block whose K/V are all computed.
+Only full blocks are shared, and a sequence writes only after its shared prefix, so a block with more
+than one reference is never written; a freed cached block stays cached until the allocator evicts it.
 """
 
 from __future__ import annotations
@@ -22,12 +36,13 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from plm_engine.generation.block_manager import BlockManager
+from plm_engine.generation.block_manager import BlockManager, hash_block
 from plm_engine.generation.sampler import SamplingParams
 
 if TYPE_CHECKING:
     import torch
 
+    from plm_engine.generation.structured import GrammarMatcher
     from plm_engine.models.tokenizer import StreamDecoder
 
 
@@ -54,13 +69,20 @@ class Sequence:
     finish_reason: str | None = None
     first_token_time: float | None = None
     finish_time: float | None = None
-    # Engine-side state: penalty slot, seeded generator, stream decoder and text, log-probs.
+    # Engine-side state: penalty slot, seeded generator, grammar matcher, stream decoder and text, log-probs.
     slot: int | None = None
     generator: torch.Generator | None = None
+    matcher: GrammarMatcher | None = None  # structured output (generation/structured.py)
     decoder: StreamDecoder | None = None
     text: str = ""
     emitted_len: int = 0
     logprobs: list | None = None
+    prompt_logprobs: list | None = None
+    # Prefix cache: anything besides the tokens that changes this sequence's K/V (an adapter, an encoder
+    # input, a per-tenant salt); hashed into the first block's key, so every later key depends on it.
+    cache_extra_keys: tuple = ()
+    block_hashes: list[bytes] = field(default_factory=list)  # keys of the full blocks of token_ids so far
+    num_registered: int = 0  # blocks[:num_registered] are cached (or duplicate a cached block)
 
     def __post_init__(self):
         if not self.token_ids:
@@ -127,6 +149,7 @@ class Scheduler:
         max_num_seqs: int = 32,
         max_prefill_tokens: int = 2048,
         watermark_blocks: int | None = None,
+        enable_prefix_caching: bool = True,
     ):
         if max_num_seqs < 1:
             raise ValueError(f"Scheduler: max_num_seqs must be >= 1, got {max_num_seqs}")
@@ -143,6 +166,11 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # sorted by seq_idx
         self.num_preemptions = 0
+        self.enable_prefix_caching = enable_prefix_caching
+        self.prefix_cache_queries = 0  # tokens of admitted sequences looked up in the prefix cache
+        self.prefix_cache_hits = 0  # of those, tokens whose K/V were reused
+        # Blocks registered by the last schedule() before their forward ran: (sequence, index, block).
+        self._pending: list[tuple[Sequence, int, int]] = []
 
     # ---- queues -----------------------------------------------------------------------------------
 
@@ -165,7 +193,9 @@ class Scheduler:
             del self.running[i]
         elif seq.status is Status.WAITING:
             self.waiting.remove(seq)
+        self._cache_computed(seq)
         self.bm.free(seq.blocks)
+        seq.num_registered = 0
         seq.status = Status.FINISHED
         seq.finish_reason = reason
         seq.finish_time = time.time()
@@ -176,10 +206,12 @@ class Scheduler:
             raise RuntimeError(f"Scheduler: sequence {seq.request_id!r} is not in the running queue")
         return i
 
-    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+    def _preempt(self, seq: Sequence, out: SchedulerOutput, cache: bool = True) -> None:
         del self.running[self._running_index(seq)]
+        if cache:
+            self._cache_computed(seq)
         self.bm.free(seq.blocks)
-        seq.num_cached = 0
+        seq.num_cached = seq.num_registered = 0
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -189,6 +221,10 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        if self.enable_prefix_caching:
+            self._settle_pending(out)
+            for seq in self.running:
+                self._cache_computed(seq)  # blocks the last decode forward completed
         for seq in list(self.running):
             if seq.status is not Status.RUNNING or seq.num_pending != 1:
                 continue
@@ -207,20 +243,116 @@ class Scheduler:
             if seq.num_pending > 1:
                 n = min(seq.num_pending, budget)
                 out.prefill.append(Chunk(seq, seq.num_cached, n))
+                self._cache_scheduled(seq, seq.num_cached + n)
                 budget -= n
         # Preempted sequences are not re-admitted in the step that preempted them: the cache is short.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             seq = self.waiting[0]
-            need = self.bm.blocks_for(seq.num_tokens)
+            hits = self._lookup(seq)
+            need = self.bm.blocks_for(seq.num_tokens) - len(hits)
+            revived = sum(1 for b in hits if self.bm.ref_count(b) == 0)  # evictable ones stop being free
             reserve = self.watermark_blocks if self.running else 0
-            if need + reserve > self.bm.num_free:
+            if need + revived + reserve > self.bm.num_free:
                 break
             self.waiting.popleft()
-            seq.blocks = self.bm.allocate(need)
+            self.bm.acquire(hits)  # before allocate(), which could otherwise evict them
+            seq.blocks = hits + self.bm.allocate(need)
+            seq.num_registered = len(hits)
+            seq.num_cached = len(hits) * self.bm.block_size
+            if self.enable_prefix_caching:
+                self.prefix_cache_queries += seq.num_tokens
+                self.prefix_cache_hits += seq.num_cached
             seq.status = Status.RUNNING
             bisect.insort(self.running, seq, key=lambda s: s.seq_idx)
             out.admitted.append(seq)
             n = min(seq.num_pending, budget)
             out.prefill.append(Chunk(seq, seq.num_cached, n))
+            self._cache_scheduled(seq, seq.num_cached + n)
             budget -= n
         return out
+
+    # ---- prefix cache -----------------------------------------------------------------------------
+
+    def _hash_blocks(self, seq: Sequence, n: int) -> None:
+        """Extends seq.block_hashes to its first n full blocks (the keys depend on the tokens only, so
+        they survive preemption)."""
+        bs, hs, toks = self.bm.block_size, seq.block_hashes, seq.token_ids
+        while len(hs) < n:
+            i = len(hs)
+            extra = seq.cache_extra_keys if i == 0 else ()
+            hs.append(hash_block(hs[-1] if hs else None, toks[i * bs : (i + 1) * bs], extra))
+
+    def _lookup(self, seq: Sequence) -> list[int]:
+        """The cached blocks of seq's longest full-block prefix that leaves its last token to compute."""
+        if not self.enable_prefix_caching:
+            return []
+        n = (seq.num_tokens - 1) // self.bm.block_size
+        self._hash_blocks(seq, n)
+        hits = []
+        for h in seq.block_hashes[:n]:
+            b = self.bm.lookup(h)
+            if b is None:
+                break
+            hits.append(b)
+        return hits
+
+    def _register(self, seq: Sequence, num_tokens: int) -> list[int]:
+        """Registers seq's full blocks within its first num_tokens tokens; the indices newly cached."""
+        n = min(num_tokens // self.bm.block_size, len(seq.blocks))
+        if n <= seq.num_registered:
+            return []
+        self._hash_blocks(seq, n)
+        new = [i for i in range(seq.num_registered, n) if self.bm.register(seq.blocks[i], seq.block_hashes[i])]
+        seq.num_registered = n
+        return new
+
+    def _cache_computed(self, seq: Sequence) -> None:
+        if self.enable_prefix_caching and seq.blocks:
+            self._register(seq, seq.num_cached)
+
+    def _cache_scheduled(self, seq: Sequence, end: int) -> None:
+        """Registers the blocks this step's prefill chunk (ending at token `end`) completes."""
+        if self.enable_prefix_caching:
+            self._pending += [(seq, i, seq.blocks[i]) for i in self._register(seq, end)]
+
+    def _settle_pending(self, out: SchedulerOutput) -> None:
+        """Checks that last step's prefill computed the blocks registered for it. If it did not (its
+        forward raised), those blocks are forgotten and every sequence that took one as computed is
+        preempted (recomputed later), so nobody reads or shares K/V that were never written."""
+        pending, self._pending = self._pending, []
+        bad: dict[int, Sequence] = {}
+        for seq, i, b in pending:
+            if seq.num_cached < (i + 1) * self.bm.block_size:
+                bad[b] = seq
+                self.bm.uncache(b)
+                if seq.status is Status.RUNNING:
+                    seq.num_registered = min(seq.num_registered, i)
+        if not bad:
+            return
+        bs = self.bm.block_size
+        for seq in list(self.running):
+            relies = any(b in bad and bad[b] is not seq and seq.num_cached > j * bs for j, b in enumerate(seq.blocks))
+            if relies:
+                self._preempt(seq, out, cache=False)
+
+    def check_invariants(self) -> None:
+        """Raises if the block bookkeeping is inconsistent: each block's reference count is the number
+        of sequences holding it, no sequence holds a block twice, waiting ones hold none, a shared block
+        is cached, and the block manager's own maps agree. For tests and debugging."""
+        self.bm.check()
+        holders = [0] * self.bm.num_blocks
+        for seq in self.running:
+            if len(set(seq.blocks)) != len(seq.blocks):
+                raise AssertionError(f"Scheduler: {seq.request_id!r} holds a block twice: {seq.blocks}")
+            if len(seq.blocks) < self.bm.blocks_for(seq.num_cached):
+                raise AssertionError(f"Scheduler: {seq.request_id!r} has cached tokens beyond its blocks")
+            for b in seq.blocks:
+                holders[b] += 1
+        for seq in self.waiting:
+            if seq.blocks or seq.num_cached or seq.num_registered:
+                raise AssertionError(f"Scheduler: waiting {seq.request_id!r} still holds blocks")
+        for b, n in enumerate(holders):
+            if self.bm.ref_count(b) != n:
+                raise AssertionError(f"Scheduler: block {b} has {self.bm.ref_count(b)} references, {n} holders")
+            if n > 1 and not self.bm.is_cached(b):
+                raise AssertionError(f"Scheduler: block {b} is shared by {n} sequences but not cached")

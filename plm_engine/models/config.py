@@ -4,6 +4,10 @@ Three families share one Transformer (plm_engine.models.transformer):
   gpt2   learned positions, pre-norm LayerNorm, GELU(tanh) MLP, biases everywhere, tied LM head
   bert   learned positions + token types, post-norm LayerNorm, GELU MLP, pooler, MLM / classifier heads
   llama  RoPE, pre-norm RMSNorm, SwiGLU MLP, GQA, optional q/k/v biases (Qwen2), tied or untied head
+Two encoder-decoder families share one Seq2SeqTransformer (plm_engine.models.seq2seq):
+  bart   BART, mBART and Marian: learned (offset 2) or sinusoidal positions, post-norm (BART, Marian) or
+         pre-norm (mBART) LayerNorm, biases everywhere, shared or separate embeddings, final_logits_bias
+  t5     relative position buckets, pre-norm RMSNorm without bias, ReLU or gated-GELU MLP, no biases
 """
 
 from __future__ import annotations
@@ -11,9 +15,22 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-ARCHS = ("gpt2", "bert", "llama")
-# HF model_type -> our arch. Mistral and Qwen2 are Llama-shaped (Qwen2 adds q/k/v biases).
-HF_MODEL_TYPES = {"gpt2": "gpt2", "bert": "bert", "llama": "llama", "mistral": "llama", "qwen2": "llama"}
+ARCHS = ("gpt2", "bert", "llama", "bart", "t5")
+SEQ2SEQ_ARCHS = ("bart", "t5")
+ACTIVATIONS = ("gelu_tanh", "gelu", "swiglu", "relu", "silu", "geglu")
+# HF model_type -> our arch. Mistral and Qwen2 are Llama-shaped (Qwen2 adds q/k/v biases); mBART and Marian
+# are BART-shaped.
+HF_MODEL_TYPES = {
+    "gpt2": "gpt2",
+    "bert": "bert",
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "llama",
+    "bart": "bart",
+    "mbart": "bart",
+    "marian": "bart",
+    "t5": "t5",
+}
 
 
 @dataclass
@@ -28,7 +45,7 @@ class ModelConfig:
     intermediate_size: int | None = None  # None: 4 * hidden_size
     max_position_embeddings: int = 2048
     norm_eps: float = 1e-5
-    activation: str | None = None  # "gelu_tanh" | "gelu" | "swiglu"; None: the arch's default
+    activation: str | None = None  # one of ACTIVATIONS (geglu: gelu_tanh(gate) * up); None: the arch's default
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # HF rope_scaling / rope_parameters minus rope_theta ("llama3", "linear")
     tie_word_embeddings: bool = True
@@ -47,16 +64,32 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     torch_dtype: str | None = None  # the checkpoint's dtype, as in HF config.json
+    # Encoder-decoder (bart, t5) only. n_layers, n_heads, intermediate_size describe both stacks.
+    n_decoder_layers: int | None = None  # None: n_layers
+    decoder_vocab_size: int | None = None  # the target vocabulary when not shared (Marian); None: vocab_size
+    share_embeddings: bool = True  # encoder and decoder read one token embedding
+    decoder_start_token_id: int | None = None
+    positions: str | None = None  # "learned" (offset 2) | "sinusoidal" | "relative" (T5); None: the arch's
+    pre_norm: bool | None = None  # None: the arch's (bart: post-norm, t5: pre-norm)
+    embed_norm: bool | None = None  # a LayerNorm right after the embeddings (BART's layernorm_embedding)
+    scale_embedding: bool = False  # token embeddings times sqrt(hidden_size)
+    final_logits_bias: bool | None = None  # a (vocab,) bias on the logits; None: yes for bart
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    scale_decoder_outputs: bool = False  # T5: decoder output times hidden_size**-0.5 before a tied head
     extra: dict = field(default_factory=dict)  # other HF config keys, written back by to_hf()
 
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise ValueError(f"ModelConfig: unknown arch {self.arch!r}; supported: {', '.join(ARCHS)}")
-        default_bias = self.arch != "llama"
+        default_bias = self.arch not in ("llama", "t5")
         self.n_kv_heads = self.n_kv_heads or self.n_heads
         self.head_dim = self.head_dim or self.hidden_size // self.n_heads
         self.intermediate_size = self.intermediate_size or 4 * self.hidden_size
-        self.activation = self.activation or {"gpt2": "gelu_tanh", "bert": "gelu", "llama": "swiglu"}[self.arch]
+        self.activation = (
+            self.activation
+            or {"gpt2": "gelu_tanh", "bert": "gelu", "llama": "swiglu", "bart": "gelu", "t5": "relu"}[self.arch]
+        )
         self.qkv_bias = default_bias if self.qkv_bias is None else self.qkv_bias
         self.out_bias = default_bias if self.out_bias is None else self.out_bias
         self.mlp_bias = default_bias if self.mlp_bias is None else self.mlp_bias
@@ -69,15 +102,47 @@ class ModelConfig:
             )
         if self.classifier_pooling not in (None, "mean"):
             raise ValueError(f"ModelConfig: classifier_pooling must be None or 'mean', got {self.classifier_pooling!r}")
-        if self.activation not in ("gelu_tanh", "gelu", "swiglu"):
-            raise ValueError(f"ModelConfig: unknown activation {self.activation!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"ModelConfig: unknown activation {self.activation!r}; supported: {', '.join(ACTIVATIONS)}"
+            )
+        if self.is_encoder_decoder:
+            self._seq2seq_defaults()
         kind = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type", "default"))
         if kind not in ("default", "linear", "llama3"):
             raise ValueError(f"ModelConfig: unsupported RoPE scaling {kind!r} (supported: linear, llama3)")
 
+    def _seq2seq_defaults(self) -> None:
+        t5 = self.arch == "t5"
+        self.n_decoder_layers = self.n_decoder_layers or self.n_layers
+        self.decoder_vocab_size = self.decoder_vocab_size or self.vocab_size
+        self.positions = self.positions or ("relative" if t5 else "learned")
+        self.pre_norm = t5 if self.pre_norm is None else self.pre_norm
+        # BART and mBART normalise the embeddings (layernorm_embedding); Marian and T5 do not.
+        self.embed_norm = (not t5 and self.positions == "learned") if self.embed_norm is None else self.embed_norm
+        self.final_logits_bias = (not t5) if self.final_logits_bias is None else self.final_logits_bias
+        if self.n_kv_heads != self.n_heads:
+            raise ValueError("ModelConfig: encoder-decoder models have no grouped-query attention (n_kv_heads)")
+        if self.positions not in (("relative",) if t5 else ("learned", "sinusoidal")):
+            raise ValueError(f"ModelConfig: arch {self.arch!r} does not support positions={self.positions!r}")
+        if self.share_embeddings and self.decoder_vocab_size != self.vocab_size:
+            raise ValueError("ModelConfig: shared embeddings need decoder_vocab_size == vocab_size")
+        if self.n_decoder_layers < 1 or self.relative_attention_num_buckets < 2:
+            raise ValueError("ModelConfig: n_decoder_layers must be >= 1 and relative_attention_num_buckets >= 2")
+
     @property
     def causal(self) -> bool:
-        return self.arch != "bert"
+        """A decoder-only causal language model (gpt2, llama)."""
+        return self.arch in ("gpt2", "llama")
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self.arch in SEQ2SEQ_ARCHS
+
+    @property
+    def lm_vocab_size(self) -> int:
+        """The size of the LM head's output: the decoder's vocabulary for encoder-decoder models."""
+        return self.decoder_vocab_size or self.vocab_size
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -119,6 +184,8 @@ class ModelConfig:
             num_labels=_num_labels(hf),
             classifier_pooling="mean" if hf.get("classifier_pooling") == "mean" else None,
         )
+        if arch in SEQ2SEQ_ARCHS:
+            return cls(**common, **_seq2seq_from_hf(hf, model_type))
         if arch == "gpt2":
             act = hf.get("activation_function", "gelu_new")
             return cls(
@@ -207,6 +274,8 @@ class ModelConfig:
         if self.classifier_pooling:  # the key ModernBERT's config uses for the same choice
             ids["classifier_pooling"] = self.classifier_pooling
         gelu = {"gelu_tanh": "gelu_new", "gelu": "gelu"}
+        if self.is_encoder_decoder:
+            return {"architectures": [self.hf_architecture()], **ids, **_seq2seq_to_hf(self)}
         if self.arch == "gpt2":
             return {
                 "model_type": "gpt2",
@@ -271,6 +340,8 @@ class ModelConfig:
         return out
 
     def hf_architecture(self) -> str:
+        if self.is_encoder_decoder:
+            return _SEQ2SEQ_HF_CLASSES[self.extra.get("model_type", self.arch)]
         prefix = {"gpt2": "GPT2", "bert": "Bert"}.get(self.arch) or {
             "llama": "Llama",
             "mistral": "Mistral",
@@ -289,6 +360,137 @@ def _gelu_kind(act: str) -> str:
     if act == "gelu":
         return "gelu"
     raise ValueError(f"unsupported activation {act!r} (gelu, gelu_new, gelu_pytorch_tanh)")
+
+
+_SEQ2SEQ_HF_CLASSES = {
+    "bart": "BartForConditionalGeneration",
+    "mbart": "MBartForConditionalGeneration",
+    "marian": "MarianMTModel",
+    "t5": "T5ForConditionalGeneration",
+}
+# HF activation names of the BART family / T5's feed_forward_proj -> ours (and back).
+_BART_ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+_BART_ACTS.update(swish="silu", silu="silu")
+_T5_ACTS = {"relu": "relu", "gelu": "gelu", "gated-gelu": "geglu", "gated-silu": "swiglu"}
+# Generation settings of BART-family configs that we keep so that a saved config round-trips.
+_KEPT_KEYS = ("forced_bos_token_id", "forced_eos_token_id")
+
+
+def _seq2seq_from_hf(hf: dict, model_type: str) -> dict:
+    """ModelConfig fields (beyond the token ids) of a BART / mBART / Marian / T5 config.json."""
+    kept = {k: hf[k] for k in _KEPT_KEYS if k in hf}
+    if model_type == "t5":
+        act = hf.get("feed_forward_proj", "relu")
+        if act not in _T5_ACTS:
+            raise ValueError(f"unsupported T5 feed_forward_proj {act!r} (supported: {', '.join(_T5_ACTS)})")
+        # transformers 5 always ties T5's head to the shared embedding at init and rescales the decoder output
+        # unless the config says otherwise; a checkpoint whose lm_head.weight differs is loaded untied
+        # (models/seq2seq_hf.py decides from the tensors).
+        tied = hf.get("tie_word_embeddings", True) is not False
+        return dict(
+            hidden_size=hf["d_model"],
+            n_layers=hf["num_layers"],
+            n_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"],
+            n_heads=hf["num_heads"],
+            head_dim=hf["d_kv"],
+            intermediate_size=hf["d_ff"],
+            max_position_embeddings=hf.get("n_positions", 512),
+            norm_eps=hf.get("layer_norm_epsilon", 1e-6),
+            activation=_T5_ACTS[act],
+            tie_word_embeddings=tied,
+            scale_decoder_outputs=hf.get("scale_decoder_outputs", tied),
+            relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
+            relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
+            decoder_start_token_id=hf.get("decoder_start_token_id", hf.get("pad_token_id", 0)),
+            dropout=hf.get("dropout_rate", 0.0) or 0.0,
+            extra={"model_type": model_type, **kept},
+        )
+    heads, ffn = hf["encoder_attention_heads"], hf["encoder_ffn_dim"]
+    if hf.get("decoder_attention_heads", heads) != heads or hf.get("decoder_ffn_dim", ffn) != ffn:
+        raise ValueError(
+            f"unsupported {model_type} config: the encoder and the decoder differ in attention heads or FFN size "
+            f"({heads}/{hf.get('decoder_attention_heads')} heads, {ffn}/{hf.get('decoder_ffn_dim')} FFN)"
+        )
+    act = hf.get("activation_function", "gelu")
+    if act not in _BART_ACTS:
+        raise ValueError(f"unsupported {model_type} activation_function {act!r} (supported: {', '.join(_BART_ACTS)})")
+    marian = model_type == "marian"
+    tied = hf.get("tie_word_embeddings", True)
+    return dict(
+        hidden_size=hf["d_model"],
+        n_layers=hf["encoder_layers"],
+        n_decoder_layers=hf.get("decoder_layers") or hf["encoder_layers"],
+        n_heads=heads,
+        intermediate_size=ffn,
+        max_position_embeddings=hf["max_position_embeddings"],
+        norm_eps=1e-5,  # nn.LayerNorm's default: these configs have no epsilon
+        activation=_BART_ACTS[act],
+        tie_word_embeddings=tied,
+        # BART ties everything to `shared` or nothing; Marian can keep separate source/target vocabularies.
+        share_embeddings=hf.get("share_encoder_decoder_embeddings", True) if marian else tied,
+        decoder_vocab_size=(hf.get("decoder_vocab_size") or hf["vocab_size"]) if marian else None,
+        positions="sinusoidal" if marian else "learned",
+        pre_norm=model_type == "mbart",
+        embed_norm=not marian,
+        scale_embedding=bool(hf.get("scale_embedding", False)),
+        final_logits_bias=True,
+        decoder_start_token_id=hf.get("decoder_start_token_id"),
+        dropout=hf.get("dropout", 0.0) or 0.0,
+        extra={"model_type": model_type, **kept},
+    )
+
+
+def _seq2seq_to_hf(c: ModelConfig) -> dict:
+    model_type = c.extra.get("model_type", c.arch)
+    kept = {k: c.extra[k] for k in _KEPT_KEYS if k in c.extra}
+    out = {"model_type": model_type, "is_encoder_decoder": True, **kept}
+    if c.decoder_start_token_id is not None:
+        out["decoder_start_token_id"] = c.decoder_start_token_id
+    if c.arch == "t5":
+        return {
+            **out,
+            "vocab_size": c.vocab_size,
+            "d_model": c.hidden_size,
+            "d_kv": c.head_dim,
+            "d_ff": c.intermediate_size,
+            "num_layers": c.n_layers,
+            "num_decoder_layers": c.n_decoder_layers,
+            "num_heads": c.n_heads,
+            "n_positions": c.max_position_embeddings,
+            "relative_attention_num_buckets": c.relative_attention_num_buckets,
+            "relative_attention_max_distance": c.relative_attention_max_distance,
+            "layer_norm_epsilon": c.norm_eps,
+            "feed_forward_proj": {v: k for k, v in _T5_ACTS.items()}[c.activation],
+            "dropout_rate": c.dropout,
+            "tie_word_embeddings": c.tie_word_embeddings,
+            "scale_decoder_outputs": c.scale_decoder_outputs,
+        }
+    layout = (c.pre_norm, c.embed_norm, c.positions)
+    if layout != (model_type == "mbart", model_type != "marian", "sinusoidal" if model_type == "marian" else "learned"):
+        raise ValueError(
+            f"to_hf: a {model_type} config with pre_norm, embed_norm, positions = {layout} has no "
+            "transformers equivalent"
+        )
+    out.update(
+        vocab_size=c.vocab_size,
+        d_model=c.hidden_size,
+        encoder_layers=c.n_layers,
+        decoder_layers=c.n_decoder_layers,
+        encoder_attention_heads=c.n_heads,
+        decoder_attention_heads=c.n_heads,
+        encoder_ffn_dim=c.intermediate_size,
+        decoder_ffn_dim=c.intermediate_size,
+        max_position_embeddings=c.max_position_embeddings,
+        activation_function={"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "swish"}[c.activation],
+        scale_embedding=c.scale_embedding,
+        tie_word_embeddings=c.tie_word_embeddings,
+        dropout=c.dropout,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+    )
+    if model_type == "marian":
+        out.update(decoder_vocab_size=c.decoder_vocab_size, share_encoder_decoder_embeddings=c.share_embeddings)
+    return out
 
 
 def _num_labels(hf: dict) -> int:
@@ -325,7 +527,53 @@ PRESETS: dict[str, dict] = {
         norm_eps=1e-6,
         tie_word_embeddings=False,
     ),
+    "bart-tiny": dict(
+        arch="bart",
+        vocab_size=512,
+        hidden_size=64,
+        n_layers=2,
+        n_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=256,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+    ),
+    "t5-tiny": dict(
+        arch="t5",
+        vocab_size=512,
+        hidden_size=64,
+        n_layers=2,
+        n_heads=4,
+        head_dim=16,
+        intermediate_size=128,
+        activation="geglu",
+        max_position_embeddings=256,
+        norm_eps=1e-6,
+        scale_decoder_outputs=True,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    ),
     # small models for the CPU demos and benchmarks
+    # mBART's layout (pre-norm): trained from scratch on a CPU budget, post-norm BART's decoder settles on
+    # a plain language model that ignores the encoder; pre-norm learns to read the source early.
+    "mbart-small-cpu": dict(
+        arch="bart",
+        vocab_size=8192,
+        hidden_size=256,
+        n_layers=3,
+        n_heads=4,
+        intermediate_size=1024,
+        max_position_embeddings=512,
+        pre_norm=True,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+        extra={"model_type": "mbart"},
+    ),
     "gpt2-small-cpu": dict(
         arch="gpt2", vocab_size=8192, hidden_size=256, n_layers=6, n_heads=8, max_position_embeddings=512
     ),

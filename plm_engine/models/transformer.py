@@ -152,8 +152,8 @@ class Transformer(nn.Module):
         return self.tok_embed.weight if self.lm_head is None else self.lm_head.weight
 
     def save_pretrained(self, path):
-        """config.json + model.safetensors under transformers' names (see models.loading.save_pretrained)."""
-        from plm_engine.models.loading import save_pretrained
+        """config.json + model.safetensors under transformers' names (see models.hf_checkpoint.save_pretrained)."""
+        from plm_engine.models.hf_checkpoint import save_pretrained
 
         return save_pretrained(self, path)
 

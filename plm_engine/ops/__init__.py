@@ -7,17 +7,27 @@ y = ops.layer_norm(x, w, backend="torch")        # the PyTorch reference
 """
 
 from plm_engine.ops.activations import gelu, swiglu
-from plm_engine.ops.attention import attention, attention_varlen, paged_attention, write_kv_cache
+from plm_engine.ops.attention import (
+    RelativePositionBias,
+    attention,
+    attention_varlen,
+    paged_attention,
+    relative_position_bucket,
+    write_kv_cache,
+)
 from plm_engine.ops.backends import BACKENDS, BackendUnavailable, usable_backends
 from plm_engine.ops.cross_entropy import cross_entropy, linear_cross_entropy
 from plm_engine.ops.linear import linear
 from plm_engine.ops.norms import layer_norm, rms_norm
 from plm_engine.ops.rope import rope, rope_cos_sin, rope_inv_freq
 from plm_engine.ops.softmax import softmax
+from plm_engine.ops.token_mask import apply_token_bitmask_
 
 __all__ = [
     "BACKENDS",
     "BackendUnavailable",
+    "RelativePositionBias",
+    "apply_token_bitmask_",
     "attention",
     "attention_varlen",
     "cross_entropy",
@@ -26,6 +36,7 @@ __all__ = [
     "linear",
     "linear_cross_entropy",
     "paged_attention",
+    "relative_position_bucket",
     "rms_norm",
     "rope",
     "rope_cos_sin",

@@ -8,25 +8,25 @@ Layouts (FlashAttention's):
 GQA/MQA: query head h reads kv head h // (n_heads // n_kv_heads); K/V are never repeated in memory.
 Causal masks are aligned bottom-right (key j is visible to query i iff j <= i + seqlen_k - seqlen_q).
 
-Backend ops (the contract every backend implements; csrc/attention.h for the C++ side):
-  attn_fwd(q, k, v, causal, scale) -> (out, lse)                         lse (batch, n_heads, seqlen_q) fp32
-  attn_bwd(dout, q, k, v, out, lse, causal, scale) -> (dq, dk, dv)
-  attn_varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale) -> (out, lse)   lse (n_heads, total_q)
-  attn_varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale) -> (dq, dk, dv)
-  paged_attn(q, k_cache, v_cache, block_table, cache_seqlens, scale) -> out
-  write_kv_cache(k, v, k_cache!, v_cache!, slot_mapping) -> ()
-Triton registers them as plm_engine::triton_<name> (plm_engine/ops/triton/attention.py and
-paged_attention.py); _C as plm_engine::<name>: the attention ops and their backward on CPU, paged_attn and
-write_kv_cache on CPU and CUDA.
+Backend ops: attn_fwd / attn_bwd / attn_varlen_fwd / attn_varlen_bwd (plm_engine/ops/contracts/attention.py)
+and paged_attn / write_kv_cache (contracts/paged_attention.py). Triton registers them as
+plm_engine::triton_<name> (plm_engine/ops/triton/attention.py and paged_attention.py); _C as
+plm_engine::<name>: the attention ops and their backward on CPU, paged_attn and write_kv_cache on CPU and
+CUDA. This module validates the arguments (once, for every backend) and picks the backend.
+
+T5's relative position bias (position_bias=RelativePositionBias(...), plm_engine/ops/position_bias.py) goes
+to separate backend ops, so the plain ones stay exactly as they are: attn_rpb_fwd / attn_varlen_rpb_fwd
+(contracts/attention.py) and paged_attn_rpb (contracts/paged_attention.py).
 """
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
-from plm_engine.ops import backends, checks, extension
+from plm_engine.ops import backends, checks
+from plm_engine.ops.contracts import attention as contract
+from plm_engine.ops.contracts import paged_attention as paged
+from plm_engine.ops.position_bias import RelativePositionBias, check_position_bias, relative_position_bucket
 from plm_engine.ops.reference import (
     attention_ref,
     attention_varlen_ref,
@@ -34,75 +34,21 @@ from plm_engine.ops.reference import (
     write_kv_cache_ref,
 )
 
-MAX_HEAD_DIM = 256
-GPU_DTYPES = (torch.float16, torch.bfloat16)
-CPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+backends.register_family(
+    contract, ("attn_fwd", "attn_varlen_fwd", "attn_rpb_fwd", "attn_varlen_rpb_fwd"), "plm_engine.ops.triton.attention"
+)
+backends.register_family(
+    paged, ("paged_attn", "paged_attn_rpb", "write_kv_cache"), "plm_engine.ops.triton.paged_attention"
+)
 
-
-# ---- fake impls and autograd, shared by the C++ and Triton ops ---------------------------------------
-
-
-def attn_fwd_fake(q, k, v, causal, scale):
-    b, sq, h, _ = q.shape
-    return torch.empty_like(q), q.new_empty((b, h, sq), dtype=torch.float32)
-
-
-def attn_bwd_fake(dout, q, k, v, out, lse, causal, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def attn_varlen_fwd_fake(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
-    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
-
-
-def attn_varlen_bwd_fake(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def paged_attn_fake(q, k_cache, v_cache, block_table, cache_seqlens, scale):
-    return torch.empty_like(q)
-
-
-def write_kv_cache_fake(k, v, k_cache, v_cache, slot_mapping):
-    return None
-
-
-def register_attn_autograd(fwd_op, bwd_op, varlen: bool) -> None:
-    """Wires bwd_op (flash-attention backward from the saved out and lse) as the backward of fwd_op."""
-    n_meta = 5 if varlen else 2  # non-tensor-gradient inputs after q, k, v
-
-    def setup_context(ctx, inputs, output):
-        q, k, v = inputs[:3]
-        out, lse = output
-        ctx.meta = inputs[3:]
-        ctx.save_for_backward(q, k, v, out, lse)
-
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = bwd_op(dout.contiguous(), q, k, v, out, lse, *ctx.meta)
-        return (dq, dk, dv) + (None,) * (n_meta + 1) if varlen else (dq, dk, dv, None, None)
-
-    torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
-
-
-def _register_cpp_ops() -> None:
-    extension.load()
-    lib = torch.ops.plm_engine
-    for name, fake in (
-        ("attn_fwd", attn_fwd_fake),
-        ("attn_bwd", attn_bwd_fake),
-        ("attn_varlen_fwd", attn_varlen_fwd_fake),
-        ("attn_varlen_bwd", attn_varlen_bwd_fake),
-        ("paged_attn", paged_attn_fake),
-        ("write_kv_cache", write_kv_cache_fake),
-    ):
-        torch.library.register_fake("plm_engine::" + name)(fake)
-    register_attn_autograd("plm_engine::attn_fwd", lib.attn_bwd.default, varlen=False)
-    register_attn_autograd("plm_engine::attn_varlen_fwd", lib.attn_varlen_bwd.default, varlen=True)
-
-
-backends.register_family(("attn_fwd", "attn_varlen_fwd"), _register_cpp_ops, "plm_engine.ops.triton.attention")
-backends.register_family(("paged_attn", "write_kv_cache"), _register_cpp_ops, "plm_engine.ops.triton.paged_attention")
+__all__ = [
+    "RelativePositionBias",
+    "attention",
+    "attention_varlen",
+    "paged_attention",
+    "relative_position_bucket",
+    "write_kv_cache",
+]
 
 
 def backend_op(name: str, backend: str):
@@ -137,43 +83,8 @@ def _check_heads(fn, h, d, hkv, d_k):
         raise ValueError(f"{fn}: q head_dim {d} != k head_dim {d_k}")
     if hkv == 0 or h % hkv != 0:
         raise ValueError(f"{fn}: n_heads ({h}) must be a multiple of n_kv_heads ({hkv})")
-    if d % 8 != 0 or not 8 <= d <= MAX_HEAD_DIM:
-        raise ValueError(f"{fn}: head_dim must be a multiple of 8 in [8, {MAX_HEAD_DIM}], got {d}")
-
-
-def _host_checks_allowed(t: torch.Tensor) -> bool:
-    """Value checks (cu_seqlens order, block ids, slots) read the tensor on the host: only where data
-    enters, never in the hot path, under torch.compile or in CUDA-graph capture (ops/checks.py)."""
-    return checks.value_checks()
-
-
-class _SeenValues:
-    """Remembers the tensors whose values passed a host-side check, by identity and version counter.
-
-    A decode step calls paged_attention / write_kv_cache once per layer with the same block_table,
-    cache_seqlens and slot_mapping; reading them on the host every time costs more than the kernel.
-    Any in-place change bumps the tensor's version, and a new tensor is a new object, so a skipped
-    check is always one that already passed on identical values.
-    """
-
-    def __init__(self) -> None:
-        self._last: dict[str, tuple] = {}
-
-    def seen(self, what: str, key: tuple, *tensors: torch.Tensor) -> bool:
-        if any(t.is_inference() for t in tensors):  # no version counter: always check
-            return False
-        entry = self._last.get(what)
-        if entry is None or entry[0] != key or len(entry[1]) != len(tensors):
-            return False
-        return all(ref() is t and t._version == ver for (ref, ver), t in zip(entry[1], tensors, strict=True))
-
-    def remember(self, what: str, key: tuple, *tensors: torch.Tensor) -> None:
-        if any(t.is_inference() for t in tensors):
-            return
-        self._last[what] = (key, tuple((weakref.ref(t), t._version) for t in tensors))
-
-
-_seen = _SeenValues()
+    if d % 8 != 0 or not 8 <= d <= contract.MAX_HEAD_DIM:
+        raise ValueError(f"{fn}: head_dim must be a multiple of 8 in [8, {contract.MAX_HEAD_DIM}], got {d}")
 
 
 def _check_cu_seqlens(fn, name, cu, total):
@@ -182,7 +93,7 @@ def _check_cu_seqlens(fn, name, cu, total):
             f"{fn}: {name} must be a 1-d int32 tensor of batch + 1 offsets, got "
             f"{getattr(cu, 'dtype', type(cu))} {tuple(getattr(cu, 'shape', ()))}"
         )
-    if _host_checks_allowed(cu):
+    if checks.value_checks():
         c = cu.tolist()
         if c[0] != 0 or c[-1] != total or any(b < a for a, b in zip(c, c[1:])):
             raise ValueError(
@@ -204,10 +115,10 @@ def _scale(softmax_scale, d):
 
 def _unsupported(q: torch.Tensor, head_dim_limit_triton: int = 256) -> dict[str, str]:
     out = {}
-    if q.dtype not in CPU_DTYPES:
+    if q.dtype not in contract.CPU_DTYPES:
         why = f"the fused kernels take float16/bfloat16 (float32 on the CPU), got {q.dtype}"
         return dict.fromkeys(("triton", "cuda", "cpu"), why)
-    if q.device.type == "cuda" and q.dtype not in GPU_DTYPES:
+    if q.device.type == "cuda" and q.dtype not in contract.GPU_DTYPES:
         out["triton"] = out["cuda"] = f"the GPU kernels take float16/bfloat16, got {q.dtype}"
     if q.shape[-1] > head_dim_limit_triton:
         out["triton"] = f"head_dim {q.shape[-1]} > {head_dim_limit_triton}"
@@ -225,6 +136,7 @@ def attention(
     softmax_scale: float | None = None,
     return_lse: bool = False,
     *,
+    position_bias: RelativePositionBias | None = None,
     backend: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Flash attention. q: (batch, seqlen_q, n_heads, head_dim); k, v: (batch, seqlen_k, n_kv_heads,
@@ -232,6 +144,8 @@ def attention(
 
     softmax_scale defaults to head_dim ** -0.5. Differentiable in q, k, v. A query whose keys are all
     masked (causal with seqlen_q > seqlen_k) gets zeros and lse = -inf.
+    position_bias: a RelativePositionBias (T5) added to the scaled scores inside the kernels, before
+    the causal mask; differentiable in its table too.
     backend: "triton" | "cuda" | "cpu" | "torch" | None (automatic; see plm_engine.ops.backends).
     """
     _check_qkv("attention", q, k, v, n_lead=2)
@@ -240,6 +154,14 @@ def attention(
     scale = _scale(softmax_scale, q.shape[-1])
     unsupported = _unsupported(q)
     unsupported.setdefault("cuda", "no CUDA C++ kernel for dense attention (use triton)")
+    if position_bias is not None:
+        table, buckets = check_position_bias("attention", position_bias, q.shape[-2], q.device)
+        chosen = backends.choose(q.device, "attn_rpb_fwd", backend, unsupported)
+        if chosen == "torch" or q.numel() == 0 or k.shape[1] == 0:
+            out, lse = attention_ref(q, k, v, causal, scale, return_lse=True, position_bias=position_bias)
+            return (out, lse.float()) if return_lse else out
+        out, lse = backend_op("attn_rpb_fwd", chosen)(q, k, v, table, buckets, bool(causal), scale)
+        return (out, lse) if return_lse else out
     chosen = backends.choose(q.device, "attn_fwd", backend, unsupported)
     if chosen == "torch" or q.numel() == 0 or k.shape[1] == 0:
         out, lse = attention_ref(q, k, v, causal, scale, return_lse=True)
@@ -260,6 +182,7 @@ def attention_varlen(
     softmax_scale: float | None = None,
     return_lse: bool = False,
     *,
+    position_bias: RelativePositionBias | None = None,
     backend: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Flash attention over packed variable-length sequences, with no padding.
@@ -267,7 +190,8 @@ def attention_varlen(
     q: (total_q, n_heads, head_dim); k, v: (total_k, n_kv_heads, head_dim); cu_seqlens_q/_k: int32
     (batch + 1,) offsets of each sequence (0, len0, len0 + len1, ...); max_seqlen_q/_k: the longest
     sequence (computed from cu_seqlens when omitted, which reads them on the host). Returns out (like q)
-    and with return_lse also lse (n_heads, total_q) fp32.
+    and with return_lse also lse (n_heads, total_q) fp32. position_bias: as attention's, positions
+    counted within each sequence.
     """
     _check_qkv("attention_varlen", q, k, v, n_lead=1)
     mq = _check_cu_seqlens("attention_varlen", "cu_seqlens_q", cu_seqlens_q, q.shape[0])
@@ -284,6 +208,8 @@ def attention_varlen(
     max_seqlen_k = int(max_seqlen_k) if max_seqlen_k is not None else mk
     if max_seqlen_q is None or max_seqlen_k is None:
         raise ValueError("attention_varlen: pass max_seqlen_q and max_seqlen_k during CUDA-graph capture")
+    if max_seqlen_q < 0 or max_seqlen_k < 0:
+        raise ValueError(f"attention_varlen: max_seqlen_q/k must be >= 0, got {max_seqlen_q}, {max_seqlen_k}")
     if mq is not None and (max_seqlen_q < mq or max_seqlen_k < mk):
         raise ValueError(
             f"attention_varlen: max_seqlen_q/k ({max_seqlen_q}, {max_seqlen_k}) are smaller than "
@@ -292,6 +218,18 @@ def attention_varlen(
     scale = _scale(softmax_scale, q.shape[-1])
     unsupported = _unsupported(q)
     unsupported.setdefault("cuda", "no CUDA C++ kernel for varlen attention (use triton)")
+    if position_bias is not None:
+        table, buckets = check_position_bias("attention_varlen", position_bias, q.shape[-2], q.device)
+        chosen = backends.choose(q.device, "attn_varlen_rpb_fwd", backend, unsupported)
+        if chosen == "torch" or q.numel() == 0:
+            out, lse = attention_varlen_ref(
+                q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, True, position_bias
+            )
+            return (out, lse.float()) if return_lse else out
+        out, lse = backend_op("attn_varlen_rpb_fwd", chosen)(
+            q, k, v, table, buckets, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal), scale
+        )
+        return (out, lse) if return_lse else out
     chosen = backends.choose(q.device, "attn_varlen_fwd", backend, unsupported)
     if chosen == "torch" or q.numel() == 0:
         out, lse = attention_varlen_ref(
@@ -321,8 +259,8 @@ def _check_paged(fn, k_cache, v_cache, block_table, q_like):
             f"{tuple(v_cache.shape)} must match"
         )
     bs = k_cache.shape[1]
-    if bs < 1 or bs & (bs - 1) or bs > 256:
-        raise ValueError(f"{fn}: block_size must be a power of two up to 256, got {bs}")
+    if bs < 1 or bs & (bs - 1) or bs > paged.MAX_BLOCK_SIZE:
+        raise ValueError(f"{fn}: block_size must be a power of two up to {paged.MAX_BLOCK_SIZE}, got {bs}")
     if block_table is not None:
         if block_table.dtype != torch.int32 or block_table.dim() != 2:
             raise ValueError(
@@ -341,6 +279,7 @@ def paged_attention(
     cache_seqlens: torch.Tensor,
     softmax_scale: float | None = None,
     *,
+    position_bias: RelativePositionBias | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Attention of the newest tokens of each sequence over a paged KV cache (decode and chunked prefill).
@@ -350,6 +289,8 @@ def paged_attention(
     block_size a power of two <= 256; block_table: (batch, max_blocks) int32, logical -> physical block;
     cache_seqlens: (batch,) int32, tokens cached per sequence including the new ones (>= seqlen_q).
     Causal, bottom-right aligned. Returns (batch, seqlen_q, n_heads, head_dim) like q. Forward only.
+    position_bias: a RelativePositionBias (T5 decoder self-attention), query i of sequence b at position
+    cache_seqlens[b] - seqlen_q + i, key j at j.
     """
     fn = "paged_attention"
     _check_paged(fn, k_cache, v_cache, block_table, q)
@@ -368,8 +309,7 @@ def paged_attention(
             f"{fn}: cache_seqlens must be int32 ({b},) on {q.device}, got {cache_seqlens.dtype} "
             f"{tuple(cache_seqlens.shape)} on {cache_seqlens.device}"
         )
-    value_key = (q.shape[1], k_cache.shape[0], k_cache.shape[1])
-    if _host_checks_allowed(cache_seqlens) and b > 0 and not _seen.seen("paged", value_key, block_table, cache_seqlens):
+    if b > 0 and checks.value_checks():
         lens = cache_seqlens.tolist()
         bs, nb, cap = k_cache.shape[1], k_cache.shape[0], block_table.shape[1] * k_cache.shape[1]
         if min(lens) < q.shape[1] or max(lens) > cap:
@@ -384,8 +324,15 @@ def paged_attention(
                 f"{fn}: block_table holds block ids outside [0, {nb}) in the used blocks "
                 f"(min {int(ids.min())}, max {int(ids.max())})"
             )
-        _seen.remember("paged", value_key, block_table, cache_seqlens)
     scale = _scale(softmax_scale, q.shape[-1])
+    if position_bias is not None:
+        table, buckets = check_position_bias(fn, position_bias, q.shape[-2], q.device)
+        chosen = backends.choose(q.device, "paged_attn_rpb", backend, _unsupported(q))
+        if chosen == "torch" or q.numel() == 0:
+            return paged_attention_ref(q, k_cache, v_cache, block_table, cache_seqlens, scale, position_bias)
+        return backend_op("paged_attn_rpb", chosen)(
+            q, k_cache, v_cache, block_table, cache_seqlens, table.detach(), buckets, scale
+        )
     chosen = backends.choose(q.device, "paged_attn", backend, _unsupported(q))
     if chosen == "torch" or q.numel() == 0:
         return paged_attention_ref(q, k_cache, v_cache, block_table, cache_seqlens, scale)
@@ -429,14 +376,8 @@ def write_kv_cache(
             f"{slot_mapping.dtype} {tuple(slot_mapping.shape)} on {slot_mapping.device}"
         )
     n_slots = k_cache.shape[0] * k_cache.shape[1]
-    if (
-        _host_checks_allowed(slot_mapping)
-        and slot_mapping.numel()
-        and not _seen.seen("slots", (n_slots,), slot_mapping)
-    ):
-        if int(slot_mapping.max()) >= n_slots:
-            raise ValueError(f"{fn}: slot {int(slot_mapping.max())} is out of range for a cache of {n_slots} slots")
-        _seen.remember("slots", (n_slots,), slot_mapping)
+    if slot_mapping.numel() and checks.value_checks() and int(slot_mapping.max()) >= n_slots:
+        raise ValueError(f"{fn}: slot {int(slot_mapping.max())} is out of range for a cache of {n_slots} slots")
     chosen = backends.choose(k.device, "write_kv_cache", backend, _unsupported(k_cache[:, 0]))
     if chosen == "torch" or k.shape[0] == 0:
         write_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from plm_engine.ops import extension
+from plm_engine.ops import contracts, extension
 
 BACKENDS = ("triton", "cuda", "cpu", "torch")
 AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
@@ -97,12 +97,20 @@ def register_preparer(op: str, backend_names: tuple[str, ...], fn: Callable[[], 
         _PREPARERS[(op, b)] = fn
 
 
-def register_family(ops: tuple[str, ...], register_cpp, triton_module: str) -> None:
-    """An op family's preparers: `register_cpp` adds fake impls and autograd to its _C ops (cpu and cuda
-    share them); the triton backend imports `triton_module`, which registers plm_engine::triton_<op>."""
+def register_family(contract, ops: tuple[str, ...], triton_module: str | None = None) -> None:
+    """An op family's preparers, keyed by its `ops`: the cpu and cuda backends (the _C ops, one set for both
+    devices) get `contract`'s fake impls and autograd (plm_engine/ops/contracts); the triton backend, when
+    the family has one, imports `triton_module`, which defines and registers plm_engine::triton_<name>."""
+
+    @functools.cache
+    def register_cpp() -> None:
+        extension.load()
+        contracts.register(contract, "")
+
     for op in ops:
         register_preparer(op, ("cpu", "cuda"), register_cpp)
-        register_preparer(op, ("triton",), lambda: importlib.import_module(triton_module))
+        if triton_module is not None:
+            register_preparer(op, ("triton",), lambda: importlib.import_module(triton_module))
 
 
 def family_ops(op: str, backend: str, names: tuple[str, ...]):

@@ -1,6 +1,6 @@
 """Fused cross-entropy and the chunked LM-head + cross-entropy (linear_cross_entropy), on every backend.
 
-Every fused backend implements the same pair of kernel ops (contract in csrc/cross_entropy.h):
+Every fused backend implements the same pair of kernel ops (plm_engine/ops/contracts/cross_entropy.py):
   cross_entropy_fwd(logits, target, ignore_index, label_smoothing) -> (loss, dlogits)
   cross_entropy_fwd_inplace(logits!, target, ignore_index, label_smoothing) -> loss
 on (N, V) contiguous logits and (N,) int64 targets; loss is each row's fp32 loss and dlogits the
@@ -23,53 +23,13 @@ from __future__ import annotations
 
 import torch
 
-from plm_engine.ops import backends, checks, extension
+from plm_engine.ops import backends, checks
+from plm_engine.ops.contracts import cross_entropy as contract
 from plm_engine.ops.reference import cross_entropy_ref, linear_cross_entropy_ref
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REDUCTIONS = ("mean", "sum", "none")
 
-
-# ---- registration helpers shared by the C++ and Triton ops -----------------------------------------
-
-
-def cross_entropy_fwd_fake(logits, target, ignore_index, label_smoothing):
-    return logits.new_empty((logits.shape[0],), dtype=torch.float32), torch.empty_like(logits)
-
-
-def cross_entropy_fwd_inplace_fake(logits, target, ignore_index, label_smoothing):
-    return logits.new_empty((logits.shape[0],), dtype=torch.float32)
-
-
-def register_autograd(fwd_op) -> None:
-    """Makes fwd_op (cross_entropy_fwd schema) differentiable in the logits: grad = dlogits * dloss.
-
-    This is the traceable, out-of-place form used when the op is called directly (torch.compile,
-    opcheck). The public cross_entropy goes through _FusedCrossEntropy, which scales the saved buffer
-    in place instead and so never allocates a second (N, V) tensor.
-    """
-
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output[1])
-
-    def backward(ctx, dloss, _ddlogits):
-        (dlogits,) = ctx.saved_tensors
-        if dloss is None:
-            return torch.zeros_like(dlogits), None, None, None
-        return (dlogits * dloss.unsqueeze(1)).to(dlogits.dtype), None, None, None
-
-    torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
-
-
-def _register_cpp_ops() -> None:
-    """Fake impls and autograd for the _C cross-entropy ops."""
-    extension.load()
-    torch.library.register_fake("plm_engine::cross_entropy_fwd")(cross_entropy_fwd_fake)
-    torch.library.register_fake("plm_engine::cross_entropy_fwd_inplace")(cross_entropy_fwd_inplace_fake)
-    register_autograd("plm_engine::cross_entropy_fwd")
-
-
-backends.register_family(("cross_entropy_fwd",), _register_cpp_ops, "plm_engine.ops.triton.cross_entropy")
+backends.register_family(contract, ("cross_entropy_fwd",), "plm_engine.ops.triton.cross_entropy")
 
 
 def fused_ops(backend: str):
@@ -133,7 +93,7 @@ def _check_common(name, target, lead_shape, device, n_classes, ignore_index, lab
 
 
 def _unsupported(dtype) -> dict[str, str]:
-    if dtype in KERNEL_DTYPES:
+    if dtype in contract.KERNEL_DTYPES:
         return {}
     why = f"the fused kernels take float32/float16/bfloat16, got {dtype}"
     return dict.fromkeys(("triton", "cuda", "cpu"), why)

@@ -1,8 +1,8 @@
 """The compiled extension plm_engine._C: loading it, and what it provides here.
 
-_C registers its kernels under torch.ops.plm_engine (TORCH_LIBRARY in csrc/bindings.cpp) for the CPU
-and, when compiled with nvcc, the CUDA dispatch keys. Fake impls and autograd for those ops are
-registered in Python by the op family modules (e.g. plm_engine/ops/norms.py).
+_C registers its kernels under torch.ops.plm_engine for the CPU and, when compiled with nvcc, the CUDA
+dispatch keys (one pattern for every family: csrc/bindings.cpp's header). Fake impls and autograd for
+those ops are Python's: plm_engine/ops/contracts, registered by plm_engine.ops.backends.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def set_cpu_isa(name: str) -> None:
 
 # The C++ CPU op families. Each runs its own build of one source for the current ISA (csrc/cpu/simd.h);
 # avx512_bf16 adds dot-product paths only where a family has one (the linear kernel's VDPBF16PS).
-CPU_FAMILIES = ("norms", "rope", "softmax", "cross_entropy", "activations", "attention", "linear")
+CPU_FAMILIES = ("norms", "rope", "softmax", "cross_entropy", "activations", "attention", "linear", "token_mask")
 
 
 def cpu_family_isas() -> dict[str, str]:

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from plm_engine.ops import backends, extension
+from plm_engine.ops.contracts import linear as contract
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Per ISA of the C++ kernel (cpu_kernel_isa()) and dtype: the largest row count M (x's leading dims
 # multiplied) for which the automatic choice takes the kernel; F.linear beyond. The limit is where one
 # decode step's linear layers (SmolLM2-135M's) stop taking clearly less time with the kernel than with
@@ -38,36 +38,7 @@ KERNEL_MAX_ROWS = {
 }
 
 
-# ---- registration --------------------------------------------------------------------------------
-
-
-def linear_fwd_fake(x, weight, bias):
-    return x.new_empty((x.shape[0], weight.shape[0]))
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, bias = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.has_bias = bias is not None
-
-
-def _backward(ctx, dy):
-    """Plain matmuls in the inputs' dtype: dx = dy @ W, dW = dy^T x, db = sum of dy over the rows."""
-    x, weight = ctx.saved_tensors
-    dx = dy @ weight if ctx.needs_input_grad[0] else None
-    dw = dy.t() @ x if ctx.needs_input_grad[1] else None
-    db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-    return dx, dw, db
-
-
-def _register_cpp_ops() -> None:
-    """Fake impl and autograd for torch.ops.plm_engine.linear_fwd (defined by _C)."""
-    extension.load()
-    torch.library.register_fake("plm_engine::linear_fwd")(linear_fwd_fake)
-    torch.library.register_autograd("plm_engine::linear_fwd", _backward, setup_context=_setup_context)
-
-
-backends.register_preparer("linear_fwd", ("cpu",), _register_cpp_ops)
+backends.register_family(contract, ("linear_fwd",))
 
 
 def linear_op():
@@ -126,7 +97,7 @@ _NO_GPU_KERNEL = "linear has no Triton/CUDA kernel: CUDA tensors use F.linear (c
 
 def _unsupported(x: torch.Tensor, weight: torch.Tensor, rows: int, automatic: bool) -> dict[str, str]:
     out = {"triton": _NO_GPU_KERNEL, "cuda": _NO_GPU_KERNEL}
-    if x.dtype not in KERNEL_DTYPES:
+    if x.dtype not in contract.KERNEL_DTYPES:
         out["cpu"] = f"the C++ linear kernel takes float32/float16/bfloat16, got {x.dtype}"
     elif automatic:
         # Where F.linear is as fast or faster (many rows: its blocked GEMM; a generic build; a strided

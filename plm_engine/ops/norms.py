@@ -3,68 +3,21 @@
 Every fused backend implements the same pair of ops (one family for both norms, `is_rms` picks):
   norm_fwd(x, weight, bias?, residual?, eps, is_rms) -> (y, h, mean, rstd)
   norm_bwd(dy, dh?, h, weight, mean, rstd, has_bias, is_rms) -> (dx, dweight, dbias)
-on 2-D contiguous (rows, n) inputs; see csrc/ops.h for the exact contract. The C++ kernels register
-them as torch.ops.plm_engine.norm_fwd / norm_bwd (CPU and CUDA keys), the Triton kernels as
-plm_engine::triton_norm_fwd / triton_norm_bwd. This module gives both the same fake impls and
-autograd, validates arguments, and picks the backend.
+on 2-D contiguous (rows, n) inputs (plm_engine/ops/contracts/norms.py: the contract, fake impls and
+autograd). The C++ kernels register them as torch.ops.plm_engine.norm_fwd / norm_bwd (CPU and CUDA
+keys), the Triton kernels as plm_engine::triton_norm_fwd / triton_norm_bwd. This module validates the
+arguments (once, for every backend) and picks the backend.
 """
 
 from __future__ import annotations
 
 import torch
 
-from plm_engine.ops import backends, extension
+from plm_engine.ops import backends
+from plm_engine.ops.contracts import norms as contract
 from plm_engine.ops.reference import layer_norm_ref, rms_norm_ref
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# One Triton program holds a whole row in registers; longer rows go to the other backends.
-TRITON_MAX_N = 65536
-
-
-# ---- registration helpers shared by the C++ and Triton op pairs ------------------------------------
-
-
-def norm_fwd_fake(x, weight, bias, residual, eps, is_rms):
-    rows = x.shape[0]
-    h = torch.empty_like(x) if residual is not None else x.new_empty((0,))
-    mean = x.new_empty((0 if is_rms else rows,), dtype=torch.float32)
-    rstd = x.new_empty((rows,), dtype=torch.float32)
-    return torch.empty_like(x), h, mean, rstd
-
-
-def norm_bwd_fake(dy, dh, h, weight, mean, rstd, has_bias, is_rms):
-    db = torch.empty_like(weight) if has_bias else weight.new_empty((0,))
-    return torch.empty_like(h), torch.empty_like(weight), db
-
-
-def register_autograd(fwd_op, bwd_op) -> None:
-    """Wires bwd_op as the backward of fwd_op (both with the norm_fwd / norm_bwd schemas)."""
-
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, residual, eps, is_rms = inputs
-        _, h, mean, rstd = output
-        ctx.save_for_backward(h if residual is not None else x, weight, mean, rstd)
-        ctx.has_bias, ctx.has_residual, ctx.is_rms = bias is not None, residual is not None, is_rms
-
-    def backward(ctx, dy, dh, _dmean, _drstd):
-        h, weight, mean, rstd = ctx.saved_tensors
-        dy = torch.zeros_like(h) if dy is None else dy.contiguous()
-        dh = dh.contiguous() if (ctx.has_residual and dh is not None) else None
-        dx, dw, db = bwd_op(dy, dh, h, weight, mean, rstd, ctx.has_bias, ctx.is_rms)
-        return dx, dw, (db if ctx.has_bias else None), (dx if ctx.has_residual else None), None, None
-
-    torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
-
-
-def _register_cpp_ops() -> None:
-    """Fake impls and autograd for torch.ops.plm_engine.norm_fwd / norm_bwd (defined by _C)."""
-    extension.load()
-    torch.library.register_fake("plm_engine::norm_fwd")(norm_fwd_fake)
-    torch.library.register_fake("plm_engine::norm_bwd")(norm_bwd_fake)
-    register_autograd("plm_engine::norm_fwd", torch.ops.plm_engine.norm_bwd.default)
-
-
-backends.register_family(("norm_fwd",), _register_cpp_ops, "plm_engine.ops.triton.norms")
+backends.register_family(contract, ("norm_fwd",), "plm_engine.ops.triton.norms")
 
 
 def fused_ops(backend: str):
@@ -95,10 +48,9 @@ def _check_args(name, x, weight, bias, residual, eps):
     if bias is not None and bias.dtype != weight.dtype:
         raise ValueError(f"{name}: bias dtype {bias.dtype} differs from weight dtype {weight.dtype}")
     if residual is not None:
-        if residual.shape != x.shape:
-            raise ValueError(f"{name}: residual shape {tuple(residual.shape)} differs from x shape {tuple(x.shape)}")
-        if residual.dtype != x.dtype:
-            raise ValueError(f"{name}: residual dtype {residual.dtype} differs from x dtype {x.dtype}")
+        for what, r, want in (("shape", tuple(residual.shape), tuple(x.shape)), ("dtype", residual.dtype, x.dtype)):
+            if r != want:
+                raise ValueError(f"{name}: residual {what} {r} differs from x {what} {want}")
         if residual.device != x.device:
             raise ValueError(f"{name}: residual is on {residual.device} but x is on {x.device}")
     if not eps >= 0:
@@ -107,11 +59,11 @@ def _check_args(name, x, weight, bias, residual, eps):
 
 def _unsupported(x: torch.Tensor) -> dict[str, str]:
     out = {}
-    if x.dtype not in KERNEL_DTYPES:
+    if x.dtype not in contract.KERNEL_DTYPES:
         why = f"the fused kernels take float32/float16/bfloat16, got {x.dtype}"
         out = dict.fromkeys(("triton", "cuda", "cpu"), why)
-    elif x.shape[-1] > TRITON_MAX_N:
-        out["triton"] = f"rows longer than {TRITON_MAX_N} do not fit one Triton program (got {x.shape[-1]})"
+    elif x.shape[-1] > contract.TRITON_MAX_N:
+        out["triton"] = f"rows longer than {contract.TRITON_MAX_N} do not fit one Triton program (got {x.shape[-1]})"
     return out
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from plm_engine.ops.position_bias import RelativePositionBias, relative_position_bucket
+
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -170,7 +172,17 @@ def gelu_ref(x, approximate="none"):
     return F.gelu(x.to(_acc_dtype(x)), approximate=approximate).to(x.dtype)
 
 
-def attention_ref(q, k, v, causal=False, softmax_scale=None, return_lse=False):
+def relative_position_bias_ref(position_bias: RelativePositionBias, seqlen_q: int, seqlen_k: int, dtype=torch.float32):
+    """T5's bias as a (n_heads, seqlen_q, seqlen_k) tensor: table[bucket(j - (i + seqlen_k - seqlen_q)), h]
+    (query positions bottom-right aligned, like the causal mask). Differentiable in the table."""
+    table = position_bias.table
+    i = torch.arange(seqlen_q, device=table.device).unsqueeze(1) + (seqlen_k - seqlen_q)
+    j = torch.arange(seqlen_k, device=table.device).unsqueeze(0)
+    buckets = relative_position_bucket(j - i, position_bias.bidirectional, table.shape[0], position_bias.max_distance)
+    return table.to(dtype)[buckets].permute(2, 0, 1)
+
+
+def attention_ref(q, k, v, causal=False, softmax_scale=None, return_lse=False, position_bias=None):
     """Scaled dot-product attention with GQA and bottom-right causal alignment; math in fp32 (fp64).
 
     q: (batch, seqlen_q, n_heads, head_dim); k, v: (batch, seqlen_k, n_kv_heads, head_dim), n_heads a
@@ -178,6 +190,8 @@ def attention_ref(q, k, v, causal=False, softmax_scale=None, return_lse=False):
     for query i when j > i + seqlen_k - seqlen_q (FlashAttention >= 2.1). A query with every key masked
     gets a zero output and lse = -inf. Returns out (q's shape and dtype), and with return_lse the
     log-sum-exp of the scaled scores, (batch, n_heads, seqlen_q) fp32 (fp64 for fp64 inputs).
+    position_bias (a RelativePositionBias) adds T5's bias to the scaled scores before the mask;
+    gradients reach its table through autograd.
     Materialises the (seqlen_q x seqlen_k) scores: an oracle, not a kernel.
     """
     acc = _acc_dtype(q)
@@ -188,6 +202,8 @@ def attention_ref(q, k, v, causal=False, softmax_scale=None, return_lse=False):
     kf = k.to(acc).repeat_interleave(group, dim=2)
     vf = v.to(acc).repeat_interleave(group, dim=2)
     s = torch.einsum("bqhd,bkhd->bhqk", q.to(acc), kf) * scale
+    if position_bias is not None:
+        s = s + relative_position_bias_ref(position_bias, sq, sk, acc)
     if causal:
         i = torch.arange(sq, device=q.device).unsqueeze(1)
         j = torch.arange(sk, device=q.device).unsqueeze(0)
@@ -210,6 +226,7 @@ def attention_varlen_ref(
     causal=False,
     softmax_scale=None,
     return_lse=False,
+    position_bias=None,
 ):
     """attention_ref over a packed batch: q (total_q, n_heads, head_dim), k/v (total_k, n_kv_heads,
     head_dim); sequence i is rows cu_seqlens_q[i]:cu_seqlens_q[i+1] of q (likewise k/v). lse, if
@@ -218,7 +235,7 @@ def attention_varlen_ref(
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     for i in range(len(cq) - 1):
         qi, ki, vi = q[cq[i] : cq[i + 1]], k[ck[i] : ck[i + 1]], v[ck[i] : ck[i + 1]]
-        o, l = attention_ref(qi[None], ki[None], vi[None], causal, softmax_scale, return_lse=True)
+        o, l = attention_ref(qi[None], ki[None], vi[None], causal, softmax_scale, True, position_bias)
         outs.append(o[0])
         lses.append(l[0])
     out = torch.cat(outs) if outs else q.new_empty(q.shape)
@@ -226,11 +243,12 @@ def attention_varlen_ref(
     return (out, lse) if return_lse else out
 
 
-def attention_bwd_ref(dout, q, k, v, out, lse, causal=False, softmax_scale=None):
+def attention_bwd_ref(dout, q, k, v, out, lse, causal=False, softmax_scale=None, position_bias=None):
     """Gradients (dq, dk, dv) of attention_ref from its saved out and lse, without re-running autograd:
     P = exp(S - lse), dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K * scale,
     dK = dS^T Q * scale; GQA sums dK/dV over each kv head's query group. Shapes as attention_ref,
-    lse (batch, n_heads, seqlen_q). Materialises one (seqlen_q x seqlen_k) block per head."""
+    lse (batch, n_heads, seqlen_q). Materialises one (seqlen_q x seqlen_k) block per head.
+    With position_bias it also returns dtable (num_buckets, n_heads) fp32: dS summed per bucket and head."""
     acc = _acc_dtype(q)
     b, sq, h, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
@@ -239,6 +257,8 @@ def attention_bwd_ref(dout, q, k, v, out, lse, causal=False, softmax_scale=None)
     qf, do, of = (t.to(acc).transpose(1, 2) for t in (q, dout, out))  # (b, h, sq, d)
     kf, vf = (t.to(acc).transpose(1, 2).repeat_interleave(group, dim=1) for t in (k, v))  # (b, h, sk, d)
     p = torch.matmul(qf, kf.transpose(-1, -2)).mul_(scale)  # scores, then probabilities in place
+    if position_bias is not None:
+        p.add_(relative_position_bias_ref(position_bias, sq, sk, acc).detach())
     if causal:
         i = torch.arange(sq, device=q.device).unsqueeze(1)
         j = torch.arange(sk, device=q.device).unsqueeze(0)
@@ -251,12 +271,29 @@ def attention_bwd_ref(dout, q, k, v, out, lse, causal=False, softmax_scale=None)
     dq = torch.matmul(ds, kf).mul_(scale)
     dk = torch.matmul(ds.transpose(-1, -2), qf).mul_(scale)
     dk, dv = (t.view(b, hkv, group, sk, d).sum(2) for t in (dk, dv))
-    return dq.transpose(1, 2).to(q.dtype), dk.transpose(1, 2).to(k.dtype), dv.transpose(1, 2).to(v.dtype)
+    grads = dq.transpose(1, 2).to(q.dtype), dk.transpose(1, 2).to(k.dtype), dv.transpose(1, 2).to(v.dtype)
+    if position_bias is None:
+        return grads
+    return (*grads, _dtable_ref(ds.sum(0), position_bias, sq, sk))
 
 
-def attention_varlen_bwd_ref(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal=False, softmax_scale=None):
-    """attention_bwd_ref per packed sequence; lse (n_heads, total_q)."""
+def _dtable_ref(ds, position_bias, seqlen_q, seqlen_k):
+    """dS (n_heads, seqlen_q, seqlen_k) summed into the table's (num_buckets, n_heads) cells, fp32."""
+    table = position_bias.table
+    i = torch.arange(seqlen_q, device=ds.device).unsqueeze(1) + (seqlen_k - seqlen_q)
+    j = torch.arange(seqlen_k, device=ds.device).unsqueeze(0)
+    buckets = relative_position_bucket(j - i, position_bias.bidirectional, table.shape[0], position_bias.max_distance)
+    dtable = torch.zeros(table.shape[::-1], dtype=ds.dtype, device=ds.device)  # (n_heads, num_buckets)
+    dtable.index_add_(1, buckets.flatten(), ds.flatten(1))
+    return dtable.t().float()
+
+
+def attention_varlen_bwd_ref(
+    dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal=False, softmax_scale=None, position_bias=None
+):
+    """attention_bwd_ref per packed sequence; lse (n_heads, total_q). With position_bias, dtable too."""
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dtable = None if position_bias is None else torch.zeros(position_bias.table.shape, device=q.device)
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     for i in range(len(cq) - 1):
         qs, ks = slice(cq[i], cq[i + 1]), slice(ck[i], ck[i + 1])
@@ -271,9 +308,12 @@ def attention_varlen_bwd_ref(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k
             lse[:, qs][None],
             causal,
             softmax_scale,
+            position_bias,
         )
         dq[qs], dk[ks], dv[ks] = g[0][0], g[1][0], g[2][0]
-    return dq, dk, dv
+        if dtable is not None:
+            dtable += g[3]
+    return (dq, dk, dv) if dtable is None else (dq, dk, dv, dtable)
 
 
 def gather_paged_kv(cache, block_table, seqlen, batch_index):
@@ -285,7 +325,7 @@ def gather_paged_kv(cache, block_table, seqlen, batch_index):
     return cache[blocks].reshape(-1, *cache.shape[2:])[:seqlen]
 
 
-def paged_attention_ref(q, k_cache, v_cache, block_table, cache_seqlens, softmax_scale=None):
+def paged_attention_ref(q, k_cache, v_cache, block_table, cache_seqlens, softmax_scale=None, position_bias=None):
     """Attention of a few new query tokens per sequence over a paged KV cache.
 
     q: (batch, seqlen_q, n_heads, head_dim), the newest seqlen_q tokens of each sequence, whose K/V are
@@ -293,14 +333,19 @@ def paged_attention_ref(q, k_cache, v_cache, block_table, cache_seqlens, softmax
     block_table: (batch, max_blocks) int32, logical block -> physical block; cache_seqlens: (batch,)
     int32, tokens in the cache per sequence (including the new ones). Query i of sequence b sits at
     position cache_seqlens[b] - seqlen_q + i and attends to keys up to and including it (causal,
-    bottom-right aligned). Returns (batch, seqlen_q, n_heads, head_dim) in q's dtype.
+    bottom-right aligned). Returns (batch, seqlen_q, n_heads, head_dim) in q's dtype. position_bias:
+    T5's bias at those positions (query i at cache_seqlens[b] - seqlen_q + i, key j at j).
     """
     outs = []
     for b in range(q.shape[0]):
         n = int(cache_seqlens[b])
         kb = gather_paged_kv(k_cache, block_table, n, b)
         vb = gather_paged_kv(v_cache, block_table, n, b)
-        outs.append(attention_ref(q[b : b + 1], kb[None], vb[None], causal=True, softmax_scale=softmax_scale))
+        outs.append(
+            attention_ref(
+                q[b : b + 1], kb[None], vb[None], causal=True, softmax_scale=softmax_scale, position_bias=position_bias
+            )
+        )
     return torch.cat(outs) if outs else q.clone()
 
 
@@ -311,3 +356,19 @@ def write_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping):
     slots = slot_mapping[keep].long()
     k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
     v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
+
+
+def apply_token_bitmask_ref(logits, bitmask, rows=None):
+    """Structured output's token mask, in place: logits (n, vocab); bitmask (m, ceil(vocab / 32)) int32,
+    token j of mask row i allowed iff bit j % 32 (least significant first) of word j // 32 is set; rows
+    (m,): the logits row of each mask row (None: row i). Disallowed logits become -inf; a row listed
+    twice gets the intersection of its masks. Returns logits."""
+    n, vocab = logits.shape
+    m = bitmask.shape[0]
+    idx = torch.arange(m, device=logits.device) if rows is None else rows.long()
+    bits = torch.arange(32, device=logits.device)
+    allowed = ((bitmask.long()[:, :, None] >> bits) & 1).flatten(1)[:, :vocab]  # (m, vocab) 0/1
+    disallowed = torch.zeros(n, vocab, dtype=torch.int32, device=logits.device)
+    disallowed.index_add_(0, idx, (1 - allowed).to(torch.int32))
+    logits.masked_fill_(disallowed > 0, float("-inf"))
+    return logits

@@ -4,11 +4,11 @@ Every fused backend implements the same pair of ops on 4-D (batch, seqlen, heads
 last dim is contiguous (other strides free, so views of a fused qkv tensor work in place):
   rope(q, k, cos, sin, positions?, interleaved, conjugate) -> (q_out, k_out)     out of place
   rope_(q!, k!, cos, sin, positions?, interleaved, conjugate) -> ()              in place
-with cos/sin (max_seqlen, rotary_dim / 2) and positions int64 (batch, seqlen); see csrc/rope.h for the
-exact contract. `conjugate` rotates by the negative angle, which is the backward of the rotation, so
-each op is its own backward. The C++ kernels register them as torch.ops.plm_engine.rope / rope_ (CPU
-and CUDA keys), the Triton kernels as plm_engine::triton_rope / triton_rope_. This module gives both
-the same fake impls and autograd, validates arguments, builds the tables, and picks the backend.
+with cos/sin (max_seqlen, rotary_dim / 2) and positions int64 (batch, seqlen); see
+plm_engine/ops/contracts/rope.py for the exact contract. The C++ kernels register them as
+torch.ops.plm_engine.rope / rope_ (CPU and CUDA keys), the Triton kernels as plm_engine::triton_rope /
+triton_rope_. This module builds the tables, validates the arguments (once, for every backend) and
+picks the backend.
 """
 
 from __future__ import annotations
@@ -17,13 +17,9 @@ import math
 
 import torch
 
-from plm_engine.ops import backends, checks, extension
+from plm_engine.ops import backends, checks
+from plm_engine.ops.contracts import rope as contract
 from plm_engine.ops.reference import rope_ref
-
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# One Triton program holds BLOCK_H x next_pow2(rotary_dim / 2) pairs; wider rotations go elsewhere.
-TRITON_MAX_HALF = 1024
-
 
 # ---- cos/sin tables -------------------------------------------------------------------------------
 
@@ -102,59 +98,9 @@ def rope_cos_sin(
     return angles.cos().to(device=device, dtype=dtype), angles.sin().to(device=device, dtype=dtype)
 
 
-# ---- registration helpers shared by the C++ and Triton op pairs ------------------------------------
+# ---- backends --------------------------------------------------------------------------------------
 
-
-def rope_fake(q, k, cos, sin, positions, interleaved, conjugate):
-    return q.new_empty(q.shape), k.new_empty(k.shape)
-
-
-def rope_inplace_fake(q, k, cos, sin, positions, interleaved, conjugate):
-    return None
-
-
-def register_autograd(op, callable_op=None) -> None:
-    """Wires the backward of the out-of-place `op` (rope schema): the rotation by the negative angle,
-    computed by `callable_op` (default: op itself; pass the op object when `op` is a name)."""
-    callable_op = op if callable_op is None else callable_op
-
-    def setup_context(ctx, inputs, output):
-        q, k, cos, sin, positions, interleaved, conjugate = inputs
-        ctx.save_for_backward(cos, sin, positions)
-        ctx.interleaved, ctx.conjugate = interleaved, conjugate
-        ctx.q_shape, ctx.k_shape = q.shape, k.shape
-
-    def backward(ctx, dq, dk):
-        cos, sin, positions = ctx.saved_tensors
-        dq, dk = _grads_or_zeros(ctx, dq, dk)
-        dq, dk = callable_op(dq, dk, cos, sin, positions, ctx.interleaved, not ctx.conjugate)
-        return dq, dk, None, None, None, None, None
-
-    torch.library.register_autograd(op, backward, setup_context=setup_context)
-
-
-def _grads_or_zeros(ctx, dq, dk):
-    # Autograd passes None for an output that did not reach the loss; the kernels want a tensor.
-    if dq is None:
-        dq = torch.zeros(ctx.q_shape, dtype=dk.dtype, device=dk.device)
-    if dk is None:
-        dk = torch.zeros(ctx.k_shape, dtype=dq.dtype, device=dq.device)
-    return _last_dim_contiguous(dq), _last_dim_contiguous(dk)
-
-
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _register_cpp_ops() -> None:
-    """Fake impls and autograd for torch.ops.plm_engine.rope / rope_ (defined by _C)."""
-    extension.load()
-    torch.library.register_fake("plm_engine::rope")(rope_fake)
-    torch.library.register_fake("plm_engine::rope_")(rope_inplace_fake)
-    register_autograd("plm_engine::rope", torch.ops.plm_engine.rope.default)
-
-
-backends.register_family(("rope",), _register_cpp_ops, "plm_engine.ops.triton.rope")
+backends.register_family(contract, ("rope",), "plm_engine.ops.triton.rope")
 
 
 def fused_ops(backend: str):
@@ -179,7 +125,7 @@ class _InplaceRope(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dq, dk):
         cos, sin, positions = ctx.saved_tensors
-        dq, dk = _grads_or_zeros(ctx, dq, dk)
+        dq, dk = contract.grads_or_zeros(ctx, dq, dk)
         dq, dk = ctx.op(dq, dk, cos, sin, positions, ctx.interleaved, True)
         return dq, dk, None, None, None, None, None
 
@@ -262,11 +208,11 @@ def _check_args(q, k, cos, sin, position_ids, interleaved):
 
 
 def _unsupported(q, cos) -> dict[str, str]:
-    if q.dtype not in KERNEL_DTYPES:
+    if q.dtype not in contract.KERNEL_DTYPES:
         why = f"the fused kernels take float32/float16/bfloat16, got {q.dtype}"
         return dict.fromkeys(("triton", "cuda", "cpu"), why)
-    if cos.shape[1] > TRITON_MAX_HALF:
-        return {"triton": f"rotary_dim / 2 = {cos.shape[1]} exceeds one Triton program ({TRITON_MAX_HALF})"}
+    if cos.shape[1] > contract.TRITON_MAX_HALF:
+        return {"triton": f"rotary_dim / 2 = {cos.shape[1]} exceeds one Triton program ({contract.TRITON_MAX_HALF})"}
     return {}
 
 
@@ -323,5 +269,7 @@ def rope(
         else:
             ops[1](q4, k4, cos, sin, positions, interleaved, False)
         return q, k
-    q_out, k_out = ops[0](_last_dim_contiguous(q4), _last_dim_contiguous(k4), cos, sin, positions, interleaved, False)
+    q_out, k_out = ops[0](
+        contract.last_dim_contiguous(q4), contract.last_dim_contiguous(k4), cos, sin, positions, interleaved, False
+    )
     return (q_out.squeeze(0), k_out.squeeze(0)) if packed else (q_out, k_out)

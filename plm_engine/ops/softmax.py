@@ -1,11 +1,11 @@
 """Softmax with a scale and an optional bottom-right causal mask, on every backend.
 
-Every fused backend implements the same pair of ops (contract in csrc/softmax.h):
+Every fused backend implements the same pair of ops (plm_engine/ops/contracts/softmax.py):
   softmax_fwd(x, scale, causal) -> y            x: (batch, sq, sk) contiguous
   softmax_bwd(dy, y, scale) -> dx               dx = scale * y * (dy - sum(dy * y))
 The C++ kernels register them as torch.ops.plm_engine.softmax_fwd / softmax_bwd (CPU and CUDA keys),
-the Triton kernels as plm_engine::triton_softmax_fwd / triton_softmax_bwd. This module gives both the
-same fake impls and autograd, validates arguments, and picks the backend.
+the Triton kernels as plm_engine::triton_softmax_fwd / triton_softmax_bwd. This module validates the
+arguments (once, for every backend) and picks the backend.
 """
 
 from __future__ import annotations
@@ -14,51 +14,11 @@ import math
 
 import torch
 
-from plm_engine.ops import backends, extension
+from plm_engine.ops import backends
+from plm_engine.ops.contracts import softmax as contract
 from plm_engine.ops.reference import softmax_ref
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-# ---- registration helpers shared by the C++ and Triton op pairs ------------------------------------
-
-
-def softmax_fwd_fake(x, scale, causal):
-    return torch.empty_like(x)
-
-
-def softmax_bwd_fake(dy, y, scale):
-    return torch.empty_like(y)
-
-
-def register_autograd(fwd_op, bwd_op) -> None:
-    """Wires bwd_op as the backward of fwd_op (softmax_fwd / softmax_bwd schemas).
-
-    The backward needs only the output y: masked keys and -inf entries have y = 0, so their gradient
-    is 0 without the mask being stored.
-    """
-
-    def setup_context(ctx, inputs, output):
-        _, scale, _ = inputs
-        ctx.save_for_backward(output)
-        ctx.scale = scale
-
-    def backward(ctx, dy):
-        (y,) = ctx.saved_tensors
-        return bwd_op(dy.contiguous(), y, ctx.scale), None, None
-
-    torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
-
-
-def _register_cpp_ops() -> None:
-    """Fake impls and autograd for torch.ops.plm_engine.softmax_fwd / softmax_bwd (defined by _C)."""
-    extension.load()
-    torch.library.register_fake("plm_engine::softmax_fwd")(softmax_fwd_fake)
-    torch.library.register_fake("plm_engine::softmax_bwd")(softmax_bwd_fake)
-    register_autograd("plm_engine::softmax_fwd", torch.ops.plm_engine.softmax_bwd.default)
-
-
-backends.register_family(("softmax_fwd",), _register_cpp_ops, "plm_engine.ops.triton.softmax")
+backends.register_family(contract, ("softmax_fwd",), "plm_engine.ops.triton.softmax")
 
 
 def fused_ops(backend: str):
@@ -100,7 +60,7 @@ def softmax(
     """
     _check_args(x, dim, scale, causal)
     unsupported = {}
-    if x.dtype not in KERNEL_DTYPES:
+    if x.dtype not in contract.KERNEL_DTYPES:
         why = f"the fused kernels take float32/float16/bfloat16, got {x.dtype}"
         unsupported = dict.fromkeys(("triton", "cuda", "cpu"), why)
     chosen = backends.choose(x.device, "softmax_fwd", backend, unsupported)

@@ -1,6 +1,6 @@
 """OpenAI-compatible HTTP server over the generation engine (`plm-engine serve`).
 
-Needs the "serve" extra (fastapi, uvicorn). Nothing heavy is imported until used, so plm_engine.cli can
+Needs the "serve" extra (fastapi, uvicorn, prometheus_client). Nothing heavy is imported until used, so plm_engine.cli can
 import plm_engine.server.cli to register the command without fastapi installed.
 """
 

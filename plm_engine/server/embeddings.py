@@ -24,17 +24,29 @@ class Embedder:
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
         cfg = getattr(model, "config", None)
         self.max_length = int(getattr(cfg, "max_position_embeddings", 512))
+        self.dimensions = int(getattr(cfg, "hidden_size", 0)) or None
+        # Token-id inputs index the embedding table: an id past it is a 500 on the CPU and a device-side
+        # assert (which breaks CUDA for the whole process) on a GPU, so they are checked here.
+        sizes = [int(n) for n in (getattr(cfg, "vocab_size", None), getattr(tokenizer, "vocab_size", None)) if n]
+        self.vocab_size = min(sizes) if sizes else None
         self.pad_id = getattr(tokenizer, "pad_token_id", None) or 0
         # One forward at a time: requests arrive on the event loop and run in worker threads.
         self._lock = threading.Lock()
 
     def tokenize(self, item: str | list[int]) -> list[int]:
-        """Token ids of one input; raises ValueError when it is empty or longer than the model's context."""
-        ids = list(self.tokenizer.encode(item)) if isinstance(item, str) else list(item)
+        """Token ids of one input; raises ValueError when it is empty, longer than the model's context or
+        (token ids) outside the vocabulary."""
         if isinstance(item, str) and not item:
             raise ValueError("input must not be an empty string")
+        ids = list(self.tokenizer.encode(item)) if isinstance(item, str) else list(item)
         if not ids:
             raise ValueError("input must not be empty")
+        if not isinstance(item, str) and self.vocab_size is not None:
+            bad = next(
+                (t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size), None
+            )
+            if bad is not None:
+                raise ValueError(f"input token ids must be ints in [0, {self.vocab_size}), got {str(bad)[:40]}")
         if len(ids) > self.max_length:
             raise ValueError(
                 f"input has {len(ids)} tokens, more than the embedding model's context of {self.max_length}"

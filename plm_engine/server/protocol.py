@@ -2,11 +2,16 @@
 
 Requests are validated by pydantic: wrong types and the ranges the OpenAI API documents are rejected
 here, before any work, and turned into a 400 `{"error": {...}}` by the app. Unknown request fields are
-ignored (as the OpenAI API and vLLM do) so clients that send newer optional fields keep working;
-fields we know but cannot honour (best_of, logit_bias, suffix, tools, non-text content) get a clear 400.
+kept (extra="allow") but ignored, as the OpenAI API and vLLM do, so clients that send newer optional
+fields keep working; fields that would change the output and that we cannot honour yet get a 400 from
+server/unsupported.py.
 
 Extra sampling knobs that the OpenAI API lacks but our engine has (top_k, min_p, repetition_penalty,
-ignore_eos) are accepted at the top level of the body, as vLLM does (`extra_body` in the openai client).
+ignore_eos, and vLLM's stop_token_ids, min_tokens, truncate_prompt_tokens, skip_special_tokens,
+include_stop_str_in_output) are accepted at the top level of the body, as vLLM does (`extra_body` in
+the openai client). Structured output comes as OpenAI's response_format, vLLM's guided_json /
+guided_regex / guided_choice / guided_grammar or structured_outputs, or llama.cpp's grammar. Fields that
+would change the output and that we do not implement are a 400 (server/unsupported.py).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ ERROR_TYPES = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
@@ -32,15 +38,40 @@ ERROR_TYPES = {
 }
 
 
+# Client input quoted back in an error message is cut to about this many characters.
+ECHO_LIMIT = 200
+MESSAGE_LIMIT = 1000
+
+
+def clip(value, limit: int = ECHO_LIMIT) -> str:
+    """repr(value) cut to `limit` characters, for quoting client input in an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _printable(text: str) -> str:
+    # A lone surrogate cannot be encoded as UTF-8 and would turn the error reply itself into a 500.
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= MESSAGE_LIMIT else text[: MESSAGE_LIMIT - 3] + "..."
+
+
 class APIError(Exception):
-    """An error the client caused (4xx) or that we report as a server error (5xx), in OpenAI's shape."""
+    """An error the client caused (4xx) or that we report as a server error (5xx), in OpenAI's shape.
+    headers: extra response headers (Retry-After on a 429)."""
 
     def __init__(
-        self, status: int, message: str, param: str | None = None, code: str | None = None, type: str | None = None
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type: str | None = None,
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type or ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+        self.headers = headers or {}
 
     def body(self) -> dict:
         return error_body(self.message, self.type, self.param, self.code)
@@ -50,14 +81,16 @@ def error_body(
     message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
 ) -> dict:
     """`{"error": {"message", "type", "param", "code"}}`, what the openai client turns into an APIError."""
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    param = _printable(param)[:ECHO_LIMIT] if param is not None else None
+    return {"error": {"message": _printable(message), "type": type, "param": param, "code": code}}
 
 
 # ---- requests ---------------------------------------------------------------------------------------
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # Unknown fields are kept so server/unsupported.py can refuse the output-changing ones by name.
+    model_config = ConfigDict(extra="allow")
 
 
 class StreamOptions(_Request):
@@ -84,6 +117,19 @@ class _SamplingFields(_Request):
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0)
     ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    min_tokens: int = Field(default=0, ge=0)
+    truncate_prompt_tokens: int | None = Field(default=None, ge=1)
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    # Structured output: at most one of these.
+    response_format: dict[str, Any] | None = None
+    guided_json: Union[dict[str, Any], str, None] = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    grammar: str | None = None  # llama.cpp's name for a GBNF grammar
+    structured_outputs: dict[str, Any] | None = None  # vLLM >= 0.10's form of guided_*
 
 
 Prompt = Union[str, list[str], list[int], list[list[int]]]
@@ -117,7 +163,22 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+
+
+class TokenizeRequest(_Request):
+    """vLLM's /tokenize: a prompt, or chat messages rendered with the chat template first."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None  # default: True for a prompt, False for messages (the template adds them)
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[int]
 
 
 class EmbeddingRequest(_Request):
@@ -143,8 +204,8 @@ class Usage(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = []
-    token_logprobs: list[float] = []
-    top_logprobs: list[dict[str, float]] = []
+    token_logprobs: list[float | None] = []  # None: an echoed prompt's first token
+    top_logprobs: list[dict[str, float] | None] = []
     text_offset: list[int] = []
 
 
@@ -160,6 +221,7 @@ class CompletionResponse(BaseModel):
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=_now)
     model: str
+    system_fingerprint: str | None = None
     choices: list[CompletionChoice]
     usage: Usage | None = None
 
@@ -195,6 +257,7 @@ class ChatCompletionResponse(BaseModel):
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=_now)
     model: str
+    system_fingerprint: str | None = None
     choices: list[ChatChoice]
     usage: Usage
 

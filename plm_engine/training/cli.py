@@ -18,7 +18,7 @@ from plm_engine.training.config import TrainConfig, parse_override, read_config_
 def add_parser(subparsers) -> None:
     s = subparsers.add_parser(
         "train",
-        help="pretrain (clm, mlm) or fine-tune (classify) a model from a config file",
+        help="pretrain (clm, mlm, seq2seq) or fine-tune (classify) a model from a config file",
         description="Train from a TOML/YAML config; --<field> flags override its keys.",
     )
     s.add_argument("config", nargs="?", help="a .toml / .yaml / .json TrainConfig (optional when flags say it all)")
@@ -70,6 +70,10 @@ def run(args) -> int:
     if trainer.dist.is_main:
         from plm_engine.training.metrics import classification_report
 
+        for i, r in enumerate(summary.get("reconstructions") or []):  # seq2seq: what the model writes back
+            print(f"--- reconstruction {i + 1} (eval)", file=sys.stderr)
+            for key in ("noised", "reconstruction", "original"):
+                print(f"{key:>14}: {r[key]!r}", file=sys.stderr)
         print(json.dumps(summary, indent=2))
         report = classification_report(summary)
         if report:

@@ -17,7 +17,7 @@ try:
 except ImportError:  # Python 3.10: the same parser as the tomli package
     import tomli as tomllib
 
-OBJECTIVES = ("clm", "mlm", "classify")
+OBJECTIVES = ("clm", "mlm", "classify", "seq2seq")
 SCHEDULES = ("cosine", "wsd", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
@@ -28,7 +28,7 @@ KEEP_BEST = ("", "accuracy", "macro_f1", "loss")
 class TrainConfig:
     # What to train.
     objective: str = "clm"
-    model: str | None = None  # a ModelConfig preset ("gpt2-tiny", "bert-tiny") to start from scratch
+    model: str | None = None  # a ModelConfig preset ("gpt2-tiny", "bert-tiny", "bart-tiny") to start from scratch
     init: str | None = None  # or a checkpoint: "smollm2-135m", "minilm-l6", a folder / .gguf path
     model_overrides: dict = field(default_factory=dict)  # ModelConfig fields on top of the preset
     # Data.
@@ -41,6 +41,12 @@ class TrainConfig:
     cache_dir: str | None = None  # tokenization cache; default <out_dir>/cache
     seq_len: int = 128
     mlm_probability: float = 0.15
+    # seq2seq: BART's denoising (training/data.py: denoising_source). Spans of about mean_span_length
+    # tokens covering noise_density of each block become one <mask> each; the decoder writes the block back.
+    noise_density: float = 0.3
+    mean_span_length: float = 3.0
+    permute_sentences: bool = False  # also shuffle the lines / sentences of each block first
+    show_reconstructions: int = 3  # eval examples reconstructed (greedy) and printed at the end of a run
     num_labels: int = 0  # classify: 0 = from the dataset
     passage_lines: int = 8  # shakespeare-genre: lines per passage
     baselines: bool = False  # classify: also score majority-class and bag-of-words logistic regression
@@ -112,6 +118,9 @@ class TrainConfig:
             (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
             (0 < self.decay_fraction <= 1, f"decay_fraction must be in (0, 1], got {self.decay_fraction}"),
             (0 < self.mlm_probability < 1, f"mlm_probability must be in (0, 1), got {self.mlm_probability}"),
+            (0 < self.noise_density < 1, f"noise_density must be in (0, 1), got {self.noise_density}"),
+            (self.mean_span_length >= 1, f"mean_span_length must be >= 1, got {self.mean_span_length}"),
+            (self.show_reconstructions >= 0, f"show_reconstructions must be >= 0, got {self.show_reconstructions}"),
             (0 <= self.eval_fraction < 1, f"eval_fraction must be in [0, 1), got {self.eval_fraction}"),
             (self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}"),
             (

@@ -21,6 +21,7 @@ import torch
 
 CAUSAL_SPECIALS = ("<|endoftext|>",)
 BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+SEQ2SEQ_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")  # BART's ids 0-3, then the mask
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -162,13 +163,16 @@ class TextTokenizer:
 def train_bpe(files: Sequence[str], vocab_size: int, style: str = "causal") -> TextTokenizer:
     """A byte-level BPE trained on `files` with the `tokenizers` library (GPT-2's scheme: no unknown
     tokens, every byte representable). style "causal" adds <|endoftext|> as bos/eos/pad; "bert" adds
-    [PAD] [UNK] [CLS] [SEP] [MASK]."""
+    [PAD] [UNK] [CLS] [SEP] [MASK]; "seq2seq" adds BART's <s> <pad> </s> <unk> and <mask>, with a
+    post-processor that ends an encoder input with </s> (when a caller asks for special tokens)."""
     import tokenizers
-    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
     if vocab_size < 300:
         raise ValueError(f"train_bpe: vocab_size {vocab_size} leaves no room for merges beyond 256 bytes")
-    specials = CAUSAL_SPECIALS if style == "causal" else BERT_SPECIALS
+    if style not in ("causal", "bert", "seq2seq"):
+        raise ValueError(f"train_bpe: style must be 'causal', 'bert' or 'seq2seq', got {style!r}")
+    specials = {"causal": CAUSAL_SPECIALS, "bert": BERT_SPECIALS, "seq2seq": SEQ2SEQ_SPECIALS}[style]
     core = tokenizers.Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
@@ -181,8 +185,12 @@ def train_bpe(files: Sequence[str], vocab_size: int, style: str = "causal") -> T
     core.train(list(files), trainer)
     if style == "causal":
         roles = {"bos_token": specials[0], "eos_token": specials[0], "pad_token": specials[0]}
-    else:
+    elif style == "bert":
         roles = dict(zip(("pad_token", "unk_token", "cls_token", "sep_token", "mask_token"), specials))
+    else:
+        roles = dict(zip(("bos_token", "pad_token", "eos_token", "unk_token", "mask_token"), specials))
+        eos = core.token_to_id("</s>")
+        core.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", eos)])
     return TextTokenizer(core, roles)
 
 
@@ -335,6 +343,71 @@ def mask_tokens(
     swap = chosen & (action >= 0.8) & (action < 0.9)
     out[swap] = random_ids[swap]
     return out, labels
+
+
+def noise_span_mask(n: int, density: float, mean_span: float, generator: torch.Generator) -> torch.Tensor:
+    """(n,) bool: which of n tokens to corrupt, in spans: round(n * density) tokens in as many spans as
+    Poisson(mean_span) lengths (BART's) take to cover them, the noise and the kept tokens each split at
+    random cut points into that many runs (T5's random_spans_noise_mask), then interleaved, starting with
+    noise or kept at random. At least one token is corrupted and one kept (n >= 2)."""
+    if n < 2:
+        raise ValueError(f"noise_span_mask: need at least 2 tokens, got {n}")
+    n_noise = min(max(round(n * density), 1), n - 1)
+    draws = torch.poisson(torch.full((n_noise,), float(mean_span)), generator=generator).clamp_min(1).cumsum(0)
+    n_spans = int((draws < n_noise).sum()) + 1
+    n_spans = min(n_spans, n_noise, n - n_noise)
+
+    def runs(total: int) -> list[int]:  # total split into n_spans positive parts
+        cuts = sorted((torch.randperm(total - 1, generator=generator)[: n_spans - 1] + 1).tolist())
+        return [b - a for a, b in zip([0, *cuts], [*cuts, total])]
+
+    noise, keep = runs(n_noise), runs(n - n_noise)
+    noise_first = bool(torch.randint(2, (1,), generator=generator))
+    mask = torch.zeros(n, dtype=torch.bool)
+    pos = 0
+    for k, z in zip(keep, noise):
+        if noise_first:
+            mask[pos : pos + z] = True
+            pos += z + k
+        else:
+            mask[pos + k : pos + k + z] = True
+            pos += k + z
+    return mask
+
+
+def permute_sentences(ids: torch.Tensor, sentence_ends: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """BART's sentence permutation: ids (S,) cut after every token in sentence_ends (a sorted int64 tensor
+    of the tokens that end a sentence or a line), the pieces shuffled."""
+    ends = torch.isin(ids, sentence_ends).nonzero().squeeze(1) + 1
+    bounds = [0, *[int(e) for e in ends if e < len(ids)], len(ids)]
+    pieces = [ids[a:b] for a, b in zip(bounds, bounds[1:])]
+    order = torch.randperm(len(pieces), generator=generator).tolist()
+    return torch.cat([pieces[i] for i in order])
+
+
+def denoising_source(
+    ids: torch.Tensor,
+    mask_id: int,
+    eos_id: int,
+    generator: torch.Generator,
+    density: float = 0.3,
+    mean_span: float = 3.0,
+    sentence_ends: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """BART's denoising input for the text ids (S,): optionally the sentences permuted, then text
+    infilling: spans of about mean_span tokens covering `density` of the text each become one <mask>;
+    then </s>. The model learns to write the original back (labels: ids + </s>)."""
+    if sentence_ends is not None:
+        ids = permute_sentences(ids, sentence_ends, generator)
+    noise = noise_span_mask(len(ids), density, mean_span, generator)
+    starts = noise & ~_previous(noise)  # the first token of each span stays, as <mask>
+    out = torch.where(starts, torch.full_like(ids, mask_id), ids)[~noise | starts]
+    return torch.cat([out, torch.tensor([eos_id])])
+
+
+def _previous(mask: torch.Tensor) -> torch.Tensor:
+    """mask shifted right by one (False first): whether the previous token is set."""
+    return torch.cat([torch.zeros(1, dtype=torch.bool), mask[:-1]])
 
 
 @dataclass

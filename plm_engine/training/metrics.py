@@ -125,6 +125,13 @@ def flops_per_token(config, seq_len: int, n_params: int) -> float:
     discounting the causal mask (as the paper does).
     """
     c = config
+    if c.is_encoder_decoder:
+        # The trainer counts source and target tokens, and each goes through one stack (the target's
+        # through the decoder, which attends twice: self and cross): with source and target about as
+        # long, half of the decoder-only figure. Learned position tables are left out as above.
+        tables = 2 * (c.max_position_embeddings + 2) * c.hidden_size if c.positions == "learned" else 0
+        attn_layers = c.n_layers + 2 * c.n_decoder_layers
+        return (6.0 * (n_params - tables) + 12.0 * attn_layers * c.n_heads * c.head_dim * seq_len) / 2
     tables = (c.max_position_embeddings * c.hidden_size if c.arch != "llama" else 0) + c.type_vocab_size * c.hidden_size
     n = n_params - tables
     return 6.0 * n + 12.0 * c.n_layers * c.n_heads * c.head_dim * seq_len

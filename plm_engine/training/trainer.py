@@ -1,5 +1,5 @@
-"""The training loop: causal-LM / masked-LM pretraining and sequence-classification fine-tuning on the
-fused kernels (attention fwd+bwd, norms, linear cross-entropy all come from plm_engine.ops).
+"""The training loop: causal-LM / masked-LM / seq2seq-denoising pretraining and sequence-classification
+fine-tuning on the fused kernels (attention fwd+bwd, norms, linear cross-entropy all come from plm_engine.ops).
 
     from plm_engine.training import Trainer, TrainConfig
     cfg = TrainConfig(objective="clm", model="gpt2-tiny", data=["shakespeare"], tokenizer="bpe", max_steps=200)
@@ -91,7 +91,7 @@ class Trainer:
         if cfg.activation_checkpointing:
             self._checkpoint_blocks()
         self.net = Objective(self.model, cfg.objective)
-        self.wrapped = dist_utils.wrap(self.net, self.model.layers, self.dist, self.device)
+        self.wrapped = dist_utils.wrap(self.net, _blocks(self.model), self.dist, self.device)
         self.forward_module = torch.compile(self.wrapped) if cfg.compile else self.wrapped
         self.optimizer = self._build_optimizer()
         self.scheduler = make_scheduler(
@@ -123,6 +123,7 @@ class Trainer:
         if cfg.tokenizer == "bpe":
             files = self._corpus_files(cfg.data)
             style = "bert" if cfg.objective == "mlm" or (cfg.model or "").startswith("bert") else "causal"
+            style = "seq2seq" if cfg.objective == "seq2seq" else style
             cache = self._cache_dir()
             key = D._corpus_key(files, _NoTokenizer(f"bpe-{cfg.bpe_vocab_size}-{style}"), None)
             path = os.path.join(cache, f"bpe-{key}")
@@ -166,6 +167,14 @@ class Trainer:
                 )
             if cfg.objective == "clm":
                 sep, cls, block = tok.eos_token_id, None, cfg.seq_len
+            elif cfg.objective == "seq2seq":  # the target is the block and </s>
+                sep, cls, block = tok.eos_token_id, None, cfg.seq_len - 1
+                if None in (tok.eos_token_id, tok.pad_token_id, tok.mask_token_id):
+                    raise ValueError(
+                        "objective='seq2seq' needs a tokenizer with </s>, <pad> and <mask> tokens "
+                        "(a BART tokenizer, or tokenizer='bpe' which adds them)"
+                    )
+                self.sentence_ends = _sentence_end_ids(tok) if cfg.permute_sentences else None
             else:
                 cls, sep, block = tok.cls_token_id, tok.sep_token_id, cfg.seq_len - 2
                 if None in (cls, sep, tok.mask_token_id):
@@ -236,7 +245,7 @@ class Trainer:
         self.label_names = names
 
     def _build_model(self, resume_path: str | None):
-        from plm_engine.models import ModelConfig, Transformer, load_model
+        from plm_engine.models import ModelConfig, build_model, load_model
 
         cfg, tok = self.cfg, self.tokenizer
         changes = {}
@@ -255,6 +264,8 @@ class Trainer:
                 "eos_token_id": tok.eos_token_id,
                 "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
             }
+            if cfg.objective == "seq2seq":  # as BART: the decoder starts from </s>
+                ids["decoder_start_token_id"] = tok.eos_token_id
             # Built from the preset's keys (not replace()), so derived sizes (head_dim, n_kv_heads,
             # intermediate_size) follow overridden hidden_size / n_heads.
             mc = ModelConfig.preset(cfg.model, **{**ids, **changes, **cfg.model_overrides})
@@ -266,9 +277,14 @@ class Trainer:
             )
         if cfg.objective == "clm" and not mc.causal:
             raise ValueError(f"objective 'clm' needs a causal model, got arch {mc.arch!r}")
-        if cfg.objective == "mlm" and mc.causal:
+        if cfg.objective == "mlm" and mc.arch != "bert":
             raise ValueError(f"objective 'mlm' needs a BERT model, got arch {mc.arch!r}")
-        model = Transformer(mc)
+        if (cfg.objective == "seq2seq") != mc.is_encoder_decoder:
+            raise ValueError(
+                f"objective {cfg.objective!r} and arch {mc.arch!r} do not fit: objective 'seq2seq' trains the "
+                "encoder-decoder archs (bart, t5), and only it does"
+            )
+        model = build_model(mc)
         if base is not None:
             # New heads (classifier, MLM head) keep their fresh init; everything else comes from the checkpoint.
             missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
@@ -316,7 +332,7 @@ class Trainer:
         forward wrap: parameter names stay the same, so checkpoints are unaffected)."""
         from torch.utils.checkpoint import checkpoint
 
-        for block in self.model.layers:
+        for block in _blocks(self.model):
             block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
@@ -351,12 +367,12 @@ class Trainer:
     def _plain_model(self, model_state: dict):
         """A Transformer with the full weights that save_pretrained can write: the model itself, or under
         FSDP one built around the gathered state."""
-        from plm_engine.models import Transformer
+        from plm_engine.models import build_model
 
         if self.dist.mode != "fsdp":
             return self.model
         with torch.device("meta"):
-            plain = Transformer(self.model.config)
+            plain = build_model(self.model.config)
         plain.load_state_dict(model_state, assign=True)
         return plain
 
@@ -446,6 +462,8 @@ class Trainer:
             ]
             batch = {"input_ids": torch.stack([p[0] for p in pairs]), "labels": torch.stack([p[1] for p in pairs])}
             n_tokens = batch["input_ids"].numel()
+        elif cfg.objective == "seq2seq":
+            batch, n_tokens = self._denoising_batch(indices, epoch, dataset)
         else:
             ids = torch.stack([dataset[i] for i in indices])
             batch = {"input_ids": ids, "labels": ids}
@@ -461,6 +479,33 @@ class Trainer:
         batch["n_tokens"] = n_tokens
         batch["n_targets"] = n_targets
         return batch
+
+    def _denoising_batch(self, indices: list[int], epoch: int, dataset) -> tuple[dict, int]:
+        """Noised sources (right-padded) and the blocks to write back: labels = block + </s>, decoder input =
+        labels shifted right behind decoder_start_token_id. The noise of sample i is a function of
+        (seed, epoch, i) only, like MLM masking."""
+        cfg, tok = self.cfg, self.tokenizer
+        eos = torch.tensor([tok.eos_token_id])
+        blocks = [dataset[i] for i in indices]
+        sources = [
+            D.denoising_source(
+                b,
+                tok.mask_token_id,
+                tok.eos_token_id,
+                D.sample_generator(cfg.seed, epoch, i),
+                cfg.noise_density,
+                cfg.mean_span_length,
+                self.sentence_ends,
+            )
+            for b, i in zip(blocks, indices)
+        ]
+        ids, mask = D.pad_batch(sources, tok.pad_token_id)
+        labels = torch.stack([torch.cat([b, eos]) for b in blocks])
+        start = torch.full((len(blocks), 1), self.model.config.decoder_start_token_id)
+        batch = {"input_ids": ids, "labels": labels, "decoder_input_ids": torch.cat([start, labels[:, :-1]], 1)}
+        if not bool(mask.all()):
+            batch["attention_mask"] = mask
+        return batch, int(mask.sum()) + labels.numel()
 
     def _check_batch(self, batch: dict) -> int:
         """Checks a batch's values on the host, before it moves to the device, and counts its targets:
@@ -491,9 +536,8 @@ class Trainer:
 
     def _loss(self, module, batch: dict):
         """(mean loss, targets counted, output) of one micro-batch."""
-        inputs = {
-            k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels", "layout", "label_index")
-        }
+        keys = ("input_ids", "attention_mask", "labels", "layout", "label_index", "decoder_input_ids")
+        inputs = {k: v for k, v in batch.items() if k in keys}
         # The batch was checked on the host in _collate: the forward and backward read no device values.
         with self._autocast(), checks.trusted():
             out = module(**inputs)
@@ -619,14 +663,8 @@ class Trainer:
         self.best = {"step": self.step, "metric": metric, "value": value, "val": rec}
         from plm_engine.models import save_pretrained
 
-        model_state = None
-        if self.dist.mode == "fsdp":  # every process takes part in the gather
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            model_state = get_model_state_dict(self.model, options=opts)
+        plain = self._gathered_model()  # every process takes part under FSDP
         if self.dist.is_main:
-            plain = self._plain_model(model_state)
             ckpt.save_best(self.best_dir, lambda d: save_pretrained(plain, d), self.tokenizer, self.best)
         dist_utils.barrier(self.dist)
 
@@ -737,6 +775,10 @@ class Trainer:
             summary["baselines"] = self.baselines()
             if self.last_eval:
                 summary["margin"] = baseline_margin(self.last_eval, summary["baselines"], "bow_logreg")
+        if cfg.objective == "seq2seq" and cfg.show_reconstructions and interrupted is None:
+            model = self._gathered_model()  # every process takes part under FSDP
+            if self.dist.is_main:
+                summary["reconstructions"] = self.reconstructions(cfg.show_reconstructions, model)
         if self.dist.is_main:
             if cfg.plot and interrupted is None:
                 try:
@@ -762,6 +804,59 @@ class Trainer:
             "bow_logreg": bow_logreg_baseline(tx, ty, ex, ey, self.num_labels),
         }
 
+    def _gathered_model(self):
+        """The model with whole weights on the main process: the model itself, or under FSDP a plain copy
+        built from the gathered state (a collective: every process calls it; None on the others)."""
+        if self.dist.mode != "fsdp":
+            return self.model
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from plm_engine.models import build_model
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(self.model, options=opts)
+        if not self.dist.is_main:
+            return None
+        with torch.device("meta"):
+            plain = build_model(self.model.config)
+        plain.load_state_dict(state, assign=True)
+        return plain
+
+    @torch.no_grad()
+    def reconstructions(self, n: int, model=None) -> list[dict]:
+        """The first n eval blocks, noised as in evaluation, and what the model writes back (greedy):
+        [{"noised", "reconstruction", "original"}] as text, <mask> shown where spans were masked."""
+        model = self.model if model is None else model
+        data = self.eval_set if self.eval_set is not None else self.train_set
+        idx = list(range(min(n, len(data))))
+        if not idx:
+            return []
+        batch = self._collate(idx, EVAL_EPOCH, data)
+        dev = next(model.parameters()).device
+        mask = batch.get("attention_mask")
+        was_training = model.training
+        model.eval()
+        with ops_backend(self.cfg.backend):
+            outs = model.generate_greedy(
+                batch["input_ids"].to(dev), None if mask is None else mask.to(dev), max_new_tokens=self.cfg.seq_len + 8
+            )
+        model.train(was_training)
+        tok, mask_id = self.tokenizer, self.tokenizer.mask_token_id
+        recs = []
+        for src, out, labels in zip(batch["input_ids"].tolist(), outs, batch["labels"].tolist()):
+            pieces, cur = [], []
+            for t in src:
+                if t == mask_id:
+                    pieces.append(tok.decode(cur))
+                    cur = []
+                else:
+                    cur.append(t)
+            pieces.append(tok.decode(cur))
+            recs.append(
+                {"noised": "<mask>".join(pieces), "reconstruction": tok.decode(out), "original": tok.decode(labels)}
+            )
+        return recs
+
     def _peak_flops(self) -> float:
         if self._peak is None:
             self._peak = peak_flops(self.device, self.cfg.precision)
@@ -780,6 +875,17 @@ def baseline_margin(model_scores: dict, baselines: dict, name: str) -> dict:
     }
 
 
+def _blocks(model) -> list[torch.nn.Module]:
+    """The transformer blocks (FSDP units, activation checkpointing): both stacks of an encoder-decoder."""
+    return list(model.blocks) if hasattr(model, "blocks") else list(model.layers)
+
+
+def _sentence_end_ids(tok) -> torch.Tensor:
+    """The tokens whose text ends a line or a sentence (sentence permutation cuts after them)."""
+    ends = [i for i in range(tok.vocab_size) if tok.decode([i]).rstrip(" ").endswith(("\n", ".", "!", "?"))]
+    return torch.tensor(sorted(ends), dtype=torch.int64)
+
+
 class _NoTokenizer:
     """Stands in for a tokenizer in the corpus key of a BPE cache (keyed by its settings)."""
 
@@ -792,7 +898,7 @@ class _NoTokenizer:
 
 class Objective(torch.nn.Module):
     """The model behind the objective's entry point: forward() is model.classify() for classification and
-    model.forward() otherwise. DDP, FSDP2 and torch.compile wrap this module, so their hooks see every
+    model.forward() otherwise (for seq2seq: the encoder-decoder's forward with decoder_input_ids). DDP, FSDP2 and torch.compile wrap this module, so their hooks see every
     call whichever head the objective uses."""
 
     def __init__(self, model, objective: str):

@@ -1,5 +1,6 @@
 """Block manager and scheduler: allocation, preemption by recompute, chunked prefill, and 1,000 random
-requests through the engine (over a model stand-in that checks every cache mapping) with no leaks."""
+requests (drawn from a few shared prefixes, so the prefix cache shares blocks) through the engine, over a
+model stand-in that checks every cache mapping, with the block invariants checked every step and no leaks."""
 
 from __future__ import annotations
 
@@ -64,7 +65,8 @@ def test_chunked_prefill_then_decode():
 
 def test_preempts_the_newest_and_recomputes_it_later():
     bm = BlockManager(4, 4)
-    s = Scheduler(bm, max_num_seqs=4, max_prefill_tokens=64, watermark_blocks=0)
+    # without prefix caching: b would share a's first block, and come back with its own cached blocks
+    s = Scheduler(bm, max_num_seqs=4, max_prefill_tokens=64, watermark_blocks=0, enable_prefix_caching=False)
     a, b = _seq(0, 7, 8), _seq(1, 8, 8)
     s.add(a)
     s.add(b)
@@ -92,19 +94,73 @@ def test_request_larger_than_the_cache_is_rejected():
         s.add(_seq(0, 10, 10))
 
 
-def test_1000_random_requests_no_leaks_every_request_finished():
+class WriteCheckingModel(FakeModel):
+    """FakeModel that also fails when a forward writes into a block whose content is already computed
+    and cached, or into a block another sequence holds, unless this step's prefill computes that block
+    for the first time (sequences admitted in the same step may share it: every layer writes the new
+    tokens' K/V before attending). One block is written by one sequence of the batch at most."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.scheduler = None
+
+    def forward_tokens(self, input_ids, positions, kv_cache, batch, logits_index=None):
+        sch = self.scheduler
+        if sch is not None:
+            bm, cu, slots = sch.bm, batch.cu_seqlens.tolist(), batch.slot_mapping.tolist()
+            pending = {b for _, _, b in sch._pending}
+            writer = {}
+            for row in range(len(cu) - 1):
+                for b in {s // bm.block_size for s in slots[cu[row] : cu[row + 1]] if s >= 0}:
+                    assert writer.setdefault(b, row) == row, f"block {b} written by two sequences"
+                    if b in pending:
+                        continue
+                    assert not bm.is_cached(b), f"a forward overwrites cached block {b}"
+                    assert bm.ref_count(b) == 1, f"a forward writes block {b}, held by {bm.ref_count(b)} sequences"
+        return super().forward_tokens(input_ids, positions, kv_cache, batch, logits_index)
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False], ids=["prefix-caching", "no-prefix-caching"])
+def test_1000_random_requests_no_leaks_every_request_finished(prefix_caching):
     rng = random.Random(0)
     vocab = 64
-    model = FakeModel(vocab_size=vocab, max_positions=128, eos_token_id=0)
-    # A tiny cache (24 blocks of 4 tokens) for up to 6 sequences of up to ~90 tokens: preemption is frequent.
-    eng = Engine(model, kv_cache_tokens=96, block_size=4, max_num_seqs=6, max_prefill_tokens=24)
+    model = WriteCheckingModel(vocab_size=vocab, max_positions=128, eos_token_id=0)
+    # A tiny cache (24 blocks of 4 tokens) for up to 6 sequences of up to ~90 tokens: preemption is frequent,
+    # and cached blocks are evicted all the time.
+    eng = Engine(
+        model,
+        kv_cache_tokens=96,
+        block_size=4,
+        max_num_seqs=6,
+        max_prefill_tokens=24,
+        enable_prefix_caching=prefix_caching,
+    )
+    model.scheduler = eng.scheduler
+    bm = eng.block_manager
+    # Most prompts start with one of a few shared prefixes (cut anywhere, so hits end mid-prefix too);
+    # some repeat an earlier prompt whole (the whole-prompt hit keeps its last block to compute).
+    prefixes = [[rng.randrange(1, vocab) for _ in range(n)] for n in (9, 20, 33, 45)]
     expected_len, aborted, results = {}, set(), {}
     n_total, added, steps = 1000, 0, 0
+
+    def collect(outs):
+        for out in outs:
+            if out.finished:
+                assert out.request_id not in results, "a request finished twice"
+                results[out.request_id] = out
+
     while added < n_total or eng.has_unfinished():
+        prompt = None
         for _ in range(rng.randint(0, 4)):
             if added == n_total:
                 break
-            prompt = [rng.randrange(1, vocab) for _ in range(rng.randint(1, 60))]
+            if prompt is not None and rng.random() < 0.3:
+                pass  # the same prompt again in the same step: the server's n > 1
+            elif expected_len and rng.random() < 0.1:  # an earlier prompt again (a retry)
+                prompt = list(expected_len[rng.choice(list(expected_len))][0])
+            else:
+                head = rng.choice(prefixes)[: rng.randint(0, 45)] if rng.random() < 0.8 else []
+                prompt = head + [rng.randrange(1, vocab) for _ in range(rng.randint(1, 20 if head else 60))]
             kw = dict(max_tokens=rng.randint(1, 30), ignore_eos=rng.random() < 0.3)
             if rng.random() < 0.3:
                 kw["stop_token_ids"] = tuple(rng.sample(range(1, vocab), 3))
@@ -115,33 +171,40 @@ def test_1000_random_requests_no_leaks_every_request_finished():
             rid = eng.add_request(prompt, SamplingParams(**kw))
             expected_len[rid] = (prompt, SamplingParams(**kw))
             added += 1
-        for out in eng.step():
-            if out.finished:
-                assert out.request_id not in results, "a request finished twice"
-                results[out.request_id] = out
+        collect(eng.step())
         steps += 1
+        eng.scheduler.check_invariants()  # refcounts = holders, free/evictable/used partition, hash maps agree
         if rng.random() < 0.05:
             running = [s.request_id for s in eng.scheduler.running] + [s.request_id for s in eng.scheduler.waiting]
             if running:
                 rid = rng.choice(running)
                 seq = eng._seqs[rid]
-                used_before, own = eng.block_manager.num_used, len(seq.blocks)
+                # its blocks that nobody else holds become free (or evictable) at once
+                own = sum(1 for b in seq.blocks if bm.ref_count(b) == 1)
+                used_before = bm.num_used
                 assert eng.abort(rid)
-                assert eng.block_manager.num_used == used_before - own  # freed at once
+                assert bm.num_used == used_before - own
                 assert not eng.abort(rid)
                 aborted.add(rid)
-        # invariants: no block is owned twice, and the used count is what the sequences own
-        owned = [b for s in eng.scheduler.running for b in s.blocks]
-        assert len(owned) == len(set(owned)) == eng.block_manager.num_used
-        assert all(not s.blocks for s in eng.scheduler.waiting)
+                eng.scheduler.check_invariants()
         assert steps < 200_000
+    collect(eng.step())  # the final outputs of requests aborted after the last step
     st = eng.stats()
-    assert st["kv_blocks_used"] == 0 and eng.block_manager.num_free == eng.block_manager.num_blocks
+    eng.scheduler.check_invariants()
+    # zero leaked blocks: none referenced, each either free or cached with no reference (evictable)
+    assert st["kv_blocks_used"] == 0 and bm.num_free == bm.num_blocks
+    assert all(bm.ref_count(b) == 0 for b in range(bm.num_blocks))
     assert st["num_running"] == st["num_waiting"] == 0
     assert len(results) == n_total and st["requests_finished"] + st["requests_aborted"] == n_total
     assert st["requests_aborted"] == len(aborted) > 10
     assert st["num_preemptions"] > 20, st
     assert any(has_prefix for _, _, has_prefix in model.forwards), "no chunked prefill / recompute happened"
+    if prefix_caching:
+        # shared prefixes and recomputes after preemption reuse cached blocks; some are evicted
+        assert st["prefix_cache_hits"] > 0.1 * st["prefix_cache_queries"] > 0, st
+        assert st["prefix_cache_blocks"] > 0 and bm.num_evictions > 100
+    else:
+        assert st["prefix_cache_hits"] == st["prefix_cache_queries"] == st["prefix_cache_blocks"] == 0
     reasons = {o.finish_reason for o in results.values()}
     assert reasons == {"stop", "length", "abort"}
     for rid, out in results.items():

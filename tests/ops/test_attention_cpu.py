@@ -101,22 +101,27 @@ def test_causal_more_queries_than_keys():
     assert (out.double() - ref).abs().max().item() < 1e-5
 
 
+def _check_paged_cpu(dtype, seqlens, sq, h, hkv, d, block_size, g, what):
+    """The CPU paged kernel on a shuffled cache against the fp64 reference, with the 2x rule."""
+    q, kc, vc, bt, cs = paged_case("cpu", dtype, seqlens, sq, h, hkv, d, block_size, g)
+    out = ops.paged_attention(q, kc, vc, bt, cs, backend="cpu")
+    ref = paged_attention_ref(q.double(), kc.double(), vc.double(), bt, cs)
+    lows = [
+        lowp_attention(
+            q[i : i + 1], gather_paged_kv(kc, bt, n, i)[None], gather_paged_kv(vc, bt, n, i)[None], True, d**-0.5
+        )
+        for i, n in enumerate(seqlens)
+    ]
+    check_2x(out, ref, torch.cat(lows), dtype, what)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_paged_long_context_and_chunked_prefill(dtype):
     """Contexts long enough to be split across tasks (and merged), and seqlen_q * group > 64 rows."""
     h, hkv, d = 9, 3, 64
     for block_size, sq, seqlens in ((16, 1, [3000, 5]), (128, 30, [700, 30, 1000])):
         g = torch.Generator().manual_seed(block_size)
-        q, kc, vc, bt, cs = paged_case("cpu", dtype, seqlens, sq, h, hkv, d, block_size, g)
-        out = ops.paged_attention(q, kc, vc, bt, cs, backend="cpu")
-        ref = paged_attention_ref(q.double(), kc.double(), vc.double(), bt, cs)
-        lows = [
-            lowp_attention(
-                q[i : i + 1], gather_paged_kv(kc, bt, n, i)[None], gather_paged_kv(vc, bt, n, i)[None], True, d**-0.5
-            )
-            for i, n in enumerate(seqlens)
-        ]
-        check_2x(out, ref, torch.cat(lows), dtype, f"paged bs={block_size} sq={sq}")
+        _check_paged_cpu(dtype, seqlens, sq, h, hkv, d, block_size, g, f"paged bs={block_size} sq={sq}")
 
 
 def test_thread_count_independence(cpu_isa):
@@ -279,13 +284,5 @@ def test_isa_paged(cpu_isa, block_size, sq, d):
     h, hkv = 6, 2
     for dtype in DTYPES:
         g = torch.Generator().manual_seed(block_size + sq)
-        q, kc, vc, bt, cs = paged_case("cpu", dtype, seqlens, sq, h, hkv, d, block_size, g)
-        out = ops.paged_attention(q, kc, vc, bt, cs, backend="cpu")
-        ref = paged_attention_ref(q.double(), kc.double(), vc.double(), bt, cs)
-        lows = [
-            lowp_attention(
-                q[i : i + 1], gather_paged_kv(kc, bt, n, i)[None], gather_paged_kv(vc, bt, n, i)[None], True, d**-0.5
-            )
-            for i, n in enumerate(seqlens)
-        ]
-        check_2x(out, ref, torch.cat(lows), dtype, f"{cpu_isa} {dtype} paged bs={block_size} sq={sq} d={d}")
+        what = f"{cpu_isa} {dtype} paged bs={block_size} sq={sq} d={d}"
+        _check_paged_cpu(dtype, seqlens, sq, h, hkv, d, block_size, g, what)

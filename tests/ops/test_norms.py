@@ -58,6 +58,17 @@ def reference(kind, x, w, b, r, dtype):
     return ref, lowp, h
 
 
+def _ref_grads64(kind, x, w, b, r, dy, dh):
+    """(h64, fp64 reference gradients w.r.t. h, weight (, bias)) of sum(norm(h) * dy) (+ sum(h * dh)),
+    h = x (+ r): the gradient of x, and of r with a residual, is the one of h."""
+    h64 = (x.detach() if r is None else (x.detach() + r.detach())).double().requires_grad_()
+    w64 = w.detach().double().requires_grad_()
+    b64 = b.detach().double().requires_grad_() if b is not None else None
+    ref = layer_norm_ref(h64, w64, b64, 1e-5) if kind == "layer" else rms_norm_ref(h64, w64, 1e-6)
+    ref_loss = (ref * dy.double()).sum() + ((h64 * dh.double()).sum() if r is not None else 0)
+    return h64, torch.autograd.grad(ref_loss, [h64, w64] + ([b64] if b64 is not None else []))
+
+
 @pytest.mark.parametrize("device,backend", OTHER_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("lead,n", SHAPES, ids=str)
@@ -98,12 +109,7 @@ def test_backward(device, backend, dtype, lead, n, kind, residual):
 
     ref, lowp, h_low = reference(kind, x, w, b, r, dtype)
     # Reference gradients in fp64 through the upcast graph: d/dx = d/dr = d/dh.
-    x64 = (x.detach() if r is None else (x.detach() + r.detach())).double().requires_grad_()
-    w64 = w.detach().double().requires_grad_()
-    b64 = b.detach().double().requires_grad_() if b is not None else None
-    ref = layer_norm_ref(x64, w64, b64, 1e-5) if kind == "layer" else rms_norm_ref(x64, w64, 1e-6)
-    ref_loss = (ref * dy.double()).sum() + ((x64 * dh.double()).sum() if residual else 0)
-    ref_grads = torch.autograd.grad(ref_loss, [x64, w64] + ([b64] if b64 is not None else []))
+    _, ref_grads = _ref_grads64(kind, x, w, b, r, dy, dh)
     low_grads = torch.autograd.grad(loss(lowp, h_low), inputs)
     names = ["x", "weight"] + (["bias"] if b is not None else []) + (["residual"] if residual else [])
     refs = list(ref_grads) + ([ref_grads[0]] if residual else [])
@@ -236,12 +242,7 @@ def test_cpu_kernel_backward(cpu_isa, dtype, rows, n):
                 )
             )
 
-            h64 = (x.detach() if r is None else (x.detach() + r.detach())).double().requires_grad_()
-            w64 = w.detach().double().requires_grad_()
-            b64 = b.detach().double().requires_grad_() if b is not None else None
-            ref = layer_norm_ref(h64, w64, b64, 1e-5) if kind == "layer" else rms_norm_ref(h64, w64, 1e-6)
-            ref_loss = (ref * dy.double()).sum() + ((h64 * dh.double()).sum() if residual else 0)
-            ref_grads = torch.autograd.grad(ref_loss, [h64, w64] + ([b64] if b64 is not None else []))
+            h64, ref_grads = _ref_grads64(kind, x, w, b, r, dy, dh)
 
             mu, rstd, mean_abs = _stats64(kind, h64.detach())
             hat = (h64.detach() - mu) * rstd

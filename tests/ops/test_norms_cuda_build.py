@@ -9,19 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from plm_engine.ops import backends, extension
+from plm_engine.ops import backends
 
 OPS = ["norm_fwd", "norm_bwd"]
-
-
-@pytest.fixture
-def cuda_build():
-    mod, why = extension.load()
-    if mod is None:
-        pytest.skip(why)
-    if not mod.cuda_built():
-        pytest.skip("plm_engine._C is a CPU-only build (no nvcc or PLM_ENGINE_SKIP_CUDA_BUILD=1)")
-    return mod
 
 
 @pytest.mark.parametrize("op", OPS)

@@ -3,6 +3,8 @@ table of _C kernel registrations the test matrix (tests/utils.py) is generated f
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -104,3 +106,27 @@ def test_gpu_cases_follow_the_table():
 def test_csrc_table_matches_the_cuda_build():
     registered = {op for op in utils.csrc_defined_ops() if extension.has_kernel(op, "CUDA")}
     assert registered == utils.cuda_kernel_ops()
+
+
+def test_one_registration_pattern():
+    """csrc registers kernels one way (csrc/bindings.cpp's header): schemas in csrc/<family>_ops.cpp, CPU
+    kernels in csrc/cpu/<family>.cpp, CUDA kernels in csrc/cuda/<family>.cu; ops.h lists every family."""
+    root = utils.REPO_ROOT / "csrc"
+    ops_h = (root / "ops.h").read_text()
+    families = sorted(p.name.removesuffix("_ops.cpp") for p in root.glob("*_ops.cpp"))
+    assert len(families) >= 8, families
+    for path in sorted(p for ext in ("cpp", "cu", "h", "cuh") for p in root.rglob(f"*.{ext}")):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith("testing/"):
+            continue
+        text = re.sub(r"//[^\n]*", "", path.read_text())  # code only
+        assert "TORCH_LIBRARY(" not in text, f"{rel}: schemas go in a TORCH_LIBRARY_FRAGMENT of a *_ops.cpp"
+        if "TORCH_LIBRARY_FRAGMENT(" in text or utils._DEF_RE.search(text):
+            assert rel.endswith("_ops.cpp"), f"{rel} defines op schemas: they belong in csrc/<family>_ops.cpp"
+        for key in utils._IMPL_BLOCK_RE.findall(text):
+            folder = {"CPU": "cpu/", "CUDA": "cuda/"}.get(key)
+            assert folder and rel.startswith(folder), f"{rel} registers {key} kernels outside csrc/{folder}"
+    for family in families:
+        header = family.removesuffix("_ops.cpp")
+        assert f"{family}_ops.cpp" in ops_h, f"ops.h does not list {family}"
+        assert any((root / f"{name}.h").exists() for name in (header, header + "s")), f"no csrc/{header}.h"

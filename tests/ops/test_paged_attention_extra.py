@@ -93,24 +93,22 @@ def test_splits_env_override(monkeypatch):
     )
 
 
+def _check_triton(seed, dtype, seqlens, sq, h, hkv, d, block_size, what):
+    q, kc, vc, bt, cs = paged_case(HERE, dtype, seqlens, sq, h, hkv, d, block_size, torch.Generator().manual_seed(seed))
+    out = ops.paged_attention(q, kc, vc, bt, cs, backend="triton")
+    _check_vs_ref(out, q, kc, vc, bt, cs, seqlens, what)
+
+
 @needs_triton
 def test_long_context():
     """4096 cached tokens in 16 shuffled blocks of 256, one sequence, GQA 4:1, head_dim 128."""
-    g = torch.Generator().manual_seed(5)
-    seqlens = [4096]
-    q, kc, vc, bt, cs = paged_case(HERE, torch.bfloat16, seqlens, 1, 4, 1, 128, 256, g)
-    out = ops.paged_attention(q, kc, vc, bt, cs, backend="triton")
-    _check_vs_ref(out, q, kc, vc, bt, cs, seqlens, "triton long context")
+    _check_triton(5, torch.bfloat16, [4096], 1, 4, 1, 128, 256, "triton long context")
 
 
 @needs_triton
 def test_large_group_several_row_tiles():
     """MQA with 24 query heads x 3 new tokens = 72 rows per kv head: more than one row tile."""
-    g = torch.Generator().manual_seed(6)
-    seqlens = [3, 50]
-    q, kc, vc, bt, cs = paged_case(HERE, torch.float16, seqlens, 3, 24, 1, 40, 32, g)
-    out = ops.paged_attention(q, kc, vc, bt, cs, backend="triton")
-    _check_vs_ref(out, q, kc, vc, bt, cs, seqlens, "triton row tiles")
+    _check_triton(6, torch.float16, [3, 50], 3, 24, 1, 40, 32, "triton row tiles")
 
 
 @needs_triton
@@ -147,22 +145,19 @@ def test_triton_bad_input():
     pa = _triton()
     g = torch.Generator().manual_seed(9)
     q, kc, vc, bt, cs = paged_case(HERE, torch.float16, [5], 1, 2, 1, 32, 16, g)
-    with pytest.raises(ValueError, match="caches are"):
-        pa.launch_paged_attn(q.float(), kc, vc, bt, cs, 1.0)
+    with pytest.raises(ValueError, match="the caches have 1 kv heads of 32"):
+        pa.launch_paged_attn(q[..., :16], kc, vc, bt, cs, 1.0)
+    with pytest.raises(ValueError, match="power of two"):
+        pa.launch_paged_attn(q, kc[:, :12].contiguous(), vc[:, :12].contiguous(), bt, cs, 1.0)
     with pytest.raises(ValueError, match="num_splits"):
         pa.launch_paged_attn(q, kc, vc, bt, cs, 1.0, num_splits=0)
     with pytest.raises(ValueError, match="cache_seqlens"):
-        pa.launch_paged_attn(q, kc, vc, bt, cs.long(), 1.0)
+        pa.launch_paged_attn(q, kc, vc, bt, cs[:0], 1.0)
     with pytest.raises(ValueError, match="slot_mapping"):
-        pa.launch_write_kv_cache(q[:, 0, :1], q[:, 0, :1], kc, vc, torch.zeros(1, dtype=torch.float32))
+        pa.launch_write_kv_cache(q[:, 0, :1], q[:, 0, :1], kc, vc, torch.zeros(2, dtype=torch.int32))
 
 
-def test_cuda_kernels_registered():
-    mod, why = extension.load()
-    if mod is None:
-        pytest.skip(why)
-    if not extension.cuda_built():
-        pytest.skip("plm_engine._C was built without nvcc: no CUDA kernels to check")
+def test_cuda_kernels_registered(cuda_build):
     for op in ("paged_attn", "write_kv_cache"):
         assert extension.has_kernel(op, "CUDA"), f"_C has CUDA kernels but none for plm_engine::{op}"
 

@@ -44,7 +44,7 @@ def test_every_shipped_triton_kernel_compiles_without_spills(triton_rows):
 
 def test_kernel_specs_cover_every_launch_config():
     """The launcher and kernel_specs share launch_config: each block size's warps appear in a spec."""
-    from plm_engine.ops.norms import TRITON_MAX_N
+    from plm_engine.ops.contracts.norms import TRITON_MAX_N
     from plm_engine.ops.triton import norms
 
     specs = norms.kernel_specs()
@@ -72,39 +72,30 @@ def test_cuda_extension_kernels_do_not_spill():
 
 # ---- the detector itself ---------------------------------------------------------------------------
 
+
+def _captured_section(arch: str, functions: str) -> str:
+    """One architecture's part of `cuobjdump --dump-resource-usage` output."""
+    header = f"Fatbin elf code:\n================\narch = {arch}\ncode version = [1,8]\nhost = linux\n"
+    return f"\n{header}compile_size = 64bit\n\nResource usage:\n Common:\n  GLOBAL:0\n{functions}"
+
+
 # Trimmed `cuobjdump --dump-resource-usage` of a shared object built with nvcc -maxrregcount=16 for
 # sm_80 and sm_90a: heavy_kernel spills, the other two do not.
-CAPTURED = """
-Fatbin elf code:
-================
-arch = sm_80
-code version = [1,8]
-host = linux
-compile_size = 64bit
-
-Resource usage:
- Common:
-  GLOBAL:0
- Function _Z11smem_kernelPf:
+CAPTURED = _captured_section(
+    "sm_80",
+    """ Function _Z11smem_kernelPf:
   REG:10 STACK:0 SHARED:1024 LOCAL:0 CONSTANT[0]:360 TEXTURE:0 SURFACE:0 SAMPLER:0
  Function _Z12heavy_kernelPKfPfi:
   REG:24 STACK:608 SHARED:0 LOCAL:0 CONSTANT[0]:372 TEXTURE:0 SURFACE:0 SAMPLER:0
-
-Fatbin elf code:
-================
-arch = sm_90a
-code version = [1,8]
-host = linux
-compile_size = 64bit
-
-Resource usage:
- Common:
-  GLOBAL:0
- Function _Z12scale_kernelIfEvPKT_PS0_fi:
+""",
+) + _captured_section(
+    "sm_90a",
+    """ Function _Z12scale_kernelIfEvPKT_PS0_fi:
   REG:10 STACK:0 SHARED:0 LOCAL:0 CONSTANT[0]:552 TEXTURE:0 SURFACE:0 SAMPLER:0
  Function _Z12heavy_kernelPKfPfi:
   REG:24 STACK:584 SHARED:0 LOCAL:16 CONSTANT[0]:548 TEXTURE:0 SURFACE:0 SAMPLER:0
-"""
+""",
+)
 
 
 def test_parser_reads_arch_sections_and_flags_spills():

@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("fastapi", reason="the server needs the 'serve' extra (fastapi, uvicorn)")
+pytest.importorskip("fastapi", reason="the server needs the 'serve' extra (fastapi, uvicorn, prometheus_client)")
+pytest.importorskip(
+    "prometheus_client", reason="the server needs the 'serve' extra (fastapi, uvicorn, prometheus_client)"
+)
 pytest.importorskip("openai", reason="the server tests use the official openai client")
 uvicorn = pytest.importorskip("uvicorn")
 
@@ -65,11 +68,12 @@ def tiny_bert(vocab_size: int, seed: int = 0):
 
 
 class ServerThread:
-    """uvicorn serving `app` on 127.0.0.1 (a free port) in a background thread."""
+    """uvicorn serving `app` on 127.0.0.1 (a free port) in a background thread; `config` (a uvicorn.Config,
+    e.g. from plm_engine.server.cli.uvicorn_config) replaces the plain default one."""
 
-    def __init__(self, app):
+    def __init__(self, app, config=None):
         self.server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=5)
+            config or uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=5)
         )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -88,6 +92,25 @@ class ServerThread:
         self.server.should_exit = True
         self.thread.join(timeout=30)
         assert not self.thread.is_alive(), "uvicorn did not stop"
+
+
+def tiny_engine(tokenizer, seed: int = 0, **kw):
+    """An AsyncEngine over a tiny random llama with `tokenizer` (kw: Engine options)."""
+    from plm_engine.generation import AsyncEngine, Engine
+
+    kw = {"max_num_seqs": 4, "kv_cache_tokens": 2048, **kw}
+    return AsyncEngine(Engine(tiny_llama(tokenizer.vocab_size, seed=seed), tokenizer=tokenizer, **kw))
+
+
+def serve_args(*argv):
+    """Parsed `serve` arguments (defaults plus argv)."""
+    import argparse
+
+    from plm_engine.server import cli
+
+    p = argparse.ArgumentParser()
+    cli.add_parser(p.add_subparsers(dest="command"))
+    return p.parse_args(["serve", *argv])
 
 
 def wait_until(pred, timeout: float = 20.0, what: str = "condition", interval: float = 0.05):

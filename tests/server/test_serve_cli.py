@@ -152,3 +152,16 @@ def test_sigterm_with_a_stream_in_flight_exits_cleanly(tmp_path, smollm2_tokeniz
     assert events and all(e == "" or e.startswith("data: ") or e.startswith("error:") for e in events), events
     with pytest.raises(httpx.ConnectError):
         httpx.get(url + "/health", timeout=5)
+
+
+def test_bad_limits_are_one_line_errors(tmp_path, smollm2_tokenizer, monkeypatch):
+    from plm_engine.models import save_pretrained
+
+    monkeypatch.delenv("PLM_ENGINE_API_KEY", raising=False)
+    folder = save_pretrained(tiny_llama(smollm2_tokenizer.vocab_size), tmp_path / "tiny")
+    base = ["--model", str(folder), "--tokenizer", str(SMOLLM2_GGUF), "--kv-cache-tokens", "512"]
+    with pytest.raises(SystemExit, match=r"^serve: max_model_len=100000 is not in \[1, 256\]"):
+        cli.run(parse(*base, "--max-model-len", "100000"))
+    for flag, value in (("--max-queued-requests", "0"), ("--header-timeout", "0"), ("--limit-concurrency", "-1")):
+        with pytest.raises(SystemExit, match=f"^serve: {flag} must be"):
+            cli.run(parse(*base, flag, value))

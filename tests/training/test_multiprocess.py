@@ -90,6 +90,21 @@ def test_two_processes_match_one(tmp_path, single_run, mode):
     assert ckpt.verify_checkpoint(ck)["step"] == 4
 
 
+def test_seq2seq_ddp_matches_one_process(tmp_path, corpus):
+    """The seq2seq (denoising) objective under DDP: the same loss curve as one process."""
+    kw = dict(objective="seq2seq", model="bart-tiny", max_steps=3, eval_every=0, show_reconstructions=1)
+    cfg = write_config(tmp_path / "c.toml", corpus, str(tmp_path / "one"), **kw)
+    one = cli(cfg)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = cli(cfg, "--batch-size", "2", "--distributed", "ddp", "--out-dir", str(tmp_path / "two"), nproc=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    l1, l2 = losses(str(tmp_path / "one" / "log.jsonl")), losses(str(tmp_path / "two" / "log.jsonl"))
+    assert sorted(l1) == sorted(l2) == [1, 2, 3]
+    assert all(l2[s] == pytest.approx(l1[s], rel=1e-4) for s in l1), (l1, l2)
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert len(summary["reconstructions"]) == 1
+
+
 def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, corpus):
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "c.toml", corpus, str(out), max_steps=100000, eval_every=0)

@@ -1,6 +1,6 @@
 """Triton SwiGLU and GELU, forward and backward.
 
-The contract is csrc/activations.h's, shared by every backend (see plm_engine/ops/activations.py):
+The contract is plm_engine/ops/contracts/activations.py's, shared by every backend:
 2-D (rows, n) inputs with a unit last stride and any row stride, contiguous (rows, n) outputs, fp32
 math. Programs tile (BLOCK_M rows) x (BLOCK_N columns); short rows get several per program so that a
 program always moves a few thousand elements.
@@ -18,16 +18,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from plm_engine.ops.activations import (
-    GELU_APPROXIMATIONS,
-    gelu_bwd_fake,
-    gelu_fwd_fake,
-    register_autograd,
-    swiglu_bwd_fake,
-    swiglu_fwd_fake,
-)
+from plm_engine.ops import backends, contracts
+from plm_engine.ops.contracts import activations as contract
+from plm_engine.ops.triton.common import check_device, require, round_to, signature
 from plm_engine.ops.triton.guard import device_guard
-from plm_engine.ops.triton.rope import _check_device, _interpreted, _round_to
 from plm_engine.ops.triton.spec import KernelSpec
 
 # ---- jit kernels -----------------------------------------------------------------------------------
@@ -72,7 +66,7 @@ def _swiglu_fwd_kernel(
     g = tl.load(G_ptr + rows * stride_g_row + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U_ptr + rows * stride_u_row + cols, mask=mask, other=0.0).to(tl.float32)
     y = g * _sigmoid(g) * u
-    tl.store(Y_ptr + rows * n_cols + cols, _round_to(y, Y_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    tl.store(Y_ptr + rows * n_cols + cols, round_to(y, Y_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 @triton.jit
@@ -100,8 +94,8 @@ def _swiglu_bwd_kernel(
     dg = dy * u * sig * (1.0 + g * (1.0 - sig))
     du = dy * g * sig
     dtype = DG_ptr.dtype.element_ty
-    tl.store(DG_ptr + rows * n_cols + cols, _round_to(dg, dtype, INTERPRET), mask=mask)
-    tl.store(DU_ptr + rows * n_cols + cols, _round_to(du, dtype, INTERPRET), mask=mask)
+    tl.store(DG_ptr + rows * n_cols + cols, round_to(dg, dtype, INTERPRET), mask=mask)
+    tl.store(DU_ptr + rows * n_cols + cols, round_to(du, dtype, INTERPRET), mask=mask)
 
 
 @triton.jit
@@ -129,7 +123,7 @@ def _gelu_fwd_kernel(
     rows, cols, mask = _tile(tl.program_id(0), tl.program_id(1), n_rows, n_cols, BLOCK_M, BLOCK_N)
     x = tl.load(X_ptr + rows * stride_x_row + cols, mask=mask, other=0.0).to(tl.float32)
     y = x * _gelu_cdf(x, TANH)
-    tl.store(Y_ptr + rows * n_cols + cols, _round_to(y, Y_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    tl.store(Y_ptr + rows * n_cols + cols, round_to(y, Y_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 @triton.jit
@@ -155,7 +149,7 @@ def _gelu_bwd_kernel(
         grad = s + x * s * (1.0 - s) * (2.0 * _TANH_K0) * (x * x * (3.0 * _TANH_K1) + 1.0)
     else:
         grad = s + x * _INV_SQRT_2PI * tl.exp(-0.5 * x * x)
-    tl.store(DX_ptr + rows * n_cols + cols, _round_to(dy * grad, DX_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    tl.store(DX_ptr + rows * n_cols + cols, round_to(dy * grad, DX_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 # ---- launch configuration (shared by the launchers and kernel_specs) -------------------------------
@@ -185,155 +179,73 @@ def launch_config(n_cols: int) -> LaunchConfig:
     return LaunchConfig(_TILE // block_n, block_n, num_warps=4)
 
 
-# ---- launchers -------------------------------------------------------------------------------------
+# ---- launcher and custom ops ------------------------------------------------------------------------
 
 
-def _check(what: str, first: Tensor, *others: tuple[str, Tensor]) -> None:
-    _check_device(first, what)
-    for name, t in (("input", first), *others):
-        if t.dim() != 2 or (t.shape[1] > 1 and t.stride(1) != 1):
-            raise ValueError(
-                f"{what}: {name} must be 2-D (rows, n) with a unit last stride, "
-                f"got shape {tuple(t.shape)} strides {t.stride()}"
+def _launch(what: str, elementwise_kernel, inputs: tuple[Tensor, ...], n_out: int, **flags) -> list[Tensor]:
+    """Runs an elementwise kernel over `inputs` (rows, n), unit last stride, any row stride -> n_out new
+    contiguous (rows, n) outputs. Kernel arguments: input pointers, output pointers, input row strides,
+    n_rows, n_cols, then the tile and `flags`."""
+    first = inputs[0]
+    check_device(first, what)
+    for t in inputs:  # memory safety only: the public op checks the argument contract
+        require(
+            t.dim() == 2
+            and t.shape == first.shape
+            and (t.shape[1] <= 1 or t.stride(1) == 1)
+            and t.device == first.device,
+            what,
+            f"inputs must be 2-D (rows, n) of one shape and device with a unit last stride, got shape "
+            f"{tuple(t.shape)} strides {t.stride()} on {t.device}",
+        )
+    rows, n = first.shape
+    outs = [torch.empty((rows, n), dtype=first.dtype, device=first.device) for _ in range(n_out)]
+    if first.numel():
+        cfg = launch_config(n)
+        grid = (triton.cdiv(rows, cfg.block_m), triton.cdiv(n, cfg.block_n))
+        with device_guard(first):
+            elementwise_kernel[grid](
+                *inputs,
+                *outs,
+                *(t.stride(0) for t in inputs),
+                rows,
+                n,
+                BLOCK_M=cfg.block_m,
+                BLOCK_N=cfg.block_n,
+                INTERPRET=backends.triton_interpreted(),
+                num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages,
+                **flags,
             )
-        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(f"{what}: takes float32/float16/bfloat16, got {t.dtype}")
-        if t.shape != first.shape or t.dtype != first.dtype or t.device != first.device:
-            raise ValueError(
-                f"{what}: {name} must match {tuple(first.shape)} {first.dtype} on {first.device}, "
-                f"got {tuple(t.shape)} {t.dtype} on {t.device}"
-            )
-
-
-def _grid(rows: int, n: int):
-    cfg = launch_config(n)
-    return cfg, (triton.cdiv(rows, cfg.block_m), triton.cdiv(n, cfg.block_n))
-
-
-def _approx_is_tanh(approximate: str) -> bool:
-    if approximate not in GELU_APPROXIMATIONS:
-        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
-    return approximate == "tanh"
-
-
-# ---- custom ops: registration and the public callables ---------------------------------------------
+    return outs
 
 
 @torch.library.custom_op("plm_engine::triton_swiglu_fwd", mutates_args=())
 def swiglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
     """silu(gate) * up for gate, up (rows, n) (unit last stride) -> contiguous (rows, n)."""
-    _check("triton_swiglu_fwd", gate, ("up", up))
-    rows, n = gate.shape
-    y = torch.empty((rows, n), dtype=gate.dtype, device=gate.device)
-    if y.numel():
-        cfg, grid = _grid(rows, n)
-        with device_guard(gate):
-            _swiglu_fwd_kernel[grid](
-                gate,
-                up,
-                y,
-                gate.stride(0),
-                up.stride(0),
-                rows,
-                n,
-                BLOCK_M=cfg.block_m,
-                BLOCK_N=cfg.block_n,
-                INTERPRET=_interpreted(),
-                num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages,
-            )
-    return y
+    return _launch("triton_swiglu_fwd", _swiglu_fwd_kernel, (gate, up), 1)[0]
 
 
 @torch.library.custom_op("plm_engine::triton_swiglu_bwd", mutates_args=())
 def swiglu_bwd(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
     """(dgate, dup) of swiglu_fwd for dy, gate, up (rows, n)."""
-    _check("triton_swiglu_bwd", gate, ("up", up), ("dy", dy))
-    rows, n = gate.shape
-    dg = torch.empty((rows, n), dtype=gate.dtype, device=gate.device)
-    du = torch.empty_like(dg)
-    if dg.numel():
-        cfg, grid = _grid(rows, n)
-        with device_guard(gate):
-            _swiglu_bwd_kernel[grid](
-                dy,
-                gate,
-                up,
-                dg,
-                du,
-                dy.stride(0),
-                gate.stride(0),
-                up.stride(0),
-                rows,
-                n,
-                BLOCK_M=cfg.block_m,
-                BLOCK_N=cfg.block_n,
-                INTERPRET=_interpreted(),
-                num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages,
-            )
+    dg, du = _launch("triton_swiglu_bwd", _swiglu_bwd_kernel, (dy, gate, up), 2)
     return dg, du
 
 
 @torch.library.custom_op("plm_engine::triton_gelu_fwd", mutates_args=())
 def gelu_fwd(x: Tensor, approximate: str) -> Tensor:
     """GELU of x (rows, n) (unit last stride) -> contiguous (rows, n); approximate "none" | "tanh"."""
-    tanh = _approx_is_tanh(approximate)
-    _check("triton_gelu_fwd", x)
-    rows, n = x.shape
-    y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
-    if y.numel():
-        cfg, grid = _grid(rows, n)
-        with device_guard(x):
-            _gelu_fwd_kernel[grid](
-                x,
-                y,
-                x.stride(0),
-                rows,
-                n,
-                BLOCK_M=cfg.block_m,
-                BLOCK_N=cfg.block_n,
-                TANH=tanh,
-                INTERPRET=_interpreted(),
-                num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages,
-            )
-    return y
+    return _launch("triton_gelu_fwd", _gelu_fwd_kernel, (x,), 1, TANH=approximate == "tanh")[0]
 
 
 @torch.library.custom_op("plm_engine::triton_gelu_bwd", mutates_args=())
 def gelu_bwd(dy: Tensor, x: Tensor, approximate: str) -> Tensor:
     """dx of gelu_fwd for dy, x (rows, n)."""
-    tanh = _approx_is_tanh(approximate)
-    _check("triton_gelu_bwd", x, ("dy", dy))
-    rows, n = x.shape
-    dx = torch.empty((rows, n), dtype=x.dtype, device=x.device)
-    if dx.numel():
-        cfg, grid = _grid(rows, n)
-        with device_guard(x):
-            _gelu_bwd_kernel[grid](
-                dy,
-                x,
-                dx,
-                dy.stride(0),
-                x.stride(0),
-                rows,
-                n,
-                BLOCK_M=cfg.block_m,
-                BLOCK_N=cfg.block_n,
-                TANH=tanh,
-                INTERPRET=_interpreted(),
-                num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages,
-            )
-    return dx
+    return _launch("triton_gelu_bwd", _gelu_bwd_kernel, (dy, x), 1, TANH=approximate == "tanh")[0]
 
 
-swiglu_fwd.register_fake(swiglu_fwd_fake)
-swiglu_bwd.register_fake(swiglu_bwd_fake)
-gelu_fwd.register_fake(gelu_fwd_fake)
-gelu_bwd.register_fake(gelu_bwd_fake)
-register_autograd(swiglu_fwd, swiglu_bwd, gelu_fwd, gelu_bwd)
+contracts.register(contract, "triton_")
 
 
 # ---- shipped configurations, for report-kernels ----------------------------------------------------
@@ -373,12 +285,11 @@ def kernel_specs() -> list[KernelSpec]:
                     (f"gelu_{form}_bwd", _gelu_bwd_kernel, {"TANH": tanh}),
                 ]
             for name, fn, flags in variants:
-                signature = {arg: types.get(arg, "constexpr") for arg in fn.arg_names}
                 specs.append(
                     KernelSpec(
                         f"{name}[BLOCK_M={cfg.block_m},BLOCK_N={cfg.block_n},{dt}]",
                         fn,
-                        signature,
+                        signature(fn, types),
                         dict(tile, **flags),
                         cfg.num_warps,
                         cfg.num_stages,

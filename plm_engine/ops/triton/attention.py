@@ -1,6 +1,6 @@
 """Triton FlashAttention-2: dense and variable-length (packed) attention, forward and backward.
 
-The contract is plm_engine/ops/attention.py's (layouts, GQA head mapping h -> h // group, bottom-right
+The contract is plm_engine/ops/contracts/attention.py's (layouts, GQA head mapping h -> h // group, bottom-right
 causal alignment, lse in natural-log units, fully masked query rows -> zeros and lse = -inf).
 
 Forward (_attn_fwd_kernel): one program per (query block of BLOCK_M rows, head, sequence). It streams
@@ -29,6 +29,12 @@ and dQ grids run the heaviest query blocks (the last ones) first, to shorten the
 Variable length: the same kernels with IS_VARLEN: a sequence's rows start at cu_seqlens[b] instead of
 b * stride_batch, the grid is sized by max_seqlen and programs past their sequence's end return.
 
+Relative position bias (T5; HAS_BIAS): every kernel that forms scores adds bias[h, clamp(key - query
+position, -max_distance, max_distance)], one fp32 row per head of table[bucket, h] * log2(e) that the
+launcher builds from the bucket table and lookup (plm_engine/ops/position_bias.py): a gather from a
+row of a few hundred floats per score, no (seqlen x seqlen) bias. dtable: see _bwd. Without a bias the
+bias arguments are None, which Triton turns into constexprs: the plain kernels compile as before.
+
 head_dim: any multiple of 8 up to 256; the kernels work on BLOCK_D = next_pow2(head_dim) (>= 16, the
 smallest tl.dot size) columns and mask the rest. Strides are passed for every tensor; only the last
 dimension has to be contiguous, so a q sliced out of a fused QKV projection is read in place.
@@ -50,7 +56,6 @@ interpreter's bf16 tl.dot.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -58,31 +63,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from plm_engine.ops.attention import (
-    MAX_HEAD_DIM,
-    attn_bwd_fake,
-    attn_fwd_fake,
-    attn_varlen_bwd_fake,
-    attn_varlen_fwd_fake,
-    register_attn_autograd,
-)
+from plm_engine.ops import backends, contracts
+from plm_engine.ops.contracts import attention as contract
+from plm_engine.ops.contracts.attention import MAX_HEAD_DIM
+from plm_engine.ops.triton.common import check_device, require, round_to, signature
 from plm_engine.ops.triton.guard import device_guard
 from plm_engine.ops.triton.spec import KernelSpec
 
 LOG2E = math.log2(math.e)  # host side; the kernels spell it out (no globals in @triton.jit)
 
 # ---- jit helpers -------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _cast(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
-    """fp32 -> dtype, rounding to nearest-even also under the interpreter (which truncates to bf16)."""
-    if INTERPRET and dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(dtype)
 
 
 @triton.jit
@@ -103,7 +93,7 @@ def _load_tile(ptrs, rows, n_rows, offs_d, MASK_ROWS: tl.constexpr, HEAD_DIM: tl
 
 @triton.jit
 def _store_tile(ptrs, x, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRET: tl.constexpr):
-    x = _cast(x, ptrs.dtype.element_ty, INTERPRET)
+    x = round_to(x, ptrs.dtype.element_ty, INTERPRET)
     if BLOCK_D == HEAD_DIM:
         tl.store(ptrs, x, mask=(rows < n_rows)[:, None])
     else:
@@ -137,6 +127,13 @@ def _key_range(m0, seqlen_q, seqlen_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.conste
     return full_end, hi
 
 
+@triton.jit
+def _rel_pos(key_pos, query_pos, max_distance):
+    """key - query position clamped to [-max_distance, max_distance]: an index into the bias row and
+    the bucket lookup, both centred on relative position 0 (T5's buckets are flat beyond the clamp)."""
+    return tl.minimum(tl.maximum(key_pos - query_pos, -max_distance), max_distance)
+
+
 # ---- forward -----------------------------------------------------------------------------------------
 
 
@@ -159,14 +156,18 @@ def _attn_fwd_inner(
     offs_m,
     offs_n,
     offs_d,
+    Bias,
+    max_distance,
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     INTERPRET: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
-    """Online softmax over key blocks [lo, hi): MASKED applies the key-length and causal masks."""
+    """Online softmax over key blocks [lo, hi): MASKED applies the key-length and causal masks.
+    HAS_BIAS adds the head's relative position bias row (log2 units, centred at Bias) to the scores."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         # The block's first row as int64 (row * stride can pass 2**31 on long sequences); rows inside it
@@ -182,6 +183,8 @@ def _attn_fwd_inner(
             BLOCK_D,
         )
         s = tl.dot(q, tl.trans(k)) * qk_scale  # log2 units
+        if HAS_BIAS:
+            s += tl.load(Bias + _rel_pos(cols[None, :], (m0 + offs_m)[:, None] + (seqlen_k - seqlen_q), max_distance))
         if MASKED:
             keep = cols[None, :] < seqlen_k
             if CAUSAL:
@@ -206,7 +209,7 @@ def _attn_fwd_inner(
             HEAD_DIM,
             BLOCK_D,
         )
-        acc = tl.dot(_cast(p, v.dtype, INTERPRET), v, acc * alpha[:, None])
+        acc = tl.dot(round_to(p, v.dtype, INTERPRET), v, acc * alpha[:, None])
         m_i = m_new
     return acc, l_i, m_i
 
@@ -220,6 +223,7 @@ def _attn_fwd_kernel(
     Lse,
     CuQ,
     CuK,
+    Bias,
     stride_qb,
     stride_qm,
     stride_qh,
@@ -238,6 +242,7 @@ def _attn_fwd_kernel(
     seqlen_k,
     group,
     qk_scale,
+    max_distance,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -245,6 +250,7 @@ def _attn_fwd_kernel(
     CAUSAL: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     INTERPRET: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if CAUSAL:
@@ -265,6 +271,8 @@ def _attn_fwd_kernel(
     K += b64 * stride_kb + k_start * stride_kn + kvh64 * stride_kh
     V += b64 * stride_vb + k_start * stride_vn + kvh64 * stride_vh
     Lse += b64 * stride_lb + h64 * stride_lh + q_start + m0
+    if HAS_BIAS:  # this head's bias row (2 * max_distance + 1 values), at relative position 0
+        Bias += h64 * (2 * max_distance + 1) + max_distance
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -296,12 +304,15 @@ def _attn_fwd_kernel(
         offs_m,
         offs_n,
         offs_d,
+        Bias,
+        max_distance,
         False,
         CAUSAL,
         HEAD_DIM,
         BLOCK_D,
         BLOCK_N,
         INTERPRET,
+        HAS_BIAS,
     )
     acc, l_i, m_i = _attn_fwd_inner(
         acc,
@@ -321,12 +332,15 @@ def _attn_fwd_kernel(
         offs_m,
         offs_n,
         offs_d,
+        Bias,
+        max_distance,
         True,
         CAUSAL,
         HEAD_DIM,
         BLOCK_D,
         BLOCK_N,
         INTERPRET,
+        HAS_BIAS,
     )
 
     # l = 0 exactly when every key of the row is masked (otherwise its max contributes exp2(0) = 1):
@@ -422,11 +436,14 @@ def _attn_bwd_dkdv_inner(
     offs_m,
     offs_n,
     offs_d,
+    Bias,
+    max_distance,
     MASKED: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     INTERPRET: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
     """dK, dV of one key block from query blocks [lo, hi) of one head, in the transposed orientation
     (keys x queries) so that P^T and dS^T come out of the dots without a transpose."""
@@ -445,6 +462,8 @@ def _attn_bwd_dkdv_inner(
         )
         lse2 = _lse_log2(Lse + rows, row_ok)
         s_t = tl.dot(k, tl.trans(q)) * qk_scale
+        if HAS_BIAS:
+            s_t += tl.load(Bias + _rel_pos((n0 + offs_n)[:, None], rows[None, :] + (seqlen_k - seqlen_q), max_distance))
         p_t = tl.exp2(s_t - lse2[None, :])
         if MASKED:
             p_t = tl.where(rows[None, :] + (seqlen_k - seqlen_q) >= (n0 + offs_n)[:, None], p_t, 0.0)
@@ -457,11 +476,11 @@ def _attn_bwd_dkdv_inner(
             HEAD_DIM,
             BLOCK_D,
         )
-        dv = tl.dot(_cast(p_t, do.dtype, INTERPRET), do, dv)
+        dv = tl.dot(round_to(p_t, do.dtype, INTERPRET), do, dv)
         delta = tl.load(Delta + rows, mask=row_ok, other=0.0)
         dp_t = tl.dot(v, tl.trans(do))
         ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(_cast(ds_t, q.dtype, INTERPRET), q, dk)
+        dk = tl.dot(round_to(ds_t, q.dtype, INTERPRET), q, dk)
     return dk, dv
 
 
@@ -477,6 +496,7 @@ def _attn_bwd_dkdv_kernel(
     DV,
     CuQ,
     CuK,
+    Bias,
     stride_qb,
     stride_qm,
     stride_qh,
@@ -502,6 +522,7 @@ def _attn_bwd_dkdv_kernel(
     group,
     sm_scale,
     qk_scale,
+    max_distance,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -509,6 +530,7 @@ def _attn_bwd_dkdv_kernel(
     CAUSAL: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     INTERPRET: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -554,6 +576,9 @@ def _attn_bwd_dkdv_kernel(
         DOh = DO + b64 * stride_dob + q_start * stride_dom + h * stride_doh
         Lh = Lse + b64 * stride_lb + h * stride_lh + q_start
         Dh = Delta + b64 * stride_lb + h * stride_lh + q_start
+        Bh = Bias
+        if HAS_BIAS:
+            Bh = Bias + h * (2 * max_distance + 1) + max_distance
         if CAUSAL:
             dk, dv = _attn_bwd_dkdv_inner(
                 dk,
@@ -575,11 +600,14 @@ def _attn_bwd_dkdv_kernel(
                 offs_m,
                 offs_n,
                 offs_d,
+                Bh,
+                max_distance,
                 True,
                 HEAD_DIM,
                 BLOCK_D,
                 BLOCK_M,
                 INTERPRET,
+                HAS_BIAS,
             )
         dk, dv = _attn_bwd_dkdv_inner(
             dk,
@@ -601,11 +629,14 @@ def _attn_bwd_dkdv_kernel(
             offs_m,
             offs_n,
             offs_d,
+            Bh,
+            max_distance,
             False,
             HEAD_DIM,
             BLOCK_D,
             BLOCK_M,
             INTERPRET,
+            HAS_BIAS,
         )
     # s = sm_scale * q.k, so dK picks up sm_scale once; dV = P^T dO has no scale.
     _store_tile(
@@ -643,13 +674,22 @@ def _attn_bwd_dq_inner(
     offs_m,
     offs_n,
     offs_d,
+    Bias,
+    Buckets,
+    DBias,
+    max_distance,
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     INTERPRET: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
+    """dQ of one query block from key blocks [lo, hi). HAS_BIAS also sums dS into DBias, the head's
+    fp32 row of bias gradients per clamped relative position (see _bwd for why and how)."""
+    shift = seqlen_k - seqlen_q
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         n64 = tl.cast(start_n, tl.int64)
@@ -672,6 +712,9 @@ def _attn_bwd_dq_inner(
             BLOCK_D,
         )
         s = tl.dot(q, tl.trans(k)) * qk_scale
+        if HAS_BIAS:
+            rel = _rel_pos(cols[None, :], (m0 + offs_m)[:, None] + shift, max_distance)
+            s += tl.load(Bias + rel)
         p = tl.exp2(s - lse2[:, None])
         if MASKED:
             keep = cols[None, :] < seqlen_k
@@ -680,7 +723,21 @@ def _attn_bwd_dq_inner(
             p = tl.where(keep, p, 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(_cast(ds, k.dtype, INTERPRET), k, dq)
+        dq = tl.dot(round_to(ds, k.dtype, INTERPRET), k, dq)
+        if HAS_BIAS:
+            # The tile's relative positions span [first, last]. Buckets are monotone on each side of 0
+            # and the two sides' bucket ranges are disjoint, so equal buckets at both ends mean one
+            # bucket for the whole tile: one atomic of the tile's sum (on any position of that
+            # bucket; _bwd sums positions into buckets). Otherwise one atomic per element (dS is 0
+            # outside the sequence, so those are masked off), on per-position addresses: at most
+            # min(BLOCK_M, BLOCK_N) elements of a tile share one.
+            first = _rel_pos(start_n, m0 + BLOCK_M - 1 + shift, max_distance)
+            last = _rel_pos(start_n + BLOCK_N - 1, m0 + shift, max_distance)
+            if tl.load(Buckets + first) == tl.load(Buckets + last):
+                tl.atomic_add(DBias + first, tl.sum(tl.sum(ds, 1), 0), sem="relaxed")
+            else:
+                ok = ((m0 + offs_m)[:, None] < seqlen_q) & (cols[None, :] < seqlen_k)
+                tl.atomic_add(DBias + rel, ds, mask=ok, sem="relaxed")
     return dq
 
 
@@ -695,6 +752,9 @@ def _attn_bwd_dq_kernel(
     DQ,
     CuQ,
     CuK,
+    Bias,
+    Buckets,
+    DBias,
     stride_qb,
     stride_qm,
     stride_qh,
@@ -717,6 +777,7 @@ def _attn_bwd_dq_kernel(
     group,
     sm_scale,
     qk_scale,
+    max_distance,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -724,6 +785,7 @@ def _attn_bwd_dq_kernel(
     CAUSAL: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     INTERPRET: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if CAUSAL:
@@ -743,6 +805,10 @@ def _attn_bwd_dq_kernel(
     K += b64 * stride_kb + k_start * stride_kn + kvh64 * stride_kh
     V += b64 * stride_vb + k_start * stride_vn + kvh64 * stride_vh
     row_off = b64 * stride_lb + h64 * stride_lh + q_start + m0
+    if HAS_BIAS:  # the head's rows of bias and bias gradients, and the lookup, at relative position 0
+        Bias += h64 * (2 * max_distance + 1) + max_distance
+        DBias += h64 * (2 * max_distance + 1) + max_distance
+        Buckets += max_distance
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -778,12 +844,18 @@ def _attn_bwd_dq_kernel(
         offs_m,
         offs_n,
         offs_d,
+        Bias,
+        Buckets,
+        DBias,
+        max_distance,
         False,
         CAUSAL,
         HEAD_DIM,
         BLOCK_D,
         BLOCK_N,
         INTERPRET,
+        HAS_BIAS,
+        BLOCK_M,
     )
     dq = _attn_bwd_dq_inner(
         dq,
@@ -804,12 +876,18 @@ def _attn_bwd_dq_kernel(
         offs_m,
         offs_n,
         offs_d,
+        Bias,
+        Buckets,
+        DBias,
+        max_distance,
         True,
         CAUSAL,
         HEAD_DIM,
         BLOCK_D,
         BLOCK_N,
         INTERPRET,
+        HAS_BIAS,
+        BLOCK_M,
     )
     _store_tile(
         DQ + offs_m[:, None] * stride_dqm + offs_d[None, :],
@@ -915,65 +993,93 @@ _INTERPRET_CONFIGS = {
 }
 
 
+# Relative position bias variants (HAS_BIAS), aligned launches only (the launchers realign other
+# inputs). Each (BLOCK_M x BLOCK_N) score tile also gathers as many bias values, through as many
+# 64-bit addresses, and dQ issues the dtable atomics: the plain tiles reach 255 registers or spill, so
+# these are the largest that report-kernels compiles for sm_80 and sm_90 at <= 240 registers with no
+# spill. Forward: half the keys per tile (or half the queries where the halved keys still did not
+# fit); dQ: 64-row query tiles; dK/dV: two pipeline stages instead of three (three reached 255 even
+# at 16 x 64 for head_dim 32) and half the keys, from head_dim 128 one stage (no room for a second
+# K/V tile in flight). BLOCK_D 16 keeps the plain forward and dQ tiles.
+_BIAS_CONFIGS = {
+    "fwd": {
+        16: _GPU_CONFIGS["fwd"][16],
+        32: AttnConfig(128, 64, 8, 3),
+        64: AttnConfig(64, 64, 8, 3),
+        128: AttnConfig(64, 64, 8, 3),
+        256: AttnConfig(32, 32, 8, 2),
+    },
+    "bwd_dq": {
+        16: _GPU_CONFIGS["bwd_dq"][16],
+        32: AttnConfig(64, 32, 8, 3),
+        64: AttnConfig(64, 16, 8, 3),
+        128: AttnConfig(64, 32, 8, 2),
+        256: AttnConfig(32, 32, 8, 2),
+    },
+    "bwd_dkdv": {
+        16: AttnConfig(32, 64, 8, 2),
+        32: AttnConfig(32, 64, 8, 2),
+        64: AttnConfig(32, 32, 8, 2),
+        128: AttnConfig(16, 32, 8, 1),
+        256: AttnConfig(16, 16, 8, 1),
+    },
+}
+
+
 def block_d_for(head_dim: int) -> int:
     """The power-of-two width the kernels work on for head_dim (>= 16: tl.dot's smallest K)."""
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def launch_config(kernel: str, head_dim: int, interpret: bool = False, aligned: bool = True) -> AttnConfig:
-    """The one place that maps (kernel, head_dim, alignment) to tile sizes, warps and pipeline stages.
+def launch_config(
+    kernel: str, head_dim: int, interpret: bool = False, aligned: bool = True, bias: bool = False
+) -> AttnConfig:
+    """The one place that maps (kernel, head_dim, alignment, bias) to tile sizes, warps and pipeline stages.
 
     aligned: whether the launch is 16-divisible in everything that shapes its tile loads (_aligned);
-    report-kernels compiles the aligned table as align16 and the unaligned one as align1."""
+    report-kernels compiles the aligned table as align16 and the unaligned one as align1. bias: the
+    relative-position-bias variant (HAS_BIAS), aligned only: _BIAS_CONFIGS."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if head_dim % 8 or not 8 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"head_dim must be a multiple of 8 in [8, {MAX_HEAD_DIM}], got {head_dim}")
     if interpret:
         return _INTERPRET_CONFIGS[kernel]
+    if bias and kernel in _BIAS_CONFIGS:
+        if not aligned:
+            raise ValueError(f"the bias variant of {kernel} runs aligned only (the launchers realign its inputs)")
+        return _BIAS_CONFIGS[kernel][block_d_for(head_dim)]
     table = (_GPU_CONFIGS if aligned else _GPU_CONFIGS_UNALIGNED)[kernel]
     if block_d_for(head_dim) not in table:
         raise ValueError(f"no unaligned {kernel} configuration for head_dim {head_dim}: launch it aligned")
     return table[block_d_for(head_dim)]
 
 
+def _config(kernel: str, head_dim: int, interpret: bool, aligned: bool, bias: bool) -> AttnConfig:
+    """launch_config, asked for the bias variant only when there is a bias."""
+    if bias:
+        return launch_config(kernel, head_dim, interpret, aligned, bias=True)
+    return launch_config(kernel, head_dim, interpret, aligned)
+
+
 # ---- launchers ---------------------------------------------------------------------------------------
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 _GRID_YZ_LIMIT = 65535  # CUDA's limit on gridDim.y / gridDim.z (heads, batch)
 
 
 def _check_qkv(what: str, q: Tensor, k: Tensor, v: Tensor, n_lead: int) -> None:
+    # Memory safety only (the public op checks the argument contract): what the kernels index and launch.
+    check_device(q, what)
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != n_lead + 2:
-            raise ValueError(f"{what}: {name} must have {n_lead + 2} dims, got shape {tuple(t.shape)}")
-        if t.dtype != q.dtype or t.device != q.device:
-            raise ValueError(f"{what}: {name} is {t.dtype} on {t.device}, q is {q.dtype} on {q.device}")
-    if q.device.type == "cuda":
-        if q.dtype not in (torch.float16, torch.bfloat16):
-            raise ValueError(f"{what}: the GPU kernels take float16/bfloat16, got {q.dtype}")
-    elif not (q.device.type == "cpu" and _interpreted()):
-        raise RuntimeError(
-            f"{what}: Triton kernels need CUDA tensors, got {q.device} "
-            "(CPU tensors only run with TRITON_INTERPRET=1, for tests)"
-        )
-    elif q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"{what}: takes float16/bfloat16 (float32 under the interpreter), got {q.dtype}")
-    if k.shape != v.shape:
-        raise ValueError(f"{what}: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
+        require(t.dim() == n_lead + 2, what, f"{name} must have {n_lead + 2} dims, got shape {tuple(t.shape)}")
+        require(t.device == q.device, what, f"{name} is on {t.device}, q is on {q.device}")
+    require(k.shape == v.shape, what, f"k {tuple(k.shape)} and v {tuple(v.shape)} differ")
     h, d, hkv = q.shape[-2], q.shape[-1], k.shape[-2]
-    if k.shape[-1] != d:
-        raise ValueError(f"{what}: q head_dim {d} != k head_dim {k.shape[-1]}")
-    if hkv == 0 or h % hkv:
-        raise ValueError(f"{what}: n_heads ({h}) must be a multiple of n_kv_heads ({hkv})")
-    if d % 8 or not 8 <= d <= MAX_HEAD_DIM:
-        raise ValueError(f"{what}: head_dim must be a multiple of 8 in [8, {MAX_HEAD_DIM}], got {d}")
-    if h > _GRID_YZ_LIMIT:
-        raise ValueError(f"{what}: at most {_GRID_YZ_LIMIT} heads, got {h}")
+    require(k.shape[-1] == d, what, f"q head_dim {d} != k head_dim {k.shape[-1]}")
+    require(hkv > 0 and h % hkv == 0, what, f"n_heads ({h}) must be a multiple of n_kv_heads ({hkv})")
+    require(d <= MAX_HEAD_DIM, what, f"head_dim must be at most {MAX_HEAD_DIM}, got {d}")
+    require(h <= _GRID_YZ_LIMIT, what, f"at most {_GRID_YZ_LIMIT} heads, got {h}")
 
 
 def _rows_contiguous(t: Tensor) -> Tensor:
@@ -1020,7 +1126,7 @@ def _realigned(t: Tensor, copy: bool = True) -> Tensor:
     return view.copy_(t) if copy else view
 
 
-def _flags(head_dim: int, cfg: AttnConfig, causal: bool, varlen: bool, interpret: bool) -> dict:
+def _flags(head_dim: int, cfg: AttnConfig, causal: bool, varlen: bool, interpret: bool, bias: bool = False) -> dict:
     return dict(
         HEAD_DIM=head_dim,
         BLOCK_D=block_d_for(head_dim),
@@ -1029,12 +1135,29 @@ def _flags(head_dim: int, cfg: AttnConfig, causal: bool, varlen: bool, interpret
         CAUSAL=causal,
         IS_VARLEN=varlen,
         INTERPRET=interpret,
+        HAS_BIAS=bias,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
 
 
-def _fwd(q, k, v, cu_q, cu_k, batch, max_q, max_k, causal, scale, varlen):
+@dataclass(frozen=True)
+class _Bias:
+    """A relative position bias as the kernels take it: rows (n_heads, 2 * max_distance + 1) fp32 of
+    table[buckets[r], h] * log2(e) (scores are in log2 units) per clamped relative position r, and the
+    int32 bucket lookup itself (the backward's per-tile bucket test)."""
+
+    rows: Tensor
+    buckets: Tensor
+    max_distance: int
+
+    @staticmethod
+    def of(table: Tensor, buckets: Tensor) -> _Bias:
+        rows = (table.t()[:, buckets.long()] * LOG2E).contiguous()
+        return _Bias(rows, buckets.contiguous(), (buckets.numel() - 1) // 2)
+
+
+def _fwd(q, k, v, cu_q, cu_k, batch, max_q, max_k, causal, scale, varlen, bias: _Bias | None = None):
     """Shared forward launcher: q (b, sq, h, d) / k, v (b, sk, hkv, d), or packed (total, heads, d)."""
     out = torch.empty_like(q)
     h, d = q.shape[-2], q.shape[-1]
@@ -1044,9 +1167,17 @@ def _fwd(q, k, v, cu_q, cu_k, batch, max_q, max_k, causal, scale, varlen):
         return out, lse
     q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
     out_buf = _out_buffer(out)
-    interpret = _interpreted()
+    interpret = backends.triton_interpreted()
     strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out_buf, varlen))
-    cfg = launch_config("fwd", d, interpret, _aligned((q, k, v, out_buf, lse), strides))
+    aligned = _aligned((q, k, v, out_buf, lse), strides)
+    if bias is not None and not aligned:
+        # The bias variants ship aligned configurations only (the unaligned loads' 64-bit addresses
+        # and the bias gather do not fit in registers together): run them on 16-aligned copies.
+        q, k, v = (_realigned(t) for t in (q, k, v))
+        out_buf = _realigned(out, copy=False)
+        strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out_buf, varlen))
+        aligned = True
+    cfg = _config("fwd", d, interpret, aligned, bias is not None)
     grid = (triton.cdiv(max_q, cfg.block_m), h, batch)
     cu_q = cu_q if varlen else q  # dense: never read
     cu_k = cu_k if varlen else q
@@ -1059,24 +1190,38 @@ def _fwd(q, k, v, cu_q, cu_k, batch, max_q, max_k, causal, scale, varlen):
             lse,
             cu_q,
             cu_k,
+            None if bias is None else bias.rows,
             *strides,
             *_lse_strides(lse, varlen),
             max_q,
             max_k,
             h // k.shape[-2],
             scale * LOG2E,
-            **_flags(d, cfg, causal, varlen, interpret),
+            None if bias is None else bias.max_distance,
+            **_flags(d, cfg, causal, varlen, interpret, bias is not None),
         )
     return _finish(out, out_buf), lse
 
 
-def _bwd(dout, q, k, v, out, lse, cu_q, cu_k, batch, max_q, max_k, causal, scale, varlen):
-    """Shared backward launcher: (dq, dk, dv) like (q, k, v)."""
+def _bwd(dout, q, k, v, out, lse, cu_q, cu_k, batch, max_q, max_k, causal, scale, varlen, bias: _Bias | None = None):
+    """Shared backward launcher: (dq, dk, dv) like (q, k, v); with a bias also dbias, fp32 (n_heads,
+    2 * max_distance + 1): dS summed per head and clamped relative position (the caller sums those
+    into buckets).
+
+    dbias: the dQ kernel, which visits every (query, key) pair of a head once, adds its dS tiles into
+    dbias with fp32 atomics: a tile within one bucket as a single atomic of its sum, a tile across
+    bucket edges (near the diagonal; every bucket edge lies within max_distance of it) element-wise.
+    Atomics rather than per-program partial sums and a reduction pass: a program's tiles cover
+    seqlen_k relative positions, far too many to keep in registers, and scattering a tile into a
+    handful of buckets inside registers needs a one-hot pass per bucket. The price is a summation
+    order that depends on scheduling (dtable varies in the last bits between runs); dq, dk, dv stay
+    deterministic."""
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dbias = None if bias is None else torch.zeros_like(bias.rows)
     if dk.numel() == 0:  # no keys: nothing to attend to, every gradient is zero
-        return dq.zero_(), dk, dv
+        return dq.zero_(), dk, dv, dbias
     if dq.numel() == 0:
-        return dq, dk.zero_(), dv.zero_()
+        return dq, dk.zero_(), dv.zero_(), dbias
     h, hkv, d = q.shape[-2], k.shape[-2], q.shape[-1]
     q, k, v, out, dout = (_rows_contiguous(t) for t in (q, k, v, out, dout))
     lse = lse.contiguous()
@@ -1084,14 +1229,16 @@ def _bwd(dout, q, k, v, out, lse, cu_q, cu_k, batch, max_q, max_k, causal, scale
 
     tiles = (q, k, v, out, dout, dq_buf, dk_buf, dv_buf)
     aligned = _aligned((*tiles, lse), [s for t in tiles for s in _strides(t, varlen)])
-    if not aligned and block_d_for(d) not in _GPU_CONFIGS_UNALIGNED["bwd_dkdv"]:
-        # No unaligned configuration fits: run the aligned one on 16-aligned copies instead.
+    has_bias = bias is not None
+    if not aligned and (has_bias or block_d_for(d) not in _GPU_CONFIGS_UNALIGNED["bwd_dkdv"]):
+        # No unaligned configuration fits (or, with a bias, ships): run the aligned one on 16-aligned
+        # copies instead.
         q, k, v, out, dout = (_realigned(t) for t in (q, k, v, out, dout))
         dq_buf, dk_buf, dv_buf = (_realigned(t, copy=False) for t in (dq, dk, dv))
         lse = lse if lse.data_ptr() % 16 == 0 else lse.clone()
         aligned = True
     delta = torch.empty_like(lse)
-    interpret = _interpreted()
+    interpret = backends.triton_interpreted()
     cu_q = cu_q if varlen else q
     cu_k = cu_k if varlen else q
     lse_strides = _lse_strides(lse, varlen)
@@ -1117,7 +1264,7 @@ def _bwd(dout, q, k, v, out, lse, cu_q, cu_k, batch, max_q, max_k, causal, scale
             num_stages=cfg.num_stages,
         )
 
-        cfg = launch_config("bwd_dkdv", d, interpret, aligned)
+        cfg = _config("bwd_dkdv", d, interpret, aligned, has_bias)
         _attn_bwd_dkdv_kernel[(triton.cdiv(max_k, cfg.block_n), hkv, batch)](
             q,
             k,
@@ -1129,6 +1276,7 @@ def _bwd(dout, q, k, v, out, lse, cu_q, cu_k, batch, max_q, max_k, causal, scale
             dv_buf,
             cu_q,
             cu_k,
+            bias.rows if bias is not None else None,
             *common,
             *_strides(dk_buf, varlen),
             *_strides(dv_buf, varlen),
@@ -1138,10 +1286,11 @@ def _bwd(dout, q, k, v, out, lse, cu_q, cu_k, batch, max_q, max_k, causal, scale
             group,
             scale,
             scale * LOG2E,
-            **_flags(d, cfg, causal, varlen, interpret),
+            bias.max_distance if bias is not None else None,
+            **_flags(d, cfg, causal, varlen, interpret, has_bias),
         )
 
-        cfg = launch_config("bwd_dq", d, interpret, aligned)
+        cfg = _config("bwd_dq", d, interpret, aligned, has_bias)
         _attn_bwd_dq_kernel[(triton.cdiv(max_q, cfg.block_m), h, batch)](
             q,
             k,
@@ -1152,6 +1301,9 @@ def _bwd(dout, q, k, v, out, lse, cu_q, cu_k, batch, max_q, max_k, causal, scale
             dq_buf,
             cu_q,
             cu_k,
+            bias.rows if bias is not None else None,
+            bias.buckets if bias is not None else None,
+            dbias,
             *common,
             *_strides(dq_buf, varlen),
             *lse_strides,
@@ -1160,43 +1312,43 @@ def _bwd(dout, q, k, v, out, lse, cu_q, cu_k, batch, max_q, max_k, causal, scale
             group,
             scale,
             scale * LOG2E,
-            **_flags(d, cfg, causal, varlen, interpret),
+            bias.max_distance if bias is not None else None,
+            **_flags(d, cfg, causal, varlen, interpret, has_bias),
         )
-    return _finish(dq, dq_buf), _finish(dk, dk_buf), _finish(dv, dv_buf)
+    return _finish(dq, dq_buf), _finish(dk, dk_buf), _finish(dv, dv_buf), dbias
 
 
 def _check_dense(what, q, k, v):
     _check_qkv(what, q, k, v, n_lead=2)
-    if k.shape[0] != q.shape[0]:
-        raise ValueError(f"{what}: batch of k ({k.shape[0]}) != batch of q ({q.shape[0]})")
-    if q.shape[0] > _GRID_YZ_LIMIT:
-        raise ValueError(f"{what}: batch at most {_GRID_YZ_LIMIT}, got {q.shape[0]}")
+    require(k.shape[0] == q.shape[0], what, f"batch of k ({k.shape[0]}) != batch of q ({q.shape[0]})")
+    require(q.shape[0] <= _GRID_YZ_LIMIT, what, f"batch at most {_GRID_YZ_LIMIT}, got {q.shape[0]}")
 
 
-def _check_varlen(what, q, k, v, cu_q, cu_k, max_q, max_k):
+def _check_varlen(what, q, k, v, cu_q, cu_k):
     _check_qkv(what, q, k, v, n_lead=1)
     for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
-        if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1 or cu.device != q.device:
-            raise ValueError(
-                f"{what}: {name} must be a 1-d int32 tensor on {q.device}, got {cu.dtype} "
-                f"{tuple(cu.shape)} on {cu.device}"
-            )
-    if cu_q.numel() != cu_k.numel():
-        raise ValueError(f"{what}: cu_seqlens_q ({cu_q.numel()}) and cu_seqlens_k ({cu_k.numel()}) lengths differ")
-    if cu_q.numel() - 1 > _GRID_YZ_LIMIT:
-        raise ValueError(f"{what}: at most {_GRID_YZ_LIMIT} sequences, got {cu_q.numel() - 1}")
-    if max_q < 0 or max_k < 0:
-        raise ValueError(f"{what}: max_seqlen_q/k must be >= 0, got {max_q}, {max_k}")
+        require(
+            cu.dim() == 1 and cu.numel() >= 1 and cu.device == q.device,
+            what,
+            f"{name} must be a 1-d tensor on {q.device}, got {tuple(cu.shape)} on {cu.device}",
+        )
+    require(
+        cu_q.numel() == cu_k.numel(),
+        what,
+        f"cu_seqlens_q ({cu_q.numel()}) and cu_seqlens_k ({cu_k.numel()}) lengths differ",
+    )
+    require(cu_q.numel() - 1 <= _GRID_YZ_LIMIT, what, f"at most {_GRID_YZ_LIMIT} sequences, got {cu_q.numel() - 1}")
 
 
 def _check_grad_inputs(what, dout, out, lse, q, lse_shape):
-    if dout.shape != q.shape or out.shape != q.shape or dout.dtype != q.dtype or out.dtype != q.dtype:
-        raise ValueError(
-            f"{what}: dout {dout.dtype} {tuple(dout.shape)} and out {out.dtype} {tuple(out.shape)} "
-            f"must match q {q.dtype} {tuple(q.shape)}"
-        )
-    if tuple(lse.shape) != tuple(lse_shape) or lse.dtype != torch.float32:
-        raise ValueError(f"{what}: lse must be float32 {tuple(lse_shape)}, got {lse.dtype} {tuple(lse.shape)}")
+    require(
+        dout.shape == q.shape and out.shape == q.shape,
+        what,
+        f"dout {tuple(dout.shape)} and out {tuple(out.shape)} must have q's shape {tuple(q.shape)}",
+    )
+    require(
+        tuple(lse.shape) == tuple(lse_shape), what, f"lse must have shape {tuple(lse_shape)}, got {tuple(lse.shape)}"
+    )
 
 
 # ---- custom ops: registration --------------------------------------------------------------------------
@@ -1219,7 +1371,7 @@ def triton_attn_bwd(
     _check_dense(what, q, k, v)
     b, sq, h, _ = q.shape
     _check_grad_inputs(what, dout, out, lse, q, (b, h, sq))
-    return _bwd(dout, q, k, v, out, lse, None, None, b, sq, k.shape[1], causal, scale, varlen=False)
+    return _bwd(dout, q, k, v, out, lse, None, None, b, sq, k.shape[1], causal, scale, varlen=False)[:3]
 
 
 @torch.library.custom_op("plm_engine::triton_attn_varlen_fwd", mutates_args=())
@@ -1236,7 +1388,7 @@ def triton_attn_varlen_fwd(
 ) -> tuple[Tensor, Tensor]:
     """Packed q: (total_q, n_heads, head_dim), k/v: (total_k, n_kv_heads, head_dim), cu_seqlens int32
     (batch + 1,) -> (out like q, lse (n_heads, total_q) fp32). max_seqlen_* must bound every sequence."""
-    _check_varlen("triton_attn_varlen_fwd", q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    _check_varlen("triton_attn_varlen_fwd", q, k, v, cu_seqlens_q, cu_seqlens_k)
     return _fwd(
         q,
         k,
@@ -1269,7 +1421,7 @@ def triton_attn_varlen_bwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv) of triton_attn_varlen_fwd."""
     what = "triton_attn_varlen_bwd"
-    _check_varlen(what, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    _check_varlen(what, q, k, v, cu_seqlens_q, cu_seqlens_k)
     _check_grad_inputs(what, dout, out, lse, q, (q.shape[1], q.shape[0]))
     return _bwd(
         dout,
@@ -1286,26 +1438,146 @@ def triton_attn_varlen_bwd(
         causal,
         scale,
         varlen=True,
+    )[:3]
+
+
+def _check_bias(what: str, table: Tensor, buckets: Tensor, q: Tensor) -> None:
+    """table fp32 (num_buckets, n_heads) and the int32 lookup of 2 * max_distance + 1 buckets in range
+    (checked by plm_engine.ops.position_bias, which builds it; here only what the kernels rely on)."""
+    if table.dtype != torch.float32 or table.dim() != 2 or table.shape[1] != q.shape[-2] or table.device != q.device:
+        raise ValueError(
+            f"{what}: table must be float32 (num_buckets, {q.shape[-2]}) on {q.device}, got {table.dtype} "
+            f"{tuple(table.shape)} on {table.device}"
+        )
+    n = buckets.numel()
+    if buckets.dtype != torch.int32 or buckets.dim() != 1 or n % 2 == 0 or buckets.device != q.device:
+        raise ValueError(
+            f"{what}: buckets must be int32 (2 * max_distance + 1,) on {q.device}, got {buckets.dtype} "
+            f"{tuple(buckets.shape)} on {buckets.device}"
+        )
+
+
+def _dtable(dbias: Tensor, table: Tensor, buckets: Tensor) -> Tensor:
+    """Per-position bias gradients (n_heads, 2 * max_distance + 1) summed into table cells (num_buckets,
+    n_heads)."""
+    return torch.zeros_like(table).index_add_(0, buckets.long(), dbias.t())
+
+
+@torch.library.custom_op("plm_engine::triton_attn_rpb_fwd", mutates_args=())
+def triton_attn_rpb_fwd(
+    q: Tensor, k: Tensor, v: Tensor, table: Tensor, buckets: Tensor, causal: bool, scale: float
+) -> tuple[Tensor, Tensor]:
+    """triton_attn_fwd with T5's relative position bias: table fp32 (num_buckets, n_heads), buckets
+    int32 (2 * max_distance + 1,) lookup (plm_engine/ops/position_bias.py)."""
+    what = "triton_attn_rpb_fwd"
+    _check_dense(what, q, k, v)
+    _check_bias(what, table, buckets, q)
+    bias = _Bias.of(table, buckets)
+    return _fwd(q, k, v, None, None, q.shape[0], q.shape[1], k.shape[1], causal, scale, False, bias)
+
+
+@torch.library.custom_op("plm_engine::triton_attn_rpb_bwd", mutates_args=())
+def triton_attn_rpb_bwd(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    table: Tensor,
+    buckets: Tensor,
+    causal: bool,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk, dv, dtable) of triton_attn_rpb_fwd; dtable fp32 like table."""
+    what = "triton_attn_rpb_bwd"
+    _check_dense(what, q, k, v)
+    _check_bias(what, table, buckets, q)
+    b, sq, h, _ = q.shape
+    _check_grad_inputs(what, dout, out, lse, q, (b, h, sq))
+    bias = _Bias.of(table, buckets)
+    dq, dk, dv, dbias = _bwd(dout, q, k, v, out, lse, None, None, b, sq, k.shape[1], causal, scale, False, bias)
+    return dq, dk, dv, _dtable(dbias, table, buckets)
+
+
+@torch.library.custom_op("plm_engine::triton_attn_varlen_rpb_fwd", mutates_args=())
+def triton_attn_varlen_rpb_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    table: Tensor,
+    buckets: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    """triton_attn_varlen_fwd with T5's relative position bias (positions within each sequence)."""
+    what = "triton_attn_varlen_rpb_fwd"
+    _check_varlen(what, q, k, v, cu_seqlens_q, cu_seqlens_k)
+    _check_bias(what, table, buckets, q)
+    batch = cu_seqlens_q.numel() - 1
+    bias = _Bias.of(table, buckets)
+    return _fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, batch, max_seqlen_q, max_seqlen_k, causal, scale, True, bias)
+
+
+@torch.library.custom_op("plm_engine::triton_attn_varlen_rpb_bwd", mutates_args=())
+def triton_attn_varlen_rpb_bwd(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    table: Tensor,
+    buckets: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk, dv, dtable) of triton_attn_varlen_rpb_fwd."""
+    what = "triton_attn_varlen_rpb_bwd"
+    _check_varlen(what, q, k, v, cu_seqlens_q, cu_seqlens_k)
+    _check_bias(what, table, buckets, q)
+    _check_grad_inputs(what, dout, out, lse, q, (q.shape[1], q.shape[0]))
+    bias = _Bias.of(table, buckets)
+    batch = cu_seqlens_q.numel() - 1
+    dq, dk, dv, dbias = _bwd(
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        batch,
+        max_seqlen_q,
+        max_seqlen_k,
+        causal,
+        scale,
+        True,
+        bias,
     )
+    return dq, dk, dv, _dtable(dbias, table, buckets)
 
 
-triton_attn_fwd.register_fake(attn_fwd_fake)
-triton_attn_bwd.register_fake(attn_bwd_fake)
-triton_attn_varlen_fwd.register_fake(attn_varlen_fwd_fake)
-triton_attn_varlen_bwd.register_fake(attn_varlen_bwd_fake)
-register_attn_autograd(triton_attn_fwd, triton_attn_bwd, varlen=False)
-register_attn_autograd(triton_attn_varlen_fwd, triton_attn_varlen_bwd, varlen=True)
+contracts.register(contract, "triton_")
 
 
 # ---- shipped configurations, for report-kernels ----------------------------------------------------------
 
 
-def _signature(fn, types: dict[str, str]) -> dict[str, str]:
-    """Every argument of fn in order: pointers/scalars from `types`, the rest constexpr."""
-    return {name: types.get(name, "constexpr") for name in fn.arg_names}
+_BIAS_ARGS = {"Bias": "*fp32", "Buckets": "*i32", "DBias": "*fp32", "max_distance": "i32"}
 
 
-def _types(dt: str) -> dict[str, str]:
+def _types(dt: str, bias: bool = False) -> dict[str, str]:
+    """Argument types; without a bias the bias arguments are None, which Triton makes constexpr."""
     ptr, f32 = f"*{dt}", "*fp32"
     types = {name: ptr for name in ("Q", "K", "V", "Out", "DO", "DK", "DV", "DQ")}
     types |= {"Lse": f32, "Delta": f32, "CuQ": "*i32", "CuK": "*i32", "qk_scale": "fp32", "sm_scale": "fp32"}
@@ -1313,7 +1585,7 @@ def _types(dt: str) -> dict[str, str]:
     for t in ("q", "k", "v", "o", "do", "dq", "dk", "dv"):
         m = "n" if t in ("k", "v", "dk", "dv") else "m"
         ints += [f"stride_{t}b", f"stride_{t}{m}", f"stride_{t}h"]
-    return types | dict.fromkeys(ints, "i32")
+    return types | dict.fromkeys(ints, "i32") | (_BIAS_ARGS if bias else {})
 
 
 def kernel_specs() -> list[KernelSpec]:
@@ -1322,32 +1594,41 @@ def kernel_specs() -> list[KernelSpec]:
 
     Per BLOCK_D: HEAD_DIM = BLOCK_D (no column mask), every causal x varlen variant for 64 and 128,
     the two extremes (dense non-causal, varlen causal) for the other widths, and the column-masked
-    head_dims 80 and 192 (dense causal), whose masked loads are laid out differently.
+    head_dims 80 and 192 (dense causal), whose masked loads are laid out differently. The relative
+    position bias variants (HAS_BIAS): T5's two uses, varlen non-causal (encoder) and dense causal
+    (decoder), per BLOCK_D, and every causal x varlen variant for 64 (T5's head_dim) and 128.
     """
-    types = _types("bf16")
     kernels = {"fwd": _attn_fwd_kernel, "bwd_dkdv": _attn_bwd_dkdv_kernel, "bwd_dq": _attn_bwd_dq_kernel}
-    variants = []  # (head_dim, causal, varlen)
+    variants = []  # (head_dim, causal, varlen, bias)
     for block_d in BLOCK_DS:
         if block_d in (64, 128):
-            variants += [(block_d, c, vl) for c in (False, True) for vl in (False, True)]
+            variants += [(block_d, c, vl, False) for c in (False, True) for vl in (False, True)]
+            variants += [(block_d, c, vl, True) for c in (False, True) for vl in (False, True)]
         else:
-            variants += [(block_d, False, False), (block_d, True, True)]
-    variants += [(80, True, False), (192, True, False)]
+            variants += [(block_d, False, False, False), (block_d, True, True, False)]
+            variants += [(block_d, False, True, True), (block_d, True, False, True)]
+    variants += [(80, True, False, False), (192, True, False, False)]
 
     specs = []
     for aligned, alignment in ((True, 16), (False, 1)):
-        for head_dim, causal, varlen in variants:
+        for head_dim, causal, varlen, bias in variants:
+            if bias and not aligned:  # the launchers realign such inputs (_fwd, _bwd)
+                continue
+            types = _types("bf16", bias)
             for kernel, fn in kernels.items():
                 if not aligned and block_d_for(head_dim) not in _GPU_CONFIGS_UNALIGNED[kernel]:
                     continue
-                cfg = launch_config(kernel, head_dim, aligned=aligned)
-                flags = _flags(head_dim, cfg, causal, varlen, interpret=False)
+                cfg = launch_config(kernel, head_dim, aligned=aligned, bias=bias)
+                flags = _flags(head_dim, cfg, causal, varlen, interpret=False, bias=bias)
+                flags |= {name: None for name in _BIAS_ARGS if name in fn.arg_names and not bias}
                 warps, stages = flags.pop("num_warps"), flags.pop("num_stages")
                 name = (
                     f"attn_{kernel}[hd={head_dim},BLOCK_M={cfg.block_m},BLOCK_N={cfg.block_n},"
-                    f"{'causal' if causal else 'full'},{'varlen' if varlen else 'dense'},bf16]"
+                    f"{'causal' if causal else 'full'},{'varlen' if varlen else 'dense'},"
+                    f"{'bias,' if bias else ''}bf16]"
                 )
-                specs.append(KernelSpec(name, fn, _signature(fn, types), flags, warps, stages, (alignment,)))
+                specs.append(KernelSpec(name, fn, signature(fn, types), flags, warps, stages, (alignment,)))
+        types = _types("bf16")
         for block_d in BLOCK_DS:
             if not aligned and block_d not in _GPU_CONFIGS_UNALIGNED["bwd_preprocess"]:
                 continue
@@ -1358,7 +1639,7 @@ def kernel_specs() -> list[KernelSpec]:
                         f"attn_bwd_preprocess[hd={block_d},BLOCK_M={cfg.block_m},"
                         f"{'varlen' if varlen else 'dense'},bf16]",
                         _attn_bwd_preprocess_kernel,
-                        _signature(_attn_bwd_preprocess_kernel, types),
+                        signature(_attn_bwd_preprocess_kernel, types),
                         dict(HEAD_DIM=block_d, BLOCK_D=block_d, BLOCK_M=cfg.block_m, IS_VARLEN=varlen),
                         cfg.num_warps,
                         cfg.num_stages,

@@ -4,7 +4,7 @@ One program per token row, looping over the vocabulary in column blocks, so voca
 more need no more registers than one block. Pass 1 keeps an online (max, sum of exp) and the plain sum
 of the logits (for label smoothing); pass 2 writes softmax - (1 - eps) * onehot - eps / V into dlogits,
 which may be the logits buffer itself (every element is loaded before it is stored, each row by one
-program). Contract: csrc/cross_entropy.h.
+program). Contract: plm_engine/ops/contracts/cross_entropy.py.
 
 Out-of-range targets: the kernel never reads outside the row; such a row gets a NaN loss and a NaN
 gradient, so the error surfaces in the loss without a device sync. The public function additionally
@@ -13,16 +13,15 @@ raises a clear error for CPU tensors (checking there costs nothing).
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
-from plm_engine.ops.cross_entropy import (
-    KERNEL_DTYPES,
-    cross_entropy_fwd_fake,
-    cross_entropy_fwd_inplace_fake,
-    register_autograd,
-)
+from plm_engine.ops import contracts
+from plm_engine.ops.contracts import cross_entropy as contract
+from plm_engine.ops.triton.common import check_device, require, signature
 from plm_engine.ops.triton.guard import device_guard
 from plm_engine.ops.triton.spec import KernelSpec
 
@@ -99,16 +98,22 @@ def _cross_entropy_kernel(
 
 
 def _launch(logits, target, dlogits, ignore_index: int, label_smoothing: float) -> torch.Tensor:
-    if logits.dim() != 2 or not logits.is_contiguous() or logits.dtype not in KERNEL_DTYPES:
-        raise ValueError(
-            f"logits must be a contiguous (N, V) float32/float16/bfloat16 tensor, "
-            f"got {tuple(logits.shape)} {logits.dtype}"
-        )
-    if target.shape != logits.shape[:1] or target.dtype != torch.int64 or not target.is_contiguous():
-        raise ValueError(
-            f"target must be a contiguous int64 tensor of shape ({logits.shape[0]},), "
-            f"got {tuple(target.shape)} {target.dtype}"
-        )
+    # Memory safety only (the public op checks the argument contract): what the kernel indexes.
+    check_device(logits, "triton_cross_entropy_fwd")
+    require(
+        logits.dim() == 2 and logits.is_contiguous(),
+        "triton_cross_entropy_fwd",
+        f"logits must be a contiguous (N, V) tensor, got {tuple(logits.shape)}",
+    )
+    require(
+        target.shape == logits.shape[:1]
+        and target.dtype == torch.int64
+        and target.is_contiguous()
+        and target.device == logits.device,
+        "triton_cross_entropy_fwd",
+        f"target must be a contiguous int64 ({logits.shape[0]},) tensor on {logits.device}, "
+        f"got {target.dtype} {tuple(target.shape)} on {target.device}",
+    )
     n, v = logits.shape
     loss = torch.empty(n, device=logits.device, dtype=torch.float32)
     if n:
@@ -147,9 +152,7 @@ def cross_entropy_fwd_inplace(
     return _launch(logits, target, logits, ignore_index, label_smoothing)
 
 
-cross_entropy_fwd.register_fake(cross_entropy_fwd_fake)
-cross_entropy_fwd_inplace.register_fake(cross_entropy_fwd_inplace_fake)
-register_autograd(cross_entropy_fwd)
+contracts.register(contract, "triton_")
 
 
 # ---- shipped configurations for the static report ---------------------------------------------------
@@ -161,26 +164,11 @@ def kernel_specs() -> list[KernelSpec]:
     """Every (kernel, config) cross_entropy_config can pick, with and without label smoothing."""
     specs = []
     blocks = sorted({cross_entropy_config(128 << i) for i in range(12)})
+    scalars = {"T_ptr": "*i64", "LOSS_ptr": "*fp32", "n_cols": "i32", "ignore_index": "i64", "label_smoothing": "fp32"}
     for tt in _TT:
-        for block, warps in blocks:
-            for smoothing in (False, True):
-                specs.append(
-                    KernelSpec(
-                        name=f"cross_entropy[BLOCK_N={block},SMOOTHING={smoothing},{tt}]",
-                        fn=_cross_entropy_kernel,
-                        signature={
-                            "X_ptr": f"*{tt}",
-                            "DX_ptr": f"*{tt}",
-                            "T_ptr": "*i64",
-                            "LOSS_ptr": "*fp32",
-                            "n_cols": "i32",
-                            "ignore_index": "i64",
-                            "label_smoothing": "fp32",
-                            "BLOCK_N": "constexpr",
-                            "HAS_SMOOTHING": "constexpr",
-                        },
-                        constexprs={"BLOCK_N": block, "HAS_SMOOTHING": smoothing},
-                        num_warps=warps,
-                    )
-                )
+        types = signature(_cross_entropy_kernel, {"X_ptr": f"*{tt}", "DX_ptr": f"*{tt}", **scalars})
+        for (block, warps), smoothing in itertools.product(blocks, (False, True)):
+            name = f"cross_entropy[BLOCK_N={block},SMOOTHING={smoothing},{tt}]"
+            flags = {"BLOCK_N": block, "HAS_SMOOTHING": smoothing}
+            specs.append(KernelSpec(name, _cross_entropy_kernel, types, flags, num_warps=warps))
     return specs

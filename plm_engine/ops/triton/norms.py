@@ -1,6 +1,6 @@
 """Triton LayerNorm / RMSNorm, forward and backward, with the pre-norm block's fused residual add.
 
-The contract is csrc/ops.h's, shared by every backend (see plm_engine/ops/norms.py):
+The contract is plm_engine/ops/contracts/norms.py's, shared by every backend:
 
   forward   h    = x (+ residual, rounded to x's dtype: the value the residual stream carries on)
             mean = sum(h) / n                 (0 for RMSNorm)
@@ -28,7 +28,6 @@ every kernel upcasts right after loading and the INTERPRET flag rounds bf16 stor
 hand; the compiled kernels use the hardware conversion.
 """
 
-import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -37,25 +36,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from plm_engine.ops import backends
-from plm_engine.ops.norms import TRITON_MAX_N, norm_bwd_fake, norm_fwd_fake, register_autograd
+from plm_engine.ops import backends, contracts
+from plm_engine.ops.contracts import norms as contract
+from plm_engine.ops.contracts.norms import TRITON_MAX_N
+from plm_engine.ops.triton.common import check_device, device_sm_count, require, round_to, signature
 from plm_engine.ops.triton.guard import device_guard
 from plm_engine.ops.triton.spec import KernelSpec
 
 # ---- jit kernels -----------------------------------------------------------------------------------
-
-
-@triton.jit
-def _to_store_dtype(v, dtype: tl.constexpr, INTERPRET: tl.constexpr):
-    """fp32 -> dtype with round-to-nearest-even, also under the interpreter."""
-    if INTERPRET and dtype == tl.bfloat16:
-        # The interpreter truncates fp32 -> bf16. Rounding by hand keeps h bit-identical to PyTorch's
-        # x + residual (finite values; nothing here produces NaN from finite inputs).
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return v.to(dtype)
 
 
 @triton.jit
@@ -96,7 +84,7 @@ def _norm_fwd_kernel(
     if HAS_RESIDUAL:
         r = tl.load(R_ptr + row0 * stride_r_row + rows[:, None] * stride_r_row + cols[None, :], mask=mask, other=0.0)
         # Round the sum to x's dtype and normalise that rounded value, as the backward will see it.
-        h_out = _to_store_dtype(h + r.to(tl.float32), H_ptr.dtype.element_ty, INTERPRET)
+        h_out = round_to(h + r.to(tl.float32), H_ptr.dtype.element_ty, INTERPRET)
         tl.store(H_ptr + row0 * stride_h_row + rows[:, None] * stride_h_row + cols[None, :], h_out, mask=mask)
         h = h_out.to(tl.float32)
 
@@ -116,7 +104,7 @@ def _norm_fwd_kernel(
         b = tl.load(B_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
         y += b[None, :]
     y_ptrs = Y_ptr + row0 * stride_y_row + rows[:, None] * stride_y_row + cols[None, :]
-    tl.store(y_ptrs, _to_store_dtype(y, Y_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    tl.store(y_ptrs, round_to(y, Y_ptr.dtype.element_ty, INTERPRET), mask=mask)
     if not IS_RMS:
         tl.store(Mean_ptr + row0 + rows, mean, mask=row_mask)
     tl.store(Rstd_ptr + row0 + rows, rstd, mask=row_mask)
@@ -161,7 +149,7 @@ def _norm_fwd_long_kernel(
         h = tl.load(X_ptr + cols, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
         if HAS_RESIDUAL:
             r = tl.load(R_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            h_out = _to_store_dtype(h + r, H_ptr.dtype.element_ty, INTERPRET)
+            h_out = round_to(h + r, H_ptr.dtype.element_ty, INTERPRET)
             tl.store(H_ptr + cols, h_out, mask=mask, eviction_policy="evict_last")
             h = h_out.to(tl.float32)
         if IS_RMS:
@@ -200,7 +188,7 @@ def _norm_fwd_long_kernel(
         y = (h - mean) * rstd * w
         if HAS_BIAS:
             y += tl.load(B_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(Y_ptr + cols, _to_store_dtype(y, Y_ptr.dtype.element_ty, INTERPRET), mask=mask)
+        tl.store(Y_ptr + cols, round_to(y, Y_ptr.dtype.element_ty, INTERPRET), mask=mask)
     if not IS_RMS:
         tl.store(Mean_ptr + row, mean)
     tl.store(Rstd_ptr + row, rstd)
@@ -275,9 +263,7 @@ def _norm_bwd_kernel(
             dx = (wdy - xhat * c1 - c2) * rstd
         if HAS_DH:
             dx += tl.load(DH_ptr + row * stride_dh_row + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(
-            DX_ptr + row * stride_dx_row + cols, _to_store_dtype(dx, DX_ptr.dtype.element_ty, INTERPRET), mask=mask
-        )
+        tl.store(DX_ptr + row * stride_dx_row + cols, round_to(dx, DX_ptr.dtype.element_ty, INTERPRET), mask=mask)
         dw += dy * xhat
         if HAS_BIAS:
             db += dy
@@ -406,11 +392,6 @@ def _launch_options(cfg: LaunchConfig) -> dict:
     return dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True)
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _bwd_row_groups(device: torch.device, rows: int, warps_per_group: int) -> int:
     """How many row groups G the backward splits the rows into (one partial dweight row each).
 
@@ -420,71 +401,37 @@ def _bwd_row_groups(device: torch.device, rows: int, warps_per_group: int) -> in
     time: benchmarks/results/NOTES.md).
     """
     if device.type == "cuda":
-        groups = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        groups = device_sm_count(device)
         groups *= max(1, 16 // warps_per_group)
     else:
         groups = 4
     return max(1, min(rows, groups))
 
 
-def _check_device(t: Tensor, what: str) -> None:
-    if t.device.type != "cuda" and not (t.device.type == "cpu" and backends.triton_interpreted()):
-        raise RuntimeError(
-            f"{what}: Triton kernels need CUDA tensors, got {t.device} "
-            "(CPU tensors only run with TRITON_INTERPRET=1, for tests)"
-        )
+def _check_rows(t: Tensor, name: str, what: str) -> None:
+    # Memory safety only (the public op checks the argument contract): what the kernels index.
+    check_device(t, what)
+    require(
+        t.dim() == 2 and t.is_contiguous(), what, f"{name} must be 2-D (rows, n) and contiguous, got {tuple(t.shape)}"
+    )
+    require(t.shape[1] <= TRITON_MAX_N, what, f"rows longer than {TRITON_MAX_N} are not supported, got {t.shape[1]}")
 
 
-def _check_2d(t: Tensor, name: str, what: str) -> None:
-    if t.dim() != 2:
-        raise ValueError(f"{what}: {name} must be 2-D (rows, n), got shape {tuple(t.shape)}")
-    if not t.is_contiguous():
-        raise ValueError(f"{what}: {name} must be contiguous")
-
-
-def _check_vector(t: Tensor, name: str, n: int, like: Tensor, what: str) -> None:
-    if t.shape != (n,):
-        raise ValueError(f"{what}: {name} must have shape ({n},), got {tuple(t.shape)}")
-    if t.dtype not in (like.dtype, torch.float32):
-        raise ValueError(f"{what}: {name} must be float32 or {like.dtype}, got {t.dtype}")
-    if t.device != like.device:
-        raise ValueError(f"{what}: {name} is on {t.device} but the input is on {like.device}")
-    if not t.is_contiguous():
-        raise ValueError(f"{what}: {name} must be contiguous")
-
-
-def _check_like(t: Tensor, name: str, ref: Tensor, what: str) -> None:
-    if t.shape != ref.shape or t.dtype != ref.dtype or t.device != ref.device:
-        raise ValueError(
-            f"{what}: {name} must match {tuple(ref.shape)} {ref.dtype} on {ref.device}, "
-            f"got {tuple(t.shape)} {t.dtype} on {t.device}"
-        )
-    if not t.is_contiguous():
-        raise ValueError(f"{what}: {name} must be contiguous")
-
-
-def _check_rows_n(x: Tensor, what: str) -> None:
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"{what}: takes float32/float16/bfloat16, got {x.dtype}")
-    if x.shape[1] > TRITON_MAX_N:
-        raise ValueError(f"{what}: rows longer than {TRITON_MAX_N} are not supported, got {x.shape[1]}")
+def _check_like(t: Tensor, name: str, shape: tuple, ref: Tensor, what: str) -> None:
+    require(
+        tuple(t.shape) == tuple(shape) and t.is_contiguous() and t.device == ref.device,
+        what,
+        f"{name} must have shape {tuple(shape)}, be contiguous and on {ref.device}; got {tuple(t.shape)} on {t.device}",
+    )
 
 
 def _launch_norm_fwd(x, weight, bias, residual, eps, is_rms):
     what = "triton_norm_fwd"
-    _check_2d(x, "x", what)
-    _check_rows_n(x, what)
-    _check_device(x, what)
+    _check_rows(x, "x", what)
     rows, n = x.shape
-    _check_vector(weight, "weight", n, x, what)
-    if bias is not None:
-        _check_vector(bias, "bias", n, x, what)
-        if bias.dtype != weight.dtype:
-            raise ValueError(f"{what}: bias dtype {bias.dtype} differs from weight dtype {weight.dtype}")
-    if residual is not None:
-        _check_like(residual, "residual", x, what)
-    if not eps >= 0:
-        raise ValueError(f"{what}: eps must be >= 0, got {eps}")
+    for name, t, shape in (("weight", weight, (n,)), ("bias", bias, (n,)), ("residual", residual, x.shape)):
+        if t is not None:
+            _check_like(t, name, shape, x, what)
 
     y = torch.empty_like(x)
     h = torch.empty_like(x) if residual is not None else x.new_empty((0,))
@@ -531,20 +478,18 @@ def _launch_norm_fwd(x, weight, bias, residual, eps, is_rms):
 
 def _launch_norm_bwd(dy, dh, h, weight, mean, rstd, has_bias, is_rms):
     what = "triton_norm_bwd"
-    _check_2d(h, "h", what)
-    _check_rows_n(h, what)
-    _check_device(h, what)
+    _check_rows(h, "h", what)
     rows, n = h.shape
-    _check_like(dy, "dy", h, what)
-    if dh is not None:
-        _check_like(dh, "dh", h, what)
-    _check_vector(weight, "weight", n, h, what)
-    for name, stat in (("rstd", rstd),) if is_rms else (("rstd", rstd), ("mean", mean)):
-        if stat.shape != (rows,) or stat.dtype != torch.float32 or stat.device != h.device:
-            raise ValueError(
-                f"{what}: {name} must be float32 of shape ({rows},) on {h.device}, "
-                f"got {stat.dtype} {tuple(stat.shape)} on {stat.device}"
-            )
+    mean = None if is_rms else mean  # RMSNorm's is empty and never read
+    for name, t, shape in (
+        ("dy", dy, h.shape),
+        ("dh", dh, h.shape),
+        ("weight", weight, (n,)),
+        ("rstd", rstd, (rows,)),
+        ("mean", mean, (rows,)),
+    ):
+        if t is not None:
+            _check_like(t, name, shape, h, what)
 
     dx = torch.empty_like(h)
     empty_db = weight.new_empty((0,))
@@ -621,7 +566,7 @@ def _launch_norm_bwd(dy, dh, h, weight, mean, rstd, has_bias, is_rms):
 def norm_fwd(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], eps: float, is_rms: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """LayerNorm / RMSNorm forward of x: (rows, n) contiguous -> (y, h, mean, rstd) as in csrc/ops.h.
+    """LayerNorm / RMSNorm forward of x: (rows, n) contiguous -> (y, h, mean, rstd) as in contracts/norms.py.
 
     weight, bias: (n,) in x's dtype or float32. h: x + residual in x's dtype, or an empty tensor when
     residual is None. mean: (rows,) float32, empty for RMSNorm. rstd: (rows,) float32.
@@ -648,17 +593,10 @@ def norm_bwd(
     return _launch_norm_bwd(dy, dh, h, weight, mean, rstd, has_bias, is_rms)
 
 
-norm_fwd.register_fake(norm_fwd_fake)
-norm_bwd.register_fake(norm_bwd_fake)
-register_autograd(norm_fwd, norm_bwd)
+contracts.register(contract, "triton_")
 
 
 # ---- shipped configurations, for report-kernels ----------------------------------------------------
-
-
-def _signature(fn, types: dict[str, str]) -> dict[str, str]:
-    """Every argument of fn in order: pointers/scalars from `types`, the rest constexpr."""
-    return {name: types.get(name, "constexpr") for name in fn.arg_names}
 
 
 def _spec_types(dt: str) -> tuple[dict[str, str], dict[str, str]]:
@@ -714,7 +652,7 @@ def kernel_specs() -> list[KernelSpec]:
     specs: dict[str, KernelSpec] = {}  # by name: one long-row kernel serves every long BLOCK_N
 
     def add(name, fn, types, constexprs, cfg):
-        specs.setdefault(name, KernelSpec(name, fn, _signature(fn, types), constexprs, cfg.num_warps, cfg.num_stages))
+        specs.setdefault(name, KernelSpec(name, fn, signature(fn, types), constexprs, cfg.num_warps, cfg.num_stages))
 
     for dt in ("bf16", "fp32"):
         fwd_types, bwd_types = _spec_types(dt)

@@ -1,6 +1,6 @@
 """Triton decode attention over a paged KV cache (flash-decoding), and the KV-cache write.
 
-Contract: plm_engine/ops/attention.py's module docstring (paged_attn, write_kv_cache).
+Contract: plm_engine/ops/contracts/paged_attention.py (paged_attn, write_kv_cache).
 
 paged_attn. Program (b, kv head [x row tile], split) computes the attention of every query row of its kv
 head's group against one contiguous range of the sequence's keys:
@@ -21,17 +21,22 @@ head's group against one contiguous range of the sequence's keys:
     num_splits comes from the grid size vs the SM count, so one long sequence still fills the GPU.
   - Causal, bottom-right: query i of a sequence of L cached tokens sees keys t <= L - seqlen_q + i. The
     key range stops after the last key the tile's last query sees.
+  - Relative position bias (T5's decoder, HAS_BIAS): each row adds its head's bias row, indexed by the
+    key's position relative to the query's clamped to [-max_distance, max_distance] (one fp32 vector
+    of 2 * max_distance + 1 values per head, table[bucket, h] * log2(e), built by the launcher from
+    the bucket table and lookup). Without a bias the bias arguments are None, which Triton makes
+    constexpr: the plain kernel compiles exactly as it would without them.
 
 write_kv_cache: one program per token copies its (n_kv_heads, head_dim) rows to flat slot
 slot_mapping[t] (block * block_size + offset), cast to the cache dtype; negative slots are padding.
 
 Under TRITON_INTERPRET=1 (tests on CPU) bf16 arithmetic and bf16 tl.dot are wrong and fp32 -> bf16 casts
-truncate: the kernels upcast after loading and round bf16 stores to nearest-even by hand (INTERPRET).
+truncate: the kernels upcast after loading and round bf16 stores to nearest-even by hand (INTERPRET,
+triton/common.py's round_to).
 """
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 
@@ -40,7 +45,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from plm_engine.ops.attention import MAX_HEAD_DIM, paged_attn_fake, write_kv_cache_fake
+from plm_engine.ops import backends, contracts
+from plm_engine.ops.contracts import paged_attention as contract
+from plm_engine.ops.contracts.paged_attention import MAX_BLOCK_SIZE, MAX_HEAD_DIM
+from plm_engine.ops.triton.common import check_device, device_sm_count, require, round_to, signature
 from plm_engine.ops.triton.guard import device_guard
 from plm_engine.ops.triton.spec import KernelSpec
 
@@ -49,17 +57,6 @@ LOG2E = 1.4426950408889634
 SPLITS_ENV = "PLM_ENGINE_PAGED_ATTN_SPLITS"
 
 # ---- jit kernels -----------------------------------------------------------------------------------
-
-
-@triton.jit
-def _cast(v, dtype: tl.constexpr, INTERPRET: tl.constexpr):
-    """v -> dtype with round-to-nearest-even, also under the interpreter (which truncates to bf16)."""
-    if INTERPRET and dtype == tl.bfloat16 and v.dtype != tl.bfloat16:
-        bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return v.to(dtype)
 
 
 @triton.jit
@@ -72,6 +69,7 @@ def _paged_attn_split_kernel(
     O_ptr,
     PO_ptr,
     PLSE_ptr,
+    Bias_ptr,
     stride_qb,
     stride_qs,
     stride_qh,
@@ -91,10 +89,12 @@ def _paged_attn_split_kernel(
     page_shift,
     num_splits,
     qk_scale,
+    max_distance,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     INTERPRET: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
     """Program (b, kvh * m_tiles + row tile, split). n_rows = group * seqlen_q query rows per kv head."""
     b = tl.program_id(0)
@@ -137,6 +137,8 @@ def _paged_attn_split_kernel(
     page_mask = (1 << page_shift) - 1
     bt_row = BT_ptr + b64 * stride_bt
     kv_off = kvh.to(tl.int64) * stride_khead
+    if HAS_BIAS:  # each row's head's bias row, at relative position 0
+        bias_rows = Bias_ptr + head * (2 * max_distance + 1) + max_distance
     for t0 in range(start, end, BLOCK_N):
         t = t0 + offs_n
         t_ok = t < end
@@ -153,6 +155,9 @@ def _paged_attn_split_kernel(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k)) * qk_scale  # log2 units
+        if HAS_BIAS:
+            rel = tl.minimum(tl.maximum(t[None, :] - last_key[:, None], -max_distance), max_distance)
+            s += tl.load(bias_rows[:, None] + rel, mask=row_ok[:, None], other=0.0)
         s = tl.where((t[None, :] <= last_key[:, None]) & t_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # A row with no visible key yet keeps m = -inf: subtract 0 so exp2 gives 0, not NaN.
@@ -167,7 +172,7 @@ def _paged_attn_split_kernel(
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     if num_splits == 1:
         o_ptrs = O_ptr + b64 * stride_ob + qi64[:, None] * stride_os + head[:, None] * stride_oh + dims[None, :]
-        tl.store(o_ptrs, _cast(out, O_ptr.dtype.element_ty, INTERPRET), mask=q_mask)
+        tl.store(o_ptrs, round_to(out, O_ptr.dtype.element_ty, INTERPRET), mask=q_mask)
     else:
         # Partials: (batch, seqlen_q, n_heads, num_splits[, head_dim]) fp32, lse in log2 units.
         part = ((b64 * seqlen_q + qi) * n_heads + head) * num_splits + split
@@ -214,7 +219,7 @@ def _paged_attn_combine_kernel(
     out = acc / tl.where(den > 0, den, 1.0)
     tl.store(
         O_ptr + b * stride_ob + i * stride_os + h * stride_oh + dims,
-        _cast(out, O_ptr.dtype.element_ty, INTERPRET),
+        round_to(out, O_ptr.dtype.element_ty, INTERPRET),
         mask=d_ok,
     )
 
@@ -250,8 +255,8 @@ def _write_kv_cache_kernel(
             k = tl.load(K_ptr + t * stride_kt + h[:, None] * stride_kh + dims[None, :], mask=mask)
             v = tl.load(V_ptr + t * stride_vt + h[:, None] * stride_vh + dims[None, :], mask=mask)
             offs = dst + h[:, None] * head_dim + dims[None, :]
-            tl.store(KC_ptr + offs, _cast(k, KC_ptr.dtype.element_ty, INTERPRET), mask=mask)
-            tl.store(VC_ptr + offs, _cast(v, VC_ptr.dtype.element_ty, INTERPRET), mask=mask)
+            tl.store(KC_ptr + offs, round_to(k, KC_ptr.dtype.element_ty, INTERPRET), mask=mask)
+            tl.store(VC_ptr + offs, round_to(v, VC_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 # ---- launch configuration (shared by the launchers and kernel_specs) -------------------------------
@@ -281,7 +286,7 @@ class PagedConfig:
     num_stages: int
 
 
-def paged_config(n_rows: int, head_dim: int, interpret: bool = False) -> PagedConfig:
+def paged_config(n_rows: int, head_dim: int, interpret: bool = False, bias: bool = False) -> PagedConfig:
     """The one place that maps (query rows per kv head = group * seqlen_q, head_dim) to a launch layout.
 
     BLOCK_D is head_dim's next power of two (>= 16, tl.dot's minimum). A thread holds its share of the
@@ -290,22 +295,48 @@ def paged_config(n_rows: int, head_dim: int, interpret: bool = False) -> PagedCo
     the one with no 16-byte alignment (scalar loads, one 64-bit address per element): 8 warps from
     head_dim 128 (or 64 rows), fewer keys per tile as BLOCK_M x BLOCK_D grows, and at most 32 rows
     of head_dim 256 per tile. Two pipeline stages keep the next tile's gathered K/V loads in flight
-    while the current one is multiplied (the kernel is bound by those reads).
+    while the current one is multiplied (the kernel is bound by those reads). bias: the relative
+    position bias variant (HAS_BIAS), which gathers one more (BLOCK_M x BLOCK_N) tile; see
+    _BIAS_BLOCK_N.
     """
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"head_dim must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
     block_d = max(16, triton.next_power_of_2(head_dim))
     tiles = ROW_TILES if block_d < 256 else tuple(m for m in ROW_TILES if m <= 32)
+    if bias:
+        tiles = tuple(m for m in tiles if m <= _BIAS_MAX_BLOCK_M.get(block_d, m))
     block_m = next((m for m in tiles if m >= n_rows), tiles[-1])
     if interpret:
         return PagedConfig(block_m, _INTERPRET_BLOCK_N, block_d, 4, 1)
     if block_d <= 32 or (block_d == 64 and block_m <= 32):
-        return PagedConfig(block_m, 64, block_d, 4, 2)
-    if block_d == 64:
-        return PagedConfig(block_m, 32, block_d, 8, 2)
-    if block_d == 128:
-        return PagedConfig(block_m, 16 if block_m >= 64 else 32, block_d, 8, 2)
-    return PagedConfig(block_m, 16, block_d, 8, 2)
+        cfg = PagedConfig(block_m, 64, block_d, 4, 2)
+    elif block_d == 64:
+        cfg = PagedConfig(block_m, 32, block_d, 8, 2)
+    elif block_d == 128:
+        cfg = PagedConfig(block_m, 16 if block_m >= 64 else 32, block_d, 8, 2)
+    else:
+        cfg = PagedConfig(block_m, 16, block_d, 8, 2)
+    if bias and (block_d, block_m) in _BIAS_TILES:
+        block_n, stages = _BIAS_TILES[block_d, block_m]
+        cfg = PagedConfig(block_m, block_n, block_d, cfg.num_warps, stages)
+    return cfg
+
+
+# The bias variant gathers a (BLOCK_M x BLOCK_N) tile of bias values through as many 64-bit addresses:
+# where the plain tiles then pass 240 registers (or spill) in report-kernels' align1 specialisation,
+# fewer keys per tile, fewer pipeline stages at head_dim 256, and at most 32 (head_dim 128) or 16
+# (head_dim 256) query rows per tile (16 keys is tl.dot's minimum; larger groups take more row tiles).
+_BIAS_MAX_BLOCK_M = {128: 32, 256: 16}
+_BIAS_TILES = {  # (BLOCK_D, BLOCK_M) -> (BLOCK_N, num_stages)
+    (16, 64): (32, 2),
+    (32, 32): (32, 2),
+    (32, 64): (16, 2),
+    (64, 16): (32, 2),
+    (64, 32): (16, 2),
+    (64, 64): (16, 2),
+    (128, 32): (16, 2),
+    (256, 16): (16, 1),
+}
 
 
 def write_config(n_kv_heads: int, head_dim: int) -> tuple[int, int, int]:
@@ -316,15 +347,6 @@ def write_config(n_kv_heads: int, head_dim: int) -> tuple[int, int, int]:
 
 
 # ---- launchers -------------------------------------------------------------------------------------
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def choose_num_splits(device: torch.device, programs: int, capacity_tokens: int) -> int:
@@ -339,38 +361,30 @@ def choose_num_splits(device: torch.device, programs: int, capacity_tokens: int)
         return max(1, min(MAX_SPLITS, int(env)))
     if device.type != "cuda":
         return _INTERPRET_SPLITS
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    want = triton.cdiv(sms * _PROGRAMS_PER_SM, max(1, programs))
+    want = triton.cdiv(device_sm_count(device) * _PROGRAMS_PER_SM, max(1, programs))
     return max(1, min(want, MAX_SPLITS, triton.cdiv(capacity_tokens, _MIN_SPLIT_TOKENS)))
 
 
-def _check_device(t: Tensor, what: str) -> None:
-    if t.device.type != "cuda" and not (t.device.type == "cpu" and _interpreted()):
-        raise RuntimeError(
-            f"{what}: Triton kernels need CUDA tensors, got {t.device} "
-            "(CPU tensors only run with TRITON_INTERPRET=1, for tests)"
-        )
-
-
-def _check_cache(k_cache: Tensor, v_cache: Tensor, ref: Tensor, what: str) -> None:
+def _check_caches(k_cache: Tensor, v_cache: Tensor, what: str) -> None:
+    # Memory safety only (the public op checks the argument contract): what the kernels index.
+    check_device(k_cache, what)
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.dim() != 4 or not t.is_contiguous() or t.device != ref.device:
-            raise ValueError(
-                f"{what}: {name} must be a contiguous (num_blocks, block_size, n_kv_heads, head_dim) "
-                f"tensor on {ref.device}, got {tuple(t.shape)} on {t.device}"
-            )
-    if k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype:
-        raise ValueError(
-            f"{what}: k_cache {k_cache.dtype} {tuple(k_cache.shape)} and v_cache {v_cache.dtype} "
-            f"{tuple(v_cache.shape)} must match"
+        require(
+            t.dim() == 4 and t.is_contiguous() and t.shape == k_cache.shape and t.device == k_cache.device,
+            what,
+            f"{name} must be a contiguous (num_blocks, block_size, n_kv_heads, head_dim) tensor like k_cache "
+            f"{tuple(k_cache.shape)} on {k_cache.device}, got {tuple(t.shape)} on {t.device}",
         )
-    if k_cache.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"{what}: the caches must be float32/float16/bfloat16, got {k_cache.dtype}")
-    bs = k_cache.shape[1]
-    if bs < 1 or bs & (bs - 1) or bs > 256:
-        raise ValueError(f"{what}: block_size must be a power of two up to 256, got {bs}")
-    if k_cache.shape[3] % 8 or not 8 <= k_cache.shape[3] <= MAX_HEAD_DIM:
-        raise ValueError(f"{what}: head_dim must be a multiple of 8 in [8, {MAX_HEAD_DIM}], got {k_cache.shape[3]}")
+    bs = k_cache.shape[1]  # addresses are computed with shifts: a power of two
+    require(0 < bs <= MAX_BLOCK_SIZE and not bs & (bs - 1), what, f"block_size must be a power of two, got {bs}")
+
+
+def _check_vector(t: Tensor, name: str, shape: tuple, ref: Tensor, what: str) -> None:
+    require(
+        tuple(t.shape) == shape and t.stride(-1) == 1 and t.device == ref.device,
+        what,
+        f"{name} must be {shape}, contiguous in its last dim, on {ref.device}; got {tuple(t.shape)} on {t.device}",
+    )
 
 
 def launch_paged_attn(
@@ -381,44 +395,49 @@ def launch_paged_attn(
     cache_seqlens: Tensor,
     scale: float,
     num_splits: int | None = None,
+    table: Tensor | None = None,
+    buckets: Tensor | None = None,
 ) -> Tensor:
-    """paged_attn's launcher; num_splits (tests only) overrides choose_num_splits."""
-    what = "triton_paged_attn"
-    _check_device(q, what)
-    _check_cache(k_cache, v_cache, q, what)
-    if q.dim() != 4 or q.stride(-1) != 1:
-        raise ValueError(
-            f"{what}: q must be (batch, seqlen_q, n_heads, head_dim), contiguous in head_dim, got "
-            f"shape {tuple(q.shape)} strides {q.stride()}"
-        )
-    if q.dtype != k_cache.dtype:
-        raise ValueError(f"{what}: q is {q.dtype} but the caches are {k_cache.dtype}")
-    batch, seqlen_q, n_heads, head_dim = q.shape
+    """paged_attn's launcher; num_splits (tests only) overrides choose_num_splits. table (num_buckets,
+    n_heads) fp32 and buckets (the int32 lookup of plm_engine/ops/position_bias.py): T5's relative
+    position bias (paged_attn_rpb)."""
+    what = "triton_paged_attn" if table is None else "triton_paged_attn_rpb"
+    _check_caches(k_cache, v_cache, what)
     _, block_size, n_kv_heads, cache_head_dim = k_cache.shape
-    if cache_head_dim != head_dim or n_kv_heads == 0 or n_heads % n_kv_heads:
-        raise ValueError(
-            f"{what}: q has {n_heads} heads of {head_dim}; the caches have {n_kv_heads} kv heads of "
-            f"{cache_head_dim} (n_heads must be a multiple of n_kv_heads)"
-        )
-    for name, t, shape in (
-        ("block_table", block_table, (batch, block_table.shape[-1])),
-        ("cache_seqlens", cache_seqlens, (batch,)),
-    ):
-        if t.dtype != torch.int32 or tuple(t.shape) != shape or t.device != q.device or not t.is_contiguous():
+    require(q.dim() == 4, what, f"q must be (batch, seqlen_q, n_heads, head_dim), got {tuple(q.shape)}")
+    batch, seqlen_q, n_heads, head_dim = q.shape
+    _check_vector(q, "q", tuple(q.shape), k_cache, what)
+    require(
+        cache_head_dim == head_dim and n_kv_heads > 0 and n_heads % n_kv_heads == 0,
+        what,
+        f"q has {n_heads} heads of {head_dim}; the caches have {n_kv_heads} kv heads of {cache_head_dim} "
+        "(n_heads must be a multiple of n_kv_heads)",
+    )
+    require(block_table.dim() == 2, what, f"block_table must be (batch, max_blocks), got {tuple(block_table.shape)}")
+    _check_vector(block_table, "block_table", (batch, block_table.shape[1]), q, what)
+    _check_vector(cache_seqlens, "cache_seqlens", (batch,), q, what)
+
+    if table is not None:
+        if table.dtype != torch.float32 or tuple(table.shape[1:]) != (n_heads,) or table.device != q.device:
             raise ValueError(
-                f"{what}: {name} must be contiguous int32 {shape} on {q.device}, got {t.dtype} "
-                f"{tuple(t.shape)} on {t.device}"
+                f"{what}: table must be float32 (num_buckets, {n_heads}) on {q.device}, got {table.dtype} "
+                f"{tuple(table.shape)} on {table.device}"
             )
-    if block_table.dim() != 2:
-        raise ValueError(f"{what}: block_table must be 2-D (batch, max_blocks), got {tuple(block_table.shape)}")
+        if buckets is None or buckets.dtype != torch.int32 or buckets.dim() != 1 or buckets.numel() % 2 == 0:
+            raise ValueError(f"{what}: buckets must be an int32 (2 * max_distance + 1,) lookup")
 
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if q.numel() == 0:
         return out
+    bias_rows = max_distance = None
+    if table is not None:
+        assert buckets is not None  # checked with table above
+        bias_rows = (table.t()[:, buckets.long()] * LOG2E).contiguous()  # (n_heads, 2 * max_distance + 1)
+        max_distance = (buckets.numel() - 1) // 2
     group = n_heads // n_kv_heads
     n_rows = group * seqlen_q
     interpret = q.device.type != "cuda"
-    cfg = paged_config(n_rows, head_dim, interpret)
+    cfg = paged_config(n_rows, head_dim, interpret, bias=table is not None)
     m_tiles = triton.cdiv(n_rows, cfg.block_m)
     programs = batch * n_kv_heads * m_tiles
     if num_splits is None:
@@ -441,6 +460,7 @@ def launch_paged_attn(
             out,
             part_out,
             part_lse,
+            bias_rows,
             q.stride(0),
             q.stride(1),
             q.stride(2),
@@ -460,10 +480,12 @@ def launch_paged_attn(
             block_size.bit_length() - 1,
             num_splits,
             scale * LOG2E,
+            max_distance,
             BLOCK_M=cfg.block_m,
             BLOCK_N=cfg.block_n,
             BLOCK_D=cfg.block_d,
-            INTERPRET=_interpreted(),
+            INTERPRET=backends.triton_interpreted(),
+            HAS_BIAS=table is not None,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
@@ -481,7 +503,7 @@ def launch_paged_attn(
                 head_dim,
                 num_splits,
                 BLOCK_D=cfg.block_d,
-                INTERPRET=_interpreted(),
+                INTERPRET=backends.triton_interpreted(),
                 num_warps=_combine_warps(cfg.block_d),
             )
     return out
@@ -493,33 +515,12 @@ def _combine_warps(block_d: int) -> int:
 
 def launch_write_kv_cache(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
     what = "triton_write_kv_cache"
-    _check_device(k_cache, what)
-    _check_cache(k_cache, v_cache, k_cache, what)
+    _check_caches(k_cache, v_cache, what)
     _, _, n_kv_heads, head_dim = k_cache.shape
+    require(k.dim() == 3, what, f"k must be (num_tokens, {n_kv_heads}, {head_dim}), got {tuple(k.shape)}")
     for name, t in (("k", k), ("v", v)):
-        if (
-            t.dim() != 3
-            or tuple(t.shape[1:]) != (n_kv_heads, head_dim)
-            or t.stride(-1) != 1
-            or t.device != k_cache.device
-            or t.dtype not in (torch.float32, torch.float16, torch.bfloat16)
-        ):
-            raise ValueError(
-                f"{what}: {name} must be a float (num_tokens, {n_kv_heads}, {head_dim}) tensor on "
-                f"{k_cache.device}, contiguous in head_dim, got {t.dtype} {tuple(t.shape)} on {t.device}"
-            )
-    if v.shape != k.shape:
-        raise ValueError(f"{what}: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
-    if (
-        slot_mapping.dtype not in (torch.int32, torch.int64)
-        or tuple(slot_mapping.shape) != (k.shape[0],)
-        or slot_mapping.device != k_cache.device
-        or not slot_mapping.is_contiguous()
-    ):
-        raise ValueError(
-            f"{what}: slot_mapping must be contiguous int32/int64 ({k.shape[0]},) on {k_cache.device}, "
-            f"got {slot_mapping.dtype} {tuple(slot_mapping.shape)} on {slot_mapping.device}"
-        )
+        _check_vector(t, name, (k.shape[0], n_kv_heads, head_dim), k_cache, what)
+    _check_vector(slot_mapping, "slot_mapping", (k.shape[0],), k_cache, what)
     if k.shape[0] == 0:
         return
     block_h, block_d, num_warps = write_config(n_kv_heads, head_dim)
@@ -538,7 +539,7 @@ def launch_write_kv_cache(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor
             head_dim,
             BLOCK_H=block_h,
             BLOCK_D=block_d,
-            INTERPRET=_interpreted(),
+            INTERPRET=backends.triton_interpreted(),
             num_warps=num_warps,
         )
 
@@ -561,16 +562,27 @@ def write_kv_cache(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_
     launch_write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
 
 
-paged_attn.register_fake(paged_attn_fake)
-write_kv_cache.register_fake(write_kv_cache_fake)
+@torch.library.custom_op("plm_engine::triton_paged_attn_rpb", mutates_args=())
+def paged_attn_rpb(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_table: Tensor,
+    cache_seqlens: Tensor,
+    table: Tensor,
+    buckets: Tensor,
+    scale: float,
+) -> Tensor:
+    """paged_attn with T5's relative position bias: table fp32 (num_buckets, n_heads), buckets int32
+    (2 * max_distance + 1,) lookup (plm_engine/ops/position_bias.py); query i of sequence b sits at
+    cache_seqlens[b] - seqlen_q + i."""
+    return launch_paged_attn(q, k_cache, v_cache, block_table, cache_seqlens, scale, table=table, buckets=buckets)
+
+
+contracts.register(contract, "triton_")
 
 
 # ---- shipped configurations, for report-kernels ----------------------------------------------------
-
-
-def _signature(fn, types: dict[str, str]) -> dict[str, str]:
-    """Every argument of fn in order: pointers/scalars from `types`, the rest constexpr."""
-    return {name: types.get(name, "constexpr") for name in fn.arg_names}
 
 
 def kernel_specs() -> list[KernelSpec]:
@@ -638,26 +650,34 @@ def kernel_specs() -> list[KernelSpec]:
         "n_kv_heads": i32,
         "head_dim": i32,
     }
+    bias_types = split_types | {"Bias_ptr": "*fp32", "max_distance": i32}
     specs = []
     for head_dim in (16, 32, 64, 128, 256):
-        for block_m in sorted({paged_config(m, head_dim).block_m for m in ROW_TILES}):
-            cfg = paged_config(block_m, head_dim)
-            specs.append(
-                KernelSpec(
-                    f"paged_attn_split[BLOCK_M={cfg.block_m},BLOCK_N={cfg.block_n},BLOCK_D={cfg.block_d},bf16]",
-                    _paged_attn_split_kernel,
-                    _signature(_paged_attn_split_kernel, split_types),
-                    dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, INTERPRET=False),
-                    cfg.num_warps,
-                    cfg.num_stages,
+        for bias in (False, True):
+            for block_m in sorted({paged_config(m, head_dim, bias=bias).block_m for m in ROW_TILES}):
+                cfg = paged_config(block_m, head_dim, bias=bias)
+                flags: dict[str, object] = dict(
+                    BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, INTERPRET=False, HAS_BIAS=bias
                 )
-            )
+                if not bias:
+                    flags |= dict(Bias_ptr=None, max_distance=None)
+                specs.append(
+                    KernelSpec(
+                        f"paged_attn_split[BLOCK_M={cfg.block_m},BLOCK_N={cfg.block_n},BLOCK_D={cfg.block_d},"
+                        f"{'bias,' if bias else ''}bf16]",
+                        _paged_attn_split_kernel,
+                        signature(_paged_attn_split_kernel, bias_types if bias else split_types),
+                        flags,
+                        cfg.num_warps,
+                        cfg.num_stages,
+                    )
+                )
         block_d = paged_config(1, head_dim).block_d
         specs.append(
             KernelSpec(
                 f"paged_attn_combine[BLOCK_D={block_d},bf16]",
                 _paged_attn_combine_kernel,
-                _signature(_paged_attn_combine_kernel, combine_types),
+                signature(_paged_attn_combine_kernel, combine_types),
                 dict(BLOCK_D=block_d, INTERPRET=False),
                 _combine_warps(block_d),
                 1,
@@ -669,7 +689,7 @@ def kernel_specs() -> list[KernelSpec]:
             KernelSpec(
                 f"write_kv_cache[BLOCK_H={block_h},BLOCK_D={wd},bf16]",
                 _write_kv_cache_kernel,
-                _signature(_write_kv_cache_kernel, write_types),
+                signature(_write_kv_cache_kernel, write_types),
                 dict(BLOCK_H=block_h, BLOCK_D=wd, INTERPRET=False),
                 warps,
                 1,

@@ -1,6 +1,6 @@
 """Triton rotary position embedding (RoPE) of q and k, out of place and in place.
 
-The contract is csrc/rope.h's, shared by every backend (see plm_engine/ops/rope.py): q (batch, seqlen,
+The contract is plm_engine/ops/contracts/rope.py's, shared by every backend: q (batch, seqlen,
 q_heads, head_dim) and k (batch, seqlen, k_heads, head_dim) with unit last stride, cos/sin
 (max_seqlen, rotary_dim / 2), positions int64 (batch, seqlen) or None (position = index in sequence).
 Each pair (x1, x2) becomes (x1 cos - x2 sin, x2 cos + x1 sin); `conjugate` negates sin (the backward).
@@ -12,10 +12,10 @@ elements, two stride-2 loads that touch the same sectors (L1 serves the second).
 features past rotary_dim are copied in the same program, BLOCK_HALF columns at a time.
 
 Under TRITON_INTERPRET=1 (tests on CPU) fp32 -> bf16 casts truncate, so bf16 stores are rounded to
-nearest-even by hand there; the compiled kernels use the hardware conversion.
+nearest-even by hand there (triton/common.py's round_to); the compiled kernels use the hardware
+conversion.
 """
 
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -24,22 +24,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from plm_engine.ops.rope import TRITON_MAX_HALF, register_autograd, rope_fake, rope_inplace_fake
+from plm_engine.ops import backends, contracts
+from plm_engine.ops.contracts import rope as contract
+from plm_engine.ops.contracts.rope import TRITON_MAX_HALF
+from plm_engine.ops.triton.common import check_device, require, round_to
 from plm_engine.ops.triton.guard import device_guard
 from plm_engine.ops.triton.spec import KernelSpec
 
 # ---- jit kernels -----------------------------------------------------------------------------------
-
-
-@triton.jit
-def _round_to(v, dtype: tl.constexpr, INTERPRET: tl.constexpr):
-    """fp32 -> dtype rounding to nearest-even, also under the interpreter (finite values)."""
-    if INTERPRET and dtype == tl.bfloat16:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return v.to(dtype)
 
 
 @triton.jit
@@ -76,8 +68,8 @@ def _rope_heads(
     o1 = x1 * cos[None, :] - x2 * sin[None, :]
     o2 = x2 * cos[None, :] + x1 * sin[None, :]
     dtype = O_ptr.dtype.element_ty
-    tl.store(o_rows + i1, _round_to(o1, dtype, INTERPRET), mask=mask)
-    tl.store(o_rows + i2, _round_to(o2, dtype, INTERPRET), mask=mask)
+    tl.store(o_rows + i1, round_to(o1, dtype, INTERPRET), mask=mask)
+    tl.store(o_rows + i2, round_to(o2, dtype, INTERPRET), mask=mask)
     # Partial rotary, out of place: features [2 * half, pass_end = head_dim) are copied unchanged
     # (pass_end = 2 * half, no iteration, otherwise).
     for start in range(2 * half, pass_end, BLOCK_HALF):
@@ -212,49 +204,32 @@ def launch_config(max_heads: int, half: int) -> LaunchConfig:
 # ---- launcher --------------------------------------------------------------------------------------
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _check_device(t: Tensor, what: str) -> None:
-    if t.device.type != "cuda" and not (t.device.type == "cpu" and _interpreted()):
-        raise RuntimeError(
-            f"{what}: Triton kernels need CUDA tensors, got {t.device} "
-            "(CPU tensors only run with TRITON_INTERPRET=1, for tests)"
-        )
-
-
 def _check(q, k, cos, sin, positions, what):
-    _check_device(q, what)
-    if q.dim() != 4 or k.dim() != 4:
-        raise ValueError(
-            f"{what}: q and k must be 4-D (batch, seqlen, heads, head_dim), got {tuple(q.shape)} and {tuple(k.shape)}"
-        )
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or k.dtype != q.dtype:
-        raise ValueError(f"{what}: q and k must share one of float32/float16/bfloat16, got {q.dtype}, {k.dtype}")
-    if k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
-        raise ValueError(f"{what}: k shape {tuple(k.shape)} does not match q shape {tuple(q.shape)}")
-    if q.stride(3) != 1 or k.stride(3) != 1:
-        raise ValueError(f"{what}: q and k must be contiguous in their last dim")
-    for name, t in (("k", k), ("cos", cos), ("sin", sin)):
-        if t.device != q.device:
-            raise ValueError(f"{what}: {name} is on {t.device} but q is on {q.device}")
-    if cos.dim() != 2 or sin.shape != cos.shape or sin.dtype != cos.dtype or sin.stride() != cos.stride():
-        raise ValueError(f"{what}: cos and sin must be 2-D with one shape, dtype and strides")
-    if cos.dtype not in (torch.float32, q.dtype):
-        raise ValueError(f"{what}: cos/sin must be float32 or q's dtype, got {cos.dtype}")
-    if 2 * cos.shape[1] > q.shape[3] or cos.shape[1] > TRITON_MAX_HALF:
-        raise ValueError(f"{what}: rotary_dim / 2 = {cos.shape[1]} does not fit head_dim {q.shape[3]}")
+    # Memory safety only (the public op checks the argument contract): what the kernel indexes.
+    check_device(q, what)
+    require(
+        q.dim() == 4 and k.dim() == 4 and k.shape[:2] == q.shape[:2] and k.shape[3] == q.shape[3],
+        what,
+        f"q and k must be 4-D (batch, seqlen, heads, head_dim) alike but for heads, got {tuple(q.shape)} and "
+        f"{tuple(k.shape)}",
+    )
+    require(q.stride(3) == 1 and k.stride(3) == 1, what, "q and k must be contiguous in their last dim")
+    require(
+        cos.dim() == 2 and sin.shape == cos.shape and sin.stride() == cos.stride(),
+        what,
+        "cos and sin must be 2-D with one shape and strides",
+    )
+    require(2 * cos.shape[1] <= q.shape[3], what, f"rotary_dim / 2 = {cos.shape[1]} does not fit head_dim {q.shape[3]}")
+    for t in (k, cos, sin) + ((positions,) if positions is not None else ()):
+        require(t.device == q.device, what, f"every tensor must be on {q.device}, got one on {t.device}")
     if positions is not None:
-        if (
-            positions.dtype != torch.int64
-            or positions.shape != q.shape[:2]
-            or not positions.is_contiguous()
-            or positions.device != q.device
-        ):
-            raise ValueError(f"{what}: positions must be contiguous int64 {tuple(q.shape[:2])} on {q.device}")
-    elif q.shape[1] > cos.shape[0]:
-        raise ValueError(f"{what}: cos/sin have {cos.shape[0]} positions but seqlen is {q.shape[1]}")
+        require(
+            positions.shape == q.shape[:2] and positions.is_contiguous(),
+            what,
+            f"positions must be contiguous {tuple(q.shape[:2])}, got {tuple(positions.shape)}",
+        )
+    else:
+        require(q.shape[1] <= cos.shape[0], what, f"cos/sin have {cos.shape[0]} positions but seqlen is {q.shape[1]}")
 
 
 def _launch(q, k, q_out, k_out, cos, sin, positions, interleaved, conjugate):
@@ -290,7 +265,7 @@ def _launch(q, k, q_out, k_out, cos, sin, positions, interleaved, conjugate):
             BLOCK_HALF=cfg.block_half,
             HAS_POS=positions is not None,
             INTERLEAVED=interleaved,
-            INTERPRET=_interpreted(),
+            INTERPRET=backends.triton_interpreted(),
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
@@ -323,9 +298,7 @@ def rope_(
     _launch(q, k, q, k, cos, sin, positions, interleaved, conjugate)
 
 
-rope.register_fake(rope_fake)
-rope_.register_fake(rope_inplace_fake)
-register_autograd(rope)
+contracts.register(contract, "triton_")
 
 
 # ---- shipped configurations, for report-kernels ----------------------------------------------------

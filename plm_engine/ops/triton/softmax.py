@@ -4,7 +4,8 @@ One program per row. A row that fits one block (n <= SINGLE_MAX_N) is loaded onc
 and written once. Longer rows (up to any length; 131072 and beyond) loop over column blocks: pass 1
 keeps an online (max, sum of exp) pair, rescaling the sum when the max grows, pass 2 recomputes
 exp(v - max) / sum and writes it, so a row costs two reads and one write whatever its length.
-Contract: csrc/softmax.h (x: (batch, sq, sk) contiguous; masked keys and all -inf rows give zeros).
+Contract: plm_engine/ops/contracts/softmax.py (x: (batch, sq, sk) contiguous; masked keys and all -inf
+rows give zeros).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from plm_engine.ops.softmax import KERNEL_DTYPES, register_autograd, softmax_bwd_fake, softmax_fwd_fake
+from plm_engine.ops import contracts
+from plm_engine.ops.contracts import softmax as contract
+from plm_engine.ops.triton.common import check_device, require, signature
 from plm_engine.ops.triton.guard import device_guard
 from plm_engine.ops.triton.spec import KernelSpec
 
@@ -114,11 +117,15 @@ def _softmax_bwd_kernel(DY_ptr, Y_ptr, DX_ptr, n_cols, scale, BLOCK_N: tl.conste
 # ---- launchers --------------------------------------------------------------------------------------
 
 
-def _check_3d(name: str, t: torch.Tensor) -> None:
-    if t.dim() != 3 or not t.is_contiguous():
-        raise ValueError(f"{name} must be a contiguous (batch, sq, sk) tensor, got shape {tuple(t.shape)}")
-    if t.dtype not in KERNEL_DTYPES:
-        raise ValueError(f"{name} must be float32/float16/bfloat16, got {t.dtype}")
+def _check(what: str, t: torch.Tensor, *others: torch.Tensor) -> None:
+    # Memory safety only (the public op checks the argument contract).
+    check_device(t, what)
+    for u in (t, *others):
+        require(
+            u.dim() == 3 and u.shape == t.shape and u.is_contiguous() and u.device == t.device,
+            what,
+            f"inputs must be contiguous (batch, sq, sk) tensors of one shape and device, got {tuple(u.shape)}",
+        )
 
 
 def _launch_fwd(x: torch.Tensor, y: torch.Tensor, scale: float, causal: bool) -> None:
@@ -142,7 +149,7 @@ def _launch_bwd(dy: torch.Tensor, y: torch.Tensor, dx: torch.Tensor, scale: floa
 
 @torch.library.custom_op("plm_engine::triton_softmax_fwd", mutates_args=())
 def softmax_fwd(x: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
-    _check_3d("x", x)
+    _check("triton_softmax_fwd", x)
     y = torch.empty_like(x)
     if y.numel():
         _launch_fwd(x, y, scale, causal)
@@ -151,21 +158,14 @@ def softmax_fwd(x: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
 
 @torch.library.custom_op("plm_engine::triton_softmax_bwd", mutates_args=())
 def softmax_bwd(dy: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
-    _check_3d("y", y)
-    if dy.shape != y.shape or dy.dtype != y.dtype or not dy.is_contiguous():
-        raise ValueError(
-            f"dy must be contiguous with y's shape {tuple(y.shape)} and dtype {y.dtype}, "
-            f"got {tuple(dy.shape)} {dy.dtype}"
-        )
+    _check("triton_softmax_bwd", y, dy)
     dx = torch.empty_like(y)
     if dx.numel():
         _launch_bwd(dy, y, dx, scale)
     return dx
 
 
-softmax_fwd.register_fake(softmax_fwd_fake)
-softmax_bwd.register_fake(softmax_bwd_fake)
-register_autograd(softmax_fwd, softmax_bwd)
+contracts.register(contract, "triton_")
 
 
 # ---- shipped configurations for the static report ---------------------------------------------------
@@ -178,43 +178,18 @@ def kernel_specs() -> list[KernelSpec]:
     sizes = [MIN_BLOCK_N << i for i in range((SINGLE_MAX_N // MIN_BLOCK_N).bit_length())] + [SINGLE_MAX_N * 2]
     specs = []
     for tt in _TT:
+        fwd = signature(_softmax_fwd_kernel, {"X_ptr": f"*{tt}", "Y_ptr": f"*{tt}", "n_cols": "i32", "scale": "fp32"})
+        fwd.update(seqlen_q="i32", causal_shift="i32")
+        bwd = signature(_softmax_bwd_kernel, {"DY_ptr": f"*{tt}", "Y_ptr": f"*{tt}", "DX_ptr": f"*{tt}"})
+        bwd.update(n_cols="i32", scale="fp32")
         for n in sizes:
             block, warps, single = softmax_config(n)
+            config = f"BLOCK_N={block},SINGLE={single}"
             for causal in (False, True):
+                flags = {"CAUSAL": causal, "BLOCK_N": block, "SINGLE": single}
                 specs.append(
-                    KernelSpec(
-                        name=f"softmax_fwd[BLOCK_N={block},SINGLE={single},CAUSAL={causal},{tt}]",
-                        fn=_softmax_fwd_kernel,
-                        signature={
-                            "X_ptr": f"*{tt}",
-                            "Y_ptr": f"*{tt}",
-                            "n_cols": "i32",
-                            "seqlen_q": "i32",
-                            "causal_shift": "i32",
-                            "scale": "fp32",
-                            "CAUSAL": "constexpr",
-                            "BLOCK_N": "constexpr",
-                            "SINGLE": "constexpr",
-                        },
-                        constexprs={"CAUSAL": causal, "BLOCK_N": block, "SINGLE": single},
-                        num_warps=warps,
-                    )
+                    KernelSpec(f"softmax_fwd[{config},CAUSAL={causal},{tt}]", _softmax_fwd_kernel, fwd, flags, warps)
                 )
-            specs.append(
-                KernelSpec(
-                    name=f"softmax_bwd[BLOCK_N={block},SINGLE={single},{tt}]",
-                    fn=_softmax_bwd_kernel,
-                    signature={
-                        "DY_ptr": f"*{tt}",
-                        "Y_ptr": f"*{tt}",
-                        "DX_ptr": f"*{tt}",
-                        "n_cols": "i32",
-                        "scale": "fp32",
-                        "BLOCK_N": "constexpr",
-                        "SINGLE": "constexpr",
-                    },
-                    constexprs={"BLOCK_N": block, "SINGLE": single},
-                    num_warps=warps,
-                )
-            )
+            flags = {"BLOCK_N": block, "SINGLE": single}
+            specs.append(KernelSpec(f"softmax_bwd[{config},{tt}]", _softmax_bwd_kernel, bwd, flags, warps))
     return specs

@@ -1,6 +1,9 @@
-// Argument validation for the norm kernels, shared by the CPU and CUDA entry points.
+// The norm family's schemas and the argument checks its CPU and CUDA entry points share (contract in
+// norms.h). The checks cover what the kernels index; plm_engine.ops.norms checks the rest once.
+#include <torch/library.h>
+
 #include "common/checks.h"
-#include "ops.h"
+#include "norms.h"
 
 namespace plm_engine {
 
@@ -13,11 +16,10 @@ static void check_weight_like(const Tensor& w, const Tensor& x, const char* name
 }
 
 void check_norm_fwd_args(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
-                         const std::optional<Tensor>& residual, double eps) {
+                         const std::optional<Tensor>& residual) {
   PLM_CHECK_DIM(x, 2);
   PLM_CHECK_FLOAT(x);
   PLM_CHECK_CONTIGUOUS(x);
-  TORCH_CHECK(eps >= 0, "eps must be >= 0, got ", eps);
   check_weight_like(weight, x, "weight");
   if (bias.has_value()) check_weight_like(*bias, x, "bias");
   if (bias.has_value()) PLM_CHECK_SAME_DTYPE(weight, (*bias));
@@ -57,3 +59,10 @@ void check_norm_bwd_args(const Tensor& dy, const std::optional<Tensor>& dh, cons
 }
 
 }  // namespace plm_engine
+
+TORCH_LIBRARY_FRAGMENT(plm_engine, m) {
+  m.def("norm_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, float eps, bool is_rms)"
+        " -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("norm_bwd(Tensor dy, Tensor? dh, Tensor h, Tensor weight, Tensor mean, Tensor rstd,"
+        " bool has_bias, bool is_rms) -> (Tensor, Tensor, Tensor)");
+}
