@@ -63,6 +63,9 @@ class ModelConfig:
     pooler: bool = False  # bert pooler (dense + tanh over the first token)
     mlm_head: bool = False  # bert masked-LM head (transform + tied decoder)
     num_labels: int = 0  # > 0: a sequence-classification head
+    # What the classification head reads: None = the arch's way (bert: the pooler over the first token,
+    # causal: the last real token); "mean" = the mean over the real tokens, as sentence-transformers pool
+    classifier_pooling: str | None = None
     dropout: float = 0.0  # residual/embedding dropout in training (attention dropout is not supported)
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -104,6 +107,8 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig: n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
             )
+        if self.classifier_pooling not in (None, "mean"):
+            raise ValueError(f"ModelConfig: classifier_pooling must be None or 'mean', got {self.classifier_pooling!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(
                 f"ModelConfig: unknown activation {self.activation!r}; supported: {', '.join(ACTIVATIONS)}"
@@ -184,6 +189,7 @@ class ModelConfig:
             pad_token_id=hf.get("pad_token_id"),
             torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "") or None,
             num_labels=_num_labels(hf),
+            classifier_pooling="mean" if hf.get("classifier_pooling") == "mean" else None,
         )
         if arch in SEQ2SEQ_ARCHS:
             return cls(**common, **_seq2seq_from_hf(hf, model_type))
@@ -272,6 +278,8 @@ class ModelConfig:
         if self.num_labels:
             ids["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
             ids["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
+        if self.classifier_pooling:  # the key ModernBERT's config uses for the same choice
+            ids["classifier_pooling"] = self.classifier_pooling
         gelu = {"gelu_tanh": "gelu_new", "gelu": "gelu"}
         if self.is_encoder_decoder:
             return {"architectures": [self.hf_architecture()], **ids, **_seq2seq_to_hf(self)}

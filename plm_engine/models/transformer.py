@@ -356,22 +356,14 @@ class Transformer(nn.Module):
         return ops.linear(h, self.lm_head_weight)
 
     def classify(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, layout=None) -> ModelOutput:
-        """Sequence classification: logits (batch, num_labels), loss with labels (batch,).
-        BERT pools the first token (pooler + tanh); causal models read the last real token."""
+        """Sequence classification: logits (batch, num_labels), loss with labels (batch,); the head reads
+        pool() of the final hidden states."""
         if self.classifier is None:
             raise ValueError("classify() needs a model built with config.num_labels > 0")
         hidden = self.hidden_states(input_ids, attention_mask, token_type_ids, layout=layout)
-        if self.config.arch == "bert":
-            pooled = hidden[:, 0]
-            if self.pooler is not None:
-                pooled = torch.tanh(self.pooler(pooled))
-            if self.config.dropout and self.training:
-                pooled = F.dropout(pooled, self.config.dropout, True)
-        else:
-            b, s = input_ids.shape
-            mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-            last = s - 1 - mask.flip(1).int().argmax(1)  # the rightmost real token
-            pooled = hidden[torch.arange(b, device=hidden.device), last]
+        pooled = self.pool(hidden, attention_mask)
+        if self.config.arch == "bert" and self.config.dropout and self.training:
+            pooled = F.dropout(pooled, self.config.dropout, True)
         logits = self.classifier(pooled)
         loss = None
         if labels is not None:
@@ -380,13 +372,23 @@ class Transformer(nn.Module):
             loss = ops.cross_entropy(logits.float(), labels.long())
         return ModelOutput(logits=logits, loss=loss, hidden_states=hidden)
 
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, hidden) the features classify() reads from the final hidden states: their mean over the
+        real tokens with config.classifier_pooling="mean"; else BERT pools the first token (pooler + tanh)
+        and causal models read the last real token."""
+        if self.config.classifier_pooling == "mean":
+            return _mean_over_tokens(hidden, attention_mask)
+        if self.config.arch == "bert":
+            pooled = hidden[:, 0]
+            return torch.tanh(self.pooler(pooled)) if self.pooler is not None else pooled
+        b, s = hidden.shape[:2]
+        mask = torch.ones((b, s), dtype=torch.long, device=hidden.device) if attention_mask is None else attention_mask
+        last = s - 1 - mask.flip(1).int().argmax(1)  # the rightmost real token
+        return hidden[torch.arange(b, device=hidden.device), last]
+
     def embed(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
         """(batch, hidden) mean of the final hidden states over the real tokens (sentence embeddings)."""
-        hidden = self.hidden_states(input_ids, attention_mask, token_type_ids)
-        if attention_mask is None:
-            return hidden.mean(1)
-        m = attention_mask.to(hidden.dtype).unsqueeze(-1)
-        return (hidden * m).sum(1) / m.sum(1).clamp_min(1)
+        return _mean_over_tokens(self.hidden_states(input_ids, attention_mask, token_type_ids), attention_mask)
 
     # ---- generation over a paged KV cache -----------------------------------------------------------
 
@@ -431,3 +433,11 @@ class Transformer(nn.Module):
         if logits_index is None:
             logits_index = batch.cu_seqlens[1:].long() - 1
         return ops.linear(h[logits_index], self.lm_head_weight)
+
+
+def _mean_over_tokens(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """(batch, hidden) mean of (batch, seq, hidden) over the positions the mask marks real."""
+    if attention_mask is None:
+        return hidden.mean(1)
+    m = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1)

@@ -33,7 +33,7 @@ def _bow(texts: Sequence[str], vocab: dict[str, int]) -> torch.Tensor:
         cols += list(feats)
         vals.append(v)
     idx = torch.tensor([rows, cols], dtype=torch.long)
-    return torch.sparse_coo_tensor(idx, torch.cat(vals), (len(texts), len(vocab))).coalesce()
+    return torch.sparse_coo_tensor(idx, torch.cat(vals), (len(texts), len(vocab)), check_invariants=True).coalesce()
 
 
 def bow_logreg_baseline(

@@ -11,6 +11,10 @@
 A checkpoint is written into a hidden temporary folder and renamed into place, so a crash mid-write
 never leaves a `step-*` folder behind; a folder without a manifest (copied half-way, written by hand)
 is reported as partial, and a file whose size or hash disagrees with the manifest as corrupt.
+
+With keep_best, <out_dir>/best/ holds the weights that scored best on the validation split so far
+(save_pretrained layout + tokenizer + best.json: step, metric, value), replaced by the same
+write-then-rename.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch
 
 FORMAT = "plm_engine-train-checkpoint/1"
 MANIFEST = "manifest.json"
+BEST_RECORD = "best.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -135,6 +140,38 @@ def save_checkpoint(
     for _, old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_best(path: str, save_weights, tokenizer, record: dict) -> str:
+    """Replace the folder of the best weights so far (<out_dir>/best: config.json, model.safetensors,
+    the tokenizer and best.json = `record`) by a write to a temporary folder and a rename, so the folder
+    always holds one complete set of weights and the record that goes with them."""
+    tmp, old = f"{path}.tmp-{os.getpid()}", f"{path}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        save_weights(tmp)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        with open(os.path.join(tmp, BEST_RECORD), "w") as f:
+            json.dump(record, f, indent=2)
+        if os.path.exists(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def read_best(path: str) -> dict | None:
+    """The record of the best-weights folder `path`, or None when there is none (or it is unreadable)."""
+    try:
+        with open(os.path.join(path, BEST_RECORD)) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def verify_checkpoint(path: str) -> dict:

@@ -68,11 +68,16 @@ def run(args) -> int:
     finally:
         trainer.close()
     if trainer.dist.is_main:
+        from plm_engine.training.metrics import classification_report
+
         for i, r in enumerate(summary.get("reconstructions") or []):  # seq2seq: what the model writes back
             print(f"--- reconstruction {i + 1} (eval)", file=sys.stderr)
             for key in ("noised", "reconstruction", "original"):
                 print(f"{key:>14}: {r[key]!r}", file=sys.stderr)
         print(json.dumps(summary, indent=2))
+        report = classification_report(summary)
+        if report:
+            print(report)
     if summary.get("interrupted"):
         return 128 + int(summary["interrupted"])  # the shell's convention for death by a signal
     return 0

@@ -21,6 +21,7 @@ OBJECTIVES = ("clm", "mlm", "classify", "seq2seq")
 SCHEDULES = ("cosine", "wsd", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
+KEEP_BEST = ("", "accuracy", "macro_f1", "loss")
 
 
 @dataclass
@@ -49,6 +50,9 @@ class TrainConfig:
     num_labels: int = 0  # classify: 0 = from the dataset
     passage_lines: int = 8  # shakespeare-genre: lines per passage
     baselines: bool = False  # classify: also score majority-class and bag-of-words logistic regression
+    # classify: before fine-tuning, fit the new head by logistic regression on the pretrained model's
+    # pooled features of this many training examples (a seeded sample; LP-FT); 0 = the head's fresh init
+    probe_examples: int = 0
     # Optimisation.
     batch_size: int = 8  # sequences per micro-batch per process
     grad_accum: int = 1
@@ -73,6 +77,11 @@ class TrainConfig:
     # Evaluation, logging, checkpoints.
     eval_every: int = 50
     eval_batches: int = 20  # global batches per eval; 0 = the whole eval split
+    # classify: "accuracy", "macro_f1" or "loss" = every eval_every steps score a validation split carved
+    # from the training data, keep the best weights (<out_dir>/best) and report the eval split for them
+    keep_best: str = ""
+    val_fraction: float = 0.1  # keep_best on jsonl data: the share of training rows that validates
+    val_batches: int = 20  # keep_best: global batches per validation (a seeded sample); 0 = all of it
     log_every: int = 1
     save_every: int = 0  # 0 = only at the end (and on SIGINT/SIGTERM)
     keep_last: int = 3
@@ -114,6 +123,24 @@ class TrainConfig:
             (self.show_reconstructions >= 0, f"show_reconstructions must be >= 0, got {self.show_reconstructions}"),
             (0 <= self.eval_fraction < 1, f"eval_fraction must be in [0, 1), got {self.eval_fraction}"),
             (self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}"),
+            (
+                self.keep_best in KEEP_BEST,
+                f"keep_best must be one of {KEEP_BEST[1:]} or empty, got {self.keep_best!r}",
+            ),
+            (
+                not self.keep_best or (self.objective == "classify" and self.eval_every > 0),
+                "keep_best selects a classifier's checkpoint on a validation split: it needs objective='classify' "
+                f"and eval_every > 0, got objective={self.objective!r} eval_every={self.eval_every}",
+            ),
+            (
+                self.probe_examples >= 0 and (not self.probe_examples or self.objective == "classify"),
+                f"probe_examples must be >= 0 and needs objective='classify', got {self.probe_examples}",
+            ),
+            (0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}"),
+            (
+                self.eval_batches >= 0 and self.val_batches >= 0,
+                f"eval_batches/val_batches must be >= 0, got {self.eval_batches}/{self.val_batches}",
+            ),
             (self.clip_grad >= 0, f"clip_grad must be >= 0, got {self.clip_grad}"),
             (
                 self.eval_every >= 0 and self.save_every >= 0 and self.log_every >= 1,

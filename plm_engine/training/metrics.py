@@ -190,6 +190,25 @@ def classification_scores(preds: torch.Tensor, labels: torch.Tensor, num_labels:
     return {"accuracy": (preds == labels).float().mean().item(), "macro_f1": sum(f1s) / max(1, len(f1s))}
 
 
+def classification_report(summary: dict) -> str:
+    """A few lines for the end of a classification run: the model's eval scores beside the baselines'
+    and its margin over bag-of-words logistic regression, in points (hundredths)."""
+    ev = summary.get("eval") or {}
+    if "accuracy" not in ev:
+        return ""
+    how = f", the weights of step {ev['step']} (best {ev['selected_by']})" if ev.get("selected_by") else ""
+    lines = [f"eval: {ev.get('n_examples', '?')} examples{how}", f"  {'':<12}{'accuracy':>10}{'macro-F1':>10}"]
+    rows = [("model", ev)] + list((summary.get("baselines") or {}).items())
+    lines += [f"  {name:<12}{r['accuracy']:>10.3f}{r['macro_f1']:>10.3f}" for name, r in rows]
+    m = summary.get("margin")
+    if m:
+        lines.append(
+            f"  margin over {m['baseline']}: accuracy {100 * m['accuracy']:+.1f} points, "
+            f"macro-F1 {100 * m['macro_f1']:+.1f} points"
+        )
+    return "\n".join(lines)
+
+
 # -------------------------------------------------------------------------------------------- plot
 
 
@@ -203,7 +222,8 @@ def plot_log(log_path: str, out_path: str | None = None) -> str:
     records = read_log(log_path)
     train = [r for r in records if r.get("split") == "train" and r.get("loss") is not None]
     evals = [r for r in records if r.get("split") == "eval" and r.get("loss") is not None]
-    if not train and not evals:
+    vals = [r for r in records if r.get("split") == "val" and r.get("loss") is not None]
+    if not train and not evals and not vals:
         raise ValueError(f"{log_path}: no loss records to plot")
     out_path = out_path or os.path.splitext(log_path)[0] + "_loss.png"
     fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
@@ -211,6 +231,8 @@ def plot_log(log_path: str, out_path: str | None = None) -> str:
         ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train", lw=1)
     if evals:
         ax.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="eval", lw=1.5)
+    if vals:
+        ax.plot([r["step"] for r in vals], [r["loss"] for r in vals], "s--", label="val", lw=1.2)
     ax.set_ylabel("loss")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)

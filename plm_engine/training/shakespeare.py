@@ -76,6 +76,13 @@ EVAL_PLAYS = (
     "julius_caesar",
 )
 
+# Whole training plays set aside as a validation split when a run selects its checkpoint by eval
+# (TrainConfig.keep_best): one per genre, so choosing a step never looks at the held-out EVAL_PLAYS.
+# Each stands alone: no characters or story shared with a held-out play (as Henry IV's are with
+# Henry V, or Antony and Cleopatra's with Julius Caesar), so what the model gives up for validation is
+# not what the baselines, fitted on every training play, keep over it on the held-out plays.
+VAL_PLAYS = ("much_ado_about_nothing", "john", "macbeth")
+
 
 def texts_dir() -> str:
     """The package's texts/ folder, found without importing any of its modules."""
@@ -139,6 +146,16 @@ def genre_passages(passage_lines: int = 8, eval_plays: tuple[str, ...] = EVAL_PL
             split["label"].append(GENRES.index(FIRST_FOLIO_GENRE[play]))
             split["play"].append(play)
     return train, evals
+
+
+def take_plays(split: dict, plays: tuple[str, ...]) -> tuple[dict, dict]:
+    """(the passages of `split` not from `plays`, the passages from `plays`), in their order."""
+    unknown = set(plays) - set(split["play"])
+    if unknown:
+        raise ValueError(f"take_plays: no passages of play(s) {sorted(unknown)} in this split")
+    rest = {k: [v for v, p in zip(vals, split["play"]) if p not in plays] for k, vals in split.items()}
+    taken = {k: [v for v, p in zip(vals, split["play"]) if p in plays] for k, vals in split.items()}
+    return rest, taken
 
 
 def subsample(split: dict, n: int, seed: int = 0) -> dict:

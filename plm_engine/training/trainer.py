@@ -15,6 +15,7 @@ import contextlib
 import functools
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -70,6 +71,8 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.last_eval: dict = {}
+        self.best: dict | None = None  # keep_best: {step, metric, value, val} of the weights in best_dir
+        self.best_dir = os.path.join(cfg.out_dir, "best")
         self._stop_signal: int | None = None
         resume_path = ckpt.resolve_resume(cfg.resume, self.ckpt_root) if cfg.resume else None
         resume_files = ckpt.load_trainer_files(resume_path) if resume_path else None
@@ -80,6 +83,8 @@ class Trainer:
             self._build_data()
             torch.manual_seed(cfg.seed)  # the same initial weights on every process and every rerun
             self.model = self._build_model(resume_path)
+            # Every process fits the same head from the same weights and examples (before any wrapping).
+            probe = self._probe_head() if cfg.probe_examples and resume_path is None else None
         self.n_params = self.model.num_parameters()
         self.flops_per_token = flops_per_token(self.model.config, cfg.seq_len, self.n_params)
         self._peak: float | None = cfg.peak_flops or None
@@ -95,9 +100,13 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
         if resume_files is not None:
             self._restore(*resume_files)
+        elif cfg.keep_best and self.dist.is_main:
+            shutil.rmtree(self.best_dir, ignore_errors=True)  # an earlier run's best is not this run's
         self.logger = MetricsLogger(
             cfg.out_dir, enabled=self.dist.is_main, resume_step=self.step if resume_path else None
         )
+        if probe is not None:
+            self.logger.log(probe)
 
     # ---- construction -------------------------------------------------------------------------------
 
@@ -148,6 +157,7 @@ class Trainer:
     def _build_data(self) -> None:
         cfg, tok = self.cfg, self.tokenizer
         self.global_batch = cfg.batch_size * cfg.grad_accum * self.dist.world_size
+        self.val_set = None
         if cfg.objective == "classify":
             self._build_classification()
         else:
@@ -195,6 +205,12 @@ class Trainer:
 
             train, evals = shakespeare.genre_passages(cfg.passage_lines)
             names = list(shakespeare.GENRES)
+            # The baselines fit on every passage outside the held-out plays, the validation plays
+            # included: they get at least the data the model trains and selects on.
+            self.baseline_texts, self.baseline_labels = train["text"], train["label"]
+            if cfg.keep_best:  # whole plays validate, as whole plays evaluate
+                train, val = shakespeare.take_plays(train, shakespeare.VAL_PLAYS)
+                val_x, val_y = val["text"], val["label"]
             train_x, train_y, eval_x, eval_y = train["text"], train["label"], evals["text"], evals["label"]
             self.eval_groups = evals["play"]
         elif cfg.dataset == "jsonl":
@@ -210,11 +226,21 @@ class Trainer:
                 ev, tr = set(perm[:n_eval]), perm[n_eval:]
                 train_x, train_y = [x[i] for i in tr], [y[i] for i in tr]
                 eval_x, eval_y = [x[i] for i in sorted(ev)], [y[i] for i in sorted(ev)]
+            self.baseline_texts, self.baseline_labels = train_x, train_y
+            if cfg.keep_best:  # a seeded share of the training rows validates
+                perm = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(cfg.seed + 2)).tolist()
+                n_val = max(1, int(len(train_x) * cfg.val_fraction))
+                if n_val >= len(train_x):
+                    raise ValueError(f"keep_best: {len(train_x)} training rows leave none after the validation split")
+                va, tr = sorted(perm[:n_val]), sorted(perm[n_val:])
+                val_x, val_y = [train_x[i] for i in va], [train_y[i] for i in va]
+                train_x, train_y = [train_x[i] for i in tr], [train_y[i] for i in tr]
         else:
             raise ValueError(f"objective 'classify' needs dataset 'jsonl' or 'shakespeare-genre', got {cfg.dataset!r}")
         self.train_texts, self.train_labels, self.eval_texts, self.eval_labels = train_x, train_y, eval_x, eval_y
         self.train_set = D.ClassificationSet(train_x, train_y, tok, cfg.seq_len, names)
         self.eval_set = D.ClassificationSet(eval_x, eval_y, tok, cfg.seq_len, names)
+        self.val_set = D.ClassificationSet(val_x, val_y, tok, cfg.seq_len, names) if cfg.keep_best else None
         self.num_labels = cfg.num_labels or max(self.train_set.num_labels, self.eval_set.num_labels)
         self.label_names = names
 
@@ -272,6 +298,35 @@ class Trainer:
             model.load_state_dict(saved.state_dict(), strict=True)
         return model.to(self.device).train()
 
+    @torch.no_grad()
+    def _probe_head(self) -> dict:
+        """LP-FT (training/probe.py): the classifier head fitted on the frozen model's pooled features of
+        a seeded sample of probe_examples training examples. Returns the fit's log record."""
+        from plm_engine.training.probe import fit_linear_head
+
+        cfg, model = self.cfg, self.model
+        n = len(self.train_set)
+        pick = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 3))[: cfg.probe_examples].tolist()
+        model.eval()
+        feats, labels = [], []
+        for i in range(0, len(pick), cfg.batch_size):
+            batch = self._collate(pick[i : i + cfg.batch_size], EVAL_EPOCH, self.train_set)
+            with self._autocast(), checks.trusted():
+                hidden = model.hidden_states(
+                    batch["input_ids"], batch.get("attention_mask"), layout=batch.get("layout")
+                )
+                feats.append(model.pool(hidden, batch.get("attention_mask")).float().cpu())
+            labels.append(batch["labels"].cpu())
+        model.train()
+        head = model.classifier
+        weight, bias, record = fit_linear_head(
+            torch.cat(feats), torch.cat(labels), self.num_labels, head.bias is not None
+        )
+        head.weight.copy_(weight.to(head.weight))
+        if bias is not None:
+            head.bias.copy_(bias.to(head.bias))
+        return {"step": 0, "split": "probe", **record}
+
     def _checkpoint_blocks(self) -> None:
         """Recompute each block's activations in backward instead of storing them (instance-level
         forward wrap: parameter names stay the same, so checkpoints are unaffected)."""
@@ -309,19 +364,26 @@ class Trainer:
             )
         return self.model.state_dict(), self.optimizer.state_dict()
 
+    def _plain_model(self, model_state: dict):
+        """A Transformer with the full weights that save_pretrained can write: the model itself, or under
+        FSDP one built around the gathered state."""
+        from plm_engine.models import build_model
+
+        if self.dist.mode != "fsdp":
+            return self.model
+        with torch.device("meta"):
+            plain = build_model(self.model.config)
+        plain.load_state_dict(model_state, assign=True)
+        return plain
+
     def save(self) -> str | None:
         """Write a checkpoint of the current step (every process takes part; rank 0 writes)."""
-        from plm_engine.models import build_model, save_pretrained
+        from plm_engine.models import save_pretrained
 
         model_state, optim_state = self._full_state()
         path = None
         if self.dist.is_main:
-            if self.dist.mode == "fsdp":
-                with torch.device("meta"):
-                    plain = build_model(self.model.config)
-                plain.load_state_dict(model_state, assign=True)
-            else:
-                plain = self.model
+            plain = self._plain_model(model_state)
             tensors = {
                 "optimizer": optim_state,
                 "scheduler": self.scheduler.state_dict(),
@@ -335,6 +397,7 @@ class Trainer:
                 "world_size": self.dist.world_size,
                 "config": self.cfg.to_dict(),
                 "last_eval": self.last_eval,
+                "best": self.best,
             }
             path = ckpt.save_checkpoint(
                 self.ckpt_root,
@@ -352,6 +415,13 @@ class Trainer:
         self.step = int(state["step"])
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.last_eval = state.get("last_eval", {})
+        best = state.get("best")
+        if best is not None and ckpt.read_best(self.best_dir) == best:
+            self.best = best
+        elif self.cfg.keep_best and self.dist.is_main:
+            # best/ was written after this checkpoint, by the run being resumed, or is missing: the
+            # selection starts again from here rather than point at weights that do not match its record.
+            shutil.rmtree(self.best_dir, ignore_errors=True)
         self.sampler.load_state_dict(state["sampler"])
         if self.dist.mode == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -532,26 +602,33 @@ class Trainer:
 
     # ---- evaluation -----------------------------------------------------------------------------------
 
+    def _eval_order(self, n: int, cap_batches: int) -> list[int]:
+        """The examples an eval scores: for classification a seeded shuffle, so a capped eval still covers
+        every held-out play and class; capped at cap_batches global batches, so the same sequences are
+        evaluated whatever the process count."""
+        order = list(range(n))
+        if self.cfg.objective == "classify":
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed + 1)).tolist()
+        if cap_batches:
+            order = order[: cap_batches * self.cfg.batch_size * self.dist.world_size]
+        return order
+
     @torch.no_grad()
-    def evaluate(self) -> dict:
-        if self.eval_set is None:
+    def evaluate(self, split: str = "eval") -> dict:
+        """Score the eval split (held out), or with split="val" the validation split keep_best selects on."""
+        dataset = self.val_set if split == "val" else self.eval_set
+        if dataset is None:
             return {}
         cfg = self.cfg
         self.forward_module.eval()
-        n = len(self.eval_set)
-        order = list(range(n))
-        if cfg.objective == "classify":
-            # A seeded shuffle, so a capped eval still covers every held-out play and class.
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 1)).tolist()
-        if cfg.eval_batches:  # global batches, so the same sequences are evaluated whatever the process count
-            order = order[: cfg.eval_batches * cfg.batch_size * self.dist.world_size]
+        order = self._eval_order(len(dataset), cfg.val_batches if split == "val" else cfg.eval_batches)
         batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
         mine = batches[self.dist.rank :: self.dist.world_size]
         loss_sum = torch.zeros(2, dtype=torch.float64, device=self.device)  # (sum of loss * targets, targets)
         preds, labels = [], []
         with ops_backend(cfg.backend):
             for idx in mine:
-                batch = self._collate(idx, EVAL_EPOCH, self.eval_set)
+                batch = self._collate(idx, EVAL_EPOCH, dataset)
                 loss, count, out = self._loss(self.net, batch)
                 loss_sum += torch.tensor([loss.double().item() * count, count], device=self.device, dtype=torch.float64)
                 if cfg.objective == "classify":
@@ -559,7 +636,7 @@ class Trainer:
                     labels.append(batch["labels"])
         loss_sum = dist_utils.all_reduce_sum(loss_sum, self.dist)
         loss = (loss_sum[0] / loss_sum[1].clamp_min(1)).item()
-        rec = {"step": self.step, "split": "eval", "loss": loss, "ppl": perplexity(loss)}
+        rec = {"step": self.step, "split": split, "loss": loss, "ppl": perplexity(loss)}
         if cfg.objective == "classify":
             p = dist_utils.all_gather_cat(
                 torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long, device=self.device), self.dist
@@ -570,8 +647,38 @@ class Trainer:
             rec.update(classification_scores(p.cpu(), y.cpu(), self.num_labels), n_examples=int(y.numel()))
             rec.pop("ppl")
         self.forward_module.train()
-        self.last_eval = rec
+        if split == "eval":
+            self.last_eval = rec
         return rec
+
+    def _validate(self) -> None:
+        """keep_best: score the validation split; weights that beat the best so far replace best_dir."""
+        rec = self.evaluate("val")
+        self.logger.log(rec)
+        metric, value = self.cfg.keep_best, rec[self.cfg.keep_best]
+        if self.best is not None:
+            better = value < self.best["value"] if metric == "loss" else value > self.best["value"]
+            if not better:  # ties keep the earlier step
+                return
+        self.best = {"step": self.step, "metric": metric, "value": value, "val": rec}
+        from plm_engine.models import save_pretrained
+
+        plain = self._gathered_model()  # every process takes part under FSDP
+        if self.dist.is_main:
+            ckpt.save_best(self.best_dir, lambda d: save_pretrained(plain, d), self.tokenizer, self.best)
+        dist_utils.barrier(self.dist)
+
+    def _load_best(self) -> None:
+        """Put the weights of best_dir into the model (every process reads them)."""
+        from plm_engine.models import load_model
+
+        state = load_model(self.best_dir, dtype=torch.float32, device="cpu").state_dict()
+        if self.dist.mode == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True))
+        else:
+            self.model.load_state_dict(state, strict=True)
 
     # ---- the run ------------------------------------------------------------------------------------
 
@@ -623,7 +730,10 @@ class Trainer:
                     if bar is not None:
                         bar.update(1)
                     if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < end:
-                        self.logger.log(self.evaluate())
+                        if cfg.keep_best:
+                            self._validate()
+                        else:
+                            self.logger.log(self.evaluate())
                         t_last = time.perf_counter()  # eval time is not training throughput
                     stop = dist_utils.broadcast_flag(self._stop_signal is not None, self.dist, self.device)
                     if stop:
@@ -631,10 +741,20 @@ class Trainer:
                         break
                     if cfg.save_every and self.step % cfg.save_every == 0 and self.step < end:
                         self.save()
-            final_eval = self.evaluate() if interrupted is None else {}
-            if final_eval:
-                self.logger.log(final_eval)
+            done = interrupted is None and self.step == cfg.max_steps
+            if cfg.keep_best:
+                # The last step is a candidate when the uninterrupted run would validate it too.
+                if interrupted is None and (self.step % cfg.eval_every == 0 or done):
+                    self._validate()
+            elif interrupted is None:
+                self.logger.log(self.evaluate())
             path = self.save()
+            if cfg.keep_best and done:
+                # The held-out plays score the selected weights only, once: no choice looks at them.
+                self._load_best()
+                final_eval = self.evaluate()
+                final_eval.update(step=self.best["step"], selected_by=f"val {cfg.keep_best}")
+                self.logger.log(final_eval)
         finally:
             if bar is not None:
                 bar.close()
@@ -649,8 +769,12 @@ class Trainer:
             "interrupted": int(interrupted) if interrupted else None,
             "log": self.logger.jsonl,
         }
+        if cfg.keep_best and self.best is not None:
+            summary["best"] = {**self.best, "path": self.best_dir}
         if cfg.objective == "classify" and cfg.baselines and interrupted is None and self.dist.is_main:
             summary["baselines"] = self.baselines()
+            if self.last_eval:
+                summary["margin"] = baseline_margin(self.last_eval, summary["baselines"], "bow_logreg")
         if cfg.objective == "seq2seq" and cfg.show_reconstructions and interrupted is None:
             model = self._gathered_model()  # every process takes part under FSDP
             if self.dist.is_main:
@@ -668,17 +792,16 @@ class Trainer:
 
     def baselines(self) -> dict:
         """Majority-class and bag-of-words logistic-regression scores on the same eval examples the model
-        was scored on (the seeded eval subset when eval_batches caps it)."""
+        was scored on (the seeded eval subset when eval_batches caps it), fitted on every training
+        passage, the validation split included."""
         from plm_engine.training.baselines import bow_logreg_baseline, majority_baseline
 
-        n = len(self.eval_texts)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed + 1)).tolist()
-        if self.cfg.eval_batches:
-            order = order[: self.cfg.eval_batches * self.cfg.batch_size * self.dist.world_size]
+        order = self._eval_order(len(self.eval_texts), self.cfg.eval_batches)
         ex, ey = [self.eval_texts[i] for i in order], [self.eval_labels[i] for i in order]
+        tx, ty = self.baseline_texts, self.baseline_labels
         return {
-            "majority": majority_baseline(self.train_labels, ey, self.num_labels),
-            "bow_logreg": bow_logreg_baseline(self.train_texts, self.train_labels, ex, ey, self.num_labels),
+            "majority": majority_baseline(ty, ey, self.num_labels),
+            "bow_logreg": bow_logreg_baseline(tx, ty, ex, ey, self.num_labels),
         }
 
     def _gathered_model(self):
@@ -741,6 +864,15 @@ class Trainer:
 
     def close(self) -> None:
         dist_utils.shutdown(self.dist)
+
+
+def baseline_margin(model_scores: dict, baselines: dict, name: str) -> dict:
+    """How far the model's accuracy and macro-F1 lie above baseline `name`'s (differences of fractions)."""
+    return {
+        "baseline": name,
+        "accuracy": model_scores["accuracy"] - baselines[name]["accuracy"],
+        "macro_f1": model_scores["macro_f1"] - baselines[name]["macro_f1"],
+    }
 
 
 def _blocks(model) -> list[torch.nn.Module]:

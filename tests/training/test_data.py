@@ -216,4 +216,12 @@ def test_shakespeare_corpus_and_genres():
     assert set(train["play"]).isdisjoint(evals["play"]) and set(evals["play"]) == set(sh.EVAL_PLAYS)
     assert set(train["label"]) == set(evals["label"]) == {0, 1, 2}
     assert all(len(t.splitlines()) == 40 for t in train["text"][:50])
+    # the validation plays: one training play per genre, none held out
+    assert sorted(sh.FIRST_FOLIO_GENRE[p] for p in sh.VAL_PLAYS) == list(sh.GENRES)
+    assert set(sh.VAL_PLAYS).isdisjoint(sh.EVAL_PLAYS)
+    rest, val = sh.take_plays(train, sh.VAL_PLAYS)
+    assert set(val["play"]) == set(sh.VAL_PLAYS) and set(rest["play"]).isdisjoint(sh.VAL_PLAYS)
+    assert len(rest["text"]) + len(val["text"]) == len(train["text"])
+    with pytest.raises(ValueError, match="no passages of play"):
+        sh.take_plays(evals, sh.VAL_PLAYS)
     assert os.path.basename(sh.texts_dir()) == "texts"

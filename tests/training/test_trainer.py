@@ -96,17 +96,22 @@ def test_bf16_autocast(tmp_path, corpus):
     assert next(bf.model.parameters()).dtype == torch.float32  # master weights stay fp32
 
 
-def test_classification_objective(tmp_path):
+def keyword_rows(path, n: int = 120, signal: float = 0.6) -> str:
+    """A JSONL file of three keyword classes: each word is its class's keyword with probability `signal`."""
     rows = []
     g = torch.Generator().manual_seed(0)
-    for i in range(120):
+    for i in range(n):
         label = i % 3
         words = [["sun", "joy", "wed"], ["king", "war", "crown"], ["death", "grave", "blood"]][label]
         noise = ["and", "the", "of", "a", "then"]
-        seq = [words[j] if torch.rand(1, generator=g).item() < 0.6 else noise[j] for j in range(3) for _ in range(2)]
+        seq = [words[j] if torch.rand(1, generator=g).item() < signal else noise[j] for j in range(3) for _ in range(2)]
         rows.append({"text": " ".join(seq), "label": ["comedy", "history", "tragedy"][label]})
-    data = tmp_path / "rows.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in rows))
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return str(path)
+
+
+def test_classification_objective(tmp_path):
+    data = keyword_rows(tmp_path / "rows.jsonl")
     trainer, summary = train(
         tmp_path / "run",
         [str(data)],
@@ -127,6 +132,84 @@ def test_classification_objective(tmp_path):
 
     loaded = load_model(summary["checkpoint"])
     assert loaded.config.num_labels == 3
+
+
+KEEP_BEST = dict(
+    objective="classify",
+    model="bert-tiny",
+    dataset="jsonl",
+    max_steps=24,
+    batch_size=8,
+    eval_fraction=0.25,
+    eval_batches=0,
+    val_fraction=0.2,
+    val_batches=0,
+    lr=3e-3,
+    seq_len=16,
+    eval_every=4,
+    keep_best="macro_f1",
+)
+
+
+def test_keep_best_selects_on_validation_and_scores_the_eval_split_once(tmp_path):
+    """Validation every eval_every steps on rows carved from the training split; best/ holds the weights
+    of the best validation macro-F1 (earliest on ties); the run ends with them and the eval split scores
+    them once, beside the baselines, with the margin in the summary."""
+    from plm_engine.models import load_model
+    from plm_engine.training.metrics import classification_report, read_log
+
+    data = keyword_rows(tmp_path / "rows.jsonl", n=160, signal=0.45)
+    trainer, summary = train(tmp_path / "run", [data], save_every=4, keep_last=10, baselines=True, **KEEP_BEST)
+    # 160 rows: 40 eval; of the 120 training rows 24 validate and 96 train; the baselines fit on all 120
+    assert (len(trainer.eval_set), len(trainer.val_set), len(trainer.train_set)) == (40, 24, 96)
+    assert len(trainer.baseline_texts) == 120
+    records = read_log(trainer.logger.jsonl)
+    vals = [r for r in records if r["split"] == "val"]
+    assert [r["step"] for r in vals] == [4, 8, 12, 16, 20, 24] and all(r["n_examples"] == 24 for r in vals)
+    best = max(vals, key=lambda r: (r["macro_f1"], -r["step"]))
+    assert (summary["best"]["step"], summary["best"]["value"]) == (best["step"], best["macro_f1"])
+    evals = [r for r in records if r["split"] == "eval"]
+    assert len(evals) == 1 and evals[0] == summary["eval"]  # the eval split is scored once, at the end
+    assert summary["eval"]["step"] == best["step"] and summary["eval"]["selected_by"] == "val macro_f1"
+
+    # best/ == the checkpoint of the best step == the model the run ends with; the last checkpoint
+    # still holds the last step (for a resume)
+    chosen = load_model(summary["best"]["path"]).state_dict()
+    at_step = load_model(ckpt.step_dir(trainer.ckpt_root, best["step"])).state_dict()
+    final = trainer.model.state_dict()
+    assert all(torch.equal(chosen[k], at_step[k]) and torch.equal(chosen[k], final[k].cpu()) for k in chosen)
+    rescored = trainer.evaluate()
+    assert {k: rescored[k] for k in ("accuracy", "macro_f1")} == {
+        k: summary["eval"][k] for k in ("accuracy", "macro_f1")
+    }
+
+    bow = summary["baselines"]["bow_logreg"]
+    assert summary["margin"]["accuracy"] == pytest.approx(summary["eval"]["accuracy"] - bow["accuracy"])
+    assert summary["margin"]["macro_f1"] == pytest.approx(summary["eval"]["macro_f1"] - bow["macro_f1"])
+    report = classification_report(summary)
+    assert f"the weights of step {best['step']}" in report and "margin over bow_logreg: accuracy" in report
+
+
+def test_keep_best_resumes(tmp_path):
+    """Stopped between validations and resumed: the same selection and the same eval as a straight run."""
+    data = keyword_rows(tmp_path / "rows.jsonl", n=160, signal=0.45)
+    _, straight = train(tmp_path / "a", [data], **KEEP_BEST)
+    _, first = train(tmp_path / "b", [data], stop_at=10, **KEEP_BEST)
+    assert first["eval"] == {} and first["best"]["step"] in (4, 8)  # no eval-split score before the end
+    _, resumed = train(tmp_path / "b", [data], resume="latest", **KEEP_BEST)
+    assert resumed["best"] == {**straight["best"], "path": resumed["best"]["path"]}
+    assert resumed["eval"] == straight["eval"]
+
+
+def test_keep_best_config_errors():
+    from plm_engine.training.config import TrainConfig
+
+    with pytest.raises(ValueError, match="keep_best must be one of"):
+        TrainConfig(model="bert-tiny", data=["x"], objective="classify", keep_best="f1")
+    with pytest.raises(ValueError, match="needs objective='classify'"):
+        TrainConfig(model="gpt2-tiny", data=["x"], keep_best="loss")
+    with pytest.raises(ValueError, match="eval_every > 0"):
+        TrainConfig(model="bert-tiny", data=["x"], objective="classify", keep_best="loss", eval_every=0)
 
 
 def test_checkpoint_is_loadable_and_corruption_is_detected(tmp_path, corpus):

@@ -1,0 +1,87 @@
+"""LP-FT: the head fitted on frozen pooled features (training/probe.py), and the mean pooling a
+sentence-transformers model is fine-tuned with (ModelConfig.classifier_pooling)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from plm_engine.training.probe import fit_linear_head
+from plm_engine.training.trainer import Trainer
+from tests.training.helpers import tiny_config
+from tests.training.test_trainer import keyword_rows
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fit_linear_head_folds_the_standardisation_exactly(bias):
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 7, generator=g) * 2
+    y = torch.arange(90) % 3
+    x = centres[y] * torch.tensor([1, 10, 0.1, 1, 5, 1, 1]) + 3 + torch.randn(90, 7, generator=g)  # awkward scales
+    w, b, rec = fit_linear_head(x, y, 3, bias=bias)
+    assert w.shape == (3, 7) and (b is None) == (not bias)
+    logits = x @ w.t() + (b if bias else 0)
+    acc = (logits.argmax(1) == y).double().mean().item()
+    assert acc == pytest.approx(rec["accuracy"]) and acc > 0.9, rec
+    assert torch.nn.functional.cross_entropy(logits.double(), y).item() == pytest.approx(rec["loss"], rel=1e-4)
+
+
+def test_mean_pooling_classifies_the_sentence_embedding_and_round_trips(tmp_path):
+    from plm_engine.models import ModelConfig, Transformer, load_model, save_pretrained
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("bert-tiny", num_labels=3, classifier_pooling="mean")).eval()
+    ids = torch.randint(5, 500, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    mask[2, 2:] = 0
+    with torch.no_grad():
+        logits = model.classify(ids, mask).logits
+        assert torch.allclose(logits, model.classifier(model.embed(ids, mask)), atol=1e-6)
+        cls = Transformer(model.config.replace(classifier_pooling=None)).eval()
+        cls.load_state_dict(model.state_dict())
+        assert not torch.allclose(cls.classify(ids, mask).logits, logits)  # the choice changes what is read
+        save_pretrained(model, tmp_path / "m")
+        loaded = load_model(tmp_path / "m")
+        assert loaded.config.classifier_pooling == "mean"
+        assert torch.allclose(loaded.classify(ids, mask).logits, logits, atol=1e-6)
+    with pytest.raises(ValueError, match="classifier_pooling must be None or 'mean'"):
+        ModelConfig.preset("bert-tiny", classifier_pooling="max")
+
+
+def test_probe_fits_the_head_the_model_then_uses(tmp_path):
+    """probe_examples: the head's weights come from the fit on the model's own pooled features, so the
+    model classifies the probed examples as well as the fit did, before any training step."""
+    data = keyword_rows(tmp_path / "rows.jsonl", n=150)
+    cfg = tiny_config(
+        tmp_path / "run",
+        [data],
+        objective="classify",
+        model="bert-tiny",
+        dataset="jsonl",
+        batch_size=8,
+        seq_len=16,
+        eval_fraction=0.2,
+        probe_examples=64,
+        model_overrides={"classifier_pooling": "mean"},
+    )
+    trainer = Trainer(cfg)
+    from plm_engine.training.metrics import read_log
+
+    (probe,) = [r for r in read_log(trainer.logger.jsonl) if r["split"] == "probe"]
+    assert probe["n_examples"] == 64 and probe["accuracy"] > 0.5, probe
+    pick = torch.randperm(len(trainer.train_set), generator=torch.Generator().manual_seed(cfg.seed + 3))[:64]
+    trainer.model.eval()
+    right = 0
+    for i in range(0, 64, 8):
+        batch = trainer._collate(pick[i : i + 8].tolist(), 0, trainer.train_set)
+        with torch.no_grad():
+            out = trainer.model.classify(batch["input_ids"], batch.get("attention_mask"))
+        right += int((out.logits.argmax(-1) == batch["labels"]).sum())
+    assert right / 64 == pytest.approx(probe["accuracy"], abs=1 / 64)  # float32 head vs float64 fit: a tie at most
+    from plm_engine.training.config import TrainConfig
+
+    fresh = Trainer(TrainConfig(**{**cfg.to_dict(), "probe_examples": 0, "out_dir": str(tmp_path / "fresh")}))
+    assert not torch.equal(fresh.model.classifier.weight, trainer.model.classifier.weight)
+    with pytest.raises(ValueError, match="probe_examples must be >= 0 and needs objective='classify'"):
+        tiny_config(tmp_path / "x", [data], probe_examples=8)
