@@ -19,8 +19,10 @@ and decodes eagerly.
 from __future__ import annotations
 
 import os
+import sys
 import types
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -71,7 +73,11 @@ def _fresh_function(bucket: int):
     # (runner, bucket) gives each one exactly one entry: no recompile limit shared by every engine of the
     # process, and no guard search across buckets.
     code = _decode_forward.__code__
-    code = code.replace(co_name=f"decode_bucket_{bucket}", co_qualname=f"decode_bucket_{bucket}")
+    name = f"decode_bucket_{bucket}"
+    if sys.version_info >= (3, 11):  # co_qualname is new in 3.11
+        code = code.replace(co_name=name, co_qualname=name)
+    else:
+        code = code.replace(co_name=name)
     return types.FunctionType(code, _decode_forward.__globals__, code.co_name)
 
 
@@ -92,7 +98,7 @@ class CompiledDecode(DecodeGraphs):
         # Built before tracing, the RoPE tables are graph inputs; traced, they would be recomputed per step.
         if model.config.arch == "llama":
             model.rope_tables(self.device)
-        self.compiled: dict[int, object] = {}
+        self.compiled: dict[int, Callable] = {}
         self.failed: str | None = None  # why compiling failed, once it has (then every step is eager)
 
     def _compiled(self, bucket: int):

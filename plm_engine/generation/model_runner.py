@@ -118,7 +118,7 @@ class ModelRunner:
         )
         self.cache_tokens = self.num_blocks * block_size
         self.max_blocks_per_seq = math.ceil(min(self.context_len, self.cache_tokens) / block_size)
-        self.graphs = None
+        self.graphs: DecodeGraphs | None = None
         if self.device.type == "cpu":
             threads = cpu_threads(num_threads)
             if torch.get_num_threads() != threads:
@@ -126,8 +126,9 @@ class ModelRunner:
             if compile_enabled(compile) and forward_inputs is None:
                 self.graphs = CompiledDecode(model, self.kv_cache, max_num_seqs, self.max_blocks_per_seq)
         elif cuda_graphs and self.device.type == "cuda" and forward_inputs is None:
-            self.graphs = DecodeGraphs(model, self.kv_cache, max_num_seqs, self.max_blocks_per_seq, device=self.device)
-            self.graphs.capture()
+            graphs = DecodeGraphs(model, self.kv_cache, max_num_seqs, self.max_blocks_per_seq, device=self.device)
+            graphs.capture()
+            self.graphs = graphs
 
     def _default_cache_tokens(self, per_token: int, max_num_seqs: int) -> int:
         if self.device.type == "cuda":
