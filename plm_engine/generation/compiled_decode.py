@@ -5,8 +5,9 @@ costs as much as the kernels. Here the model's decode forward is compiled once p
 inductor's C++ wrapper: the whole step is one C++ function that calls the kernels (our custom ops
 through the dispatcher, inductor's fused code for the glue) with no Python in between. The padding
 into buckets is DecodeGraphs' (cuda_graphs.py), so each bucket's graph has fixed shapes. (The KV cache's
-block count is one of them: left symbolic, it would cost ~0.3 ms a step for SmolLM2's 60 cache tensors;
-ModelRunner rounds its default instead, so that the disk cache serves the next start.)
+block count is one of them: left symbolic, it costs a guard per cache tensor every step (measured in
+benchmarks/results/NOTES.md); ModelRunner rounds its default instead, so that the disk cache serves the
+next start.)
 
 Off unless asked for (Engine(compile=True), PLM_ENGINE_COMPILE=1): see compile_enabled for why.
 Compilation is lazy (a bucket compiles the first time a batch of its size runs) and goes through
@@ -37,10 +38,9 @@ CPU_MAX_BUCKET = 64
 def compile_enabled(flag: bool | None) -> bool:
     """An explicit flag wins; otherwise PLM_ENGINE_COMPILE ("1" turns it on; default off).
 
-    Off by default, by measurement (SmolLM2-135M fp32, batch 1, 1 thread, on a shared 2-core Xeon): the
-    first compile of a bucket took ~140 s with an empty inductor cache and ~13 s with a warm one, and
-    saved ~30 ms a step (1.4x), so it pays off only after ~4,700 tokens cold or ~450 warm, well past
-    `plm-engine generate`'s 128. A long-running process (a server, a benchmark) turns it on.
+    Off by default, by measurement (benchmarks/results/NOTES.md, "Compiled decode step"): a bucket's
+    first compile costs far more than it saves over `plm-engine generate`'s 128 tokens, with a cold
+    inductor cache and even with a warm one. A long-running process (a server, a benchmark) turns it on.
     """
     if flag is not None:
         return bool(flag)
