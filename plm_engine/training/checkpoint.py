@@ -94,6 +94,31 @@ def latest_checkpoint(root: str) -> str | None:
     return found[-1][1] if found else None
 
 
+def _write_folder(final: str, tmp: str, write) -> None:
+    """write(tmp) fills a fresh temporary folder, which then replaces `final` by a rename: readers see
+    the old folder or the complete new one, never a partial one; a failure leaves `final` as it was."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        write(tmp)
+        if os.path.exists(final):  # e.g. the same step saved again (a signal right after a periodic save)
+            old = final + f".old-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _save_weights_and_tokenizer(folder: str, save_weights, tokenizer) -> None:
+    save_weights(folder)
+    if tokenizer is not None:
+        tokenizer.save(folder)
+
+
 def save_checkpoint(
     root: str, step: int, save_weights, trainer_tensors: dict, trainer_state: dict, tokenizer=None, keep_last: int = 3
 ) -> str:
@@ -103,15 +128,9 @@ def save_checkpoint(
     trainer.pt (torch.save: tensors, numbers, strings, lists, dicts, tuples only), trainer_state to JSON.
     Returns the checkpoint folder.
     """
-    os.makedirs(root, exist_ok=True)
-    final = step_dir(root, step)
-    tmp = os.path.join(root, f".tmp-step-{step:08d}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        save_weights(tmp)
-        if tokenizer is not None:
-            tokenizer.save(tmp)
+
+    def write(tmp: str) -> None:
+        _save_weights_and_tokenizer(tmp, save_weights, tokenizer)
         torch.save(trainer_tensors, os.path.join(tmp, "trainer.pt"))
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump({**trainer_state, "step": step, "saved_at": time.time()}, f, indent=2, default=str)
@@ -127,16 +146,10 @@ def save_checkpoint(
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        if os.path.exists(final):  # saving the same step again (e.g. a signal right after a periodic save)
-            old = final + f".old-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    os.makedirs(root, exist_ok=True)
+    final = step_dir(root, step)
+    _write_folder(final, os.path.join(root, f".tmp-step-{step:08d}-{os.getpid()}"), write)
     for _, old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -146,22 +159,13 @@ def save_best(path: str, save_weights, tokenizer, record: dict) -> str:
     """Replace the folder of the best weights so far (<out_dir>/best: config.json, model.safetensors,
     the tokenizer and best.json = `record`) by a write to a temporary folder and a rename, so the folder
     always holds one complete set of weights and the record that goes with them."""
-    tmp, old = f"{path}.tmp-{os.getpid()}", f"{path}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        save_weights(tmp)
-        if tokenizer is not None:
-            tokenizer.save(tmp)
+
+    def write(tmp: str) -> None:
+        _save_weights_and_tokenizer(tmp, save_weights, tokenizer)
         with open(os.path.join(tmp, BEST_RECORD), "w") as f:
             json.dump(record, f, indent=2)
-        if os.path.exists(path):
-            os.replace(path, old)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+
+    _write_folder(path, f"{path}.tmp-{os.getpid()}", write)
     return path
 
 

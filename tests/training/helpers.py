@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
+
+import torch
 
 WORDS = (
     "the king queen lord lady love death night day sword crown war peace fool heart blood "
@@ -65,3 +68,21 @@ def losses(log_path: str, split: str = "train") -> dict[int, float]:
     from plm_engine.training.metrics import read_log
 
     return {r["step"]: r["loss"] for r in read_log(log_path) if r["split"] == split}
+
+
+def keyword_rows(path, n: int = 120, signal: float = 0.6) -> str:
+    """A JSONL file of three keyword classes: each word is its class's keyword with probability `signal`."""
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        label = i % 3
+        words = [["sun", "joy", "wed"], ["king", "war", "crown"], ["death", "grave", "blood"]][label]
+        noise = ["and", "the", "of", "a", "then"]
+        seq = [words[j] if torch.rand(1, generator=g).item() < signal else noise[j] for j in range(3) for _ in range(2)]
+        rows.append({"text": " ".join(seq), "label": ["comedy", "history", "tragedy"][label]})
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return str(path)
+
+
+# The classification runs' shared settings: bert-tiny on keyword_rows' JSONL, small batches.
+CLASSIFY = dict(objective="classify", model="bert-tiny", dataset="jsonl", batch_size=8, seq_len=16, lr=3e-3)

@@ -8,8 +8,7 @@ import torch
 
 from plm_engine.training.probe import fit_linear_head
 from plm_engine.training.trainer import Trainer
-from tests.training.helpers import tiny_config
-from tests.training.test_trainer import keyword_rows
+from tests.training.helpers import CLASSIFY, keyword_rows, tiny_config
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -56,11 +55,7 @@ def test_probe_fits_the_head_the_model_then_uses(tmp_path):
     cfg = tiny_config(
         tmp_path / "run",
         [data],
-        objective="classify",
-        model="bert-tiny",
-        dataset="jsonl",
-        batch_size=8,
-        seq_len=16,
+        **CLASSIFY,
         eval_fraction=0.2,
         probe_examples=64,
         model_overrides={"classifier_pooling": "mean"},

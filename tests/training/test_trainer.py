@@ -12,7 +12,7 @@ import torch
 
 from plm_engine.training import checkpoint as ckpt
 from plm_engine.training.trainer import Trainer
-from tests.training.helpers import losses, tiny_config, write_corpus
+from tests.training.helpers import CLASSIFY, keyword_rows, losses, tiny_config, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -96,34 +96,15 @@ def test_bf16_autocast(tmp_path, corpus):
     assert next(bf.model.parameters()).dtype == torch.float32  # master weights stay fp32
 
 
-def keyword_rows(path, n: int = 120, signal: float = 0.6) -> str:
-    """A JSONL file of three keyword classes: each word is its class's keyword with probability `signal`."""
-    rows = []
-    g = torch.Generator().manual_seed(0)
-    for i in range(n):
-        label = i % 3
-        words = [["sun", "joy", "wed"], ["king", "war", "crown"], ["death", "grave", "blood"]][label]
-        noise = ["and", "the", "of", "a", "then"]
-        seq = [words[j] if torch.rand(1, generator=g).item() < signal else noise[j] for j in range(3) for _ in range(2)]
-        rows.append({"text": " ".join(seq), "label": ["comedy", "history", "tragedy"][label]})
-    path.write_text("\n".join(json.dumps(r) for r in rows))
-    return str(path)
-
-
 def test_classification_objective(tmp_path):
     data = keyword_rows(tmp_path / "rows.jsonl")
     trainer, summary = train(
         tmp_path / "run",
         [str(data)],
-        objective="classify",
-        model="bert-tiny",
-        dataset="jsonl",
+        **CLASSIFY,
         max_steps=30,
-        batch_size=8,
         eval_fraction=0.25,
         eval_batches=0,
-        lr=3e-3,
-        seq_len=16,
     )
     ev = summary["eval"]
     assert set(ev) >= {"accuracy", "macro_f1", "loss"} and ev["n_examples"] == 30
@@ -135,17 +116,12 @@ def test_classification_objective(tmp_path):
 
 
 KEEP_BEST = dict(
-    objective="classify",
-    model="bert-tiny",
-    dataset="jsonl",
+    **CLASSIFY,
     max_steps=24,
-    batch_size=8,
     eval_fraction=0.25,
     eval_batches=0,
     val_fraction=0.2,
     val_batches=0,
-    lr=3e-3,
-    seq_len=16,
     eval_every=4,
     keep_best="macro_f1",
 )
