@@ -34,6 +34,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -300,7 +301,29 @@ Tensor cpu_linear_fwd(const Tensor& x_in, const Tensor& w_in, const std::optiona
   return y;
 }
 
+Tensor cpu_linear_q_fwd(const Tensor& x_in, const Tensor& q_in, int64_t qtype, const std::optional<Tensor>& bias_in) {
+  check_linear_q_args(x_in, q_in, qtype, bias_in);
+  const Tensor xf = x_in.to(at::kFloat).contiguous(), q = q_in.contiguous();
+  const int64_t M = xf.size(0), K = xf.size(1), N = q.size(0), row_bytes = q.size(1);
+  Tensor y = at::empty({M, N}, x_in.options());
+  Tensor bias_f;
+  if (bias_in.has_value()) bias_f = bias_in->to(at::kFloat).contiguous();
+  const float* bias = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  if (M == 0 || N == 0) return y;
+  const float* xp = xf.data_ptr<float>();
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const int64_t n_blocks = (N + kBlockN - 1) / kBlockN;
+  PLM_DISPATCH_FLOAT_TYPES(y.scalar_type(), "linear_q_fwd_cpu", [&] {
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    at::parallel_for(0, n_blocks, grain_blocks(K, M), [&](int64_t b0, int64_t b1) {
+      std::vector<float> wide(kBlockN * K);  // one block of decoded weights, reused block after block
+      PLM_CPU_CALL(linear_q_blocks<scalar_t>, xp, qp, qtype, row_bytes, bias, yp, M, N, K, b0, b1, wide.data());
+    });
+  });
+  return y;
+}
+
 }  // namespace
 }  // namespace plm_engine
 
-PLM_REGISTER_KERNELS(CPU, cpu, linear_fwd)
+PLM_REGISTER_KERNELS(CPU, cpu, linear_fwd, linear_q_fwd)

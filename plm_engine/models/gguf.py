@@ -30,6 +30,7 @@ import os
 import re
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,29 +86,65 @@ class GGUFCheckpoint:
     metadata: dict = field(default_factory=dict)
 
 
-def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, with_tensors: bool = True) -> GGUFCheckpoint:
+# Block types kept in their blocks when read with quantized=True (ops.linear_q multiplies them).
+NATIVE_TYPES = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K")
+
+
+@dataclass
+class QuantTensor:
+    """A 2-D weight kept in GGUF blocks: data (rows, row_bytes) uint8 holds `shape` = (rows, K) values of
+    ggml type `qtype` (an id of ops.contracts.linear.GGUF_TYPES), each row its own run of blocks."""
+
+    data: torch.Tensor
+    qtype: int
+    shape: tuple[int, int]
+
+    @property
+    def type_name(self) -> str:
+        from plm_engine.ops.contracts.linear import GGUF_TYPES
+
+        return next(n for n, i in GGUF_TYPES.items() if i == self.qtype)
+
+    def to(self, device=None, dtype=None) -> QuantTensor:
+        """On `device`; the blocks keep their type whatever `dtype` (the model's compute dtype) is."""
+        return QuantTensor(self.data.to(device) if device is not None else self.data, self.qtype, self.shape)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        from plm_engine.ops.reference import dequantize_gguf_ref
+
+        return dequantize_gguf_ref(self.data, self.qtype).to(dtype)
+
+
+def read_gguf(
+    path: str | os.PathLike, dtype: torch.dtype = torch.float32, with_tensors: bool = True, quantized: bool = False
+) -> GGUFCheckpoint:
     """Read `path` (a .gguf file). Tensors are dequantized to `dtype` on CPU and renamed to HF names.
 
     Raises FileNotFoundError for a missing file and ValueError (naming the file, and the tensor when
     one is at fault) for a non-GGUF or truncated file, an unsupported architecture or quantization,
     and tensors that are missing, unexpected or of the wrong shape. Files of CACHE_MIN_BYTES or more go
     through the on-disk cache (cached tensors are copy-on-write maps of the cache file).
+
+    quantized: 2-D weights of a NATIVE_TYPES block type stay in their blocks, as QuantTensor (GPT-2's
+    transposed weights excepted); other quantized types are dequantized with a warning naming the
+    tensor. The cache keeps the blocks as they are (one file per dtype for the plain tensors).
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"read_gguf: dtype must be a floating torch.dtype, got {dtype!r}")
     path = Path(path)
+    quantized = quantized and with_tensors
     entry = _CacheEntry.of(path)
     if entry is not None:
-        ckpt = entry.load(path, dtype, with_tensors)
+        ckpt = entry.load(path, dtype, with_tensors, quantized)
         if ckpt is not None:
             return ckpt
-    ckpt = _read_gguf(path, dtype, with_tensors)
+    ckpt = _read_gguf(path, dtype, with_tensors, quantized)
     if entry is not None:
-        entry.store(ckpt, dtype, with_tensors)
+        entry.store(ckpt, dtype, with_tensors, quantized)
     return ckpt
 
 
-def _read_gguf(path: Path, dtype: torch.dtype, with_tensors: bool) -> GGUFCheckpoint:
+def _read_gguf(path: Path, dtype: torch.dtype, with_tensors: bool, quantized: bool = False) -> GGUFCheckpoint:
     reader = open_reader(path)
     meta = _scalar_metadata(reader)
     arch = meta.get("general.architecture")
@@ -118,7 +155,7 @@ def _read_gguf(path: Path, dtype: torch.dtype, with_tensors: bool) -> GGUFCheckp
     tokenizer = _tokenizer_info(reader, meta, path)
     names = {t.name for t in reader.tensors}
     hf_config = _hf_config(arch, meta, names, reader, tokenizer, dtype, path)
-    tensors = _load_tensors(reader, arch, hf_config, dtype, path) if with_tensors else {}
+    tensors = _load_tensors(reader, arch, hf_config, dtype, path, quantized) if with_tensors else {}
     return GGUFCheckpoint(
         path=path,
         architecture=arch,
@@ -534,9 +571,33 @@ def _dequantize(t, dtype: torch.dtype, path: Path) -> torch.Tensor:
     return out.reshape(shape).to(dtype)
 
 
-def _load_tensors(reader, arch: str, hf_config: dict, dtype: torch.dtype, path: Path) -> dict[str, torch.Tensor]:
+def _native(t, shape: tuple[int, ...], path: Path) -> QuantTensor | None:
+    """Tensor t kept in its blocks, or None to dequantize it (warning for a quantized type we do not run)."""
+    from gguf import GGMLQuantizationType
+
+    from plm_engine.ops.reference import GGUF_BLOCKS
+
+    qtype = GGMLQuantizationType(int(t.tensor_type))
+    if qtype.name in ("F32", "F16", "BF16"):
+        return None
+    if qtype.name not in NATIVE_TYPES or len(shape) != 2 or shape[1] % GGUF_BLOCKS[int(qtype)][0]:
+        warnings.warn(
+            f"{path}: tensor {t.name!r} ({qtype.name}, shape {shape}) is dequantized: plm_engine runs "
+            f"{', '.join(NATIVE_TYPES)} blocks of 2-D weights natively",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return None
+    values, nbytes = GGUF_BLOCKS[int(qtype)]
+    data = torch.from_numpy(np.array(t.data, copy=True).view(np.uint8).reshape(shape[0], shape[1] // values * nbytes))
+    return QuantTensor(data, int(qtype), (shape[0], shape[1]))
+
+
+def _load_tensors(
+    reader, arch: str, hf_config: dict, dtype: torch.dtype, path: Path, quantized: bool = False
+) -> dict[str, torch.Tensor | QuantTensor]:
     shapes = expected_shapes(hf_config)
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor | QuantTensor] = {}
     for t in reader.tensors:
         if t.name == "rope_freqs.weight":  # folded into hf_config["rope_scaling"]
             continue
@@ -551,6 +612,16 @@ def _load_tensors(reader, arch: str, hf_config: dict, dtype: torch.dtype, path: 
             raise ValueError(
                 f"{path}: tensor {t.name!r} ({name}) has shape {hf_shape}, expected {shapes[name]} from the metadata"
             )
+        q = _native(t, gguf_shape, path) if quantized and not transposed else None
+        if q is not None and arch == "llama" and block.startswith(("attn_q.", "attn_k.")):
+            heads = (
+                hf_config["num_attention_heads"] if block.startswith("attn_q.") else hf_config["num_key_value_heads"]
+            )
+            tensors[name] = QuantTensor(_unpermute_qk(q.data, heads).contiguous(), q.qtype, q.shape)
+            continue
+        if q is not None:
+            tensors[name] = q
+            continue
         w = _dequantize(t, dtype, path)
         if arch == "llama" and block.startswith(("attn_q.", "attn_k.")):
             heads = (
@@ -697,11 +768,13 @@ class _CacheEntry:
                 return None
         return cls(root / "gguf" / digest, digest)
 
-    def _tensor_file(self, dtype: torch.dtype) -> Path:
-        return self.folder / f"{str(dtype).removeprefix('torch.')}.safetensors"
+    def _tensor_file(self, dtype: torch.dtype, quantized: bool = False) -> Path:
+        return self.folder / f"{str(dtype).removeprefix('torch.')}{'-blocks' if quantized else ''}.safetensors"
 
-    def load(self, path: Path, dtype: torch.dtype, with_tensors: bool) -> GGUFCheckpoint | None:
-        """What _read_gguf(path, dtype, with_tensors) returns, from the cache; None on a miss."""
+    def load(
+        self, path: Path, dtype: torch.dtype, with_tensors: bool, quantized: bool = False
+    ) -> GGUFCheckpoint | None:
+        """What _read_gguf(path, dtype, with_tensors, quantized) returns, from the cache; None on a miss."""
         try:
             meta = json.loads((self.folder / "meta.json").read_text())
             if meta.get("version") != CACHE_VERSION or meta.get("sha256") != self.digest:
@@ -710,7 +783,7 @@ class _CacheEntry:
             if with_tensors:
                 from safetensors import safe_open
 
-                tfile = self._tensor_file(dtype)
+                tfile = self._tensor_file(dtype, quantized)
                 if not tfile.exists():
                     return None
                 with safe_open(str(tfile), framework="pt") as f:
@@ -721,6 +794,8 @@ class _CacheEntry:
                         return None
                     stored = {k: f.get_tensor(k) for k in f.keys()}
                 tensors = _unfuse(stored, json.loads(info.get("fused", "{}")))
+                for name, (qtype, rows, k) in json.loads(info.get("blocks", "{}")).items():
+                    tensors[name] = QuantTensor(tensors[name], qtype, (rows, k))
             tok = meta["tokenizer"]
             return GGUFCheckpoint(
                 path=path,
@@ -734,7 +809,7 @@ class _CacheEntry:
         except Exception:  # a missing, partial or foreign entry is a miss: it gets rebuilt
             return None
 
-    def store(self, ckpt: GGUFCheckpoint, dtype: torch.dtype, with_tensors: bool) -> None:
+    def store(self, ckpt: GGUFCheckpoint, dtype: torch.dtype, with_tensors: bool, quantized: bool = False) -> None:
         """Writes the entry after a miss (whatever was there was absent, stale or damaged)."""
         try:
             meta = {
@@ -751,13 +826,17 @@ class _CacheEntry:
             if with_tensors:
                 from safetensors.torch import save_file
 
-                tensors, fused = _fuse(ckpt.tensors)
+                blocks = {k: [v.qtype, *v.shape] for k, v in ckpt.tensors.items() if isinstance(v, QuantTensor)}
+                plain = {k: v.data if isinstance(v, QuantTensor) else v for k, v in ckpt.tensors.items()}
+                tensors, fused = _fuse(plain)
                 info = {
                     "version": str(CACHE_VERSION),
                     "sha256": self.digest,
                     "source": str(ckpt.path),
                     "fused": json.dumps(fused),
+                    "blocks": json.dumps(blocks),
                 }
-                _atomic_write(self._tensor_file(dtype), lambda tmp: save_file(tensors, tmp, metadata=info))
+                tfile = self._tensor_file(dtype, quantized)
+                _atomic_write(tfile, lambda tmp: save_file(tensors, tmp, metadata=info))
         except (OSError, TypeError, ValueError) as e:  # disk full, read-only, metadata JSON cannot hold
             _warn(f"could not cache {ckpt.path} under {self.folder} ({e}); it will be read directly")

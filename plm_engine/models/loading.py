@@ -14,8 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from plm_engine.layers.linear import QuantEmbedding, QuantLinear
 from plm_engine.models import seq2seq_hf
 from plm_engine.models.config import ModelConfig
+from plm_engine.models.gguf import QuantTensor
 from plm_engine.models.hf_checkpoint import param_map, strip_prefix
 from plm_engine.models.seq2seq import Seq2SeqTransformer
 from plm_engine.models.transformer import Transformer
@@ -72,10 +74,14 @@ def build_from_tensors(config: ModelConfig, tensors, dtype: torch.dtype, device,
                 f"{config.hf_architecture()} with {layers}"
             )
         parts = [tensors[names[n]] for n in hf_names]
+        if any(isinstance(p, QuantTensor) for p in parts) and (
+            mode in ("T", "row") or not all(isinstance(p, QuantTensor) and p.qtype == parts[0].qtype for p in parts)
+        ):  # a layout the blocks cannot take (transposed, flattened, mixed types): plain values
+            parts = [p.dequantize(dtype) if isinstance(p, QuantTensor) else p for p in parts]
         if mode == "T":
             t = parts[0].t()
         elif mode == "cat":
-            t = _cat_rows(parts)
+            t = _cat_blocks(parts) if isinstance(parts[0], QuantTensor) else _cat_rows(parts)
         else:
             t = parts[0].reshape(-1) if mode == "row" else parts[0]
         if tuple(t.shape) != shapes[ours]:
@@ -84,9 +90,41 @@ def build_from_tensors(config: ModelConfig, tensors, dtype: torch.dtype, device,
                 f"{tuple(parts[0].shape)}, which does not fit the config (expected {ours} "
                 f"{shapes[ours]})"
             )
-        state[ours] = t.to(device=device, dtype=dtype).contiguous()
+        state[ours] = (
+            t.to(device=device, dtype=dtype)
+            if isinstance(t, QuantTensor)
+            else t.to(device=device, dtype=dtype).contiguous()
+        )
+    _keep_blocks(model, state, dtype)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
+
+
+def _cat_blocks(parts: list[QuantTensor]) -> QuantTensor:
+    """The parts' rows stacked (q/k/v, gate/up: one type and K), without a copy where _cat_rows can."""
+    data = _cat_rows([p.data for p in parts])
+    return QuantTensor(data, parts[0].qtype, (data.shape[0], parts[0].shape[1]))
+
+
+def _keep_blocks(model: nn.Module, state: dict, dtype: torch.dtype) -> None:
+    """Swaps the Linear / Embedding of every QuantTensor in `state` for its quantized twin
+    (layers/linear.py) and puts the blocks under the twin's qweight; other modules get the values."""
+    for key in [k for k, v in state.items() if isinstance(v, QuantTensor)]:
+        q = state.pop(key)
+        path, _, leaf = key.rpartition(".")
+        parent_path, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        old = getattr(parent, child, None)
+        with torch.device("meta"):
+            if leaf == "weight" and isinstance(old, nn.Embedding):
+                new: nn.Module = QuantEmbedding(q.shape[0], q.shape[1], q.qtype, dtype)
+            elif leaf == "weight" and isinstance(old, nn.Linear):
+                new = QuantLinear(q.shape[1], q.shape[0], q.qtype, old.bias is not None, dtype)
+            else:
+                state[key] = q.dequantize(dtype)
+                continue
+        setattr(parent, child, new)
+        state[f"{path}.qweight"] = q.data
 
 
 class _SafetensorsFolder:
@@ -158,16 +196,17 @@ def load_hf_folder(folder, dtype=None, device=None) -> Transformer:
     return build_from_tensors(config, tensors, dtype, device, source)
 
 
-def load_gguf(path, dtype=None, device=None) -> Transformer:
+def load_gguf(path, dtype=None, device=None, dequantize: bool = True) -> Transformer:
+    """dequantize=False keeps the quantized weights in their blocks (models.gguf.NATIVE_TYPES)."""
     from plm_engine.models.gguf import read_gguf
 
     dtype = dtype or torch.float32
-    ckpt = read_gguf(path, dtype=dtype)
+    ckpt = read_gguf(path, dtype=dtype, quantized=not dequantize)
     config = ModelConfig.from_hf(ckpt.hf_config)
     return build_from_tensors(config, ckpt.tensors, dtype, device, str(path))
 
 
-def load_model(name_or_path, dtype=None, device=None) -> Transformer:
+def load_model(name_or_path, dtype=None, device=None, dequantize: bool = True) -> Transformer:
     """A model, in eval mode, from a HF folder or a .gguf file, a packaged name ("smollm2-135m",
     "minilm-l6") or a Hugging Face Hub id ("HuggingFaceTB/SmolLM2-135M-Instruct"), tried in that order
     (models.registry.resolve); ModelNotFoundError when it names none of them. Encoder-decoder folders
@@ -175,6 +214,9 @@ def load_model(name_or_path, dtype=None, device=None) -> Transformer:
 
     dtype: None -> float32 on CPU, the checkpoint's 16-bit dtype on CUDA. load_model.last_load_seconds
     records how long the last load took.
+    dequantize: a GGUF's quantized weights become plain `dtype` tensors (True); False keeps Q4_0 / Q4_1 /
+    Q8_0 / Q4_K / Q6_K weights in their blocks (QuantLinear / QuantEmbedding run them through
+    ops.linear_q), `dtype` then being the compute dtype of everything else.
     """
     from plm_engine.models.registry import resolve
 
@@ -182,6 +224,9 @@ def load_model(name_or_path, dtype=None, device=None) -> Transformer:
         dtype = getattr(torch, dtype)
     t0 = time.perf_counter()
     found = resolve(name_or_path)
-    model = load_gguf(found.path, dtype, device) if found.kind == "gguf" else load_hf_folder(found.path, dtype, device)
+    if found.kind == "gguf":
+        model = load_gguf(found.path, dtype, device, dequantize=dequantize)
+    else:
+        model = load_hf_folder(found.path, dtype, device)
     load_model.last_load_seconds = time.perf_counter() - t0
     return model

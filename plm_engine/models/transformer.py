@@ -20,7 +20,7 @@ from torch import nn
 from plm_engine import ops
 from plm_engine.layers.attention import Attention, AttentionContext
 from plm_engine.layers.kv_cache import KVCache, PagedBatch
-from plm_engine.layers.linear import Linear
+from plm_engine.layers.linear import Linear, QuantEmbedding, QuantLinear
 from plm_engine.layers.mlp import MLP
 from plm_engine.layers.norm import LayerNorm, RMSNorm
 from plm_engine.models.config import ModelConfig
@@ -353,6 +353,11 @@ class Transformer(nn.Module):
     def _lm_logits(self, h):
         if self.config.arch == "bert":
             return ops.linear(self._mlm_transform(h), self.lm_head_weight, self.mlm_bias)
+        head = self.tok_embed if self.lm_head is None else self.lm_head
+        if isinstance(head, QuantEmbedding):  # a tied head kept in GGUF blocks
+            return head.logits(h)
+        if isinstance(head, QuantLinear):
+            return head(h)
         return ops.linear(h, self.lm_head_weight)
 
     def classify(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, layout=None) -> ModelOutput:
@@ -394,9 +399,12 @@ class Transformer(nn.Module):
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int = 16, dtype=None, device=None) -> KVCache:
         c = self.config
-        p = self.tok_embed.weight
+        e = self.tok_embed  # its dtype is the model's (compute) dtype, quantized or not
+        e_dtype, e_device = (
+            (e.dtype, e.qweight.device) if isinstance(e, QuantEmbedding) else (e.weight.dtype, e.weight.device)
+        )
         return KVCache.allocate(
-            c.n_layers, num_blocks, block_size, c.n_kv_heads, c.head_dim, dtype or p.dtype, device or p.device
+            c.n_layers, num_blocks, block_size, c.n_kv_heads, c.head_dim, dtype or e_dtype, device or e_device
         )
 
     def forward_tokens(
@@ -432,7 +440,7 @@ class Transformer(nn.Module):
         h = self._trunk(t, ctx)
         if logits_index is None:
             logits_index = batch.cu_seqlens[1:].long() - 1
-        return ops.linear(h[logits_index], self.lm_head_weight)
+        return self._lm_logits(h[logits_index])
 
 
 def _mean_over_tokens(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

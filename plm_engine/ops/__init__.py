@@ -17,7 +17,7 @@ from plm_engine.ops.attention import (
 )
 from plm_engine.ops.backends import BACKENDS, BackendUnavailable, usable_backends
 from plm_engine.ops.cross_entropy import cross_entropy, linear_cross_entropy
-from plm_engine.ops.linear import linear
+from plm_engine.ops.linear import linear, linear_q
 from plm_engine.ops.norms import layer_norm, rms_norm
 from plm_engine.ops.rope import rope, rope_cos_sin, rope_inv_freq
 from plm_engine.ops.softmax import softmax
@@ -34,6 +34,7 @@ __all__ = [
     "gelu",
     "layer_norm",
     "linear",
+    "linear_q",
     "linear_cross_entropy",
     "paged_attention",
     "relative_position_bucket",

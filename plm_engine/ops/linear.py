@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from plm_engine.ops import backends, extension
 from plm_engine.ops.contracts import linear as contract
+from plm_engine.ops.reference import GGUF_BLOCKS, dequantize_gguf_ref
 
 # Per ISA of the C++ kernel (cpu_kernel_isa()) and dtype: the largest row count M (x's leading dims
 # multiplied) for which the automatic choice takes the kernel; F.linear beyond. The limit is where one
@@ -38,7 +39,7 @@ KERNEL_MAX_ROWS = {
 }
 
 
-backends.register_family(contract, ("linear_fwd",))
+backends.register_family(contract, ("linear_fwd", "linear_q_fwd"))
 
 
 def linear_op():
@@ -216,3 +217,77 @@ def linear(
         return F.linear(x, weight, bias)
     y = linear_op()(x.reshape(rows, x.shape[-1]), weight, bias)
     return y.view(*lead, weight.shape[0])
+
+
+# ---- quantized weights ----------------------------------------------------------------------------
+
+
+def _qtype_id(qtype: int | str) -> int:
+    if isinstance(qtype, str):
+        if qtype.upper() not in contract.GGUF_TYPES:
+            raise ValueError(f"linear_q: unsupported GGUF type {qtype!r}; one of {', '.join(contract.GGUF_TYPES)}")
+        return contract.GGUF_TYPES[qtype.upper()]
+    if isinstance(qtype, bool) or not isinstance(qtype, int) or qtype not in GGUF_BLOCKS:
+        ids = ", ".join(f"{n} = {i}" for n, i in contract.GGUF_TYPES.items())
+        raise ValueError(f"linear_q: unsupported GGUF type id {qtype!r} ({ids})")
+    return qtype
+
+
+def _check_q_args(x, qweight, qtype: int, bias) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ValueError("linear_q: x must be a floating-point tensor")
+    if not isinstance(qweight, torch.Tensor) or qweight.dtype != torch.uint8 or qweight.dim() != 2:
+        raise ValueError("linear_q: qweight must be a 2-dim uint8 tensor (out_features, row_bytes) of GGUF blocks")
+    values, nbytes = GGUF_BLOCKS[qtype]
+    k = x.shape[-1] if x.dim() else 0
+    if x.dim() == 0 or k % values:
+        raise ValueError(f"linear_q: x's last dim ({k}) must be a multiple of the type's block of {values} values")
+    if qweight.shape[1] != k // values * nbytes:
+        raise ValueError(
+            f"linear_q: qweight rows hold {qweight.shape[1]} bytes, but {k} values of this type take "
+            f"{k // values * nbytes}"
+        )
+    if qweight.device != x.device:
+        raise ValueError(f"linear_q: qweight is on {qweight.device} but x is on {x.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.shape != (qweight.shape[0],):
+            raise ValueError(f"linear_q: bias must be a tensor of shape ({qweight.shape[0]},)")
+        if bias.dtype != x.dtype or bias.device != x.device:
+            raise ValueError(f"linear_q: bias ({bias.dtype}, {bias.device}) differs from x ({x.dtype}, {x.device})")
+
+
+_NO_GPU_Q_KERNEL = "linear_q has no Triton/CUDA kernel yet: CUDA tensors dequantize, then F.linear"
+
+
+def linear_q(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qtype: int | str,
+    bias: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """y = x @ W.T + bias for a weight W kept in GGUF blocks: qweight (N, row_bytes) uint8, each row K
+    values in ggml's blocks of `qtype` ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K" or the ggml type id);
+    x (..., K) fp32/fp16/bf16 -> y (..., N) in x's dtype.
+
+    The C++ CPU kernel decodes each block of 16 weight rows into fp32 as it goes (never the whole
+    weight) and runs linear's fp32 tiles on it: y equals linear(x, W) on the dequantized W, bit for bit,
+    while only the quantized bytes are read from memory. The "torch" backend dequantizes the whole
+    weight (ops.reference.dequantize_gguf_ref) and calls F.linear; it is also the path when x needs a
+    gradient (the weight never gets one). backend: "cpu" | "torch" | None (automatic).
+    """
+    qt = _qtype_id(qtype)
+    _check_q_args(x, qweight, qt, bias)
+    lead = x.shape[:-1]
+    rows = lead.numel()
+    unsupported = {"triton": _NO_GPU_Q_KERNEL, "cuda": _NO_GPU_Q_KERNEL}
+    if x.dtype not in contract.KERNEL_DTYPES:
+        unsupported["cpu"] = f"the C++ kernel takes float32/float16/bfloat16, got {x.dtype}"
+    elif torch.is_grad_enabled() and x.requires_grad:
+        unsupported["cpu"] = "x needs a gradient: the kernel has no backward"
+    chosen = backends.choose(x.device, "linear_q_fwd", backend, unsupported)
+    if chosen == "torch":
+        return F.linear(x, dequantize_gguf_ref(qweight, qt).to(x.dtype), bias)
+    y = torch.ops.plm_engine.linear_q_fwd.default(x.reshape(rows, x.shape[-1]), qweight, qt, bias)
+    return y.view(*lead, qweight.shape[0])

@@ -372,3 +372,61 @@ def apply_token_bitmask_ref(logits, bitmask, rows=None):
     disallowed.index_add_(0, idx, (1 - allowed).to(torch.int32))
     logits.masked_fill_(disallowed > 0, float("-inf"))
     return logits
+
+
+# ---- GGUF quantized weights (ggml's block layouts, as gguf.quants reads them) ----------------------
+
+# ggml type id -> (values, bytes) of one block.
+GGUF_BLOCKS = {2: (32, 18), 3: (32, 20), 8: (32, 34), 12: (256, 144), 14: (256, 210)}
+
+
+def _half(b: torch.Tensor) -> torch.Tensor:
+    """(n, 2) uint8 -> (n, 1) fp32: the little-endian fp16 each row holds."""
+    return b.contiguous().view(torch.float16).float()
+
+
+def _nibbles(q: torch.Tensor) -> torch.Tensor:
+    """(..., n) uint8 -> (..., 2n): the low nibbles of the n bytes, then their high nibbles."""
+    return torch.cat([q & 15, q >> 4], dim=-1)
+
+
+def dequantize_gguf_ref(qweight: torch.Tensor, qtype: int) -> torch.Tensor:
+    """(N, row_bytes) uint8 rows of ggml blocks of type `qtype` -> (N, K) fp32, the same fp32 operations
+    in the same order as gguf.quants.dequantize (so the same bits)."""
+    values, nbytes = GGUF_BLOCKS[qtype]
+    rows = qweight.shape[0]
+    b = qweight.reshape(-1, nbytes)
+    n = b.shape[0]
+    if qtype == 8:  # Q8_0: d, 32 int8
+        out = b[:, 2:].contiguous().view(torch.int8).float() * _half(b[:, :2])
+    elif qtype == 2:  # Q4_0: d, 16 bytes of nibbles; v = d * (q - 8)
+        out = _half(b[:, :2]) * (_nibbles(b[:, 2:]).to(torch.int8) - 8).float()
+    elif qtype == 3:  # Q4_1: d, m, nibbles; v = d * q + m
+        out = _half(b[:, :2]) * _nibbles(b[:, 4:]).float() + _half(b[:, 2:4])
+    elif qtype == 12:  # Q4_K: d, dmin, 12 bytes of 6-bit scales / mins, 128 bytes of nibbles
+        s = b[:, 4:16].reshape(n, 3, 4)
+        lo, mid, hi = s[:, 0], s[:, 1], s[:, 2]
+        sc = torch.cat([lo & 63, (hi & 15) | ((lo >> 2) & 48)], dim=1).float()
+        mn = torch.cat([mid & 63, (hi >> 4) | ((mid >> 2) & 48)], dim=1).float()
+        q = b[:, 16:].reshape(n, 4, 1, 32)
+        q = torch.cat([q & 15, q >> 4], dim=2).reshape(n, 8, 32).float()
+        d = (_half(b[:, :2]) * sc).unsqueeze(-1)
+        dm = (_half(b[:, 2:4]) * mn).unsqueeze(-1)
+        out = d * q - dm
+    elif qtype == 14:  # Q6_K: ql (128), qh (64), 16 int8 scales, d
+        ql = b[:, :128].reshape(n, 2, 1, 64)
+        ql = torch.cat([ql & 15, ql >> 4], dim=2).reshape(n, 8, 32)
+        qh = b[:, 128:192].reshape(n, 2, 1, 32)
+        qh = torch.cat([(qh >> s) & 3 for s in (0, 2, 4, 6)], dim=2).reshape(n, 8, 32)
+        q = ((ql | (qh << 4)).to(torch.int8) - 32).float().reshape(n, 16, 16)
+        d = (_half(b[:, 208:210]) * b[:, 192:208].contiguous().view(torch.int8).float()).unsqueeze(-1)
+        out = d * q
+    else:
+        raise ValueError(f"no reference dequantization for GGUF type id {qtype}")
+    return out.reshape(rows, -1)
+
+
+def linear_q_ref(x, qweight, qtype, bias=None):
+    """linear_ref(x, the dequantized weight in x's dtype's accumulation type, bias)."""
+    w = dequantize_gguf_ref(qweight, qtype)
+    return linear_ref(x, w.to(_acc_dtype(x)), bias)

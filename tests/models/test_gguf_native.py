@@ -1,0 +1,115 @@
+"""GGUF weights kept in their blocks (load_model(..., dequantize=False)): the model runs ops.linear_q on
+them and gives what the dequantized model gives; other quantized types are dequantized with a warning."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+from plm_engine.layers.linear import Linear, QuantEmbedding, QuantLinear  # noqa: E402
+from plm_engine.models import gguf as G  # noqa: E402
+from plm_engine.models.loading import load_gguf, load_model  # noqa: E402
+from tests.models.test_gguf import smollm2_path, tiny_llama, write_llama_gguf  # noqa: E402
+
+Q = gguf.GGMLQuantizationType
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1], ids=lambda q: q.name)
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_blocks_kept_and_logits_equal_the_dequantized_model(tmp_path, monkeypatch, qtype, tied):
+    monkeypatch.setenv("PLM_ENGINE_GGUF_CACHE", "0")
+    sd, sizes = tiny_llama(tied=tied, bias=False)
+    path = write_llama_gguf(tmp_path / "tiny.gguf", sd, sizes, qtype)
+    native, plain = load_gguf(path, dequantize=False), load_gguf(path)
+    assert isinstance(native.tok_embed, QuantEmbedding) and native.tok_embed.type_name == qtype.name
+    qkv = native.layers[0].attn.qkv
+    assert isinstance(qkv, QuantLinear) and qkv.out_features == (4 + 2 * 2) * 16
+    assert isinstance(native.layers[1].mlp.down, QuantLinear)
+    assert tied == (native.lm_head is None) and (tied or isinstance(native.lm_head, QuantLinear))
+    assert not any(isinstance(m, QuantLinear) for m in plain.modules())
+    # The blocks dequantize to exactly the plain model's weights (q/k rows un-permuted like them).
+    assert torch.equal(qkv.weight, plain.layers[0].attn.qkv.weight)
+    assert torch.equal(native.tok_embed.weight, plain.tok_embed.weight)
+    ids = torch.tensor([[3, 17, 159, 0, 42, 42, 7], [1, 2, 3, 4, 5, 6, 100]])
+    a, b = _logits(native, ids), _logits(plain, ids)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+    # bf16 compute: the blocks stay, the norms and activations follow the dtype.
+    n16 = load_gguf(path, dtype=torch.bfloat16, dequantize=False)
+    assert n16.tok_embed(ids).dtype == torch.bfloat16 and _logits(n16, ids).dtype == torch.bfloat16
+
+
+def test_plain_tensors_stay_plain_and_other_types_are_dequantized_with_a_warning(tmp_path, monkeypatch):
+    monkeypatch.setenv("PLM_ENGINE_GGUF_CACHE", "0")
+    sd, sizes = tiny_llama()
+    f16 = write_llama_gguf(tmp_path / "f16.gguf", sd, sizes, Q.F16)
+    model = load_gguf(f16, dequantize=False)
+    assert not any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules())
+    assert isinstance(model.layers[0].attn.qkv, Linear)
+    q5 = write_llama_gguf(tmp_path / "q5.gguf", sd, sizes, Q.Q5_0)
+    with pytest.warns(RuntimeWarning, match=r"\(Q5_0, shape .* is dequantized"):
+        model = load_gguf(q5, dequantize=False)
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+    torch.testing.assert_close(
+        _logits(model, torch.tensor([[1, 2, 3]])), _logits(load_gguf(q5), torch.tensor([[1, 2, 3]]))
+    )
+
+
+def test_the_cache_keeps_the_blocks(tmp_path, monkeypatch):
+    monkeypatch.setenv("PLM_ENGINE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("PLM_ENGINE_GGUF_CACHE", raising=False)
+    monkeypatch.setattr(G, "CACHE_MIN_BYTES", 0)
+    sd, sizes = tiny_llama()
+    path = write_llama_gguf(tmp_path / "tiny.gguf", sd, sizes, Q.Q4_1)
+    cold = G.read_gguf(path, quantized=True)
+    plain = G.read_gguf(path)  # the dequantized entry lives beside the blocks' one
+    assert not any(isinstance(t, G.QuantTensor) for t in plain.tensors.values())
+
+    def fail(*a, **k):
+        raise AssertionError("a warm read parsed the GGUF file")
+
+    monkeypatch.setattr(G, "_read_gguf", fail)
+    warm = G.read_gguf(path, quantized=True)
+    assert set(warm.tensors) == set(cold.tensors)
+    for name, t in cold.tensors.items():
+        w = warm.tensors[name]
+        if isinstance(t, G.QuantTensor):
+            assert isinstance(w, G.QuantTensor) and (w.qtype, w.shape) == (t.qtype, t.shape), name
+            assert torch.equal(w.data, t.data), name
+        else:
+            assert torch.equal(w, t), name
+
+
+def test_real_model_native_equals_dequantized():
+    """SmolLM2-135M's Q4_1 file (Q8_0 embedding, tied head): same logits and greedy tokens either way."""
+    from plm_engine import Engine, SamplingParams
+
+    path = smollm2_path()
+    native, plain = load_model(path, dequantize=False), load_model(path)
+    assert native.layers[0].mlp.down.type_name == "Q4_1" and native.tok_embed.type_name == "Q8_0"
+    blocks = sum(b.numel() for b in native.buffers())
+    assert blocks < 0.2 * sum(p.numel() * 4 for p in plain.parameters())  # ~96 MB against ~540 MB of fp32
+    ids = torch.tensor([[1, 504, 3458, 282, 4909, 314, 260, 1345]])
+    a, b = _logits(native, ids), _logits(plain, ids)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    outs = [
+        Engine(m, max_num_seqs=2, kv_cache_tokens=256, compile=False).generate([ids[0].tolist()], params)[0].token_ids
+        for m in (native, plain)
+    ]
+    assert outs[0] == outs[1]
+
+
+def test_random_blocks_decode_like_gguf():
+    """numpy's view of the blocks gguf writes is what QuantTensor holds (a row per weight row)."""
+    a = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
+    raw = gguf.quants.quantize(a, Q.Q4_1)
+    t = G.QuantTensor(torch.from_numpy(raw.copy()), int(Q.Q4_1), (3, 64))
+    assert np.array_equal(t.dequantize().numpy(), gguf.quants.dequantize(raw, Q.Q4_1))
