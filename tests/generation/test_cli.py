@@ -40,7 +40,7 @@ def tiny_smollm2(monkeypatch, tok_and_model):
     monkeypatch.setattr(models, "load_tokenizer", lambda name: tok)
     seen = {}
 
-    def fake_load_model(name, dtype=None, device=None):
+    def fake_load_model(name, dtype=None, device=None, dequantize=False):
         seen["args"] = (name, dtype, device)
         return model.to(dtype=dtype or torch.float32)
 
