@@ -23,6 +23,7 @@
 #include "common/cpu_convert.h"
 #include "common/cpu_memory.h"
 #include "common/dispatch.h"
+#include "common/gelu.h"
 #include "common/register.h"
 #include "cpu/isa.h"
 #include "cpu/simd.h"
@@ -31,9 +32,6 @@ namespace plm_engine {
 namespace {
 
 constexpr int64_t CHUNK = 4096;
-constexpr float kInvSqrt2Pi = 0.39894228040143268f;
-constexpr float kTanhK0 = 0.79788456080286536f;  // sqrt(2 / pi)
-constexpr float kTanhK1 = 0.044715f;
 // Elements ahead of the exact-GELU loops' software prefetch (8 KiB of fp32).
 constexpr int64_t kPrefetchAhead = 2048;
 
