@@ -101,8 +101,7 @@ class Engine:
             from plm_engine.models import load_tokenizer
 
             tokenizer = load_tokenizer(str(tokenizer))
-        if max_num_seqs < 1:
-            raise ValueError(f"Engine: max_num_seqs must be >= 1, got {max_num_seqs}")
+        checks.require_positive("Engine", max_num_seqs=max_num_seqs)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = model.config
