@@ -81,39 +81,34 @@ inline c10::Half store_as<c10::Half>(float f) {
 
 // The same conversions on raw storage (float, or the uint16_t bits of fp16 / bf16). GCC vectorises
 // loops over uint16_t arrays more reliably than loops over the c10 structs, so hot loops use these.
+// Raw<T> names T's storage and its two conversions, so each type's pair is written once.
 template <typename T>
 struct Raw {
   using type = float;
+  static float load(float v) { return v; }
+  static float store(float f) { return f; }
 };
 template <>
 struct Raw<c10::BFloat16> {
   using type = uint16_t;
+  static float load(uint16_t v) { return bf16_bits_to_f32(v); }
+  static uint16_t store(float f) { return f32_to_bf16_bits(f); }
 };
 template <>
 struct Raw<c10::Half> {
   using type = uint16_t;
+  static float load(uint16_t v) { return fp16_bits_to_f32(v); }
+  static uint16_t store(float f) { return f32_to_fp16_bits(f); }
 };
 
 template <typename T>
 inline float load_raw(typename Raw<T>::type v) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    return bf16_bits_to_f32(v);
-  } else if constexpr (std::is_same_v<T, c10::Half>) {
-    return fp16_bits_to_f32(v);
-  } else {
-    return v;
-  }
+  return Raw<T>::load(v);
 }
 
 template <typename T>
 inline typename Raw<T>::type store_raw(float f) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    return f32_to_bf16_bits(f);
-  } else if constexpr (std::is_same_v<T, c10::Half>) {
-    return f32_to_fp16_bits(f);
-  } else {
-    return f;
-  }
+  return Raw<T>::store(f);
 }
 
 }  // namespace cpu

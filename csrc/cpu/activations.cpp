@@ -23,6 +23,7 @@
 #include "common/cpu_convert.h"
 #include "common/cpu_memory.h"
 #include "common/dispatch.h"
+#include "common/gelu.h"
 #include "common/register.h"
 #include "cpu/isa.h"
 #include "cpu/simd.h"
@@ -31,9 +32,6 @@ namespace plm_engine {
 namespace {
 
 constexpr int64_t CHUNK = 4096;
-constexpr float kInvSqrt2Pi = 0.39894228040143268f;
-constexpr float kTanhK0 = 0.79788456080286536f;  // sqrt(2 / pi)
-constexpr float kTanhK1 = 0.044715f;
 // Elements ahead of the exact-GELU loops' software prefetch (8 KiB of fp32).
 constexpr int64_t kPrefetchAhead = 2048;
 
@@ -149,9 +147,26 @@ const float* gelu_grad_lut16() {
   return lut.data();
 }
 
+// Element (r, c) of one tensor of a Shape2d problem: row r at the tensor's row stride.
+template <typename T>
+struct Rows {
+  T* p;
+  int64_t stride;
+  T* operator()(int64_t r, int64_t c) const { return p + r * stride + c; }
+};
+
 // A problem whose tensors are all densely packed rows is one long row: longer chunks, fewer tasks.
 struct Shape2d {
   int64_t rows, n;
+  // An input's rows (any row stride; one long row has only row 0) and a fresh output's (stride n).
+  template <typename T>
+  Rows<const T> in(const Tensor& t) const {
+    return {t.const_data_ptr<T>(), rows > 1 ? t.stride(0) : 0};
+  }
+  template <typename T>
+  Rows<T> out(Tensor& t) const {
+    return {t.mutable_data_ptr<T>(), n};
+  }
 };
 
 Shape2d flat_shape(std::initializer_list<const Tensor*> ts) {
@@ -166,14 +181,12 @@ Tensor cpu_swiglu_fwd(const Tensor& gate, const Tensor& up) {
   check_activation_args({{"gate", &gate}, {"up", &up}});
   Tensor y = cpu::empty_output(gate.sizes(), gate.options());
   const Shape2d s = flat_shape({&gate, &up, &y});
-  const int64_t sg = s.rows > 1 ? gate.stride(0) : 0, su = s.rows > 1 ? up.stride(0) : 0;
   PLM_DISPATCH_FLOAT_TYPES(gate.scalar_type(), "swiglu_fwd_cpu", [&] {
-    const scalar_t* g = gate.const_data_ptr<scalar_t>();
-    const scalar_t* u = up.const_data_ptr<scalar_t>();
-    scalar_t* out = y.mutable_data_ptr<scalar_t>();
+    const auto g = s.in<scalar_t>(gate), u = s.in<scalar_t>(up);
+    const auto out = s.out<scalar_t>(y);
     const auto chunk = PLM_ACT_CHUNK(swiglu_fwd_chunk, scalar_t);
     for_each_chunk(s.rows, s.n, [&](int64_t r, int64_t c0, int64_t len) {
-      chunk(g + r * sg + c0, u + r * su + c0, out + r * s.n + c0, len);
+      chunk(g(r, c0), u(r, c0), out(r, c0), len);
     });
   });
   return y;
@@ -184,18 +197,12 @@ std::tuple<Tensor, Tensor> cpu_swiglu_bwd(const Tensor& dy, const Tensor& gate, 
   Tensor dg = cpu::empty_output(gate.sizes(), gate.options());
   Tensor du = cpu::empty_output(gate.sizes(), gate.options());
   const Shape2d s = flat_shape({&dy, &gate, &up, &dg});
-  const int64_t sd = s.rows > 1 ? dy.stride(0) : 0, sg = s.rows > 1 ? gate.stride(0) : 0,
-                su = s.rows > 1 ? up.stride(0) : 0;
   PLM_DISPATCH_FLOAT_TYPES(gate.scalar_type(), "swiglu_bwd_cpu", [&] {
-    const scalar_t* d = dy.const_data_ptr<scalar_t>();
-    const scalar_t* g = gate.const_data_ptr<scalar_t>();
-    const scalar_t* u = up.const_data_ptr<scalar_t>();
-    scalar_t* dgp = dg.mutable_data_ptr<scalar_t>();
-    scalar_t* dup = du.mutable_data_ptr<scalar_t>();
+    const auto d = s.in<scalar_t>(dy), g = s.in<scalar_t>(gate), u = s.in<scalar_t>(up);
+    const auto dgp = s.out<scalar_t>(dg), dup = s.out<scalar_t>(du);
     const auto chunk = PLM_ACT_CHUNK(swiglu_bwd_chunk, scalar_t);
     for_each_chunk(s.rows, s.n, [&](int64_t r, int64_t c0, int64_t len) {
-      const int64_t o = r * s.n + c0;
-      chunk(d + r * sd + c0, g + r * sg + c0, u + r * su + c0, dgp + o, dup + o, len);
+      chunk(d(r, c0), g(r, c0), u(r, c0), dgp(r, c0), dup(r, c0), len);
     });
   });
   return {dg, du};
@@ -206,24 +213,19 @@ Tensor cpu_gelu_fwd(const Tensor& x, const std::string& approximate) {
   const bool tanh = approximate == "tanh";
   Tensor y = cpu::empty_output(x.sizes(), x.options());
   const Shape2d s = flat_shape({&x, &y});
-  const int64_t sx = s.rows > 1 ? x.stride(0) : 0;
   PLM_DISPATCH_FLOAT_TYPES(x.scalar_type(), "gelu_fwd_cpu", [&] {
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    scalar_t* out = y.mutable_data_ptr<scalar_t>();
+    const auto xp = s.in<scalar_t>(x);
+    const auto out = s.out<scalar_t>(y);
     if constexpr (!std::is_same_v<scalar_t, float>) {
       if (!tanh) {
         const uint16_t* lut = gelu_lut16<scalar_t>();
         const auto look = PLM_ACT_CHUNK(lut16_chunk, scalar_t);
-        for_each_chunk(s.rows, s.n, [&](int64_t r, int64_t c0, int64_t len) {
-          look(xp + r * sx + c0, lut, out + r * s.n + c0, len);
-        });
+        for_each_chunk(s.rows, s.n, [&](int64_t r, int64_t c0, int64_t len) { look(xp(r, c0), lut, out(r, c0), len); });
         return;
       }
     }
     const auto chunk = PLM_ACT_CHUNK(gelu_fwd_chunk, scalar_t);
-    for_each_chunk(s.rows, s.n, [&](int64_t r, int64_t c0, int64_t len) {
-      chunk(xp + r * sx + c0, out + r * s.n + c0, len, tanh);
-    });
+    for_each_chunk(s.rows, s.n, [&](int64_t r, int64_t c0, int64_t len) { chunk(xp(r, c0), out(r, c0), len, tanh); });
   });
   return y;
 }
@@ -233,24 +235,22 @@ Tensor cpu_gelu_bwd(const Tensor& dy, const Tensor& x, const std::string& approx
   const bool tanh = approximate == "tanh";
   Tensor dx = cpu::empty_output(x.sizes(), x.options());
   const Shape2d s = flat_shape({&dy, &x, &dx});
-  const int64_t sd = s.rows > 1 ? dy.stride(0) : 0, sx = s.rows > 1 ? x.stride(0) : 0;
   PLM_DISPATCH_FLOAT_TYPES(x.scalar_type(), "gelu_bwd_cpu", [&] {
-    const scalar_t* d = dy.const_data_ptr<scalar_t>();
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    scalar_t* out = dx.mutable_data_ptr<scalar_t>();
+    const auto d = s.in<scalar_t>(dy), xp = s.in<scalar_t>(x);
+    const auto out = s.out<scalar_t>(dx);
     if constexpr (!std::is_same_v<scalar_t, float>) {
       if (!tanh) {
         const float* lut = gelu_grad_lut16<scalar_t>();
         const auto look = PLM_ACT_CHUNK(lut16_scale_chunk, scalar_t);
         for_each_chunk(s.rows, s.n, [&](int64_t r, int64_t c0, int64_t len) {
-          look(d + r * sd + c0, xp + r * sx + c0, lut, out + r * s.n + c0, len);
+          look(d(r, c0), xp(r, c0), lut, out(r, c0), len);
         });
         return;
       }
     }
     const auto chunk = PLM_ACT_CHUNK(gelu_bwd_chunk, scalar_t);
     for_each_chunk(s.rows, s.n, [&](int64_t r, int64_t c0, int64_t len) {
-      chunk(d + r * sd + c0, xp + r * sx + c0, out + r * s.n + c0, len, tanh);
+      chunk(d(r, c0), xp(r, c0), out(r, c0), len, tanh);
     });
   });
   return dx;

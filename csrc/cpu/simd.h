@@ -50,19 +50,16 @@ namespace plm_engine {
 namespace cpu {
 namespace simd {
 
-// Scalar conversions shared by every policy's tails (branch-free, same rounding as c10).
+// Scalar conversions shared by every policy's tails: common/cpu_convert.h's (branch-free, same rounding
+// as c10).
 template <typename T>
 inline float to_f(T v) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) return bf16_bits_to_f32(v.x);
-  else if constexpr (std::is_same_v<T, c10::Half>) return fp16_bits_to_f32(v.x);
-  else return static_cast<float>(v);
+  return load_f32(v);
 }
 
 template <typename T>
 inline T from_f(float f) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) return c10::BFloat16(f32_to_bf16_bits(f), c10::BFloat16::from_bits());
-  else if constexpr (std::is_same_v<T, c10::Half>) return c10::Half(f32_to_fp16_bits(f), c10::Half::from_bits());
-  else return static_cast<T>(f);
+  return store_as<T>(f);
 }
 
 // ---- generic: W plain floats, loops the compiler vectorises for the baseline ISA (SSE2 on x86-64) ----

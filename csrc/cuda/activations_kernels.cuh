@@ -1,16 +1,13 @@
 // SwiGLU and GELU kernels of activations.cu (kernel headers: cuda/common.cuh).
 #pragma once
 
+#include "common/gelu.h"
 #include "cuda/common.cuh"
 
 namespace plm_engine {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr float kSqrt2Inv = 0.70710678118654752f;
-constexpr float kInvSqrt2Pi = 0.39894228040143268f;
-constexpr float kTanhK0 = 0.79788456080286536f;  // sqrt(2 / pi)
-constexpr float kTanhK1 = 0.044715f;
 
 // Overflow-free logistic function.
 __device__ __forceinline__ float sigmoidf(float z) {

@@ -100,6 +100,18 @@ __device__ float2 group_sum2(float2 v) {
   return partial[kWarpSize];
 }
 
+// Calls f(k, e) for this thread's packs of the chunk that starts at pack `base` (packs base + k*threads
+// + tid, k < ITERS) that lie inside the row of nvec packs; e is the pack's first element. The loop is
+// unrolled, so k is a constant in each inlined f and per-pack arrays indexed by k stay in registers.
+template <int VEC, int ITERS, typename F>
+__device__ __forceinline__ void for_each_chunk_pack(int base, int nvec, F&& f) {
+#pragma unroll
+  for (int k = 0; k < ITERS; ++k) {
+    const int p = base + k * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x);
+    if (p < nvec) f(k, static_cast<int64_t>(p) * VEC);
+  }
+}
+
 // ---- forward ----------------------------------------------------------------------------------
 
 // Loads this thread's packs of one chunk (packs base + k*threads + tid) into fp32 registers; with a
@@ -200,11 +212,7 @@ __global__ void __launch_bounds__(kFwdMaxThreads)
         // during the kernel. Only x and residual, which nothing writes, are ever read.
         load_input_chunk<T, VEC, ITERS>(v, xr, rr, nullptr, base, nvec);
       }
-#pragma unroll
-      for (int k = 0; k < ITERS; ++k) {
-        const int p = base + k * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x);
-        if (p >= nvec) continue;
-        const int64_t e = static_cast<int64_t>(p) * VEC;
+      for_each_chunk_pack<VEC, ITERS>(base, nvec, [&](int k, int64_t e) {
         const Pack<W, VEC> wp = load_pack<W, VEC>(weight + e);
         Pack<T, VEC> out;
         if (bias != nullptr) {
@@ -217,7 +225,7 @@ __global__ void __launch_bounds__(kFwdMaxThreads)
           for (int j = 0; j < VEC; ++j) out.val[j] = from_float<T>((v[k][j] - mean) * rstd * to_float(wp.val[j]));
         }
         store_pack<T, VEC>(yr + e, out);
-      }
+      });
     }
   }
 }
@@ -235,9 +243,8 @@ __global__ void __launch_bounds__(kBwdMaxThreads)
                     const W* __restrict__ weight, const float* __restrict__ mean, const float* __restrict__ rstd,
                     T* __restrict__ dx, float* __restrict__ dw_part, float* __restrict__ db_part, int64_t rows, int n,
                     int64_t rows_per_group, bool is_rms) {
-  const int tid = threadIdx.x, threads = blockDim.x;
   const int nvec = n / VEC;
-  const int chunk = ITERS * threads;
+  const int chunk = ITERS * static_cast<int>(blockDim.x);
   const int64_t group = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   const int64_t row_begin = group * rows_per_group;
   const int64_t row_end = std::min(rows, row_begin + rows_per_group);
@@ -254,11 +261,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads)
     // Pass 1: xhat, dy, the two row sums and the dweight/dbias contributions.
     float2 c = make_float2(0.f, 0.f);  // (sum xhat*w*dy, sum w*dy)
     for (int base = 0; base < nvec; base += chunk) {
-#pragma unroll
-      for (int k = 0; k < ITERS; ++k) {
-        const int p = base + k * threads + tid;
-        if (p >= nvec) continue;
-        const int64_t e = static_cast<int64_t>(p) * VEC;
+      for_each_chunk_pack<VEC, ITERS>(base, nvec, [&](int k, int64_t e) {
         const Pack<T, VEC> hp = load_pack<T, VEC>(h + off + e);
         const Pack<T, VEC> gp = load_pack<T, VEC>(dy + off + e);
         const Pack<W, VEC> wp = load_pack<W, VEC>(weight + e);
@@ -288,7 +291,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads)
             store_pack<float, VEC>(dbp + e, acc);
           }
         }
-      }
+      });
     }
     c = group_sum2(c);
     const float c1 = c.x / static_cast<float>(n);
@@ -296,11 +299,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads)
 
     // Pass 2: dx from the cached (or re-read) xhat and dy.
     for (int base = 0; base < nvec; base += chunk) {
-#pragma unroll
-      for (int k = 0; k < ITERS; ++k) {
-        const int p = base + k * threads + tid;
-        if (p >= nvec) continue;
-        const int64_t e = static_cast<int64_t>(p) * VEC;
+      for_each_chunk_pack<VEC, ITERS>(base, nvec, [&](int k, int64_t e) {
         if constexpr (!CACHED) {
           const Pack<T, VEC> hp = load_pack<T, VEC>(h + off + e);
           const Pack<T, VEC> gp = load_pack<T, VEC>(dy + off + e);
@@ -324,16 +323,12 @@ __global__ void __launch_bounds__(kBwdMaxThreads)
             out.val[j] = from_float<T>((g[k][j] * to_float(wp.val[j]) - hat[k][j] * c1 - c2) * rs);
         }
         store_pack<T, VEC>(dx + off + e, out);
-      }
+      });
     }
   }
 
   if constexpr (CACHED) {
-#pragma unroll
-    for (int k = 0; k < ITERS; ++k) {
-      const int p = k * threads + tid;
-      if (p >= nvec) continue;
-      const int64_t e = static_cast<int64_t>(p) * VEC;
+    for_each_chunk_pack<VEC, ITERS>(0, nvec, [&](int k, int64_t e) {
       Pack<float, VEC> out;
 #pragma unroll
       for (int j = 0; j < VEC; ++j) out.val[j] = dw_acc[k][j];
@@ -343,7 +338,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads)
         for (int j = 0; j < VEC; ++j) out.val[j] = db_acc[k][j];
         store_pack<float, VEC>(dbp + e, out);
       }
-    }
+    });
   }
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from plm_engine.generation.engine import Engine, RequestOutput
 from plm_engine.generation.sampler import SamplingParams
+from plm_engine.ops import checks
 
 
 class EngineDeadError(RuntimeError):
@@ -29,10 +30,7 @@ class AsyncEngine:
     def __init__(self, engine: Engine, max_consecutive_step_failures: int = MAX_CONSECUTIVE_STEP_FAILURES):
         import threading
 
-        if max_consecutive_step_failures < 1:
-            raise ValueError(
-                f"AsyncEngine: max_consecutive_step_failures must be >= 1, got {max_consecutive_step_failures}"
-            )
+        checks.require_positive("AsyncEngine", max_consecutive_step_failures=max_consecutive_step_failures)
         self.engine = engine
         self.max_consecutive_step_failures = max_consecutive_step_failures
         self.dead_error: EngineDeadError | None = None

@@ -18,6 +18,8 @@ import hashlib
 from array import array
 from collections import OrderedDict
 
+from plm_engine.ops import checks
+
 
 def hash_block(parent: bytes | None, tokens: list[int], extra_keys: tuple = ()) -> bytes:
     """The cache key of a full block: sha256 over its parent's key, its token ids and `extra_keys`
@@ -34,10 +36,7 @@ class BlockManager:
     """num_blocks blocks of block_size tokens: reference counts, a free stack and an LRU of cached ones."""
 
     def __init__(self, num_blocks: int, block_size: int):
-        if num_blocks < 1:
-            raise ValueError(f"BlockManager: num_blocks must be >= 1, got {num_blocks}")
-        if block_size < 1:
-            raise ValueError(f"BlockManager: block_size must be >= 1, got {block_size}")
+        checks.require_positive("BlockManager", num_blocks=num_blocks, block_size=block_size)
         self.num_blocks = num_blocks
         self.block_size = block_size
         self._ref = [0] * num_blocks

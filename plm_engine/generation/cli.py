@@ -10,17 +10,13 @@ import argparse
 import sys
 import time
 
-DTYPES = ("float32", "bfloat16", "float16")
+from plm_engine.generation.options import DEFAULT_MODEL, add_model_options
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    s = subparsers.add_parser("generate", help="stream a continuation of a prompt (default model smollm2-135m)")
+    s = subparsers.add_parser("generate", help=f"stream a continuation of a prompt (default model {DEFAULT_MODEL})")
     s.add_argument("prompt", help="the prompt text")
-    s.add_argument(
-        "--model",
-        default="smollm2-135m",
-        help="a HF folder, a .gguf file, a packaged name or a Hugging Face Hub id (org/name) (default: %(default)s)",
-    )
+    add_model_options(s)
     s.add_argument("--max-tokens", type=int, default=128, help="new tokens at most (default: %(default)s)")
     s.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: %(default)s)")
     s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: off)")
@@ -31,7 +27,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable; not printed)")
     s.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-sequence token")
     s.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    s.add_argument("--dtype", choices=DTYPES, default=None, help="weight dtype (default: the loader's)")
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     s.add_argument("--no-cuda-graphs", action="store_true", help="run decode eagerly on CUDA")
     s.set_defaults(func=run)
@@ -60,9 +55,8 @@ def run(args) -> int:
         print(f"plm-engine generate: {e}", file=sys.stderr)
         return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype) if args.dtype else None
     t0 = time.perf_counter()
-    engine = Engine(args.model, dtype=dtype, device=device, max_num_seqs=1, cuda_graphs=not args.no_cuda_graphs)
+    engine = Engine(args.model, dtype=args.dtype, device=device, max_num_seqs=1, cuda_graphs=not args.no_cuda_graphs)
     load_s = time.perf_counter() - t0
     tok = engine.tokenizer
     if args.chat:

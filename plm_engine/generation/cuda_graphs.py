@@ -20,8 +20,7 @@ from plm_engine.ops import checks
 
 def default_buckets(max_batch: int) -> list[int]:
     """1, 2, 4, 8, then steps of 8 up to max_batch (always included)."""
-    if max_batch < 1:
-        raise ValueError(f"default_buckets: max_batch must be >= 1, got {max_batch}")
+    checks.require_positive("default_buckets", max_batch=max_batch)
     out = [b for b in (1, 2, 4) if b < max_batch]
     out += list(range(8, max_batch, 8))
     return out + [max_batch]

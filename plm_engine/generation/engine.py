@@ -105,8 +105,7 @@ class Engine:
             from plm_engine.models import load_tokenizer
 
             tokenizer = load_tokenizer(str(tokenizer))
-        if max_num_seqs < 1:
-            raise ValueError(f"Engine: max_num_seqs must be >= 1, got {max_num_seqs}")
+        checks.require_positive("Engine", max_num_seqs=max_num_seqs)
         self.model = model.eval()
         self.weights = weight_format(model)  # e.g. "Q4_1 + Q8_0 (GGUF, native; float32 compute)"
         self.tokenizer = tokenizer

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 
 from plm_engine.generation.block_manager import BlockManager, hash_block
 from plm_engine.generation.sampler import SamplingParams
+from plm_engine.ops import checks
 
 if TYPE_CHECKING:
     import torch
@@ -151,10 +152,7 @@ class Scheduler:
         watermark_blocks: int | None = None,
         enable_prefix_caching: bool = True,
     ):
-        if max_num_seqs < 1:
-            raise ValueError(f"Scheduler: max_num_seqs must be >= 1, got {max_num_seqs}")
-        if max_prefill_tokens < 1:
-            raise ValueError(f"Scheduler: max_prefill_tokens must be >= 1, got {max_prefill_tokens}")
+        checks.require_positive("Scheduler", max_num_seqs=max_num_seqs, max_prefill_tokens=max_prefill_tokens)
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens = max_prefill_tokens

@@ -476,54 +476,20 @@ def hf_name(arch: str, gguf_name: str) -> str | None:
 
 
 def expected_shapes(hf_config: dict) -> dict[str, tuple[int, ...]]:
-    """HF name -> torch shape for every tensor a checkpoint of this config may hold."""
-    c = hf_config
-    if c["model_type"] == "gpt2":
-        d, f, v = c["n_embd"], c["n_inner"], c["vocab_size"]
-        shapes = {
-            "transformer.wte.weight": (v, d),
-            "transformer.wpe.weight": (c["n_positions"], d),
-            "transformer.ln_f.weight": (d,),
-            "transformer.ln_f.bias": (d,),
-            "lm_head.weight": (v, d),
-        }
-        per_layer = {
-            "ln_1.weight": (d,),
-            "ln_1.bias": (d,),
-            "ln_2.weight": (d,),
-            "ln_2.bias": (d,),
-            "attn.c_attn.weight": (d, 3 * d),
-            "attn.c_attn.bias": (3 * d,),
-            "attn.c_proj.weight": (d, d),
-            "attn.c_proj.bias": (d,),
-            "mlp.c_fc.weight": (d, f),
-            "mlp.c_fc.bias": (f,),
-            "mlp.c_proj.weight": (f, d),
-            "mlp.c_proj.bias": (d,),
-        }
-        prefix, n = "transformer.h", c["n_layer"]
-    else:
-        d, f, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
-        q, kv = c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"]
-        shapes = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,), "lm_head.weight": (v, d)}
-        per_layer = {
-            "input_layernorm.weight": (d,),
-            "post_attention_layernorm.weight": (d,),
-            "self_attn.q_proj.weight": (q, d),
-            "self_attn.q_proj.bias": (q,),
-            "self_attn.k_proj.weight": (kv, d),
-            "self_attn.k_proj.bias": (kv,),
-            "self_attn.v_proj.weight": (kv, d),
-            "self_attn.v_proj.bias": (kv,),
-            "self_attn.o_proj.weight": (d, q),
-            "mlp.gate_proj.weight": (f, d),
-            "mlp.up_proj.weight": (f, d),
-            "mlp.down_proj.weight": (d, f),
-        }
-        prefix, n = "model.layers", c["num_hidden_layers"]
-    for i in range(n):
-        shapes.update({f"{prefix}.{i}.{k}": s for k, s in per_layer.items()})
-    return shapes
+    """HF name -> torch shape for every tensor a checkpoint of this config may hold: our model's tensors
+    under transformers' names (hf_checkpoint.param_map is the one place that knows them), from a copy on
+    the meta device with the optional ones switched on: an untied lm_head, and the biases (GPT-2 has them
+    all; a llama GGUF has q/k/v biases at most, Qwen2-style, never o_proj or MLP ones)."""
+    from plm_engine.models.config import ModelConfig
+    from plm_engine.models.hf_checkpoint import hf_state_dict
+    from plm_engine.models.transformer import Transformer
+
+    c = ModelConfig.from_hf(hf_config)
+    gpt2 = c.arch == "gpt2"
+    c = dataclasses.replace(c, qkv_bias=True, out_bias=gpt2, mlp_bias=gpt2, tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = Transformer(c)
+    return {name: tuple(t.shape) for name, t in hf_state_dict(model).items()}
 
 
 def _required(hf_config: dict) -> set[str]:

@@ -48,6 +48,13 @@ def require_tensor(fn: str, name: str, t: object, ok: Callable[[torch.Tensor], b
         raise ValueError(f"{fn}: {name} must be {expected}, got {got}")
 
 
+def require_positive(owner: str, **values: int) -> None:
+    """Configuration check: raises `owner: name must be >= 1, got value` for the first value below 1."""
+    for name, value in values.items():
+        if value < 1:
+            raise ValueError(f"{owner}: {name} must be >= 1, got {value}")
+
+
 def require_same_device(fn: str, name: str, t: torch.Tensor, like_name: str, like: torch.Tensor) -> None:
     """Metadata check: t is on like's device."""
     if t.device != like.device:

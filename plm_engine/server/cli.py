@@ -15,6 +15,8 @@ import os
 import signal
 import threading
 
+from plm_engine.generation.options import add_model_options
+
 log = logging.getLogger("plm_engine.server")
 
 
@@ -25,11 +27,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Serve a model over the OpenAI API: /v1/completions, /v1/chat/completions, "
         "/v1/embeddings, /v1/models, /tokenize, /detokenize, /health, /metrics.",
     )
-    s.add_argument(
-        "--model",
-        default="smollm2-135m",
-        help="generation model: a HF folder, a .gguf file, a packaged name or a Hub id (org/name)",
-    )
+    add_model_options(s)
     s.add_argument("--tokenizer", default=None, help="tokenizer name or path (default: the model's)")
     s.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
     s.add_argument("--embedding-model", default=None, help="also serve /v1/embeddings with this encoder (minilm-l6)")
@@ -47,7 +45,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         action="store_true",
         help="do not reuse the cached KV blocks of a prompt's prefix shared with earlier requests",
     )
-    s.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: per device)")
     s.add_argument("--device", default=None, help="cpu | cuda (default: where the model loads)")
     s.add_argument(
         "--max-model-len",

@@ -251,11 +251,16 @@ class ChatResponseMessage(BaseModel):
     content: str | None = None
 
 
-class ChatChoice(BaseModel):
+class _ChatChoice(BaseModel):
+    """What a whole-response choice and a streamed chunk's choice share (subclasses add the text)."""
+
     index: int
-    message: ChatResponseMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+
+
+class ChatChoice(_ChatChoice):
+    message: ChatResponseMessage
 
 
 class ChatCompletionResponse(_Response):
@@ -270,11 +275,8 @@ class ChatDelta(BaseModel):
     content: str | None = None
 
 
-class ChatChunkChoice(BaseModel):
-    index: int
+class ChatChunkChoice(_ChatChoice):
     delta: ChatDelta
-    logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = None
 
 
 class ChatCompletionChunk(_Response):

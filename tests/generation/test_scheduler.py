@@ -44,6 +44,15 @@ def _seq(i, n_prompt, max_tokens=8):
     )
 
 
+def test_sizes_below_one_are_refused_naming_the_argument():
+    with pytest.raises(ValueError, match=r"^BlockManager: block_size must be >= 1, got 0$"):
+        BlockManager(4, 0)
+    with pytest.raises(ValueError, match=r"^Scheduler: max_prefill_tokens must be >= 1, got -1$"):
+        Scheduler(BlockManager(4, 16), max_num_seqs=2, max_prefill_tokens=-1)
+    with pytest.raises(ValueError, match=r"^Engine: max_num_seqs must be >= 1, got 0$"):
+        Engine(FakeModel(), max_num_seqs=0, cuda_graphs=False)
+
+
 def test_chunked_prefill_then_decode():
     s = Scheduler(BlockManager(16, 4), max_num_seqs=4, max_prefill_tokens=5)
     a = _seq(0, 12)

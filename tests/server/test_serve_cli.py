@@ -58,6 +58,16 @@ def test_arguments_and_defaults(monkeypatch):
     assert not cli._is_loopback("0.0.0.0") and not cli._is_loopback("example.org")
 
 
+def test_model_options_are_generates(capsys):
+    """--model and --dtype come from generation.options, as in `generate`: a bad dtype is a usage error."""
+    from plm_engine.generation.options import DTYPES
+
+    assert parse("--dtype", "bfloat16").dtype == "bfloat16" and "bfloat16" in DTYPES
+    with pytest.raises(SystemExit) as e:
+        parse("--dtype", "float8")
+    assert e.value.code == 2 and "invalid choice: 'float8'" in capsys.readouterr().err
+
+
 def test_sigterm_with_a_stream_in_flight_exits_cleanly(tmp_path, smollm2_tokenizer):
     from plm_engine.models import save_pretrained
 
