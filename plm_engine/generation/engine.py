@@ -61,8 +61,8 @@ class Engine:
     (scheduler.py; stats() counts the tokens looked up and reused).
     compile, num_threads: the CPU decode step compiled per batch bucket, and torch's CPU threads
     (defaults: PLM_ENGINE_COMPILE, PLM_ENGINE_NUM_THREADS or the physical cores; see ModelRunner).
-    dequantize: for a model named by path or name, load_model's (a GGUF's blocks stay native unless
-    True); `weights` says what runs (e.g. "Q4_1 + Q8_0 (GGUF, native; float32 compute)").
+    dequantize, quantize: for a model named by path or name, load_model's (a GGUF's blocks stay native
+    unless dequantize; quantize="int8" | "int4" stores the linear weights in blocks); `weights` says what runs (e.g. "Q4_1 + Q8_0 (GGUF, native; float32 compute)").
     """
 
     def __init__(
@@ -80,6 +80,7 @@ class Engine:
         compile: bool | None = None,
         num_threads: int | None = None,
         dequantize: bool = False,
+        quantize: str | None = None,
     ):
         if isinstance(dtype, str):
             dtype = {
@@ -96,7 +97,7 @@ class Engine:
             from plm_engine.models import load_model, load_tokenizer
 
             name = str(model)
-            model = load_model(name, dtype=dtype, device=device, dequantize=dequantize)
+            model = load_model(name, dtype=dtype, device=device, dequantize=dequantize, quantize=quantize)
             if tokenizer is None:
                 tokenizer = load_tokenizer(name)
         elif dtype is not None or device is not None:
