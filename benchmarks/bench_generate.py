@@ -578,8 +578,8 @@ def main(argv=None) -> int:
     dtypes = args.dtypes.split(",")
     models = {}
     for name in dtypes:  # the first load fills the on-disk GGUF cache; the load case times later ones
-        models[name] = load_model(args.model, dtype=getattr(torch, name), device=dev)
-    base = models.get("float32") or load_model(args.model, dtype=torch.float32, device=dev)
+        models[name] = load_model(args.model, dtype=getattr(torch, name), device=dev, dequantize=True)
+    base = models.get("float32") or load_model(args.model, dtype=torch.float32, device=dev, dequantize=True)
     vocab = base.config.vocab_size
     prompt_ids = tok.encode(PROMPT)
     rng = random.Random(0)
@@ -698,7 +698,7 @@ def main(argv=None) -> int:
             for ours_name, their_name in pairs:
                 if ours_name is not None and "plm_engine" in providers:
                     t0 = time.perf_counter()
-                    load_model(args.model, dtype=getattr(torch, ours_name), device=dev)
+                    load_model(args.model, dtype=getattr(torch, ours_name), device=dev, dequantize=True)
                     add(("load", "plm_engine", ours_name, top), dict(load_s=time.perf_counter() - t0))
                 if their_name in llama_args:
                     fresh = LlamaCpp(*llama_args[their_name])

@@ -122,7 +122,7 @@ def write_hf_folder(model_name: str, folder: Path) -> Path:
     from plm_engine.models import load_model, load_tokenizer, save_pretrained
 
     tok = load_tokenizer(model_name)
-    save_pretrained(load_model(model_name), folder)
+    save_pretrained(load_model(model_name, dequantize=True), folder)
     tok.backend.save(str(folder / "tokenizer.json"))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",

@@ -56,7 +56,15 @@ def run(args) -> int:
         return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
-    engine = Engine(args.model, dtype=args.dtype, device=device, max_num_seqs=1, cuda_graphs=not args.no_cuda_graphs)
+    engine = Engine(
+        args.model,
+        dtype=args.dtype,
+        device=device,
+        max_num_seqs=1,
+        cuda_graphs=not args.no_cuda_graphs,
+        dequantize=args.dequantize,
+        quantize=args.quantize,
+    )
     load_s = time.perf_counter() - t0
     tok = engine.tokenizer
     if args.chat:
@@ -96,7 +104,7 @@ def run(args) -> int:
     decode_s = end - (first or end)
     decode_tps = (n_gen - 1) / decode_s if n_gen > 1 and decode_s > 0 else float("nan")
     print(
-        f"[{args.model} {str(engine.dtype).replace('torch.', '')} on {engine.device}; loaded in {load_s:.1f}s] "
+        f"[{args.model} {engine.weights} on {engine.device}; loaded in {load_s:.1f}s] "
         f"prompt {n_prompt} tok at {n_prompt / ttft:.1f} tok/s | time to first token {ttft * 1000:.0f} ms | "
         f"decode {n_gen} tok at {decode_tps:.1f} tok/s | finish: {final.finish_reason}",
         file=sys.stderr,

@@ -25,6 +25,7 @@ from plm_engine.generation.sampler import Sampler, SamplingParams
 from plm_engine.generation.scheduler import Scheduler, Sequence
 from plm_engine.generation.seq2seq import Seq2SeqGeneration
 from plm_engine.generation.structured import GrammarCompiler
+from plm_engine.layers.linear import weight_format
 from plm_engine.ops import checks
 
 log = logging.getLogger("plm_engine.generation")
@@ -60,6 +61,8 @@ class Engine:
     (scheduler.py; stats() counts the tokens looked up and reused).
     compile, num_threads: the CPU decode step compiled per batch bucket, and torch's CPU threads
     (defaults: PLM_ENGINE_COMPILE, PLM_ENGINE_NUM_THREADS or the physical cores; see ModelRunner).
+    dequantize, quantize: for a model named by path or name, load_model's (a GGUF's blocks stay native
+    unless dequantize; quantize="int8" | "int4" stores the linear weights in blocks); `weights` says what runs (e.g. "Q4_1 + Q8_0 (GGUF, native; float32 compute)").
     """
 
     def __init__(
@@ -76,6 +79,8 @@ class Engine:
         enable_prefix_caching: bool = True,
         compile: bool | None = None,
         num_threads: int | None = None,
+        dequantize: bool = False,
+        quantize: str | None = None,
     ):
         if isinstance(dtype, str):
             dtype = {
@@ -92,7 +97,7 @@ class Engine:
             from plm_engine.models import load_model, load_tokenizer
 
             name = str(model)
-            model = load_model(name, dtype=dtype, device=device)
+            model = load_model(name, dtype=dtype, device=device, dequantize=dequantize, quantize=quantize)
             if tokenizer is None:
                 tokenizer = load_tokenizer(name)
         elif dtype is not None or device is not None:
@@ -103,6 +108,7 @@ class Engine:
             tokenizer = load_tokenizer(str(tokenizer))
         checks.require_positive("Engine", max_num_seqs=max_num_seqs)
         self.model = model.eval()
+        self.weights = weight_format(model)  # e.g. "Q4_1 + Q8_0 (GGUF, native; float32 compute)"
         self.tokenizer = tokenizer
         self.config = model.config
         if self.config.arch == "bert":

@@ -28,8 +28,14 @@ class _GGUFBlocks(nn.Module):
         values, nbytes = GGUF_BLOCKS[qtype]
         if k % values:
             raise ValueError(f"a GGUF block type {qtype} weight needs K divisible by {values}, got {k}")
-        self.qtype, self.rows, self.k, self.dtype = qtype, rows, k, dtype
+        self.qtype, self.rows, self.k = qtype, rows, k
         self.register_buffer("qweight", torch.empty(rows, k // values * nbytes, dtype=torch.uint8))
+        # An empty tensor that carries the compute dtype through module.to(dtype) (qweight never changes).
+        self.register_buffer("_dtype", torch.empty(0, dtype=dtype), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype.dtype
 
     @property
     def weight(self) -> torch.Tensor:
@@ -73,3 +79,18 @@ class QuantEmbedding(_GGUFBlocks):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h @ table.T: the tied LM head."""
         return ops.linear_q(h, self.qweight, self.qtype)
+
+
+def weight_format(model: nn.Module) -> str:
+    """What the model's weights are, for status lines: "float32", or the GGUF block types kept
+    natively (most used first) and the compute dtype, e.g. "Q4_1 + Q8_0 (GGUF, native; float32 compute)"."""
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, _GGUFBlocks):
+            counts[m.type_name] = counts.get(m.type_name, 0) + m.qweight.numel()
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    name = str(dtype).removeprefix("torch.")
+    if not counts:
+        return name
+    types = " + ".join(sorted(counts, key=counts.__getitem__, reverse=True))
+    return f"{types} (GGUF, native; {name} compute)"

@@ -152,6 +152,13 @@ def save_pretrained(model: Transformer, path) -> Path:
     Each file is written to a temporary name and renamed, so a crash never leaves a partial file."""
     from safetensors.torch import save_file
 
+    from plm_engine.layers.linear import weight_format
+
+    kept = weight_format(model)
+    if "GGUF" in kept:  # HF checkpoints have no place for ggml blocks; nothing is written
+        raise ValueError(
+            f"save_pretrained: the model keeps GGUF blocks ({kept}); load it with dequantize=True to save HF weights"
+        )
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     c = model.config

@@ -40,7 +40,16 @@ def _cat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
     return first.as_strided((sum(p.shape[0] for p in parts), *first.shape[1:]), first.stride())
 
 
-def build_from_tensors(config: ModelConfig, tensors, dtype: torch.dtype, device, source: str) -> nn.Module:
+# load_model(..., quantize=): the GGUF block type each scheme stores the linear weights in.
+QUANTIZE_SCHEMES = {
+    "int8": "Q8_0",  # symmetric int8, one fp16 scale per group of 32 weights of a row
+    "int4": "Q4_1",  # int4 with a zero point: an fp16 scale and an fp16 minimum per group of 32
+}
+
+
+def build_from_tensors(
+    config: ModelConfig, tensors, dtype: torch.dtype, device, source: str, quantize: str | None = None
+) -> nn.Module:
     """The model whose parameters are the HF-named tensors (a mapping name -> tensor, read lazily): a
     Transformer, or a Seq2SeqTransformer for encoder-decoder configs. Built on the meta device and
     assigned in place; source names the file(s) in errors."""
@@ -95,9 +104,27 @@ def build_from_tensors(config: ModelConfig, tensors, dtype: torch.dtype, device,
             if isinstance(t, QuantTensor)
             else t.to(device=device, dtype=dtype).contiguous()
         )
+    if quantize is not None:
+        _quantize_linears(model, state, quantize)
     _keep_blocks(model, state, dtype)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
+
+
+def _quantize_linears(model: nn.Module, state: dict, scheme: str) -> None:
+    """Every nn.Linear weight of `state` (rows a multiple of 32 long) into the scheme's GGUF blocks,
+    quantized by gguf's own quantizer (llama.cpp's reference rounding); embeddings and norms stay."""
+    from gguf import GGMLQuantizationType, quants
+
+    qtype = GGMLQuantizationType[QUANTIZE_SCHEMES[scheme]]
+    for key, t in list(state.items()):
+        path, _, leaf = key.rpartition(".")
+        if leaf != "weight" or isinstance(t, QuantTensor) or t.dim() != 2 or t.shape[1] % 32:
+            continue
+        if not isinstance(model.get_submodule(path), nn.Linear):
+            continue
+        raw = quants.quantize(t.detach().float().cpu().numpy(), qtype)
+        state[key] = QuantTensor(torch.from_numpy(raw).to(t.device), int(qtype), (t.shape[0], t.shape[1]))
 
 
 def _cat_blocks(parts: list[QuantTensor]) -> QuantTensor:
@@ -171,7 +198,7 @@ def _default_dtype(config: ModelConfig, device) -> torch.dtype:
     return torch.float32
 
 
-def load_hf_folder(folder, dtype=None, device=None) -> Transformer:
+def load_hf_folder(folder, dtype=None, device=None, quantize: str | None = None) -> Transformer:
     folder = Path(folder)
     cfg_path = folder / "config.json"
     if not cfg_path.exists():
@@ -193,20 +220,23 @@ def load_hf_folder(folder, dtype=None, device=None) -> Transformer:
             raise ValueError(f"{source}: could not be read as a weights-only checkpoint ({e})") from e
     else:
         raise FileNotFoundError(f"{folder}: no model.safetensors, *.safetensors shards or pytorch_model.bin")
-    return build_from_tensors(config, tensors, dtype, device, source)
+    return build_from_tensors(config, tensors, dtype, device, source, quantize)
 
 
-def load_gguf(path, dtype=None, device=None, dequantize: bool = True) -> Transformer:
-    """dequantize=False keeps the quantized weights in their blocks (models.gguf.NATIVE_TYPES)."""
+def load_gguf(path, dtype=None, device=None, dequantize: bool = True, quantize: str | None = None) -> Transformer:
+    """dequantize=False keeps the quantized weights in their blocks (models.gguf.NATIVE_TYPES); quantize
+    re-quantizes the dequantized weights (load_model)."""
     from plm_engine.models.gguf import read_gguf
 
     dtype = dtype or torch.float32
-    ckpt = read_gguf(path, dtype=dtype, quantized=not dequantize)
+    ckpt = read_gguf(path, dtype=dtype, quantized=not dequantize and quantize is None)
     config = ModelConfig.from_hf(ckpt.hf_config)
-    return build_from_tensors(config, ckpt.tensors, dtype, device, str(path))
+    return build_from_tensors(config, ckpt.tensors, dtype, device, str(path), quantize)
 
 
-def load_model(name_or_path, dtype=None, device=None, dequantize: bool = True) -> Transformer:
+def load_model(
+    name_or_path, dtype=None, device=None, dequantize: bool = False, quantize: str | None = None
+) -> Transformer:
     """A model, in eval mode, from a HF folder or a .gguf file, a packaged name ("smollm2-135m",
     "minilm-l6") or a Hugging Face Hub id ("HuggingFaceTB/SmolLM2-135M-Instruct"), tried in that order
     (models.registry.resolve); ModelNotFoundError when it names none of them. Encoder-decoder folders
@@ -214,19 +244,25 @@ def load_model(name_or_path, dtype=None, device=None, dequantize: bool = True) -
 
     dtype: None -> float32 on CPU, the checkpoint's 16-bit dtype on CUDA. load_model.last_load_seconds
     records how long the last load took.
-    dequantize: a GGUF's quantized weights become plain `dtype` tensors (True); False keeps Q4_0 / Q4_1 /
-    Q8_0 / Q4_K / Q6_K weights in their blocks (QuantLinear / QuantEmbedding run them through
-    ops.linear_q), `dtype` then being the compute dtype of everything else.
+    dequantize: by default a GGUF's Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K weights stay in their blocks
+    (QuantLinear / QuantEmbedding run them through ops.linear_q; `dtype` is then the compute dtype of
+    everything else; layers.linear.weight_format says what was kept); True turns every weight into a
+    plain `dtype` tensor, as training and save_pretrained need.
+    quantize: "int8" or "int4" stores every linear weight (not the embeddings) in GGUF blocks at load
+    (QUANTIZE_SCHEMES: int8 symmetric per group of 32, int4 with a zero point per group of 32), from
+    the checkpoint's weights (a GGUF's dequantized ones).
     """
     from plm_engine.models.registry import resolve
 
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     t0 = time.perf_counter()
+    if quantize is not None and quantize not in QUANTIZE_SCHEMES:
+        raise ValueError(f"load_model: quantize must be one of {', '.join(QUANTIZE_SCHEMES)} or None, got {quantize!r}")
     found = resolve(name_or_path)
     if found.kind == "gguf":
-        model = load_gguf(found.path, dtype, device, dequantize=dequantize)
+        model = load_gguf(found.path, dtype, device, dequantize=dequantize, quantize=quantize)
     else:
-        model = load_hf_folder(found.path, dtype, device)
+        model = load_hf_folder(found.path, dtype, device, quantize=quantize)
     load_model.last_load_seconds = time.perf_counter() - t0
     return model

@@ -294,7 +294,10 @@ class _Server:
         return bool(getattr(self.engine, "is_alive", lambda: True)())
 
     def model_cards(self) -> list[P.ModelCard]:
-        cards = [P.ModelCard(id=self.model_name, max_model_len=self.max_model_len)]
+        inner = getattr(self.engine, "engine", self.engine)  # the Engine inside an AsyncEngine
+        cards = [
+            P.ModelCard(id=self.model_name, max_model_len=self.max_model_len, weights=getattr(inner, "weights", None))
+        ]
         if self.embedder is not None:
             cards.append(P.ModelCard(id=self.embedding_model_name, max_model_len=self.embedder.max_length))
         return cards

@@ -136,6 +136,8 @@ def build_app(args):
         max_num_seqs=args.max_num_seqs,
         kv_cache_tokens=args.kv_cache_tokens,
         enable_prefix_caching=not args.no_prefix_caching,
+        dequantize=args.dequantize,
+        quantize=args.quantize,
     )
     embedder = None
     if args.embedding_model:

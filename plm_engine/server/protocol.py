@@ -304,6 +304,7 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=_now)
     owned_by: str = "plm_engine"
     max_model_len: int | None = None
+    weights: str | None = None  # what runs, e.g. "Q4_1 + Q8_0 (GGUF, native; float32 compute)"
 
 
 class ModelList(BaseModel):

@@ -254,7 +254,7 @@ class Trainer:
         if cfg.objective == "mlm":
             changes["mlm_head"] = True
         if cfg.init is not None:
-            base = load_model(cfg.init, dtype=torch.float32, device="cpu")
+            base = load_model(cfg.init, dtype=torch.float32, device="cpu", dequantize=True)  # trains plain weights
             mc = base.config.replace(**changes, **cfg.model_overrides)
         else:
             base = None

@@ -40,8 +40,9 @@ def tiny_smollm2(monkeypatch, tok_and_model):
     monkeypatch.setattr(models, "load_tokenizer", lambda name: tok)
     seen = {}
 
-    def fake_load_model(name, dtype=None, device=None):
+    def fake_load_model(name, dtype=None, device=None, dequantize=False, quantize=None):
         seen["args"] = (name, dtype, device)
+        seen["weights"] = (dequantize, quantize)
         return model.to(dtype=dtype or torch.float32)
 
     monkeypatch.setattr(models, "load_model", fake_load_model)
@@ -54,7 +55,8 @@ def test_generate_streams_text_and_reports_speed(tiny_smollm2, capsys):
     assert args.model == "smollm2-135m"
     assert cli.run(args) == 0
     out, err = capsys.readouterr()
-    assert seen["args"] == ("smollm2-135m", None, "cpu")
+    assert seen["args"] == ("smollm2-135m", None, "cpu") and seen["weights"] == (False, None)
+    assert "[smollm2-135m float32 on cpu" in err  # what ran: a plain model's dtype
     assert len(tok.encode(out.rstrip("\n"), add_special_tokens=False)) >= 6  # the streamed continuation
     assert "time to first token" in err and "decode 12 tok at" in err and "tok/s" in err and "finish: length" in err
 
@@ -89,3 +91,18 @@ def test_generate_rejects_bad_input(tiny_smollm2, capsys):
     assert "top_p" in capsys.readouterr().err
     assert cli.run(parse("word " * 300)) == 2  # the tiny model's context is 256 tokens
     assert "context holds 256" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags,weights", [(["--dequantize"], (True, None)), (["--quantize", "int4"], (False, "int4"))], ids=str
+)
+def test_generate_weight_options_reach_the_loader(tiny_smollm2, capsys, flags, weights):
+    _, seen = tiny_smollm2
+    assert cli.run(parse("Hi", "--max-tokens", "2", "--temperature", "0", *flags)) == 0
+    assert seen["weights"] == weights
+
+
+def test_generate_rejects_an_unknown_quantize_scheme(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse("Hi", "--quantize", "int3")
+    assert e.value.code == 2 and "invalid choice: 'int3'" in capsys.readouterr().err

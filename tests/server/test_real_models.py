@@ -3,6 +3,7 @@ engine's, and MiniLM embeddings equal sentence-transformers' recipe computed wit
 
 from __future__ import annotations
 
+import httpx
 import openai
 import pytest
 import torch
@@ -68,3 +69,9 @@ def test_minilm_embeddings_equal_sentence_transformers_recipe(real_server):
     assert r.usage.prompt_tokens == int(batch["attention_mask"].sum())
     sims = got @ got.T  # the paraphrases are closer to each other than to the unrelated sentence
     assert sims[0, 1] > sims[0, 2] + 0.2
+
+
+def test_models_endpoint_says_which_weights_run(real_server):
+    """The default GGUF runs its blocks natively, and /v1/models says so."""
+    card = httpx.get(real_server.url + "/v1/models/smollm2-135m").json()
+    assert card["weights"] == "Q4_1 + Q8_0 (GGUF, native; float32 compute)", card
