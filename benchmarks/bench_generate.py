@@ -1,8 +1,9 @@
 """Generation benchmark: plm_engine's Engine against llama.cpp and HF transformers, same weights, same run.
 
 Providers:
-  plm_engine   Engine (paged KV cache, continuous batching; the decode step compiled per batch bucket on
-               the CPU, CUDA graphs on a GPU)
+  plm_engine   Engine (paged KV cache, continuous batching; on the CPU the decode step is one C++ call
+               (native, generation/native_decode.py) or, with --compile 1, compiled per batch bucket;
+               CUDA graphs on a GPU). Its rows name the decode path that ran (decode_path)
   llama_cpp    llama.cpp through llama-cpp-python (pip install 'plm_engine[bench]'; CPU only), on the same
                GGUF: the default model's file as shipped (Q4_1, a reference row) and up-cast by llama.cpp's
                own quantizer (llama_model_quantize, ALL_F32 / MOSTLY_F16, allow_requantize) to F32 and
@@ -23,7 +24,10 @@ interleave, --repeats times; each row is the median, and vs_llama_cpp the median
               picks its first token)
   overhead    plm_engine: host overhead of a batch-1 decode step = its wall time minus the self CPU time of
               the compute ops in it (plm_engine:: kernels and aten compute ops, torch.profiler), as a share
-              of the step; the compiled step's small fused glue kernels count as overhead (conservative)
+              of the step; the compiled step's small fused glue kernels count as overhead (conservative).
+              The native step's kernels are seen inside its one C++ call: it opens a profiler scope named
+              like the op around each kernel it calls (csrc/cpu/kernels.h), so their self time is kernel
+              time and the rest of the call (checks, views, allocation, the profiler's own cost) is host
   quality     (dtypes other than float32) greedy continuations of fixed prompts against float32
   throughput  (only with --cases ...,throughput) random request mix, plm_engine vs HF (older case)
 
@@ -80,6 +84,7 @@ COLUMNS = common.ENV_COLUMNS + [
     "repeats",
     "vs_llama_cpp",
     "host_overhead",
+    "decode_path",
     "step_ms",
     "weight_gbps",
     "membw_gbps",
@@ -215,12 +220,20 @@ def ours_prefill(eng, prompt, device):
 
 
 def ours_overhead(eng, prompt, steps=16):
-    """Host share of batch-1 decode steps: step wall time minus the compute ops' self CPU time."""
+    """Host share of batch-1 decode steps: step wall time minus the compute ops' self CPU time.
+
+    host_overhead is conservative: the wall time is the profiled steps', so the profiler's own cost per
+    event counts as host. The note adds the share against the same number of unprofiled steps run just
+    before (the kernels' time still from the profiled ones)."""
     from torch.profiler import ProfilerActivity, profile
 
-    eng.add_request(prompt, greedy(steps + 8))
+    eng.add_request(prompt, greedy(2 * steps + 8))
     for _ in range(4):  # prefill, then warm decode steps
         eng.step()
+    t = time.perf_counter()
+    for _ in range(steps):
+        eng.step()
+    plain = time.perf_counter() - t
     with quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:  # kineto logs to fd 2
         t = time.perf_counter()
         for _ in range(steps):
@@ -232,7 +245,11 @@ def ours_overhead(eng, prompt, steps=16):
         e.self_cpu_time_total for e in prof.key_averages() if e.key.startswith("plm_engine::") or e.key in COMPUTE_ATEN
     )
     host = max(wall - kernel_us / 1e6, 0.0)
-    return dict(host_overhead=host / wall, step_ms=wall / steps * 1e3, note=f"host {host / steps * 1e3:.2f} ms/step")
+    plain_host = max(plain - kernel_us / 1e6, 0.0)
+    note = (
+        f"host {host / steps * 1e3:.2f} ms/step; unprofiled: {plain_host / plain:.1%} of {plain / steps * 1e3:.1f} ms"
+    )
+    return dict(host_overhead=host / wall, step_ms=wall / steps * 1e3, note=note)
 
 
 # ---- llama.cpp --------------------------------------------------------------------------------------
@@ -544,7 +561,11 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument(
-        "--compile", choices=["0", "1"], default="1", help="plm_engine's compiled CPU decode step (default on here)"
+        "--compile",
+        choices=["0", "1"],
+        default="1",
+        help="plm_engine's CPU decode step: 1 compiled per batch bucket (default here), 0 the native C++ step "
+        "(the engine's default; eager with PLM_ENGINE_NATIVE_DECODE=0)",
     )
     ap.add_argument("--hf-dtypes", default="float32", help="HF transformers' weight dtypes (comma-separated)")
     ap.add_argument("--skip-static", action="store_true", help="no HF rows with the static KV cache")
@@ -752,6 +773,8 @@ def main(argv=None) -> int:
             batch=batch,
             prompt_tokens=len(long_prompt) if case == "prefill" else len(prompt_ids),
         )
+        if provider == "plm_engine" and prec in engines:
+            r["decode_path"] = engines[prec].runner.decode_path
         if case == "streams" and provider == "llama_cpp":
             r["note"] = f"one llama_batch of {batch} sequences per step (batched API)"
         if case == "load":
@@ -886,6 +909,7 @@ def main(argv=None) -> int:
             "weight_gbps",
             "bw_util",
             "host_overhead",
+            "decode_path",
             "load_s",
             "n_identical",
             "mean_abs_logprob_diff",

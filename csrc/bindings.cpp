@@ -20,6 +20,7 @@
 // ops.h lists the families and their files.
 #include <torch/extension.h>
 
+#include "cpu/decode_step.h"
 #include "cpu/isa.h"
 #include "ops.h"
 
@@ -55,4 +56,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa_supported", []() { return std::string(plm_engine::cpu::isa_name(plm_engine::cpu::cpu_isa_supported())); },
         "the best instruction set this CPU supports for the CPU kernels");
   m.def("set_cpu_isa", &plm_engine::cpu::set_cpu_isa, "caps the CPU kernels' instruction set (or 'best')");
+  plm_engine::bind_decode_step(m);  // DecodeStep: the native CPU decode step (cpu/decode_step.cpp)
 }

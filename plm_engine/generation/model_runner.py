@@ -1,9 +1,10 @@
 """The model runner: owns the model's KV cache and runs the forwards of one engine step.
 
 It sizes and allocates the paged cache, runs each decode step as one unit (CUDA graphs per batch-size
-bucket on a GPU, a torch.compile'd forward per bucket on the CPU: compiled_decode.py), sets the CPU
-thread count, and turns the scheduler's work (prefill chunks, decode sequences) into the packed tensors
-of one forward_tokens call each. It knows nothing about requests, sampling or text: the engine does.
+bucket on a GPU; on the CPU one C++ call by default, native_decode.py, or a torch.compile'd forward
+per bucket when compiling is asked for, compiled_decode.py), sets the CPU thread count, and turns the
+scheduler's work (prefill chunks, decode sequences) into the packed tensors of one forward each. It
+knows nothing about requests, sampling or text: the engine does.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from plm_engine.generation.compiled_decode import CompiledDecode, compile_enabled
 from plm_engine.generation.cuda_graphs import DecodeGraphs
+from plm_engine.generation.native_decode import NativeDecode, native_enabled, unsupported_reason
 from plm_engine.generation.scheduler import Chunk, Sequence
 from plm_engine.layers.kv_cache import PagedBatch
 
@@ -77,11 +79,13 @@ def cpu_threads(num_threads: int | None = None) -> int:
 
 
 class ModelRunner:
-    """A causal model, its paged KV cache and its decode step as one unit (CUDA graphs or compiled).
+    """A causal model, its paged KV cache and its decode step as one unit (CUDA graphs, native or compiled).
 
     kv_cache_tokens: cache size in tokens (default: a share of free memory, capped at max_num_seqs full
     contexts), rounded up to whole blocks of block_size tokens. compile: on the CPU, run decode steps
     through a torch.compile'd forward per batch bucket (default: PLM_ENGINE_COMPILE, off unless "1").
+    native: on the CPU without compile, run decode steps as one C++ call where the model is planned
+    (default: PLM_ENGINE_NATIVE_DECODE, on unless "0"); decode_path says which step runs, and why.
     num_threads: on the CPU, torch's intra-op threads (default: PLM_ENGINE_NUM_THREADS, else the
     physical cores); set for the whole process. forward_inputs: for encoder-decoder
     models, a callable (a forward's sequences, in batch order) -> forward_tokens' extra keyword
@@ -98,6 +102,7 @@ class ModelRunner:
         compile: bool | None = None,
         num_threads: int | None = None,
         forward_inputs=None,
+        native: bool | None = None,
     ):
         self.model = model
         self.forward_inputs = forward_inputs
@@ -119,16 +124,27 @@ class ModelRunner:
         self.cache_tokens = self.num_blocks * block_size
         self.max_blocks_per_seq = math.ceil(min(self.context_len, self.cache_tokens) / block_size)
         self.graphs: DecodeGraphs | None = None
+        self.native: NativeDecode | None = None
+        self.decode_path = "eager"
         if self.device.type == "cpu":
             threads = cpu_threads(num_threads)
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
             if compile_enabled(compile) and forward_inputs is None:
                 self.graphs = CompiledDecode(model, self.kv_cache, max_num_seqs, self.max_blocks_per_seq)
+                self.decode_path = "compiled"
+            elif (native_enabled() if native is None else native) and forward_inputs is None:
+                why = unsupported_reason(model, self.kv_cache)
+                if why is None:
+                    self.native = NativeDecode(model, self.kv_cache)
+                    self.decode_path = "native"
+                else:
+                    self.decode_path = f"eager (native step: {why})"
         elif cuda_graphs and self.device.type == "cuda" and forward_inputs is None:
             graphs = DecodeGraphs(model, self.kv_cache, max_num_seqs, self.max_blocks_per_seq, device=self.device)
             graphs.capture()
             self.graphs = graphs
+            self.decode_path = "cuda_graphs"
 
     def _default_cache_tokens(self, per_token: int, max_num_seqs: int) -> int:
         if self.device.type == "cuda":
@@ -197,7 +213,9 @@ class ModelRunner:
         slots = [s.blocks[p // bs] * bs + p % bs for s, p in zip(seqs, pos)]
         lens = [p + 1 for p in pos]
         rows = [s.blocks for s in seqs]
-        if self.graphs is not None and self.graphs.bucket_for(len(seqs)) is not None:
+        if self.native is not None and self.native.usable_now():
+            logits = self.native.run(ids, pos, slots, rows, lens)
+        elif self.graphs is not None and self.graphs.bucket_for(len(seqs)) is not None:
             logits = self.graphs.run(ids, pos, slots, rows, lens)
         else:
             dev = self.device
