@@ -17,6 +17,10 @@
 // layer takes the C++ kernel or at::linear exactly as plm_engine.ops.linear decides: the kernel up to
 // linear_max_rows[current ISA] rows (its KERNEL_MAX_ROWS, passed in), at::linear beyond. So the logits
 // are the eager step's, bit for bit (tests/generation/test_native_decode.py).
+// A weight kept in GGUF blocks (QuantLinear / QuantEmbedding, a uint8 tensor with its ggml type in
+// `qtypes`) goes through linear_q_fwd as the eager QuantLinear does; a quantized embedding looks its
+// rows up as blocks and decodes them as identity @ rows^T through the same kernel (exact: one nonzero
+// product per output).
 #include "cpu/decode_step.h"
 
 #include <ATen/record_function.h>
@@ -31,6 +35,7 @@
 
 #include "cpu/isa.h"
 #include "cpu/kernels.h"
+#include "linear.h"
 
 namespace plm_engine {
 namespace {
@@ -42,6 +47,7 @@ struct Layer {
   Tensor attn_norm_w, mlp_norm_w, qkv_w, out_w, up_w, down_w;
   std::optional<Tensor> attn_norm_b, mlp_norm_b, qkv_b, out_b, up_b, down_b;
   Tensor k_cache, v_cache;
+  int64_t qkv_q = -1, out_q = -1, up_q = -1, down_q = -1;  // ggml type of a weight in blocks; -1: plain
 };
 
 class DecodeStep {
@@ -53,10 +59,13 @@ class DecodeStep {
   // rope_cos, rope_sin: fp32 (max_positions, head_dim / 2) for llama, None for gpt2.
   // linear_max_rows: the C++ linear kernel's row limit per ISA (cpu::Isa order: generic, avx2, avx512,
   //   avx512_bf16) for the model's dtype; 0: at::linear always.
+  // qtypes: the ggml type of each weight kept in GGUF blocks (uint8 rows): "tok_embed" and "lm_head"
+  //   one value, "qkv.weight", "out.weight", "up.weight", "down.weight" one per layer (-1: plain).
   DecodeStep(const std::string& arch, const std::string& activation, std::map<std::string, Tensor> weights,
              std::map<std::string, std::vector<Tensor>> layer_weights, std::vector<Tensor> k_cache,
              std::vector<Tensor> v_cache, std::optional<Tensor> rope_cos, std::optional<Tensor> rope_sin,
-             int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, double eps, std::vector<int64_t> linear_max_rows)
+             int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, double eps, std::vector<int64_t> linear_max_rows,
+             std::map<std::string, std::vector<int64_t>> qtypes)
       : is_llama_(arch == "llama"),
         activation_(activation),
         n_heads_(n_heads),
@@ -71,27 +80,41 @@ class DecodeStep {
                 "DecodeStep: bad head layout: ", n_heads, " heads, ", n_kv_heads, " kv heads of ", head_dim);
     TORCH_CHECK(eps >= 0, "DecodeStep: eps must be >= 0, got ", eps);
     TORCH_CHECK(linear_max_rows_.size() == 4, "DecodeStep: linear_max_rows needs 4 entries (one per ISA)");
-    tok_embed_ = take(weights, "tok_embed", true);
-    dtype_ = tok_embed_.scalar_type();
+    const size_t n_layers = k_cache.size();
+    TORCH_CHECK(n_layers > 0 && v_cache.size() == n_layers, "DecodeStep: need one k and v cache per layer");
+    // The model's dtype is its KV cache's (every cache and weight is checked against it below).
+    dtype_ = k_cache[0].scalar_type();
     TORCH_CHECK(dtype_ == at::kFloat || dtype_ == at::kHalf || dtype_ == at::kBFloat16,
                 "DecodeStep: the model must be float32, float16 or bfloat16, got ", dtype_);
-    TORCH_CHECK(tok_embed_.dim() == 2, "DecodeStep: tok_embed must be (vocab, hidden)");
-    hidden_ = tok_embed_.size(1);
+    auto qtype_of = [&](const char* name, size_t count) -> std::vector<int64_t> {
+      auto it = qtypes.find(name);
+      if (it == qtypes.end()) return std::vector<int64_t>(count, -1);
+      std::vector<int64_t> out = std::move(it->second);
+      qtypes.erase(it);
+      TORCH_CHECK(out.size() == count, "DecodeStep: qtypes '", name, "' has ", out.size(), " entries for ", count);
+      for (int64_t q : out) TORCH_CHECK(q == -1 || q_block(q).values > 0, "DecodeStep: unsupported GGUF type ", q);
+      return out;
+    };
+    tok_q_ = qtype_of("tok_embed", 1)[0];
+    head_q_ = qtype_of("lm_head", 1)[0];
+    tok_embed_ = take(weights, "tok_embed", true);
     final_norm_w_ = take(weights, "final_norm.weight", true);
+    TORCH_CHECK(final_norm_w_.dim() == 1, "DecodeStep: final_norm.weight must be (hidden,)");
+    hidden_ = final_norm_w_.size(0);
+    matrix(tok_embed_, -1, hidden_, "tok_embed", tok_q_);
+    if (tok_q_ >= 0) eye_ = at::eye(hidden_, at::TensorOptions().dtype(dtype_));
     final_norm_b_ = opt(take(weights, "final_norm.bias", !is_llama_));
     lm_head_ = take(weights, "lm_head", true);
     vector_like(final_norm_w_, "final_norm.weight", true);
     if (final_norm_b_) vector_like(*final_norm_b_, "final_norm.bias", true);
-    matrix(lm_head_, -1, hidden_, "lm_head");
+    matrix(lm_head_, -1, hidden_, "lm_head", head_q_);
     if (!is_llama_) {
       pos_embed_ = take(weights, "pos_embed", true);
-      matrix(pos_embed_, -1, hidden_, "pos_embed");
+      matrix(pos_embed_, -1, hidden_, "pos_embed", -1);
     }
     TORCH_CHECK(weights.empty(), "DecodeStep: unknown weight '", weights.begin()->first, "'");
 
     const int64_t q_width = n_heads * head_dim, kv_width = n_kv_heads * head_dim;
-    const size_t n_layers = k_cache.size();
-    TORCH_CHECK(n_layers > 0 && v_cache.size() == n_layers, "DecodeStep: need one k and v cache per layer");
     auto per_layer = [&](const char* name, bool required) -> std::vector<Tensor> {
       auto it = layer_weights.find(name);
       if (it == layer_weights.end()) {
@@ -111,22 +134,26 @@ class DecodeStep {
     auto qkv_b = per_layer("qkv.bias", false), out_b = per_layer("out.bias", false);
     auto up_b = per_layer("up.bias", false), down_b = per_layer("down.bias", false);
     TORCH_CHECK(layer_weights.empty(), "DecodeStep: unknown layer weights '", layer_weights.begin()->first, "'");
+    const auto qkv_q = qtype_of("qkv.weight", n_layers), out_q = qtype_of("out.weight", n_layers);
+    const auto up_q = qtype_of("up.weight", n_layers), down_q = qtype_of("down.weight", n_layers);
+    TORCH_CHECK(qtypes.empty(), "DecodeStep: unknown qtypes entry '", qtypes.begin()->first, "'");
     TORCH_CHECK(!is_llama_ || (attn_norm_b.empty() && mlp_norm_b.empty()), "DecodeStep: RMSNorm has no bias");
 
     const auto pick = [](std::vector<Tensor>& v, size_t i) { return v.empty() ? std::nullopt : opt(v[i]); };
     for (size_t i = 0; i < n_layers; ++i) {
       Layer L{attn_norm_w[i], mlp_norm_w[i], qkv_w[i], out_w[i], up_w[i], down_w[i],
               pick(attn_norm_b, i), pick(mlp_norm_b, i), pick(qkv_b, i), pick(out_b, i), pick(up_b, i),
-              pick(down_b, i), k_cache[i], v_cache[i]};
+              pick(down_b, i), k_cache[i], v_cache[i], qkv_q[i], out_q[i], up_q[i], down_q[i]};
       vector_like(L.attn_norm_w, "attn_norm.weight", true);
       vector_like(L.mlp_norm_w, "mlp_norm.weight", true);
       if (L.attn_norm_b) vector_like(*L.attn_norm_b, "attn_norm.bias", true);
       if (L.mlp_norm_b) vector_like(*L.mlp_norm_b, "mlp_norm.bias", true);
-      matrix(L.qkv_w, q_width + 2 * kv_width, hidden_, "qkv.weight");
-      matrix(L.out_w, hidden_, q_width, "out.weight");
-      const int64_t inter = L.down_w.dim() == 2 ? L.down_w.size(1) : -1;
-      matrix(L.down_w, hidden_, inter, "down.weight");
-      matrix(L.up_w, activation == "swiglu" ? 2 * inter : inter, hidden_, "up.weight");
+      matrix(L.qkv_w, q_width + 2 * kv_width, hidden_, "qkv.weight", L.qkv_q);
+      matrix(L.out_w, hidden_, q_width, "out.weight", L.out_q);
+      matrix(L.up_w, -1, hidden_, "up.weight", L.up_q);
+      const int64_t inter = activation == "swiglu" ? L.up_w.size(0) / 2 : L.up_w.size(0);
+      TORCH_CHECK(activation != "swiglu" || L.up_w.size(0) % 2 == 0, "DecodeStep: up.weight of SwiGLU needs 2 x inter rows");
+      matrix(L.down_w, hidden_, inter, "down.weight", L.down_q);
       bias(L.qkv_b, L.qkv_w, "qkv.bias");
       bias(L.out_b, L.out_w, "out.bias");
       bias(L.up_b, L.up_w, "up.bias");
@@ -173,7 +200,8 @@ class DecodeStep {
     const int64_t h = n_heads_, kvh = n_kv_heads_, d = head_dim_;
     const std::optional<Tensor> positions_2d = positions.view({1, n});
 
-    Tensor x = at::embedding(tok_embed_, input_ids);
+    Tensor x = tok_q_ < 0 ? at::embedding(tok_embed_, input_ids)
+                          : k::linear_q_fwd(eye_, tok_embed_.index_select(0, input_ids), tok_q_, std::nullopt).t().contiguous();
     if (!is_llama_) x = x + at::embedding(pos_embed_, positions);
     Tensor residual;  // the residual stream; before the first layer, x itself
     for (const Layer& L : layers_) {
@@ -186,7 +214,7 @@ class DecodeStep {
             k::norm_fwd(x, L.attn_norm_w, L.attn_norm_b, residual, eps_, is_llama_);
       }
       // q, k, v: views of the fused projection, as layers/attention.py splits it.
-      Tensor qkv = linear(normed, L.qkv_w, L.qkv_b, max_rows);
+      Tensor qkv = linear(normed, L.qkv_w, L.qkv_q, L.qkv_b, max_rows);
       Tensor q = qkv.narrow(1, 0, h * d).view({n, h, d});
       Tensor kk = qkv.narrow(1, h * d, kvh * d).view({n, kvh, d});
       Tensor v = qkv.narrow(1, (h + kvh) * d, kvh * d).view({n, kvh, d});
@@ -196,10 +224,10 @@ class DecodeStep {
       }
       k::write_kv_cache(kk, v, L.k_cache, L.v_cache, slot_mapping);
       Tensor o = k::paged_attn(q.unsqueeze(1), L.k_cache, L.v_cache, block_table, cache_seqlens, scale_);
-      Tensor attn = linear(o.squeeze(1).reshape({n, h * d}), L.out_w, L.out_b, max_rows);
+      Tensor attn = linear(o.squeeze(1).reshape({n, h * d}), L.out_w, L.out_q, L.out_b, max_rows);
       std::tie(normed, residual, std::ignore, std::ignore) =
           k::norm_fwd(attn, L.mlp_norm_w, L.mlp_norm_b, residual, eps_, is_llama_);
-      Tensor up = linear(normed, L.up_w, L.up_b, max_rows);
+      Tensor up = linear(normed, L.up_w, L.up_q, L.up_b, max_rows);
       Tensor act;
       if (activation_ == "swiglu") {
         const int64_t inter = up.size(1) / 2;
@@ -207,10 +235,10 @@ class DecodeStep {
       } else {
         act = k::gelu_fwd(up, activation_ == "gelu_tanh" ? "tanh" : "none");
       }
-      x = linear(act, L.down_w, L.down_b, max_rows);
+      x = linear(act, L.down_w, L.down_q, L.down_b, max_rows);
     }
     Tensor final = std::get<0>(k::norm_fwd(x, final_norm_w_, final_norm_b_, residual, eps_, is_llama_));
-    return linear(final, lm_head_, std::nullopt, max_rows);
+    return linear(final, lm_head_, head_q_, std::nullopt, max_rows);
   }
 
   int64_t n_layers() const { return static_cast<int64_t>(layers_.size()); }
@@ -252,12 +280,24 @@ class DecodeStep {
                 t.sizes());
   }
 
-  // (rows, cols); -1 accepts any size.
-  void matrix(const Tensor& t, int64_t rows, int64_t cols, const char* name) const {
-    weight(t, name, false);
-    TORCH_CHECK(t.dim() == 2 && (rows < 0 || t.size(0) == rows) && (cols < 0 || t.size(1) == cols) &&
+  // (rows, cols) values; -1 accepts any size. A weight in GGUF blocks (qtype >= 0) is (rows, cols / block
+  // values * block bytes) uint8.
+  void matrix(const Tensor& t, int64_t rows, int64_t cols, const char* name, int64_t qtype) const {
+    int64_t width = cols;
+    if (qtype >= 0) {
+      const QBlock b = q_block(qtype);
+      TORCH_CHECK(t.defined() && t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == at::kByte,
+                  "DecodeStep: ", name, " in GGUF blocks must be a contiguous uint8 tensor on the CPU, got ",
+                  describe(t));
+      TORCH_CHECK(cols > 0 && cols % b.values == 0, "DecodeStep: ", name, " has ", cols, " columns, not a multiple of ",
+                  b.values);
+      width = cols / b.values * b.bytes;
+    } else {
+      weight(t, name, false);
+    }
+    TORCH_CHECK(t.dim() == 2 && (rows < 0 || t.size(0) == rows) && (width < 0 || t.size(1) == width) &&
                     t.size(0) > 0 && t.size(1) > 0,
-                "DecodeStep: ", name, " must be (", rows, ", ", cols, "), got ", t.sizes());
+                "DecodeStep: ", name, " must be (", rows, ", ", width, "), got ", t.sizes());
   }
 
   void bias(const std::optional<Tensor>& b, const Tensor& w, const char* name) const {
@@ -274,8 +314,11 @@ class DecodeStep {
                 " on the CPU, got ", describe(t));
   }
 
-  // plm_engine.ops.linear's choice: the C++ kernel for 1..max_rows rows, at::linear (F.linear) beyond.
-  static Tensor linear(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b, int64_t max_rows) {
+  // plm_engine.ops.linear's choice: the C++ kernel for 1..max_rows rows, at::linear (F.linear) beyond; a
+  // weight in blocks always takes linear_q_fwd, as QuantLinear does.
+  static Tensor linear(const Tensor& x, const Tensor& w, int64_t qtype, const std::optional<Tensor>& b,
+                       int64_t max_rows) {
+    if (qtype >= 0) return k::linear_q_fwd(x, w, qtype, b);
     if (x.size(0) <= max_rows) return k::linear_fwd(x, w, b);
     return at::linear(x, w, b);
   }
@@ -286,7 +329,8 @@ class DecodeStep {
   double eps_, scale_ = 1.0;
   std::vector<int64_t> linear_max_rows_;
   at::ScalarType dtype_ = at::kFloat;
-  Tensor tok_embed_, pos_embed_, final_norm_w_, lm_head_, cos_, sin_;
+  Tensor tok_embed_, pos_embed_, final_norm_w_, lm_head_, cos_, sin_, eye_;
+  int64_t tok_q_ = -1, head_q_ = -1;
   std::optional<Tensor> final_norm_b_;
   std::vector<Layer> layers_;
 };
@@ -301,10 +345,11 @@ void bind_decode_step(pybind11::module_& m) {
       .def(py::init<const std::string&, const std::string&, std::map<std::string, Tensor>,
                     std::map<std::string, std::vector<Tensor>>, std::vector<Tensor>, std::vector<Tensor>,
                     std::optional<Tensor>, std::optional<Tensor>, int64_t, int64_t, int64_t, double,
-                    std::vector<int64_t>>(),
+                    std::vector<int64_t>, std::map<std::string, std::vector<int64_t>>>(),
            py::arg("arch"), py::arg("activation"), py::arg("weights"), py::arg("layer_weights"), py::arg("k_cache"),
            py::arg("v_cache"), py::arg("rope_cos"), py::arg("rope_sin"), py::arg("n_heads"), py::arg("n_kv_heads"),
-           py::arg("head_dim"), py::arg("eps"), py::arg("linear_max_rows"))
+           py::arg("head_dim"), py::arg("eps"), py::arg("linear_max_rows"),
+           py::arg("qtypes") = std::map<std::string, std::vector<int64_t>>{})
       // The GIL is released for the step: a server's other threads run while the kernels do.
       .def("step", &DecodeStep::step, py::arg("input_ids"), py::arg("positions"), py::arg("slot_mapping"),
            py::arg("block_table"), py::arg("cache_seqlens"), py::call_guard<py::gil_scoped_release>())

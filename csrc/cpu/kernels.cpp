@@ -38,6 +38,11 @@ Tensor linear_fwd(const Tensor& x, const Tensor& weight, const std::optional<Ten
   PLM_CPU_KERNEL_CALL(linear_fwd, Fn, x, weight, bias);
 }
 
+Tensor linear_q_fwd(const Tensor& x, const Tensor& qweight, int64_t qtype, const std::optional<Tensor>& bias) {
+  using Fn = Tensor(const Tensor&, const Tensor&, int64_t, const std::optional<Tensor>&);
+  PLM_CPU_KERNEL_CALL(linear_q_fwd, Fn, x, qweight, qtype, bias);
+}
+
 void rope_(Tensor& q, Tensor& k, const Tensor& cos, const Tensor& sin, const std::optional<Tensor>& positions,
            bool interleaved, bool conjugate) {
   using Fn = void(Tensor&, Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&, bool, bool);

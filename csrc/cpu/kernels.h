@@ -26,6 +26,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd(const Tensor& x, const Tenso
                                                     const std::optional<Tensor>& residual, double eps, bool is_rms);
 // linear.h: x (M, K) @ weight (N, K)^T + bias.
 Tensor linear_fwd(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias);
+// linear.h: the same with the weight in GGUF blocks of type qtype (qweight (N, row_bytes) uint8).
+Tensor linear_q_fwd(const Tensor& x, const Tensor& qweight, int64_t qtype, const std::optional<Tensor>& bias);
 // rope.h: q (b, s, hq, d), k (b, s, hk, d) rotated in place.
 void rope_(Tensor& q, Tensor& k, const Tensor& cos, const Tensor& sin, const std::optional<Tensor>& positions,
            bool interleaved, bool conjugate);

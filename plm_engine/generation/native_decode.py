@@ -26,7 +26,7 @@ import torch
 
 from plm_engine.layers.attention import Attention
 from plm_engine.layers.kv_cache import KVCache
-from plm_engine.layers.linear import Linear
+from plm_engine.layers.linear import Linear, QuantEmbedding, QuantLinear
 from plm_engine.layers.mlp import MLP
 from plm_engine.layers.norm import LayerNorm, RMSNorm
 from plm_engine.ops import extension
@@ -43,22 +43,36 @@ def native_enabled() -> bool:
     return os.environ.get("PLM_ENGINE_NATIVE_DECODE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def _expected_types(model) -> dict[str, type]:
-    """Every submodule the plan knows, by its name under the model, and its exact class."""
+def _expected_types(model) -> dict[str, tuple[type, ...]]:
+    """Every submodule the plan knows, by its name under the model, and its exact classes (a weight may
+    be kept in GGUF blocks: QuantLinear, QuantEmbedding)."""
     from plm_engine.models.transformer import Block
 
-    norm = RMSNorm if model.config.arch == "llama" else LayerNorm
-    want: dict[str, type] = {"tok_embed": torch.nn.Embedding, "layers": torch.nn.ModuleList, "final_norm": norm}
+    norm = (RMSNorm,) if model.config.arch == "llama" else (LayerNorm,)
+    linear, embed = (Linear, QuantLinear), (torch.nn.Embedding, QuantEmbedding)
+    want: dict[str, tuple[type, ...]] = {"tok_embed": embed, "layers": (torch.nn.ModuleList,), "final_norm": norm}
     if model.config.arch == "gpt2":
-        want["pos_embed"] = torch.nn.Embedding
+        want["pos_embed"] = (torch.nn.Embedding,)
     if model.lm_head is not None:
-        want["lm_head"] = Linear
+        want["lm_head"] = linear
     for i in range(len(model.layers)):
         p = f"layers.{i}"
-        want.update({p: Block, f"{p}.attn_norm": norm, f"{p}.mlp_norm": norm, f"{p}.attn": Attention})
-        want.update({f"{p}.attn.qkv": Linear, f"{p}.attn.out": Linear, f"{p}.mlp": MLP})
-        want.update({f"{p}.mlp.up": Linear, f"{p}.mlp.down": Linear})
+        want.update({p: (Block,), f"{p}.attn_norm": norm, f"{p}.mlp_norm": norm, f"{p}.attn": (Attention,)})
+        want.update({f"{p}.attn.qkv": linear, f"{p}.attn.out": linear, f"{p}.mlp": (MLP,)})
+        want.update({f"{p}.mlp.up": linear, f"{p}.mlp.down": linear})
     return want
+
+
+def _model_dtype(model) -> torch.dtype:
+    e = model.tok_embed
+    return e.dtype if isinstance(e, QuantEmbedding) else e.weight.dtype
+
+
+def _matrix(m) -> tuple[torch.Tensor, int]:
+    """A Linear / Embedding's weight for the plan, and its ggml type (-1: a plain tensor)."""
+    if isinstance(m, (QuantLinear, QuantEmbedding)):
+        return m.qweight, m.qtype
+    return m.weight, -1
 
 
 def unsupported_reason(model, kv_cache: KVCache) -> str | None:
@@ -82,7 +96,7 @@ def unsupported_reason(model, kv_cache: KVCache) -> str | None:
         return f"activation {c.activation!r} is not planned ({', '.join(_ACTIVATIONS)} are)"
     want = _expected_types(model)
     for name, m in model.named_modules():
-        if name and type(m) is not want.get(name):
+        if name and type(m) not in want.get(name, ()):
             return f"module {name} ({type(m).__name__}) is not one the plan knows"
     eps = {m.eps for m in model.modules() if isinstance(m, (RMSNorm, LayerNorm))}
     if len(eps) != 1:
@@ -96,8 +110,8 @@ def unsupported_reason(model, kv_cache: KVCache) -> str | None:
             or layer.mlp.activation != c.activation
         ):
             return "a layer's attention or norm order is not the planned pre-norm block"
-    params = list(model.parameters())
-    dtype = model.tok_embed.weight.dtype
+    params = [*model.parameters(), *model.buffers()]  # buffers: the blocks of QuantLinear / QuantEmbedding
+    dtype = _model_dtype(model)
     if any(p.device.type != "cpu" for p in params) or kv_cache.k[0].device.type != "cpu":
         return "the model or its KV cache is not on the CPU"
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -118,12 +132,11 @@ class NativeDecode:
         if why is not None:
             raise ValueError(f"NativeDecode: {why}")
         c = model.config
-        dtype = model.tok_embed.weight.dtype
-        weights = {
-            "tok_embed": model.tok_embed.weight,
-            "final_norm.weight": model.final_norm.weight,
-            "lm_head": model.lm_head_weight,
-        }
+        dtype = _model_dtype(model)
+        tok, tok_q = _matrix(model.tok_embed)
+        head, head_q = (tok, tok_q) if model.lm_head is None else _matrix(model.lm_head)
+        weights = {"tok_embed": tok, "final_norm.weight": model.final_norm.weight, "lm_head": head}
+        qtypes = {"tok_embed": [tok_q], "lm_head": [head_q]}
         if c.arch == "gpt2":
             weights["pos_embed"] = model.pos_embed.weight
             weights["final_norm.bias"] = model.final_norm.bias
@@ -131,10 +144,16 @@ class NativeDecode:
         modules.update({"up": "mlp.up", "down": "mlp.down"})
         layer_weights: dict[str, list[torch.Tensor]] = {}
         for key, path in modules.items():
-            for part in ("weight", "bias"):
-                ts = [getattr(layer.get_submodule(path), part, None) for layer in model.layers]
-                if ts[0] is not None:
-                    layer_weights[f"{key}.{part}"] = [t for t in ts if t is not None]
+            mods = [layer.get_submodule(path) for layer in model.layers]
+            if key in ("qkv", "out", "up", "down"):
+                mats = [_matrix(m) for m in mods]
+                layer_weights[f"{key}.weight"] = [w for w, _ in mats]
+                qtypes[f"{key}.weight"] = [q for _, q in mats]
+            else:
+                layer_weights[f"{key}.weight"] = [m.weight for m in mods]
+            bs = [getattr(m, "bias", None) for m in mods]
+            if bs[0] is not None:
+                layer_weights[f"{key}.bias"] = [b for b in bs if b is not None]
         cos = sin = None
         if c.arch == "llama":
             cos, sin = model.rope_tables(torch.device("cpu"))
@@ -156,6 +175,7 @@ class NativeDecode:
             c.head_dim,
             float(model.final_norm.eps),
             limits,
+            qtypes,
         )
 
     def step(self, input_ids, positions, slot_mapping, block_table, cache_seqlens) -> torch.Tensor:

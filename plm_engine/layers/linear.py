@@ -23,7 +23,7 @@ class _GGUFBlocks(nn.Module):
     """A (rows, K) weight of ggml block type `qtype` as the buffer qweight (rows, row_bytes) uint8.
     `dtype` is the model's compute dtype: what the layer returns and what `weight` dequantizes to."""
 
-    def __init__(self, rows: int, k: int, qtype: int, dtype: torch.dtype):
+    def __init__(self, rows: int, k: int, qtype: int, dtype: torch.dtype, device=None):
         super().__init__()
         values, nbytes = GGUF_BLOCKS[qtype]
         if k % values:
@@ -31,7 +31,9 @@ class _GGUFBlocks(nn.Module):
         self.qtype, self.rows, self.k = qtype, rows, k
         self.register_buffer("qweight", torch.empty(rows, k // values * nbytes, dtype=torch.uint8))
         # An empty tensor that carries the compute dtype through module.to(dtype) (qweight never changes).
-        self.register_buffer("_dtype", torch.empty(0, dtype=dtype), persistent=False)
+        # Not in the state dict, so a loader that builds the module on the meta device and assigns the
+        # state gives it its real device here.
+        self.register_buffer("_dtype", torch.empty(0, dtype=dtype, device=device), persistent=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -56,8 +58,8 @@ class _GGUFBlocks(nn.Module):
 class QuantLinear(_GGUFBlocks):
     """y = x @ W.T + b with W in GGUF blocks (in_features = K, out_features = rows)."""
 
-    def __init__(self, in_features: int, out_features: int, qtype: int, bias: bool, dtype: torch.dtype):
-        super().__init__(out_features, in_features, qtype, dtype)
+    def __init__(self, in_features: int, out_features: int, qtype: int, bias: bool, dtype: torch.dtype, device=None):
+        super().__init__(out_features, in_features, qtype, dtype, device)
         self.in_features, self.out_features = in_features, out_features
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype)) if bias else None
 
@@ -68,8 +70,8 @@ class QuantLinear(_GGUFBlocks):
 class QuantEmbedding(_GGUFBlocks):
     """nn.Embedding with its table in GGUF blocks: a lookup dequantizes only the rows it reads."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, qtype: int, dtype: torch.dtype):
-        super().__init__(num_embeddings, embedding_dim, qtype, dtype)
+    def __init__(self, num_embeddings: int, embedding_dim: int, qtype: int, dtype: torch.dtype, device=None):
+        super().__init__(num_embeddings, embedding_dim, qtype, dtype, device)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

@@ -144,9 +144,9 @@ def _keep_blocks(model: nn.Module, state: dict, dtype: torch.dtype) -> None:
         old = getattr(parent, child, None)
         with torch.device("meta"):
             if leaf == "weight" and isinstance(old, nn.Embedding):
-                new: nn.Module = QuantEmbedding(q.shape[0], q.shape[1], q.qtype, dtype)
+                new: nn.Module = QuantEmbedding(q.shape[0], q.shape[1], q.qtype, dtype, q.data.device)
             elif leaf == "weight" and isinstance(old, nn.Linear):
-                new = QuantLinear(q.shape[1], q.shape[0], q.qtype, old.bias is not None, dtype)
+                new = QuantLinear(q.shape[1], q.shape[0], q.qtype, old.bias is not None, dtype, q.data.device)
             else:
                 state[key] = q.dequantize(dtype)
                 continue

@@ -42,11 +42,33 @@ MODELS = {
         },
     ),
     "gpt2": ("gpt2-tiny", {}),
+    # Weights in GGUF blocks (load_model's default for a GGUF): every linear and the embedding, tied
+    # (Q4_1) or not (Q8_0, a separate Q8_0 head).
+    "gguf_q4_1_tied": ("Q4_1", {"tied": True}),
+    "gguf_q8_0": ("Q8_0", {"tied": False}),
 }
+
+
+def _gguf_model(qtype: str, tied: bool, dtype: torch.dtype) -> Transformer:
+    import tempfile
+
+    gguf = pytest.importorskip("gguf")
+    from plm_engine.layers.linear import QuantEmbedding
+    from plm_engine.models.loading import load_gguf
+    from tests.models.test_gguf import tiny_llama, write_llama_gguf
+
+    sd, sizes = tiny_llama(tied=tied, vocab=512)
+    with tempfile.TemporaryDirectory() as d:
+        path = write_llama_gguf(f"{d}/tiny.gguf", sd, sizes, gguf.GGMLQuantizationType[qtype])
+        model = load_gguf(path, dtype=dtype, dequantize=False)
+    assert isinstance(model.tok_embed, QuantEmbedding)
+    return model
 
 
 def _model(name: str, dtype: torch.dtype) -> Transformer:
     preset, overrides = MODELS[name]
+    if preset.startswith("Q"):
+        return _gguf_model(preset, overrides["tied"], dtype)
     torch.manual_seed(0)
     model = Transformer(ModelConfig.preset(preset, **overrides)).eval()
     randomize(model)  # biases and norm weights away from 0 and 1, so a missed one shows
@@ -107,7 +129,7 @@ class _CountDecodeForwards:
         monkeypatch.setattr(Transformer, "forward_tokens", counted)
 
 
-@pytest.mark.parametrize("name", ["llama_gqa", "gpt2"])
+@pytest.mark.parametrize("name", ["llama_gqa", "gpt2", "gguf_q4_1_tied"])
 def test_engine_greedy_same_with_native_on_and_off(name, monkeypatch):
     model = _model(name, torch.float32)
     prompts = [[3, 4, 5, 6], [7] * 20, [9, 1]]
