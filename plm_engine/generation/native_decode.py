@@ -71,8 +71,7 @@ def _model_dtype(model) -> torch.dtype:
 def _matrix(m) -> tuple[torch.Tensor, int]:
     """A Linear / Embedding's weight for the plan, and its ggml type (-1: a plain tensor)."""
     if isinstance(m, (QuantLinear, QuantEmbedding)):
-        blocks: torch.Tensor = m.qweight  # a registered buffer (typed Tensor | Module by nn.Module)
-        return blocks, m.qtype
+        return m.qweight, m.qtype
     return m.weight, -1
 
 

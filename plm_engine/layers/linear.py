@@ -23,6 +23,8 @@ class _GGUFBlocks(nn.Module):
     """A (rows, K) weight of ggml block type `qtype` as the buffer qweight (rows, row_bytes) uint8.
     `dtype` is the model's compute dtype: what the layer returns and what `weight` dequantizes to."""
 
+    qweight: torch.Tensor
+
     def __init__(self, rows: int, k: int, qtype: int, dtype: torch.dtype, device=None):
         super().__init__()
         values, nbytes = GGUF_BLOCKS[qtype]
