@@ -105,6 +105,7 @@ class Trainer:
         self.logger = MetricsLogger(
             cfg.out_dir, enabled=self.dist.is_main, resume_step=self.step if resume_path else None
         )
+        self.probed = probe is not None
         if probe is not None:
             self.logger.log(probe)
 
@@ -289,7 +290,11 @@ class Trainer:
             # New heads (classifier, MLM head) keep their fresh init; everything else comes from the checkpoint.
             missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
             heads = ("classifier.", "mlm_", "lm_head.")
-            bad = [k for k in missing if not k.startswith(heads)] + [k for k in unexpected if not k.startswith(heads)]
+            # A smaller n_layers keeps the checkpoint's lowest blocks (a truncated trunk: a middle layer's
+            # features often classify better than the last one's, at a fraction of the compute).
+            dropped = _dropped_blocks(base.config, mc)
+            bad = [k for k in missing if not k.startswith(heads)]
+            bad += [k for k in unexpected if not k.startswith(heads + dropped)]
             if bad:
                 raise ValueError(f"init {cfg.init!r} does not fit the model config: tensors {bad[:4]}")
             del base
@@ -706,6 +711,10 @@ class Trainer:
         tok_last, interrupted = 0, None
         try:
             with ops_backend(cfg.backend):
+                if cfg.keep_best and self.probed and self.step == 0:
+                    # LP-FT: the probed head on the frozen model is a candidate too, so the fine-tune's
+                    # weights reach the held-out plays only if they beat it on validation.
+                    self._validate()
                 while self.step < end:
                     rec = self.train_step()
                     tok_last += rec.pop("_step_tokens")
@@ -873,6 +882,14 @@ def baseline_margin(model_scores: dict, baselines: dict, name: str) -> dict:
         "accuracy": model_scores["accuracy"] - baselines[name]["accuracy"],
         "macro_f1": model_scores["macro_f1"] - baselines[name]["macro_f1"],
     }
+
+
+def _dropped_blocks(base, config) -> tuple[str, ...]:
+    """The state-dict prefixes of the checkpoint's blocks above a model config's smaller n_layers (none
+    for encoder-decoder models, whose n_layers sizes two stacks)."""
+    if base.is_encoder_decoder or config.is_encoder_decoder or config.n_layers >= base.n_layers:
+        return ()
+    return tuple(f"layers.{i}." for i in range(config.n_layers, base.n_layers))
 
 
 def _blocks(model) -> list[torch.nn.Module]:

@@ -80,3 +80,60 @@ def test_probe_fits_the_head_the_model_then_uses(tmp_path):
     assert not torch.equal(fresh.model.classifier.weight, trainer.model.classifier.weight)
     with pytest.raises(ValueError, match="probe_examples must be >= 0 and needs objective='classify'"):
         tiny_config(tmp_path / "x", [data], probe_examples=8)
+
+
+def _llama_checkpoint(path, n_layers: int = 3) -> str:
+    from plm_engine.models import ModelConfig, Transformer, save_pretrained
+
+    torch.manual_seed(1)
+    save_pretrained(Transformer(ModelConfig.preset("llama-tiny", n_layers=n_layers)), path)
+    return str(path)
+
+
+def test_smaller_n_layers_keeps_the_checkpoints_lowest_blocks(tmp_path):
+    """init with model_overrides n_layers below the checkpoint's: a truncated trunk (the lowest blocks,
+    then the final norm), not an error; more layers than the checkpoint has still fail."""
+    from plm_engine.models import load_model
+
+    data = keyword_rows(tmp_path / "rows.jsonl", n=60)
+    init = _llama_checkpoint(tmp_path / "ckpt")
+    kw = {**CLASSIFY, "model": None, "init": init, "eval_fraction": 0.2}
+    trainer = Trainer(tiny_config(tmp_path / "run", [data], **kw, model_overrides={"n_layers": 2}))
+    full = load_model(init).state_dict()
+    mine = trainer.model.state_dict()
+    assert len(trainer.model.layers) == 2 and not any(k.startswith("layers.2.") for k in mine)
+    for k, v in mine.items():
+        if not k.startswith("classifier."):
+            assert torch.equal(v, full[k]), k
+    with pytest.raises(ValueError, match="does not fit the model config"):
+        Trainer(tiny_config(tmp_path / "more", [data], **kw, model_overrides={"n_layers": 4}))
+
+
+def test_keep_best_validates_the_probed_head_before_fine_tuning(tmp_path):
+    """LP-FT with keep_best: step 0 (the probed head on the frozen model) is validated and kept when no
+    fine-tuning step beats it, here a learning rate that wrecks the model."""
+    data = keyword_rows(tmp_path / "rows.jsonl", n=150)
+    cfg = tiny_config(
+        tmp_path / "run",
+        [data],
+        **{**CLASSIFY, "lr": 5.0},
+        max_steps=4,
+        warmup_steps=0,
+        eval_fraction=0.2,
+        eval_every=2,
+        keep_best="macro_f1",
+        val_fraction=0.3,
+        val_batches=0,
+        probe_examples=64,
+        model_overrides={"classifier_pooling": "mean"},
+    )
+    trainer = Trainer(cfg)
+    summary = trainer.run()
+    from plm_engine.training.metrics import read_log
+
+    vals = {r["step"]: r["macro_f1"] for r in read_log(summary["log"]) if r["split"] == "val"}
+    assert sorted(vals) == [0, 2, 4]
+    assert summary["best"]["step"] == max(vals, key=lambda s: (vals[s], -s)), vals
+    assert summary["eval"]["step"] == summary["best"]["step"]
+    assert vals[0] > max(vals[2], vals[4]), vals  # lr 5 destroys what the probe found
+    assert summary["best"]["step"] == 0
