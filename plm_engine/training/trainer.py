@@ -95,7 +95,7 @@ class Trainer:
         self.forward_module = torch.compile(self.wrapped) if cfg.compile else self.wrapped
         self.optimizer = self._build_optimizer()
         self.scheduler = make_scheduler(
-            self.optimizer, cfg.schedule, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio, cfg.decay_fraction
+            self.optimizer, cfg.schedule, cfg.warmup_steps, max(1, cfg.max_steps), cfg.min_lr_ratio, cfg.decay_fraction
         )
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
         if resume_files is not None:
@@ -311,7 +311,8 @@ class Trainer:
 
         cfg, model = self.cfg, self.model
         n = len(self.train_set)
-        pick = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 3))[: cfg.probe_examples].tolist()
+        pick = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 3))
+        pick = (pick if cfg.probe_examples < 0 else pick[: cfg.probe_examples]).tolist()
         model.eval()
         feats, labels = [], []
         for i in range(0, len(pick), cfg.batch_size):
@@ -325,7 +326,7 @@ class Trainer:
         model.train()
         head = model.classifier
         weight, bias, record = fit_linear_head(
-            torch.cat(feats), torch.cat(labels), self.num_labels, head.bias is not None
+            torch.cat(feats), torch.cat(labels), self.num_labels, head.bias is not None, l2=cfg.probe_l2
         )
         head.weight.copy_(weight.to(head.weight))
         if bias is not None:
@@ -753,7 +754,8 @@ class Trainer:
             done = interrupted is None and self.step == cfg.max_steps
             if cfg.keep_best:
                 # The last step is a candidate when the uninterrupted run would validate it too.
-                if interrupted is None and (self.step % cfg.eval_every == 0 or done):
+                validated = self.best is not None and self.best["step"] == self.step
+                if interrupted is None and (self.step % cfg.eval_every == 0 or done) and not validated:
                     self._validate()
             elif interrupted is None:
                 self.logger.log(self.evaluate())

@@ -78,7 +78,7 @@ def test_probe_fits_the_head_the_model_then_uses(tmp_path):
 
     fresh = Trainer(TrainConfig(**{**cfg.to_dict(), "probe_examples": 0, "out_dir": str(tmp_path / "fresh")}))
     assert not torch.equal(fresh.model.classifier.weight, trainer.model.classifier.weight)
-    with pytest.raises(ValueError, match="probe_examples must be >= 0 and needs objective='classify'"):
+    with pytest.raises(ValueError, match="probe_examples must be >= -1 and needs objective='classify'"):
         tiny_config(tmp_path / "x", [data], probe_examples=8)
 
 
@@ -137,3 +137,30 @@ def test_keep_best_validates_the_probed_head_before_fine_tuning(tmp_path):
     assert summary["eval"]["step"] == summary["best"]["step"]
     assert vals[0] > max(vals[2], vals[4]), vals  # lr 5 destroys what the probe found
     assert summary["best"]["step"] == 0
+
+
+@pytest.mark.parametrize("keep_best", ["", "macro_f1"])
+def test_max_steps_0_is_a_linear_probe_on_the_frozen_model(tmp_path, keep_best):
+    """max_steps = 0 with probe_examples = -1: every training example fits the head, no step changes the
+    model, and the eval scores the probed head (validated once, at step 0, under keep_best)."""
+    from plm_engine.training.metrics import read_log
+
+    data = keyword_rows(tmp_path / "rows.jsonl", n=150)
+    kw = dict(CLASSIFY, eval_fraction=0.2, eval_every=5, keep_best=keep_best, val_fraction=0.3, val_batches=0)
+    cfg = tiny_config(tmp_path / "run", [data], **kw, max_steps=0, probe_examples=-1)
+    trainer = Trainer(cfg)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    summary = trainer.run()
+    log = read_log(summary["log"])
+    (probe,) = [r for r in log if r["split"] == "probe"]
+    assert probe["n_examples"] == len(trainer.train_set) and probe["accuracy"] > 0.6, probe
+    assert not [r for r in log if r["split"] == "train"]
+    assert all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
+    assert summary["step"] == 0 and summary["eval"]["step"] == 0 and summary["eval"]["accuracy"] > 0.6
+    assert len([r for r in log if r["split"] == "val"]) == (1 if keep_best else 0)
+    if keep_best:
+        assert summary["best"]["step"] == 0 and summary["eval"]["selected_by"] == "val macro_f1"
+    with pytest.raises(ValueError, match="max_steps must be >= 1"):
+        tiny_config(tmp_path / "x", [data], **CLASSIFY, max_steps=0)
+    with pytest.raises(ValueError, match="probe_l2 must be >= 0"):
+        tiny_config(tmp_path / "x", [data], **CLASSIFY, probe_examples=8, probe_l2=-1.0)
