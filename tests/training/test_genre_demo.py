@@ -18,13 +18,13 @@ from plm_engine.training.metrics import classification_report, read_log
 from plm_engine.training.trainer import Trainer
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "shakespeare_genre.toml")
-# The shortened run fits the head on 512 sampled training passages (the shipped run: all ~11,500) and
-# scores 160 sampled held-out passages, without the baselines (bag-of-words on every training passage
+# The shortened run fits the head on 1024 sampled training passages (the shipped run: all 12,698) and
+# scores 320 sampled held-out passages, without the baselines (bag-of-words on every training passage
 # costs more than the rest of the run).
-SHORT = dict(probe_examples=512, eval_batches=5, baselines=False)
+SHORT = dict(probe_examples=1024, eval_batches=10, baselines=False)
 # The shortened run's accuracy and macro-F1 on its sampled held-out passages must reach this
 # (docs/genre_demo.md: seeds 0-2 measured); a head that learned nothing scores ~0.33 / <= 0.25.
-SHORT_MIN_SCORE = 0.55
+SHORT_MIN_SCORE = 0.58
 # The shipped run's margin over bag-of-words on every held-out passage (fractions, not points): issue 18
 # point 5's 5 points.
 FULL_MIN_MARGIN = 0.05
