@@ -51,8 +51,11 @@ class TrainConfig:
     passage_lines: int = 8  # shakespeare-genre: lines per passage
     baselines: bool = False  # classify: also score majority-class and bag-of-words logistic regression
     # classify: before fine-tuning, fit the new head by logistic regression on the pretrained model's
-    # pooled features of this many training examples (a seeded sample; LP-FT); 0 = the head's fresh init
+    # pooled features of this many training examples (a seeded sample; LP-FT); -1 = every training
+    # example, 0 = the head's fresh init. With max_steps = 0 the probed head on the frozen model is the
+    # classifier (a linear probe, no fine-tuning).
     probe_examples: int = 0
+    probe_l2: float = 0.1  # the probe's L2 penalty on its weights over standardised features
     # Optimisation.
     batch_size: int = 8  # sequences per micro-batch per process
     grad_accum: int = 1
@@ -112,7 +115,10 @@ class TrainConfig:
             (self.seq_len >= 2, f"seq_len must be >= 2, got {self.seq_len}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
-            (self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
+            (
+                self.max_steps >= 1 or (self.max_steps == 0 and self.probe_examples != 0),
+                f"max_steps must be >= 1 (0 only with probe_examples: the probed head alone), got {self.max_steps}",
+            ),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"),
             (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
@@ -133,9 +139,10 @@ class TrainConfig:
                 f"and eval_every > 0, got objective={self.objective!r} eval_every={self.eval_every}",
             ),
             (
-                self.probe_examples >= 0 and (not self.probe_examples or self.objective == "classify"),
-                f"probe_examples must be >= 0 and needs objective='classify', got {self.probe_examples}",
+                self.probe_examples >= -1 and (not self.probe_examples or self.objective == "classify"),
+                f"probe_examples must be >= -1 and needs objective='classify', got {self.probe_examples}",
             ),
+            (self.probe_l2 >= 0, f"probe_l2 must be >= 0, got {self.probe_l2}"),
             (0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}"),
             (
                 self.eval_batches >= 0 and self.val_batches >= 0,

@@ -95,7 +95,7 @@ class Trainer:
         self.forward_module = torch.compile(self.wrapped) if cfg.compile else self.wrapped
         self.optimizer = self._build_optimizer()
         self.scheduler = make_scheduler(
-            self.optimizer, cfg.schedule, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio, cfg.decay_fraction
+            self.optimizer, cfg.schedule, cfg.warmup_steps, max(1, cfg.max_steps), cfg.min_lr_ratio, cfg.decay_fraction
         )
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
         if resume_files is not None:
@@ -105,6 +105,7 @@ class Trainer:
         self.logger = MetricsLogger(
             cfg.out_dir, enabled=self.dist.is_main, resume_step=self.step if resume_path else None
         )
+        self.probed = probe is not None
         if probe is not None:
             self.logger.log(probe)
 
@@ -289,7 +290,11 @@ class Trainer:
             # New heads (classifier, MLM head) keep their fresh init; everything else comes from the checkpoint.
             missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
             heads = ("classifier.", "mlm_", "lm_head.")
-            bad = [k for k in missing if not k.startswith(heads)] + [k for k in unexpected if not k.startswith(heads)]
+            # A smaller n_layers keeps the checkpoint's lowest blocks (a truncated trunk: a middle layer's
+            # features often classify better than the last one's, at a fraction of the compute).
+            dropped = _dropped_blocks(base.config, mc)
+            bad = [k for k in missing if not k.startswith(heads)]
+            bad += [k for k in unexpected if not k.startswith(heads + dropped)]
             if bad:
                 raise ValueError(f"init {cfg.init!r} does not fit the model config: tensors {bad[:4]}")
             del base
@@ -306,7 +311,8 @@ class Trainer:
 
         cfg, model = self.cfg, self.model
         n = len(self.train_set)
-        pick = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 3))[: cfg.probe_examples].tolist()
+        pick = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 3))
+        pick = (pick if cfg.probe_examples < 0 else pick[: cfg.probe_examples]).tolist()
         model.eval()
         feats, labels = [], []
         for i in range(0, len(pick), cfg.batch_size):
@@ -320,7 +326,7 @@ class Trainer:
         model.train()
         head = model.classifier
         weight, bias, record = fit_linear_head(
-            torch.cat(feats), torch.cat(labels), self.num_labels, head.bias is not None
+            torch.cat(feats), torch.cat(labels), self.num_labels, head.bias is not None, l2=cfg.probe_l2
         )
         head.weight.copy_(weight.to(head.weight))
         if bias is not None:
@@ -706,6 +712,10 @@ class Trainer:
         tok_last, interrupted = 0, None
         try:
             with ops_backend(cfg.backend):
+                if cfg.keep_best and self.probed and self.step == 0:
+                    # LP-FT: the probed head on the frozen model is a candidate too, so the fine-tune's
+                    # weights reach the held-out plays only if they beat it on validation.
+                    self._validate()
                 while self.step < end:
                     rec = self.train_step()
                     tok_last += rec.pop("_step_tokens")
@@ -744,7 +754,8 @@ class Trainer:
             done = interrupted is None and self.step == cfg.max_steps
             if cfg.keep_best:
                 # The last step is a candidate when the uninterrupted run would validate it too.
-                if interrupted is None and (self.step % cfg.eval_every == 0 or done):
+                validated = self.best is not None and self.best["step"] == self.step
+                if interrupted is None and (self.step % cfg.eval_every == 0 or done) and not validated:
                     self._validate()
             elif interrupted is None:
                 self.logger.log(self.evaluate())
@@ -873,6 +884,14 @@ def baseline_margin(model_scores: dict, baselines: dict, name: str) -> dict:
         "accuracy": model_scores["accuracy"] - baselines[name]["accuracy"],
         "macro_f1": model_scores["macro_f1"] - baselines[name]["macro_f1"],
     }
+
+
+def _dropped_blocks(base, config) -> tuple[str, ...]:
+    """The state-dict prefixes of the checkpoint's blocks above a model config's smaller n_layers (none
+    for encoder-decoder models, whose n_layers sizes two stacks)."""
+    if base.is_encoder_decoder or config.is_encoder_decoder or config.n_layers >= base.n_layers:
+        return ()
+    return tuple(f"layers.{i}." for i in range(config.n_layers, base.n_layers))
 
 
 def _blocks(model) -> list[torch.nn.Module]:
