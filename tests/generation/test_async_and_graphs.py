@@ -77,10 +77,14 @@ def test_async_shutdown_aborts_in_flight(model):
     aeng = AsyncEngine(Engine(model, kv_cache_tokens=1024, cuda_graphs=False))
 
     async def main():
-        task = asyncio.ensure_future(aeng.generate([1, 2], SamplingParams(max_tokens=240, ignore_eos=True)))
-        await asyncio.sleep(0.1)
-        await asyncio.get_running_loop().run_in_executor(None, aeng.shutdown)
-        return await task
+        # Shut down as soon as the request is in flight (its first token streamed): a fixed sleep would
+        # race the step thread, which decodes this tiny model's 240 tokens in well under 0.1 s.
+        outs = []
+        async for out in aeng.stream([1, 2], SamplingParams(max_tokens=240, ignore_eos=True)):
+            outs.append(out)
+            if len(outs) == 1:
+                await asyncio.get_running_loop().run_in_executor(None, aeng.shutdown)
+        return outs[-1]
 
     out = asyncio.run(main())
     assert out.finished and out.finish_reason == "abort" and len(out.token_ids) < 240
