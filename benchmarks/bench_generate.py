@@ -64,7 +64,9 @@ PROMPT = (
     "movable metal type with an oil-based ink and a wooden press. Within a few decades"
 )
 # llama.cpp's name for the precision ours is compared with.
-LLAMA_PAIR = {"float32": "F32", "bfloat16": "F16", "float16": "F16"}
+# "gguf": ours running the file's blocks as stored (load_model's default), against llama.cpp on the file
+# as shipped (the default model's is Q4_1; the row keeps that name).
+LLAMA_PAIR = {"float32": "F32", "bfloat16": "F16", "float16": "F16", "gguf": "Q4_1"}
 COLUMNS = common.ENV_COLUMNS + [
     "case",
     "provider",
@@ -154,11 +156,13 @@ def measure_read_bw(device: str, mib: int = 512, reps: int = 5) -> float:
 
 
 def weight_bytes(model) -> int:
-    """Bytes of weights a decode step reads: every parameter once; an untied input embedding is only
-    gathered, so it is left out."""
+    """Bytes of weights a decode step reads: every parameter and weight buffer (GGUF blocks) once; an
+    untied input embedding is only gathered, so it is left out."""
     seen, total = set(), 0
-    skip = None if model.lm_head is None else model.tok_embed.weight.data_ptr()
-    for p in model.parameters():
+    emb = model.tok_embed
+    table = emb.qweight if hasattr(emb, "qweight") else emb.weight
+    skip = None if model.lm_head is None else table.data_ptr()
+    for p in [*model.parameters(), *model.buffers()]:
         if p.data_ptr() in seen or p.data_ptr() == skip:
             continue
         seen.add(p.data_ptr())
@@ -497,9 +501,17 @@ def write_csv(path: Path, rows, columns) -> Path:
     return common.append_csv(path, rows, columns)
 
 
-def dtypes_arg_check(names: list[str]) -> list[str]:
-    """The names that are not a weight dtype this benchmark runs."""
-    return [n for n in names if n not in ("float32", "bfloat16", "float16")]
+def dtypes_arg_check(names: list[str], ours: bool = False) -> list[str]:
+    """The names that are not a weight dtype this benchmark runs (ours also take "gguf": the file's
+    blocks as stored, fp32 compute)."""
+    return [n for n in names if n not in ("float32", "bfloat16", "float16") + (("gguf",) if ours else ())]
+
+
+def load_ours(load_model, model: str, name: str, dev):
+    """Our model at precision `name`: dequantized to that dtype, or "gguf" (the blocks, fp32 compute)."""
+    if name == "gguf":
+        return load_model(model, dtype=torch.float32, device=dev)
+    return load_model(model, dtype=getattr(torch, name), device=dev, dequantize=True)
 
 
 def median_row(results: list[dict]) -> dict:
@@ -550,7 +562,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--device", default=common.default_device())
-    ap.add_argument("--dtypes", default="float32,bfloat16", help="our engine's weight dtypes (comma-separated)")
+    ap.add_argument(
+        "--dtypes",
+        default="float32,bfloat16,gguf",
+        help="our engine's weight dtypes (comma-separated; gguf: the file's blocks as stored, fp32 compute)",
+    )
     ap.add_argument("--providers", default="plm_engine,llama_cpp,hf")
     ap.add_argument(
         "--cases", default="load,decode_b1,streams,prefill,overhead,quality", help="plus throughput (HF mix)"
@@ -582,8 +598,8 @@ def main(argv=None) -> int:
         ap.error("--prefill-tokens >= 1, --decode-tokens >= 2, --streams >= 1 and --repeats >= 1")
     providers = set(args.providers.split(","))
     hf_dtypes = args.hf_dtypes.split(",")
-    for name in dtypes_arg_check(args.dtypes.split(",") + hf_dtypes):
-        ap.error(f"unknown dtype {name!r} (float32, bfloat16 or float16)")
+    for name in dtypes_arg_check(args.dtypes.split(","), ours=True) + dtypes_arg_check(hf_dtypes):
+        ap.error(f"unknown dtype {name!r} (float32, bfloat16 or float16; gguf for ours)")
     cases = set(args.cases.split(","))
     dev = args.device
     cpu = dev == "cpu"
@@ -599,7 +615,7 @@ def main(argv=None) -> int:
     dtypes = args.dtypes.split(",")
     models = {}
     for name in dtypes:  # the first load fills the on-disk GGUF cache; the load case times later ones
-        models[name] = load_model(args.model, dtype=getattr(torch, name), device=dev, dequantize=True)
+        models[name] = load_ours(load_model, args.model, name, dev)
     base = models.get("float32") or load_model(args.model, dtype=torch.float32, device=dev, dequantize=True)
     vocab = base.config.vocab_size
     prompt_ids = tok.encode(PROMPT)
@@ -710,7 +726,9 @@ def main(argv=None) -> int:
     def add(key, res):
         samples.setdefault(key, []).append(res)
 
-    pairs = [(d, LLAMA_PAIR.get(d)) for d in dtypes] + ([(None, "Q4_1")] if "Q4_1" in llamas else [])
+    pairs = [(d, LLAMA_PAIR.get(d)) for d in dtypes]
+    if "Q4_1" in llamas and "gguf" not in dtypes:  # the file as shipped: a reference row of theirs
+        pairs.append((None, "Q4_1"))
     top = max(threads_list) if cpu else 0
     for rep in range(args.repeats):
         if "load" in cases:  # warm loads (the GGUF cache filled above), ours then theirs, all threads
@@ -719,7 +737,7 @@ def main(argv=None) -> int:
             for ours_name, their_name in pairs:
                 if ours_name is not None and "plm_engine" in providers:
                     t0 = time.perf_counter()
-                    load_model(args.model, dtype=getattr(torch, ours_name), device=dev, dequantize=True)
+                    load_ours(load_model, args.model, ours_name, dev)
                     add(("load", "plm_engine", ours_name, top), dict(load_s=time.perf_counter() - t0))
                 if their_name in llama_args:
                     fresh = LlamaCpp(*llama_args[their_name])
