@@ -258,7 +258,9 @@ class Sampler:
 
         all_greedy = all(p.greedy for p in params)
         if all_greedy:
-            tokens = x.argmax(dim=-1)
+            # max's indices are argmax's (the first maximum; NaN wins as in argmax) at a fraction of the
+            # cost on the CPU, where argmax is not vectorised (benchmarks/results/NOTES.md).
+            tokens = x.max(dim=-1).indices
         else:
             tokens = self._sample_random(x, params, generators)
 
@@ -363,7 +365,7 @@ class Sampler:
     def _sample_random(self, x, params, generators):
         n, v = x.shape
         dev = x.device
-        greedy_tokens = x.argmax(dim=-1)
+        greedy_tokens = x.max(dim=-1).indices
         probs = torch.softmax(self.filter_logits(x, params), dim=-1)
         e = torch.empty_like(probs)
         seeded = [i for i, g in enumerate(generators) if g is not None]
@@ -371,7 +373,7 @@ class Sampler:
             e.exponential_()
         for i in seeded:
             e[i].exponential_(generator=generators[i])
-        sampled = (probs / e).argmax(dim=-1)
+        sampled = (probs / e).max(dim=-1).indices
         greedy = self._row_tensor([p.greedy for p in params], torch.bool, dev)
         return torch.where(greedy, greedy_tokens, sampled)
 
