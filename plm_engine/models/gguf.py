@@ -99,12 +99,6 @@ class QuantTensor:
     qtype: int
     shape: tuple[int, int]
 
-    @property
-    def type_name(self) -> str:
-        from plm_engine.ops.contracts.linear import GGUF_TYPES
-
-        return next(n for n, i in GGUF_TYPES.items() if i == self.qtype)
-
     def to(self, device=None, dtype=None) -> QuantTensor:
         """On `device`; the blocks keep their type whatever `dtype` (the model's compute dtype) is."""
         return QuantTensor(self.data.to(device) if device is not None else self.data, self.qtype, self.shape)
@@ -579,24 +573,15 @@ def _load_tensors(
                 f"{path}: tensor {t.name!r} ({name}) has shape {hf_shape}, expected {shapes[name]} from the metadata"
             )
         q = _native(t, gguf_shape, path) if quantized and not transposed else None
-        if q is not None and arch == "llama" and block.startswith(("attn_q.", "attn_k.")):
-            heads = (
-                hf_config["num_attention_heads"] if block.startswith("attn_q.") else hf_config["num_key_value_heads"]
-            )
-            tensors[name] = QuantTensor(_unpermute_qk(q.data, heads).contiguous(), q.qtype, q.shape)
-            continue
-        if q is not None:
-            tensors[name] = q
-            continue
-        w = _dequantize(t, dtype, path)
+        w = q.data if q is not None else _dequantize(t, dtype, path)  # blocks: one uint8 row per weight row
         if arch == "llama" and block.startswith(("attn_q.", "attn_k.")):
             heads = (
                 hf_config["num_attention_heads"] if block.startswith("attn_q.") else hf_config["num_key_value_heads"]
             )
-            w = _unpermute_qk(w, heads)
+            w = _unpermute_qk(w, heads)  # a permutation of whole rows: the same for blocks and values
         elif transposed:
             w = w.t().contiguous()
-        tensors[name] = w
+        tensors[name] = w if q is None else QuantTensor(w.contiguous(), q.qtype, q.shape)
     missing = sorted(_required(hf_config) - set(tensors))
     if missing:
         raise ValueError(
