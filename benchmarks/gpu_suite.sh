@@ -385,7 +385,9 @@ prepare_gen_model() {
     GEN_MODEL="smollm2-135m"
   elif has_py tokenizers safetensors; then
     local preset="${SUITE_GEN_PRESET:-smollm2-135m}"
-    if "$PYTHON" "$WORK/random_model.py" "$preset" "$WORK/random-$preset" >"$STAGE/logs/random_model.log" 2>&1; then
+    # The script lives in $WORK: PYTHONPATH gives it this checkout's plm_engine (nothing is installed).
+    if PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" "$WORK/random_model.py" "$preset" "$WORK/random-$preset" \
+      >"$STAGE/logs/random_model.log" 2>&1; then
       GEN_MODEL="$WORK/random-$preset"
     else
       GEN_WHY="could not write the random-weight model (logs/random_model.log)"
