@@ -1,5 +1,4 @@
-"""Linear (y = x @ W^T) benchmark at decode shapes: PyTorch's F.linear against plm_engine's C++ CPU kernel;
-on CUDA, ops.linear_q's Triton kernels on GGUF blocks against cuBLAS on the dequantized weight.
+"""Linear (y = x @ W^T) benchmark at decode shapes: PyTorch's F.linear against plm_engine's C++ CPU kernel.
 
 Providers (same process, same inputs, timed in interleaved rounds):
   torch    F.linear in the case's dtype
@@ -18,14 +17,6 @@ kernel reaches). Rows are appended to <out-dir>/linear.csv.
     python benchmarks/bench_linear.py --quick --no-csv        # smoke test
     PLM_ENGINE_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
         python benchmarks/bench_linear.py --no-csv              # an AVX2-only CPU, both sides
-
---device cuda times ops.linear_q on GGUF-block weights (op "linear_q:<type>": Q8_0, Q4_1, Q4_0, Q4_K,
-Q6_K) of 7B-model shapes (4096x4096, 11008x4096; N x K) at M = 1, 8, 64, 512 rows of bf16 x:
-  triton   ops.linear_q(..., backend="triton"): the split-K GEMV (M <= 16) or the dequantizing GEMM
-  torch    F.linear (cuBLAS) on the weight dequantized to bf16 once, outside the timing
-gbps counts the quantized bytes for both (what a decode step must read with the blocks kept), so the
-torch row's figure is that ratio, not cuBLAS's own bandwidth (it reads 2 bytes per weight).
-    python benchmarks/bench_linear.py --device cuda [--quick] [--qtypes Q8_0,Q4_1] [--rows 1,8]
 """
 
 from __future__ import annotations
@@ -40,9 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from plm_engine import ops
-from plm_engine.ops.contracts.linear import GGUF_TYPES
 from plm_engine.ops.linear import cpu_kernel_isa
-from plm_engine.ops.reference import GGUF_BLOCKS, dequantize_gguf_ref
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 # SmolLM2-135M: hidden 576, 9 query / 3 kv heads of 64, intermediate 1536, vocab 49152. (name, N, K);
@@ -131,107 +120,20 @@ def derive(c: Case, p: str, ms: dict, times: dict) -> dict:
     }
 
 
-# ---- CUDA: GGUF blocks through the Triton kernels ---------------------------------------------------
-
-Q_SHAPES = [("attn_4096", 4096, 4096), ("mlp_11008", 11008, 4096)]
-# Byte offsets of each type's fp16 scale fields within its block (the rest of a block is any byte).
-HALF_FIELDS = {2: (0,), 3: (0, 2), 8: (0,), 12: (0, 2), 14: (208,)}
-
-
-@dataclass(frozen=True)
-class QCase:
-    qtype: str
-    layer: str
-    n: int
-    k: int
-    m: int
-    dtype: str = "bf16"
-
-    @property
-    def labels(self) -> dict:
-        return {
-            "op": f"linear_q:{self.qtype}",
-            "layer": self.layer,
-            "shape": f"{self.n}x{self.k}",
-            "m": self.m,
-            "dtype": self.dtype,
-        }
-
-    @property
-    def weight_bytes(self) -> int:
-        values, nbytes = GGUF_BLOCKS[GGUF_TYPES[self.qtype]]
-        return self.n * self.k // values * nbytes
-
-
-def random_blocks(qtype: int, n: int, k: int, device: str) -> torch.Tensor:
-    """(n, row_bytes) uint8 valid blocks: random bytes with small finite fp16 scales."""
-    values, nbytes = GGUF_BLOCKS[qtype]
-    g = torch.Generator().manual_seed(qtype)
-    raw = torch.randint(0, 256, (n * (k // values), nbytes), dtype=torch.uint8, generator=g)
-    for off in HALF_FIELDS[qtype]:
-        scale = (torch.rand(raw.shape[0], generator=g) * 0.002 - 0.001).half()
-        raw[:, off : off + 2] = scale.view(torch.uint8).view(-1, 2)
-    return raw.view(n, -1).to(device)
-
-
-def q_setup(c: QCase, device: str):
-    qt = GGUF_TYPES[c.qtype]
-    dtype = common.DTYPES[c.dtype]
-    q = random_blocks(qt, c.n, c.k, device)
-    w = dequantize_gguf_ref(q, qt).to(dtype)
-    x = torch.randn(c.m, c.k, device=device).to(dtype)
-    ref = F.linear(x.float(), w.float())
-
-    def provider(p):
-        if p == "torch":
-            return common.Timed(lambda: F.linear(x, w))
-        run = lambda: ops.linear_q(x, q, qt, backend="triton")  # noqa: E731
-        return common.Timed(run, common.check_close(run(), ref, TOLERANCE))
-
-    return provider
-
-
-def main_cuda(a) -> int:
-    if not common.usable_providers("linear", ["triton"], a.device, "linear_q_fwd"):
-        return 2
-    rows_m = [int(v) for v in common.split_list(a.rows, "1,64" if a.quick else "1,8,64,512")]
-    qtypes = common.split_list(a.qtypes, "Q8_0,Q4_1" if a.quick else ",".join(GGUF_TYPES), GGUF_TYPES, "qtype")
-    shapes = Q_SHAPES[:1] if a.quick else Q_SHAPES
-    dtypes = common.split_list(a.dtypes, "bf16", common.DTYPES, "dtype")
-    cases = [QCase(t, name, n, k, m, d) for t in qtypes for name, n, k in shapes for m in rows_m for d in dtypes]
-    return common.run(
-        "linear",
-        a,
-        cases,
-        q_setup,
-        providers=lambda c: ["torch", "triton"],
-        columns=COLUMNS,
-        table=TABLE_COLUMNS,
-        bytes_moved=lambda c: c.weight_bytes,
-    )
-
-
 def main(argv=None) -> int:
-    p = common.parser("linear", __doc__, ("torch", "cpu", "triton"))
+    p = common.parser("linear", __doc__, ("torch", "cpu"))
     p.add_argument("--rows", default=None, help="comma list of row counts M (default: 1,4,8,32; quick: 1,8)")
     p.add_argument(
-        "--dtypes",
-        default=None,
-        help="comma list of bf16,fp32,fp16 (default: bf16,fp32 on the CPU, where F.linear fp32 is always timed "
-        "too; bf16 on CUDA)",
+        "--dtypes", default="bf16,fp32", help="comma list of bf16,fp32,fp16 (F.linear fp32 is always timed too)"
     )
-    p.add_argument("--qtypes", default=None, help="CUDA: comma list of GGUF types (default: all; quick: Q8_0,Q4_1)")
     p.add_argument("--layers", default=None, help="comma list of layer names (default: all; quick: o,gate_up)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--min-time", type=float, default=0.3, help="seconds of blocked_autorange per timing")
     p.set_defaults(repeat=3, device="cpu")
     a = p.parse_args(argv)
-    if a.device.startswith("cuda"):
-        return main_cuda(a)
     if a.device != "cpu":
-        print(f"bench_linear: no kernels for {a.device}; nothing to measure")
+        print(f"bench_linear: the kernel is CPU-only (on {a.device} ops.linear is F.linear); nothing to measure")
         return 0
-    a.dtypes = a.dtypes or "bf16,fp32"
     if a.threads:
         torch.set_num_threads(a.threads)
     if not common.usable_providers("linear", ["cpu"], "cpu", "linear_fwd"):

@@ -403,8 +403,8 @@ bench_args() {
   B_ARGS=() B_WHY=""
   [[ $HAVE_GPU == 0 ]] && dev=cpu
   case $b in
-    bench_linear)  # on CUDA: linear_q's Triton kernels on GGUF blocks vs cuBLAS on the dequantized weight
-      B_ARGS=(--device "$dev" --repeat 1) ;;
+    bench_linear)
+      B_WHY="CPU only (CUDA tensors take F.linear / cuBLAS)"; return ;;
     bench_train)
       B_ARGS=(--device "$dev" --quick --precision bf16)
       if has_py transformers; then B_ARGS+=(--providers plm_engine,hf); else B_ARGS+=(--providers plm_engine); fi ;;

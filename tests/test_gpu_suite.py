@@ -132,6 +132,7 @@ def test_dry_run(tmp_path):
     # times nothing. Generation and serving take the random-weight folder through --model.
     benches = {k: v for k, v in status.items() if k.startswith("bench_")}
     assert set(benches) == {p.stem for p in (ROOT / "benchmarks").glob("bench_*.py")}, benches
+    assert benches.pop("bench_linear").startswith("skipped (CPU only")
     for name, st in benches.items():
         if name == "bench_serve" and st.startswith("skipped"):
             continue  # fastapi / uvicorn / httpx absent here

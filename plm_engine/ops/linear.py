@@ -17,7 +17,6 @@ runs it for any shape.
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import torch
@@ -41,10 +40,6 @@ KERNEL_MAX_ROWS = {
 
 
 backends.register_family(contract, ("linear_fwd", "linear_q_fwd"))
-# linear_q alone has Triton kernels (GGUF blocks on CUDA); plain linear stays on cuBLAS there.
-backends.register_preparer(
-    "linear_q_fwd", ("triton",), lambda: importlib.import_module("plm_engine.ops.triton.linear_q")
-)
 
 
 def linear_op():
@@ -261,7 +256,7 @@ def _check_q_args(x, qweight, qtype: int, bias) -> None:
             raise ValueError(f"linear_q: bias ({bias.dtype}, {bias.device}) differs from x ({x.dtype}, {x.device})")
 
 
-_NO_CUDA_Q_KERNEL = "linear_q has no CUDA C++ kernel: CUDA tensors take the Triton kernels"
+_NO_GPU_Q_KERNEL = "linear_q has no Triton/CUDA kernel yet: CUDA tensors dequantize, then F.linear"
 
 
 def linear_q(
@@ -276,27 +271,23 @@ def linear_q(
     values in ggml's blocks of `qtype` ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K" or the ggml type id);
     x (..., K) fp32/fp16/bf16 -> y (..., N) in x's dtype.
 
-    CUDA tensors run the Triton kernels (plm_engine/ops/triton/linear_q.py: a GEMM decoding the blocks
-    inside its K loop, a split-K GEMV for up to 16 rows), fp32 accumulation. The C++ CPU kernel decodes each block of 16 weight rows into fp32 as it goes (never the whole
+    The C++ CPU kernel decodes each block of 16 weight rows into fp32 as it goes (never the whole
     weight) and runs linear's fp32 tiles on it: y equals linear(x, W) on the dequantized W, bit for bit,
     while only the quantized bytes are read from memory. The "torch" backend dequantizes the whole
     weight (ops.reference.dequantize_gguf_ref) and calls F.linear; it is also the path when x needs a
-    gradient (the weight never gets one). backend: "triton" | "cpu" | "torch" | None (automatic; triton
-    runs CPU tensors only under TRITON_INTERPRET=1, for tests).
+    gradient (the weight never gets one). backend: "cpu" | "torch" | None (automatic).
     """
     qt = _qtype_id(qtype)
     _check_q_args(x, qweight, qt, bias)
     lead = x.shape[:-1]
     rows = lead.numel()
-    unsupported = {"cuda": _NO_CUDA_Q_KERNEL}
+    unsupported = {"triton": _NO_GPU_Q_KERNEL, "cuda": _NO_GPU_Q_KERNEL}
     if x.dtype not in contract.KERNEL_DTYPES:
-        unsupported["cpu"] = unsupported["triton"] = f"the kernels take float32/float16/bfloat16, got {x.dtype}"
+        unsupported["cpu"] = f"the C++ kernel takes float32/float16/bfloat16, got {x.dtype}"
     elif torch.is_grad_enabled() and x.requires_grad:
-        unsupported["cpu"] = unsupported["triton"] = "x needs a gradient: the kernels have no backward"
+        unsupported["cpu"] = "x needs a gradient: the kernel has no backward"
     chosen = backends.choose(x.device, "linear_q_fwd", backend, unsupported)
     if chosen == "torch":
         return F.linear(x, dequantize_gguf_ref(qweight, qt).to(x.dtype), bias)
-    prefix = "triton_" if chosen == "triton" else ""
-    op = getattr(torch.ops.plm_engine, prefix + "linear_q_fwd").default
-    y = op(x.reshape(rows, x.shape[-1]), qweight, qt, bias)
+    y = torch.ops.plm_engine.linear_q_fwd.default(x.reshape(rows, x.shape[-1]), qweight, qt, bias)
     return y.view(*lead, qweight.shape[0])
