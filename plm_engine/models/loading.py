@@ -19,6 +19,7 @@ from plm_engine.models import seq2seq_hf
 from plm_engine.models.config import ModelConfig
 from plm_engine.models.gguf import QuantTensor
 from plm_engine.models.hf_checkpoint import param_map, strip_prefix
+from plm_engine.models.meta import meta_device
 from plm_engine.models.seq2seq import Seq2SeqTransformer
 from plm_engine.models.transformer import Transformer
 
@@ -66,7 +67,7 @@ def build_from_tensors(
             )
         model_class, mapping = Transformer, param_map(config)
         layers = f"{config.n_layers} layers"
-    with torch.device("meta"):
+    with meta_device():
         model = model_class(config)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state = {}
@@ -142,7 +143,7 @@ def _keep_blocks(model: nn.Module, state: dict, dtype: torch.dtype) -> None:
         parent_path, _, child = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
         old = getattr(parent, child, None)
-        with torch.device("meta"):
+        with meta_device():
             if leaf == "weight" and isinstance(old, nn.Embedding):
                 new: nn.Module = QuantEmbedding(q.shape[0], q.shape[1], q.qtype, dtype, q.data.device)
             elif leaf == "weight" and isinstance(old, nn.Linear):
