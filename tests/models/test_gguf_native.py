@@ -197,3 +197,28 @@ def test_blocks_save_and_load_back_as_blocks(tmp_path, monkeypatch, source):
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="Q3_X"):
         load_model(folder)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1], ids=lambda q: q.name)
+def test_blocks_on_cuda_match_the_cpu_model_and_decode_under_cuda_graphs(tmp_path, monkeypatch, qtype):
+    """The same blocks on a GPU (the Triton kernels) give the CPU model's logits, and
+    the engine's CUDA-graph decode runs them (greedy tokens = its eager forward's)."""
+    from plm_engine.generation import Engine, SamplingParams
+
+    monkeypatch.setenv("PLM_ENGINE_GGUF_CACHE", "0")
+    sd, sizes = tiny_llama(tied=False, hidden=256, inter=512)
+    path = write_llama_gguf(tmp_path / "q.gguf", sd, sizes, qtype)
+    cpu, gpu = load_gguf(path, dequantize=False), load_gguf(path, dequantize=False, device="cuda")
+    assert isinstance(gpu.layers[0].mlp.down, QuantLinear) and gpu.layers[0].mlp.down.qweight.is_cuda
+    ids = torch.tensor([[3, 17, 159, 0, 42, 42, 7]])
+    a, b = _logits(gpu, ids.cuda()).cpu(), _logits(cpu, ids)
+    assert (a - b).norm() / b.norm() < 1e-4
+    eng = Engine(gpu, kv_cache_tokens=512, max_num_seqs=2)
+    assert eng.runner.decode_path == "cuda_graphs"
+    out = eng.generate([[3, 17, 159, 0]], SamplingParams(max_tokens=8, temperature=0.0))[0].token_ids
+    seq = [3, 17, 159, 0]
+    for _ in range(8):  # greedy by the model's own full forward
+        seq.append(int(_logits(gpu, torch.tensor([seq], device="cuda"))[0, -1].argmax()))
+    assert out == seq[4:]
