@@ -260,7 +260,7 @@ def _check_q_args(x, qweight, qtype: int, bias) -> None:
 
 
 # The block types with Triton kernels (ops/triton/linear.py's TRITON_TYPES; that module imports triton).
-_TRITON_Q_TYPES = ("Q8_0", "Q4_0", "Q4_1")
+_TRITON_Q_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
 
 
 def linear_q(
@@ -279,9 +279,9 @@ def linear_q(
     weight) and runs linear's fp32 tiles on it: y equals linear(x, W) on the dequantized W, bit for bit,
     while only the quantized bytes are read from memory. On CUDA tensors the Triton kernels
     (ops/triton/linear.py: a split-K GEMV for up to 8 rows, a GEMM that dequantizes inside its K loop)
-    take Q8_0, Q4_0 and Q4_1. The "torch" backend dequantizes the whole weight
+    take every type. The "torch" backend dequantizes the whole weight
     (ops.reference.dequantize_gguf_ref) and calls F.linear; it is also the path when x needs a
-    gradient (the weight never gets one) and for the K-quants on GPUs.
+    gradient (the weight never gets one).
     backend: "cpu" | "triton" | "torch" | None (automatic).
     """
     qt = _qtype_id(qtype)
@@ -290,7 +290,7 @@ def linear_q(
     rows = lead.numel()
     unsupported = {"cuda": "no CUDA C++ kernel: the Triton kernels serve CUDA tensors"}
     if qt not in (contract.GGUF_TYPES[n] for n in _TRITON_Q_TYPES):
-        unsupported["triton"] = "no Triton kernel for the K-quants' super-blocks: dequantize, then F.linear"
+        unsupported["triton"] = f"no Triton kernel for GGUF type id {qt}"
     if x.dtype not in contract.KERNEL_DTYPES:
         unsupported["cpu"] = unsupported["triton"] = f"the kernels take float32/float16/bfloat16, got {x.dtype}"
     elif torch.is_grad_enabled() and x.requires_grad:

@@ -5,18 +5,35 @@ on a GPU machine at real sizes too (cuda mark)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from plm_engine import ops
 from plm_engine.ops.backends import BackendUnavailable
 from plm_engine.ops.contracts.linear import GGUF_TYPES
-from plm_engine.ops.reference import dequantize_gguf_ref
-from tests.ops.test_linear_q import random_blocks
+from plm_engine.ops.reference import GGUF_BLOCKS, dequantize_gguf_ref
 from tests.utils import triton_test_device
 
 DEVICE, pytestmark = triton_test_device("linear_q_fwd")
-TRITON_TYPES = ["Q8_0", "Q4_0", "Q4_1"]
+# Byte offsets of each type's fp16 fields within its block.
+HALF_FIELDS = {2: (0,), 3: (0, 2), 8: (0,), 12: (0, 2), 14: (208,)}
+
+
+def random_blocks(qtype: int, n: int, k: int, seed: int) -> torch.Tensor:
+    """(n, row_bytes) uint8: random bytes, with every fp16 field a finite scale of a realistic size.
+    test_linear_q.py's twin, kept here: that module needs gguf, which the GPU machine's image lacks, and
+    importing it from there would skip this whole module on the GPU."""
+    values, nbytes = GGUF_BLOCKS[qtype]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(n * (k // values), nbytes), dtype=np.uint8)
+    for off in HALF_FIELDS[qtype]:
+        scale = rng.uniform(-0.02, 0.02, raw.shape[0]).astype(np.float16)
+        raw[:, off : off + 2] = scale.view(np.uint8).reshape(-1, 2)
+    return torch.from_numpy(raw.reshape(n, -1))
+
+
+TRITON_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"]
 # ||y - ref|| / ||ref|| bounds: fp32 math throughout for fp32 x and the GEMV; the GEMM's 16-bit dots
 # take the dequantized weight rounded to x's dtype.
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
@@ -41,7 +58,9 @@ def _rel(y, ref):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("m", [1, 3, 8, 9, 37], ids=lambda m: f"m{m}")  # GEMV up to 8 rows, GEMM beyond
 def test_matches_the_fp64_product(qtype, dtype, m):
-    n, k = 67, 96  # N not a multiple of the tiles, K of 3 blocks: one partial K tile
+    # N not a multiple of the tiles; K of 3 blocks (one partial K tile), or 2 K-quant super-blocks (all 8
+    # sub-blocks of each, so every scale / min position is read).
+    n, k = 67, 512 if qtype.endswith("_K") else 96
     q, x, b, ref = _case(qtype, m, n, k, dtype, bias=m % 2 == 1, seed=m)
     y = ops.linear_q(x, q, qtype, b, backend="triton")
     assert y.shape == (m, n) and y.dtype == dtype and y.device == x.device
@@ -51,19 +70,17 @@ def test_matches_the_fp64_product(qtype, dtype, m):
 
 @pytest.mark.parametrize("qtype", TRITON_TYPES)
 def test_leading_dims_strided_rows_and_empty(qtype):
-    q, x, b, ref = _case(qtype, 6, 40, 64, torch.float32, bias=True, seed=1)
-    y = ops.linear_q(x.view(2, 3, 64), q, qtype, b, backend="triton")
+    k = 256 if qtype.endswith("_K") else 64
+    q, x, b, ref = _case(qtype, 6, 40, k, torch.float32, bias=True, seed=1)
+    y = ops.linear_q(x.view(2, 3, k), q, qtype, b, backend="triton")
     assert y.shape == (2, 3, 40) and _rel(y.reshape(6, 40), ref) <= 1e-5
-    wide = torch.zeros(6, 128, device=x.device)
-    wide[:, :64] = x
-    assert _rel(ops.linear_q(wide[:, :64], q, qtype, b, backend="triton"), ref) <= 1e-5  # row stride 128
+    wide = torch.zeros(6, 2 * k, device=x.device)
+    wide[:, :k] = x
+    assert _rel(ops.linear_q(wide[:, :k], q, qtype, b, backend="triton"), ref) <= 1e-5  # row stride 2k
     assert ops.linear_q(x[:0], q, qtype, b, backend="triton").shape == (0, 40)
 
 
-def test_k_quants_and_gradients_are_not_triton():
-    q = random_blocks(GGUF_TYPES["Q4_K"], 16, 256, 0).to(DEVICE)
-    with pytest.raises(BackendUnavailable, match="K-quants"):
-        ops.linear_q(torch.randn(1, 256, device=DEVICE), q, "Q4_K", backend="triton")
+def test_gradients_are_not_triton():
     q8 = random_blocks(GGUF_TYPES["Q8_0"], 16, 64, 0).to(DEVICE)
     with pytest.raises(BackendUnavailable, match="gradient"):
         ops.linear_q(torch.randn(1, 64, device=DEVICE, requires_grad=True), q8, "Q8_0", backend="triton")
@@ -83,8 +100,9 @@ def test_real_sizes_on_the_gpu(qtype, m):
 
 
 def test_block_layouts_match_the_reference():
-    from plm_engine.ops.reference import GGUF_BLOCKS
     from plm_engine.ops.triton import linear as triton_linear
 
-    assert all(GGUF_BLOCKS[q] == (32, nbytes) for q, nbytes in triton_linear.BLOCK_BYTES.items())
-    assert set(triton_linear.BLOCK_BYTES) == set(triton_linear.TRITON_TYPES)
+    assert all(
+        GGUF_BLOCKS[q] == (triton_linear.BLOCK_VALUES[q], nbytes) for q, nbytes in triton_linear.BLOCK_BYTES.items()
+    )
+    assert set(triton_linear.BLOCK_BYTES) == set(triton_linear.TRITON_TYPES) == set(GGUF_TYPES.values())

@@ -2,10 +2,12 @@
 registers, inside the loop over K, so only the quantized bytes are read from memory.
 
 The contract is plm_engine/ops/contracts/linear.py's linear_q_fwd: x (M, K) fp32/fp16/bf16, qweight
-(N, row_bytes) uint8 rows of ggml blocks of 32 values (Q8_0, Q4_0, Q4_1: ops.reference.GGUF_BLOCKS),
-bias (N,) or None -> y (M, N) in x's dtype. A block starts with its fp16 scale d (Q4_1: then an fp16
-minimum m), then its 32 quants: Q8_0 int8 q (value d * q); Q4_0 / Q4_1 16 bytes of nibbles, value j in
-the low nibble of byte j and value j + 16 in the high one (Q4_0: d * (q - 8); Q4_1: d * q + m).
+(N, row_bytes) uint8 rows of ggml blocks (ops.reference.GGUF_BLOCKS), bias (N,) or None -> y (M, N) in
+x's dtype. Q8_0, Q4_0 and Q4_1 blocks hold 32 values: an fp16 scale d (Q4_1: then an fp16 minimum m),
+then the quants: Q8_0 int8 q (value d * q); Q4_0 / Q4_1 16 bytes of nibbles, value j in the low nibble of
+byte j and value j + 16 in the high one (Q4_0: d * (q - 8); Q4_1: d * q + m). The K-quants' super-blocks
+hold 256 values as 8 sub-blocks of 32, each with its own scales (Q4_K: 6-bit scale and min, Q6_K: two
+int8 scales), decoded by _subblock_values.
 
 Two kernels:
   decode (M <= GEMV_MAX_ROWS): a split-K GEMV. Program (column block, K slice, row) multiplies its
@@ -15,9 +17,9 @@ Two kernels:
   prefill (more rows): a tiled GEMM. Each (BLOCK_M, BLOCK_N) tile walks K one ggml block at a time,
     decodes the (BLOCK_N, 32) weight tile to x's dtype and accumulates two K = 16 tl.dot in fp32 (fp32
     x: full fp32 dots, "ieee", not TF32: the quantized values carry more than TF32's 10 mantissa bits).
-Both step through K one block (32 values) at a time: a row's scale is then one load per block, and a Q4
-block's 16 quant bytes give values 0..15 (low nibbles) and 16..31 (high nibbles) as two tiles that meet
-x's two halves, with no gather. Blocks are byte-addressed (34, 18, 20 bytes: never 16-byte aligned).
+Both step through K 32 values (one block, or one K-quant sub-block) at a time: a row's scales are then
+one load per step, and the quants give values 0..15 and 16..31 as two tiles that meet x's two halves,
+with no gather. Blocks are byte-addressed (34, 18, 20, 144, 210 bytes: mostly not 16-byte aligned).
 
 Under TRITON_INTERPRET=1 (tests on CPU) bf16 tl.dot is wrong (ops/triton/interpreter.py), so there the
 GEMM's operands are fp32.
@@ -36,10 +38,18 @@ from plm_engine.ops.triton.common import check_device, require, round_to
 from plm_engine.ops.triton.guard import device_guard
 from plm_engine.ops.triton.spec import KernelSpec
 
-# The block types with Triton kernels, by ggml type id (the K-quants' 256-value super-blocks have none),
-# and the bytes of one block of 32 values (ggml's layouts; ops.reference.GGUF_BLOCKS has them too).
-TRITON_TYPES = {contract.GGUF_TYPES[name]: name for name in ("Q8_0", "Q4_0", "Q4_1")}
-BLOCK_BYTES = {contract.GGUF_TYPES["Q8_0"]: 34, contract.GGUF_TYPES["Q4_0"]: 18, contract.GGUF_TYPES["Q4_1"]: 20}
+# The block types with Triton kernels, by ggml type id, and the bytes of one block: 32 values for Q8_0,
+# Q4_0, Q4_1; a super-block of 256 values (8 sub-blocks of 32) for Q4_K and Q6_K (ggml's layouts;
+# ops.reference.GGUF_BLOCKS has them too).
+TRITON_TYPES = {contract.GGUF_TYPES[name]: name for name in ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")}
+BLOCK_BYTES = {
+    contract.GGUF_TYPES["Q8_0"]: 34,
+    contract.GGUF_TYPES["Q4_0"]: 18,
+    contract.GGUF_TYPES["Q4_1"]: 20,
+    contract.GGUF_TYPES["Q4_K"]: 144,
+    contract.GGUF_TYPES["Q6_K"]: 210,
+}
+BLOCK_VALUES = {qtype: 256 if name.endswith("_K") else 32 for qtype, name in TRITON_TYPES.items()}
 GEMV_MAX_ROWS = 8  # up to this many rows of x: the split-K GEMV; more: the GEMM
 
 
@@ -77,6 +87,63 @@ def _block_values(blocks, QTYPE: tl.constexpr):
 
 
 @triton.jit
+def _subblock_values(blocks, s, QTYPE: tl.constexpr):
+    """Sub-block s (0..7, 32 values) of one K-quant super-block per row: `blocks` (BLOCK_N,) byte pointers to
+    the super-blocks' starts -> its values 0..15 and 16..31 as two fp32 (BLOCK_N, 16) tiles, computed as
+    gguf's dequantize does (ops.reference.dequantize_gguf_ref)."""
+    r16 = tl.arange(0, 16)
+    if QTYPE == 12:
+        # Q4_K: [d][dmin][12 bytes: 6-bit scales and mins][128 bytes of nibbles]. Sub-block s reads the low
+        # (even s) or high (odd s) nibbles of bytes 32 * (s // 2) .. + 31. Its scale / min: s < 4 the low 6
+        # bits of byte s / s + 4 of the 12; s >= 4 the nibbles of byte s + 4 with the top 2 bits of
+        # bytes s - 4 / s as their bits 4-5.
+        s4 = s % 4
+        b_lo = tl.load(blocks + 4 + s4).to(tl.int32)
+        b_mid = tl.load(blocks + 8 + s4).to(tl.int32)
+        b_hi = tl.load(blocks + 12 + s4).to(tl.int32)
+        sc = tl.where(s < 4, b_lo & 63, (b_hi & 15) | ((b_lo >> 2) & 48)).to(tl.float32)
+        mn = tl.where(s < 4, b_mid & 63, (b_hi >> 4) | ((b_mid >> 2) & 48)).to(tl.float32)
+        d = (_fp16_at(blocks) * sc)[:, None]
+        dm = (_fp16_at(blocks + 2) * mn)[:, None]
+        quants = blocks[:, None] + 16 + 32 * (s // 2) + r16[None, :]
+        shift = 4 * (s % 2)
+        lo = d * ((tl.load(quants).to(tl.int32) >> shift) & 15).to(tl.float32) - dm
+        hi = d * ((tl.load(quants + 16).to(tl.int32) >> shift) & 15).to(tl.float32) - dm
+    else:
+        # Q6_K: [ql: 128 bytes][qh: 64 bytes][16 int8 scales][d]. Half h = s // 4 of the super-block, u = s % 4:
+        # the low 4 bits are the low (u < 2) or high nibbles of ql bytes 64 h + 32 (u % 2) + l, the high 2
+        # bits are bits 2u, 2u + 1 of qh byte 32 h + l; value d * scale[2 s (+1 for l >= 16)] * (q - 32).
+        h = s // 4
+        u = s % 4
+        ql = blocks[:, None] + 64 * h + 32 * (u % 2) + r16[None, :]
+        qh = blocks[:, None] + 128 + 32 * h + r16[None, :]
+        lshift = 4 * (u // 2)
+        q_lo = ((tl.load(ql).to(tl.int32) >> lshift) & 15) | (((tl.load(qh).to(tl.int32) >> (2 * u)) & 3) << 4)
+        q_hi = ((tl.load(ql + 16).to(tl.int32) >> lshift) & 15) | (
+            ((tl.load(qh + 16).to(tl.int32) >> (2 * u)) & 3) << 4
+        )
+        d = _fp16_at(blocks + 208)
+        sc_lo = tl.load(blocks + 192 + 2 * s).to(tl.int8, bitcast=True).to(tl.float32)
+        sc_hi = tl.load(blocks + 193 + 2 * s).to(tl.int8, bitcast=True).to(tl.float32)
+        lo = (d * sc_lo)[:, None] * (q_lo - 32).to(tl.float32)
+        hi = (d * sc_hi)[:, None] * (q_hi - 32).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def _unit_values(row_start, b, QTYPE: tl.constexpr):
+    """The b-th 32 values of K of each row (`row_start`: (BLOCK_N,) byte pointers to the rows) as two fp32
+    (BLOCK_N, 16) tiles: a whole block of Q8_0 / Q4_0 / Q4_1, a sub-block of Q4_K / Q6_K."""
+    if QTYPE == 12 or QTYPE == 14:
+        block_bytes: tl.constexpr = 144 if QTYPE == 12 else 210
+        lo, hi = _subblock_values(row_start + (b // 8) * block_bytes, b % 8, QTYPE)
+    else:
+        block_bytes: tl.constexpr = 34 if QTYPE == 8 else (18 if QTYPE == 2 else 20)
+        lo, hi = _block_values(row_start + b * block_bytes, QTYPE)
+    return lo, hi
+
+
+@triton.jit
 def _gemv_kernel(
     X_ptr,
     W_ptr,
@@ -91,7 +158,6 @@ def _gemv_kernel(
     BLOCK_N: tl.constexpr,
 ):
     """Program (column block, K slice, x row): P[split, m, cols] = sum over the slice of W[cols, k] x[m, k]."""
-    block_bytes: tl.constexpr = 34 if QTYPE == 8 else (18 if QTYPE == 2 else 20)
     pid_n, split, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -103,7 +169,7 @@ def _gemv_kernel(
     b_end = tl.minimum(b_begin + blocks_per_split, K // 32)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for b in range(b_begin, b_end):
-        lo, hi = _block_values(row_start + b * block_bytes, QTYPE)
+        lo, hi = _unit_values(row_start, b, QTYPE)
         x_lo = tl.load(x_row + b * 32 + r16).to(tl.float32)
         x_hi = tl.load(x_row + b * 32 + 16 + r16).to(tl.float32)
         acc += tl.sum(lo * x_lo[None, :] + hi * x_hi[None, :], axis=1)
@@ -129,8 +195,7 @@ def _gemm_kernel(
     INTERPRET: tl.constexpr,
 ):
     """Program (row block, column block): Y tile = X tile @ dequant(W tile)^T (+ bias), fp32 accumulator,
-    one ggml block (32 values of K) per step, as two K = 16 dots."""
-    block_bytes: tl.constexpr = 34 if QTYPE == 8 else (18 if QTYPE == 2 else 20)
+    one ggml block (32 values of K: a sub-block of the K-quants) per step, as two K = 16 dots."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -140,7 +205,7 @@ def _gemm_kernel(
     r16 = tl.arange(0, 16)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for b in range(0, K // 32):
-        lo, hi = _block_values(row_start + b * block_bytes, QTYPE)
+        lo, hi = _unit_values(row_start, b, QTYPE)
         x_lo = tl.load(x_rows + b * 32 + r16[None, :], mask=m_ok[:, None], other=0.0)
         x_hi = tl.load(x_rows + b * 32 + 16 + r16[None, :], mask=m_ok[:, None], other=0.0)
         if INTERPRET or X_ptr.dtype.element_ty == tl.float32:
@@ -181,7 +246,7 @@ def _check(x, qweight, qtype, bias, what):
     # Memory safety only (the public op checks the argument contract): what the kernels index.
     check_device(x, what)
     require(qtype in TRITON_TYPES, what, f"no Triton kernel for GGUF type id {qtype}")
-    values, nbytes = 32, BLOCK_BYTES[qtype]
+    values, nbytes = BLOCK_VALUES[qtype], BLOCK_BYTES[qtype]
     require(x.dim() == 2 and x.stride(1) == 1, what, f"x must be (M, K) with unit last stride, got {tuple(x.shape)}")
     k = x.shape[1]
     require(
