@@ -113,13 +113,17 @@ def _scale(softmax_scale, d):
     return s
 
 
-def _unsupported(q: torch.Tensor, head_dim_limit_triton: int = 256) -> dict[str, str]:
+def _unsupported(q: torch.Tensor, head_dim_limit_triton: int = 256, triton_fp32: bool = False) -> dict[str, str]:
+    """triton_fp32: the op's Triton kernels take float32 on the GPU too (the paged ones: an fp32 model's
+    decode step must not fall back to the reference, whose data-dependent indexing no CUDA graph captures)."""
     out = {}
     if q.dtype not in contract.CPU_DTYPES:
         why = f"the fused kernels take float16/bfloat16 (float32 on the CPU), got {q.dtype}"
         return dict.fromkeys(("triton", "cuda", "cpu"), why)
     if q.device.type == "cuda" and q.dtype not in contract.GPU_DTYPES:
-        out["triton"] = out["cuda"] = f"the GPU kernels take float16/bfloat16, got {q.dtype}"
+        out["cuda"] = f"the CUDA C++ kernels take float16/bfloat16, got {q.dtype}"
+        if not triton_fp32:
+            out["triton"] = f"the GPU kernels take float16/bfloat16, got {q.dtype}"
     if q.shape[-1] > head_dim_limit_triton:
         out["triton"] = f"head_dim {q.shape[-1]} > {head_dim_limit_triton}"
     return out
@@ -321,13 +325,13 @@ def paged_attention(
     scale = _scale(softmax_scale, q.shape[-1])
     if position_bias is not None:
         table, buckets = check_position_bias(fn, position_bias, q.shape[-2], q.device)
-        chosen = backends.choose(q.device, "paged_attn_rpb", backend, _unsupported(q))
+        chosen = backends.choose(q.device, "paged_attn_rpb", backend, _unsupported(q, triton_fp32=True))
         if chosen == "torch" or q.numel() == 0:
             return paged_attention_ref(q, k_cache, v_cache, block_table, cache_seqlens, scale, position_bias)
         return backend_op("paged_attn_rpb", chosen)(
             q, k_cache, v_cache, block_table, cache_seqlens, table.detach(), buckets, scale
         )
-    chosen = backends.choose(q.device, "paged_attn", backend, _unsupported(q))
+    chosen = backends.choose(q.device, "paged_attn", backend, _unsupported(q, triton_fp32=True))
     if chosen == "torch" or q.numel() == 0:
         return paged_attention_ref(q, k_cache, v_cache, block_table, cache_seqlens, scale)
     return backend_op("paged_attn", chosen)(q, k_cache, v_cache, block_table, cache_seqlens, scale)
@@ -372,7 +376,7 @@ def write_kv_cache(
     n_slots = k_cache.shape[0] * k_cache.shape[1]
     if slot_mapping.numel() and checks.value_checks() and int(slot_mapping.max()) >= n_slots:
         raise ValueError(f"{fn}: slot {int(slot_mapping.max())} is out of range for a cache of {n_slots} slots")
-    chosen = backends.choose(k.device, "write_kv_cache", backend, _unsupported(k_cache[:, 0]))
+    chosen = backends.choose(k.device, "write_kv_cache", backend, _unsupported(k_cache[:, 0], triton_fp32=True))
     if chosen == "torch" or k.shape[0] == 0:
         write_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping)
         return
