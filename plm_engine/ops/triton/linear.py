@@ -34,7 +34,7 @@ from torch import Tensor
 
 from plm_engine.ops import backends
 from plm_engine.ops.contracts import linear as contract
-from plm_engine.ops.triton.common import check_device, require, round_to
+from plm_engine.ops.triton.common import check_device, device_sm_count, require, round_to
 from plm_engine.ops.triton.guard import device_guard
 from plm_engine.ops.triton.spec import KernelSpec
 
@@ -234,7 +234,7 @@ def gemm_block_m(rows: int) -> int:
 def gemv_blocks_per_split(n: int, k: int, device: torch.device) -> int:
     """ggml blocks (32 values of K) per K slice of the GEMV: enough slices for ~4 programs per SM, each
     slice at least 4 blocks."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    sms = device_sm_count(device) if device.type == "cuda" else 4  # cached: this runs on every decode call
     splits = max(1, triton.cdiv(4 * sms, triton.cdiv(n, GEMV_BLOCK_N)))
     return max(4, triton.cdiv(k // 32, splits))
 
