@@ -50,7 +50,9 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <limits>
+#include <mutex>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -176,6 +178,50 @@ int64_t ds_budget_bytes() {
   return mib * (int64_t(1) << 20);
 }
 
+// The backward's fp32 buffers (dS^T tiles, packed panels) are tens to hundreds of MiB, above glibc's
+// mmap threshold: allocated afresh, every call would map them and the kernel would fault in and zero
+// each page (about 11k page faults per call at s = 1024, 8 heads: several percent of the backward).
+// One workspace is kept between calls instead, as torch's caching allocators do on GPUs: a call takes
+// it (or allocates a larger one), and hands it back, keeping the larger of the two. Concurrent calls
+// each get their own buffer; only one is kept. Its size stays within the dS budget plus the packed
+// panels of the largest call so far.
+class WorkspaceCache {
+ public:
+  at::Tensor take(int64_t floats) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (kept_.defined() && kept_.numel() >= floats) return std::exchange(kept_, at::Tensor());
+    kept_ = at::Tensor();  // freed before the larger one is allocated
+    return at::empty({floats}, at::TensorOptions().dtype(at::kFloat));
+  }
+  void give(at::Tensor t) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!kept_.defined() || kept_.numel() < t.numel()) kept_ = std::move(t);
+  }
+
+ private:
+  std::mutex mu_;
+  at::Tensor kept_;
+};
+
+WorkspaceCache& bwd_workspace() {
+  static WorkspaceCache cache;
+  return cache;
+}
+
+// A workspace of at least `floats` floats from `cache`, handed back when it goes out of scope.
+class WorkspaceLease {
+ public:
+  WorkspaceLease(WorkspaceCache& cache, int64_t floats) : cache_(cache), buf_(cache.take(std::max<int64_t>(floats, 1))) {}
+  ~WorkspaceLease() { cache_.give(std::move(buf_)); }
+  WorkspaceLease(const WorkspaceLease&) = delete;
+  WorkspaceLease& operator=(const WorkspaceLease&) = delete;
+  float* data() { return buf_.data_ptr<float>(); }
+
+ private:
+  WorkspaceCache& cache_;
+  at::Tensor buf_;
+};
+
 // Scratch of a backward worker, in floats: two (BN, d) operand tiles, two (BN, BN) score tiles, two
 // (BN, d) accumulators, and with a bias one padded row of dS sums (BiasArgs::len).
 struct BwdScratch {
@@ -260,7 +306,7 @@ void run_fwd(FwdArgs<T> a, std::vector<Seq>& seqs, const at::TensorOptions& fopt
 }
 
 template <typename T>
-void run_bwd(BwdArgs<T> a, std::vector<Seq>& seqs, const at::TensorOptions& fopts) {
+void run_bwd(BwdArgs<T> a, std::vector<Seq>& seqs) {
   const int64_t d = a.d, group = a.h / a.hkv, nseq = static_cast<int64_t>(seqs.size());
   int64_t kt_total = 0, qt_total = 0, st_total = 0, ds_total = 0, db_total = 0;
   for (Seq& sd : seqs) {
@@ -276,29 +322,36 @@ void run_bwd(BwdArgs<T> a, std::vector<Seq>& seqs, const at::TensorOptions& fopt
     ds_total += a.h * n_tiles(sd.sk) * n_tiles(sd.sq) * BN * BN;
   }
   const bool store_ds = ds_total * static_cast<int64_t>(sizeof(float)) <= ds_budget_bytes();
-  const at::Tensor kf = at::empty({kt_total}, fopts);
-  if (store_ds) kt_total = 0;  // pass 2 needs no packed K^T / V^T
-  const at::Tensor ds = at::empty({store_ds ? ds_total : 0}, fopts);
-  a.ds = store_ds ? ds.data_ptr<float>() : nullptr;
-  // Pass 1 writes the tiles with aligned non-temporal stores (whole tiles from a 64-byte aligned base).
+  if (!store_ds) ds_total = 0;
+  const int64_t kpack_total = store_ds ? 0 : kt_total;  // pass 2 needs no packed K^T / V^T then
+  if (a.bias.ext == nullptr) db_total = 0;
+  // Every buffer is carved from one workspace, each piece 64-byte aligned (pass 1 writes the dS^T tiles
+  // with aligned non-temporal stores, whole tiles from the piece's base).
+  const int64_t sizes[] = {kt_total, ds_total, kpack_total, kpack_total, qt_total, qt_total,
+                           qt_total, qt_total,  st_total,   st_total,    db_total};
+  int64_t total = 0;
+  for (const int64_t n : sizes) total += (n + 15) / 16 * 16;
+  WorkspaceLease ws(bwd_workspace(), total);
+  float* pieces[std::size(sizes)];
+  float* base = ws.data();
+  for (size_t i = 0; i < std::size(sizes); ++i) {
+    pieces[i] = base;
+    base += (sizes[i] + 15) / 16 * 16;
+  }
+  a.kf = pieces[0];
+  a.ds = store_ds ? pieces[1] : nullptr;
+  a.kt = pieces[2];
+  a.vt = pieces[3];
+  a.qt = pieces[4];
+  a.dot = pieces[5];
+  a.qf = pieces[6];
+  a.dof = pieces[7];
+  a.lse2 = pieces[8];
+  a.delta = pieces[9];
   TORCH_INTERNAL_ASSERT(reinterpret_cast<uintptr_t>(a.ds) % 64 == 0);
-  const at::Tensor kt = at::empty({kt_total}, fopts), vt = at::empty({kt_total}, fopts);
-  const at::Tensor qt = at::empty({qt_total}, fopts), dot = at::empty({qt_total}, fopts);
-  const at::Tensor qf = at::empty({qt_total}, fopts), dof = at::empty({qt_total}, fopts);
-  const at::Tensor lse2 = at::empty({st_total}, fopts), delta = at::empty({st_total}, fopts);
-  a.kt = kt.data_ptr<float>();
-  a.vt = vt.data_ptr<float>();
-  a.qt = qt.data_ptr<float>();
-  a.dot = dot.data_ptr<float>();
-  a.qf = qf.data_ptr<float>();
-  a.dof = dof.data_ptr<float>();
-  a.kf = kf.data_ptr<float>();
-  a.lse2 = lse2.data_ptr<float>();
-  a.delta = delta.data_ptr<float>();
   // Every (sequence, head, key tile) slot is written by exactly one pass-1 task (keys no query sees
   // included: their tasks still run and write zeros), so no zero fill is needed.
-  const at::Tensor dpart = at::empty({a.bias.ext != nullptr ? db_total : 0}, fopts);
-  a.bias.dpart = a.bias.ext != nullptr ? dpart.data_ptr<float>() : nullptr;
+  a.bias.dpart = a.bias.ext != nullptr ? pieces[10] : nullptr;
   // Pre-pass: K rows and K^T / V^T tiles (head = kv head) and Q^T / dO^T panels, Q / dO rows, lse2 and
   // D (head = -1 - head).
   std::vector<Task> prep;
@@ -542,7 +595,7 @@ std::tuple<Tensor, Tensor, Tensor> attn_bwd(const Tensor& dout, const Tensor& q,
     using T = decltype(tag);
     BwdArgs<T> a = bwd_args<T>(dO, q, k, v, o, l, dq, dk, dv, causal, scale);
     if (bias != nullptr) a.bias = *bias;
-    run_bwd(a, seqs, q.options().dtype(at::kFloat));
+    run_bwd(a, seqs);
   });
   return {dq, dk, dv};
 }

@@ -169,6 +169,41 @@ def test_backward_paths_agree(cpu_isa, monkeypatch):
         assert torch.equal(a, b)
 
 
+def test_backward_workspace_reuse(cpu_isa):
+    """The backward keeps its fp32 workspace between calls: a call after a larger one (the buffer full
+    of that call's values) and calls running at once on two threads give the same bits as alone."""
+    import threading
+
+    g = torch.Generator().manual_seed(7)
+
+    def case(s, h, hkv, d, causal):
+        leaves = [rand(2, s, n, d, gen=g) for n in (h, hkv, hkv)]
+        return leaves, rand(2, s, h, d, gen=g), causal
+
+    def grads(c):
+        leaves, dout, causal = c
+        leaves = [t.clone().requires_grad_() for t in leaves]
+        out = ops.attention(*leaves, causal=causal, backend="cpu")
+        return torch.autograd.grad(out, leaves, dout)
+
+    small, large = case(77, 6, 2, 40, True), case(200, 4, 4, 64, False)
+    first = grads(small)
+    large_alone = grads(large)
+    for a, b in zip(first, grads(small), strict=True):
+        assert torch.equal(a, b)
+    results = {}
+    threads = [
+        threading.Thread(target=lambda n=n, c=c: results.__setitem__(n, grads(c)))
+        for n, c in (("small", small), ("large", large))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in zip((*first, *large_alone), (*results["small"], *results["large"]), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_bad_input_errors():
     op = torch.ops.plm_engine
     backend_op("attn_fwd", "cpu")
