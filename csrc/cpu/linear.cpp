@@ -26,6 +26,21 @@
 //                run the avx512 build.
 // The generic build is correct, not fast: plm_engine.ops.linear keeps to F.linear there unless asked
 // for this backend explicitly.
+//
+// linear_q_fwd (weights in GGUF blocks) has two paths:
+//   exact  every block type: 16 weight rows at a time decoded into fp32 scratch, then the fp32 tiles
+//          above: y equals linear_fwd on the dequantized weight, bit for bit. Used for many rows (a
+//          prefill: the fp32 tiles reuse each decoded block for every row), for Q4_K / Q6_K, and
+//          whenever PLM_ENGINE_LINEAR_Q=exact.
+//   int8   Q8_0 / Q4_0 / Q4_1 at up to q8_max_rows() rows (a decode step), or whenever
+//          PLM_ENGINE_LINEAR_Q=int8: x quantized per block of 32 to int8 with an fp32 scale (and its
+//          scaled sum for the Q4 types' offsets), once per call, then integer dot products per block
+//          (linear_q8.inc), as llama.cpp does. Builds: avx512 + AVX512-VNNI (VPDPBUSD on 256-bit
+//          vectors), avx512 without VNNI and avx2 (VPMADDUBSW + VPMADDWD), avx2 + AVX-VNNI (VPDPBUSD,
+//          VEX), generic (integer loops). A 512-bit variant (two blocks per vector) measured slower
+//          here: building its per-lane scale vectors costs more shuffles than the wider dot saves.
+//          y differs from the exact path by x's quantization (|x - x~| <= amax / 254 per block).
+//          Results are bitwise independent of the thread count and of the other rows, per build.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
