@@ -375,17 +375,18 @@ Q8Path q8_path() {
 // more rows take the exact path. Measured on a 2-core Xeon (AVX-512 + VNNI + AVX-VNNI), one thread,
 // Q4_1 1536 x 576 and 576 x 1536 and Q8_0 49152 x 576 (int8 / exact time): the int8 path costs about
 // 2.3 cycles per row of x, weight row and block of 32, the exact path's decode amortises over rows.
-//   avx512 (+VNNI): M = 1: 0.37-0.51, M = 4: 0.69-0.89, M = 8: 1.08-1.20   -> 4
-//   avx2 (+AVX-VNNI): M = 1: 0.38-0.44, M = 8: 0.60-0.76, M = 16: 0.74-0.92 -> 16
-//   generic: M = 1..4: 0.09-0.26                                            -> 16
-// The paths without VNNI (VPMADDUBSW + VPMADDWD: one more instruction per block) are not measured
-// here and keep their VNNI twin's limit, halved for AVX2.
+//   avx512 + VNNI:     M = 1: 0.37-0.51, M = 4: 0.69-0.89, M = 8: 1.08-1.20   -> 4
+//   avx512, no VNNI:   M = 1: 0.40-0.57, M = 4: 0.75-1.12, M = 8: 1.05-1.51   -> 2
+//   avx2 + AVX-VNNI:   M = 1: 0.38-0.44, M = 8: 0.60-0.76, M = 16: 0.74-0.92 -> 16
+//   avx2, no VNNI:     M = 1: 0.43-0.49, M = 8: 0.72-0.93, M = 16: 0.85-1.03 -> 8
+//   generic:           M = 1..4: 0.09-0.26                                    -> 16
+// (the builds without VNNI measured on the same CPU with VNNI detection switched off).
 // Never more than 16 rows: the native decode step's quantized embedding lookup multiplies an identity
 // of hidden-size rows (>= 32) and needs the exact path's exact products.
 int64_t q8_max_rows(Q8Path p) {
   switch (p) {
     case Q8Path::kAvx512Vnni: return 4;
-    case Q8Path::kAvx512: return 4;
+    case Q8Path::kAvx512: return 2;
     case Q8Path::kAvx2Vnni: return 16;
     case Q8Path::kAvx2: return 8;
     default: return 16;
