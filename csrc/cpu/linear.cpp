@@ -378,7 +378,7 @@ Q8Path q8_path() {
 //   avx512 + VNNI:     M = 1: 0.37-0.51, M = 4: 0.69-0.89, M = 8: 1.08-1.20   -> 4
 //   avx512, no VNNI:   M = 1: 0.40-0.57, M = 4: 0.75-1.12, M = 8: 1.05-1.51   -> 2
 //   avx2 + AVX-VNNI:   M = 1: 0.38-0.44, M = 8: 0.60-0.76, M = 16: 0.74-0.92 -> 16
-//   avx2, no VNNI:     M = 1: 0.43-0.49, M = 8: 0.72-0.93, M = 16: 0.85-1.03 -> 8
+//   avx2, no VNNI:     M = 1: 0.41-0.49, M = 8: 0.72-0.93, M = 16: 0.85-1.03 -> 8
 //   generic:           M = 1..4: 0.09-0.26                                    -> 16
 // (the builds without VNNI measured on the same CPU with VNNI detection switched off).
 // Never more than 16 rows: the native decode step's quantized embedding lookup multiplies an identity
