@@ -28,6 +28,12 @@ interleave, --repeats times; each row is the median, and vs_llama_cpp the median
               The native step's kernels are seen inside its one C++ call: it opens a profiler scope named
               like the op around each kernel it calls (csrc/cpu/kernels.h), so their self time is kernel
               time and the rest of the call (checks, views, allocation, the profiler's own cost) is host
+  memory      (CPU) resident memory while generating, each provider in a fresh process on the file's own
+              quantization (ours: "gguf", the blocks as stored; llama.cpp: the file as shipped): VmRSS
+              after --streams prompts x --decode-tokens greedy tokens minus VmRSS after the imports, less
+              the KV cache (llama.cpp's as allocated, F16, zero-filled at start; ours the bytes of the tokens
+              held, as its pages become resident only when written), against the GGUF file size. Our
+              tokenizer loads after the first reading, like llama.cpp's vocabulary
   quality     (dtypes other than float32) greedy continuations of fixed prompts against float32
   throughput  (only with --cases ...,throughput) random request mix, plm_engine vs HF (older case)
 
@@ -42,9 +48,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import json
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -92,6 +100,10 @@ COLUMNS = common.ENV_COLUMNS + [
     "membw_gbps",
     "read_gbps",
     "bw_util",
+    "rss_mb",
+    "kv_mb",
+    "file_mb",
+    "rss_vs_file",
     "speedup_vs_hf_fp32",
     "n_identical",
     "mean_abs_logprob_diff",
@@ -546,6 +558,12 @@ def goal_lines(rows) -> list[str]:
                 f"overhead  {r['precision']:>8} batch-1 step @{r['threads']} threads: host {r['host_overhead']:.1%} of"
                 f" {r['step_ms']:.1f} ms (goal <= 10%) {'OK' if ok else 'NOT MET'}"
             )
+        if r["case"] == "memory" and r.get("rss_vs_file") is not None:
+            ok = r["rss_vs_file"] <= 1.2
+            lines.append(
+                f"memory    {r['provider']:>10} {r['precision']}: resident {r['rss_mb']:.0f} MB - KV {r['kv_mb']:.0f} MB"
+                f" = {r['rss_vs_file']:.2f}x the {r['file_mb']:.0f} MB file (goal <= 1.2x) {'OK' if ok else 'NOT MET'}"
+            )
         if r["case"] == "load" and r["provider"] == "plm_engine" and r.get("load_s") is not None:
             ok = r["load_s"] <= 0.5
             lines.append(
@@ -553,6 +571,64 @@ def goal_lines(rows) -> list[str]:
                 f"{'OK' if ok else 'NOT MET'}"
             )
     return lines
+
+
+# ---- memory: one provider per fresh process -----------------------------------------------------------
+
+
+def _status_mb(field: str = "VmRSS") -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+
+
+def memory_child(spec: dict) -> dict:
+    """Runs in its own process: the resident memory one provider adds to load spec["path"] and generate."""
+    prompts, n = spec["prompts"], spec["decode_tokens"]
+    ctx_tokens = len(prompts) * spec["n_ctx_seq"]
+    if spec["provider"] == "llama_cpp":
+        llama_cpp = llama_cpp_module()
+        with quiet_stderr():
+            llama_cpp.llama_backend_init()
+        base = _status_mb()
+        ll = LlamaCpp(llama_cpp, Path(spec["path"]), len(prompts), spec["n_ctx_seq"], spec["threads"], False)
+        ll.decode(prompts, n)
+        rss = _status_mb() - base
+        # Its KV cache: F16 keys and values for n_ctx tokens in every layer, cleared (resident) at start.
+        kv = ctx_tokens * spec["kv_values_per_token"] * 2
+        ll.close()
+    else:
+        from plm_engine.models import load_model, load_tokenizer
+
+        torch.set_num_threads(spec["threads"])
+        base = _status_mb()
+        tok = load_tokenizer(spec["model"])  # llama.cpp's vocabulary is part of its load too
+        model = load_model(spec["model"])
+        eng = Engine(model, tokenizer=tok, max_num_seqs=len(prompts), kv_cache_tokens=ctx_tokens, compile=False)
+        outs = eng.generate(prompts, greedy(n))
+        rss = _status_mb() - base
+        # Its KV pages become resident when written (layers/kv_cache.py): at least the bytes of the keys
+        # and values of the tokens held, the figure taken (the smallest, so the rest counts as overhead).
+        cache = eng.runner.kv_cache
+        per_token = sum(t[0, 0].nbytes for t in cache.k + cache.v)
+        kv = sum(len(p) + len(o.token_ids) for p, o in zip(prompts, outs)) * per_token
+    return dict(rss_mb=rss, kv_mb=kv / 2**20)
+
+
+def measure_memory(spec: dict) -> dict:
+    """memory_child(spec) in a fresh interpreter (nothing loaded before it but this module's imports)."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--memory-child", json.dumps(spec)], capture_output=True, text=True, timeout=600
+    )
+    if out.returncode != 0:
+        return dict(note=f"failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    file_mb = Path(spec["path"]).stat().st_size / 2**20
+    return dict(
+        rss_mb=round(res["rss_mb"], 1),
+        kv_mb=round(res["kv_mb"], 1),
+        file_mb=round(file_mb, 1),
+        rss_vs_file=round((res["rss_mb"] - res["kv_mb"]) / file_mb, 3),
+    )
 
 
 # ---- driver -----------------------------------------------------------------------------------------
@@ -569,7 +645,7 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--providers", default="plm_engine,llama_cpp,hf")
     ap.add_argument(
-        "--cases", default="load,decode_b1,streams,prefill,overhead,quality", help="plus throughput (HF mix)"
+        "--cases", default="load,decode_b1,streams,prefill,overhead,memory,quality", help="plus throughput (HF mix)"
     )
     ap.add_argument("--threads", default="1,all", help="CPU thread counts (comma-separated; 'all' = physical cores)")
     ap.add_argument("--decode-tokens", type=int, default=64)
@@ -591,7 +667,11 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="print the rows as JSON lines")
     ap.add_argument("--no-csv", action="store_true")
     ap.add_argument("--out-dir", default=str(common.RESULTS_DIR))
+    ap.add_argument("--memory-child", help=argparse.SUPPRESS)  # the memory case's own processes
     args = ap.parse_args(argv)
+    if args.memory_child:
+        print(json.dumps(memory_child(json.loads(args.memory_child))))
+        return 0
     if args.quick:
         args.decode_tokens, args.repeats, args.requests = min(args.decode_tokens, 16), 1, min(args.requests, 8)
     if args.prefill_tokens < 1 or args.decode_tokens < 2 or args.streams < 1 or args.repeats < 1:
@@ -837,6 +917,32 @@ def main(argv=None) -> int:
             if other is not None:
                 r["note"] += f"; llama.cpp {other['precision']} {other['load_s']:.2f} s"
 
+    if "memory" in cases and cpu:
+        found = resolve(args.model)
+        if found.kind != "gguf":
+            notes.append(f"memory: skipped, {args.model} is not a GGUF model")
+        else:
+            c = base.config
+            spec = dict(
+                model=args.model,
+                path=str(found.path),
+                prompts=stream_prompts,
+                decode_tokens=args.decode_tokens,
+                n_ctx_seq=args.prefill_tokens + args.decode_tokens + 64,
+                threads=top,
+                kv_values_per_token=2 * c.n_layers * c.n_kv_heads * c.head_dim,
+            )
+            for provider, prec in (("plm_engine", "gguf"), ("llama_cpp", "Q4_1")):
+                if provider in providers and (provider == "plm_engine" or llama_cpp is not None):
+                    row(
+                        "memory",
+                        provider,
+                        prec,
+                        measure_memory(spec | dict(provider=provider)),
+                        top,
+                        batch=args.streams,
+                    )
+
     if "quality" in cases:
         for name, m in models.items():
             if name == "float32":
@@ -929,6 +1035,8 @@ def main(argv=None) -> int:
             "host_overhead",
             "decode_path",
             "load_s",
+            "rss_mb",
+            "rss_vs_file",
             "n_identical",
             "mean_abs_logprob_diff",
             "note",

@@ -181,6 +181,7 @@ SMOKE = {
     "bench_attention": ["--seqlens", "16", "--dtypes", "fp32", "--modes", "fwd_bwd", "--kinds", "dense"],
     "bench_cross_entropy": ["--part", "speed", "--shapes", "8x300"],
     "bench_linear": ["--layers", "o", "--rows", "1", "--dtypes", "bf16"],
+    "bench_linear_q": ["--rows", "1", "--qtypes", "Q4_1"],
 }
 
 

@@ -43,6 +43,17 @@ namespace {
 using at::Tensor;
 namespace k = cpu_kernels;
 
+// A view of `base` (sizes and strides in elements, `offset` elements in), made without the dispatcher.
+// A step takes ~14 views per layer (q, k, v out of the fused projection, the kernels' 4-d shapes, the
+// SwiGLU halves); as narrow/view/unsqueeze each is a dispatcher call and, under torch.profiler, an event
+// of its own, together about as long as a layer's small kernels. The bases are the step's own fresh
+// buffers and nothing here records autograd, so a plain alias of the storage is all a view needs.
+Tensor alias(const Tensor& base, int64_t offset, at::IntArrayRef sizes, at::IntArrayRef strides) {
+  auto impl = c10::make_intrusive<c10::TensorImpl>(c10::Storage(base.storage()), base.key_set(), base.dtype());
+  impl->set_sizes_and_strides(sizes, strides, base.storage_offset() + offset);
+  return Tensor(std::move(impl));
+}
+
 struct Layer {
   Tensor attn_norm_w, mlp_norm_w, qkv_w, out_w, up_w, down_w;
   std::optional<Tensor> attn_norm_b, mlp_norm_b, qkv_b, out_b, up_b, down_b;
@@ -213,25 +224,28 @@ class DecodeStep {
         std::tie(normed, residual, std::ignore, std::ignore) =
             k::norm_fwd(x, L.attn_norm_w, L.attn_norm_b, residual, eps_, is_llama_);
       }
-      // q, k, v: views of the fused projection, as layers/attention.py splits it.
+      // q, k, v: views of the fused projection (n, (h + 2 kvh) d), as layers/attention.py splits it.
       Tensor qkv = linear(normed, L.qkv_w, L.qkv_q, L.qkv_b, max_rows);
-      Tensor q = qkv.narrow(1, 0, h * d).view({n, h, d});
-      Tensor kk = qkv.narrow(1, h * d, kvh * d).view({n, kvh, d});
-      Tensor v = qkv.narrow(1, (h + kvh) * d, kvh * d).view({n, kvh, d});
-      if (is_llama_) {
-        Tensor q4 = q.unsqueeze(0), k4 = kk.unsqueeze(0);  // the kernel's (batch = 1, seqlen = n, ...)
+      const int64_t w = qkv.size(1);
+      Tensor kk = alias(qkv, h * d, {n, kvh, d}, {w, d, 1});
+      Tensor v = alias(qkv, (h + kvh) * d, {n, kvh, d}, {w, d, 1});
+      if (is_llama_) {  // the kernel's (batch = 1, seqlen = n, heads, d)
+        Tensor q4 = alias(qkv, 0, {1, n, h, d}, {n * w, w, d, 1});
+        Tensor k4 = alias(qkv, h * d, {1, n, kvh, d}, {n * w, w, d, 1});
         k::rope_(q4, k4, cos_, sin_, positions_2d, false, false);
       }
       k::write_kv_cache(kk, v, L.k_cache, L.v_cache, slot_mapping);
-      Tensor o = k::paged_attn(q.unsqueeze(1), L.k_cache, L.v_cache, block_table, cache_seqlens, scale_);
-      Tensor attn = linear(o.squeeze(1).reshape({n, h * d}), L.out_w, L.out_q, L.out_b, max_rows);
+      // q as (n, 1, h, d): one new token per sequence; o comes back contiguous in that shape.
+      Tensor o = k::paged_attn(alias(qkv, 0, {n, 1, h, d}, {w, w, d, 1}), L.k_cache, L.v_cache, block_table,
+                               cache_seqlens, scale_);
+      Tensor attn = linear(alias(o, 0, {n, h * d}, {h * d, 1}), L.out_w, L.out_q, L.out_b, max_rows);
       std::tie(normed, residual, std::ignore, std::ignore) =
           k::norm_fwd(attn, L.mlp_norm_w, L.mlp_norm_b, residual, eps_, is_llama_);
       Tensor up = linear(normed, L.up_w, L.up_q, L.up_b, max_rows);
       Tensor act;
       if (activation_ == "swiglu") {
         const int64_t inter = up.size(1) / 2;
-        act = k::swiglu_fwd(up.narrow(1, 0, inter), up.narrow(1, inter, inter));
+        act = k::swiglu_fwd(alias(up, 0, {n, inter}, {2 * inter, 1}), alias(up, inter, {n, inter}, {2 * inter, 1}));
       } else {
         act = k::gelu_fwd(up, activation_ == "gelu_tanh" ? "tanh" : "none");
       }

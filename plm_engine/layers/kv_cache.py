@@ -7,9 +7,25 @@ attends over the cache (ops.paged_attention) or over the new tokens alone (ops.a
 
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass
 
 import torch
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """A zero-filled cache tensor. On the CPU it lies in fresh anonymous pages from the OS: they read as
+    zeros and become resident only when written, so a cache sized for many long sequences takes memory
+    in proportion to the tokens it holds (torch.zeros would touch every page at start)."""
+    device = torch.device(device) if device is not None else torch.get_default_device()
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    count = math.prod(shape)
+    # Private: a read of a page never written maps the kernel's shared zero page, resident nowhere.
+    pages = mmap.mmap(-1, count * dtype.itemsize, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    # The tensor keeps a reference to the mapping, which is unmapped with the last tensor using it.
+    return torch.frombuffer(pages, dtype=dtype, count=count).view(shape)
 
 
 @dataclass
@@ -36,8 +52,8 @@ class KVCache:
                 f"{num_blocks} blocks of {block_size}"
             )
         shape = (num_blocks, block_size, n_kv_heads, head_dim)
-        k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        k = [_zeros(shape, dtype, device) for _ in range(n_layers)]
+        v = [_zeros(shape, dtype, device) for _ in range(n_layers)]
         return cls(k, v)
 
     @property

@@ -476,12 +476,13 @@ def expected_shapes(hf_config: dict) -> dict[str, tuple[int, ...]]:
     all; a llama GGUF has q/k/v biases at most, Qwen2-style, never o_proj or MLP ones)."""
     from plm_engine.models.config import ModelConfig
     from plm_engine.models.hf_checkpoint import hf_state_dict
+    from plm_engine.models.meta import meta_device
     from plm_engine.models.transformer import Transformer
 
     c = ModelConfig.from_hf(hf_config)
     gpt2 = c.arch == "gpt2"
     c = dataclasses.replace(c, qkv_bias=True, out_bias=gpt2, mlp_bias=gpt2, tie_word_embeddings=False)
-    with torch.device("meta"):
+    with meta_device():
         model = Transformer(c)
     return {name: tuple(t.shape) for name, t in hf_state_dict(model).items()}
 

@@ -99,6 +99,10 @@ def param_map(c: ModelConfig) -> list[tuple[str, list[str], str]]:
     return m
 
 
+# config.json's quantization_config.quant_method of a folder whose listed weights are GGUF blocks.
+BLOCKS_QUANT_METHOD = "plm_engine_gguf_blocks"
+
+
 def hf_prefix(c: ModelConfig) -> str:
     """The prefix transformers' model class for this config puts on the trunk's tensor names."""
     arch = c.hf_architecture()
@@ -120,16 +124,32 @@ def strip_prefix(name: str) -> str:
 
 def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     """The model's tensors under transformers' names (q/k/v and gate/up split, GPT-2 Conv1D transposed).
+    A weight kept in GGUF blocks comes out as its blocks (uint8 rows; hf_block_types names their types).
     Encoder-decoder models (a Seq2SeqTransformer) map through models/seq2seq_hf.py."""
+    return _hf_tensors(model)[0]
+
+
+def hf_block_types(model: Transformer) -> dict[str, str]:
+    """{transformers name: GGUF block type} of the weights hf_state_dict gives as blocks."""
+    return _hf_tensors(model)[1]
+
+
+def _hf_tensors(model: Transformer) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     c = model.config
     if c.is_encoder_decoder:
         from plm_engine.models import seq2seq_hf
 
-        return seq2seq_hf.hf_state_dict(model)
+        return seq2seq_hf.hf_state_dict(model), {}
     ours = model.state_dict()
     prefix = hf_prefix(c)
-    out = {}
+    out, types = {}, {}
     for name, hf_names, mode in param_map(c):
+        block_type = None
+        if name not in ours and name.endswith(".weight"):  # a QuantLinear / QuantEmbedding: its blocks
+            module = model.get_submodule(name.removesuffix(".weight"))
+            name, block_type = name.removesuffix("weight") + "qweight", module.type_name
+            if mode in ("T", "row"):  # loading keeps blocks only where rows are taken as they are
+                raise ValueError(f"save_pretrained: {name} in GGUF blocks cannot be written as {hf_names[0]}")
         t = ours[name]
         if mode == "T":
             parts = [t.t()]
@@ -143,28 +163,31 @@ def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
             parts = [t]
         for n, p in zip(hf_names, parts, strict=True):
             top = n.startswith(("lm_head.", "score.", "cls.", "classifier."))
-            out[("" if top else prefix) + n] = p.detach().contiguous()
-    return out
+            key = ("" if top else prefix) + n
+            out[key] = p.detach().contiguous()
+            if block_type is not None:
+                types[key] = block_type
+    return out, types
 
 
 def save_pretrained(model: Transformer, path) -> Path:
     """Writes config.json + model.safetensors under HF names (loadable by transformers and load_model).
-    Each file is written to a temporary name and renamed, so a crash never leaves a partial file."""
+    Weights kept in GGUF blocks are written as blocks and listed in config.json's quantization_config
+    (load_model reads them back as they were; transformers cannot). Each file is written to a temporary
+    name and renamed, so a crash never leaves a partial file."""
     from safetensors.torch import save_file
 
-    from plm_engine.layers.linear import weight_format
-
-    kept = weight_format(model)
-    if "GGUF" in kept:  # HF checkpoints have no place for ggml blocks; nothing is written
-        raise ValueError(
-            f"save_pretrained: the model keeps GGUF blocks ({kept}); load it with dequantize=True to save HF weights"
-        )
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     c = model.config
     hf = c.to_hf()
     hf["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
-    tensors = {k: v.cpu() for k, v in hf_state_dict(model).items()}
+    tensors, block_types = _hf_tensors(model)
+    tensors = {k: v.cpu() for k, v in tensors.items()}
+    if block_types:
+        # Weights kept in GGUF blocks are written as their blocks (uint8 rows) and listed here, so that
+        # load_model reads them back as blocks, not re-quantized; transformers cannot load these.
+        hf["quantization_config"] = {"quant_method": BLOCKS_QUANT_METHOD, "blocks": block_types}
+    path.mkdir(parents=True, exist_ok=True)
     for name, write in (
         ("model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"})),
         ("config.json", lambda p: Path(p).write_text(json.dumps(hf, indent=2) + "\n")),

@@ -18,7 +18,8 @@ from plm_engine.layers.linear import QuantEmbedding, QuantLinear
 from plm_engine.models import seq2seq_hf
 from plm_engine.models.config import ModelConfig
 from plm_engine.models.gguf import QuantTensor
-from plm_engine.models.hf_checkpoint import param_map, strip_prefix
+from plm_engine.models.hf_checkpoint import BLOCKS_QUANT_METHOD, param_map, strip_prefix
+from plm_engine.models.meta import meta_device
 from plm_engine.models.seq2seq import Seq2SeqTransformer
 from plm_engine.models.transformer import Transformer
 
@@ -66,7 +67,7 @@ def build_from_tensors(
             )
         model_class, mapping = Transformer, param_map(config)
         layers = f"{config.n_layers} layers"
-    with torch.device("meta"):
+    with meta_device():
         model = model_class(config)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state = {}
@@ -142,7 +143,7 @@ def _keep_blocks(model: nn.Module, state: dict, dtype: torch.dtype) -> None:
         parent_path, _, child = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
         old = getattr(parent, child, None)
-        with torch.device("meta"):
+        with meta_device():
             if leaf == "weight" and isinstance(old, nn.Embedding):
                 new: nn.Module = QuantEmbedding(q.shape[0], q.shape[1], q.qtype, dtype, q.data.device)
             elif leaf == "weight" and isinstance(old, nn.Linear):
@@ -198,7 +199,42 @@ def _default_dtype(config: ModelConfig, device) -> torch.dtype:
     return torch.float32
 
 
-def load_hf_folder(folder, dtype=None, device=None, quantize: str | None = None) -> Transformer:
+class _BlocksFolder:
+    """A folder's tensors where the weights config.json lists in GGUF blocks (save_pretrained of a model
+    that kept blocks) come as QuantTensor, or dequantized with dequantize=True."""
+
+    def __init__(self, tensors, blocks: dict, dtype: torch.dtype, dequantize: bool, source: str):
+        from plm_engine.ops.contracts.linear import GGUF_TYPES
+
+        unknown = {n: t for n, t in blocks.items() if t not in GGUF_TYPES}
+        if unknown:
+            name, kind = next(iter(unknown.items()))
+            raise ValueError(f"{source}: {name} is listed in blocks of {kind!r}, not one of {', '.join(GGUF_TYPES)}")
+        self._tensors, self._dtype, self._dequantize, self._source = tensors, dtype, dequantize, source
+        self._blocks = {n: GGUF_TYPES[t] for n, t in blocks.items()}
+
+    def keys(self):
+        return self._tensors.keys()
+
+    def __getitem__(self, name):
+        from plm_engine.ops.reference import GGUF_BLOCKS
+
+        t = self._tensors[name]
+        qtype = self._blocks.get(name)
+        if qtype is None:
+            return t
+        values, nbytes = GGUF_BLOCKS[qtype]
+        if t.dtype != torch.uint8 or t.dim() != 2 or t.shape[1] % nbytes:
+            raise ValueError(
+                f"{self._source}: {name} should hold rows of {nbytes}-byte blocks (uint8), got {t.dtype} {tuple(t.shape)}"
+            )
+        q = QuantTensor(t, qtype, (t.shape[0], t.shape[1] // nbytes * values))
+        return q.dequantize(self._dtype) if self._dequantize else q
+
+
+def load_hf_folder(
+    folder, dtype=None, device=None, quantize: str | None = None, dequantize: bool = False
+) -> Transformer:
     folder = Path(folder)
     cfg_path = folder / "config.json"
     if not cfg_path.exists():
@@ -220,6 +256,9 @@ def load_hf_folder(folder, dtype=None, device=None, quantize: str | None = None)
             raise ValueError(f"{source}: could not be read as a weights-only checkpoint ({e})") from e
     else:
         raise FileNotFoundError(f"{folder}: no model.safetensors, *.safetensors shards or pytorch_model.bin")
+    qc = hf.get("quantization_config") or {}
+    if qc.get("quant_method") == BLOCKS_QUANT_METHOD:
+        tensors = _BlocksFolder(tensors, qc.get("blocks", {}), dtype, dequantize or quantize is not None, source)
     return build_from_tensors(config, tensors, dtype, device, source, quantize)
 
 
@@ -244,7 +283,8 @@ def load_model(
 
     dtype: None -> float32 on CPU, the checkpoint's 16-bit dtype on CUDA. load_model.last_load_seconds
     records how long the last load took.
-    dequantize: by default a GGUF's Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K weights stay in their blocks
+    dequantize: by default a GGUF's Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K weights (and those a folder written
+    by save_pretrained from such a model lists in its quantization_config) stay in their blocks
     (QuantLinear / QuantEmbedding run them through ops.linear_q; `dtype` is then the compute dtype of
     everything else; layers.linear.weight_format says what was kept); True turns every weight into a
     plain `dtype` tensor, as training and save_pretrained need.
@@ -263,6 +303,6 @@ def load_model(
     if found.kind == "gguf":
         model = load_gguf(found.path, dtype, device, dequantize=dequantize, quantize=quantize)
     else:
-        model = load_hf_folder(found.path, dtype, device, quantize=quantize)
+        model = load_hf_folder(found.path, dtype, device, quantize=quantize, dequantize=dequantize)
     load_model.last_load_seconds = time.perf_counter() - t0
     return model

@@ -17,6 +17,7 @@ runs it for any shape.
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import torch
@@ -40,6 +41,8 @@ KERNEL_MAX_ROWS = {
 
 
 backends.register_family(contract, ("linear_fwd", "linear_q_fwd"))
+# Only the quantized op has Triton kernels (cuBLAS serves plain weights on GPUs).
+backends.register_preparer("linear_q_fwd", ("triton",), lambda: importlib.import_module("plm_engine.ops.triton.linear"))
 
 
 def linear_op():
@@ -256,7 +259,8 @@ def _check_q_args(x, qweight, qtype: int, bias) -> None:
             raise ValueError(f"linear_q: bias ({bias.dtype}, {bias.device}) differs from x ({x.dtype}, {x.device})")
 
 
-_NO_GPU_Q_KERNEL = "linear_q has no Triton/CUDA kernel yet: CUDA tensors dequantize, then F.linear"
+# The block types with Triton kernels (ops/triton/linear.py's TRITON_TYPES; that module imports triton).
+_TRITON_Q_TYPES = ("Q8_0", "Q4_0", "Q4_1")
 
 
 def linear_q(
@@ -273,21 +277,32 @@ def linear_q(
 
     The C++ CPU kernel decodes each block of 16 weight rows into fp32 as it goes (never the whole
     weight) and runs linear's fp32 tiles on it: y equals linear(x, W) on the dequantized W, bit for bit,
-    while only the quantized bytes are read from memory. The "torch" backend dequantizes the whole
-    weight (ops.reference.dequantize_gguf_ref) and calls F.linear; it is also the path when x needs a
-    gradient (the weight never gets one). backend: "cpu" | "torch" | None (automatic).
+    while only the quantized bytes are read from memory. On CUDA tensors the Triton kernels
+    (ops/triton/linear.py: a split-K GEMV for up to 8 rows, a GEMM that dequantizes inside its K loop)
+    take Q8_0, Q4_0 and Q4_1. The "torch" backend dequantizes the whole weight
+    (ops.reference.dequantize_gguf_ref) and calls F.linear; it is also the path when x needs a
+    gradient (the weight never gets one) and for the K-quants on GPUs.
+    backend: "cpu" | "triton" | "torch" | None (automatic).
     """
     qt = _qtype_id(qtype)
     _check_q_args(x, qweight, qt, bias)
     lead = x.shape[:-1]
     rows = lead.numel()
-    unsupported = {"triton": _NO_GPU_Q_KERNEL, "cuda": _NO_GPU_Q_KERNEL}
+    unsupported = {"cuda": "no CUDA C++ kernel: the Triton kernels serve CUDA tensors"}
+    if qt not in (contract.GGUF_TYPES[n] for n in _TRITON_Q_TYPES):
+        unsupported["triton"] = "no Triton kernel for the K-quants' super-blocks: dequantize, then F.linear"
     if x.dtype not in contract.KERNEL_DTYPES:
-        unsupported["cpu"] = f"the C++ kernel takes float32/float16/bfloat16, got {x.dtype}"
+        unsupported["cpu"] = unsupported["triton"] = f"the kernels take float32/float16/bfloat16, got {x.dtype}"
     elif torch.is_grad_enabled() and x.requires_grad:
-        unsupported["cpu"] = "x needs a gradient: the kernel has no backward"
+        unsupported["cpu"] = unsupported["triton"] = "x needs a gradient: the kernels have no backward"
     chosen = backends.choose(x.device, "linear_q_fwd", backend, unsupported)
     if chosen == "torch":
         return F.linear(x, dequantize_gguf_ref(qweight, qt).to(x.dtype), bias)
-    y = torch.ops.plm_engine.linear_q_fwd.default(x.reshape(rows, x.shape[-1]), qweight, qt, bias)
+    x2 = x.reshape(rows, x.shape[-1])
+    if chosen == "triton":
+        y = torch.ops.plm_engine.triton_linear_q_fwd.default(
+            x2 if x2.stride(-1) == 1 else x2.contiguous(), qweight, qt, bias
+        )
+    else:
+        y = torch.ops.plm_engine.linear_q_fwd.default(x2, qweight, qt, bias)
     return y.view(*lead, qweight.shape[0])

@@ -46,6 +46,7 @@ TRITON_MODULES = [
     "plm_engine.ops.triton.attention",
     "plm_engine.ops.triton.paged_attention",
     "plm_engine.ops.triton.token_mask",
+    "plm_engine.ops.triton.linear",
 ]
 ARCHS = (80, 90)
 # Most shared memory one block can use (with the opt-in carve-out Triton requests), per SM version,

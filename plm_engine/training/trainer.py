@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from plm_engine.models.meta import meta_device
 from plm_engine.models.transformer import PaddingLayout
 from plm_engine.ops import checks
 from plm_engine.training import checkpoint as ckpt
@@ -377,7 +378,7 @@ class Trainer:
 
         if self.dist.mode != "fsdp":
             return self.model
-        with torch.device("meta"):
+        with meta_device():
             plain = build_model(self.model.config)
         plain.load_state_dict(model_state, assign=True)
         return plain
@@ -828,7 +829,7 @@ class Trainer:
         state = get_model_state_dict(self.model, options=opts)
         if not self.dist.is_main:
             return None
-        with torch.device("meta"):
+        with meta_device():
             plain = build_model(self.model.config)
         plain.load_state_dict(state, assign=True)
         return plain

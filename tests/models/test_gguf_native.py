@@ -163,3 +163,62 @@ def test_perplexity_of_each_weight_format_is_bounded():
     assert abs(ppl["gguf"] / ppl["float32"] - 1) < 1e-4, ppl
     assert abs(ppl["int8"] / ppl["float32"] - 1) < 0.01, ppl
     assert abs(ppl["int4"] / ppl["float32"] - 1) < 0.02, ppl
+
+
+@pytest.mark.parametrize("source", ["gguf", "int4"])
+def test_blocks_save_and_load_back_as_blocks(tmp_path, monkeypatch, source):
+    """save_pretrained writes kept blocks as blocks (config.json lists their types); load_model reads them
+    back bit for bit, without re-quantizing; dequantize=True gives the plain weights."""
+    monkeypatch.setenv("PLM_ENGINE_GGUF_CACHE", "0")
+    sd, sizes = tiny_llama(tied=source == "gguf", bias=False)
+    if source == "gguf":
+        model = load_gguf(write_llama_gguf(tmp_path / "q.gguf", sd, sizes, Q.Q4_1), dequantize=False)
+    else:
+        model = load_model(write_llama_gguf(tmp_path / "f32.gguf", sd, sizes, Q.F32), quantize="int4")
+    folder = model.save_pretrained(tmp_path / "saved")
+    back = load_model(folder)
+    before = {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
+    after = {n: m for n, m in back.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
+    assert before.keys() == after.keys() and len(before) >= 9
+    for n, m in before.items():
+        assert after[n].qtype == m.qtype and torch.equal(after[n].qweight, m.qweight), n
+    ids = torch.tensor([[3, 17, 159, 0, 42, 42, 7]])
+    assert torch.equal(_logits(back, ids), _logits(model, ids))
+    plain = load_model(folder, dequantize=True)
+    assert not any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in plain.modules())
+    assert torch.equal(plain.layers[0].attn.qkv.weight, model.layers[0].attn.qkv.weight)
+    import json
+
+    cfg = json.loads((folder / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    assert qc["quant_method"] == "plm_engine_gguf_blocks" and "model.layers.0.self_attn.q_proj.weight" in qc["blocks"]
+    # A damaged listing is a clear error, not a crash.
+    qc["blocks"]["model.layers.0.self_attn.q_proj.weight"] = "Q3_X"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="Q3_X"):
+        load_model(folder)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1], ids=lambda q: q.name)
+def test_blocks_on_cuda_match_the_cpu_model_and_decode_under_cuda_graphs(tmp_path, monkeypatch, qtype):
+    """The same blocks on a GPU (the Triton kernels) give the CPU model's logits, and
+    the engine's CUDA-graph decode runs them (greedy tokens = its eager forward's)."""
+    from plm_engine.generation import Engine, SamplingParams
+
+    monkeypatch.setenv("PLM_ENGINE_GGUF_CACHE", "0")
+    sd, sizes = tiny_llama(tied=False, hidden=256, inter=512)
+    path = write_llama_gguf(tmp_path / "q.gguf", sd, sizes, qtype)
+    cpu, gpu = load_gguf(path, dequantize=False), load_gguf(path, dequantize=False, device="cuda")
+    assert isinstance(gpu.layers[0].mlp.down, QuantLinear) and gpu.layers[0].mlp.down.qweight.is_cuda
+    ids = torch.tensor([[3, 17, 159, 0, 42, 42, 7]])
+    a, b = _logits(gpu, ids.cuda()).cpu(), _logits(cpu, ids)
+    assert (a - b).norm() / b.norm() < 1e-4
+    eng = Engine(gpu, kv_cache_tokens=512, max_num_seqs=2)
+    assert eng.runner.decode_path == "cuda_graphs"
+    out = eng.generate([[3, 17, 159, 0]], SamplingParams(max_tokens=8, temperature=0.0))[0].token_ids
+    seq = [3, 17, 159, 0]
+    for _ in range(8):  # greedy by the model's own full forward
+        seq.append(int(_logits(gpu, torch.tensor([seq], device="cuda"))[0, -1].argmax()))
+    assert out == seq[4:]

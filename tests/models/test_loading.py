@@ -112,3 +112,31 @@ def test_unsupported_rope_scaling_and_sliding_window(llama_folder, tmp_path):
     cfg.pop("rope_parameters", None)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     assert load_model(tmp_path).config.max_position_embeddings == 64  # capped at the window, not ignored
+
+
+def test_meta_build_runs_no_initialiser(llama_folder):
+    """Loading builds the model on the meta device without nn.init (whose meta decompositions import
+    torch._dynamo: ~900 modules, most of a cold load); other tensors are still initialised inside."""
+    import subprocess
+    import sys
+
+    from plm_engine.models.meta import meta_device
+
+    with meta_device():
+        meta = torch.empty(3)
+        real = torch.empty(3, device="cpu")
+        assert torch.nn.init.ones_(meta) is meta
+        torch.nn.init.ones_(real)
+    assert torch.equal(real, torch.ones(3))
+    assert torch.nn.init.ones_.__module__ == "torch.nn.init"  # restored
+    code = (
+        "import sys, torch, plm_engine\n"
+        "before = 'torch._dynamo' in sys.modules\n"
+        f"plm_engine.load_model({str(llama_folder[0])!r})\n"
+        "print(before, 'torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    before, after = out.stdout.split()
+    if before == "True":
+        pytest.skip("this torch imports torch._dynamo at import time")
+    assert after == "False", "load_model imported torch._dynamo"

@@ -82,3 +82,22 @@ def test_bad_inputs_name_the_limit():
         model(torch.zeros(1, 4))
     with pytest.raises(ValueError, match="attention_mask"):
         model(torch.zeros(1, 4, dtype=torch.long), attention_mask=torch.ones(1, 3))
+
+
+def _anon_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:"))
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="needs Linux /proc")
+def test_cpu_kv_cache_is_resident_only_where_written():
+    """A CPU cache reads as zeros, yet allocating it makes nothing resident (a 64 MiB cache here)."""
+    from plm_engine.layers.kv_cache import KVCache
+
+    before = _anon_kib()
+    cache = KVCache.allocate(4, num_blocks=1024, block_size=16, n_kv_heads=4, head_dim=64, dtype=torch.float32)
+    assert _anon_kib() - before < 1024
+    assert all(t.device.type == "cpu" and t.is_contiguous() and t.data_ptr() % 4096 == 0 for t in cache.k + cache.v)
+    cache.k[0][3].fill_(1.0)
+    assert cache.k[0][3].sum() == 16 * 4 * 64
+    assert not cache.k[0][:3].any() and not cache.k[0][4:].any() and not cache.v[-1].any()

@@ -62,6 +62,7 @@ def _norm_fwd_kernel(
     stride_h_row,
     n_rows,
     n_cols,
+    inv_n,  # 1 / n_cols from the host: exact for n_cols = 1, unlike an fp32 division on the GPU
     eps,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -90,12 +91,12 @@ def _norm_fwd_kernel(
 
     if IS_RMS:
         mean = tl.zeros([BLOCK_M], dtype=tl.float32)
-        var = tl.sum(h * h, axis=1) / n_cols
+        var = tl.sum(h * h, axis=1) * inv_n
     else:
-        mean = tl.sum(h, axis=1) / n_cols
+        mean = tl.sum(h, axis=1) * inv_n
         # Two passes over the registers: the centred sum of squares does not cancel when |mean| >> std.
         hc = tl.where(mask, h - mean[:, None], 0.0)
-        var = tl.sum(hc * hc, axis=1) / n_cols
+        var = tl.sum(hc * hc, axis=1) * inv_n
     rstd = tl.rsqrt(var + eps)
 
     w = tl.load(W_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
@@ -125,6 +126,7 @@ def _norm_fwd_long_kernel(
     stride_y_row,
     stride_h_row,
     n_cols,
+    inv_n,
     eps,
     CHUNK: tl.constexpr,
     IS_RMS: tl.constexpr,
@@ -165,9 +167,9 @@ def _norm_fwd_long_kernel(
 
     if IS_RMS:
         mean = 0.0
-        var = tl.sum(acc, axis=0) / n_cols
+        var = tl.sum(acc, axis=0) * inv_n
     else:
-        mean = tl.sum(acc, axis=0) / n_cols
+        mean = tl.sum(acc, axis=0) * inv_n
         # Pass 2: centred sum of squares, for the same reason as in the whole-row kernel.
         acc = tl.zeros([CHUNK], dtype=tl.float32)
         for start in range(0, n_cols, CHUNK):
@@ -176,7 +178,7 @@ def _norm_fwd_long_kernel(
             h = tl.load(S_ptr + cols, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
             hc = tl.where(mask, h - mean, 0.0)
             acc += hc * hc
-        var = tl.sum(acc, axis=0) / n_cols
+        var = tl.sum(acc, axis=0) * inv_n
     rstd = tl.rsqrt(var + eps)
 
     # Last pass: the output; nothing of the row is needed afterwards.
@@ -213,6 +215,7 @@ def _norm_bwd_kernel(
     stride_dx_row,
     n_rows,
     n_cols,
+    inv_n,
     rows_per_program,
     BLOCK_N: tl.constexpr,
     IS_RMS: tl.constexpr,
@@ -250,7 +253,7 @@ def _norm_bwd_kernel(
         if LOAD_COEFFS:
             c1 = tl.load(C1_ptr + row)
         else:
-            c1 = tl.sum(xhat * wdy, axis=0) / n_cols
+            c1 = tl.sum(xhat * wdy, axis=0) * inv_n
         if IS_RMS:
             # Same value as (wdy - xhat * c1) * rstd; that form makes ptxas spill a register for fp32 on
             # sm_80 (seen with Triton 3.8/3.9 in report-kernels).
@@ -259,7 +262,7 @@ def _norm_bwd_kernel(
             if LOAD_COEFFS:
                 c2 = tl.load(C2_ptr + row)
             else:
-                c2 = tl.sum(wdy, axis=0) / n_cols
+                c2 = tl.sum(wdy, axis=0) * inv_n
             dx = (wdy - xhat * c1 - c2) * rstd
         if HAS_DH:
             dx += tl.load(DH_ptr + row * stride_dh_row + cols, mask=mask, other=0.0).to(tl.float32)
@@ -285,6 +288,7 @@ def _norm_bwd_coeffs_kernel(
     stride_dy_row,
     stride_h_row,
     n_cols,
+    inv_n,
     CHUNK: tl.constexpr,
     IS_RMS: tl.constexpr,
 ):
@@ -310,9 +314,9 @@ def _norm_bwd_coeffs_kernel(
         acc1 += (h - mean) * rstd * wdy
         if not IS_RMS:
             acc2 += wdy
-    tl.store(C1_ptr + row, tl.sum(acc1, axis=0) / n_cols)
+    tl.store(C1_ptr + row, tl.sum(acc1, axis=0) * inv_n)
     if not IS_RMS:
-        tl.store(C2_ptr + row, tl.sum(acc2, axis=0) / n_cols)
+        tl.store(C2_ptr + row, tl.sum(acc2, axis=0) * inv_n)
 
 
 # ---- launch configuration (shared by the launchers and kernel_specs) -------------------------------
@@ -468,11 +472,11 @@ def _launch_norm_fwd(x, weight, bias, residual, eps, is_rms):
     )
     if cfg.long_row:
         with device_guard(x):
-            _norm_fwd_long_kernel[(rows,)](*args, n, eps, CHUNK=cfg.chunk, **flags)
+            _norm_fwd_long_kernel[(rows,)](*args, n, 1.0 / n, eps, CHUNK=cfg.chunk, **flags)
     else:
         grid = (triton.cdiv(rows, cfg.block_m),)
         with device_guard(x):
-            _norm_fwd_kernel[grid](*args, rows, n, eps, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **flags)
+            _norm_fwd_kernel[grid](*args, rows, n, 1.0 / n, eps, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **flags)
     return y, h, mean, rstd
 
 
@@ -519,6 +523,7 @@ def _launch_norm_bwd(dy, dh, h, weight, mean, rstd, has_bias, is_rms):
                 dy.stride(0),
                 h.stride(0),
                 n,
+                1.0 / n,
                 CHUNK=cfg.chunk,
                 IS_RMS=is_rms,
                 **_launch_options(cfg),
@@ -545,6 +550,7 @@ def _launch_norm_bwd(dy, dh, h, weight, mean, rstd, has_bias, is_rms):
             dx.stride(0),
             rows,
             n,
+            1.0 / n,
             rows_per_program,
             BLOCK_N=cfg.cols_per_program,
             IS_RMS=is_rms,
@@ -617,6 +623,7 @@ def _spec_types(dt: str) -> tuple[dict[str, str], dict[str, str]]:
         "stride_h_row": "i32",
         "n_rows": "i32",
         "n_cols": "i32",
+        "inv_n": "fp32",
         "eps": "fp32",
     }
     bwd = {
@@ -637,6 +644,7 @@ def _spec_types(dt: str) -> tuple[dict[str, str], dict[str, str]]:
         "stride_dx_row": "i32",
         "n_rows": "i32",
         "n_cols": "i32",
+        "inv_n": "fp32",
         "rows_per_program": "i32",
     }
     return fwd, bwd

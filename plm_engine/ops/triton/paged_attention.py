@@ -95,6 +95,7 @@ def _paged_attn_split_kernel(
     BLOCK_D: tl.constexpr,
     INTERPRET: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Program (b, kvh * m_tiles + row tile, split). n_rows = group * seqlen_q query rows per kv head."""
     b = tl.program_id(0)
@@ -154,7 +155,7 @@ def _paged_attn_split_kernel(
         if INTERPRET:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # log2 units
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # log2 units
         if HAS_BIAS:
             rel = tl.minimum(tl.maximum(t[None, :] - last_key[:, None], -max_distance), max_distance)
             s += tl.load(bias_rows[:, None] + rel, mask=row_ok[:, None], other=0.0)
@@ -165,7 +166,7 @@ def _paged_attn_split_kernel(
         alpha = tl.exp2(m_i - m_ref)
         p = tl.exp2(s - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     has_keys = l_i > 0
@@ -486,6 +487,9 @@ def launch_paged_attn(
             BLOCK_D=cfg.block_d,
             INTERPRET=backends.triton_interpreted(),
             HAS_BIAS=table is not None,
+            # fp32 caches get full fp32 dots, not TF32 (Triton's default): decode reads memory, so the
+            # exact products cost nothing, and an fp32 model's attention stays fp32.
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
@@ -657,7 +661,12 @@ def kernel_specs() -> list[KernelSpec]:
             for block_m in sorted({paged_config(m, head_dim, bias=bias).block_m for m in ROW_TILES}):
                 cfg = paged_config(block_m, head_dim, bias=bias)
                 flags: dict[str, object] = dict(
-                    BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, INTERPRET=False, HAS_BIAS=bias
+                    BLOCK_M=cfg.block_m,
+                    BLOCK_N=cfg.block_n,
+                    BLOCK_D=cfg.block_d,
+                    INTERPRET=False,
+                    HAS_BIAS=bias,
+                    DOT_PRECISION="tf32",
                 )
                 if not bias:
                     flags |= dict(Bias_ptr=None, max_distance=None)
