@@ -5,7 +5,10 @@
 
 Providers (weight formats of the same model, load_model(--model, ...)):
   float32   the GGUF dequantized to fp32 (dequantize=True): the reference
-  gguf      the file's blocks as stored, run natively (SmolLM2-135M's: Q4_1 layers, Q8_0 embedding)
+  gguf      the file's blocks as stored, run natively (SmolLM2-135M's: Q4_1 layers, Q8_0 embedding);
+            a window's many rows take linear_q's exact path (x in fp32 against the decoded blocks)
+  gguf_int8 the same blocks with every linear_q call on the int8 path that decode steps take
+            (PLM_ENGINE_LINEAR_Q=int8: x quantized per block of 32 to int8, integer dot products)
   int8      the fp32 weights re-quantized at load, quantize="int8" (Q8_0: symmetric, groups of 32)
   int4      the same with quantize="int4" (Q4_1: a scale and a minimum per group of 32)
 Each row: the perplexity over --tokens tokens of the play (non-overlapping windows of --window tokens,
@@ -17,6 +20,7 @@ weights take, and the load time. The text is the play's modern-spelling file fro
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 
@@ -24,7 +28,7 @@ import common
 import torch
 import torch.nn.functional as F
 
-PROVIDERS = ("float32", "gguf", "int8", "int4")
+PROVIDERS = ("float32", "gguf", "gguf_int8", "int8", "int4")
 COLUMNS = ["model", "play", "tokens", "provider", "weights", "weight_mb", "ppl", "ppl_vs_float32", "load_s"]
 
 
@@ -48,6 +52,21 @@ def play_tokens(tokenizer, play: str, n: int) -> torch.Tensor:
     return torch.tensor(ids[:n])
 
 
+def perplexity_of(provider: str, model, ids: torch.Tensor, window: int) -> float:
+    """perplexity() with linear_q's path for the provider (gguf_int8: the int8 path for every call)."""
+    if provider != "gguf_int8":
+        return perplexity(model, ids, window)
+    before = os.environ.get("PLM_ENGINE_LINEAR_Q")
+    os.environ["PLM_ENGINE_LINEAR_Q"] = "int8"
+    try:
+        return perplexity(model, ids, window)
+    finally:
+        if before is None:
+            del os.environ["PLM_ENGINE_LINEAR_Q"]
+        else:
+            os.environ["PLM_ENGINE_LINEAR_Q"] = before
+
+
 @torch.no_grad()
 def perplexity(model, ids: torch.Tensor, window: int) -> float:
     """exp(mean next-token NLL) over non-overlapping windows (each window's first token is context only)."""
@@ -68,6 +87,7 @@ def load(model: str, provider: str):
     kwargs = {
         "float32": {"dequantize": True},
         "gguf": {},
+        "gguf_int8": {},
         "int8": {"quantize": "int8"},
         "int4": {"quantize": "int4"},
     }[provider]
@@ -95,7 +115,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             model = load(case.model, name)
             load_s = time.perf_counter() - t0
-            ppl[name] = perplexity(model, ids, case.window)
+            ppl[name] = perplexity_of(name, model, ids, case.window)
             size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
             return {
                 "provider": name,
