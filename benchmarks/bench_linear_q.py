@@ -80,7 +80,10 @@ def setup(c: Case, device: str):
     def impl_of(p):
         return (lambda x: F.linear(x, w)) if p == "torch" else (lambda x: ops.linear_q(x, q, qt, backend=p))
 
-    provider = common.against_torch(impl_of, (x,), "fwd")
+    # On the CPU, a few rows take linear_q's int8 path (x quantized per block of 32: |x - x~| <= amax / 254),
+    # about 1% of |y|'s largest value here; the exact path and the GPU kernels stay within fp32's 1e-4.
+    tol = {**common.TOLERANCE, torch.float32: 2e-2} if device == "cpu" else None
+    provider = common.against_torch(impl_of, (x,), "fwd", tolerance=tol)
 
     def timed(name):
         t = provider(name)

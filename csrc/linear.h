@@ -7,7 +7,9 @@
 //                                      the same with a GGUF-quantized weight: qweight (N, row_bytes) uint8,
 //                                      each row K / block values in ggml's blocks of type qtype (the ggml
 //                                      type id: Q4_0 2, Q4_1 3, Q8_0 8, Q4_K 12, Q6_K 14); y (M, N) in x's
-//                                      dtype equals linear_fwd(x, dequantized weight, bias) (CPU only)
+//                                      dtype equals linear_fwd(x, dequantized weight, bias) on the exact
+//                                      path; up to a few rows of Q8_0/Q4_0/Q4_1, x is quantized per block
+//                                      to int8 instead (cpu/linear.cpp, cpu/linear_q8.inc) (CPU only)
 //   linear_cpu_isa() -> str            the instruction set the CPU kernel runs with now (cpu::cpu_isa(),
 //                                      followed at run time): "avx512_bf16" | "avx512" | "avx2" |
 //                                      "generic" ("neon" on aarch64)

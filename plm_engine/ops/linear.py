@@ -275,9 +275,11 @@ def linear_q(
     values in ggml's blocks of `qtype` ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K" or the ggml type id);
     x (..., K) fp32/fp16/bf16 -> y (..., N) in x's dtype.
 
-    The C++ CPU kernel decodes each block of 16 weight rows into fp32 as it goes (never the whole
-    weight) and runs linear's fp32 tiles on it: y equals linear(x, W) on the dequantized W, bit for bit,
-    while only the quantized bytes are read from memory. On CUDA tensors the Triton kernels
+    The C++ CPU kernel reads only the quantized bytes. For many rows (prefill) it decodes each block of
+    16 weight rows into fp32 as it goes and runs linear's fp32 tiles on it: y equals linear(x, W) on the
+    dequantized W, bit for bit. For a few rows of Q8_0 / Q4_0 / Q4_1 (decode) it quantizes x per block of
+    32 to int8, as llama.cpp does, and takes integer dot products (VPDPBUSD with AVX512-VNNI or AVX-VNNI,
+    VPMADDUBSW without); PLM_ENGINE_LINEAR_Q=exact|int8 forces one path. On CUDA tensors the Triton kernels
     (ops/triton/linear.py: a split-K GEMV for up to 8 rows, a GEMM that dequantizes inside its K loop)
     take every type. The "torch" backend dequantizes the whole weight
     (ops.reference.dequantize_gguf_ref) and calls F.linear; it is also the path when x needs a
