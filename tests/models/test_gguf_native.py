@@ -146,7 +146,7 @@ def test_quantize_at_load_stores_every_linear_in_blocks(tmp_path, monkeypatch, s
 def test_perplexity_of_each_weight_format_is_bounded():
     """bench_quant's perplexity on 256 tokens of Hamlet: the file's blocks run natively give the
     dequantized model's perplexity; int8 (Q8_0) re-quantized from those fp32 weights stays within 1%,
-    int4 (Q4_1) within 2% (benchmarks/results/quant.csv has the full runs)."""
+    int4 (Q4_1) within llama.cpp's own 4-bit difference (benchmarks/results/quant.csv has the full runs)."""
     import sys
 
     smollm2_path()
@@ -165,7 +165,9 @@ def test_perplexity_of_each_weight_format_is_bounded():
     assert 2 < ppl["float32"] < 100, ppl
     assert abs(ppl["gguf"] / ppl["float32"] - 1) < 1e-4, ppl
     assert abs(ppl["int8"] / ppl["float32"] - 1) < 0.01, ppl
-    assert abs(ppl["int4"] / ppl["float32"] - 1) < 0.02, ppl
+    # 4-bit: within what llama.cpp's own perplexity shows for this file (its Q4_1 1.0025x its F32 on 4096
+    # tokens, measured once: benchmarks/results/NOTES.md).
+    assert abs(ppl["int4"] / ppl["float32"] - 1) < 0.0025, ppl
 
 
 @pytest.mark.parametrize("source", ["gguf", "int4"])
