@@ -135,8 +135,8 @@ def _unit_values(row_start, b, QTYPE: tl.constexpr):
     """The b-th 32 values of K of each row (`row_start`: (BLOCK_N,) byte pointers to the rows) as two fp32
     (BLOCK_N, 16) tiles: a whole block of Q8_0 / Q4_0 / Q4_1, a sub-block of Q4_K / Q6_K."""
     if QTYPE == 12 or QTYPE == 14:
-        block_bytes: tl.constexpr = 144 if QTYPE == 12 else 210
-        lo, hi = _subblock_values(row_start + (b // 8) * block_bytes, b % 8, QTYPE)
+        super_bytes: tl.constexpr = 144 if QTYPE == 12 else 210
+        lo, hi = _subblock_values(row_start + (b // 8) * super_bytes, b % 8, QTYPE)
     else:
         block_bytes: tl.constexpr = 34 if QTYPE == 8 else (18 if QTYPE == 2 else 20)
         lo, hi = _block_values(row_start + b * block_bytes, QTYPE)
