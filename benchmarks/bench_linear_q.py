@@ -62,7 +62,7 @@ def random_blocks(qt: int, n: int, k: int, g: torch.Generator) -> torch.Tensor:
     """Valid blocks: random quant bytes; every fp16 field (offsets of each type's scales) a small finite scale."""
     values, nbytes = GGUF_BLOCKS[qt]
     raw = torch.randint(0, 256, (n * (k // values), nbytes), generator=g, dtype=torch.uint8)
-    for off in {2: (0,), 3: (0, 2), 8: (0,)}[qt]:
+    for off in {2: (0,), 3: (0, 2), 8: (0,), 12: (0, 2), 14: (208,)}[qt]:
         scale = (torch.rand(raw.shape[0], generator=g) * 0.04 - 0.02).half()
         raw[:, off : off + 2] = scale.view(torch.uint8).view(-1, 2)
     return raw.view(n, -1)
@@ -75,7 +75,6 @@ def setup(c: Case, device: str):
     q = random_blocks(qt, c.n, c.k, g).to(device)
     w = dequantize_gguf_ref(q.cpu(), qt).to(device, dt)
     x = torch.randn(c.m, c.k, generator=g).to(device, dt)
-    nbytes = {"torch": w.numel() * w.element_size(), "ours": q.numel()}
 
     def impl_of(p):
         return (lambda x: F.linear(x, w)) if p == "torch" else (lambda x: ops.linear_q(x, q, qt, backend=p))
@@ -83,18 +82,15 @@ def setup(c: Case, device: str):
     # On the CPU, a few rows take linear_q's int8 path (x quantized per block of 32: |x - x~| <= amax / 254),
     # about 1% of |y|'s largest value here; the exact path and the GPU kernels stay within fp32's 1e-4.
     tol = {**common.TOLERANCE, torch.float32: 2e-2} if device == "cpu" else None
-    provider = common.against_torch(impl_of, (x,), "fwd", tolerance=tol)
-
-    def timed(name):
-        t = provider(name)
-        io = (c.m * c.k + c.m * c.n) * x.element_size()
-        setup.bytes[(c, name)] = nbytes["torch" if name == "torch" else "ours"] + io
-        return t
-
-    return timed
+    return common.against_torch(impl_of, (x,), "fwd", tolerance=tol)
 
 
-setup.bytes = {}
+def bytes_moved(c: Case, provider: str) -> int:
+    """The provider's weight (the blocks for ours, the dequantized weight for torch), x read and y written."""
+    values, nbytes = GGUF_BLOCKS[GGUF_TYPES[c.qtype]]
+    itemsize = common.DTYPES[c.dtype].itemsize
+    weight = c.n * c.k * itemsize if provider == "torch" else c.n * (c.k // values) * nbytes
+    return weight + (c.m * c.k + c.m * c.n) * itemsize
 
 
 def main(argv=None) -> int:
@@ -109,17 +105,22 @@ def main(argv=None) -> int:
         rows = rows[:2]
     layers = LAYERS[dev][:1] if a.quick else LAYERS[dev]
     qtypes = common.split_list(a.qtypes, "", GGUF_TYPES, "qtype")
-    cases = [Case(name, qt, dt, n, k, m) for (name, n, k), qt, dt, m in itertools.product(layers, qtypes, dtypes, rows)]
+    axes = itertools.product(layers, qtypes, dtypes, rows)
+    cases = [Case(name, qt, dt, n, k, m) for (name, n, k), qt, dt, m in axes]
+    # A type's blocks must tile K (the K-quants' 256 values do not tile SmolLM2's 576).
+    fits = [c for c in cases if c.k % GGUF_BLOCKS[GGUF_TYPES[c.qtype]][0] == 0]
+    for c in sorted({(c.qtype, c.layer, c.k) for c in cases} - {(c.qtype, c.layer, c.k) for c in fits}):
+        print(f"bench_linear_q: skipped {c[0]} on {c[1]}: K = {c[2]} is not a multiple of its block", file=sys.stderr)
     wanted = common.split_list(a.providers, "", ("torch", "triton", "cpu"), "provider")
     usable = [name for name in wanted if name == "torch" or common.provider_usable(name, a.device, "linear_q_fwd")[0]]
     return common.run(
         "linear_q",
         a,
-        cases,
+        fits,
         setup,
         providers=lambda case: usable,
         columns=COLUMNS,
-        derive=lambda case, name, ms, times: {"gbps": round(setup.bytes[(case, name)] / ms[name] / 1e6, 1)},
+        derive=lambda case, name, ms, times: {"gbps": round(bytes_moved(case, name) / ms[name] / 1e6, 1)},
     )
 
 

@@ -147,3 +147,23 @@ def triton_test_device(op: str) -> tuple[str, list]:
     if device == "cuda":
         marks.append(pytest.mark.cuda)
     return device, marks
+
+
+# Byte offsets of each GGUF block type's fp16 fields within its block (ggml type id -> offsets).
+HALF_FIELDS = {2: (0,), 3: (0, 2), 8: (0,), 12: (0, 2), 14: (208,)}
+
+
+def random_blocks(qtype: int, n: int, k: int, seed: int) -> torch.Tensor:
+    """(n, row_bytes) uint8 rows of GGUF blocks of ggml type `qtype`: random bytes, with every fp16 field a
+    finite scale of a realistic size (valid blocks for any test; needs no gguf package)."""
+    import numpy as np
+
+    from plm_engine.ops.reference import GGUF_BLOCKS
+
+    values, nbytes = GGUF_BLOCKS[qtype]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(n * (k // values), nbytes), dtype=np.uint8)
+    for off in HALF_FIELDS[qtype]:
+        scale = rng.uniform(-0.02, 0.02, raw.shape[0]).astype(np.float16)
+        raw[:, off : off + 2] = scale.view(np.uint8).reshape(-1, 2)
+    return torch.from_numpy(raw.reshape(n, -1))

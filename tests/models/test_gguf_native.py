@@ -17,6 +17,13 @@ from tests.models.test_gguf import smollm2_path, tiny_llama, write_llama_gguf  #
 Q = gguf.GGMLQuantizationType
 
 
+@pytest.fixture(autouse=True)
+def _exact_linear_q(monkeypatch):
+    """These tests compare the blocks with the dequantized weights: linear_q's exact path. How many rows
+    take the int8 path differs per ISA build (tests/ops/test_linear_q.py bounds that path)."""
+    monkeypatch.setenv("PLM_ENGINE_LINEAR_Q", "exact")
+
+
 def _logits(model, ids):
     with torch.no_grad():
         return model(ids).logits
@@ -87,10 +94,9 @@ def test_the_cache_keeps_the_blocks(tmp_path, monkeypatch):
             assert torch.equal(w, t), name
 
 
-def test_real_model_native_equals_dequantized(monkeypatch):
+def test_real_model_native_equals_dequantized():
     """SmolLM2-135M's Q4_1 file (Q8_0 embedding, tied head): same logits and greedy tokens either way, on
     linear_q's exact path (decode's int8 path quantizes x: tests/ops/test_linear_q.py bounds it)."""
-    monkeypatch.setenv("PLM_ENGINE_LINEAR_Q", "exact")
     from plm_engine import Engine, SamplingParams
 
     path = smollm2_path()
@@ -213,7 +219,6 @@ def test_blocks_on_cuda_match_the_cpu_model_and_decode_under_cuda_graphs(tmp_pat
     from plm_engine.generation import Engine, SamplingParams
 
     monkeypatch.setenv("PLM_ENGINE_GGUF_CACHE", "0")
-    monkeypatch.setenv("PLM_ENGINE_LINEAR_Q", "exact")  # the CPU reference: no int8 activations
     sd, sizes = tiny_llama(tied=False, hidden=256, inter=512)
     path = write_llama_gguf(tmp_path / "q.gguf", sd, sizes, qtype)
     cpu, gpu = load_gguf(path, dequantize=False), load_gguf(path, dequantize=False, device="cuda")

@@ -5,7 +5,6 @@ on a GPU machine at real sizes too (cuda mark)."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -13,26 +12,9 @@ from plm_engine import ops
 from plm_engine.ops.backends import BackendUnavailable
 from plm_engine.ops.contracts.linear import GGUF_TYPES
 from plm_engine.ops.reference import GGUF_BLOCKS, dequantize_gguf_ref
-from tests.utils import triton_test_device
+from tests.utils import random_blocks, triton_test_device
 
 DEVICE, pytestmark = triton_test_device("linear_q_fwd")
-# Byte offsets of each type's fp16 fields within its block.
-HALF_FIELDS = {2: (0,), 3: (0, 2), 8: (0,), 12: (0, 2), 14: (208,)}
-
-
-def random_blocks(qtype: int, n: int, k: int, seed: int) -> torch.Tensor:
-    """(n, row_bytes) uint8: random bytes, with every fp16 field a finite scale of a realistic size.
-    test_linear_q.py's twin, kept here: that module needs gguf, which the GPU machine's image lacks, and
-    importing it from there would skip this whole module on the GPU."""
-    values, nbytes = GGUF_BLOCKS[qtype]
-    rng = np.random.default_rng(seed)
-    raw = rng.integers(0, 256, size=(n * (k // values), nbytes), dtype=np.uint8)
-    for off in HALF_FIELDS[qtype]:
-        scale = rng.uniform(-0.02, 0.02, raw.shape[0]).astype(np.float16)
-        raw[:, off : off + 2] = scale.view(np.uint8).reshape(-1, 2)
-    return torch.from_numpy(raw.reshape(n, -1))
-
-
 TRITON_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"]
 # ||y - ref|| / ||ref|| bounds: fp32 math throughout for fp32 x and the GEMV; the GEMM's 16-bit dots
 # take the dequantized weight rounded to x's dtype.
