@@ -19,6 +19,7 @@ from plm_engine.models import seq2seq_hf
 from plm_engine.models.config import ModelConfig
 from plm_engine.models.gguf import QuantTensor
 from plm_engine.models.hf_checkpoint import BLOCKS_QUANT_METHOD, param_map, strip_prefix
+from plm_engine.models.memory import release_freed_memory
 from plm_engine.models.meta import meta_device
 from plm_engine.models.seq2seq import Seq2SeqTransformer
 from plm_engine.models.transformer import Transformer
@@ -304,5 +305,6 @@ def load_model(
         model = load_gguf(found.path, dtype, device, dequantize=dequantize, quantize=quantize)
     else:
         model = load_hf_folder(found.path, dtype, device, quantize=quantize, dequantize=dequantize)
+    release_freed_memory()
     load_model.last_load_seconds = time.perf_counter() - t0
     return model

@@ -20,6 +20,7 @@ from typing import Literal
 
 from plm_engine.models import hub
 from plm_engine.models.hub import ModelNotFoundError
+from plm_engine.models.memory import release_freed_memory
 from plm_engine.models.tokenizer import Tokenizer
 
 
@@ -134,5 +135,8 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:
     """The tokenizer of a named default model, a GGUF file, or a HF folder (tokenizer.json)."""
     resolved = resolve(name_or_path)
     if resolved.kind == "gguf":
-        return Tokenizer.from_gguf(resolved.path)
-    return Tokenizer.from_folder(resolved.path)
+        tokenizer = Tokenizer.from_gguf(resolved.path)
+    else:
+        tokenizer = Tokenizer.from_folder(resolved.path)
+    release_freed_memory()  # the vocabulary's Python lists and JSON text are garbage now
+    return tokenizer
