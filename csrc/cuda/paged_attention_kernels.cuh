@@ -5,7 +5,7 @@
 #include <cuda_fp16.h>
 
 #include "cuda/common.cuh"
-#include "cuda/paged_attention_params.h"  // PagedParams, WriteParams
+#include "cuda/write_params.h"
 
 namespace plm_engine {
 namespace {
@@ -19,6 +19,27 @@ constexpr int kVec = 8;  // elements per 16-byte load of a 16-bit K/V row
 constexpr float kLog2e = 1.4426950408889634f;
 // Test-only: forces the number of KV splits (the Triton backend reads the same variable).
 constexpr const char* kSplitsEnv = "PLM_ENGINE_PAGED_ATTN_SPLITS";
+
+struct PagedParams {
+  const void* q;
+  const void* k_cache;
+  const void* v_cache;
+  const int* block_table;
+  const int* cache_seqlens;
+  void* out;          // (batch, seqlen_q, n_heads, head_dim), contiguous
+  float* part_out;    // (batch, seqlen_q, n_heads, num_splits, head_dim) when num_splits > 1
+  float* part_lse;    // (batch, seqlen_q, n_heads, num_splits), log2 units
+  int64_t q_stride_b, q_stride_s, q_stride_h;
+  int64_t cache_stride_block, cache_stride_slot;  // elements; the head stride is head_dim
+  int64_t bt_stride;
+  int seqlen_q, n_heads, group, n_rows, row_tiles, head_dim, page_shift, num_splits;
+  float scale_log2;
+  // T5's relative position bias, or nullptr: per head, 2 * max_distance + 1 fp32 values in log2 units,
+  // bias[h * (2 * max_distance + 1) + max_distance + r] for key - query position r, clamped to
+  // [-max_distance, max_distance] (plm_engine/ops/position_bias.py).
+  const float* bias = nullptr;
+  int max_distance = 0;
+};
 
 // Sum over aligned groups of WIDTH lanes; every lane of a group gets the same bits.
 template <int WIDTH>
@@ -341,7 +362,7 @@ __global__ void __launch_bounds__(kThreads) paged_attn_combine_kernel(const floa
   }
 }
 
-// ---- write_kv_cache (WriteParams) -----------------------------------------------------------------
+// ---- write_kv_cache (WriteParams: cuda/write_params.h) -------------------------------------------------
 
 // One warp per token; VEC consecutive elements of one head per lane and access (VEC divides head_dim).
 template <typename Tin, typename Tout, int VEC>

@@ -5,7 +5,7 @@
 
 #include <torch/types.h>
 
-#include "cuda/paged_attention_params.h"
+#include "cuda/write_params.h"
 
 namespace plm_engine {
 

@@ -14,7 +14,7 @@
 #include <cstdint>
 #include <stdexcept>
 
-#include "cuda/paged_attention_params.h"  // plain structs, no CUDA
+#include "cuda/write_params.h"  // a plain struct, no CUDA
 
 namespace plm_emu_ops {
 
