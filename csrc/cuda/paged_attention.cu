@@ -56,6 +56,7 @@
 #include "common/dispatch.h"
 #include "common/register.h"
 #include "cuda/paged_attention_kernels.cuh"
+#include "cuda/write_kv_params.h"
 
 namespace plm_engine {
 namespace {
@@ -203,20 +204,7 @@ void cuda_write_kv_cache(const Tensor& k, const Tensor& v, Tensor k_cache, Tenso
               n_kv_heads * head_dim, " elements are too long");
   const c10::cuda::CUDAGuard guard(k_cache.device());
 
-  WriteParams p;
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.k_cache = k_cache.data_ptr();
-  p.v_cache = v_cache.data_ptr();
-  p.slots = slot_mapping.data_ptr();
-  p.slots_int64 = slot_mapping.scalar_type() == at::kLong;
-  p.n_tokens = n_tokens;
-  p.k_stride_t = k.stride(0);
-  p.k_stride_h = k.stride(1);
-  p.v_stride_t = v.stride(0);
-  p.v_stride_h = v.stride(1);
-  p.n_kv_heads = static_cast<int>(n_kv_heads);
-  p.head_dim = static_cast<int>(head_dim);
+  const WriteParams p = write_kv_params(k, v, k_cache, v_cache, slot_mapping);
 
   // 8-wide packs need head_dim, the k/v strides and every base address to keep them 16-byte aligned
   // (an fp32 side moves 32 bytes per pack: two aligned 16-byte accesses).

@@ -5,6 +5,7 @@
 #include <cuda_fp16.h>
 
 #include "cuda/common.cuh"
+#include "cuda/write_params.h"
 
 namespace plm_engine {
 namespace {
@@ -361,18 +362,7 @@ __global__ void __launch_bounds__(kThreads) paged_attn_combine_kernel(const floa
   }
 }
 
-// ---- write_kv_cache --------------------------------------------------------------------------------
-
-struct WriteParams {
-  const void* k;
-  const void* v;
-  void* k_cache;
-  void* v_cache;
-  const void* slots;
-  bool slots_int64;
-  int64_t n_tokens, k_stride_t, k_stride_h, v_stride_t, v_stride_h;
-  int n_kv_heads, head_dim;
-};
+// ---- write_kv_cache (WriteParams: cuda/write_params.h) -------------------------------------------------
 
 // One warp per token; VEC consecutive elements of one head per lane and access (VEC divides head_dim).
 template <typename Tin, typename Tout, int VEC>

@@ -9,6 +9,7 @@
 #include <string>
 #include <tuple>
 
+#include "cuda/write_kv_params.h"
 #include "testing/emu_launchers.h"
 
 namespace {
@@ -229,16 +230,8 @@ void write_kv_cache(const Tensor& k, const Tensor& v, Tensor k_cache, Tensor v_c
   TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
                   slot_mapping.is_contiguous(),
               "plm_emu.write_kv_cache: layout");
-  plm_emu_ops::WriteKvCall c;
-  c.tin = dtype_of(k), c.tout = dtype_of(k_cache);
-  c.k = k.const_data_ptr(), c.v = v.const_data_ptr();
-  c.k_cache = k_cache.mutable_data_ptr(), c.v_cache = v_cache.mutable_data_ptr();
-  c.slots = slot_mapping.const_data_ptr();
-  c.slots_int64 = slot_mapping.scalar_type() == at::kLong;
-  c.n_tokens = k.size(0);
-  c.k_stride_t = k.stride(0), c.k_stride_h = k.stride(1), c.v_stride_t = v.stride(0), c.v_stride_h = v.stride(1);
-  c.n_kv_heads = static_cast<int>(k_cache.size(2)), c.head_dim = static_cast<int>(k_cache.size(3));
-  guarded([&] { plm_emu_ops::write_kv_cache(c); });
+  const plm_engine::WriteParams p = plm_engine::write_kv_params(k, v, k_cache, v_cache, slot_mapping);
+  guarded([&] { plm_emu_ops::write_kv_cache(dtype_of(k), dtype_of(k_cache), p); });
 }
 
 // ---- the emulator's own tests ----

@@ -14,6 +14,8 @@
 #include <cstdint>
 #include <stdexcept>
 
+#include "cuda/write_params.h"  // a plain struct, no CUDA
+
 namespace plm_emu_ops {
 
 enum class Dtype : int { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
@@ -78,16 +80,8 @@ struct PagedCall {
 };
 void paged_attn(const PagedCall& c);
 
-struct WriteKvCall {
-  Dtype tin, tout;
-  const void *k, *v;
-  void *k_cache, *v_cache;
-  const void* slots;
-  bool slots_int64;
-  int64_t n_tokens, k_stride_t, k_stride_h, v_stride_t, v_stride_h;
-  int n_kv_heads, head_dim;
-};
-void write_kv_cache(const WriteKvCall& c);
+// The kernel's own parameter block, as the bindings fill it: tin is k/v's dtype, tout the caches'.
+void write_kv_cache(Dtype tin, Dtype tout, const plm_engine::WriteParams& p);
 
 // ---- the emulator's own tests (emu_selftest.cpp): runs kernel `name`, writes int32 results to out ----
 void selftest(const char* name, int* out, int64_t out_len, int blocks, int threads);

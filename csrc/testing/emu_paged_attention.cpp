@@ -93,30 +93,16 @@ void paged_attn(const PagedCall& c) {
   }
 }
 
-void write_kv_cache(const WriteKvCall& c) {
-  if (c.n_tokens == 0 || c.n_kv_heads * c.head_dim == 0) return;
-  WriteParams p;
-  p.k = c.k;
-  p.v = c.v;
-  p.k_cache = c.k_cache;
-  p.v_cache = c.v_cache;
-  p.slots = c.slots;
-  p.slots_int64 = c.slots_int64;
-  p.n_tokens = c.n_tokens;
-  p.k_stride_t = c.k_stride_t;
-  p.k_stride_h = c.k_stride_h;
-  p.v_stride_t = c.v_stride_t;
-  p.v_stride_h = c.v_stride_h;
-  p.n_kv_heads = c.n_kv_heads;
-  p.head_dim = c.head_dim;
+void write_kv_cache(Dtype tin, Dtype tout, const WriteParams& p) {
+  if (p.n_tokens == 0 || p.n_kv_heads * p.head_dim == 0) return;
   using cuda::is_aligned;
-  const bool packed = c.head_dim % 8 == 0 && p.k_stride_t % 8 == 0 && p.k_stride_h % 8 == 0 &&
+  const bool packed = p.head_dim % 8 == 0 && p.k_stride_t % 8 == 0 && p.k_stride_h % 8 == 0 &&
                       p.v_stride_t % 8 == 0 && p.v_stride_h % 8 == 0 && is_aligned(p.k, 16) && is_aligned(p.v, 16) &&
                       is_aligned(p.k_cache, 16) && is_aligned(p.v_cache, 16);
-  const dim3 grid(static_cast<unsigned>(ceil_div<int64_t>(c.n_tokens, kWarps)));
-  dispatch(c.tin, [&](auto in_tag) {
+  const dim3 grid(static_cast<unsigned>(ceil_div<int64_t>(p.n_tokens, kWarps)));
+  dispatch(tin, [&](auto in_tag) {
     using Tin = decltype(in_tag);
-    dispatch(c.tout, [&](auto out_tag) {
+    dispatch(tout, [&](auto out_tag) {
       using Tout = decltype(out_tag);
       if constexpr (!std::is_same_v<Tin, double> && !std::is_same_v<Tout, double>) {
         if (packed) {

@@ -2,13 +2,39 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any, Concatenate, ParamSpec
+
 from plm_engine.generation.engine import Engine, RequestOutput
 from plm_engine.generation.sampler import SamplingParams
 from plm_engine.ops import checks
 
+P = ParamSpec("P")
+
 
 class EngineDeadError(RuntimeError):
     """The step loop gave up (its step kept failing, e.g. after a CUDA error): no request can run."""
+
+
+def _final_output_of(
+    stream: Callable[Concatenate[AsyncEngine, P], AsyncIterator[RequestOutput]],
+) -> Callable[Concatenate[AsyncEngine, P], Coroutine[Any, Any, RequestOutput]]:
+    """AsyncEngine.generate, written once from AsyncEngine.stream: the same arguments (the signature is
+    stream's, so the two cannot drift apart) and the request's final output."""
+
+    @functools.wraps(stream)
+    async def generate(self: AsyncEngine, *args: P.args, **kwargs: P.kwargs) -> RequestOutput:
+        last = None
+        async for out in stream(self, *args, **kwargs):
+            last = out
+        assert last is not None, "stream() always ends with the request's final output"
+        return last
+
+    generate.__name__ = "generate"
+    generate.__qualname__ = "AsyncEngine.generate"
+    generate.__doc__ = "The final output of one request (the arguments are stream()'s)."
+    return generate
 
 
 class AsyncEngine:
@@ -166,19 +192,7 @@ class AsyncEngine:
                 self._streams.pop(rid, None)
                 self._submit(("abort", rid))
 
-    async def generate(
-        self,
-        prompt,
-        params: SamplingParams | None = None,
-        request_id: str | None = None,
-        truncate_prompt_tokens: int | None = None,
-    ) -> RequestOutput:
-        """The final output of one request."""
-        last = None
-        async for out in self.stream(prompt, params, request_id, truncate_prompt_tokens):
-            last = out
-        assert last is not None, "stream() always ends with the request's final output"
-        return last
+    generate = _final_output_of(stream)
 
     def stats(self) -> dict:
         """The engine's counters as of the end of the last step (no waiting on a step in progress)."""

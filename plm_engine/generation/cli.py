@@ -10,7 +10,21 @@ import argparse
 import sys
 import time
 
-from plm_engine.generation.options import DEFAULT_MODEL, add_model_options
+from plm_engine.generation.options import DEFAULT_MODEL, add_model_options, model_options
+
+# The sampling flags below carry SamplingParams' field names, so the params are read from them by name
+# (--stop's list becomes a tuple in SamplingParams).
+SAMPLING_FLAGS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "seed",
+    "max_tokens",
+    "stop",
+    "ignore_eos",
+)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -40,31 +54,13 @@ def run(args) -> int:
     from plm_engine.generation.sampler import SamplingParams
 
     try:
-        params = SamplingParams(
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            min_p=args.min_p,
-            repetition_penalty=args.repetition_penalty,
-            seed=args.seed,
-            max_tokens=args.max_tokens,
-            stop=tuple(args.stop),
-            ignore_eos=args.ignore_eos,
-        )
+        params = SamplingParams(**{name: getattr(args, name) for name in SAMPLING_FLAGS})
     except ValueError as e:
         print(f"plm-engine generate: {e}", file=sys.stderr)
         return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
-    engine = Engine(
-        args.model,
-        dtype=args.dtype,
-        device=device,
-        max_num_seqs=1,
-        cuda_graphs=not args.no_cuda_graphs,
-        dequantize=args.dequantize,
-        quantize=args.quantize,
-    )
+    engine = Engine(**model_options(args), device=device, max_num_seqs=1, cuda_graphs=not args.no_cuda_graphs)
     load_s = time.perf_counter() - t0
     tok = engine.tokenizer
     if args.chat:

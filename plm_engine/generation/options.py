@@ -4,6 +4,7 @@ two commands accept the same model names and dtypes and say so the same way."""
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 DEFAULT_MODEL = "smollm2-135m"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -29,3 +30,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="store every linear weight in blocks at load: int8 = Q8_0 (symmetric), int4 = Q4_1 (zero point), groups of 32",
     )
+
+
+def model_options(args: argparse.Namespace) -> dict[str, Any]:
+    """What add_model_options parsed, as Engine's keyword arguments: one place that pairs the flags with
+    Engine's parameters, so that a new model option reaches every front end."""
+    return dict(model=args.model, dtype=args.dtype, dequantize=args.dequantize, quantize=args.quantize)

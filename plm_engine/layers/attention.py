@@ -41,6 +41,20 @@ class AttentionContext:
     position_bias: ops.RelativePositionBias | None = None
     cross: CrossKV | None = None
 
+    @classmethod
+    def paged_step(cls, batch: PagedBatch, positions: torch.Tensor, kv_cache: KVCache, **extra) -> AttentionContext:
+        """A generation step's context: causal over the packed new tokens of `batch`, their K/V going
+        into kv_cache; extra: the model's own fields (position_bias, cross)."""
+        return cls(
+            causal=True,
+            cu_seqlens=batch.cu_seqlens,
+            max_seqlen=batch.max_seqlen,
+            positions=positions,
+            kv_cache=kv_cache,
+            paged=batch,
+            **extra,
+        )
+
 
 @dataclass
 class CrossKV:

@@ -283,16 +283,22 @@ class ModelConfig:
         gelu = {"gelu_tanh": "gelu_new", "gelu": "gelu"}
         if self.is_encoder_decoder:
             return {"architectures": [self.hf_architecture()], **ids, **_seq2seq_to_hf(self)}
+        # What every decoder-only and BERT config.json starts with; a Llama-shaped config keeps its own
+        # model type (llama, mistral, qwen2).
+        model_type = self.extra.get("model_type", "llama") if self.arch == "llama" else self.arch
+        head = {
+            "model_type": model_type,
+            "architectures": [self.hf_architecture()],
+            **ids,
+            "vocab_size": self.vocab_size,
+        }
+        # The trunk's sizes under the family's HF names, written once for the three families.
+        size_keys = _GPT2_SIZE_KEYS if self.arch == "gpt2" else _SIZE_KEYS
+        sizes = dict(zip(size_keys, (self.hidden_size, self.n_layers, self.n_heads, self.intermediate_size)))
         if self.arch == "gpt2":
             return {
-                "model_type": "gpt2",
-                "architectures": [self.hf_architecture()],
-                **ids,
-                "vocab_size": self.vocab_size,
-                "n_embd": self.hidden_size,
-                "n_layer": self.n_layers,
-                "n_head": self.n_heads,
-                "n_inner": self.intermediate_size,
+                **head,
+                **sizes,
                 "n_positions": self.max_position_embeddings,
                 "layer_norm_epsilon": self.norm_eps,
                 "activation_function": gelu[self.activation],
@@ -303,14 +309,8 @@ class ModelConfig:
             }
         if self.arch == "bert":
             return {
-                "model_type": "bert",
-                "architectures": [self.hf_architecture()],
-                **ids,
-                "vocab_size": self.vocab_size,
-                "hidden_size": self.hidden_size,
-                "num_hidden_layers": self.n_layers,
-                "num_attention_heads": self.n_heads,
-                "intermediate_size": self.intermediate_size,
+                **head,
+                **sizes,
                 "hidden_act": gelu[self.activation],
                 "max_position_embeddings": self.max_position_embeddings,
                 "layer_norm_eps": self.norm_eps,
@@ -319,21 +319,14 @@ class ModelConfig:
                 "hidden_dropout_prob": self.dropout,
                 "attention_probs_dropout_prob": 0.0,
             }
-        model_type = self.extra.get("model_type", "llama")
         rope = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
         if "type" in rope and "rope_type" not in (self.rope_scaling or {}):
             rope["rope_type"] = rope.pop("type")
         out = {
-            "model_type": model_type,
-            "architectures": [self.hf_architecture()],
-            **ids,
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "num_hidden_layers": self.n_layers,
-            "num_attention_heads": self.n_heads,
+            **head,
+            **sizes,
             "num_key_value_heads": self.n_kv_heads,
             "head_dim": self.head_dim,
-            "intermediate_size": self.intermediate_size,
             "hidden_act": "silu",
             "max_position_embeddings": self.max_position_embeddings,
             "rms_norm_eps": self.norm_eps,
@@ -368,6 +361,11 @@ def _gelu_kind(act: str) -> str:
         return "gelu"
     raise ValueError(f"unsupported activation {act!r} (gelu, gelu_new, gelu_pytorch_tanh)")
 
+
+# HF's names for the trunk's sizes (hidden, layers, heads, MLP width): GPT-2's own, and the ones BERT and
+# the Llama family share.
+_GPT2_SIZE_KEYS = ("n_embd", "n_layer", "n_head", "n_inner")
+_SIZE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 
 _SEQ2SEQ_HF_CLASSES = {
     "bart": "BartForConditionalGeneration",

@@ -22,10 +22,11 @@ from torch import nn
 
 from plm_engine import ops
 from plm_engine.layers.attention import Attention, AttentionContext, CrossAttention, CrossKV
-from plm_engine.layers.kv_cache import KVCache, PagedBatch
+from plm_engine.layers.kv_cache import KVCache
 from plm_engine.layers.linear import Linear
 from plm_engine.layers.mlp import MLP
 from plm_engine.layers.norm import LayerNorm, RMSNorm
+from plm_engine.models.base import PretrainedModel
 from plm_engine.models.config import ModelConfig
 from plm_engine.models.transformer import ModelOutput, PaddingLayout
 from plm_engine.ops import checks
@@ -145,7 +146,7 @@ class DecoderBlock(_Sublayers):
         )
 
 
-class Seq2SeqTransformer(nn.Module):
+class Seq2SeqTransformer(PretrainedModel):
     def __init__(self, config: ModelConfig):
         super().__init__()
         if not config.is_encoder_decoder:
@@ -217,15 +218,6 @@ class Seq2SeqTransformer(nn.Module):
     def lm_head_weight(self) -> torch.Tensor:
         """(target vocab, hidden): the LM head, which is the decoder's token embedding when tied."""
         return self.target_embed.weight if self.lm_head is None else self.lm_head.weight
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    def save_pretrained(self, path):
-        """config.json + model.safetensors under transformers' names (models.hf_checkpoint.save_pretrained)."""
-        from plm_engine.models.hf_checkpoint import save_pretrained
-
-        return save_pretrained(self, path)
 
     def sinusoids(self, device) -> torch.Tensor:
         """fp32 (max_positions, hidden) table, built once per device (not a buffer: never rounded by .to())."""
@@ -439,39 +431,23 @@ class Seq2SeqTransformer(nn.Module):
             c.n_decoder_layers, num_blocks, block_size, c.n_heads, c.head_dim, dtype or p.dtype, device or p.device
         )
 
-    def forward_tokens(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        kv_cache: KVCache,
-        batch: PagedBatch,
-        logits_index: torch.Tensor | None = None,
-        *,
-        cross: CrossKV,
-    ) -> torch.Tensor:
-        """One decoder step over packed new target tokens (the engine's forward): input_ids, positions
-        (total,) int64; their K/V go into kv_cache at batch.slot_mapping; cross holds each sequence's
-        encoder keys/values in batch order. Returns logits (n, target vocab) at logits_index (default:
-        each sequence's last new token)."""
-        if checks.value_checks() and input_ids.numel():
+    # forward_tokens (models/base.py) checks a direct call's values, then runs this trusted; its
+    # `cross` holds each sequence's encoder keys/values in batch order.
+    def _check_step_values(self, input_ids, positions):
+        if input_ids.numel():
             lo, hi = (int(v) for v in torch.aminmax(input_ids))
             if lo < 0 or hi >= self.config.decoder_vocab_size:
                 raise ValueError(f"forward_tokens: token id {lo if lo < 0 else hi} is out of range")
-        with checks.trusted():
-            ctx = AttentionContext(
-                causal=True,
-                cu_seqlens=batch.cu_seqlens,
-                max_seqlen=batch.max_seqlen,
-                positions=positions,
-                kv_cache=kv_cache,
-                paged=batch,
-                position_bias=self._bias(decoder=True),
-                cross=cross,
-            )
-            h = self._decode(input_ids, positions, ctx)
-            if logits_index is None:
-                logits_index = batch.cu_seqlens[1:].long() - 1
-            return self._lm_logits(h[logits_index])
+
+    def _forward_tokens(self, input_ids, positions, kv_cache, batch, logits_index, *, cross: CrossKV):
+        """One decoder step over packed new target tokens; logits over the target vocabulary."""
+        ctx = AttentionContext.paged_step(
+            batch, positions, kv_cache, position_bias=self._bias(decoder=True), cross=cross
+        )
+        h = self._decode(input_ids, positions, ctx)
+        if logits_index is None:
+            logits_index = batch.cu_seqlens[1:].long() - 1
+        return self._lm_logits(h[logits_index])
 
 
 def _positions_from_cu(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:

@@ -19,10 +19,11 @@ from torch import nn
 
 from plm_engine import ops
 from plm_engine.layers.attention import Attention, AttentionContext
-from plm_engine.layers.kv_cache import KVCache, PagedBatch
+from plm_engine.layers.kv_cache import KVCache
 from plm_engine.layers.linear import Linear, QuantEmbedding, QuantLinear
 from plm_engine.layers.mlp import MLP
 from plm_engine.layers.norm import LayerNorm, RMSNorm
+from plm_engine.models.base import PretrainedModel
 from plm_engine.models.config import ModelConfig
 from plm_engine.ops import checks
 
@@ -104,7 +105,7 @@ class Block(nn.Module):
         return drop(self.mlp(n)), residual
 
 
-class Transformer(nn.Module):
+class Transformer(PretrainedModel):
     def __init__(self, config: ModelConfig):
         super().__init__()
         c = self.config = config
@@ -150,15 +151,6 @@ class Transformer(nn.Module):
     def lm_head_weight(self) -> torch.Tensor:
         """(vocab, hidden): the LM head, which is the token embedding when tied."""
         return self.tok_embed.weight if self.lm_head is None else self.lm_head.weight
-
-    def save_pretrained(self, path):
-        """config.json + model.safetensors under transformers' names (see models.hf_checkpoint.save_pretrained)."""
-        from plm_engine.models.hf_checkpoint import save_pretrained
-
-        return save_pretrained(self, path)
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
     def rope_tables(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 cos/sin (max_positions, head_dim / 2), built once per device (not a buffer, so model.to(dtype)
@@ -407,33 +399,12 @@ class Transformer(nn.Module):
             c.n_layers, num_blocks, block_size, c.n_kv_heads, c.head_dim, dtype or e_dtype, device or e_device
         )
 
-    def forward_tokens(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        kv_cache: KVCache,
-        batch: PagedBatch,
-        logits_index: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """One generation step over packed new tokens. input_ids, positions: (total,) int64; the new
-        tokens' K/V go into kv_cache at batch.slot_mapping. Returns logits (n, vocab) for the tokens at
-        logits_index (default: the last new token of each sequence)."""
-        if not self.config.causal:
-            raise ValueError("forward_tokens: generation needs a causal (decoder) model")
-        if checks.value_checks():  # a direct call; the engine checks prompts once, in add_request
-            self._check_values(input_ids, positions)
-        with checks.trusted():
-            return self._forward_tokens(input_ids, positions, kv_cache, batch, logits_index)
+    # forward_tokens (models/base.py) checks a direct call's values, then runs this trusted.
+    def _check_step_values(self, input_ids, positions):
+        self._check_values(input_ids, positions)
 
     def _forward_tokens(self, input_ids, positions, kv_cache, batch, logits_index):
-        ctx = AttentionContext(
-            causal=True,
-            cu_seqlens=batch.cu_seqlens,
-            max_seqlen=batch.max_seqlen,
-            positions=positions,
-            kv_cache=kv_cache,
-            paged=batch,
-        )
+        ctx = AttentionContext.paged_step(batch, positions, kv_cache)
         if self.config.arch == "llama":
             ctx.cos, ctx.sin = self.rope_tables(input_ids.device)
         t = _Tokens(input_ids, positions, None)

@@ -15,7 +15,7 @@ import os
 import signal
 import threading
 
-from plm_engine.generation.options import add_model_options
+from plm_engine.generation.options import add_model_options, model_options
 
 log = logging.getLogger("plm_engine.server")
 
@@ -129,15 +129,12 @@ def build_app(args):
     )
 
     engine = Engine(
-        model=args.model,
+        **model_options(args),
         tokenizer=args.tokenizer,
-        dtype=args.dtype,
         device=args.device,
         max_num_seqs=args.max_num_seqs,
         kv_cache_tokens=args.kv_cache_tokens,
         enable_prefix_caching=not args.no_prefix_caching,
-        dequantize=args.dequantize,
-        quantize=args.quantize,
     )
     embedder = None
     if args.embedding_model:

@@ -12,6 +12,7 @@ import torch
 from plm_engine.generation.engine import Engine
 from plm_engine.generation.sampler import SamplingParams
 from plm_engine.models import ModelConfig, Transformer
+from tests.generation.engine_setups import plain_and_chunked_preempting
 
 transformers = pytest.importorskip("transformers")
 
@@ -66,15 +67,8 @@ def test_greedy_batch1_matches_hf(tiny):
     assert out.finish_reason == "length" and out.finished and out.num_prompt_tokens == 11
 
 
-@pytest.mark.parametrize(
-    "setup",
-    [
-        dict(kv_cache_tokens=2048, block_size=16, max_prefill_tokens=2048),
-        # small chunks and a cache too small for all four: chunked prefill, preemption and recompute
-        dict(kv_cache_tokens=112, block_size=8, max_prefill_tokens=16, max_num_seqs=4),
-    ],
-    ids=["plain", "chunked-preempting"],
-)
+# The tight set-up's cache is too small for all four requests.
+@plain_and_chunked_preempting(plain_block_size=16, tight_kv_tokens=112, tight_chunk=16)
 def test_mixed_lengths_and_staggered_arrivals_match_hf_alone(tiny, setup):
     model, hf = tiny
     eng = Engine(model, cuda_graphs=False, **setup)

@@ -13,6 +13,7 @@ from plm_engine.generation.engine import Engine
 from plm_engine.generation.sampler import SamplingParams
 from plm_engine.generation.scheduler import Scheduler, Sequence
 from plm_engine.models import ModelConfig, Transformer
+from tests.generation.engine_setups import plain_and_chunked_preempting
 from tests.generation.fake_model import FakeModel, next_token
 
 # ---- block manager ----------------------------------------------------------------------------------------
@@ -308,16 +309,8 @@ def _serve(model, waves, caching, **kw):
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
 
-@pytest.mark.parametrize(
-    "setup",
-    [
-        dict(kv_cache_tokens=2048, block_size=8, max_prefill_tokens=2048),
-        # small chunks and a cache too small for everything: chunked prefill after the cached prefix,
-        # preemption, eviction
-        dict(kv_cache_tokens=128, block_size=8, max_prefill_tokens=24, max_num_seqs=4),
-    ],
-    ids=["plain", "chunked-preempting"],
-)
+# The tight set-up chunks the prefill after the cached prefix, and preempts and evicts.
+@plain_and_chunked_preempting(plain_block_size=8, tight_kv_tokens=128, tight_chunk=24)
 def test_shared_system_prompt_same_greedy_outputs_with_caching_on_and_off(tiny, setup):
     system = _ids(45, seed=1)
     questions = [_ids(n, seed=10 + n) for n in (3, 11, 6, 17, 1, 8)]

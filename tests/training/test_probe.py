@@ -48,18 +48,18 @@ def test_mean_pooling_classifies_the_sentence_embedding_and_round_trips(tmp_path
         ModelConfig.preset("bert-tiny", classifier_pooling="max")
 
 
+def _probed_config(tmp_path, **overrides):
+    """150 keyword rows, a fifth held out for the eval, and a mean-pooling bert-tiny classifier whose
+    head is first fitted on 64 training examples (probe_examples); overrides change the run."""
+    data = keyword_rows(tmp_path / "rows.jsonl", n=150)
+    probed = dict(eval_fraction=0.2, probe_examples=64, model_overrides={"classifier_pooling": "mean"})
+    return data, tiny_config(tmp_path / "run", [data], **{**CLASSIFY, **probed, **overrides})
+
+
 def test_probe_fits_the_head_the_model_then_uses(tmp_path):
     """probe_examples: the head's weights come from the fit on the model's own pooled features, so the
     model classifies the probed examples as well as the fit did, before any training step."""
-    data = keyword_rows(tmp_path / "rows.jsonl", n=150)
-    cfg = tiny_config(
-        tmp_path / "run",
-        [data],
-        **CLASSIFY,
-        eval_fraction=0.2,
-        probe_examples=64,
-        model_overrides={"classifier_pooling": "mean"},
-    )
+    data, cfg = _probed_config(tmp_path)
     trainer = Trainer(cfg)
     from plm_engine.training.metrics import read_log
 
@@ -112,20 +112,15 @@ def test_smaller_n_layers_keeps_the_checkpoints_lowest_blocks(tmp_path):
 def test_keep_best_validates_the_probed_head_before_fine_tuning(tmp_path):
     """LP-FT with keep_best: step 0 (the probed head on the frozen model) is validated and kept when no
     fine-tuning step beats it, here a learning rate that wrecks the model."""
-    data = keyword_rows(tmp_path / "rows.jsonl", n=150)
-    cfg = tiny_config(
-        tmp_path / "run",
-        [data],
-        **{**CLASSIFY, "lr": 5.0},
+    _, cfg = _probed_config(
+        tmp_path,
+        lr=5.0,
         max_steps=4,
         warmup_steps=0,
-        eval_fraction=0.2,
         eval_every=2,
         keep_best="macro_f1",
         val_fraction=0.3,
         val_batches=0,
-        probe_examples=64,
-        model_overrides={"classifier_pooling": "mean"},
     )
     trainer = Trainer(cfg)
     summary = trainer.run()

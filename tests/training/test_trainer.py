@@ -96,16 +96,13 @@ def test_bf16_autocast(tmp_path, corpus):
     assert next(bf.model.parameters()).dtype == torch.float32  # master weights stay fp32
 
 
+# The classification runs here hold out a quarter of the rows and score every batch of them.
+CLASSIFY_EVAL = dict(**CLASSIFY, eval_fraction=0.25, eval_batches=0)
+
+
 def test_classification_objective(tmp_path):
     data = keyword_rows(tmp_path / "rows.jsonl")
-    trainer, summary = train(
-        tmp_path / "run",
-        [str(data)],
-        **CLASSIFY,
-        max_steps=30,
-        eval_fraction=0.25,
-        eval_batches=0,
-    )
+    trainer, summary = train(tmp_path / "run", [str(data)], **CLASSIFY_EVAL, max_steps=30)
     ev = summary["eval"]
     assert set(ev) >= {"accuracy", "macro_f1", "loss"} and ev["n_examples"] == 30
     assert ev["accuracy"] > 0.6, ev  # three well-separated keyword classes
@@ -115,16 +112,7 @@ def test_classification_objective(tmp_path):
     assert loaded.config.num_labels == 3
 
 
-KEEP_BEST = dict(
-    **CLASSIFY,
-    max_steps=24,
-    eval_fraction=0.25,
-    eval_batches=0,
-    val_fraction=0.2,
-    val_batches=0,
-    eval_every=4,
-    keep_best="macro_f1",
-)
+KEEP_BEST = dict(**CLASSIFY_EVAL, max_steps=24, val_fraction=0.2, val_batches=0, eval_every=4, keep_best="macro_f1")
 
 
 def test_keep_best_selects_on_validation_and_scores_the_eval_split_once(tmp_path):

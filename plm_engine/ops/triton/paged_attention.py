@@ -82,7 +82,6 @@ def _paged_attn_split_kernel(
     stride_bt,
     seqlen_q,
     group,
-    n_rows,
     m_tiles,
     n_heads,
     head_dim,
@@ -97,7 +96,9 @@ def _paged_attn_split_kernel(
     HAS_BIAS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Program (b, kvh * m_tiles + row tile, split). n_rows = group * seqlen_q query rows per kv head."""
+    """Program (b, kvh * m_tiles + row tile, split), over the n_rows = group * seqlen_q query rows of a kv
+    head (derived here rather than passed: one less argument for the launcher to keep consistent)."""
+    n_rows = group * seqlen_q
     b = tl.program_id(0)
     kvh = tl.program_id(1) // m_tiles
     row0 = (tl.program_id(1) % m_tiles) * BLOCK_M
@@ -474,7 +475,6 @@ def launch_paged_attn(
             block_table.stride(0),
             seqlen_q,
             group,
-            n_rows,
             m_tiles,
             n_heads,
             head_dim,
@@ -621,7 +621,6 @@ def kernel_specs() -> list[KernelSpec]:
         "stride_bt",
         "seqlen_q",
         "group",
-        "n_rows",
         "m_tiles",
         "n_heads",
         "head_dim",
