@@ -2,7 +2,7 @@
 
 Loading a model or a tokenizer builds many short-lived objects (GGUF metadata lists, the tokenizer's JSON,
 safetensors headers). Python and glibc keep the freed heap pages for reuse, so they stay resident for the
-life of the process: about 9 MB for the default GGUF model and its tokenizer, on top of a 94 MB file.
+life of the process (NOTES.md, "Resident memory").
 glibc's malloc_trim returns every free page of its heaps (not only the top one, as free() does).
 """
 
@@ -28,8 +28,9 @@ def _malloc_trim():
 
 def release_freed_memory() -> None:
     """Hand the C heap's free pages back to the OS (Linux/glibc only). No gc.collect(): with torch
-    imported a full collection takes ~130 ms, longer than a warm load, and a load's garbage is freed by
-    reference counts. Call it after a load, never in a step: it walks the heap (~10 ms the first time)."""
+    imported a full collection is slower than a warm load (benchmarks/results/NOTES.md), and a load's
+    garbage is freed by reference counts. Call it after a load or a burst of prefills, never in every
+    decode step: it walks the heap."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
