@@ -259,14 +259,20 @@ struct Task {
 };
 
 // Every (sequence, head, query tile), the most keys first: the order parallel_tasks hands them out in.
+// Among equals head by head, so the tasks running at any moment read one head's K / V tiles, which stay
+// in L2 (at s = 1024 the packed K and fp32 V of all 8 heads take 4 MiB, of one 512 KiB); interleaving
+// the heads made every task stream them from L3 again (forward and dQ pass 2-3% slower, backward 12%,
+// fp32 at s = 1024 on one core).
 std::vector<Task> query_tile_tasks(const std::vector<Seq>& seqs, int64_t h, bool causal) {
   std::vector<Task> tasks;
   for (int64_t s = 0; s < static_cast<int64_t>(seqs.size()); ++s) {
     const Seq& sd = seqs[s];
-    for (int64_t i0 = 0; i0 < sd.sq; i0 += BM) {
-      const int64_t last = std::min(i0 + BM, sd.sq) - 1;
-      const int64_t keys = causal ? std::clamp(last + sd.sk - sd.sq + 1, int64_t(0), sd.sk) : sd.sk;
-      for (int64_t hh = 0; hh < h; ++hh) tasks.push_back({s, hh, i0, keys});
+    for (int64_t hh = 0; hh < h; ++hh) {
+      for (int64_t i0 = 0; i0 < sd.sq; i0 += BM) {
+        const int64_t last = std::min(i0 + BM, sd.sq) - 1;
+        const int64_t keys = causal ? std::clamp(last + sd.sk - sd.sq + 1, int64_t(0), sd.sk) : sd.sk;
+        tasks.push_back({s, hh, i0, keys});
+      }
     }
   }
   std::stable_sort(tasks.begin(), tasks.end(), [](const Task& x, const Task& y) { return x.cost > y.cost; });
@@ -370,9 +376,11 @@ void run_bwd(BwdArgs<T> a, std::vector<Seq>& seqs) {
   std::vector<Task> tasks;
   for (int64_t s = 0; s < nseq; ++s) {
     const Seq& sd = seqs[s];
-    for (int64_t j0 = 0; j0 < sd.sk; j0 += BN) {
-      const int64_t queries = a.causal ? sd.sq - std::clamp(j0 - (sd.sk - sd.sq), int64_t(0), sd.sq) : sd.sq;
-      for (int64_t kvh = 0; kvh < a.hkv; ++kvh) tasks.push_back({s, kvh, j0, queries * group});
+    for (int64_t kvh = 0; kvh < a.hkv; ++kvh) {  // kv head by kv head: its Q / dO panels stay in L2
+      for (int64_t j0 = 0; j0 < sd.sk; j0 += BN) {
+        const int64_t queries = a.causal ? sd.sq - std::clamp(j0 - (sd.sk - sd.sq), int64_t(0), sd.sq) : sd.sq;
+        tasks.push_back({s, kvh, j0, queries * group});
+      }
     }
   }
   std::stable_sort(tasks.begin(), tasks.end(), [](const Task& x, const Task& y) { return x.cost > y.cost; });
