@@ -169,9 +169,10 @@ def test_backward_paths_agree(cpu_isa, monkeypatch):
         assert torch.equal(a, b)
 
 
-def test_backward_workspace_reuse(cpu_isa):
-    """The backward keeps its fp32 workspace between calls: a call after a larger one (the buffer full
-    of that call's values) and calls running at once on two threads give the same bits as alone."""
+def test_workspace_reuse(cpu_isa):
+    """The forward and the backward keep their fp32 workspaces between calls: a call after a larger one
+    (the buffers full of that call's values) and calls running at once on two threads give the same
+    outputs and gradients, bit for bit, as alone."""
     import threading
 
     g = torch.Generator().manual_seed(7)
@@ -184,7 +185,7 @@ def test_backward_workspace_reuse(cpu_isa):
         leaves, dout, causal = c
         leaves = [t.clone().requires_grad_() for t in leaves]
         out = ops.attention(*leaves, causal=causal, backend="cpu")
-        return torch.autograd.grad(out, leaves, dout)
+        return (out.detach(), *torch.autograd.grad(out, leaves, dout))
 
     small, large = case(77, 6, 2, 40, True), case(200, 4, 4, 64, False)
     first = grads(small)
