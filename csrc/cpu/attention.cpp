@@ -213,10 +213,10 @@ WorkspaceCache& bwd_workspace() {
 
 // The forward's packed K and fp32 V (8 MiB at s = 2048, 8 heads) likewise: allocated afresh they cost
 // 600-700 page faults per call at s = 1024..2048 (SDPA's forward: 0-120), a few percent of a 2-thread
-// forward. At most 32 MiB is kept: past that (long prompts) the faults, linear in the length, are a
-// small part of the quadratic work, and a prefill should not leave more memory resident.
+// forward. At most 16 MiB is kept (s = 4096 at 8 kv heads, head_dim 64): past that the faults, linear
+// in the length, are a small part of the quadratic work, and a prefill should not leave more resident.
 WorkspaceCache& fwd_workspace() {
-  static WorkspaceCache cache(int64_t(32) << 18);  // 32 MiB in floats
+  static WorkspaceCache cache(int64_t(16) << 18);  // 16 MiB in floats
   return cache;
 }
 
