@@ -169,9 +169,33 @@ def test_backward_paths_agree(cpu_isa, monkeypatch):
         assert torch.equal(a, b)
 
 
-def test_backward_workspace_reuse(cpu_isa):
-    """The backward keeps its fp32 workspace between calls: a call after a larger one (the buffer full
-    of that call's values) and calls running at once on two threads give the same bits as alone."""
+def test_hidden_keys_get_exactly_zero(cpu_isa):
+    """The kernels' exp2 floors its result at 2^-126 (x below -126 is clamped) and the masks then select
+    exact zeros: a key hidden by the causal mask whose value is near the fp32 maximum must add nothing
+    to the queries that cannot see it (2^-126 * 3e38 would add about 3.5). Odd sizes, GQA; the
+    backward too, with dout 0 in that column (dO . V would overflow, as it would anywhere)."""
+    g = torch.Generator().manual_seed(8)
+    s, h, hkv, d = 67, 4, 2, 40
+    q, k, v = rand(1, s, h, d, gen=g), rand(1, s, hkv, d, gen=g), rand(1, s, hkv, d, gen=g)
+    v[:, -1, :, 0] = 3e38  # only the last query sees the last key
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = ops.attention(*leaves, causal=True, backend="cpu")
+    ref = attention_ref(q[:, :-1].double(), k[:, :-1].double(), v[:, :-1].double(), True)
+    assert (out[:, :-1].double() - ref).abs().max().item() < 1e-5
+    dout = rand(1, s, h, d, gen=g)
+    dout[..., 0] = 0
+    dout[:, -1] = 0
+    dq, dk, dv = torch.autograd.grad(out, leaves, dout)
+    ref_leaves = [t[:, :-1].double().requires_grad_() for t in (q, k, v)]
+    rq, rk, rv = torch.autograd.grad(attention_ref(*ref_leaves, True), ref_leaves, dout[:, :-1].double())
+    for got, want in ((dq[:, :-1], rq), (dk[:, :-1], rk), (dv[:, :-1], rv)):
+        assert (got.double() - want).abs().max().item() < 1e-4
+
+
+def test_workspace_reuse(cpu_isa):
+    """The forward and the backward keep their fp32 workspaces between calls: a call after a larger one
+    (the buffers full of that call's values) and calls running at once on two threads give the same
+    outputs and gradients, bit for bit, as alone."""
     import threading
 
     g = torch.Generator().manual_seed(7)
@@ -184,7 +208,7 @@ def test_backward_workspace_reuse(cpu_isa):
         leaves, dout, causal = c
         leaves = [t.clone().requires_grad_() for t in leaves]
         out = ops.attention(*leaves, causal=causal, backend="cpu")
-        return torch.autograd.grad(out, leaves, dout)
+        return (out.detach(), *torch.autograd.grad(out, leaves, dout))
 
     small, large = case(77, 6, 2, 40, True), case(200, 4, 4, 64, False)
     first = grads(small)
