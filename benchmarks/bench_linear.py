@@ -5,8 +5,9 @@ Providers (same process, same inputs, timed in interleaved rounds):
   cpu      plm_engine's C++ kernel (ops.linear(..., backend="cpu"))
 and, as the yardstick of a memory-bound kernel, the machine's read bandwidth measured in the same rounds:
 torch.sum over an fp32 buffer of the weight's size in bytes (the same cache level as the weight), and
-once per run over a 256 MB buffer (printed). Cases: the linear layers of SmolLM2-135M (fused qkv, o, fused gate_up, down, LM head) x rows M (the
-decode batch) x dtype. Reported per case and provider: median ms over --repeat rounds (each round a
+once per run over a 256 MB buffer (printed). Cases: the linear layers of SmolLM2-135M (fused qkv, o,
+fused gate_up, down, LM head), each alone (hot in cache), and all of one decode step in order ("step":
+its weights come from memory) x rows M (the decode batch) x dtype. Reported per case and provider: median ms over --repeat rounds (each round a
 torch.utils.benchmark median), GB/s of weights read (N * K * itemsize / time: the bandwidth a decode
 step needs), and the speedups over F.linear in the same dtype and over F.linear fp32 (the HF default),
 both measured in the same run, and bw_frac = GB/s / read_gbps (the fraction of the read bandwidth the
@@ -44,6 +45,12 @@ LAYERS = [
     ("down", 576, 1536),
     ("lm_head", 49152, 576),
 ]
+# "step": every linear layer of one SmolLM2-135M decode step (30 blocks of qkv, o, gate_up, down, then the
+# LM head), each with its own weight, called in order: 538 MB in fp32, so unlike the single layers above
+# (timed over and over, hot in L2/L3) every weight comes from memory, as in generation; its read_gbps is
+# that of memory proper.
+BLOCK_LAYERS = [lay for lay in LAYERS if lay[0] in ("qkv", "o", "gate_up", "down")]
+STEP_LAYERS = BLOCK_LAYERS * 30 + [LAYERS[-1]]
 COLUMNS = [
     "op",
     "layer",
@@ -73,12 +80,17 @@ class Case:
     dtype: str
 
     @property
+    def shapes(self) -> list[tuple[int, int]]:
+        return [(n, k) for _, n, k in STEP_LAYERS] if self.layer == "step" else [(self.n, self.k)]
+
+    @property
     def labels(self) -> dict:
-        return {"op": "linear", "layer": self.layer, "shape": f"{self.n}x{self.k}", "m": self.m, "dtype": self.dtype}
+        shape = "30x4+1" if self.layer == "step" else f"{self.n}x{self.k}"
+        return {"op": "linear", "layer": self.layer, "shape": shape, "m": self.m, "dtype": self.dtype}
 
     @property
     def weight_bytes(self) -> int:
-        return self.n * self.k * common.DTYPES[self.dtype].itemsize
+        return sum(n * k for n, k in self.shapes) * common.DTYPES[self.dtype].itemsize
 
 
 def providers(c: Case) -> list[str]:
@@ -89,21 +101,29 @@ def providers(c: Case) -> list[str]:
 
 def setup(c: Case, device: str):
     g = torch.Generator().manual_seed(0)
-    w32 = torch.randn(c.n, c.k, generator=g) * c.k**-0.5
-    x32 = torch.randn(c.m, c.k, generator=g)
-    x, w = x32.to(common.DTYPES[c.dtype]), w32.to(common.DTYPES[c.dtype])
-    ref = F.linear(x.float(), w.float())
+    dtype = common.DTYPES[c.dtype]
+    x32 = {k: torch.randn(c.m, k, generator=g) for k in sorted({k for _, k in c.shapes})}
+    w32 = [torch.randn(n, k, generator=g) * k**-0.5 for n, k in c.shapes]
+    x = {k: v.to(dtype) for k, v in x32.items()}
+    w = [t.to(dtype) for t in w32]
+    if c.dtype != "fp32":
+        del w32[:]  # _torch_fp32 makes them again: only one copy of a step's weights is kept at a time
+
+    def layers(f, xs, ws):  # the layers in order, as a decode step runs them; the outputs in one row
+        return lambda: [f(xs[t.shape[1]], t) for t in ws]
 
     def provider(p):
         if p == "_read":
             return common.Timed(torch.ones(c.weight_bytes // 4).sum)
         if p == "_torch_fp32":
-            return common.Timed(lambda: F.linear(x32, w32))
+            g32 = torch.Generator().manual_seed(0)
+            xs = {k: torch.randn(c.m, k, generator=g32) for k in x}
+            return common.Timed(layers(F.linear, xs, [torch.randn(n, k, generator=g32) * k**-0.5 for n, k in c.shapes]))
         if p == "torch":
-            return common.Timed(lambda: F.linear(x, w))
-        return common.Timed(
-            lambda: ops.linear(x, w, backend="cpu"), common.check_close(ops.linear(x, w, backend="cpu"), ref, TOLERANCE)
-        )
+            return common.Timed(layers(F.linear, x, w))
+        run = layers(lambda a, b: ops.linear(a, b, backend="cpu"), x, w)
+        ref = torch.cat(layers(lambda a, b: F.linear(a.float(), b.float()), x, w)(), dim=-1)
+        return common.Timed(run, common.check_close(torch.cat(run(), dim=-1), ref, TOLERANCE))
 
     return provider
 
@@ -126,7 +146,9 @@ def main(argv=None) -> int:
     p.add_argument(
         "--dtypes", default="bf16,fp32", help="comma list of bf16,fp32,fp16 (F.linear fp32 is always timed too)"
     )
-    p.add_argument("--layers", default=None, help="comma list of layer names (default: all; quick: o,gate_up)")
+    p.add_argument(
+        "--layers", default=None, help="comma list of layer names, or step (default: all and step; quick: o,gate_up)"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--min-time", type=float, default=0.3, help="seconds of blocked_autorange per timing")
     p.set_defaults(repeat=3, device="cpu")
@@ -141,9 +163,10 @@ def main(argv=None) -> int:
     if a.quick:
         a.min_time, a.repeat = 0.05, 1
     rows_m = [int(v) for v in common.split_list(a.rows, "1,8" if a.quick else "1,4,8,32")]
-    names = common.split_list(a.layers, "o,gate_up" if a.quick else ",".join(n for n, _, _ in LAYERS))
+    known = [n for n, _, _ in LAYERS] + ["step"]
+    names = common.split_list(a.layers, "o,gate_up" if a.quick else ",".join(known))
     layers = [
-        lay for lay in LAYERS if lay[0] in common.split_list(",".join(names), "", [n for n, _, _ in LAYERS], "layer")
+        lay for lay in LAYERS + [("step", 0, 0)] if lay[0] in common.split_list(",".join(names), "", known, "layer")
     ]
     dtypes = common.split_list(a.dtypes, "", common.DTYPES, "dtype")
     big = torch.ones(64 << 20)  # 256 MB: the bandwidth of memory proper

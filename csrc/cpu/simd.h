@@ -14,6 +14,7 @@
 //   add, sub, mul, div, min, max                 (max/min: IEEE maxps semantics, no NaN promise)
 //   fmadd(a, b, c) = a*b + c, fnmadd(a, b, c) = c - a*b, fmsub(a, b, c) = a*b - c   (fused where the ISA has FMA)
 //   neg, abs, sqrt, round (to nearest even)
+//   swap_pairs(v)                                lanes (0 1)(2 3)... exchanged: (v1, v0, v3, v2, ...)
 //   lt, le, gt, ge, eq, isnan -> M; first(n): lanes [0, n); select(m, a, b) = m ? a : b; mand, mor, any(m)
 //   sum(v), hmax(v)                              horizontal reductions (a fixed order per ISA)
 //   scale2(p, k) = p * 2^k for integral k in [-126, 127] (normal results)
@@ -98,6 +99,7 @@ struct Generic {
   static V abs(V a) { PLM_GEN_MAP(std::fabs(a.x[i])); }
   static V sqrt(V a) { PLM_GEN_MAP(std::sqrt(a.x[i])); }
   static V round(V a) { PLM_GEN_MAP(std::nearbyint(a.x[i])); }
+  static V swap_pairs(V a) { PLM_GEN_MAP(a.x[i ^ 1]); }
   static M lt(V a, V b) { PLM_GEN_CMP(a.x[i] < b.x[i]); }
   static M le(V a, V b) { PLM_GEN_CMP(a.x[i] <= b.x[i]); }
   static M gt(V a, V b) { PLM_GEN_CMP(a.x[i] > b.x[i]); }
@@ -168,6 +170,7 @@ struct Neon {
   static V neg(V a) { return vnegq_f32(a); }
   static V abs(V a) { return vabsq_f32(a); }
   static V sqrt(V a) { return vsqrtq_f32(a); }
+  static V swap_pairs(V a) { return vrev64q_f32(a); }
   static V round(V a) { return vrndnq_f32(a); }
   static M lt(V a, V b) { return vcltq_f32(a, b); }
   static M le(V a, V b) { return vcleq_f32(a, b); }
@@ -260,6 +263,7 @@ struct Avx2 {
   static V neg(V a) { return _mm256_xor_ps(a, _mm256_set1_ps(-0.f)); }
   static V abs(V a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.f), a); }
   static V sqrt(V a) { return _mm256_sqrt_ps(a); }
+  static V swap_pairs(V a) { return _mm256_permute_ps(a, 0xB1); }
   static V round(V a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   static M lt(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
   static M le(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_LE_OQ); }
@@ -378,6 +382,7 @@ struct Avx512 {
   static V neg(V a) { return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(a), _mm512_set1_epi32(INT32_MIN))); }
   static V abs(V a) { return _mm512_abs_ps(a); }
   static V sqrt(V a) { return _mm512_sqrt_ps(a); }
+  static V swap_pairs(V a) { return _mm512_permute_ps(a, 0xB1); }
   static V round(V a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   static M lt(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
   static M le(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_LE_OQ); }

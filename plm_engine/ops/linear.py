@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -119,8 +120,8 @@ def _unsupported(x: torch.Tensor, weight: torch.Tensor, rows: int, automatic: bo
 # ---- eager no-grad fast path ---------------------------------------------------------------------
 # At decode a small layer's kernel takes a few microseconds, so the generic path's Python (autocast and
 # argument checks, backends.choose, the autograd wrapper of the op) would cost several times the kernel.
-# Eager CPU calls that need no autograd, ask for no backend and pass every check below take a shorter
-# path to the same kernel; anything else (an error to report, autograd, torch.compile, autocast, CUDA,
+# Eager CPU calls that need no autograd, ask for no backend (or for "cpu": then at any row count) and
+# pass every check below take a shorter path to the same kernel; anything else (an error to report, autograd, torch.compile, autocast, CUDA,
 # PLM_ENGINE_BACKEND) takes the general path, so the results and errors are the same either way.
 _FAST: dict[tuple[str, torch.dtype], int] = {}  # (cpu_isa, dtype) -> kernel_max_rows, per ISA build
 _FAST_STATE: list = []  # [_C module, the op's CPU kernel below autograd], once prepared
@@ -138,8 +139,9 @@ def _fast_state():
     return _FAST_STATE[0]
 
 
-def _fast_linear(x, weight, bias):
-    """The kernel's output, or None where the general path must decide (or raise)."""
+def _fast_linear(x, weight, bias, forced: bool = False):
+    """The kernel's output, or None where the general path must decide (or raise). forced: backend="cpu"
+    was asked for, so the kernel runs at any row count."""
     if (
         type(weight) is not torch.Tensor
         or not weight.is_cpu
@@ -169,10 +171,13 @@ def _fast_linear(x, weight, bias):
     if state is None:
         return None
     mod, kernel = state
-    key = (mod.cpu_isa(), x.dtype)
-    limit = _FAST.get(key)
-    if limit is None:
-        limit = _FAST[key] = KERNEL_MAX_ROWS.get(key[0], {}).get(x.dtype, 0)
+    if forced:
+        limit = sys.maxsize if x.dtype in contract.KERNEL_DTYPES else 0
+    else:
+        key = (mod.cpu_isa(), x.dtype)
+        limit = _FAST.get(key)
+        if limit is None:
+            limit = _FAST[key] = KERNEL_MAX_ROWS.get(key[0], {}).get(x.dtype, 0)
     if x.dim() == 2:
         if x.shape[0] > limit or x.shape[0] == 0:
             return None
@@ -196,15 +201,15 @@ def linear(
     backend: "cpu" | "torch" | None (automatic; see plm_engine.ops.backends).
     Under torch.autocast the inputs are cast to the autocast dtype first, as F.linear would be.
     """
+    forced = backend == "cpu"
     if (
-        backend is None
+        (forced or (backend is None and not os.environ.get("PLM_ENGINE_BACKEND")))
         and type(x) is torch.Tensor
         and x.is_cpu
         and not torch.compiler.is_compiling()
         and not torch.is_autocast_enabled("cpu")
-        and not os.environ.get("PLM_ENGINE_BACKEND")
     ):
-        y = _fast_linear(x, weight, bias)
+        y = _fast_linear(x, weight, bias, forced)
         if y is not None:
             return y
     if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):

@@ -246,6 +246,12 @@ def test_automatic_choice(cpu_isa, dtype, monkeypatch):
     linear(torch.randn(limit + 1, 8, dtype=dtype), w)  # too many rows (no fast build: any rows)
     linear(torch.randn(2, 8, dtype=dtype), torch.randn(8, 16, dtype=dtype).t())  # strided W
     assert calls == []
+    # backend="cpu" runs the kernel at any row count, by the short path or the general one (grad).
+    if HAVE_KERNEL[0]:
+        x = torch.randn(limit + 1, 8, dtype=dtype)
+        assert torch.equal(linear(x, w, backend="cpu"), real_op(x, w, None))
+        linear(x.requires_grad_(), w, backend="cpu")
+        assert calls == [1, 1]
 
 
 def test_automatic_choice_fp64_and_cuda():
@@ -281,12 +287,13 @@ def test_autocast_casts_like_f_linear(dtype):
 
 
 def test_eager_fast_path_is_the_general_path():
-    """The eager no-grad shortcut of ops.linear gives the bits of the general path (backend="cpu"), and
-    autograd, vmap and a dispatch mode still see the op."""
+    """The eager no-grad shortcut of ops.linear gives the bits of the general path (the op through its
+    autograd wrapper), and autograd, vmap and a dispatch mode still see the op."""
     if not HAVE_KERNEL[0] or kernel_max_rows(torch.float32) < 3:
         pytest.skip("the automatic choice does not take the kernel here")
     x, w, b = make((3, 40), torch.float32, 0), make((7, 40), torch.float32, 1), make((7,), torch.float32, 2)
-    ref = linear(x, w, b, backend="cpu")
+    ref = importlib.import_module("plm_engine.ops.linear").linear_op()(x, w, b)
+    assert torch.equal(linear(x, w, b, backend="cpu"), ref)
     for grad in (False, True):
         with torch.set_grad_enabled(grad):
             assert torch.equal(linear(x, w, b), ref)
