@@ -175,9 +175,10 @@ def _fast_linear(x, weight, bias, forced: bool = False):
         limit = sys.maxsize if x.dtype in contract.KERNEL_DTYPES else 0
     else:
         key = (mod.cpu_isa(), x.dtype)
-        limit = _FAST.get(key)
-        if limit is None:
-            limit = _FAST[key] = KERNEL_MAX_ROWS.get(key[0], {}).get(x.dtype, 0)
+        cached = _FAST.get(key)
+        if cached is None:
+            cached = _FAST[key] = KERNEL_MAX_ROWS.get(key[0], {}).get(x.dtype, 0)
+        limit = cached
     if x.dim() == 2:
         if x.shape[0] > limit or x.shape[0] == 0:
             return None
