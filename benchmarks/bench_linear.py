@@ -7,11 +7,11 @@ and, as the yardstick of a memory-bound kernel, the machine's read bandwidth mea
 torch.sum over an fp32 buffer of the weight's size in bytes (the same cache level as the weight), and
 once per run over a 256 MB buffer (printed). Cases: the linear layers of SmolLM2-135M (fused qkv, o,
 fused gate_up, down, LM head), each alone (hot in cache), and all of one decode step in order ("step":
-its weights come from memory) x rows M (the decode batch) x dtype. Reported per case and provider: median ms over --repeat rounds (each round a
-torch.utils.benchmark median), GB/s of weights read (N * K * itemsize / time: the bandwidth a decode
-step needs), and the speedups over F.linear in the same dtype and over F.linear fp32 (the HF default),
-both measured in the same run, and bw_frac = GB/s / read_gbps (the fraction of the read bandwidth the
-kernel reaches). Rows are appended to <out-dir>/linear.csv.
+its weights come from memory) x rows M (the decode batch) x dtype. Reported per case and provider:
+median ms over --repeat rounds (each round a torch.utils.benchmark median), GB/s of weights read
+(N * K * itemsize / time: the bandwidth a decode step needs), and the speedups over F.linear in the same
+dtype and over F.linear fp32 (the HF default), both measured in the same run, and bw_frac = GB/s /
+read_gbps (the fraction of the read bandwidth the kernel reaches). Rows are appended to <out-dir>/linear.csv.
 
     python benchmarks/bench_linear.py                         # 2 threads (torch default here)
     python benchmarks/bench_linear.py --threads 1             # single-thread numbers

@@ -121,8 +121,9 @@ def _unsupported(x: torch.Tensor, weight: torch.Tensor, rows: int, automatic: bo
 # At decode a small layer's kernel takes a few microseconds, so the generic path's Python (autocast and
 # argument checks, backends.choose, the autograd wrapper of the op) would cost several times the kernel.
 # Eager CPU calls that need no autograd, ask for no backend (or for "cpu": then at any row count) and
-# pass every check below take a shorter path to the same kernel; anything else (an error to report, autograd, torch.compile, autocast, CUDA,
-# PLM_ENGINE_BACKEND) takes the general path, so the results and errors are the same either way.
+# pass every check below take a shorter path to the same kernel; anything else (an error to report,
+# autograd, torch.compile, autocast, CUDA, PLM_ENGINE_BACKEND) takes the general path, so the results
+# and errors are the same either way.
 _FAST: dict[tuple[str, torch.dtype], int] = {}  # (cpu_isa, dtype) -> kernel_max_rows, per ISA build
 _FAST_STATE: list = []  # [_C module, the op's CPU kernel below autograd], once prepared
 
@@ -175,10 +176,9 @@ def _fast_linear(x, weight, bias, forced: bool = False):
         limit = sys.maxsize if x.dtype in contract.KERNEL_DTYPES else 0
     else:
         key = (mod.cpu_isa(), x.dtype)
-        cached = _FAST.get(key)
-        if cached is None:
-            cached = _FAST[key] = KERNEL_MAX_ROWS.get(key[0], {}).get(x.dtype, 0)
-        limit = cached
+        if key not in _FAST:
+            _FAST[key] = KERNEL_MAX_ROWS.get(key[0], {}).get(x.dtype, 0)
+        limit = _FAST[key]
     if x.dim() == 2:
         if x.shape[0] > limit or x.shape[0] == 0:
             return None
