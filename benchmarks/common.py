@@ -156,11 +156,15 @@ def env_info(device: str) -> dict:
 
 
 def time_cpu_ms(fn: Callable[[], object], min_run_time: float = 1.0) -> float:
-    """Median ms per call of fn(), from torch.utils.benchmark's blocked_autorange."""
+    """Median ms per call of fn() with torch's current thread count, from torch.utils.benchmark's
+    blocked_autorange."""
     from torch.utils.benchmark import Timer
 
     fn()  # warm-up: first-call costs (lazy init, allocator) are not the kernel's
-    m = Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    # Timer runs fn on ONE thread unless told otherwise (its num_threads defaults to 1, whatever
+    # torch.set_num_threads says): pass the count the run records in its "threads" column.
+    timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    m = timer.blocked_autorange(min_run_time=min_run_time)
     return m.median * 1e3
 
 
