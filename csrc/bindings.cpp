@@ -22,6 +22,7 @@
 
 #include "cpu/decode_step.h"
 #include "cpu/isa.h"
+#include "cpu/kernels.h"
 #include "ops.h"
 
 namespace {
@@ -56,5 +57,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa_supported", []() { return std::string(plm_engine::cpu::isa_name(plm_engine::cpu::cpu_isa_supported())); },
         "the best instruction set this CPU supports for the CPU kernels");
   m.def("set_cpu_isa", &plm_engine::cpu::set_cpu_isa, "caps the CPU kernels' instruction set (or 'best')");
+  // plm_engine.ops.linear's eager short path: the registered CPU kernel through its typed handle
+  // (cpu/kernels.h), which costs about half of a Python-side redispatch of the op: at decode that is
+  // a sizeable part of a small layer.
+  m.def("linear_fwd", &plm_engine::cpu_kernels::linear_fwd, "the linear_fwd op's CPU kernel (no autograd)",
+        pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias") = pybind11::none());
   plm_engine::bind_decode_step(m);  // DecodeStep: the native CPU decode step (cpu/decode_step.cpp)
 }

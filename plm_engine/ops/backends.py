@@ -132,6 +132,19 @@ def prepare(op: str, backend: str) -> bool:
     return True
 
 
+# os.environ's own dict of encoded names (POSIX): a lookup there costs a tenth of os.environ.get, which
+# encodes the name on every call, and it sees every change made through os.environ.
+_ENVIRON: dict[bytes, bytes] | None = getattr(os.environ, "_data", None) if os.name == "posix" else None
+
+
+def env_backend_set() -> bool:
+    """Whether PLM_ENGINE_BACKEND is set to a non-empty value: the per-call test of the ops' eager short
+    paths (read at every call, as users and tests may set it at run time)."""
+    if _ENVIRON is not None:
+        return bool(_ENVIRON.get(b"PLM_ENGINE_BACKEND"))
+    return bool(os.environ.get("PLM_ENGINE_BACKEND"))
+
+
 def requested(backend: str | None) -> str | None:
     """The explicit request of a call, else of PLM_ENGINE_BACKEND, else None (automatic)."""
     name = backend if backend is not None else os.environ.get("PLM_ENGINE_BACKEND") or None

@@ -18,7 +18,6 @@ runs it for any shape.
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 
 import torch
@@ -125,7 +124,7 @@ def _unsupported(x: torch.Tensor, weight: torch.Tensor, rows: int, automatic: bo
 # autograd, torch.compile, autocast, CUDA, PLM_ENGINE_BACKEND) takes the general path, so the results
 # and errors are the same either way.
 _FAST: dict[tuple[str, torch.dtype], int] = {}  # (cpu_isa, dtype) -> kernel_max_rows, per ISA build
-_FAST_STATE: list = []  # [_C module, the op's CPU kernel below autograd], once prepared
+_FAST_STATE: list = []  # [(_C module, _C.linear_fwd: the op's CPU kernel below autograd)], once prepared
 
 
 def _fast_state():
@@ -134,9 +133,8 @@ def _fast_state():
         if mod is None or not extension.has_kernel("linear_fwd", "CPU"):
             _FAST_STATE.append(None)
         else:
-            op = linear_op()
-            keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
-            _FAST_STATE.append((mod, lambda x, w, b: op.redispatch(keys, x, w, b)))
+            linear_op()  # registers the op's fake and autograd impls, as the general path would
+            _FAST_STATE.append((mod, mod.linear_fwd))
     return _FAST_STATE[0]
 
 
@@ -168,7 +166,7 @@ def _fast_linear(x, weight, bias, forced: bool = False):
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     ):
         return None
-    state = _fast_state()
+    state = _FAST_STATE[0] if _FAST_STATE else _fast_state()
     if state is None:
         return None
     mod, kernel = state
@@ -204,10 +202,10 @@ def linear(
     """
     forced = backend == "cpu"
     if (
-        (forced or (backend is None and not os.environ.get("PLM_ENGINE_BACKEND")))
-        and type(x) is torch.Tensor
+        type(x) is torch.Tensor
         and x.is_cpu
         and not torch.compiler.is_compiling()
+        and (forced or (backend is None and not backends.env_backend_set()))
         and not torch.is_autocast_enabled("cpu")
     ):
         y = _fast_linear(x, weight, bias, forced)
