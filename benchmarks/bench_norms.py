@@ -114,7 +114,10 @@ def cases(a) -> list[Case]:
     shapes = common.parse_shapes(a.shapes) if a.shapes else SHAPES[(dev, a.quick)]
     dtypes = common.split_list(a.dtypes, DEFAULT_DTYPES[dev], common.DTYPES, "dtype")
     # Shapes outermost, most telling first: a run cut short by --time-budget still has the main cases.
-    axes = itertools.product(shapes, dtypes, a.ops.split(","), a.variants.split(","), a.modes.split(","))
+    ops_ = common.split_list(a.ops, "", ("layer", "rms"), "op")
+    variants = common.split_list(a.variants, "", ("plain", "residual"), "variant")
+    modes = common.split_list(a.modes, "", ("fwd", "fwd_bwd"), "mode")
+    axes = itertools.product(shapes, dtypes, ops_, variants, modes)
     return [Case(f"{op}_norm", variant, mode, dt, shape) for shape, dt, op, variant, mode in axes]
 
 
@@ -122,8 +125,8 @@ def main(argv=None) -> int:
     p = common.parser(
         "norms", __doc__, dtypes="fp32,bf16 on CPU, bf16,fp16,fp32 on CUDA", modes="fwd,fwd_bwd", shapes="ROWSxHIDDEN"
     )
-    p.add_argument("--ops", default="layer,rms")
-    p.add_argument("--variants", default="plain,residual")
+    p.add_argument("--ops", default="layer,rms", help="comma list of layer,rms")
+    p.add_argument("--variants", default="plain,residual", help="comma list of plain,residual")
     a = p.parse_args(argv)
     return common.run("norms", a, cases(a), setup, op="norm_fwd", columns=COLUMNS, bytes_moved=norm_bytes)
 
