@@ -11,7 +11,8 @@ its weights come from memory) x rows M (the decode batch) x dtype. Reported per 
 median ms over --repeat rounds (each round a torch.utils.benchmark median), GB/s of weights read
 (N * K * itemsize / time: the bandwidth a decode step needs), and the speedups over F.linear in the same
 dtype and over F.linear fp32 (the HF default), both measured in the same run, and bw_frac, the fraction
-of the read bandwidth the kernel reaches: the median over rounds of GB/s / read GB/s in that round. Rows are appended to <out-dir>/linear.csv.
+of the read bandwidth the kernel reaches: the median over rounds of GB/s / read GB/s in that round.
+Rows are appended to <out-dir>/linear.csv.
 
     python benchmarks/bench_linear.py                         # 2 threads (torch default here)
     python benchmarks/bench_linear.py --threads 1             # single-thread numbers

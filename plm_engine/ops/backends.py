@@ -139,7 +139,8 @@ _ENVIRON: dict[bytes, bytes] | None = getattr(os.environ, "_data", None) if os.n
 
 def env_backend_set() -> bool:
     """Whether PLM_ENGINE_BACKEND is set to a non-empty value: the per-call test of the ops' eager short
-    paths (read at every call, as users and tests may set it at run time)."""
+    paths (read at every call, as users and tests may set it at run time). requested() keeps
+    os.environ.get: torch.compile traces it, and Dynamo knows os.environ, not its private dict."""
     if _ENVIRON is not None:
         return bool(_ENVIRON.get(b"PLM_ENGINE_BACKEND"))
     return bool(os.environ.get("PLM_ENGINE_BACKEND"))

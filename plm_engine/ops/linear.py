@@ -30,9 +30,10 @@ from plm_engine.ops.reference import GGUF_BLOCKS, dequantize_gguf_ref
 # Per ISA of the C++ kernel (cpu_kernel_isa()) and dtype: the largest row count M (x's leading dims
 # multiplied) for which the automatic choice takes the kernel; F.linear beyond. The limit is where one
 # decode step's linear layers (SmolLM2-135M's) stop taking clearly less time with the kernel than with
-# F.linear, in benchmarks/bench_linear.py; how it was measured, and on what CPU, is in
-# benchmarks/results/NOTES.md (or, past 64 rows, where single layers stop). "avx512" and "avx512_bf16" run the same fp32 and fp16 code; their bf16
-# differs (W widened + FMA, or VDPBF16PS). The generic build is never chosen automatically.
+# F.linear (past 64 rows: where single layers stop), in benchmarks/bench_linear.py; how it was measured,
+# and on what CPU, is in benchmarks/results/NOTES.md. "avx512" and "avx512_bf16" run the same fp32 and
+# fp16 code; their bf16 differs (W widened + FMA, or VDPBF16PS). The generic build is never chosen
+# automatically.
 KERNEL_MAX_ROWS = {
     "avx2": {torch.float32: 32, torch.bfloat16: 256, torch.float16: 256},
     "avx512": {torch.float32: 16, torch.bfloat16: 4, torch.float16: 8},
