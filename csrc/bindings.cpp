@@ -20,6 +20,7 @@
 // ops.h lists the families and their files.
 #include <torch/extension.h>
 
+#include "common/cpu_memory.h"
 #include "cpu/decode_step.h"
 #include "cpu/isa.h"
 #include "cpu/kernels.h"
@@ -56,6 +57,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the instruction set the CPU kernels run with now");
   m.def("cpu_isa_supported", []() { return std::string(plm_engine::cpu::isa_name(plm_engine::cpu::cpu_isa_supported())); },
         "the best instruction set this CPU supports for the CPU kernels");
+  m.def("cpu_huge_pages", []() { return plm_engine::cpu::huge_pages().why; },
+        "whether large fresh CPU outputs get the transparent-huge-page hint, and why");
   m.def("set_cpu_isa", &plm_engine::cpu::set_cpu_isa, "caps the CPU kernels' instruction set (or 'best')");
   // plm_engine.ops.linear's eager short path: the registered CPU kernel through its typed handle
   // (cpu/kernels.h), which costs about half of a Python-side redispatch of the op: at decode that is

@@ -49,6 +49,7 @@ def _extension_info() -> dict:
         "cuda_ops": mod.cuda_built(),
         "cuda_archs": mod.cuda_archs() or None,
         "openmp_threads": mod.openmp_threads(),
+        "cpu_huge_pages": mod.cpu_huge_pages(),
         "cpu_isa": extension.cpu_isa(),
         "cpu_isa_supported": extension.cpu_isa_supported(),
         "cpu_family_isa": extension.cpu_family_isas(),
@@ -111,7 +112,7 @@ def format_text(info: dict) -> str:
         lines.append(f"_C          {ext['path']}")
         lines.append(
             f"            CPU ops: {'yes' if ext['cpu_ops'] else 'no'}; CUDA ops: {cuda};"
-            f" OpenMP threads {ext['openmp_threads']}"
+            f" OpenMP threads {ext['openmp_threads']}; huge-page hint {ext['cpu_huge_pages']}"
         )
         lines.append(
             f"cpu kernels {ext['cpu_isa']} (best here: {ext['cpu_isa_supported']}; PLM_ENGINE_CPU_ISA caps it): "

@@ -8,12 +8,16 @@
 // It is only a hint: no effect when THP is "never", and it changes no data. It is what PyTorch's
 // THP_MEM_ALLOC_ENABLE=1 does for every allocation; here it applies to our large outputs only.
 // Smaller buffers are mostly reused heap memory, where the hint measured slower.
-// PLM_ENGINE_CPU_HUGEPAGES=0 turns it off.
+// Not in a VM whose balloon reports free memory to the host (virtio-balloon free page reporting):
+// the host takes back free 2 MiB blocks, exactly what a huge-page fault allocates next, so the first
+// touch faults on the host as well and the hint turns into a gamble of 0.3x to 1.5x (NOTES.md).
+// PLM_ENGINE_CPU_HUGEPAGES=0 turns the hint off, =1 on whatever the balloon does.
 #pragma once
 #include <torch/types.h>
 
 #include <cstdint>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <string>
 
@@ -26,19 +30,48 @@ namespace cpu {
 
 constexpr int64_t kHugePageMinBytes = int64_t{32} << 20;
 
-// Whether large fresh outputs get the hint: the kernel honours MADV_HUGEPAGE (THP mode "always" or
-// "madvise", not "never") and PLM_ENGINE_CPU_HUGEPAGES=0 did not switch it off.
-inline bool huge_pages_enabled() {
-  static const bool on = [] {
+// Whether a virtio-balloon device (virtio device id 5) has negotiated free page reporting (feature
+// bit 5, VIRTIO_BALLOON_F_REPORTING): sysfs lists a device's negotiated features as a string of 0/1,
+// bit 0 first.
+inline bool balloon_reports_free_pages() {
+  std::error_code ec;  // no sysfs, or no virtio bus: no balloon (the error_code overloads never throw)
+  for (std::filesystem::directory_iterator it("/sys/bus/virtio/devices", ec), end; !ec && it != end;
+       it.increment(ec)) {
+    std::ifstream id(it->path() / "device"), features(it->path() / "features");
+    std::string device, bits;
+    std::getline(id, device);
+    std::getline(features, bits);
+    if (device == "0x0005" && bits.size() > 5 && bits[5] == '1') return true;
+  }
+  return false;
+}
+
+// Whether large fresh outputs get the hint, and why: PLM_ENGINE_CPU_HUGEPAGES=0 / 1 if set; otherwise
+// when the kernel honours MADV_HUGEPAGE (THP mode "always" or "madvise", not "never") and no balloon
+// hands free memory back to the host. `plm-engine info` prints the reason.
+struct HugePages {
+  bool on;
+  std::string why;
+};
+
+inline const HugePages& huge_pages() {
+  static const HugePages hp = []() -> HugePages {
     const char* env = std::getenv("PLM_ENGINE_CPU_HUGEPAGES");
-    if (env != nullptr && std::string(env) == "0") return false;
     std::ifstream f("/sys/kernel/mm/transparent_hugepage/enabled");
     std::string mode;
     std::getline(f, mode);
-    return !mode.empty() && mode.find("[never]") == std::string::npos;
+    const bool thp = !mode.empty() && mode.find("[never]") == std::string::npos;
+    if (env != nullptr && std::string(env) == "0") return {false, "off (PLM_ENGINE_CPU_HUGEPAGES=0)"};
+    if (!thp) return {false, "off (transparent huge pages unavailable or 'never')"};
+    if (env != nullptr && std::string(env) == "1") return {true, "on (PLM_ENGINE_CPU_HUGEPAGES=1)"};
+    if (balloon_reports_free_pages())
+      return {false, "off (virtio-balloon free page reporting; PLM_ENGINE_CPU_HUGEPAGES=1 forces it)"};
+    return {true, "on"};
   }();
-  return on;
+  return hp;
 }
+
+inline bool huge_pages_enabled() { return huge_pages().on; }
 
 inline void advise_huge_pages(const at::Tensor& out) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
