@@ -9,8 +9,8 @@
 //    at a time (MR * NR accumulators: 8 on AVX2's 16 registers, 16 on AVX-512's and NEON's 32; an
 //    8 x 1 tile on AVX2 takes its x operands straight from L1). The first tile
 //    pulls the block from memory, the others find it in L1/L2; x (at most a few hundred KB) stays in
-//    L2 for the whole call. For rows of up to 4 KB, the tiles of a block also prefetch the next block's
-//    weights (Prefetch).
+//    L2 for the whole call. The tiles of a block also prefetch the next block's weights (Prefetch;
+//    for rows over 4 KB only from M = 2, where the hardware prefetcher alone falls behind).
 //  - Every output is a Vec::W-lane FMA dot product in a fixed K order reduced by one fixed tree
 //    (linear_kernels.inc). Missing weight rows in the last block are padded with a repeated row and
 //    their outputs dropped, so every output sees the same K loop and the same reduction whatever M, the
@@ -80,28 +80,32 @@ constexpr int kWideTileRows = 8; // 16-bit W, 5..8 rows of x: one tile of 8 (row
 struct Prefetch {
   const char* p = nullptr;
   const char* end = nullptr;
-  int64_t lines = 0;  // cache lines per K step
+  int64_t rate = 0;  // cache lines per K step, in 1/65536 (a block's lines need not divide its steps)
+  int64_t due = 0;   // lines owed so far, in 1/65536
   inline void step() {
-    for (int64_t i = 0; i < lines && p < end; ++i, p += 64) __builtin_prefetch(p, 0, 2);
+    for (due += rate; due >= 65536 && p < end; due -= 65536, p += 64) __builtin_prefetch(p, 0, 2);
   }
 };
 
-// The Prefetch of each block of one call: `steps` K steps per block (all its tiles together).
+// The Prefetch of each block of one call: `steps` K steps per block (all its tiles together), M rows
+// of x.
 template <typename T>
 struct Prefetcher {
   const char* w;
   const char* w_end;
-  int64_t block_bytes, lines_per_step;
+  int64_t block_bytes, rate;
   bool on;
-  Prefetcher(const T* w_, int64_t N, int64_t K, int64_t steps)
+  Prefetcher(const T* w_, int64_t N, int64_t K, int64_t steps, int64_t M)
       : w(reinterpret_cast<const char*>(w_)),
         w_end(reinterpret_cast<const char*>(w_ + N * K)),
         block_bytes(kBlockN * K * static_cast<int64_t>(sizeof(T))),
-        // Rows longer than 4 KB are long enough streams for the hardware prefetcher; software prefetch
-        // of them measured slower.
-        on(K * static_cast<int64_t>(sizeof(T)) <= 4096) {
-    lines_per_step = std::max<int64_t>(1, ((block_bytes + 63) / 64 + std::max<int64_t>(steps, 1) - 1) /
-                                              std::max<int64_t>(steps, 1));
+        // Rows longer than 4 KB are long enough streams for the hardware prefetcher while a block's
+        // compute is light (M = 1: software prefetch measured 2-4% slower there); from M = 2 the block
+        // computes long enough that it falls behind (software prefetch measured 3-20% faster).
+        on(M >= 2 || K * static_cast<int64_t>(sizeof(T)) <= 4096) {
+    // Every line of the next block exactly once over the current block's steps: prefetching only part
+    // of it, or all of it in the first part of the steps, measured slower.
+    rate = ((block_bytes + 63) / 64 * 65536 + std::max<int64_t>(steps, 1) - 1) / std::max<int64_t>(steps, 1);
   }
   Prefetch next_block(int64_t n0) const {
     Prefetch pf;
@@ -109,7 +113,7 @@ struct Prefetcher {
     if (on && p < w_end) {
       pf.p = p;
       pf.end = std::min(w_end, p + block_bytes);
-      pf.lines = lines_per_step;
+      pf.rate = rate;
     }
     return pf;
   }
@@ -237,7 +241,7 @@ void linear_blocks(const c10::BFloat16* x, const c10::BFloat16* w, const float* 
                    int64_t M, int64_t N, int64_t K, int64_t b_begin, int64_t b_end) {
   const int64_t r = M % 4;
   const int64_t tiles = (M / 4) * (kBlockN / 4) + (r == 3 ? 4 : r == 2 ? 2 : r == 1 ? 1 : 0);
-  const Prefetcher pfr(w, N, K, tiles * ((K + 31) / 32));
+  const Prefetcher pfr(w, N, K, tiles * ((K + 31) / 32), M);
   for (int64_t b = b_begin; b < b_end; ++b) {
     const int64_t n0 = b * kBlockN, nb = std::min(kBlockN, N - n0);
     Prefetch pf = pfr.next_block(n0);
