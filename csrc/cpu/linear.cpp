@@ -4,10 +4,10 @@
 // At decode M is 1..32 and the time is spent reading W, so the kernel reads W exactly once per call:
 //  - N is cut into blocks of kBlockN = 16 weight rows; OpenMP (at::parallel_for, static contiguous
 //    ranges) spreads whole blocks over the threads.
-//  - Within a block, every tile of MR rows of x (M <= 4: one tile of M; 16-bit weights and 5..8 rows:
-//    one tile of 8, the rows past M repeating row M - 1; otherwise tiles of 4, then 1..3) is multiplied by the block, NR weight rows
-//    at a time (MR * NR accumulators: 8 on AVX2's 16 registers, 16 on AVX-512's and NEON's 32; an
-//    8 x 1 tile on AVX2 takes its x operands straight from L1). The first tile
+//  - Within a block, every tile of MR rows of x (M <= 4: one tile of M; 16-bit weights and 5..8 rows
+//    on the 32-register builds: one tile of 8, the rows past M repeating row M - 1; otherwise tiles of
+//    4, then 1..3) is multiplied by the block, NR weight rows at a time (MR * NR accumulators: up to
+//    12 on AVX2's 16 registers, 16 on AVX-512's and NEON's 32; linear_kernels.inc). The first tile
 //    pulls the block from memory, the others find it in L1/L2; x (at most a few hundred KB) stays in
 //    L2 for the whole call. The tiles of a block also prefetch the next block's weights (Prefetch;
 //    for rows over 4 KB only from M = 2, where the hardware prefetcher alone falls behind).
