@@ -60,10 +60,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_huge_pages", []() { return plm_engine::cpu::huge_pages().why; },
         "whether large fresh CPU outputs get the transparent-huge-page hint, and why");
   m.def("set_cpu_isa", &plm_engine::cpu::set_cpu_isa, "caps the CPU kernels' instruction set (or 'best')");
-  // plm_engine.ops.linear's eager short path: the registered CPU kernel through its typed handle
-  // (cpu/kernels.h), which costs about half of a Python-side redispatch of the op: at decode that is
-  // a sizeable part of a small layer.
-  m.def("linear_fwd", &plm_engine::cpu_kernels::linear_fwd, "the linear_fwd op's CPU kernel (no autograd)",
-        pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias") = pybind11::none());
+  // The ops' eager CPU short path (plm_engine.ops.backends.eager_cpu_kernel): the registered CPU kernels
+  // through their typed handles (cpu/kernels.h), which cost about half of a Python-side redispatch of
+  // the op: for a small tensor that is a sizeable part of the call.
+  namespace k = plm_engine::cpu_kernels;
+  m.def("linear_fwd", &k::linear_fwd, "the linear_fwd op's CPU kernel (no autograd)", pybind11::arg("x"),
+        pybind11::arg("weight"), pybind11::arg("bias") = pybind11::none());
+  m.def("norm_fwd", &k::norm_fwd, "the norm_fwd op's CPU kernel (no autograd)");
+  m.def("softmax_fwd", &k::softmax_fwd, "the softmax_fwd op's CPU kernel (no autograd)");
+  m.def("swiglu_fwd", &k::swiglu_fwd, "the swiglu_fwd op's CPU kernel (no autograd)");
+  m.def("gelu_fwd", &k::gelu_fwd, "the gelu_fwd op's CPU kernel (no autograd)");
   plm_engine::bind_decode_step(m);  // DecodeStep: the native CPU decode step (cpu/decode_step.cpp)
 }

@@ -70,6 +70,11 @@ Tensor gelu_fwd(const Tensor& x, const std::string& approximate) {
   PLM_CPU_KERNEL_CALL(gelu_fwd, Fn, x, approximate);
 }
 
+Tensor softmax_fwd(const Tensor& x, double scale, bool causal) {
+  using Fn = Tensor(const Tensor&, double, bool);
+  PLM_CPU_KERNEL_CALL(softmax_fwd, Fn, x, scale, causal);
+}
+
 #undef PLM_CPU_KERNEL_CALL
 
 }  // namespace cpu_kernels

@@ -38,6 +38,8 @@ Tensor paged_attn(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
 // activations.h
 Tensor swiglu_fwd(const Tensor& gate, const Tensor& up);
 Tensor gelu_fwd(const Tensor& x, const std::string& approximate);
+// softmax.h: x (batch, sq, sk) contiguous.
+Tensor softmax_fwd(const Tensor& x, double scale, bool causal);
 
 }  // namespace cpu_kernels
 }  // namespace plm_engine

@@ -65,10 +65,14 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) 
     """
     _check_tensor("swiglu: gate", gate)
     _check_tensor("swiglu: up", up, like=gate)
-    chosen = backends.choose(gate.device, "swiglu_fwd", backend, _unsupported(gate))
-    if chosen == "torch":
-        return swiglu_ref(gate, up)
-    fwd = fused_ops(chosen)[0]
+    fwd = None
+    if (backend is None or backend == "cpu") and gate.dtype in contract.KERNEL_DTYPES:
+        fwd = backends.eager_cpu_kernel("swiglu_fwd", backend, gate, up)  # the eager short path
+    if fwd is None:
+        chosen = backends.choose(gate.device, "swiglu_fwd", backend, _unsupported(gate))
+        if chosen == "torch":
+            return swiglu_ref(gate, up)
+        fwd = fused_ops(chosen)[0]
     return fwd(_rows(gate), _rows(up)).view(gate.shape)
 
 
@@ -78,8 +82,12 @@ def gelu(x: torch.Tensor, approximate: str = "none", *, backend: str | None = No
     _check_tensor("gelu: x", x)
     if approximate not in contract.GELU_APPROXIMATIONS:
         raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
-    chosen = backends.choose(x.device, "gelu_fwd", backend, _unsupported(x))
-    if chosen == "torch":
-        return gelu_ref(x, approximate)
-    fwd = fused_ops(chosen)[2]
+    fwd = None
+    if (backend is None or backend == "cpu") and x.dtype in contract.KERNEL_DTYPES:
+        fwd = backends.eager_cpu_kernel("gelu_fwd", backend, x)  # the eager short path
+    if fwd is None:
+        chosen = backends.choose(x.device, "gelu_fwd", backend, _unsupported(x))
+        if chosen == "torch":
+            return gelu_ref(x, approximate)
+        fwd = fused_ops(chosen)[2]
     return fwd(_rows(x), approximate).view(x.shape)

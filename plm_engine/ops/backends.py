@@ -186,3 +186,49 @@ def choose(device: torch.device, op: str, backend: str | None = None, unsupporte
 def usable_backends(device: torch.device, op: str) -> list[str]:
     """Every backend that can run `op` on `device` now, in automatic order first."""
     return [b for b in BACKENDS if availability(b, device, op)[0]]
+
+
+# ---- the eager CPU short path ----------------------------------------------------------------------
+# A small tensor's CPU kernel takes microseconds, and the general path around it (backends.choose, the
+# op's Python autograd wrapper, the dispatcher) cost several times that, and several times what eager
+# PyTorch's own call costs (NOTES.md, "The eager CPU short path"). An eager call on CPU tensors that needs no autograd and asks for no other backend may
+# call the op's registered CPU kernel through plm_engine._C's typed handle (csrc/cpu/kernels.h) instead:
+# the same kernel on the same arguments, so the same bits. Anything else (autograd, torch.compile,
+# autocast, a dispatch mode or functorch transform, PLM_ENGINE_BACKEND, another backend) takes the
+# general path, which also reports every error: an op validates its arguments before asking.
+_CPU_KERNELS: dict[str, Callable | None] = {}
+# The tensor types the short path takes: plain tensors and nn.Parameter (a model's weights), whose
+# __torch_function__ is disabled; any other subclass may override ops and takes the general path.
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def _cpu_kernel(op: str) -> Callable | None:
+    if op not in _CPU_KERNELS:
+        mod = extension.load()[0]
+        kernel = getattr(mod, op, None) if mod is not None and extension.has_kernel(op, "CPU") else None
+        if kernel is not None:
+            prepare(op, "cpu")  # the op's fake and autograd impls, registered as the general path would
+        _CPU_KERNELS[op] = kernel
+    return _CPU_KERNELS[op]
+
+
+def eager_cpu_kernel(op: str, backend: str | None, *tensors: torch.Tensor | None) -> Callable | None:
+    """The CPU kernel of `op` (a plm_engine._C function taking the op's arguments), when this call, on
+    `tensors` (None for an absent optional), may skip the general path; else None. The caller has
+    validated the arguments and checked that the kernel supports them (dtype, shape)."""
+    if backend is None:
+        if env_backend_set():
+            return None
+    elif backend != "cpu":
+        return None
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (type(t) not in _PLAIN_TENSORS or not t.is_cpu or (grad and t.requires_grad)):
+            return None
+    if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
+        return None
+    # A dispatch mode (FakeTensorMode, make_fx, FlopCounterMode) or a functorch transform (vmap, grad)
+    # must see the op itself: the kernel below autograd would bypass them.
+    if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
+        return None
+    return _CPU_KERNELS[op] if op in _CPU_KERNELS else _cpu_kernel(op)

@@ -120,63 +120,33 @@ def _unsupported(x: torch.Tensor, weight: torch.Tensor, rows: int, automatic: bo
 # ---- eager no-grad fast path ---------------------------------------------------------------------
 # At decode a small layer's kernel takes a few microseconds, so the generic path's Python (autocast and
 # argument checks, backends.choose, the autograd wrapper of the op) would cost several times the kernel.
-# Eager CPU calls that need no autograd, ask for no backend (or for "cpu": then at any row count) and
-# pass every check below take a shorter path to the same kernel; anything else (an error to report,
-# autograd, torch.compile, autocast, CUDA, PLM_ENGINE_BACKEND) takes the general path, so the results
-# and errors are the same either way.
+# Eager CPU calls that backends.eager_cpu_kernel lets through (no autograd, no other backend asked for;
+# backend="cpu" runs the kernel at any row count) and that pass every check below call the same kernel
+# directly; anything else takes the general path, so the results and errors are the same either way.
 _FAST: dict[tuple[str, torch.dtype], int] = {}  # (cpu_isa, dtype) -> kernel_max_rows, per ISA build
-_FAST_STATE: list = []  # [(_C module, _C.linear_fwd: the op's CPU kernel below autograd)], once prepared
 
 
-def _fast_state():
-    if not _FAST_STATE:
-        mod = extension.load()[0]
-        if mod is None or not extension.has_kernel("linear_fwd", "CPU"):
-            _FAST_STATE.append(None)
-        else:
-            linear_op()  # registers the op's fake and autograd impls, as the general path would
-            _FAST_STATE.append((mod, mod.linear_fwd))
-    return _FAST_STATE[0]
-
-
-def _fast_linear(x, weight, bias, forced: bool = False):
-    """The kernel's output, or None where the general path must decide (or raise). forced: backend="cpu"
-    was asked for, so the kernel runs at any row count."""
+def _fast_linear(x, weight, bias, forced: bool):
+    """The kernel's output, or None where the general path must decide (or raise)."""
     if (
-        type(weight) is not torch.Tensor
-        or not weight.is_cpu
-        or weight.dtype is not x.dtype
+        weight.dtype is not x.dtype
         or weight.dim() != 2
         or x.dim() == 0
         or x.shape[-1] != weight.shape[1]
         or not weight.is_contiguous()
+        or (bias is not None and (bias.dtype is not x.dtype or bias.shape != (weight.shape[0],)))
     ):
         return None
-    if bias is not None and (
-        type(bias) is not torch.Tensor
-        or not bias.is_cpu
-        or bias.dtype is not x.dtype
-        or bias.shape != (weight.shape[0],)
-    ):
+    kernel = backends.eager_cpu_kernel("linear_fwd", "cpu" if forced else None, x, weight, bias)
+    if kernel is None:
         return None
-    # A dispatch mode (FakeTensorMode, make_fx, FlopCounterMode) or a functorch transform (vmap, grad)
-    # must see the op itself: the kernel below autograd would bypass them.
-    if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
-        return None
-    if torch.is_grad_enabled() and (
-        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    ):
-        return None
-    state = _FAST_STATE[0] if _FAST_STATE else _fast_state()
-    if state is None:
-        return None
-    mod, kernel = state
     if forced:
         limit = sys.maxsize if x.dtype in contract.KERNEL_DTYPES else 0
     else:
-        key = (mod.cpu_isa(), x.dtype)
+        isa = extension.cpu_isa()
+        key = (isa, x.dtype)
         if key not in _FAST:
-            _FAST[key] = KERNEL_MAX_ROWS.get(key[0], {}).get(x.dtype, 0)
+            _FAST[key] = KERNEL_MAX_ROWS.get(isa, {}).get(x.dtype, 0)
         limit = _FAST[key]
     if x.dim() == 2:
         if x.shape[0] > limit or x.shape[0] == 0:
@@ -201,17 +171,11 @@ def linear(
     backend: "cpu" | "torch" | None (automatic; see plm_engine.ops.backends).
     Under torch.autocast the inputs are cast to the autocast dtype first, as F.linear would be.
     """
-    forced = backend == "cpu"
-    if (
-        type(x) is torch.Tensor
-        and x.is_cpu
-        and not torch.compiler.is_compiling()
-        and (forced or (backend is None and not backends.env_backend_set()))
-        and not torch.is_autocast_enabled("cpu")
-    ):
-        y = _fast_linear(x, weight, bias, forced)
-        if y is not None:
-            return y
+    if (backend is None or backend == "cpu") and isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor):
+        if bias is None or isinstance(bias, torch.Tensor):
+            y = _fast_linear(x, weight, bias, backend == "cpu")
+            if y is not None:
+                return y
     if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)

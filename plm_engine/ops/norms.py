@@ -69,12 +69,20 @@ def _unsupported(x: torch.Tensor) -> dict[str, str]:
 
 def _norm(name, is_rms, x, weight, bias, eps, residual, backend):
     _check_args(name, x, weight, bias, residual, eps)
+    if (backend is None or backend == "cpu") and x.dtype in contract.KERNEL_DTYPES:
+        kernel = backends.eager_cpu_kernel("norm_fwd", backend, x, weight, bias, residual)
+        if kernel is not None:  # the eager short path (backends.eager_cpu_kernel): the same kernel
+            return _run(kernel, x, weight, bias, eps, residual, is_rms)
     chosen = backends.choose(x.device, "norm_fwd", backend, _unsupported(x))
     if chosen == "torch":
         if is_rms:
             return rms_norm_ref(x, weight, eps=eps, residual=residual)
         return layer_norm_ref(x, weight, bias, eps=eps, residual=residual)
-    fwd, _ = fused_ops(chosen)
+    return _run(fused_ops(chosen)[0], x, weight, bias, eps, residual, is_rms)
+
+
+def _run(fwd, x, weight, bias, eps, residual, is_rms):
+    """norm_fwd on x's (rows, n) view; the outputs in x's shape."""
     shape, n = x.shape, x.shape[-1]
     x2 = x.reshape(-1, n).contiguous()  # (rows, n)
     r2 = residual.reshape(-1, n).contiguous() if residual is not None else None

@@ -59,6 +59,10 @@ def softmax(
     backend: "triton" | "cuda" | "cpu" | "torch" | None (automatic; see plm_engine.ops.backends).
     """
     _check_args(x, dim, scale, causal)
+    if (backend is None or backend == "cpu") and x.dtype in contract.KERNEL_DTYPES and x.numel():
+        kernel = backends.eager_cpu_kernel("softmax_fwd", backend, x)
+        if kernel is not None:  # the eager short path (backends.eager_cpu_kernel): the same kernel
+            return _run(kernel, x, dim, scale, causal)
     unsupported = {}
     if x.dtype not in contract.KERNEL_DTYPES:
         why = f"the fused kernels take float32/float16/bfloat16, got {x.dtype}"
@@ -66,11 +70,17 @@ def softmax(
     chosen = backends.choose(x.device, "softmax_fwd", backend, unsupported)
     if chosen == "torch" or x.numel() == 0:
         return softmax_ref(x, dim=dim, scale=scale, causal=causal)
-    fwd, _ = fused_ops(chosen)
+    return _run(fused_ops(chosen)[0], x, dim, scale, causal)
+
+
+def _run(fwd, x, dim, scale, causal):
+    """softmax_fwd on x's (batch, sq, sk) or (1, rows, n) view; the output in x's shape."""
     if causal:
         sq, sk = x.shape[-2], x.shape[-1]
         y = fwd(x.reshape(-1, sq, sk).contiguous(), float(scale), True)  # (batch * heads, sq, sk)
         return y.view(x.shape)
+    if dim % x.dim() == x.dim() - 1:  # the common case, without the two movedim views
+        return fwd(x.reshape(1, -1, x.shape[-1]).contiguous(), float(scale), False).view(x.shape)
     xm = x.movedim(dim, -1)
     y = fwd(xm.reshape(1, -1, xm.shape[-1]).contiguous(), float(scale), False)  # (1, rows, n)
     return y.view(xm.shape).movedim(-1, dim)

@@ -230,15 +230,14 @@ def test_automatic_choice(cpu_isa, dtype, monkeypatch):
             calls.append(1)
             return real_op(*args)
 
-    state = linear_mod._fast_state()
-    if state is not None:  # the eager short path's kernel (_C.linear_fwd: the op's CPU kernel, no autograd)
-        mod, kernel = state
+    kernel = backends._cpu_kernel("linear_fwd")
+    if kernel is not None:  # the eager short path's kernel (_C.linear_fwd: the op's CPU kernel, no autograd)
 
         def counted(*args):
             calls.append(1)
             return kernel(*args)
 
-        monkeypatch.setattr(linear_mod, "_FAST_STATE", [(mod, counted)])
+        monkeypatch.setitem(backends._CPU_KERNELS, "linear_fwd", counted)
     monkeypatch.setattr(linear_mod, "linear_op", Counting)
     limit = kernel_max_rows(dtype)
     w = torch.randn(16, 8, dtype=dtype)
