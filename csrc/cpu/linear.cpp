@@ -105,7 +105,8 @@ struct Prefetcher {
         on(M >= 2 || K * static_cast<int64_t>(sizeof(T)) <= 4096) {
     // Every line of the next block exactly once over the current block's steps: prefetching only part
     // of it, or all of it in the first part of the steps, measured slower.
-    rate = ((block_bytes + 63) / 64 * 65536 + std::max<int64_t>(steps, 1) - 1) / std::max<int64_t>(steps, 1);
+    const int64_t s = std::max<int64_t>(steps, 1);
+    rate = ((block_bytes + 63) / 64 * 65536 + s - 1) / s;
   }
   Prefetch next_block(int64_t n0) const {
     Prefetch pf;

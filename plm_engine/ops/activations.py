@@ -66,7 +66,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) 
     _check_tensor("swiglu: gate", gate)
     _check_tensor("swiglu: up", up, like=gate)
     fwd = None
-    if (backend is None or backend == "cpu") and gate.dtype in contract.KERNEL_DTYPES:
+    if gate.dtype in contract.KERNEL_DTYPES:
         fwd = backends.eager_cpu_kernel("swiglu_fwd", backend, gate, up)  # the eager short path
     if fwd is None:
         chosen = backends.choose(gate.device, "swiglu_fwd", backend, _unsupported(gate))
@@ -83,7 +83,7 @@ def gelu(x: torch.Tensor, approximate: str = "none", *, backend: str | None = No
     if approximate not in contract.GELU_APPROXIMATIONS:
         raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
     fwd = None
-    if (backend is None or backend == "cpu") and x.dtype in contract.KERNEL_DTYPES:
+    if x.dtype in contract.KERNEL_DTYPES:
         fwd = backends.eager_cpu_kernel("gelu_fwd", backend, x)  # the eager short path
     if fwd is None:
         chosen = backends.choose(x.device, "gelu_fwd", backend, _unsupported(x))

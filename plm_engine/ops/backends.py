@@ -190,10 +190,11 @@ def usable_backends(device: torch.device, op: str) -> list[str]:
 
 # ---- the eager CPU short path ----------------------------------------------------------------------
 # A small tensor's CPU kernel takes microseconds, and the general path around it (backends.choose, the
-# op's Python autograd wrapper, the dispatcher) cost several times that, and several times what eager
-# PyTorch's own call costs (NOTES.md, "The eager CPU short path"). An eager call on CPU tensors that needs no autograd and asks for no other backend may
-# call the op's registered CPU kernel through plm_engine._C's typed handle (csrc/cpu/kernels.h) instead:
-# the same kernel on the same arguments, so the same bits. Anything else (autograd, torch.compile,
+# op's Python autograd wrapper, the dispatcher) costs several times that, and several times what eager
+# PyTorch's own call costs (NOTES.md, "The eager CPU short path"). An eager call on CPU tensors that
+# needs no autograd and asks for no other backend may call the op's registered CPU kernel through
+# plm_engine._C's typed handle (csrc/cpu/kernels.h) instead: the same kernel on the same arguments, so
+# the same bits. Anything else (autograd, torch.compile,
 # autocast, a dispatch mode or functorch transform, PLM_ENGINE_BACKEND, another backend) takes the
 # general path, which also reports every error: an op validates its arguments before asking.
 _CPU_KERNELS: dict[str, Callable | None] = {}
@@ -215,7 +216,8 @@ def _cpu_kernel(op: str) -> Callable | None:
 def eager_cpu_kernel(op: str, backend: str | None, *tensors: torch.Tensor | None) -> Callable | None:
     """The CPU kernel of `op` (a plm_engine._C function taking the op's arguments), when this call, on
     `tensors` (None for an absent optional), may skip the general path; else None. The caller has
-    validated the arguments and checked that the kernel supports them (dtype, shape)."""
+    validated the arguments and checked that the kernel supports them (dtype, shape); any backend other
+    than None and "cpu" gets None here."""
     if backend is None:
         if env_backend_set():
             return None
@@ -231,4 +233,4 @@ def eager_cpu_kernel(op: str, backend: str | None, *tensors: torch.Tensor | None
     # must see the op itself: the kernel below autograd would bypass them.
     if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
         return None
-    return _CPU_KERNELS[op] if op in _CPU_KERNELS else _cpu_kernel(op)
+    return _cpu_kernel(op)

@@ -123,10 +123,7 @@ def _unsupported(x: torch.Tensor, weight: torch.Tensor, rows: int, automatic: bo
 # Eager CPU calls that backends.eager_cpu_kernel lets through (no autograd, no other backend asked for;
 # backend="cpu" runs the kernel at any row count) and that pass every check below call the same kernel
 # directly; anything else takes the general path, so the results and errors are the same either way.
-_FAST: dict[tuple[str, torch.dtype], int] = {}  # (cpu_isa, dtype) -> kernel_max_rows, per ISA build
-
-
-def _fast_linear(x, weight, bias, forced: bool):
+def _fast_linear(x, weight, bias, backend: str | None):
     """The kernel's output, or None where the general path must decide (or raise)."""
     if (
         weight.dtype is not x.dtype
@@ -137,17 +134,13 @@ def _fast_linear(x, weight, bias, forced: bool):
         or (bias is not None and (bias.dtype is not x.dtype or bias.shape != (weight.shape[0],)))
     ):
         return None
-    kernel = backends.eager_cpu_kernel("linear_fwd", "cpu" if forced else None, x, weight, bias)
+    kernel = backends.eager_cpu_kernel("linear_fwd", backend, x, weight, bias)
     if kernel is None:
         return None
-    if forced:
+    if backend == "cpu":
         limit = sys.maxsize if x.dtype in contract.KERNEL_DTYPES else 0
     else:
-        isa = extension.cpu_isa()
-        key = (isa, x.dtype)
-        if key not in _FAST:
-            _FAST[key] = KERNEL_MAX_ROWS.get(isa, {}).get(x.dtype, 0)
-        limit = _FAST[key]
+        limit = KERNEL_MAX_ROWS.get(extension.cpu_isa(), {}).get(x.dtype, 0)
     if x.dim() == 2:
         if x.shape[0] > limit or x.shape[0] == 0:
             return None
@@ -171,9 +164,9 @@ def linear(
     backend: "cpu" | "torch" | None (automatic; see plm_engine.ops.backends).
     Under torch.autocast the inputs are cast to the autocast dtype first, as F.linear would be.
     """
-    if (backend is None or backend == "cpu") and isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor):
+    if isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor):
         if bias is None or isinstance(bias, torch.Tensor):
-            y = _fast_linear(x, weight, bias, backend == "cpu")
+            y = _fast_linear(x, weight, bias, backend)
             if y is not None:
                 return y
     if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):

@@ -69,7 +69,7 @@ def _unsupported(x: torch.Tensor) -> dict[str, str]:
 
 def _norm(name, is_rms, x, weight, bias, eps, residual, backend):
     _check_args(name, x, weight, bias, residual, eps)
-    if (backend is None or backend == "cpu") and x.dtype in contract.KERNEL_DTYPES:
+    if x.dtype in contract.KERNEL_DTYPES:
         kernel = backends.eager_cpu_kernel("norm_fwd", backend, x, weight, bias, residual)
         if kernel is not None:  # the eager short path (backends.eager_cpu_kernel): the same kernel
             return _run(kernel, x, weight, bias, eps, residual, is_rms)

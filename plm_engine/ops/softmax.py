@@ -59,7 +59,7 @@ def softmax(
     backend: "triton" | "cuda" | "cpu" | "torch" | None (automatic; see plm_engine.ops.backends).
     """
     _check_args(x, dim, scale, causal)
-    if (backend is None or backend == "cpu") and x.dtype in contract.KERNEL_DTYPES and x.numel():
+    if x.dtype in contract.KERNEL_DTYPES and x.numel():
         kernel = backends.eager_cpu_kernel("softmax_fwd", backend, x)
         if kernel is not None:  # the eager short path (backends.eager_cpu_kernel): the same kernel
             return _run(kernel, x, dim, scale, causal)
